@@ -1,0 +1,72 @@
+//! The backend contract: a backend uploads a layer's weights once ([`Backend::upload`]) and runs forwards on the
+//! resident copy ([`DeviceLayer::forward`]). Core knows no backend; `moe-backends` implements this.
+
+use std::sync::Arc;
+
+use ndarray::Array2;
+
+use crate::error::MoeError;
+use crate::layer::MoeLayer;
+use crate::router::RouterInput;
+use crate::routing::Routing;
+
+/// Where the routing of a forward was computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterPath {
+    /// The backend executed the router's [`RouterSpec`](crate::router::RouterSpec) on its device.
+    Native,
+    /// The backend called [`Router::route`](crate::router::Router::route) on the host.
+    Host,
+}
+
+/// What a backend can do.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    /// The device, in words (`cpu (2 threads)`, an adapter name, a GPU name).
+    pub device: String,
+    /// Weight dtypes it runs (`f32`, `bf16`, `f16`).
+    pub dtypes: Vec<String>,
+    /// Router spec kinds it runs natively (`topk`, `switch`); others take the host path.
+    pub native_specs: Vec<String>,
+    /// Expert bank kinds it runs grouped (`swiglu`, `gpt_oss`, `mlp`, `peer`, `custom`).
+    pub banks: Vec<String>,
+}
+
+/// The result of one layer forward.
+#[derive(Debug, Clone)]
+pub struct LayerOutput {
+    /// `[T, d]` layer output.
+    pub output: Array2<f32>,
+    /// The dispatch plan that was executed.
+    pub routing: Routing,
+    /// Where the routing ran.
+    pub router_path: RouterPath,
+}
+
+/// A compute backend (CPU, CUDA, wgpu).
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Short name: `cpu`, `cuda`, `wgpu`.
+    fn name(&self) -> &str;
+
+    /// What this backend runs.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Uploads the layer's weights once and returns the resident layer.
+    ///
+    /// # Errors
+    /// [`MoeError`] if the layer cannot be run here (unsupported bank, out of device memory).
+    fn upload(&self, layer: Arc<MoeLayer>) -> Result<Box<dyn DeviceLayer>, MoeError>;
+}
+
+/// A layer resident on a backend.
+pub trait DeviceLayer: Send {
+    /// The layer this was uploaded from.
+    fn layer(&self) -> &MoeLayer;
+
+    /// Runs the layer on `input` (`[T, d]`), returning `[T, d]` and the plan.
+    ///
+    /// # Errors
+    /// Routing errors (bad width, NaN naming the token, `k > E`), expert errors; `T = 0` gives an empty output.
+    fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError>;
+}

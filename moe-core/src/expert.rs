@@ -1,0 +1,295 @@
+//! Experts: the [`Expert`] trait for custom experts, and [`ExpertBank`], the standard families a backend knows how to
+//! run grouped. Weights are stored once, in the layout the checkpoint has; shapes are checked on construction.
+
+use ndarray::{Array1, Array2, Array3, ArrayView2};
+
+use crate::error::MoeError;
+
+/// A custom expert: maps `[n, d]` rows to `[n, d]` rows. Backends run custom experts on the host.
+pub trait Expert: dyn_clone::DynClone + Send + Sync + std::fmt::Debug {
+    /// Input and output width `d`.
+    fn d_model(&self) -> usize;
+
+    /// Applies the expert to `x` (`[n, d]`), returning `[n, d]`.
+    ///
+    /// # Errors
+    /// Whatever the expert reports; backends wrap it in [`MoeError::Expert`].
+    fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>, MoeError>;
+}
+
+dyn_clone::clone_trait_object!(Expert);
+
+/// Elementwise activation functions of the expert families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x · sigmoid(x)` (SwiGLU's gate).
+    #[default]
+    Silu,
+    /// `max(x, 0)`.
+    Relu,
+    /// Exact GELU, `x · Φ(x)` (erf form, PyTorch's default).
+    Gelu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+}
+
+/// SwiGLU experts with fused `gate_up` (transformers v5 layout): for expert `e`, `gu = x · gate_up[e]ᵀ` (`[n, 2f]`),
+/// `h = act(gu[:, :f]) ⊙ gu[:, f:]` (first half gate, second half up), `y = h · down[e]ᵀ`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwiGluBank {
+    /// `[E, 2f, d]`.
+    pub gate_up: Array3<f32>,
+    /// `[E, d, f]`.
+    pub down: Array3<f32>,
+    /// Gate activation (SiLU for SwiGLU).
+    pub act: Activation,
+}
+
+impl SwiGluBank {
+    /// Checks shapes: `gate_up [E, 2f, d]`, `down [E, d, f]`.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] naming the tensor.
+    pub fn new(gate_up: Array3<f32>, down: Array3<f32>, act: Activation) -> Result<Self, MoeError> {
+        let (e, f2, d) = gate_up.dim();
+        if f2 == 0 || f2 % 2 != 0 || d == 0 || e == 0 {
+            return Err(MoeError::shape("experts.gate_up_proj", "[E >= 1, 2f (even, >= 2), d >= 1]", gate_up.shape()));
+        }
+        let f = f2 / 2;
+        if down.dim() != (e, d, f) {
+            return Err(MoeError::shape("experts.down_proj", format!("[{e}, {d}, {f}]"), down.shape()));
+        }
+        Ok(SwiGluBank { gate_up, down, act })
+    }
+}
+
+/// GPT-OSS experts: transposed layout, interleaved gate/up, clamped SwiGLU with biases.
+/// `z = x · gate_up[e] + gate_up_bias[e]`; `g = min(z[:, 0::2], limit)`, `u = clamp(z[:, 1::2], -limit, limit)`;
+/// `h = (u + 1) · g · sigmoid(alpha · g)`; `y = h · down[e] + down_bias[e]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptOssBank {
+    /// `[E, d, 2f]` (applied as `x · W`).
+    pub gate_up: Array3<f32>,
+    /// `[E, 2f]`.
+    pub gate_up_bias: Array2<f32>,
+    /// `[E, f, d]` (applied as `h · W`).
+    pub down: Array3<f32>,
+    /// `[E, d]`.
+    pub down_bias: Array2<f32>,
+    /// Sigmoid slope (1.702).
+    pub alpha: f32,
+    /// Clamp limit (7.0 in the released models).
+    pub limit: f32,
+}
+
+impl GptOssBank {
+    /// Checks shapes.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] naming the tensor; [`MoeError::InvalidConfig`] for a non-finite alpha or limit.
+    pub fn new(
+        gate_up: Array3<f32>,
+        gate_up_bias: Array2<f32>,
+        down: Array3<f32>,
+        down_bias: Array2<f32>,
+        alpha: f32,
+        limit: f32,
+    ) -> Result<Self, MoeError> {
+        let (e, d, f2) = gate_up.dim();
+        if f2 == 0 || f2 % 2 != 0 || d == 0 || e == 0 {
+            return Err(MoeError::shape("experts.gate_up_proj", "[E >= 1, d >= 1, 2f (even, >= 2)]", gate_up.shape()));
+        }
+        let f = f2 / 2;
+        if gate_up_bias.dim() != (e, f2) {
+            return Err(MoeError::shape("experts.gate_up_proj_bias", format!("[{e}, {f2}]"), gate_up_bias.shape()));
+        }
+        if down.dim() != (e, f, d) {
+            return Err(MoeError::shape("experts.down_proj", format!("[{e}, {f}, {d}]"), down.shape()));
+        }
+        if down_bias.dim() != (e, d) {
+            return Err(MoeError::shape("experts.down_proj_bias", format!("[{e}, {d}]"), down_bias.shape()));
+        }
+        if !alpha.is_finite() || !limit.is_finite() || limit <= 0.0 {
+            return Err(MoeError::config("swiglu_limit/alpha", format!("{limit}/{alpha}"), "finite, limit > 0"));
+        }
+        Ok(GptOssBank { gate_up, gate_up_bias, down, down_bias, alpha, limit })
+    }
+}
+
+/// Two-layer MLP experts (Switch, NLLB): `y = act(x · w1[e]ᵀ + b1[e]) · w2[e]ᵀ + b2[e]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlpBank {
+    /// `[E, f, d]`.
+    pub w1: Array3<f32>,
+    /// Optional `[E, f]`.
+    pub b1: Option<Array2<f32>>,
+    /// `[E, d, f]`.
+    pub w2: Array3<f32>,
+    /// Optional `[E, d]`.
+    pub b2: Option<Array2<f32>>,
+    /// Hidden activation.
+    pub act: Activation,
+}
+
+impl MlpBank {
+    /// Checks shapes.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] naming the tensor.
+    pub fn new(
+        w1: Array3<f32>,
+        b1: Option<Array2<f32>>,
+        w2: Array3<f32>,
+        b2: Option<Array2<f32>>,
+        act: Activation,
+    ) -> Result<Self, MoeError> {
+        let (e, f, d) = w1.dim();
+        if e == 0 || f == 0 || d == 0 {
+            return Err(MoeError::shape("experts.w1", "[E >= 1, f >= 1, d >= 1]", w1.shape()));
+        }
+        if w2.dim() != (e, d, f) {
+            return Err(MoeError::shape("experts.w2", format!("[{e}, {d}, {f}]"), w2.shape()));
+        }
+        if let Some(b) = &b1 {
+            if b.dim() != (e, f) {
+                return Err(MoeError::shape("experts.b1", format!("[{e}, {f}]"), b.shape()));
+            }
+        }
+        if let Some(b) = &b2 {
+            if b.dim() != (e, d) {
+                return Err(MoeError::shape("experts.b2", format!("[{e}, {d}]"), b.shape()));
+            }
+        }
+        Ok(MlpBank { w1, b1, w2, b2, act })
+    }
+}
+
+/// PEER singleton experts: `e_i(x) = act(u_i · x) · v_i`, `u, v` both `[N, d]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerBank {
+    /// Down projections `[N, d]`.
+    pub u: Array2<f32>,
+    /// Up projections `[N, d]`.
+    pub v: Array2<f32>,
+    /// Activation (GELU in the paper).
+    pub act: Activation,
+}
+
+impl PeerBank {
+    /// Checks shapes.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] naming the tensor.
+    pub fn new(u: Array2<f32>, v: Array2<f32>, act: Activation) -> Result<Self, MoeError> {
+        if u.nrows() == 0 || u.ncols() == 0 {
+            return Err(MoeError::shape("peer.u", "[N >= 1, d >= 1]", u.shape()));
+        }
+        if v.dim() != u.dim() {
+            return Err(MoeError::shape("peer.v", format!("{:?}", u.shape()), v.shape()));
+        }
+        Ok(PeerBank { u, v, act })
+    }
+}
+
+/// The experts of a layer. The standard families are run grouped by every backend; custom experts run on the host.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ExpertBank {
+    /// SwiGLU with fused `gate_up` (Mixtral, Qwen, OLMoE, DeepSeek-V3, Granite, JetMoE).
+    SwiGlu(SwiGluBank),
+    /// GPT-OSS clamped, interleaved SwiGLU with biases.
+    GptOss(GptOssBank),
+    /// ReLU/GELU MLP with optional biases (Switch, NLLB).
+    Mlp(MlpBank),
+    /// PEER singleton experts.
+    Peer(PeerBank),
+    /// Any experts implementing [`Expert`].
+    Custom(Vec<Box<dyn Expert>>),
+}
+
+impl ExpertBank {
+    /// Number of experts `E`.
+    pub fn n_experts(&self) -> usize {
+        match self {
+            ExpertBank::SwiGlu(b) => b.gate_up.dim().0,
+            ExpertBank::GptOss(b) => b.gate_up.dim().0,
+            ExpertBank::Mlp(b) => b.w1.dim().0,
+            ExpertBank::Peer(b) => b.u.nrows(),
+            ExpertBank::Custom(v) => v.len(),
+        }
+    }
+
+    /// Model width `d` (0 for an empty custom bank).
+    pub fn d_model(&self) -> usize {
+        match self {
+            ExpertBank::SwiGlu(b) => b.gate_up.dim().2,
+            ExpertBank::GptOss(b) => b.gate_up.dim().1,
+            ExpertBank::Mlp(b) => b.w1.dim().2,
+            ExpertBank::Peer(b) => b.u.ncols(),
+            ExpertBank::Custom(v) => v.first().map(|e| e.d_model()).unwrap_or(0),
+        }
+    }
+
+    /// Hidden width `f` of one expert (1 for PEER singletons, 0 for custom experts).
+    pub fn ffn(&self) -> usize {
+        match self {
+            ExpertBank::SwiGlu(b) => b.down.dim().2,
+            ExpertBank::GptOss(b) => b.down.dim().1,
+            ExpertBank::Mlp(b) => b.w1.dim().1,
+            ExpertBank::Peer(_) => 1,
+            ExpertBank::Custom(_) => 0,
+        }
+    }
+
+    /// The family's name: `swiglu`, `gpt_oss`, `mlp`, `peer`, `custom`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExpertBank::SwiGlu(_) => "swiglu",
+            ExpertBank::GptOss(_) => "gpt_oss",
+            ExpertBank::Mlp(_) => "mlp",
+            ExpertBank::Peer(_) => "peer",
+            ExpertBank::Custom(_) => "custom",
+        }
+    }
+
+    /// Number of weight values one expert holds (for bytes-of-weights figures).
+    pub fn params_per_expert(&self) -> usize {
+        let (d, f) = (self.d_model(), self.ffn());
+        match self {
+            ExpertBank::SwiGlu(_) => 3 * d * f,
+            ExpertBank::GptOss(_) => 3 * d * f + 2 * f + d,
+            ExpertBank::Mlp(b) => 2 * d * f + b.b1.as_ref().map_or(0, |_| f) + b.b2.as_ref().map_or(0, |_| d),
+            ExpertBank::Peer(_) => 2 * d,
+            ExpertBank::Custom(_) => 0,
+        }
+    }
+}
+
+/// Shared experts that every token passes through (DeepSeek-V3, Qwen2-MoE), with an optional sigmoid gate:
+/// `y_shared = sigmoid(x · gate) · bank_0(x)` (Qwen2-MoE) or `bank_0(x)` (DeepSeek-V3).
+#[derive(Debug, Clone)]
+pub struct SharedExperts {
+    /// A bank of exactly one expert (several shared experts are one wider expert).
+    pub bank: ExpertBank,
+    /// Optional gate vector `[d]` (Qwen2-MoE `shared_expert_gate.weight` row).
+    pub gate: Option<Array1<f32>>,
+}
+
+impl SharedExperts {
+    /// Checks that the bank holds one expert and the gate has width `d`.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] or [`MoeError::Mismatch`].
+    pub fn new(bank: ExpertBank, gate: Option<Array1<f32>>) -> Result<Self, MoeError> {
+        if bank.n_experts() != 1 {
+            return Err(MoeError::mismatch("shared experts", "bank experts", bank.n_experts(), "expected", 1));
+        }
+        if let Some(g) = &gate {
+            if g.len() != bank.d_model() {
+                return Err(MoeError::shape("shared_expert_gate.weight", format!("[1, {}]", bank.d_model()), &[1, g.len()]));
+            }
+        }
+        Ok(SharedExperts { bank, gate })
+    }
+}

@@ -1,0 +1,73 @@
+//! # moe-core
+//!
+//! The contracts of moe-rs, the only crate a router plugin depends on:
+//!
+//! - [`Router`]: hidden states `[T, d]` (plus optional token ids, sequence lengths, padding, train/eval) in, a
+//!   [`Routing`] out. Object-safe, `Send + Sync`, cloneable as `Box<dyn Router>`.
+//! - [`Routing`]: the expert-major dispatch plan (kept assignments with weights, CSR over experts, dropped
+//!   assignments, aux losses with their normalisation named, optional logits) and its [`Diagnostics`].
+//! - [`RouterSpec`]: the optional device-executable description of a built-in router.
+//! - [`Expert`] and [`ExpertBank`]: custom experts and the standard families (SwiGLU, GPT-OSS, MLP, PEER).
+//! - [`Backend`] / [`DeviceLayer`]: upload a [`MoeLayer`] once, run forwards on it.
+//! - [`RouterRegistry`]: routers by name from serde options.
+//! - [`MoeError`]: one error type whose messages name the tensor and the expected and found shapes.
+//!
+//! Shapes use one alphabet: `T` tokens, `d` hidden, `E` experts, `k` per token, `f` expert FFN width.
+//!
+//! ## A plugin router in a few lines
+//!
+//! ```
+//! use moe_core::{Assignment, MoeError, Router, RouterInput, Routing};
+//!
+//! /// Sends token `t` to expert `t mod E` with weight 1.
+//! #[derive(Clone, Debug)]
+//! struct RoundRobin { n_experts: usize }
+//!
+//! impl Router for RoundRobin {
+//!     fn name(&self) -> &str { "round-robin" }
+//!     fn n_experts(&self) -> usize { self.n_experts }
+//!     fn d_model(&self) -> Option<usize> { None }
+//!     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+//!         input.validate(None)?;
+//!         let t = input.n_tokens();
+//!         let kept = (0..t)
+//!             .map(|i| Assignment { token: i as u32, expert: (i % self.n_experts) as u32, weight: 1.0, rank: 0 })
+//!             .collect();
+//!         Routing::new(t, self.n_experts, t, kept, Vec::new())
+//!     }
+//! }
+//!
+//! let x = ndarray::Array2::<f32>::zeros((6, 4));
+//! let plan = RoundRobin { n_experts: 3 }.route(&RouterInput::new(x.view()))?;
+//! assert_eq!(plan.expert_counts(), vec![2, 2, 2]);
+//! assert_eq!(plan.diagnostics().cv, 0.0);
+//! # Ok::<(), MoeError>(())
+//! ```
+//!
+//! ## Features
+//! - `testing`: [`testing::check_router`], the conformance suite for routers.
+
+pub mod backend;
+pub mod error;
+pub mod expert;
+pub mod layer;
+pub mod loss;
+pub mod registry;
+pub mod rng;
+pub mod router;
+pub mod routing;
+pub mod stats;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod workload;
+
+pub use backend::{Backend, Capabilities, DeviceLayer, LayerOutput, RouterPath};
+pub use error::{MoeError, check_finite};
+pub use expert::{Activation, Expert, ExpertBank, GptOssBank, MlpBank, PeerBank, SharedExperts, SwiGluBank};
+pub use layer::MoeLayer;
+pub use loss::{AuxLoss, AuxLossKind, LbNorm};
+pub use registry::{OptionDoc, RouterArgs, RouterEntry, RouterFactory, RouterRegistry};
+pub use router::{DropPolicy, GroupLimit, Mode, Router, RouterInput, RouterSpec, ScoreFn, SwitchSpec, TopKOrder, TopKSpec};
+pub use routing::{Assignment, ExpertGroup, Routing};
+pub use stats::Diagnostics;
+pub use workload::{Workload, WorkloadConfig};

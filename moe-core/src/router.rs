@@ -1,0 +1,266 @@
+//! The router contract: what a router gets ([`RouterInput`]), what it returns ([`Routing`]), and the optional
+//! device-executable description of a built-in router ([`RouterSpec`]).
+
+use ndarray::{Array1, Array2, ArrayView2};
+
+use crate::error::{MoeError, check_finite};
+use crate::routing::Routing;
+
+/// Whether the layer runs for training (noise, jitter, seeded) or inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Inference: no noise, no jitter, fully deterministic.
+    #[default]
+    Eval,
+    /// Training: noise and jitter drawn from a counter-based generator keyed by `seed`, so the same seed gives the
+    /// same routing on any thread count.
+    Train {
+        /// The seed of this step's noise.
+        seed: u64,
+    },
+}
+
+/// Everything a router sees, on the host. Build it with [`RouterInput::new`] and the `with_*` methods.
+///
+/// - `hidden`: `[T, d]` hidden states.
+/// - `token_ids`: `[T]` vocabulary ids (hash routing needs them).
+/// - `seq_lens`: lengths of the consecutive sequences that make up the `T` rows (sum = `T`); absent means one
+///   sequence. Per-sequence capacity (Switch) uses them.
+/// - `padding`: `[T]`, `true` marks a padding token. Padding tokens get no assignment (their MoE output is 0) and
+///   are left out of losses and diagnostics.
+#[derive(Debug, Clone)]
+pub struct RouterInput<'a> {
+    /// Hidden states `[T, d]`.
+    pub hidden: ArrayView2<'a, f32>,
+    /// Token ids `[T]`, if known.
+    pub token_ids: Option<&'a [u32]>,
+    /// Sequence lengths summing to `T`, if the batch holds several sequences.
+    pub seq_lens: Option<&'a [usize]>,
+    /// Padding mask `[T]` (`true` = padding), if any.
+    pub padding: Option<&'a [bool]>,
+    /// Train or eval.
+    pub mode: Mode,
+}
+
+impl<'a> RouterInput<'a> {
+    /// An eval-mode input of hidden states `[T, d]` alone.
+    pub fn new(hidden: ArrayView2<'a, f32>) -> Self {
+        RouterInput { hidden, token_ids: None, seq_lens: None, padding: None, mode: Mode::Eval }
+    }
+
+    /// Adds token ids `[T]`.
+    pub fn with_token_ids(mut self, ids: &'a [u32]) -> Self {
+        self.token_ids = Some(ids);
+        self
+    }
+
+    /// Adds sequence lengths (sum = `T`).
+    pub fn with_seq_lens(mut self, lens: &'a [usize]) -> Self {
+        self.seq_lens = Some(lens);
+        self
+    }
+
+    /// Adds a padding mask `[T]` (`true` = padding).
+    pub fn with_padding(mut self, padding: &'a [bool]) -> Self {
+        self.padding = Some(padding);
+        self
+    }
+
+    /// Sets the mode.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Number of tokens `T`.
+    pub fn n_tokens(&self) -> usize {
+        self.hidden.nrows()
+    }
+
+    /// Hidden width `d`.
+    pub fn d_model(&self) -> usize {
+        self.hidden.ncols()
+    }
+
+    /// Whether token `t` is padding.
+    pub fn is_padding(&self, t: usize) -> bool {
+        self.padding.is_some_and(|p| p.get(t).copied().unwrap_or(false))
+    }
+
+    /// Sequence lengths, or one sequence of `T` tokens.
+    pub fn sequences(&self) -> Vec<usize> {
+        match self.seq_lens {
+            Some(l) => l.to_vec(),
+            None => vec![self.n_tokens()],
+        }
+    }
+
+    /// Checks the input against a router that expects width `d_model` (`None`: any width): the lengths of the
+    /// optional arrays, the sequence lengths, and that every hidden value is finite.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] for a wrong width or length, [`MoeError::NonFinite`] naming the first bad token.
+    pub fn validate(&self, d_model: Option<usize>) -> Result<(), MoeError> {
+        let (t, d) = self.hidden.dim();
+        if let Some(want) = d_model {
+            if d != want {
+                return Err(MoeError::shape("hidden", format!("[T, {want}]"), &[t, d]));
+            }
+        }
+        if let Some(ids) = self.token_ids {
+            if ids.len() != t {
+                return Err(MoeError::shape("token_ids", format!("[{t}]"), &[ids.len()]));
+            }
+        }
+        if let Some(p) = self.padding {
+            if p.len() != t {
+                return Err(MoeError::shape("padding", format!("[{t}]"), &[p.len()]));
+            }
+        }
+        if let Some(l) = self.seq_lens {
+            let sum: usize = l.iter().sum();
+            if sum != t || l.contains(&0) {
+                return Err(MoeError::config(
+                    "seq_lens",
+                    format!("{l:?}"),
+                    format!("sequence lengths must be positive and sum to T = {t}"),
+                ));
+            }
+        }
+        check_finite("hidden", self.hidden)
+    }
+}
+
+/// A router: turns hidden states into a dispatch plan. Object-safe, `Send + Sync`, cloneable as
+/// `Box<dyn Router>`; it owns its parameters (gate matrix, noise matrix, keys, tables).
+///
+/// Writing a plugin router needs nothing but this trait; register it in a
+/// [`RouterRegistry`](crate::registry::RouterRegistry) to use it from the CLI.
+pub trait Router: dyn_clone::DynClone + Send + Sync + std::fmt::Debug {
+    /// Registry name, kebab-case: `softmax-topk`.
+    fn name(&self) -> &str;
+
+    /// Number of experts `E` this router routes to.
+    fn n_experts(&self) -> usize;
+
+    /// The hidden width `d` it expects, or `None` if it takes any width (hash routing).
+    fn d_model(&self) -> Option<usize>;
+
+    /// Whether the routing of a token depends only on that token and earlier ones. Expert choice looks at the
+    /// whole batch, so it is not causal and leaks future tokens in autoregressive decoding.
+    fn is_causal(&self) -> bool {
+        true
+    }
+
+    /// Plans the dispatch for `input.hidden` (`[T, d]`).
+    ///
+    /// # Errors
+    /// A typed [`MoeError`] for bad input (wrong width, NaN/Inf naming the token, missing token ids); never panics
+    /// on user data.
+    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError>;
+
+    /// A description a backend can execute natively on its device; `None` (the default) means backends call
+    /// [`Router::route`] on the host.
+    fn spec(&self) -> Option<RouterSpec> {
+        None
+    }
+}
+
+dyn_clone::clone_trait_object!(Router);
+
+/// How token-choice routers turn logits into scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreFn {
+    /// `softmax(l)` over all experts (Mixtral, Qwen, OLMoE).
+    #[default]
+    Softmax,
+    /// `sigmoid(l)` per expert (DeepSeek-V3).
+    Sigmoid,
+    /// `sqrt(softplus(l))` per expert (a Megatron option).
+    SqrtSoftplus,
+}
+
+/// Whether scores are taken over all experts before top-k, or top-k is taken on logits and softmax over the k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopKOrder {
+    /// Score all experts, then top-k of the scores (Mixtral, Qwen, OLMoE, DeepSeek-V3).
+    #[default]
+    ScoreThenTopK,
+    /// Top-k of the raw logits, then softmax over those k (Granite, JetMoE, GPT-OSS, Megatron's default).
+    TopKThenSoftmax,
+}
+
+/// Group-limited selection (DeepSeek-V3): `E` experts in `n_group` contiguous groups; a group's score is the sum
+/// of its top-2 selection scores; only the best `topk_group` groups are eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupLimit {
+    /// Number of contiguous groups; must divide `E`.
+    pub n_group: usize,
+    /// Number of groups kept per token.
+    pub topk_group: usize,
+}
+
+/// A token-choice top-k router, described as data so a device can run it: logits `x · gateᵀ (+ gate_bias)`,
+/// score function, order, groups, selection-only correction bias, renormalisation and scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopKSpec {
+    /// Gate matrix `[E, d]` (`nn.Linear` layout).
+    pub gate: Array2<f32>,
+    /// Optional gate bias `[E]` added to the logits (GPT-OSS).
+    pub gate_bias: Option<Array1<f32>>,
+    /// Experts per token.
+    pub k: usize,
+    /// Score function.
+    pub score: ScoreFn,
+    /// Score-then-top-k or top-k-then-softmax.
+    pub order: TopKOrder,
+    /// Renormalise the k weights to sum 1.
+    pub renormalize: bool,
+    /// Multiply the final weights by this (DeepSeek-V3 `routed_scaling_factor`; 1 otherwise).
+    pub scaling: f32,
+    /// Group-limited selection, if any.
+    pub groups: Option<GroupLimit>,
+    /// Selection-only bias `[E]` added to the scores before selection (DeepSeek-V3 `e_score_correction_bias`).
+    pub correction_bias: Option<Array1<f32>>,
+}
+
+/// Drop order when an expert overflows its capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPolicy {
+    /// First come, first served in token order (HF Switch, fairseq).
+    #[default]
+    Position,
+    /// Keep the most confident tokens (Megatron `probs`).
+    Probability,
+    /// Keep a seeded random subset (DeepSpeed random token selection).
+    Random,
+    /// Sort by max probability, then by position (batch-prioritised routing).
+    BatchPrioritized,
+}
+
+/// A Switch-style top-1 router with capacity, described as data for device execution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwitchSpec {
+    /// Gate matrix `[E, d]`.
+    pub gate: Array2<f32>,
+    /// Capacity per expert for one routing group (sequence or batch), already resolved.
+    pub capacity: usize,
+    /// Capacity counted per sequence (`true`) or over the whole batch.
+    pub per_sequence: bool,
+    /// Drop order.
+    pub drop: DropPolicy,
+}
+
+/// The device-executable description of a built-in router. Backends run the variants they support natively and
+/// fall back to [`Router::route`] on the host for the rest.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum RouterSpec {
+    /// Token-choice top-k (softmax / sigmoid, groups, correction bias, renormalisation, scaling).
+    TopK(TopKSpec),
+    /// Switch top-1 with capacity.
+    Switch(SwitchSpec),
+}

@@ -1,0 +1,272 @@
+//! The dispatch plan every backend understands: kept assignments grouped expert-major (CSR over the experts that
+//! received tokens), dropped assignments, auxiliary losses and optional router logits. No dense `[T, E]` dispatch
+//! tensor exists anywhere, so the same type serves 8 experts and a million (PEER).
+
+use ndarray::Array2;
+
+use crate::error::MoeError;
+use crate::loss::AuxLoss;
+use crate::stats::Diagnostics;
+
+/// One (token, expert, weight) decision. `rank` is the choice's position for its token (0 = first choice), used
+/// for second-choice overflow statistics and printing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assignment {
+    /// Token (row) index.
+    pub token: u32,
+    /// Expert index.
+    pub expert: u32,
+    /// Combine weight.
+    pub weight: f32,
+    /// Choice rank for this token (0-based).
+    pub rank: u16,
+}
+
+/// The kept tokens of one expert: a contiguous slice of the plan's slots.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertGroup<'a> {
+    /// Expert index.
+    pub expert: usize,
+    /// First slot of this group in the plan (slots are expert-major).
+    pub slot_start: usize,
+    /// Token indices, ascending.
+    pub tokens: &'a [u32],
+    /// Combine weights, one per token.
+    pub weights: &'a [f32],
+}
+
+/// An expert-major dispatch plan.
+///
+/// Slots are numbered expert-major: expert `active[0]`'s tokens first (ascending token index), then the next active
+/// expert's. A token may hold zero, one or many slots (expert choice, capacity drops, PEER heads retrieving the same
+/// expert twice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    n_tokens: usize,
+    n_experts: usize,
+    n_real_tokens: usize,
+    active: Vec<u32>,
+    offsets: Vec<usize>,
+    slot_token: Vec<u32>,
+    slot_weight: Vec<f32>,
+    slot_rank: Vec<u16>,
+    dropped: Vec<Assignment>,
+    aux: Vec<AuxLoss>,
+    logits: Option<Array2<f32>>,
+}
+
+impl Routing {
+    /// Builds a plan from kept and dropped assignments in any order. `n_real_tokens` is the number of non-padding
+    /// tokens (used by diagnostics).
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] if an assignment names a token `>= n_tokens` or an expert `>= n_experts`, or has
+    /// a non-finite or negative weight: a plugin router's bug is reported, not passed on to a backend.
+    pub fn new(
+        n_tokens: usize,
+        n_experts: usize,
+        n_real_tokens: usize,
+        mut kept: Vec<Assignment>,
+        dropped: Vec<Assignment>,
+    ) -> Result<Self, MoeError> {
+        if n_tokens > u32::MAX as usize || n_experts > u32::MAX as usize {
+            return Err(MoeError::TooLarge {
+                what: "tokens or experts".into(),
+                size: n_tokens.max(n_experts) as u128,
+                limit: u32::MAX as u128,
+            });
+        }
+        for a in kept.iter().chain(dropped.iter()) {
+            if a.token as usize >= n_tokens {
+                return Err(MoeError::config("assignment.token", a.token, format!("must be < T = {n_tokens}")));
+            }
+            if a.expert as usize >= n_experts {
+                return Err(MoeError::config("assignment.expert", a.expert, format!("must be < E = {n_experts}")));
+            }
+            if !a.weight.is_finite() || a.weight < 0.0 {
+                return Err(MoeError::config(
+                    "assignment.weight",
+                    a.weight,
+                    format!("weights must be finite and >= 0 (token {}, expert {})", a.token, a.expert),
+                ));
+            }
+        }
+        // Expert-major, then token, then rank: one deterministic order whatever the router produced.
+        kept.sort_unstable_by_key(|a| (a.expert, a.token, a.rank));
+        let mut active = Vec::new();
+        let mut offsets = vec![0usize];
+        let mut slot_token = Vec::with_capacity(kept.len());
+        let mut slot_weight = Vec::with_capacity(kept.len());
+        let mut slot_rank = Vec::with_capacity(kept.len());
+        for (i, a) in kept.iter().enumerate() {
+            if active.last() != Some(&a.expert) {
+                if !active.is_empty() {
+                    offsets.push(i);
+                }
+                active.push(a.expert);
+            }
+            slot_token.push(a.token);
+            slot_weight.push(a.weight);
+            slot_rank.push(a.rank);
+        }
+        if !active.is_empty() {
+            offsets.push(kept.len());
+        }
+        Ok(Routing {
+            n_tokens,
+            n_experts,
+            n_real_tokens,
+            active,
+            offsets,
+            slot_token,
+            slot_weight,
+            slot_rank,
+            dropped,
+            aux: Vec::new(),
+            logits: None,
+        })
+    }
+
+    /// An empty plan (`T = 0` or every token padding).
+    pub fn empty(n_tokens: usize, n_experts: usize) -> Self {
+        Routing {
+            n_tokens,
+            n_experts,
+            n_real_tokens: 0,
+            active: Vec::new(),
+            offsets: vec![0],
+            slot_token: Vec::new(),
+            slot_weight: Vec::new(),
+            slot_rank: Vec::new(),
+            dropped: Vec::new(),
+            aux: Vec::new(),
+            logits: None,
+        }
+    }
+
+    /// Attaches an auxiliary loss.
+    pub fn push_aux(&mut self, loss: AuxLoss) {
+        self.aux.push(loss);
+    }
+
+    /// Attaches the router logits `[T, E]` (routers with moderate `E` keep them for verification).
+    pub fn set_logits(&mut self, logits: Array2<f32>) {
+        self.logits = Some(logits);
+    }
+
+    /// Number of tokens `T` (padding included).
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Number of non-padding tokens.
+    pub fn n_real_tokens(&self) -> usize {
+        self.n_real_tokens
+    }
+
+    /// Number of experts `E`.
+    pub fn n_experts(&self) -> usize {
+        self.n_experts
+    }
+
+    /// Number of kept assignments (slots).
+    pub fn n_slots(&self) -> usize {
+        self.slot_token.len()
+    }
+
+    /// Experts that received at least one token, ascending.
+    pub fn active_experts(&self) -> &[u32] {
+        &self.active
+    }
+
+    /// CSR offsets over [`Routing::active_experts`] (length `active + 1`).
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
+    /// Token of each slot.
+    pub fn slot_tokens(&self) -> &[u32] {
+        &self.slot_token
+    }
+
+    /// Weight of each slot.
+    pub fn slot_weights(&self) -> &[f32] {
+        &self.slot_weight
+    }
+
+    /// Choice rank of each slot.
+    pub fn slot_ranks(&self) -> &[u16] {
+        &self.slot_rank
+    }
+
+    /// The kept tokens of each active expert, in ascending expert order.
+    pub fn groups(&self) -> impl ExactSizeIterator<Item = ExpertGroup<'_>> + '_ {
+        self.active.iter().enumerate().map(move |(i, &e)| {
+            let (s, t) = (self.offsets[i], self.offsets[i + 1]);
+            ExpertGroup { expert: e as usize, slot_start: s, tokens: &self.slot_token[s..t], weights: &self.slot_weight[s..t] }
+        })
+    }
+
+    /// Dropped assignments (over capacity), with the weight they would have had.
+    pub fn dropped(&self) -> &[Assignment] {
+        &self.dropped
+    }
+
+    /// Auxiliary losses, each with its normalisation named.
+    pub fn aux_losses(&self) -> &[AuxLoss] {
+        &self.aux
+    }
+
+    /// Router logits `[T, E]`, if the router kept them.
+    pub fn logits(&self) -> Option<&Array2<f32>> {
+        self.logits.as_ref()
+    }
+
+    /// Kept tokens per expert, dense `[E]`.
+    pub fn expert_counts(&self) -> Vec<usize> {
+        let mut c = vec![0usize; self.n_experts];
+        for (i, &e) in self.active.iter().enumerate() {
+            c[e as usize] = self.offsets[i + 1] - self.offsets[i];
+        }
+        c
+    }
+
+    /// Token-major index of the slots: `(offsets [T + 1], slots)`; token `t`'s slots are
+    /// `slots[offsets[t]..offsets[t + 1]]`, in ascending expert order (the fixed combine order). A counting sort,
+    /// `O(T + slots)`.
+    pub fn token_slots(&self) -> (Vec<usize>, Vec<usize>) {
+        let mut offsets = vec![0usize; self.n_tokens + 1];
+        for &t in &self.slot_token {
+            offsets[t as usize + 1] += 1;
+        }
+        for t in 0..self.n_tokens {
+            offsets[t + 1] += offsets[t];
+        }
+        let mut fill = offsets.clone();
+        let mut slots = vec![0usize; self.slot_token.len()];
+        for (s, &t) in self.slot_token.iter().enumerate() {
+            slots[fill[t as usize]] = s;
+            fill[t as usize] += 1;
+        }
+        (offsets, slots)
+    }
+
+    /// Kept assignments of each token, `(expert, weight, rank)` sorted by rank: what a person reads.
+    pub fn per_token(&self) -> Vec<Vec<(usize, f32, u16)>> {
+        let mut out = vec![Vec::new(); self.n_tokens];
+        for g in self.groups() {
+            for (j, (&t, &w)) in g.tokens.iter().zip(g.weights).enumerate() {
+                out[t as usize].push((g.expert, w, self.slot_rank[g.slot_start + j]));
+            }
+        }
+        for v in &mut out {
+            v.sort_by_key(|a| (a.2, a.0));
+        }
+        out
+    }
+
+    /// Load diagnostics (ROUTERS.md §8) of this plan.
+    pub fn diagnostics(&self) -> Diagnostics {
+        Diagnostics::of(self)
+    }
+}
