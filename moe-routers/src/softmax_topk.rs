@@ -1,0 +1,534 @@
+//! Softmax top-k, the token-choice family (ROUTERS.md §1): score function (softmax, sigmoid, sqrt-softplus), order
+//! (score then top-k, or top-k of logits then softmax), renormalisation, routed scaling factor, group-limited
+//! selection with top-2-sum group scores, a selection-only correction bias and its aux-loss-free update rule.
+//! Presets: `mixtral`, `qwen2_moe`, `olmoe`, `granite`, `deepseek_v3`.
+
+use ndarray::{Array1, Array2, ArrayView1};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use moe_core::{
+    Assignment, AuxLoss, AuxLossKind, GroupLimit, LbNorm, MoeError, OptionDoc, Router, RouterArgs, RouterEntry,
+    RouterInput, RouterRegistry, RouterSpec, Routing, ScoreFn, TopKOrder, TopKSpec, loss,
+};
+
+use crate::util::{self, GATE_STREAM};
+
+/// Router logits are kept in the plan (for verification) when `E` is at most this.
+const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
+
+/// Named settings of real models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopKPreset {
+    /// Mixtral: softmax over all E, top-k, renormalise.
+    Mixtral,
+    /// Qwen2-MoE (`norm_topk_prob = false`): softmax, top-k, no renormalisation.
+    Qwen2Moe,
+    /// OLMoE: softmax, top-k, no renormalisation.
+    Olmoe,
+    /// Granite (and JetMoE, GPT-OSS): top-k of raw logits, softmax over the k.
+    Granite,
+    /// DeepSeek-V3 (`noaux_tc`): sigmoid, correction bias, groups 8/4 (top-2 sum), renormalise, scale 2.5.
+    DeepseekV3,
+}
+
+/// Options of [`SoftmaxTopK`]; every field is optional, and unset fields take the preset's value, then the
+/// default (Mixtral's behaviour).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoftmaxTopKConfig {
+    /// Starting point: a model's settings.
+    pub preset: Option<TopKPreset>,
+    /// Experts per token (default: the layer's k).
+    pub k: Option<usize>,
+    /// `softmax` (default), `sigmoid` or `sqrt_softplus`.
+    pub score: Option<ScoreFn>,
+    /// `score_then_top_k` (default) or `top_k_then_softmax`.
+    pub order: Option<TopKOrder>,
+    /// Renormalise the k weights to sum 1 (default true).
+    pub renormalize: Option<bool>,
+    /// Multiply weights by this after renormalisation (default 1).
+    pub scaling: Option<f32>,
+    /// Number of expert groups (group-limited selection; default none).
+    pub n_group: Option<usize>,
+    /// Groups kept per token.
+    pub topk_group: Option<usize>,
+    /// Keep a selection-only correction bias (starts at 0; see [`SoftmaxTopK::update_bias`]).
+    pub correction_bias: Option<bool>,
+    /// Normalisation of the reported load-balancing loss (default `hf_top_k`).
+    pub lb_norm: Option<LbNorm>,
+    /// Coefficient reported with the load-balancing loss (default 1e-2).
+    pub aux_coefficient: Option<f32>,
+}
+
+/// The option docs of `softmax-topk`.
+pub const OPTIONS: &[OptionDoc] = &[
+    OptionDoc { name: "preset", default: "none", doc: "mixtral | qwen2_moe | olmoe | granite | deepseek_v3: a model's settings, overridden by the options below" },
+    OptionDoc { name: "k", default: "layer k", doc: "experts per token" },
+    OptionDoc { name: "score", default: "softmax", doc: "softmax | sigmoid | sqrt_softplus" },
+    OptionDoc { name: "order", default: "score_then_top_k", doc: "score_then_top_k | top_k_then_softmax (top-k of logits, softmax over the k)" },
+    OptionDoc { name: "renormalize", default: "true", doc: "renormalise the k weights to sum 1" },
+    OptionDoc { name: "scaling", default: "1.0", doc: "routed scaling factor applied after renormalisation" },
+    OptionDoc { name: "n_group", default: "none", doc: "number of contiguous expert groups for group-limited selection" },
+    OptionDoc { name: "topk_group", default: "none", doc: "groups kept per token (group score = sum of its top-2 selection scores)" },
+    OptionDoc { name: "correction_bias", default: "false", doc: "selection-only per-expert bias (aux-loss-free balancing)" },
+    OptionDoc { name: "lb_norm", default: "hf_top_k", doc: "load-balancing loss normalisation: hf_top_k | hf_switch | megatron | deep_speed" },
+    OptionDoc { name: "aux_coefficient", default: "0.01", doc: "coefficient reported with the load-balancing loss" },
+];
+
+/// Token-choice top-k router. Its whole behaviour is a [`TopKSpec`], which backends can run natively.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoftmaxTopK {
+    spec: TopKSpec,
+    lb_norm: LbNorm,
+    aux_coefficient: f32,
+}
+
+impl TopKPreset {
+    /// The preset's settings as a config (unset fields stay `None`).
+    pub fn config(self) -> SoftmaxTopKConfig {
+        let base = SoftmaxTopKConfig { preset: Some(self), ..Default::default() };
+        match self {
+            TopKPreset::Mixtral => SoftmaxTopKConfig {
+                score: Some(ScoreFn::Softmax),
+                order: Some(TopKOrder::ScoreThenTopK),
+                renormalize: Some(true),
+                ..base
+            },
+            TopKPreset::Qwen2Moe | TopKPreset::Olmoe => SoftmaxTopKConfig {
+                score: Some(ScoreFn::Softmax),
+                order: Some(TopKOrder::ScoreThenTopK),
+                renormalize: Some(false),
+                ..base
+            },
+            TopKPreset::Granite => SoftmaxTopKConfig {
+                score: Some(ScoreFn::Softmax),
+                order: Some(TopKOrder::TopKThenSoftmax),
+                renormalize: Some(true),
+                ..base
+            },
+            TopKPreset::DeepseekV3 => SoftmaxTopKConfig {
+                score: Some(ScoreFn::Sigmoid),
+                order: Some(TopKOrder::ScoreThenTopK),
+                renormalize: Some(true),
+                scaling: Some(2.5),
+                n_group: Some(8),
+                topk_group: Some(4),
+                correction_bias: Some(true),
+                ..base
+            },
+        }
+    }
+}
+
+impl SoftmaxTopKConfig {
+    /// Resolves the preset and defaults, and builds the router around `gate` (`[E, d]`).
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] / [`MoeError::TopK`] for inconsistent options (see [`SoftmaxTopK::new`]).
+    pub fn build(&self, gate: Array2<f32>, default_k: usize) -> Result<SoftmaxTopK, MoeError> {
+        let p = self.preset.map(TopKPreset::config).unwrap_or_default();
+        let e = gate.nrows();
+        let groups = match (self.n_group.or(p.n_group), self.topk_group.or(p.topk_group)) {
+            (None, None) => None,
+            (Some(n_group), Some(topk_group)) => Some(GroupLimit { n_group, topk_group }),
+            (a, b) => {
+                return Err(MoeError::config("n_group/topk_group", format!("{a:?}/{b:?}"), "set both or neither"));
+            }
+        };
+        let bias = self.correction_bias.or(p.correction_bias).unwrap_or(false).then(|| Array1::zeros(e));
+        let spec = TopKSpec {
+            gate,
+            gate_bias: None,
+            k: self.k.unwrap_or(default_k),
+            score: self.score.or(p.score).unwrap_or_default(),
+            order: self.order.or(p.order).unwrap_or_default(),
+            renormalize: self.renormalize.or(p.renormalize).unwrap_or(true),
+            scaling: self.scaling.or(p.scaling).unwrap_or(1.0),
+            groups,
+            correction_bias: bias,
+        };
+        let mut r = SoftmaxTopK::new(spec)?;
+        r.lb_norm = self.lb_norm.unwrap_or(LbNorm::HfTopK);
+        r.aux_coefficient = self.aux_coefficient.unwrap_or(1e-2);
+        Ok(r)
+    }
+}
+
+impl SoftmaxTopK {
+    /// A router from a full spec.
+    ///
+    /// # Errors
+    /// [`MoeError::TopK`] for `k = 0` or `k > E`; [`MoeError::InvalidConfig`] for a non-finite gate, scaling or
+    /// bias, `top_k_then_softmax` with a non-softmax score, groups that do not divide `E`, `topk_group` outside
+    /// `1..=n_group`, or fewer than `k` experts in the kept groups; [`MoeError::Shape`] for bias lengths.
+    pub fn new(spec: TopKSpec) -> Result<Self, MoeError> {
+        util::check_gate("gate.weight", &spec.gate)?;
+        let e = spec.gate.nrows();
+        if spec.k == 0 || spec.k > e {
+            return Err(MoeError::TopK { k: spec.k, n_experts: e });
+        }
+        if !spec.scaling.is_finite() || spec.scaling <= 0.0 {
+            return Err(MoeError::config("scaling", spec.scaling, "must be finite and > 0"));
+        }
+        if spec.order == TopKOrder::TopKThenSoftmax && spec.score != ScoreFn::Softmax {
+            return Err(MoeError::config("order", "top_k_then_softmax", "needs score = softmax"));
+        }
+        for (name, b) in [("gate.bias", &spec.gate_bias), ("e_score_correction_bias", &spec.correction_bias)] {
+            if let Some(b) = b {
+                if b.len() != e {
+                    return Err(MoeError::shape(name, format!("[{e}]"), &[b.len()]));
+                }
+                if let Some((i, v)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                    return Err(MoeError::config(name, v, format!("non-finite at expert {i}")));
+                }
+            }
+        }
+        if let Some(g) = spec.groups {
+            if g.n_group == 0 || e % g.n_group != 0 {
+                return Err(MoeError::config("n_group", g.n_group, format!("must divide E = {e}")));
+            }
+            if g.topk_group == 0 || g.topk_group > g.n_group {
+                return Err(MoeError::config("topk_group", g.topk_group, format!("must be in 1..={}", g.n_group)));
+            }
+            if g.topk_group * (e / g.n_group) < spec.k {
+                return Err(MoeError::config(
+                    "topk_group",
+                    g.topk_group,
+                    format!("the kept groups hold {} experts, fewer than k = {}", g.topk_group * (e / g.n_group), spec.k),
+                ));
+            }
+        }
+        Ok(SoftmaxTopK { spec, lb_norm: LbNorm::HfTopK, aux_coefficient: 1e-2 })
+    }
+
+    /// The spec this router executes.
+    pub fn topk_spec(&self) -> &TopKSpec {
+        &self.spec
+    }
+
+    /// Experts per token.
+    pub fn k(&self) -> usize {
+        self.spec.k
+    }
+
+    /// Sets the gate bias `[E]` added to the logits (GPT-OSS `router.bias`).
+    ///
+    /// # Errors
+    /// As [`SoftmaxTopK::new`].
+    pub fn with_gate_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
+        self.spec.gate_bias = Some(bias);
+        SoftmaxTopK::new(self.spec).map(|r| SoftmaxTopK { lb_norm: self.lb_norm, aux_coefficient: self.aux_coefficient, ..r })
+    }
+
+    /// Sets the selection-only correction bias `[E]` (DeepSeek-V3 `e_score_correction_bias`).
+    ///
+    /// # Errors
+    /// As [`SoftmaxTopK::new`].
+    pub fn with_correction_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
+        self.spec.correction_bias = Some(bias);
+        SoftmaxTopK::new(self.spec).map(|r| SoftmaxTopK { lb_norm: self.lb_norm, aux_coefficient: self.aux_coefficient, ..r })
+    }
+
+    /// Aux-loss-free balancing step (DeepSeek-V3, Megatron `moe_router_enable_expert_bias`):
+    /// `b_e += rate · sign(mean_load − load_e)`, with loads counted in integers from `routing`. Creates a zero bias
+    /// first if the router has none.
+    ///
+    /// # Errors
+    /// [`MoeError::Mismatch`] if `routing` has another expert count; [`MoeError::InvalidConfig`] for a non-finite
+    /// rate.
+    pub fn update_bias(&mut self, routing: &Routing, rate: f32) -> Result<(), MoeError> {
+        let e = self.spec.gate.nrows();
+        if routing.n_experts() != e {
+            return Err(MoeError::mismatch("bias update", "routing experts", routing.n_experts(), "router experts", e));
+        }
+        if !rate.is_finite() {
+            return Err(MoeError::config("rate", rate, "must be finite"));
+        }
+        let counts = routing.expert_counts();
+        let total: usize = counts.iter().sum();
+        let bias = self.spec.correction_bias.get_or_insert_with(|| Array1::zeros(e));
+        for (b, &c) in bias.iter_mut().zip(&counts) {
+            // mean - load compared in integers: (total - E·c) has the sign of (total/E - c).
+            let diff = total as i128 - (e as i128) * (c as i128);
+            *b += rate * diff.signum() as f32;
+        }
+        Ok(())
+    }
+
+    /// The experts and weights of one token, from its logits row (`[E]`), in selection order.
+    fn route_token(&self, logits: ArrayView1<'_, f32>, scratch: &mut Vec<f32>) -> (Vec<usize>, Vec<f32>) {
+        let s = &self.spec;
+        let e = logits.len();
+        scratch.clear();
+        match s.order {
+            TopKOrder::TopKThenSoftmax => {
+                scratch.extend(logits.iter().copied());
+                if let Some(b) = &s.correction_bias {
+                    for (v, bb) in scratch.iter_mut().zip(b) {
+                        *v += bb;
+                    }
+                }
+                let idx = select(scratch, s.groups, s.k);
+                let mut w: Vec<f32> = idx.iter().map(|&i| logits[i]).collect();
+                util::softmax_in_place(&mut w);
+                for v in &mut w {
+                    *v *= s.scaling;
+                }
+                (idx, w)
+            }
+            TopKOrder::ScoreThenTopK => {
+                let mut scores: Vec<f32> = logits.to_vec();
+                match s.score {
+                    ScoreFn::Softmax => util::softmax_in_place(&mut scores),
+                    ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = util::sigmoid(*v)),
+                    ScoreFn::SqrtSoftplus => scores.iter_mut().for_each(|v| *v = util::softplus(*v).sqrt()),
+                }
+                scratch.extend(scores.iter().copied());
+                if let Some(b) = &s.correction_bias {
+                    for (v, bb) in scratch.iter_mut().zip(b) {
+                        *v += bb;
+                    }
+                }
+                debug_assert_eq!(scratch.len(), e);
+                let idx = select(scratch, s.groups, s.k);
+                let mut w: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
+                if s.renormalize {
+                    let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+                    for v in &mut w {
+                        *v /= sum;
+                    }
+                }
+                if s.scaling != 1.0 {
+                    for v in &mut w {
+                        *v *= s.scaling;
+                    }
+                }
+                (idx, w)
+            }
+        }
+    }
+}
+
+/// Top-k of `sel` after group-limited masking: each group's score is the sum of its top-2 values (top-1 for groups
+/// of one); only the `topk_group` best groups (ties to the lower group) stay eligible; masked experts get `-inf`.
+fn select(sel: &mut [f32], groups: Option<GroupLimit>, k: usize) -> Vec<usize> {
+    if let Some(g) = groups {
+        let size = sel.len() / g.n_group;
+        let group_scores: Vec<f32> = sel
+            .chunks(size)
+            .map(|c| util::top_k(c, 2).iter().map(|&i| c[i]).sum())
+            .collect();
+        let keep = util::top_k(&group_scores, g.topk_group);
+        let mut kept = vec![false; g.n_group];
+        for i in keep {
+            kept[i] = true;
+        }
+        for (gi, c) in sel.chunks_mut(size).enumerate() {
+            if !kept[gi] {
+                c.iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+            }
+        }
+    }
+    util::top_k(sel, k)
+}
+
+impl Router for SoftmaxTopK {
+    fn name(&self) -> &str {
+        "softmax-topk"
+    }
+
+    fn n_experts(&self) -> usize {
+        self.spec.gate.nrows()
+    }
+
+    fn d_model(&self) -> Option<usize> {
+        Some(self.spec.gate.ncols())
+    }
+
+    fn spec(&self) -> Option<RouterSpec> {
+        Some(RouterSpec::TopK(self.spec.clone()))
+    }
+
+    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+        let e = self.n_experts();
+        util::check_input(input, self.d_model(), e, self.spec.k)?;
+        let t = input.n_tokens();
+        let logits = util::gate_logits(input.hidden, self.spec.gate.view(), self.spec.gate_bias.as_ref())?;
+        // Tokens are independent: parallel over rows, each row computed the same way on any thread count.
+        let per_token: Vec<Option<(Vec<usize>, Vec<f32>)>> = (0..t)
+            .into_par_iter()
+            .map_init(Vec::new, |scratch, i| {
+                (!input.is_padding(i)).then(|| self.route_token(logits.row(i), scratch))
+            })
+            .collect();
+        let mut kept = Vec::with_capacity(t * self.spec.k);
+        let mut counts = vec![0usize; e];
+        let mut real = Vec::with_capacity(t);
+        for (i, choice) in per_token.iter().enumerate() {
+            let Some((idx, w)) = choice else { continue };
+            real.push(i);
+            for (rank, (&ex, &wt)) in idx.iter().zip(w).enumerate() {
+                counts[ex] += 1;
+                kept.push(Assignment { token: i as u32, expert: ex as u32, weight: wt, rank: rank as u16 });
+            }
+        }
+        let mut routing = Routing::new(t, e, real.len(), kept, Vec::new())?;
+        // Load-balancing loss over the real tokens, with probabilities softmax(logits) as every reference uses.
+        let mut probs = logits.select(ndarray::Axis(0), &real);
+        for mut row in probs.outer_iter_mut() {
+            if let Some(r) = row.as_slice_mut() {
+                util::softmax_in_place(r);
+            }
+        }
+        let lb = loss::load_balance(probs.view(), &counts, self.spec.k, self.lb_norm);
+        routing.push_aux(AuxLoss { kind: AuxLossKind::LoadBalance(self.lb_norm), value: lb, coefficient: self.aux_coefficient });
+        if e <= KEEP_LOGITS_MAX_EXPERTS {
+            routing.set_logits(logits);
+        }
+        Ok(routing)
+    }
+}
+
+fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
+    let cfg: SoftmaxTopKConfig = args.parse("softmax-topk")?;
+    let gate = util::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
+    Ok(Box::new(cfg.build(gate, args.top_k)?))
+}
+
+/// Registers `softmax-topk`.
+///
+/// # Errors
+/// [`MoeError::DuplicateRouter`] if the name is taken.
+pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
+    reg.register(RouterEntry {
+        name: "softmax-topk".into(),
+        description: "token-choice top-k (Mixtral, Qwen, OLMoE, Granite, DeepSeek-V3 presets)".into(),
+        causal: true,
+        options: OPTIONS.to_vec(),
+        factory,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    fn router(gate: Array2<f32>, cfg: SoftmaxTopKConfig, k: usize) -> SoftmaxTopK {
+        cfg.build(gate, k).expect("valid config")
+    }
+
+    /// With an identity gate the logits are the inputs themselves.
+    fn eye(e: usize) -> Array2<f32> {
+        Array2::eye(e)
+    }
+
+    #[test]
+    fn mixtral_hand_computed() {
+        // logits [1, 2, 0]: softmax = [0.24473, 0.66524, 0.09003]; top-2 = experts 1, 0;
+        // renormalised: 0.66524 / 0.90997 = 0.73106, 0.24473 / 0.90997 = 0.26894 (= sigmoid(1), sigmoid(-1)).
+        let r = router(eye(3), TopKPreset::Mixtral.config(), 2);
+        let x = array![[1.0f32, 2.0, 0.0]];
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        let t = plan.per_token();
+        assert_eq!(t[0].len(), 2);
+        assert_eq!(t[0][0].0, 1);
+        assert!((t[0][0].1 - 0.731_058_6).abs() < 1e-6);
+        assert_eq!(t[0][1].0, 0);
+        assert!((t[0][1].1 - 0.268_941_4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn qwen_keeps_unnormalised_weights() {
+        // Same logits, no renormalisation: weights are the softmax values 0.66524, 0.24473.
+        let r = router(eye(3), TopKPreset::Qwen2Moe.config(), 2);
+        let x = array![[1.0f32, 2.0, 0.0]];
+        let t = r.route(&RouterInput::new(x.view())).expect("route").per_token();
+        assert!((t[0][0].1 - 0.665_240_9).abs() < 1e-6);
+        assert!((t[0][1].1 - 0.244_728_5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn granite_equals_mixtral_weights() {
+        // Top-k of logits then softmax over the k equals softmax-then-renormalise in exact arithmetic.
+        let x = array![[0.3f32, -1.0, 2.0, 0.7], [1.5, 1.4, -0.2, 0.0]];
+        let a = router(eye(4), TopKPreset::Granite.config(), 2).route(&RouterInput::new(x.view())).expect("route");
+        let b = router(eye(4), TopKPreset::Mixtral.config(), 2).route(&RouterInput::new(x.view())).expect("route");
+        for (ta, tb) in a.per_token().iter().zip(b.per_token()) {
+            for (pa, pb) in ta.iter().zip(&tb) {
+                assert_eq!(pa.0, pb.0);
+                assert!((pa.1 - pb.1).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn deepseek_group_path_and_bias_changes_selection() {
+        // E = 4 experts in 2 groups of 2, keep 1 group, k = 2, scaling 2.5.
+        // logits [2, -2, 0.5, 0.4]: s = sigmoid = [0.8808, 0.1192, 0.6225, 0.5987].
+        // No bias: group scores [0.8808+0.1192 = 1.0, 0.6225+0.5987 = 1.2212] -> group 1 -> experts 2, 3;
+        // weights 0.6225/1.2212 * 2.5 = 1.2744, 0.5987/1.2212 * 2.5 = 1.2256.
+        let cfg = SoftmaxTopKConfig { n_group: Some(2), topk_group: Some(1), ..TopKPreset::DeepseekV3.config() };
+        let r = router(eye(4), cfg, 2);
+        let x = array![[2.0f32, -2.0, 0.5, 0.4]];
+        let t = r.route(&RouterInput::new(x.view())).expect("route").per_token();
+        let got: Vec<usize> = t[0].iter().map(|a| a.0).collect();
+        assert_eq!(got, vec![2, 3]);
+        let s2 = util::sigmoid(0.5);
+        let s3 = util::sigmoid(0.4);
+        assert!((t[0][0].1 - s2 / (s2 + s3) * 2.5).abs() < 1e-5);
+        // Bias +0.3 on expert 1: group 0 score becomes 0.8808 + 0.4192 = 1.3 > 1.2212 -> experts 0, 1 chosen,
+        // but weights use the unbiased sigmoid: 0.8808 / 1.0 * 2.5 = 2.2020, 0.1192 * 2.5 = 0.2980.
+        let r = r.with_correction_bias(array![0.0f32, 0.3, 0.0, 0.0]).expect("bias");
+        let t = r.route(&RouterInput::new(x.view())).expect("route").per_token();
+        let got: Vec<usize> = t[0].iter().map(|a| a.0).collect();
+        assert_eq!(got, vec![0, 1]);
+        assert!((t[0][0].1 - util::sigmoid(2.0) / (util::sigmoid(2.0) + util::sigmoid(-2.0)) * 2.5).abs() < 1e-5);
+        assert!((t[0][0].1 + t[0][1].1 - 2.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn bias_update_moves_toward_balance() {
+        let mut r = router(eye(2), SoftmaxTopKConfig { correction_bias: Some(true), ..Default::default() }, 1);
+        // Three tokens all prefer expert 0: load [3, 0], mean 1.5 -> b0 -= rate, b1 += rate.
+        let x = array![[1.0f32, 0.0], [2.0, 0.0], [1.0, -1.0]];
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        r.update_bias(&plan, 1e-3).expect("update");
+        let b = r.topk_spec().correction_bias.clone().expect("bias");
+        assert_eq!(b.to_vec(), vec![-1e-3, 1e-3]);
+    }
+
+    #[test]
+    fn errors_are_typed() {
+        assert!(matches!(SoftmaxTopKConfig::default().build(eye(3), 4), Err(MoeError::TopK { k: 4, n_experts: 3 })));
+        let bad = SoftmaxTopKConfig { n_group: Some(2), topk_group: Some(1), ..Default::default() };
+        assert!(matches!(bad.build(eye(3), 1), Err(MoeError::InvalidConfig { .. })));
+        let r = router(eye(3), SoftmaxTopKConfig::default(), 2);
+        let x = array![[1.0f32, f32::INFINITY, 0.0]];
+        assert!(matches!(r.route(&RouterInput::new(x.view())), Err(MoeError::NonFinite { token: 0, column: 1, .. })));
+        let x = array![[1.0f32, 0.0]];
+        assert!(matches!(r.route(&RouterInput::new(x.view())), Err(MoeError::Shape { .. })));
+    }
+
+    #[test]
+    fn conformance() {
+        for preset in [TopKPreset::Mixtral, TopKPreset::Qwen2Moe, TopKPreset::Olmoe, TopKPreset::Granite, TopKPreset::DeepseekV3] {
+            let gate = util::init_gate(12, 16, 1, GATE_STREAM).expect("gate");
+            let r = router(gate, preset.config(), 4);
+            moe_core::testing::check_router(&r, 12).expect("conformance");
+        }
+    }
+
+    #[test]
+    fn padding_tokens_are_not_routed() {
+        let r = router(eye(3), SoftmaxTopKConfig::default(), 2);
+        let x = array![[1.0f32, 2.0, 0.0], [0.0, 0.0, 1.0]];
+        let pad = [false, true];
+        let plan = r.route(&RouterInput::new(x.view()).with_padding(&pad)).expect("route");
+        assert_eq!(plan.n_slots(), 2);
+        assert_eq!(plan.n_real_tokens(), 1);
+        assert!(plan.per_token()[1].is_empty());
+    }
+}
