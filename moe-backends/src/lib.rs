@@ -1,1 +1,101 @@
-//! placeholder
+//! # moe-backends
+//!
+//! Backends that run a [`moe_core::MoeLayer`]: upload its weights once, then run forwards.
+//!
+//! - [`cpu`]: the reference backend, always built. Grouped: assignments are grouped by expert once, each expert
+//!   runs one matrix product over its contiguous rows with the activation fused between its two products, and the
+//!   outputs are combined with their weights in a fixed order (ascending expert id per token).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use moe_core::{Activation, ExpertBank, MoeLayer, RouterArgs, RouterInput, SwiGluBank, WorkloadConfig};
+//! use ndarray::Array3;
+//!
+//! let (d, f, e) = (16, 32, 4);
+//! let router = moe_routers::builtin().create("softmax-topk", &RouterArgs::new(d, e, 2, 0))?;
+//! let bank = SwiGluBank::new(Array3::from_elem((e, 2 * f, d), 0.01), Array3::from_elem((e, d, f), 0.01), Activation::Silu)?;
+//! let layer = Arc::new(MoeLayer::new(router, ExpertBank::SwiGlu(bank))?);
+//! let mut resident = moe_backends::open(moe_backends::BackendKind::Cpu)?.upload(layer)?;
+//! let w = WorkloadConfig { tokens: 8, d_model: d, ..Default::default() }.generate()?;
+//! let out = resident.forward(&RouterInput::new(w.hidden.view()))?;
+//! assert_eq!(out.output.dim(), (8, d));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## Features
+//! - none by default; CUDA (`cuda`) and wgpu (`wgpu`) backends are planned behind features of those names.
+
+pub mod cpu;
+
+use moe_core::{Backend, MoeError};
+use thiserror::Error;
+
+/// Errors of opening a backend.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The backend exists but cannot run on this machine (no driver, no adapter, feature off).
+    #[error("backend {backend} is unavailable: {reason}")]
+    Unavailable {
+        /// Backend name.
+        backend: String,
+        /// Why, in words a user can act on.
+        reason: String,
+    },
+    /// An error of the contracts (bad layer, bad input).
+    #[error(transparent)]
+    Core(#[from] MoeError),
+}
+
+/// The backends this build knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// The CPU reference backend.
+    Cpu,
+}
+
+impl BackendKind {
+    /// Every backend name moe-rs has, built or not, with whether this build includes it.
+    pub const ALL: &'static [(&'static str, bool)] = &[("cpu", true), ("cuda", false), ("wgpu", false)];
+
+    /// Parses a backend name.
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] for a known backend this build lacks, with the feature to enable;
+    /// [`MoeError::InvalidConfig`] for an unknown name.
+    pub fn parse(name: &str) -> Result<Self, BackendError> {
+        match name {
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" | "wgpu" => Err(BackendError::Unavailable {
+                backend: name.to_string(),
+                reason: format!("this build has no {name} backend (it is planned behind the `{name}` cargo feature)"),
+            }),
+            other => Err(MoeError::config("backend", other, "one of: cpu, cuda, wgpu").into()),
+        }
+    }
+}
+
+/// Opens a backend with default settings.
+///
+/// # Errors
+/// [`BackendError::Unavailable`] when the backend cannot run here.
+pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
+    match kind {
+        BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new())),
+    }
+}
+
+/// Each backend name with `Ok(device)` if it can run here or `Err(reason)` if not.
+pub fn availability() -> Vec<(&'static str, Result<String, String>)> {
+    BackendKind::ALL
+        .iter()
+        .map(|&(name, _)| {
+            let r = BackendKind::parse(name).map_err(|e| e.to_string()).and_then(|k| match open(k) {
+                Ok(b) => Ok(b.capabilities().device),
+                Err(e) => Err(e.to_string()),
+            });
+            (name, r)
+        })
+        .collect()
+}

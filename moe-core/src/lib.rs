@@ -52,6 +52,7 @@ pub mod error;
 pub mod expert;
 pub mod layer;
 pub mod loss;
+pub mod math;
 pub mod registry;
 pub mod rng;
 pub mod router;

@@ -1,0 +1,301 @@
+//! The CPU layer against hand-computed cases and against a naive per-token reference written with plain loops.
+
+use std::sync::Arc;
+
+use ndarray::{Array1, Array2, Array3, ArrayView2, array};
+use proptest::prelude::*;
+
+use moe_backends::cpu::CpuBackend;
+use moe_core::{
+    Activation, Assignment, Backend, Expert, ExpertBank, GptOssBank, MlpBank, MoeError, MoeLayer, Router, RouterInput,
+    Routing, SharedExperts, SwiGluBank, rng::SeqRng,
+};
+use moe_routers::{SoftmaxTopKConfig, TopKPreset};
+
+/// A router that returns a fixed plan, so a test controls the dispatch exactly.
+#[derive(Clone, Debug)]
+struct Fixed {
+    e: usize,
+    d: usize,
+    kept: Vec<Assignment>,
+}
+
+impl Router for Fixed {
+    fn name(&self) -> &str {
+        "fixed"
+    }
+    fn n_experts(&self) -> usize {
+        self.e
+    }
+    fn d_model(&self) -> Option<usize> {
+        Some(self.d)
+    }
+    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+        input.validate(Some(self.d))?;
+        Routing::new(input.n_tokens(), self.e, input.n_tokens(), self.kept.clone(), Vec::new())
+    }
+}
+
+/// An expert that fails if it is ever called: proves the backend skips experts with no tokens.
+#[derive(Clone, Debug)]
+struct MustNotRun(usize);
+
+impl Expert for MustNotRun {
+    fn d_model(&self) -> usize {
+        self.0
+    }
+    fn forward(&self, _x: ArrayView2<'_, f32>) -> Result<Array2<f32>, MoeError> {
+        Err(MoeError::Expert { expert: 1, reason: "an expert with no tokens was run".into() })
+    }
+}
+
+/// Doubles its input.
+#[derive(Clone, Debug)]
+struct Double(usize);
+
+impl Expert for Double {
+    fn d_model(&self) -> usize {
+        self.0
+    }
+    fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>, MoeError> {
+        Ok(x.mapv(|v| 2.0 * v))
+    }
+}
+
+fn run(layer: MoeLayer, x: &Array2<f32>) -> Result<moe_core::LayerOutput, MoeError> {
+    CpuBackend::new().upload(Arc::new(layer))?.forward(&RouterInput::new(x.view()))
+}
+
+fn identity_gate(e: usize) -> Array2<f32> {
+    Array2::eye(e)
+}
+
+#[test]
+fn hand_computed_two_experts() {
+    // Identity gate, d = E = 2, k = 2 (Mixtral routing). x = [ln 3, 0] -> logits [ln 3, 0] -> softmax [0.75, 0.25].
+    // MLP experts with w1 = I, ReLU, w2 = c_e I, c = [1, 2]: expert_e(x) = c_e relu(x) = [c_e ln 3, 0].
+    // y = 0.75 * 1 * ln 3 + 0.25 * 2 * ln 3 = 1.25 ln 3 = 1.373265 in column 0, 0 in column 1.
+    let router = TopKPreset::Mixtral.config().build(identity_gate(2), 2).expect("router");
+    let w1 = Array3::from_shape_fn((2, 2, 2), |(_, i, j)| if i == j { 1.0 } else { 0.0 });
+    let w2 = Array3::from_shape_fn((2, 2, 2), |(e, i, j)| if i == j { (e + 1) as f32 } else { 0.0 });
+    let bank = MlpBank::new(w1, None, w2, None, Activation::Relu).expect("bank");
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::Mlp(bank)).expect("layer");
+    let x = array![[3f32.ln(), 0.0]];
+    let out = run(layer, &x).expect("forward");
+    assert!((out.output[[0, 0]] - 1.25 * 3f32.ln()).abs() < 1e-6, "{}", out.output);
+    assert_eq!(out.output[[0, 1]], 0.0);
+}
+
+#[test]
+fn hand_computed_swiglu_three_experts_with_shared_and_bias() {
+    // d = 1, f = 1, E = 3. Expert e: gate weight g_e, up weight u_e, down weight 1:
+    // expert_e(x) = silu(g_e x) * (u_e x). With x = 1: silu(g) = g * sigmoid(g).
+    // Fixed plan: token 0 -> expert 0 (w 0.5) and expert 2 (w 0.25); expert 1 gets nothing.
+    // g = [1, 9, 2], u = [3, 9, 5]: expert_0(1) = 0.731059 * 3 = 2.193176, expert_2(1) = 2 * 0.880797 * 5 = 8.807971.
+    // Routed: 0.5 * 2.193176 + 0.25 * 8.807971 = 3.298581; output scale 2 -> 6.597162.
+    // Shared expert (g = 1, u = 1) gated by sigmoid(x * 0) = 0.5: 0.5 * 0.731059 = 0.365529. Bias 0.1.
+    // y = 6.597162 + 0.365529 + 0.1 = 7.062691.
+    let gate_up = Array3::from_shape_vec((3, 2, 1), vec![1.0, 3.0, 9.0, 9.0, 2.0, 5.0]).expect("shape");
+    let down = Array3::from_elem((3, 1, 1), 1.0);
+    let bank = SwiGluBank::new(gate_up, down, Activation::Silu).expect("bank");
+    let kept = vec![
+        Assignment { token: 0, expert: 0, weight: 0.5, rank: 0 },
+        Assignment { token: 0, expert: 2, weight: 0.25, rank: 1 },
+    ];
+    let shared_bank = SwiGluBank::new(Array3::from_elem((1, 2, 1), 1.0), Array3::from_elem((1, 1, 1), 1.0), Activation::Silu)
+        .expect("shared");
+    let shared = SharedExperts::new(ExpertBank::SwiGlu(shared_bank), Some(Array1::zeros(1))).expect("shared");
+    let layer = MoeLayer::new(Box::new(Fixed { e: 3, d: 1, kept }), ExpertBank::SwiGlu(bank))
+        .and_then(|l| l.with_shared(shared))
+        .and_then(|l| l.with_output_scale(2.0))
+        .and_then(|l| l.with_output_bias(array![0.1]))
+        .expect("layer");
+    let out = run(layer, &array![[1.0f32]]).expect("forward");
+    assert!((out.output[[0, 0]] - 7.062_691).abs() < 1e-5, "{}", out.output);
+    assert_eq!(out.routing.active_experts(), &[0, 2]);
+}
+
+#[test]
+fn empty_experts_are_skipped() {
+    // Expert 1 errors if called; the plan gives it no token, so the forward must succeed: y = 0.5 * 2x.
+    let experts: Vec<Box<dyn Expert>> = vec![Box::new(Double(2)), Box::new(MustNotRun(2))];
+    let kept = vec![Assignment { token: 0, expert: 0, weight: 0.5, rank: 0 }];
+    let layer = MoeLayer::new(Box::new(Fixed { e: 2, d: 2, kept }), ExpertBank::Custom(experts)).expect("layer");
+    let out = run(layer, &array![[1.0f32, -3.0], [5.0, 5.0]]).expect("forward");
+    assert_eq!(out.output, array![[1.0f32, -3.0], [0.0, 0.0]]);
+}
+
+#[test]
+fn empty_batch_gives_empty_output() {
+    let router = SoftmaxTopKConfig::default().build(identity_gate(3), 2).expect("router");
+    let bank = SwiGluBank::new(Array3::zeros((3, 4, 3)), Array3::zeros((3, 3, 2)), Activation::Silu).expect("bank");
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).expect("layer");
+    let out = run(layer, &Array2::zeros((0, 3))).expect("forward");
+    assert_eq!(out.output.dim(), (0, 3));
+    assert_eq!(out.routing.n_slots(), 0);
+}
+
+#[test]
+fn k_above_e_and_wrong_width_are_typed_errors() {
+    assert!(matches!(
+        SoftmaxTopKConfig::default().build(identity_gate(3), 4),
+        Err(MoeError::TopK { k: 4, n_experts: 3 })
+    ));
+    let router = SoftmaxTopKConfig::default().build(identity_gate(3), 2).expect("router");
+    let bank = SwiGluBank::new(Array3::zeros((3, 4, 3)), Array3::zeros((3, 3, 2)), Activation::Silu).expect("bank");
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).expect("layer");
+    let err = run(layer, &Array2::zeros((2, 5))).expect_err("width 5 into d = 3");
+    assert_eq!(err.to_string(), "expected hidden [T, 3], found [2, 5]");
+    // A bank whose shapes disagree is refused with both shapes named.
+    let err = SwiGluBank::new(Array3::zeros((3, 4, 3)), Array3::zeros((3, 2, 3)), Activation::Silu).expect_err("bad down");
+    assert_eq!(err.to_string(), "expected experts.down_proj [3, 3, 2], found [3, 2, 3]");
+    // A router and a bank with different expert counts are refused.
+    let router = SoftmaxTopKConfig::default().build(identity_gate(4), 2).expect("router");
+    let bank = SwiGluBank::new(Array3::zeros((3, 4, 4)), Array3::zeros((3, 4, 2)), Activation::Silu).expect("bank");
+    assert!(matches!(MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)), Err(MoeError::Mismatch { .. })));
+}
+
+#[test]
+fn nan_input_names_the_token() {
+    let router = SoftmaxTopKConfig::default().build(identity_gate(3), 2).expect("router");
+    let bank = SwiGluBank::new(Array3::zeros((3, 4, 3)), Array3::zeros((3, 3, 2)), Activation::Silu).expect("bank");
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).expect("layer");
+    let mut x = Array2::zeros((4, 3));
+    x[[2, 1]] = f32::NAN;
+    assert!(matches!(run(layer, &x), Err(MoeError::NonFinite { token: 2, column: 1, .. })));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Naive reference: per token, per assignment, per expert, with plain loops and f64 accumulation.
+
+fn silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+fn naive_expert(bank: &ExpertBank, e: usize, x: &[f32]) -> Vec<f64> {
+    let d = x.len();
+    match bank {
+        ExpertBank::SwiGlu(b) => {
+            let f = b.down.dim().2;
+            let h: Vec<f64> = (0..f)
+                .map(|j| {
+                    let g: f64 = (0..d).map(|i| b.gate_up[[e, j, i]] as f64 * x[i] as f64).sum();
+                    let u: f64 = (0..d).map(|i| b.gate_up[[e, f + j, i]] as f64 * x[i] as f64).sum();
+                    silu(g) * u
+                })
+                .collect();
+            (0..d).map(|o| (0..f).map(|j| b.down[[e, o, j]] as f64 * h[j]).sum()).collect()
+        }
+        ExpertBank::GptOss(b) => {
+            let f = b.down.dim().1;
+            let h: Vec<f64> = (0..f)
+                .map(|j| {
+                    let z = |c: usize| -> f64 {
+                        (0..d).map(|i| x[i] as f64 * b.gate_up[[e, i, c]] as f64).sum::<f64>() + b.gate_up_bias[[e, c]] as f64
+                    };
+                    let g = z(2 * j).min(b.limit as f64);
+                    let u = z(2 * j + 1).clamp(-(b.limit as f64), b.limit as f64);
+                    (u + 1.0) * g / (1.0 + (-(g * b.alpha as f64)).exp())
+                })
+                .collect();
+            (0..d)
+                .map(|o| (0..f).map(|j| h[j] * b.down[[e, j, o]] as f64).sum::<f64>() + b.down_bias[[e, o]] as f64)
+                .collect()
+        }
+        ExpertBank::Mlp(b) => {
+            let f = b.w1.dim().1;
+            let h: Vec<f64> = (0..f)
+                .map(|j| {
+                    let mut v: f64 = (0..d).map(|i| b.w1[[e, j, i]] as f64 * x[i] as f64).sum();
+                    if let Some(b1) = &b.b1 {
+                        v += b1[[e, j]] as f64;
+                    }
+                    v.max(0.0)
+                })
+                .collect();
+            (0..d)
+                .map(|o| {
+                    let mut v: f64 = (0..f).map(|j| b.w2[[e, o, j]] as f64 * h[j]).sum();
+                    if let Some(b2) = &b.b2 {
+                        v += b2[[e, o]] as f64;
+                    }
+                    v
+                })
+                .collect()
+        }
+        _ => unreachable!("the property test builds only these banks"),
+    }
+}
+
+fn random_bank(kind: u8, e: usize, d: usize, f: usize, rng: &mut SeqRng) -> ExpertBank {
+    let s = 1.0 / (d as f32).sqrt();
+    let a3 = |rng: &mut SeqRng, sh: (usize, usize, usize)| Array3::from_shape_simple_fn(sh, || rng.normal() as f32 * s);
+    match kind {
+        0 => ExpertBank::SwiGlu(SwiGluBank::new(a3(rng, (e, 2 * f, d)), a3(rng, (e, d, f)), Activation::Silu).expect("bank")),
+        1 => ExpertBank::GptOss(
+            GptOssBank::new(
+                a3(rng, (e, d, 2 * f)),
+                rng.normal_matrix(e, 2 * f, 0.1),
+                a3(rng, (e, f, d)),
+                rng.normal_matrix(e, d, 0.1),
+                1.702,
+                0.8,
+            )
+            .expect("bank"),
+        ),
+        _ => ExpertBank::Mlp(
+            MlpBank::new(a3(rng, (e, f, d)), Some(rng.normal_matrix(e, f, 0.1)), a3(rng, (e, d, f)), Some(rng.normal_matrix(e, d, 0.1)), Activation::Relu)
+                .expect("bank"),
+        ),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(7), ..ProptestConfig::default() })]
+
+    /// The grouped forward equals the naive per-token reference to 1e-5 (relative to the output's scale), for
+    /// random T (including 0 and 1), d, E, k, weights, banks and presets.
+    #[test]
+    fn grouped_equals_naive(t in 0usize..40, d in 1usize..12, e in 1usize..9, kf in 0.0f64..1.0, f in 1usize..10,
+                            kind in 0u8..3, preset in 0usize..4, seed in 0u64..1000) {
+        let k = 1 + ((e - 1) as f64 * kf) as usize;
+        let mut rng = SeqRng::new(seed, 0);
+        let gate = rng.normal_matrix(e, d, 1.0);
+        let preset = [TopKPreset::Mixtral, TopKPreset::Qwen2Moe, TopKPreset::Olmoe, TopKPreset::Granite][preset];
+        let router = preset.config().build(gate, k).expect("router");
+        let bank = random_bank(kind, e, d, f, &mut rng);
+        let layer = MoeLayer::new(Box::new(router), bank.clone()).expect("layer");
+        let x = rng.normal_matrix(t, d, 1.0);
+        let out = run(layer, &x).expect("forward");
+        prop_assert_eq!(out.output.dim(), (t, d));
+        for (tok, choices) in out.routing.per_token().iter().enumerate() {
+            prop_assert_eq!(choices.len(), k);
+            let xr: Vec<f32> = x.row(tok).to_vec();
+            let mut want = vec![0.0f64; d];
+            for &(ex, w, _) in choices {
+                for (acc, v) in want.iter_mut().zip(naive_expert(&bank, ex, &xr)) {
+                    *acc += w as f64 * v;
+                }
+            }
+            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (j, &wv) in want.iter().enumerate() {
+                let got = out.output[[tok, j]] as f64;
+                prop_assert!((got - wv).abs() <= 1e-5 * scale, "token {} col {}: {} vs {}", tok, j, got, wv);
+            }
+        }
+    }
+}
+
+#[test]
+fn one_and_two_threads_are_bit_identical() {
+    let mut rng = SeqRng::new(11, 0);
+    let (t, d, e, f) = (97, 24, 6, 40);
+    let gate = rng.normal_matrix(e, d, 1.0);
+    let router = TopKPreset::Mixtral.config().build(gate, 2).expect("router");
+    let layer = Arc::new(MoeLayer::new(Box::new(router), random_bank(0, e, d, f, &mut rng)).expect("layer"));
+    let x = rng.normal_matrix(t, d, 1.0);
+    let a = CpuBackend::with_threads(1).upload(layer.clone()).and_then(|mut l| l.forward(&RouterInput::new(x.view()))).expect("1 thread");
+    let b = CpuBackend::with_threads(2).upload(layer).and_then(|mut l| l.forward(&RouterInput::new(x.view()))).expect("2 threads");
+    assert_eq!(a.output, b.output);
+    assert_eq!(a.routing, b.routing);
+}
