@@ -57,7 +57,8 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// Every backend name moe-rs has, built or not, with whether this build includes it.
-    pub const ALL: &'static [(&'static str, bool)] = &[("cpu", true), ("cuda", false), ("wgpu", false)];
+    pub const ALL: &'static [(&'static str, bool)] =
+        &[("cpu", true), ("cuda", false), ("wgpu", false)];
 
     /// Parses a backend name.
     ///
@@ -69,7 +70,9 @@ impl BackendKind {
             "cpu" => Ok(BackendKind::Cpu),
             "cuda" | "wgpu" => Err(BackendError::Unavailable {
                 backend: name.to_string(),
-                reason: format!("this build has no {name} backend (it is planned behind the `{name}` cargo feature)"),
+                reason: format!(
+                    "this build has no {name} backend (it is planned behind the `{name}` cargo feature)"
+                ),
             }),
             other => Err(MoeError::config("backend", other, "one of: cpu, cuda, wgpu").into()),
         }
@@ -91,10 +94,12 @@ pub fn availability() -> Vec<(&'static str, Result<String, String>)> {
     BackendKind::ALL
         .iter()
         .map(|&(name, _)| {
-            let r = BackendKind::parse(name).map_err(|e| e.to_string()).and_then(|k| match open(k) {
-                Ok(b) => Ok(b.capabilities().device),
-                Err(e) => Err(e.to_string()),
-            });
+            let r = BackendKind::parse(name)
+                .map_err(|e| e.to_string())
+                .and_then(|k| match open(k) {
+                    Ok(b) => Ok(b.capabilities().device),
+                    Err(e) => Err(e.to_string()),
+                });
             (name, r)
         })
         .collect()

@@ -7,8 +7,8 @@ use proptest::prelude::*;
 
 use moe_backends::cpu::CpuBackend;
 use moe_core::{
-    Activation, Assignment, Backend, Expert, ExpertBank, GptOssBank, MlpBank, MoeError, MoeLayer, Router, RouterInput,
-    Routing, SharedExperts, SwiGluBank, rng::SeqRng,
+    Activation, Assignment, Backend, Expert, ExpertBank, GptOssBank, MlpBank, MoeError, MoeLayer,
+    Router, RouterInput, Routing, SharedExperts, SwiGluBank, rng::SeqRng,
 };
 use moe_routers::{SoftmaxTopKConfig, TopKPreset};
 
@@ -32,7 +32,13 @@ impl Router for Fixed {
     }
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
         input.validate(Some(self.d))?;
-        Routing::new(input.n_tokens(), self.e, input.n_tokens(), self.kept.clone(), Vec::new())
+        Routing::new(
+            input.n_tokens(),
+            self.e,
+            input.n_tokens(),
+            self.kept.clone(),
+            Vec::new(),
+        )
     }
 }
 
@@ -45,7 +51,10 @@ impl Expert for MustNotRun {
         self.0
     }
     fn forward(&self, _x: ArrayView2<'_, f32>) -> Result<Array2<f32>, MoeError> {
-        Err(MoeError::Expert { expert: 1, reason: "an expert with no tokens was run".into() })
+        Err(MoeError::Expert {
+            expert: 1,
+            reason: "an expert with no tokens was run".into(),
+        })
     }
 }
 
@@ -63,7 +72,9 @@ impl Expert for Double {
 }
 
 fn run(layer: MoeLayer, x: &Array2<f32>) -> Result<moe_core::LayerOutput, MoeError> {
-    CpuBackend::new().upload(Arc::new(layer))?.forward(&RouterInput::new(x.view()))
+    CpuBackend::new()
+        .upload(Arc::new(layer))?
+        .forward(&RouterInput::new(x.view()))
 }
 
 fn identity_gate(e: usize) -> Array2<f32> {
@@ -75,14 +86,24 @@ fn hand_computed_two_experts() {
     // Identity gate, d = E = 2, k = 2 (Mixtral routing). x = [ln 3, 0] -> logits [ln 3, 0] -> softmax [0.75, 0.25].
     // MLP experts with w1 = I, ReLU, w2 = c_e I, c = [1, 2]: expert_e(x) = c_e relu(x) = [c_e ln 3, 0].
     // y = 0.75 * 1 * ln 3 + 0.25 * 2 * ln 3 = 1.25 ln 3 = 1.373265 in column 0, 0 in column 1.
-    let router = TopKPreset::Mixtral.config().build(identity_gate(2), 2).expect("router");
+    let router = TopKPreset::Mixtral
+        .config()
+        .build(identity_gate(2), 2)
+        .expect("router");
     let w1 = Array3::from_shape_fn((2, 2, 2), |(_, i, j)| if i == j { 1.0 } else { 0.0 });
-    let w2 = Array3::from_shape_fn((2, 2, 2), |(e, i, j)| if i == j { (e + 1) as f32 } else { 0.0 });
+    let w2 = Array3::from_shape_fn(
+        (2, 2, 2),
+        |(e, i, j)| if i == j { (e + 1) as f32 } else { 0.0 },
+    );
     let bank = MlpBank::new(w1, None, w2, None, Activation::Relu).expect("bank");
     let layer = MoeLayer::new(Box::new(router), ExpertBank::Mlp(bank)).expect("layer");
     let x = array![[3f32.ln(), 0.0]];
     let out = run(layer, &x).expect("forward");
-    assert!((out.output[[0, 0]] - 1.25 * 3f32.ln()).abs() < 1e-6, "{}", out.output);
+    assert!(
+        (out.output[[0, 0]] - 1.25 * 3f32.ln()).abs() < 1e-6,
+        "{}",
+        out.output
+    );
     assert_eq!(out.output[[0, 1]], 0.0);
 }
 
@@ -95,23 +116,46 @@ fn hand_computed_swiglu_three_experts_with_shared_and_bias() {
     // Routed: 0.5 * 2.193176 + 0.25 * 8.807971 = 3.298581; output scale 2 -> 6.597162.
     // Shared expert (g = 1, u = 1) gated by sigmoid(x * 0) = 0.5: 0.5 * 0.731059 = 0.365529. Bias 0.1.
     // y = 6.597162 + 0.365529 + 0.1 = 7.062691.
-    let gate_up = Array3::from_shape_vec((3, 2, 1), vec![1.0, 3.0, 9.0, 9.0, 2.0, 5.0]).expect("shape");
+    let gate_up =
+        Array3::from_shape_vec((3, 2, 1), vec![1.0, 3.0, 9.0, 9.0, 2.0, 5.0]).expect("shape");
     let down = Array3::from_elem((3, 1, 1), 1.0);
     let bank = SwiGluBank::new(gate_up, down, Activation::Silu).expect("bank");
     let kept = vec![
-        Assignment { token: 0, expert: 0, weight: 0.5, rank: 0 },
-        Assignment { token: 0, expert: 2, weight: 0.25, rank: 1 },
+        Assignment {
+            token: 0,
+            expert: 0,
+            weight: 0.5,
+            rank: 0,
+        },
+        Assignment {
+            token: 0,
+            expert: 2,
+            weight: 0.25,
+            rank: 1,
+        },
     ];
-    let shared_bank = SwiGluBank::new(Array3::from_elem((1, 2, 1), 1.0), Array3::from_elem((1, 1, 1), 1.0), Activation::Silu)
+    let shared_bank = SwiGluBank::new(
+        Array3::from_elem((1, 2, 1), 1.0),
+        Array3::from_elem((1, 1, 1), 1.0),
+        Activation::Silu,
+    )
+    .expect("shared");
+    let shared = SharedExperts::new(ExpertBank::SwiGlu(shared_bank), Some(Array1::zeros(1)))
         .expect("shared");
-    let shared = SharedExperts::new(ExpertBank::SwiGlu(shared_bank), Some(Array1::zeros(1))).expect("shared");
-    let layer = MoeLayer::new(Box::new(Fixed { e: 3, d: 1, kept }), ExpertBank::SwiGlu(bank))
-        .and_then(|l| l.with_shared(shared))
-        .and_then(|l| l.with_output_scale(2.0))
-        .and_then(|l| l.with_output_bias(array![0.1]))
-        .expect("layer");
+    let layer = MoeLayer::new(
+        Box::new(Fixed { e: 3, d: 1, kept }),
+        ExpertBank::SwiGlu(bank),
+    )
+    .and_then(|l| l.with_shared(shared))
+    .and_then(|l| l.with_output_scale(2.0))
+    .and_then(|l| l.with_output_bias(array![0.1]))
+    .expect("layer");
     let out = run(layer, &array![[1.0f32]]).expect("forward");
-    assert!((out.output[[0, 0]] - 7.062_691).abs() < 1e-5, "{}", out.output);
+    assert!(
+        (out.output[[0, 0]] - 7.062_691).abs() < 1e-5,
+        "{}",
+        out.output
+    );
     assert_eq!(out.routing.active_experts(), &[0, 2]);
 }
 
@@ -119,16 +163,32 @@ fn hand_computed_swiglu_three_experts_with_shared_and_bias() {
 fn empty_experts_are_skipped() {
     // Expert 1 errors if called; the plan gives it no token, so the forward must succeed: y = 0.5 * 2x.
     let experts: Vec<Box<dyn Expert>> = vec![Box::new(Double(2)), Box::new(MustNotRun(2))];
-    let kept = vec![Assignment { token: 0, expert: 0, weight: 0.5, rank: 0 }];
-    let layer = MoeLayer::new(Box::new(Fixed { e: 2, d: 2, kept }), ExpertBank::Custom(experts)).expect("layer");
+    let kept = vec![Assignment {
+        token: 0,
+        expert: 0,
+        weight: 0.5,
+        rank: 0,
+    }];
+    let layer = MoeLayer::new(
+        Box::new(Fixed { e: 2, d: 2, kept }),
+        ExpertBank::Custom(experts),
+    )
+    .expect("layer");
     let out = run(layer, &array![[1.0f32, -3.0], [5.0, 5.0]]).expect("forward");
     assert_eq!(out.output, array![[1.0f32, -3.0], [0.0, 0.0]]);
 }
 
 #[test]
 fn empty_batch_gives_empty_output() {
-    let router = SoftmaxTopKConfig::default().build(identity_gate(3), 2).expect("router");
-    let bank = SwiGluBank::new(Array3::zeros((3, 4, 3)), Array3::zeros((3, 3, 2)), Activation::Silu).expect("bank");
+    let router = SoftmaxTopKConfig::default()
+        .build(identity_gate(3), 2)
+        .expect("router");
+    let bank = SwiGluBank::new(
+        Array3::zeros((3, 4, 3)),
+        Array3::zeros((3, 3, 2)),
+        Activation::Silu,
+    )
+    .expect("bank");
     let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).expect("layer");
     let out = run(layer, &Array2::zeros((0, 3))).expect("forward");
     assert_eq!(out.output.dim(), (0, 3));
@@ -141,28 +201,67 @@ fn k_above_e_and_wrong_width_are_typed_errors() {
         SoftmaxTopKConfig::default().build(identity_gate(3), 4),
         Err(MoeError::TopK { k: 4, n_experts: 3 })
     ));
-    let router = SoftmaxTopKConfig::default().build(identity_gate(3), 2).expect("router");
-    let bank = SwiGluBank::new(Array3::zeros((3, 4, 3)), Array3::zeros((3, 3, 2)), Activation::Silu).expect("bank");
+    let router = SoftmaxTopKConfig::default()
+        .build(identity_gate(3), 2)
+        .expect("router");
+    let bank = SwiGluBank::new(
+        Array3::zeros((3, 4, 3)),
+        Array3::zeros((3, 3, 2)),
+        Activation::Silu,
+    )
+    .expect("bank");
     let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).expect("layer");
     let err = run(layer, &Array2::zeros((2, 5))).expect_err("width 5 into d = 3");
     assert_eq!(err.to_string(), "expected hidden [T, 3], found [2, 5]");
     // A bank whose shapes disagree is refused with both shapes named.
-    let err = SwiGluBank::new(Array3::zeros((3, 4, 3)), Array3::zeros((3, 2, 3)), Activation::Silu).expect_err("bad down");
-    assert_eq!(err.to_string(), "expected experts.down_proj [3, 3, 2], found [3, 2, 3]");
+    let err = SwiGluBank::new(
+        Array3::zeros((3, 4, 3)),
+        Array3::zeros((3, 2, 3)),
+        Activation::Silu,
+    )
+    .expect_err("bad down");
+    assert_eq!(
+        err.to_string(),
+        "expected experts.down_proj [3, 3, 2], found [3, 2, 3]"
+    );
     // A router and a bank with different expert counts are refused.
-    let router = SoftmaxTopKConfig::default().build(identity_gate(4), 2).expect("router");
-    let bank = SwiGluBank::new(Array3::zeros((3, 4, 4)), Array3::zeros((3, 4, 2)), Activation::Silu).expect("bank");
-    assert!(matches!(MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)), Err(MoeError::Mismatch { .. })));
+    let router = SoftmaxTopKConfig::default()
+        .build(identity_gate(4), 2)
+        .expect("router");
+    let bank = SwiGluBank::new(
+        Array3::zeros((3, 4, 4)),
+        Array3::zeros((3, 4, 2)),
+        Activation::Silu,
+    )
+    .expect("bank");
+    assert!(matches!(
+        MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)),
+        Err(MoeError::Mismatch { .. })
+    ));
 }
 
 #[test]
 fn nan_input_names_the_token() {
-    let router = SoftmaxTopKConfig::default().build(identity_gate(3), 2).expect("router");
-    let bank = SwiGluBank::new(Array3::zeros((3, 4, 3)), Array3::zeros((3, 3, 2)), Activation::Silu).expect("bank");
+    let router = SoftmaxTopKConfig::default()
+        .build(identity_gate(3), 2)
+        .expect("router");
+    let bank = SwiGluBank::new(
+        Array3::zeros((3, 4, 3)),
+        Array3::zeros((3, 3, 2)),
+        Activation::Silu,
+    )
+    .expect("bank");
     let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).expect("layer");
     let mut x = Array2::zeros((4, 3));
     x[[2, 1]] = f32::NAN;
-    assert!(matches!(run(layer, &x), Err(MoeError::NonFinite { token: 2, column: 1, .. })));
+    assert!(matches!(
+        run(layer, &x),
+        Err(MoeError::NonFinite {
+            token: 2,
+            column: 1,
+            ..
+        })
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -179,19 +278,28 @@ fn naive_expert(bank: &ExpertBank, e: usize, x: &[f32]) -> Vec<f64> {
             let f = b.down.dim().2;
             let h: Vec<f64> = (0..f)
                 .map(|j| {
-                    let g: f64 = (0..d).map(|i| b.gate_up[[e, j, i]] as f64 * x[i] as f64).sum();
-                    let u: f64 = (0..d).map(|i| b.gate_up[[e, f + j, i]] as f64 * x[i] as f64).sum();
+                    let g: f64 = (0..d)
+                        .map(|i| b.gate_up[[e, j, i]] as f64 * x[i] as f64)
+                        .sum();
+                    let u: f64 = (0..d)
+                        .map(|i| b.gate_up[[e, f + j, i]] as f64 * x[i] as f64)
+                        .sum();
                     silu(g) * u
                 })
                 .collect();
-            (0..d).map(|o| (0..f).map(|j| b.down[[e, o, j]] as f64 * h[j]).sum()).collect()
+            (0..d)
+                .map(|o| (0..f).map(|j| b.down[[e, o, j]] as f64 * h[j]).sum())
+                .collect()
         }
         ExpertBank::GptOss(b) => {
             let f = b.down.dim().1;
             let h: Vec<f64> = (0..f)
                 .map(|j| {
                     let z = |c: usize| -> f64 {
-                        (0..d).map(|i| x[i] as f64 * b.gate_up[[e, i, c]] as f64).sum::<f64>() + b.gate_up_bias[[e, c]] as f64
+                        (0..d)
+                            .map(|i| x[i] as f64 * b.gate_up[[e, i, c]] as f64)
+                            .sum::<f64>()
+                            + b.gate_up_bias[[e, c]] as f64
                     };
                     let g = z(2 * j).min(b.limit as f64);
                     let u = z(2 * j + 1).clamp(-(b.limit as f64), b.limit as f64);
@@ -199,7 +307,10 @@ fn naive_expert(bank: &ExpertBank, e: usize, x: &[f32]) -> Vec<f64> {
                 })
                 .collect();
             (0..d)
-                .map(|o| (0..f).map(|j| h[j] * b.down[[e, j, o]] as f64).sum::<f64>() + b.down_bias[[e, o]] as f64)
+                .map(|o| {
+                    (0..f).map(|j| h[j] * b.down[[e, j, o]] as f64).sum::<f64>()
+                        + b.down_bias[[e, o]] as f64
+                })
                 .collect()
         }
         ExpertBank::Mlp(b) => {
@@ -229,9 +340,14 @@ fn naive_expert(bank: &ExpertBank, e: usize, x: &[f32]) -> Vec<f64> {
 
 fn random_bank(kind: u8, e: usize, d: usize, f: usize, rng: &mut SeqRng) -> ExpertBank {
     let s = 1.0 / (d as f32).sqrt();
-    let a3 = |rng: &mut SeqRng, sh: (usize, usize, usize)| Array3::from_shape_simple_fn(sh, || rng.normal() as f32 * s);
+    let a3 = |rng: &mut SeqRng, sh: (usize, usize, usize)| {
+        Array3::from_shape_simple_fn(sh, || rng.normal() as f32 * s)
+    };
     match kind {
-        0 => ExpertBank::SwiGlu(SwiGluBank::new(a3(rng, (e, 2 * f, d)), a3(rng, (e, d, f)), Activation::Silu).expect("bank")),
+        0 => ExpertBank::SwiGlu(
+            SwiGluBank::new(a3(rng, (e, 2 * f, d)), a3(rng, (e, d, f)), Activation::Silu)
+                .expect("bank"),
+        ),
         1 => ExpertBank::GptOss(
             GptOssBank::new(
                 a3(rng, (e, d, 2 * f)),
@@ -244,8 +360,14 @@ fn random_bank(kind: u8, e: usize, d: usize, f: usize, rng: &mut SeqRng) -> Expe
             .expect("bank"),
         ),
         _ => ExpertBank::Mlp(
-            MlpBank::new(a3(rng, (e, f, d)), Some(rng.normal_matrix(e, f, 0.1)), a3(rng, (e, d, f)), Some(rng.normal_matrix(e, d, 0.1)), Activation::Relu)
-                .expect("bank"),
+            MlpBank::new(
+                a3(rng, (e, f, d)),
+                Some(rng.normal_matrix(e, f, 0.1)),
+                a3(rng, (e, d, f)),
+                Some(rng.normal_matrix(e, d, 0.1)),
+                Activation::Relu,
+            )
+            .expect("bank"),
         ),
     }
 }
@@ -292,10 +414,18 @@ fn one_and_two_threads_are_bit_identical() {
     let (t, d, e, f) = (97, 24, 6, 40);
     let gate = rng.normal_matrix(e, d, 1.0);
     let router = TopKPreset::Mixtral.config().build(gate, 2).expect("router");
-    let layer = Arc::new(MoeLayer::new(Box::new(router), random_bank(0, e, d, f, &mut rng)).expect("layer"));
+    let layer = Arc::new(
+        MoeLayer::new(Box::new(router), random_bank(0, e, d, f, &mut rng)).expect("layer"),
+    );
     let x = rng.normal_matrix(t, d, 1.0);
-    let a = CpuBackend::with_threads(1).upload(layer.clone()).and_then(|mut l| l.forward(&RouterInput::new(x.view()))).expect("1 thread");
-    let b = CpuBackend::with_threads(2).upload(layer).and_then(|mut l| l.forward(&RouterInput::new(x.view()))).expect("2 threads");
+    let a = CpuBackend::with_threads(1)
+        .upload(layer.clone())
+        .and_then(|mut l| l.forward(&RouterInput::new(x.view())))
+        .expect("1 thread");
+    let b = CpuBackend::with_threads(2)
+        .upload(layer)
+        .and_then(|mut l| l.forward(&RouterInput::new(x.view())))
+        .expect("2 threads");
     assert_eq!(a.output, b.output);
     assert_eq!(a.routing, b.routing);
 }

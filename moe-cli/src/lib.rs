@@ -1,1 +1,108 @@
-//! x
+//! # moe-cli
+//!
+//! The `moe` command, as a library so that a plugin crate can build its own `moe` with extra routers:
+//!
+//! ```no_run
+//! let mut registry = moe_routers::builtin();
+//! // my_router::register(&mut registry)?;
+//! std::process::exit(match moe_cli::run(registry) { c if c == std::process::ExitCode::SUCCESS => 0, _ => 1 });
+//! ```
+//!
+//! This crate parses, composes the other crates and prints; it holds no math.
+
+mod compare;
+mod list;
+mod output;
+mod spec;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use moe_core::RouterRegistry;
+
+pub use compare::{CompareReport, CompareRow, WorkloadReport};
+
+/// Exit code for usage errors (bad flags, unknown routers, bad option values).
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "moe", version, about = "Compare Mixture-of-Experts routers and run MoE layers", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Route one workload through several routers and compare their load balance and speed.
+    Compare(compare::CompareArgs),
+    /// List routers (with options and defaults) and backends.
+    List(list::ListArgs),
+}
+
+/// An error with the exit code it should produce.
+#[derive(Debug)]
+pub(crate) enum CliError {
+    /// Bad input from the user: exit code 2.
+    Usage(String),
+    /// Anything else: exit code 1.
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        CliError::Other(e)
+    }
+}
+
+impl From<moe_core::MoeError> for CliError {
+    fn from(e: moe_core::MoeError) -> Self {
+        use moe_core::MoeError as E;
+        match e {
+            E::InvalidConfig { .. }
+            | E::UnknownRouter { .. }
+            | E::TopK { .. }
+            | E::TooLarge { .. }
+            | E::MissingInput { .. } => CliError::Usage(e.to_string()),
+            other => CliError::Other(other.into()),
+        }
+    }
+}
+
+/// Runs the `moe` command line with the routers of `registry`, reading `std::env::args`. Prints errors as one
+/// line on stderr; returns exit code 0 on success, 2 for usage errors, 1 otherwise.
+pub fn run(registry: RouterRegistry) -> ExitCode {
+    run_from(registry, std::env::args_os())
+}
+
+/// [`run`] with explicit arguments (the first is the program name).
+pub fn run_from<I, T>(registry: RouterRegistry, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and version go to stdout with code 0; real parse errors print clap's message with code 2.
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Compare(a) => compare::run(&registry, &a),
+        Command::List(a) => list::run(&registry, &a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(CliError::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

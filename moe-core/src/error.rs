@@ -114,12 +114,24 @@ pub enum MoeError {
 impl MoeError {
     /// Shape error helper: `MoeError::shape("hidden", "[T, 64]", &[3, 32])`.
     pub fn shape(tensor: impl Into<String>, expected: impl Into<String>, found: &[usize]) -> Self {
-        MoeError::Shape { tensor: tensor.into(), expected: expected.into(), found: found.to_vec() }
+        MoeError::Shape {
+            tensor: tensor.into(),
+            expected: expected.into(),
+            found: found.to_vec(),
+        }
     }
 
     /// Invalid option helper.
-    pub fn config(option: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
-        MoeError::InvalidConfig { option: option.into(), value: value.to_string(), reason: reason.into() }
+    pub fn config(
+        option: impl Into<String>,
+        value: impl ToString,
+        reason: impl Into<String>,
+    ) -> Self {
+        MoeError::InvalidConfig {
+            option: option.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// Mismatch helper.
@@ -148,7 +160,12 @@ pub fn check_finite(tensor: &str, a: ndarray::ArrayView2<'_, f32>) -> Result<(),
     for (token, row) in a.outer_iter().enumerate() {
         for (column, &value) in row.iter().enumerate() {
             if !value.is_finite() {
-                return Err(MoeError::NonFinite { tensor: tensor.to_string(), token, column, value });
+                return Err(MoeError::NonFinite {
+                    tensor: tensor.to_string(),
+                    token,
+                    column,
+                    value,
+                });
             }
         }
     }

@@ -54,11 +54,19 @@ impl SwiGluBank {
     pub fn new(gate_up: Array3<f32>, down: Array3<f32>, act: Activation) -> Result<Self, MoeError> {
         let (e, f2, d) = gate_up.dim();
         if f2 == 0 || f2 % 2 != 0 || d == 0 || e == 0 {
-            return Err(MoeError::shape("experts.gate_up_proj", "[E >= 1, 2f (even, >= 2), d >= 1]", gate_up.shape()));
+            return Err(MoeError::shape(
+                "experts.gate_up_proj",
+                "[E >= 1, 2f (even, >= 2), d >= 1]",
+                gate_up.shape(),
+            ));
         }
         let f = f2 / 2;
         if down.dim() != (e, d, f) {
-            return Err(MoeError::shape("experts.down_proj", format!("[{e}, {d}, {f}]"), down.shape()));
+            return Err(MoeError::shape(
+                "experts.down_proj",
+                format!("[{e}, {d}, {f}]"),
+                down.shape(),
+            ));
         }
         Ok(SwiGluBank { gate_up, down, act })
     }
@@ -98,22 +106,49 @@ impl GptOssBank {
     ) -> Result<Self, MoeError> {
         let (e, d, f2) = gate_up.dim();
         if f2 == 0 || f2 % 2 != 0 || d == 0 || e == 0 {
-            return Err(MoeError::shape("experts.gate_up_proj", "[E >= 1, d >= 1, 2f (even, >= 2)]", gate_up.shape()));
+            return Err(MoeError::shape(
+                "experts.gate_up_proj",
+                "[E >= 1, d >= 1, 2f (even, >= 2)]",
+                gate_up.shape(),
+            ));
         }
         let f = f2 / 2;
         if gate_up_bias.dim() != (e, f2) {
-            return Err(MoeError::shape("experts.gate_up_proj_bias", format!("[{e}, {f2}]"), gate_up_bias.shape()));
+            return Err(MoeError::shape(
+                "experts.gate_up_proj_bias",
+                format!("[{e}, {f2}]"),
+                gate_up_bias.shape(),
+            ));
         }
         if down.dim() != (e, f, d) {
-            return Err(MoeError::shape("experts.down_proj", format!("[{e}, {f}, {d}]"), down.shape()));
+            return Err(MoeError::shape(
+                "experts.down_proj",
+                format!("[{e}, {f}, {d}]"),
+                down.shape(),
+            ));
         }
         if down_bias.dim() != (e, d) {
-            return Err(MoeError::shape("experts.down_proj_bias", format!("[{e}, {d}]"), down_bias.shape()));
+            return Err(MoeError::shape(
+                "experts.down_proj_bias",
+                format!("[{e}, {d}]"),
+                down_bias.shape(),
+            ));
         }
         if !alpha.is_finite() || !limit.is_finite() || limit <= 0.0 {
-            return Err(MoeError::config("swiglu_limit/alpha", format!("{limit}/{alpha}"), "finite, limit > 0"));
+            return Err(MoeError::config(
+                "swiglu_limit/alpha",
+                format!("{limit}/{alpha}"),
+                "finite, limit > 0",
+            ));
         }
-        Ok(GptOssBank { gate_up, gate_up_bias, down, down_bias, alpha, limit })
+        Ok(GptOssBank {
+            gate_up,
+            gate_up_bias,
+            down,
+            down_bias,
+            alpha,
+            limit,
+        })
     }
 }
 
@@ -146,22 +181,44 @@ impl MlpBank {
     ) -> Result<Self, MoeError> {
         let (e, f, d) = w1.dim();
         if e == 0 || f == 0 || d == 0 {
-            return Err(MoeError::shape("experts.w1", "[E >= 1, f >= 1, d >= 1]", w1.shape()));
+            return Err(MoeError::shape(
+                "experts.w1",
+                "[E >= 1, f >= 1, d >= 1]",
+                w1.shape(),
+            ));
         }
         if w2.dim() != (e, d, f) {
-            return Err(MoeError::shape("experts.w2", format!("[{e}, {d}, {f}]"), w2.shape()));
+            return Err(MoeError::shape(
+                "experts.w2",
+                format!("[{e}, {d}, {f}]"),
+                w2.shape(),
+            ));
         }
         if let Some(b) = &b1 {
             if b.dim() != (e, f) {
-                return Err(MoeError::shape("experts.b1", format!("[{e}, {f}]"), b.shape()));
+                return Err(MoeError::shape(
+                    "experts.b1",
+                    format!("[{e}, {f}]"),
+                    b.shape(),
+                ));
             }
         }
         if let Some(b) = &b2 {
             if b.dim() != (e, d) {
-                return Err(MoeError::shape("experts.b2", format!("[{e}, {d}]"), b.shape()));
+                return Err(MoeError::shape(
+                    "experts.b2",
+                    format!("[{e}, {d}]"),
+                    b.shape(),
+                ));
             }
         }
-        Ok(MlpBank { w1, b1, w2, b2, act })
+        Ok(MlpBank {
+            w1,
+            b1,
+            w2,
+            b2,
+            act,
+        })
     }
 }
 
@@ -186,7 +243,11 @@ impl PeerBank {
             return Err(MoeError::shape("peer.u", "[N >= 1, d >= 1]", u.shape()));
         }
         if v.dim() != u.dim() {
-            return Err(MoeError::shape("peer.v", format!("{:?}", u.shape()), v.shape()));
+            return Err(MoeError::shape(
+                "peer.v",
+                format!("{:?}", u.shape()),
+                v.shape(),
+            ));
         }
         Ok(PeerBank { u, v, act })
     }
@@ -259,7 +320,9 @@ impl ExpertBank {
         match self {
             ExpertBank::SwiGlu(_) => 3 * d * f,
             ExpertBank::GptOss(_) => 3 * d * f + 2 * f + d,
-            ExpertBank::Mlp(b) => 2 * d * f + b.b1.as_ref().map_or(0, |_| f) + b.b2.as_ref().map_or(0, |_| d),
+            ExpertBank::Mlp(b) => {
+                2 * d * f + b.b1.as_ref().map_or(0, |_| f) + b.b2.as_ref().map_or(0, |_| d)
+            }
             ExpertBank::Peer(_) => 2 * d,
             ExpertBank::Custom(_) => 0,
         }
@@ -283,11 +346,21 @@ impl SharedExperts {
     /// [`MoeError::Shape`] or [`MoeError::Mismatch`].
     pub fn new(bank: ExpertBank, gate: Option<Array1<f32>>) -> Result<Self, MoeError> {
         if bank.n_experts() != 1 {
-            return Err(MoeError::mismatch("shared experts", "bank experts", bank.n_experts(), "expected", 1));
+            return Err(MoeError::mismatch(
+                "shared experts",
+                "bank experts",
+                bank.n_experts(),
+                "expected",
+                1,
+            ));
         }
         if let Some(g) = &gate {
             if g.len() != bank.d_model() {
-                return Err(MoeError::shape("shared_expert_gate.weight", format!("[1, {}]", bank.d_model()), &[1, g.len()]));
+                return Err(MoeError::shape(
+                    "shared_expert_gate.weight",
+                    format!("[1, {}]", bank.d_model()),
+                    &[1, g.len()],
+                ));
             }
         }
         Ok(SharedExperts { bank, gate })

@@ -37,10 +37,22 @@ impl MoeLayer {
         }
         if let Some(d) = router.d_model() {
             if d != experts.d_model() {
-                return Err(MoeError::mismatch("router and experts disagree", "router d", d, "experts d", experts.d_model()));
+                return Err(MoeError::mismatch(
+                    "router and experts disagree",
+                    "router d",
+                    d,
+                    "experts d",
+                    experts.d_model(),
+                ));
             }
         }
-        Ok(MoeLayer { router, experts, shared: None, output_scale: 1.0, output_bias: None })
+        Ok(MoeLayer {
+            router,
+            experts,
+            shared: None,
+            output_scale: 1.0,
+            output_bias: None,
+        })
     }
 
     /// Adds shared experts.
@@ -49,7 +61,13 @@ impl MoeLayer {
     /// [`MoeError::Mismatch`] when their width differs from the routed experts'.
     pub fn with_shared(mut self, shared: SharedExperts) -> Result<Self, MoeError> {
         if shared.bank.d_model() != self.d_model() {
-            return Err(MoeError::mismatch("shared experts", "shared d", shared.bank.d_model(), "layer d", self.d_model()));
+            return Err(MoeError::mismatch(
+                "shared experts",
+                "shared d",
+                shared.bank.d_model(),
+                "layer d",
+                self.d_model(),
+            ));
         }
         self.shared = Some(shared);
         Ok(self)
@@ -73,7 +91,11 @@ impl MoeLayer {
     /// [`MoeError::Shape`] for a wrong length.
     pub fn with_output_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
         if bias.len() != self.d_model() {
-            return Err(MoeError::shape("bias", format!("[{}]", self.d_model()), &[bias.len()]));
+            return Err(MoeError::shape(
+                "bias",
+                format!("[{}]", self.d_model()),
+                &[bias.len()],
+            ));
         }
         self.output_bias = Some(bias);
         Ok(self)

@@ -64,11 +64,16 @@ pub mod workload;
 
 pub use backend::{Backend, Capabilities, DeviceLayer, LayerOutput, RouterPath};
 pub use error::{MoeError, check_finite};
-pub use expert::{Activation, Expert, ExpertBank, GptOssBank, MlpBank, PeerBank, SharedExperts, SwiGluBank};
+pub use expert::{
+    Activation, Expert, ExpertBank, GptOssBank, MlpBank, PeerBank, SharedExperts, SwiGluBank,
+};
 pub use layer::MoeLayer;
 pub use loss::{AuxLoss, AuxLossKind, LbNorm};
 pub use registry::{OptionDoc, RouterArgs, RouterEntry, RouterFactory, RouterRegistry};
-pub use router::{DropPolicy, GroupLimit, Mode, Router, RouterInput, RouterSpec, ScoreFn, SwitchSpec, TopKOrder, TopKSpec};
+pub use router::{
+    DropPolicy, GroupLimit, Mode, Router, RouterInput, RouterSpec, ScoreFn, SwitchSpec, TopKOrder,
+    TopKSpec,
+};
 pub use routing::{Assignment, ExpertGroup, Routing};
 pub use stats::Diagnostics;
 pub use workload::{Workload, WorkloadConfig};

@@ -58,7 +58,11 @@ mod tests {
             (3.0, 0.999_977_909_503_001_4),
             (-1.0, -0.842_700_792_949_714_9),
         ] {
-            assert!((erf(x) - want).abs() < 1e-14, "erf({x}) = {} want {want}", erf(x));
+            assert!(
+                (erf(x) - want).abs() < 1e-14,
+                "erf({x}) = {} want {want}",
+                erf(x)
+            );
         }
         assert!((normal_cdf(1.959_963_984_540_054) - 0.975).abs() < 1e-12);
     }

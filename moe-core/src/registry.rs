@@ -25,13 +25,20 @@ pub struct RouterArgs {
 impl RouterArgs {
     /// Arguments with no options.
     pub fn new(d_model: usize, n_experts: usize, top_k: usize, seed: u64) -> Self {
-        RouterArgs { d_model, n_experts, top_k, seed, options: Map::new() }
+        RouterArgs {
+            d_model,
+            n_experts,
+            top_k,
+            seed,
+            options: Map::new(),
+        }
     }
 
     /// Sets an option from text as a user types it: `true`/`false`, numbers and JSON values are parsed, anything
     /// else is a string.
     pub fn set_option_str(&mut self, key: &str, value: &str) {
-        let v = serde_json::from_str::<Value>(value).unwrap_or_else(|_| Value::String(value.to_string()));
+        let v = serde_json::from_str::<Value>(value)
+            .unwrap_or_else(|_| Value::String(value.to_string()));
         self.options.insert(key.to_string(), v);
     }
 
@@ -46,8 +53,13 @@ impl RouterArgs {
     /// # Errors
     /// [`MoeError::InvalidConfig`] with serde's message, which names the field and the expected values.
     pub fn parse<T: DeserializeOwned>(&self, router: &str) -> Result<T, MoeError> {
-        serde_json::from_value(Value::Object(self.options.clone()))
-            .map_err(|e| MoeError::config(format!("{router} options"), Value::Object(self.options.clone()), e.to_string()))
+        serde_json::from_value(Value::Object(self.options.clone())).map_err(|e| {
+            MoeError::config(
+                format!("{router} options"),
+                Value::Object(self.options.clone()),
+                e.to_string(),
+            )
+        })
     }
 }
 
@@ -115,7 +127,10 @@ impl RouterRegistry {
     /// # Errors
     /// [`MoeError::UnknownRouter`] listing the known names, or the factory's error.
     pub fn create(&self, name: &str, args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
-        let entry = self.get(name).ok_or_else(|| MoeError::UnknownRouter { name: name.to_string(), known: self.names().join(", ") })?;
+        let entry = self.get(name).ok_or_else(|| MoeError::UnknownRouter {
+            name: name.to_string(),
+            known: self.names().join(", "),
+        })?;
         (entry.factory)(args)
     }
 

@@ -18,7 +18,9 @@ pub struct CounterRng {
 impl CounterRng {
     /// A stream for `seed`; different `stream` values give independent streams (noise vs jitter vs drop order).
     pub fn new(seed: u64, stream: u64) -> Self {
-        CounterRng { key: splitmix64(seed ^ splitmix64(stream.wrapping_add(0xD1B5_4A32_D192_ED03))) }
+        CounterRng {
+            key: splitmix64(seed ^ splitmix64(stream.wrapping_add(0xD1B5_4A32_D192_ED03))),
+        }
     }
 
     /// The `i`-th 64-bit value.
@@ -49,7 +51,10 @@ pub struct SeqRng {
 impl SeqRng {
     /// A sequence for `(seed, stream)`.
     pub fn new(seed: u64, stream: u64) -> Self {
-        SeqRng { rng: CounterRng::new(seed, stream), i: 0 }
+        SeqRng {
+            rng: CounterRng::new(seed, stream),
+            i: 0,
+        }
     }
 
     /// Next uniform in `[0, 1)`.
@@ -67,7 +72,11 @@ impl SeqRng {
     /// Next integer in `0..n` (`n > 0`; returns 0 for `n = 0`).
     pub fn below(&mut self, n: u64) -> u64 {
         self.i += 1;
-        if n == 0 { 0 } else { self.rng.u64_at(self.i) % n }
+        if n == 0 {
+            0
+        } else {
+            self.rng.u64_at(self.i) % n
+        }
     }
 
     /// A `[rows, cols]` matrix of `N(0, std²)` values.

@@ -45,7 +45,13 @@ pub struct RouterInput<'a> {
 impl<'a> RouterInput<'a> {
     /// An eval-mode input of hidden states `[T, d]` alone.
     pub fn new(hidden: ArrayView2<'a, f32>) -> Self {
-        RouterInput { hidden, token_ids: None, seq_lens: None, padding: None, mode: Mode::Eval }
+        RouterInput {
+            hidden,
+            token_ids: None,
+            seq_lens: None,
+            padding: None,
+            mode: Mode::Eval,
+        }
     }
 
     /// Adds token ids `[T]`.
@@ -84,7 +90,8 @@ impl<'a> RouterInput<'a> {
 
     /// Whether token `t` is padding.
     pub fn is_padding(&self, t: usize) -> bool {
-        self.padding.is_some_and(|p| p.get(t).copied().unwrap_or(false))
+        self.padding
+            .is_some_and(|p| p.get(t).copied().unwrap_or(false))
     }
 
     /// Sequence lengths, or one sequence of `T` tokens.

@@ -78,16 +78,27 @@ impl Routing {
         }
         for a in kept.iter().chain(dropped.iter()) {
             if a.token as usize >= n_tokens {
-                return Err(MoeError::config("assignment.token", a.token, format!("must be < T = {n_tokens}")));
+                return Err(MoeError::config(
+                    "assignment.token",
+                    a.token,
+                    format!("must be < T = {n_tokens}"),
+                ));
             }
             if a.expert as usize >= n_experts {
-                return Err(MoeError::config("assignment.expert", a.expert, format!("must be < E = {n_experts}")));
+                return Err(MoeError::config(
+                    "assignment.expert",
+                    a.expert,
+                    format!("must be < E = {n_experts}"),
+                ));
             }
             if !a.weight.is_finite() || a.weight < 0.0 {
                 return Err(MoeError::config(
                     "assignment.weight",
                     a.weight,
-                    format!("weights must be finite and >= 0 (token {}, expert {})", a.token, a.expert),
+                    format!(
+                        "weights must be finite and >= 0 (token {}, expert {})",
+                        a.token, a.expert
+                    ),
                 ));
             }
         }
@@ -203,7 +214,12 @@ impl Routing {
     pub fn groups(&self) -> impl ExactSizeIterator<Item = ExpertGroup<'_>> + '_ {
         self.active.iter().enumerate().map(move |(i, &e)| {
             let (s, t) = (self.offsets[i], self.offsets[i + 1]);
-            ExpertGroup { expert: e as usize, slot_start: s, tokens: &self.slot_token[s..t], weights: &self.slot_weight[s..t] }
+            ExpertGroup {
+                expert: e as usize,
+                slot_start: s,
+                tokens: &self.slot_token[s..t],
+                weights: &self.slot_weight[s..t],
+            }
         })
     }
 

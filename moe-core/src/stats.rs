@@ -48,14 +48,26 @@ impl Diagnostics {
         let min_load = counts.iter().copied().min().unwrap_or(0);
         let max_load = counts.iter().copied().max().unwrap_or(0);
         let mean_load = if e == 0 { 0.0 } else { kept as f64 / e as f64 };
-        let max_over_mean = if mean_load > 0.0 { max_load as f64 / mean_load } else { 0.0 };
+        let max_over_mean = if mean_load > 0.0 {
+            max_load as f64 / mean_load
+        } else {
+            0.0
+        };
         let cv = if mean_load > 0.0 {
-            let var = counts.iter().map(|&c| (c as f64 - mean_load).powi(2)).sum::<f64>() / e as f64;
+            let var = counts
+                .iter()
+                .map(|&c| (c as f64 - mean_load).powi(2))
+                .sum::<f64>()
+                / e as f64;
             var.sqrt() / mean_load
         } else {
             0.0
         };
-        let dropped_fraction = if kept + dropped > 0 { dropped as f64 / (kept + dropped) as f64 } else { 0.0 };
+        let dropped_fraction = if kept + dropped > 0 {
+            dropped as f64 / (kept + dropped) as f64
+        } else {
+            0.0
+        };
         let dead_experts = counts.iter().filter(|&&c| c == 0).count();
         let load_entropy = if kept > 0 && e > 1 {
             let h: f64 = counts

@@ -4,8 +4,8 @@
 use ndarray::Array2;
 
 use crate::error::MoeError;
-use crate::router::{Mode, Router, RouterInput};
 use crate::rng::SeqRng;
+use crate::router::{Mode, Router, RouterInput};
 
 /// Runs the conformance checks on `router` with hidden width `d` and returns the first failure as text:
 /// - every assignment names a real token and expert, with a finite weight `>= 0` (checked by [`Routing::new`](crate::routing::Routing::new));
@@ -24,14 +24,28 @@ pub fn check_router(router: &dyn Router, d: usize) -> Result<(), String> {
     let x: Array2<f32> = rng.normal_matrix(t, d, 1.0);
     let ids: Vec<u32> = (0..t as u32).collect();
     for mode in [Mode::Eval, Mode::Train { seed: 3 }] {
-        let input = RouterInput::new(x.view()).with_token_ids(&ids).with_mode(mode);
-        let a = router.route(&input).map_err(|e| format!("{}: route failed: {e}", router.name()))?;
-        let b = router.route(&input).map_err(|e| format!("{}: second route failed: {e}", router.name()))?;
+        let input = RouterInput::new(x.view())
+            .with_token_ids(&ids)
+            .with_mode(mode);
+        let a = router
+            .route(&input)
+            .map_err(|e| format!("{}: route failed: {e}", router.name()))?;
+        let b = router
+            .route(&input)
+            .map_err(|e| format!("{}: second route failed: {e}", router.name()))?;
         if a != b {
-            return Err(format!("{}: the same input and mode {mode:?} gave different plans", router.name()));
+            return Err(format!(
+                "{}: the same input and mode {mode:?} gave different plans",
+                router.name()
+            ));
         }
         if a.n_tokens() != t || a.n_experts() != router.n_experts() {
-            return Err(format!("{}: plan has T = {}, E = {}", router.name(), a.n_tokens(), a.n_experts()));
+            return Err(format!(
+                "{}: plan has T = {}, E = {}",
+                router.name(),
+                a.n_tokens(),
+                a.n_experts()
+            ));
         }
     }
     let empty = Array2::<f32>::zeros((0, d));
@@ -39,7 +53,11 @@ pub fn check_router(router: &dyn Router, d: usize) -> Result<(), String> {
         .route(&RouterInput::new(empty.view()).with_token_ids(&[]))
         .map_err(|e| format!("{}: T = 0 failed: {e}", router.name()))?;
     if r.n_slots() != 0 {
-        return Err(format!("{}: T = 0 gave {} assignments", router.name(), r.n_slots()));
+        return Err(format!(
+            "{}: T = 0 gave {} assignments",
+            router.name(),
+            r.n_slots()
+        ));
     }
     let mut bad = x.clone();
     bad[[5, 0]] = f32::NAN;

@@ -28,7 +28,15 @@ pub struct WorkloadConfig {
 
 impl Default for WorkloadConfig {
     fn default() -> Self {
-        WorkloadConfig { tokens: 4096, d_model: 512, clusters: 32, skew: 1.1, noise: 0.5, vocab: 32_000, seed: 0 }
+        WorkloadConfig {
+            tokens: 4096,
+            d_model: 512,
+            clusters: 32,
+            skew: 1.1,
+            noise: 0.5,
+            vocab: 32_000,
+            seed: 0,
+        }
     }
 }
 
@@ -61,7 +69,8 @@ fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
 }
 
 fn sample(cdf: &[f64], u: f64) -> usize {
-    cdf.partition_point(|&c| c <= u).min(cdf.len().saturating_sub(1))
+    cdf.partition_point(|&c| c <= u)
+        .min(cdf.len().saturating_sub(1))
 }
 
 impl WorkloadConfig {
@@ -78,17 +87,33 @@ impl WorkloadConfig {
             return Err(MoeError::config("clusters", 0, "must be >= 1"));
         }
         if self.vocab == 0 || self.vocab > u32::MAX as usize {
-            return Err(MoeError::config("vocab", self.vocab, "must be between 1 and 2^32 - 1"));
+            return Err(MoeError::config(
+                "vocab",
+                self.vocab,
+                "must be between 1 and 2^32 - 1",
+            ));
         }
         if !(self.skew.is_finite() && self.skew >= 0.0) {
-            return Err(MoeError::config("skew", self.skew, "must be finite and >= 0"));
+            return Err(MoeError::config(
+                "skew",
+                self.skew,
+                "must be finite and >= 0",
+            ));
         }
         if !(self.noise.is_finite() && self.noise >= 0.0) {
-            return Err(MoeError::config("noise", self.noise, "must be finite and >= 0"));
+            return Err(MoeError::config(
+                "noise",
+                self.noise,
+                "must be finite and >= 0",
+            ));
         }
         let values = self.tokens as u128 * self.d_model as u128;
         if values > MAX_WORKLOAD_VALUES {
-            return Err(MoeError::TooLarge { what: "workload T * d".into(), size: values, limit: MAX_WORKLOAD_VALUES });
+            return Err(MoeError::TooLarge {
+                what: "workload T * d".into(),
+                size: values,
+                limit: MAX_WORKLOAD_VALUES,
+            });
         }
         let mut rng = SeqRng::new(self.seed, 0x5EED);
         let centres = rng.normal_matrix(self.clusters, self.d_model, 1.0);
@@ -107,7 +132,11 @@ impl WorkloadConfig {
             }
             debug_assert!(t < self.tokens);
         }
-        Ok(Workload { hidden, token_ids, cluster })
+        Ok(Workload {
+            hidden,
+            token_ids,
+            cluster,
+        })
     }
 }
 
@@ -117,7 +146,11 @@ mod tests {
 
     #[test]
     fn deterministic_and_skewed() {
-        let cfg = WorkloadConfig { tokens: 2000, d_model: 8, ..Default::default() };
+        let cfg = WorkloadConfig {
+            tokens: 2000,
+            d_model: 8,
+            ..Default::default()
+        };
         let a = cfg.generate().expect("valid config");
         let b = cfg.generate().expect("valid config");
         assert_eq!(a.hidden, b.hidden);
@@ -133,13 +166,36 @@ mod tests {
 
     #[test]
     fn bad_configs_are_errors() {
-        assert!(WorkloadConfig { d_model: 0, ..Default::default() }.generate().is_err());
-        assert!(WorkloadConfig { skew: f64::NAN, ..Default::default() }.generate().is_err());
+        assert!(
+            WorkloadConfig {
+                d_model: 0,
+                ..Default::default()
+            }
+            .generate()
+            .is_err()
+        );
+        assert!(
+            WorkloadConfig {
+                skew: f64::NAN,
+                ..Default::default()
+            }
+            .generate()
+            .is_err()
+        );
         assert!(matches!(
-            WorkloadConfig { tokens: usize::MAX / 2, ..Default::default() }.generate(),
+            WorkloadConfig {
+                tokens: usize::MAX / 2,
+                ..Default::default()
+            }
+            .generate(),
             Err(MoeError::TooLarge { .. })
         ));
-        let empty = WorkloadConfig { tokens: 0, ..Default::default() }.generate().expect("T = 0 is valid");
+        let empty = WorkloadConfig {
+            tokens: 0,
+            ..Default::default()
+        }
+        .generate()
+        .expect("T = 0 is valid");
         assert_eq!(empty.hidden.dim(), (0, 512));
     }
 }

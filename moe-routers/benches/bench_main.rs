@@ -1,1 +1,3 @@
+//! Criterion benches of moe-routers (placeholder until the PEER bench lands).
+
 fn main() {}

@@ -8,8 +8,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use moe_core::{
-    Assignment, AuxLoss, AuxLossKind, GroupLimit, LbNorm, MoeError, OptionDoc, Router, RouterArgs, RouterEntry,
-    RouterInput, RouterRegistry, RouterSpec, Routing, ScoreFn, TopKOrder, TopKSpec, loss,
+    Assignment, AuxLoss, AuxLossKind, GroupLimit, LbNorm, MoeError, OptionDoc, Router, RouterArgs,
+    RouterEntry, RouterInput, RouterRegistry, RouterSpec, Routing, ScoreFn, TopKOrder, TopKSpec,
+    loss,
 };
 
 use crate::util::{self, GATE_STREAM};
@@ -64,17 +65,61 @@ pub struct SoftmaxTopKConfig {
 
 /// The option docs of `softmax-topk`.
 pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc { name: "preset", default: "none", doc: "mixtral | qwen2_moe | olmoe | granite | deepseek_v3: a model's settings, overridden by the options below" },
-    OptionDoc { name: "k", default: "layer k", doc: "experts per token" },
-    OptionDoc { name: "score", default: "softmax", doc: "softmax | sigmoid | sqrt_softplus" },
-    OptionDoc { name: "order", default: "score_then_top_k", doc: "score_then_top_k | top_k_then_softmax (top-k of logits, softmax over the k)" },
-    OptionDoc { name: "renormalize", default: "true", doc: "renormalise the k weights to sum 1" },
-    OptionDoc { name: "scaling", default: "1.0", doc: "routed scaling factor applied after renormalisation" },
-    OptionDoc { name: "n_group", default: "none", doc: "number of contiguous expert groups for group-limited selection" },
-    OptionDoc { name: "topk_group", default: "none", doc: "groups kept per token (group score = sum of its top-2 selection scores)" },
-    OptionDoc { name: "correction_bias", default: "false", doc: "selection-only per-expert bias (aux-loss-free balancing)" },
-    OptionDoc { name: "lb_norm", default: "hf_top_k", doc: "load-balancing loss normalisation: hf_top_k | hf_switch | megatron | deep_speed" },
-    OptionDoc { name: "aux_coefficient", default: "0.01", doc: "coefficient reported with the load-balancing loss" },
+    OptionDoc {
+        name: "preset",
+        default: "none",
+        doc: "mixtral | qwen2_moe | olmoe | granite | deepseek_v3: a model's settings, overridden by the options below",
+    },
+    OptionDoc {
+        name: "k",
+        default: "layer k",
+        doc: "experts per token",
+    },
+    OptionDoc {
+        name: "score",
+        default: "softmax",
+        doc: "softmax | sigmoid | sqrt_softplus",
+    },
+    OptionDoc {
+        name: "order",
+        default: "score_then_top_k",
+        doc: "score_then_top_k | top_k_then_softmax (top-k of logits, softmax over the k)",
+    },
+    OptionDoc {
+        name: "renormalize",
+        default: "true",
+        doc: "renormalise the k weights to sum 1",
+    },
+    OptionDoc {
+        name: "scaling",
+        default: "1.0",
+        doc: "routed scaling factor applied after renormalisation",
+    },
+    OptionDoc {
+        name: "n_group",
+        default: "none",
+        doc: "number of contiguous expert groups for group-limited selection",
+    },
+    OptionDoc {
+        name: "topk_group",
+        default: "none",
+        doc: "groups kept per token (group score = sum of its top-2 selection scores)",
+    },
+    OptionDoc {
+        name: "correction_bias",
+        default: "false",
+        doc: "selection-only per-expert bias (aux-loss-free balancing)",
+    },
+    OptionDoc {
+        name: "lb_norm",
+        default: "hf_top_k",
+        doc: "load-balancing loss normalisation: hf_top_k | hf_switch | megatron | deep_speed",
+    },
+    OptionDoc {
+        name: "aux_coefficient",
+        default: "0.01",
+        doc: "coefficient reported with the load-balancing loss",
+    },
 ];
 
 /// Token-choice top-k router. Its whole behaviour is a [`TopKSpec`], which backends can run natively.
@@ -88,7 +133,10 @@ pub struct SoftmaxTopK {
 impl TopKPreset {
     /// The preset's settings as a config (unset fields stay `None`).
     pub fn config(self) -> SoftmaxTopKConfig {
-        let base = SoftmaxTopKConfig { preset: Some(self), ..Default::default() };
+        let base = SoftmaxTopKConfig {
+            preset: Some(self),
+            ..Default::default()
+        };
         match self {
             TopKPreset::Mixtral => SoftmaxTopKConfig {
                 score: Some(ScoreFn::Softmax),
@@ -132,12 +180,23 @@ impl SoftmaxTopKConfig {
         let e = gate.nrows();
         let groups = match (self.n_group.or(p.n_group), self.topk_group.or(p.topk_group)) {
             (None, None) => None,
-            (Some(n_group), Some(topk_group)) => Some(GroupLimit { n_group, topk_group }),
+            (Some(n_group), Some(topk_group)) => Some(GroupLimit {
+                n_group,
+                topk_group,
+            }),
             (a, b) => {
-                return Err(MoeError::config("n_group/topk_group", format!("{a:?}/{b:?}"), "set both or neither"));
+                return Err(MoeError::config(
+                    "n_group/topk_group",
+                    format!("{a:?}/{b:?}"),
+                    "set both or neither",
+                ));
             }
         };
-        let bias = self.correction_bias.or(p.correction_bias).unwrap_or(false).then(|| Array1::zeros(e));
+        let bias = self
+            .correction_bias
+            .or(p.correction_bias)
+            .unwrap_or(false)
+            .then(|| Array1::zeros(e));
         let spec = TopKSpec {
             gate,
             gate_bias: None,
@@ -167,40 +226,74 @@ impl SoftmaxTopK {
         util::check_gate("gate.weight", &spec.gate)?;
         let e = spec.gate.nrows();
         if spec.k == 0 || spec.k > e {
-            return Err(MoeError::TopK { k: spec.k, n_experts: e });
+            return Err(MoeError::TopK {
+                k: spec.k,
+                n_experts: e,
+            });
         }
         if !spec.scaling.is_finite() || spec.scaling <= 0.0 {
-            return Err(MoeError::config("scaling", spec.scaling, "must be finite and > 0"));
+            return Err(MoeError::config(
+                "scaling",
+                spec.scaling,
+                "must be finite and > 0",
+            ));
         }
         if spec.order == TopKOrder::TopKThenSoftmax && spec.score != ScoreFn::Softmax {
-            return Err(MoeError::config("order", "top_k_then_softmax", "needs score = softmax"));
+            return Err(MoeError::config(
+                "order",
+                "top_k_then_softmax",
+                "needs score = softmax",
+            ));
         }
-        for (name, b) in [("gate.bias", &spec.gate_bias), ("e_score_correction_bias", &spec.correction_bias)] {
+        for (name, b) in [
+            ("gate.bias", &spec.gate_bias),
+            ("e_score_correction_bias", &spec.correction_bias),
+        ] {
             if let Some(b) = b {
                 if b.len() != e {
                     return Err(MoeError::shape(name, format!("[{e}]"), &[b.len()]));
                 }
                 if let Some((i, v)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                    return Err(MoeError::config(name, v, format!("non-finite at expert {i}")));
+                    return Err(MoeError::config(
+                        name,
+                        v,
+                        format!("non-finite at expert {i}"),
+                    ));
                 }
             }
         }
         if let Some(g) = spec.groups {
             if g.n_group == 0 || e % g.n_group != 0 {
-                return Err(MoeError::config("n_group", g.n_group, format!("must divide E = {e}")));
+                return Err(MoeError::config(
+                    "n_group",
+                    g.n_group,
+                    format!("must divide E = {e}"),
+                ));
             }
             if g.topk_group == 0 || g.topk_group > g.n_group {
-                return Err(MoeError::config("topk_group", g.topk_group, format!("must be in 1..={}", g.n_group)));
+                return Err(MoeError::config(
+                    "topk_group",
+                    g.topk_group,
+                    format!("must be in 1..={}", g.n_group),
+                ));
             }
             if g.topk_group * (e / g.n_group) < spec.k {
                 return Err(MoeError::config(
                     "topk_group",
                     g.topk_group,
-                    format!("the kept groups hold {} experts, fewer than k = {}", g.topk_group * (e / g.n_group), spec.k),
+                    format!(
+                        "the kept groups hold {} experts, fewer than k = {}",
+                        g.topk_group * (e / g.n_group),
+                        spec.k
+                    ),
                 ));
             }
         }
-        Ok(SoftmaxTopK { spec, lb_norm: LbNorm::HfTopK, aux_coefficient: 1e-2 })
+        Ok(SoftmaxTopK {
+            spec,
+            lb_norm: LbNorm::HfTopK,
+            aux_coefficient: 1e-2,
+        })
     }
 
     /// The spec this router executes.
@@ -219,7 +312,11 @@ impl SoftmaxTopK {
     /// As [`SoftmaxTopK::new`].
     pub fn with_gate_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
         self.spec.gate_bias = Some(bias);
-        SoftmaxTopK::new(self.spec).map(|r| SoftmaxTopK { lb_norm: self.lb_norm, aux_coefficient: self.aux_coefficient, ..r })
+        SoftmaxTopK::new(self.spec).map(|r| SoftmaxTopK {
+            lb_norm: self.lb_norm,
+            aux_coefficient: self.aux_coefficient,
+            ..r
+        })
     }
 
     /// Sets the selection-only correction bias `[E]` (DeepSeek-V3 `e_score_correction_bias`).
@@ -228,7 +325,11 @@ impl SoftmaxTopK {
     /// As [`SoftmaxTopK::new`].
     pub fn with_correction_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
         self.spec.correction_bias = Some(bias);
-        SoftmaxTopK::new(self.spec).map(|r| SoftmaxTopK { lb_norm: self.lb_norm, aux_coefficient: self.aux_coefficient, ..r })
+        SoftmaxTopK::new(self.spec).map(|r| SoftmaxTopK {
+            lb_norm: self.lb_norm,
+            aux_coefficient: self.aux_coefficient,
+            ..r
+        })
     }
 
     /// Aux-loss-free balancing step (DeepSeek-V3, Megatron `moe_router_enable_expert_bias`):
@@ -241,14 +342,23 @@ impl SoftmaxTopK {
     pub fn update_bias(&mut self, routing: &Routing, rate: f32) -> Result<(), MoeError> {
         let e = self.spec.gate.nrows();
         if routing.n_experts() != e {
-            return Err(MoeError::mismatch("bias update", "routing experts", routing.n_experts(), "router experts", e));
+            return Err(MoeError::mismatch(
+                "bias update",
+                "routing experts",
+                routing.n_experts(),
+                "router experts",
+                e,
+            ));
         }
         if !rate.is_finite() {
             return Err(MoeError::config("rate", rate, "must be finite"));
         }
         let counts = routing.expert_counts();
         let total: usize = counts.iter().sum();
-        let bias = self.spec.correction_bias.get_or_insert_with(|| Array1::zeros(e));
+        let bias = self
+            .spec
+            .correction_bias
+            .get_or_insert_with(|| Array1::zeros(e));
         for (b, &c) in bias.iter_mut().zip(&counts) {
             // mean - load compared in integers: (total - E·c) has the sign of (total/E - c).
             let diff = total as i128 - (e as i128) * (c as i128);
@@ -258,7 +368,11 @@ impl SoftmaxTopK {
     }
 
     /// The experts and weights of one token, from its logits row (`[E]`), in selection order.
-    fn route_token(&self, logits: ArrayView1<'_, f32>, scratch: &mut Vec<f32>) -> (Vec<usize>, Vec<f32>) {
+    fn route_token(
+        &self,
+        logits: ArrayView1<'_, f32>,
+        scratch: &mut Vec<f32>,
+    ) -> (Vec<usize>, Vec<f32>) {
         let s = &self.spec;
         let e = logits.len();
         scratch.clear();
@@ -283,7 +397,9 @@ impl SoftmaxTopK {
                 match s.score {
                     ScoreFn::Softmax => util::softmax_in_place(&mut scores),
                     ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = util::sigmoid(*v)),
-                    ScoreFn::SqrtSoftplus => scores.iter_mut().for_each(|v| *v = util::softplus(*v).sqrt()),
+                    ScoreFn::SqrtSoftplus => scores
+                        .iter_mut()
+                        .for_each(|v| *v = util::softplus(*v).sqrt()),
                 }
                 scratch.extend(scores.iter().copied());
                 if let Some(b) = &s.correction_bias {
@@ -355,7 +471,11 @@ impl Router for SoftmaxTopK {
         let e = self.n_experts();
         util::check_input(input, self.d_model(), e, self.spec.k)?;
         let t = input.n_tokens();
-        let logits = util::gate_logits(input.hidden, self.spec.gate.view(), self.spec.gate_bias.as_ref())?;
+        let logits = util::gate_logits(
+            input.hidden,
+            self.spec.gate.view(),
+            self.spec.gate_bias.as_ref(),
+        )?;
         // Tokens are independent: parallel over rows, each row computed the same way on any thread count.
         let per_token: Vec<Option<(Vec<usize>, Vec<f32>)>> = (0..t)
             .into_par_iter()
@@ -371,7 +491,12 @@ impl Router for SoftmaxTopK {
             real.push(i);
             for (rank, (&ex, &wt)) in idx.iter().zip(w).enumerate() {
                 counts[ex] += 1;
-                kept.push(Assignment { token: i as u32, expert: ex as u32, weight: wt, rank: rank as u16 });
+                kept.push(Assignment {
+                    token: i as u32,
+                    expert: ex as u32,
+                    weight: wt,
+                    rank: rank as u16,
+                });
             }
         }
         let mut routing = Routing::new(t, e, real.len(), kept, Vec::new())?;
@@ -383,7 +508,11 @@ impl Router for SoftmaxTopK {
             }
         }
         let lb = loss::load_balance(probs.view(), &counts, self.spec.k, self.lb_norm);
-        routing.push_aux(AuxLoss { kind: AuxLossKind::LoadBalance(self.lb_norm), value: lb, coefficient: self.aux_coefficient });
+        routing.push_aux(AuxLoss {
+            kind: AuxLossKind::LoadBalance(self.lb_norm),
+            value: lb,
+            coefficient: self.aux_coefficient,
+        });
         if e <= KEEP_LOGITS_MAX_EXPERTS {
             routing.set_logits(logits);
         }
@@ -404,7 +533,8 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
     reg.register(RouterEntry {
         name: "softmax-topk".into(),
-        description: "token-choice top-k (Mixtral, Qwen, OLMoE, Granite, DeepSeek-V3 presets)".into(),
+        description: "token-choice top-k (Mixtral, Qwen, OLMoE, Granite, DeepSeek-V3 presets)"
+            .into(),
         causal: true,
         options: OPTIONS.to_vec(),
         factory,
@@ -445,7 +575,10 @@ mod tests {
         // Same logits, no renormalisation: weights are the softmax values 0.66524, 0.24473.
         let r = router(eye(3), TopKPreset::Qwen2Moe.config(), 2);
         let x = array![[1.0f32, 2.0, 0.0]];
-        let t = r.route(&RouterInput::new(x.view())).expect("route").per_token();
+        let t = r
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token();
         assert!((t[0][0].1 - 0.665_240_9).abs() < 1e-6);
         assert!((t[0][1].1 - 0.244_728_5).abs() < 1e-6);
     }
@@ -454,8 +587,12 @@ mod tests {
     fn granite_equals_mixtral_weights() {
         // Top-k of logits then softmax over the k equals softmax-then-renormalise in exact arithmetic.
         let x = array![[0.3f32, -1.0, 2.0, 0.7], [1.5, 1.4, -0.2, 0.0]];
-        let a = router(eye(4), TopKPreset::Granite.config(), 2).route(&RouterInput::new(x.view())).expect("route");
-        let b = router(eye(4), TopKPreset::Mixtral.config(), 2).route(&RouterInput::new(x.view())).expect("route");
+        let a = router(eye(4), TopKPreset::Granite.config(), 2)
+            .route(&RouterInput::new(x.view()))
+            .expect("route");
+        let b = router(eye(4), TopKPreset::Mixtral.config(), 2)
+            .route(&RouterInput::new(x.view()))
+            .expect("route");
         for (ta, tb) in a.per_token().iter().zip(b.per_token()) {
             for (pa, pb) in ta.iter().zip(&tb) {
                 assert_eq!(pa.0, pb.0);
@@ -470,10 +607,17 @@ mod tests {
         // logits [2, -2, 0.5, 0.4]: s = sigmoid = [0.8808, 0.1192, 0.6225, 0.5987].
         // No bias: group scores [0.8808+0.1192 = 1.0, 0.6225+0.5987 = 1.2212] -> group 1 -> experts 2, 3;
         // weights 0.6225/1.2212 * 2.5 = 1.2744, 0.5987/1.2212 * 2.5 = 1.2256.
-        let cfg = SoftmaxTopKConfig { n_group: Some(2), topk_group: Some(1), ..TopKPreset::DeepseekV3.config() };
+        let cfg = SoftmaxTopKConfig {
+            n_group: Some(2),
+            topk_group: Some(1),
+            ..TopKPreset::DeepseekV3.config()
+        };
         let r = router(eye(4), cfg, 2);
         let x = array![[2.0f32, -2.0, 0.5, 0.4]];
-        let t = r.route(&RouterInput::new(x.view())).expect("route").per_token();
+        let t = r
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token();
         let got: Vec<usize> = t[0].iter().map(|a| a.0).collect();
         assert_eq!(got, vec![2, 3]);
         let s2 = util::sigmoid(0.5);
@@ -481,17 +625,33 @@ mod tests {
         assert!((t[0][0].1 - s2 / (s2 + s3) * 2.5).abs() < 1e-5);
         // Bias +0.3 on expert 1: group 0 score becomes 0.8808 + 0.4192 = 1.3 > 1.2212 -> experts 0, 1 chosen,
         // but weights use the unbiased sigmoid: 0.8808 / 1.0 * 2.5 = 2.2020, 0.1192 * 2.5 = 0.2980.
-        let r = r.with_correction_bias(array![0.0f32, 0.3, 0.0, 0.0]).expect("bias");
-        let t = r.route(&RouterInput::new(x.view())).expect("route").per_token();
+        let r = r
+            .with_correction_bias(array![0.0f32, 0.3, 0.0, 0.0])
+            .expect("bias");
+        let t = r
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token();
         let got: Vec<usize> = t[0].iter().map(|a| a.0).collect();
         assert_eq!(got, vec![0, 1]);
-        assert!((t[0][0].1 - util::sigmoid(2.0) / (util::sigmoid(2.0) + util::sigmoid(-2.0)) * 2.5).abs() < 1e-5);
+        assert!(
+            (t[0][0].1 - util::sigmoid(2.0) / (util::sigmoid(2.0) + util::sigmoid(-2.0)) * 2.5)
+                .abs()
+                < 1e-5
+        );
         assert!((t[0][0].1 + t[0][1].1 - 2.5).abs() < 1e-5);
     }
 
     #[test]
     fn bias_update_moves_toward_balance() {
-        let mut r = router(eye(2), SoftmaxTopKConfig { correction_bias: Some(true), ..Default::default() }, 1);
+        let mut r = router(
+            eye(2),
+            SoftmaxTopKConfig {
+                correction_bias: Some(true),
+                ..Default::default()
+            },
+            1,
+        );
         // Three tokens all prefer expert 0: load [3, 0], mean 1.5 -> b0 -= rate, b1 += rate.
         let x = array![[1.0f32, 0.0], [2.0, 0.0], [1.0, -1.0]];
         let plan = r.route(&RouterInput::new(x.view())).expect("route");
@@ -502,19 +662,45 @@ mod tests {
 
     #[test]
     fn errors_are_typed() {
-        assert!(matches!(SoftmaxTopKConfig::default().build(eye(3), 4), Err(MoeError::TopK { k: 4, n_experts: 3 })));
-        let bad = SoftmaxTopKConfig { n_group: Some(2), topk_group: Some(1), ..Default::default() };
-        assert!(matches!(bad.build(eye(3), 1), Err(MoeError::InvalidConfig { .. })));
+        assert!(matches!(
+            SoftmaxTopKConfig::default().build(eye(3), 4),
+            Err(MoeError::TopK { k: 4, n_experts: 3 })
+        ));
+        let bad = SoftmaxTopKConfig {
+            n_group: Some(2),
+            topk_group: Some(1),
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad.build(eye(3), 1),
+            Err(MoeError::InvalidConfig { .. })
+        ));
         let r = router(eye(3), SoftmaxTopKConfig::default(), 2);
         let x = array![[1.0f32, f32::INFINITY, 0.0]];
-        assert!(matches!(r.route(&RouterInput::new(x.view())), Err(MoeError::NonFinite { token: 0, column: 1, .. })));
+        assert!(matches!(
+            r.route(&RouterInput::new(x.view())),
+            Err(MoeError::NonFinite {
+                token: 0,
+                column: 1,
+                ..
+            })
+        ));
         let x = array![[1.0f32, 0.0]];
-        assert!(matches!(r.route(&RouterInput::new(x.view())), Err(MoeError::Shape { .. })));
+        assert!(matches!(
+            r.route(&RouterInput::new(x.view())),
+            Err(MoeError::Shape { .. })
+        ));
     }
 
     #[test]
     fn conformance() {
-        for preset in [TopKPreset::Mixtral, TopKPreset::Qwen2Moe, TopKPreset::Olmoe, TopKPreset::Granite, TopKPreset::DeepseekV3] {
+        for preset in [
+            TopKPreset::Mixtral,
+            TopKPreset::Qwen2Moe,
+            TopKPreset::Olmoe,
+            TopKPreset::Granite,
+            TopKPreset::DeepseekV3,
+        ] {
             let gate = util::init_gate(12, 16, 1, GATE_STREAM).expect("gate");
             let r = router(gate, preset.config(), 4);
             moe_core::testing::check_router(&r, 12).expect("conformance");
@@ -526,7 +712,9 @@ mod tests {
         let r = router(eye(3), SoftmaxTopKConfig::default(), 2);
         let x = array![[1.0f32, 2.0, 0.0], [0.0, 0.0, 1.0]];
         let pad = [false, true];
-        let plan = r.route(&RouterInput::new(x.view()).with_padding(&pad)).expect("route");
+        let plan = r
+            .route(&RouterInput::new(x.view()).with_padding(&pad))
+            .expect("route");
         assert_eq!(plan.n_slots(), 2);
         assert_eq!(plan.n_real_tokens(), 1);
         assert!(plan.per_token()[1].is_empty());

@@ -65,14 +65,25 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// `ln(1 + e^x)`, stable for large `|x|`.
 pub fn softplus(x: f32) -> f32 {
-    if x > 20.0 { x } else if x < -20.0 { x.exp() } else { x.exp().ln_1p() }
+    if x > 20.0 {
+        x
+    } else if x < -20.0 {
+        x.exp()
+    } else {
+        x.exp().ln_1p()
+    }
 }
 
 /// Checks `input` for a router of width `d` (`None` = any) with `n_experts` experts and top-k `k`.
 ///
 /// # Errors
 /// [`MoeError::TopK`] for `k = 0` or `k > E`, then [`RouterInput::validate`]'s errors.
-pub fn check_input(input: &RouterInput<'_>, d: Option<usize>, n_experts: usize, k: usize) -> Result<(), MoeError> {
+pub fn check_input(
+    input: &RouterInput<'_>,
+    d: Option<usize>,
+    n_experts: usize,
+    k: usize,
+) -> Result<(), MoeError> {
     if k == 0 || k > n_experts {
         return Err(MoeError::TopK { k, n_experts });
     }
@@ -85,16 +96,33 @@ pub fn check_input(input: &RouterInput<'_>, d: Option<usize>, n_experts: usize, 
 /// # Errors
 /// [`MoeError::TooLarge`] past [`MAX_DENSE_EXPERTS`] experts or `2^31` values; [`MoeError::InvalidConfig`] for a
 /// zero size.
-pub fn init_gate(d: usize, n_experts: usize, seed: u64, stream: u64) -> Result<Array2<f32>, MoeError> {
+pub fn init_gate(
+    d: usize,
+    n_experts: usize,
+    seed: u64,
+    stream: u64,
+) -> Result<Array2<f32>, MoeError> {
     if d == 0 || n_experts == 0 {
-        return Err(MoeError::config("d/E", format!("{d}/{n_experts}"), "must both be >= 1"));
+        return Err(MoeError::config(
+            "d/E",
+            format!("{d}/{n_experts}"),
+            "must both be >= 1",
+        ));
     }
     if n_experts > MAX_DENSE_EXPERTS {
-        return Err(MoeError::TooLarge { what: "experts".into(), size: n_experts as u128, limit: MAX_DENSE_EXPERTS as u128 });
+        return Err(MoeError::TooLarge {
+            what: "experts".into(),
+            size: n_experts as u128,
+            limit: MAX_DENSE_EXPERTS as u128,
+        });
     }
     let values = d as u128 * n_experts as u128;
     if values > (1u128 << 31) {
-        return Err(MoeError::TooLarge { what: "gate matrix E * d".into(), size: values, limit: 1 << 31 });
+        return Err(MoeError::TooLarge {
+            what: "gate matrix E * d".into(),
+            size: values,
+            limit: 1 << 31,
+        });
     }
     let mut rng = SeqRng::new(seed, stream);
     Ok(rng.normal_matrix(n_experts, d, 1.0 / (d as f32).sqrt()))

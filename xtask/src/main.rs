@@ -1,1 +1,107 @@
-fn main(){}
+//! `cargo xtask <task>`: the project's automation, in Rust.
+//!
+//! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`), tidy (every Rust file opens
+//!   with a `//!` line), the whole workspace's tests (unit, integration, doc), the default `moe compare` as a smoke
+//!   test, and `cargo bench --no-run`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use xshell::{Shell, cmd};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sh = Shell::new()?;
+    let root = project_root();
+    sh.change_dir(&root);
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(&sh, &root),
+        Some("tidy") => tidy(&root),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\ntasks:\n  ci     run every check CI runs\n  tidy   check that every Rust file opens with a //! line"
+            );
+            bail!("no task given")
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn step(name: &str) {
+    println!("\n==> xtask ci: {name}");
+}
+
+fn ci(sh: &Shell, root: &Path) -> Result<()> {
+    step("rustfmt");
+    cmd!(sh, "cargo fmt --all -- --check")
+        .run()
+        .context("rustfmt found unformatted code: run `cargo fmt --all`")?;
+    step("clippy");
+    cmd!(
+        sh,
+        "cargo clippy --workspace --all-targets --locked -- -D warnings"
+    )
+    .run()
+    .context("clippy failed")?;
+    step("tidy");
+    tidy(root)?;
+    step("tests (unit, integration, doc)");
+    cmd!(sh, "cargo test --workspace --locked")
+        .run()
+        .context("tests failed")?;
+    step("smoke: the README's run command");
+    cmd!(sh, "cargo run --release --locked -p moe-cli -- compare")
+        .run()
+        .context("`moe compare` failed")?;
+    step("benches build");
+    cmd!(sh, "cargo bench --workspace --locked --no-run")
+        .run()
+        .context("benches do not build")?;
+    println!("\nxtask ci: all checks passed");
+    Ok(())
+}
+
+/// Every `.rs` file in the workspace (outside `target/`) must open with a `//!` module doc line.
+fn tidy(root: &Path) -> Result<()> {
+    let mut bad = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if path.is_dir() {
+                if !name.starts_with('.') && name != "target" {
+                    stack.push(path);
+                }
+            } else if name.ends_with(".rs") {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if !text.trim_start().starts_with("//!") {
+                    bad.push(
+                        path.strip_prefix(root)
+                            .unwrap_or(&path)
+                            .display()
+                            .to_string(),
+                    );
+                }
+            }
+        }
+    }
+    if !bad.is_empty() {
+        bad.sort();
+        bail!(
+            "these files do not open with a `//!` line saying what they are for:\n  {}",
+            bad.join("\n  ")
+        );
+    }
+    println!("tidy: every Rust file opens with a //! line");
+    Ok(())
+}

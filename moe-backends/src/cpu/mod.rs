@@ -11,7 +11,9 @@ use std::sync::Arc;
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use moe_core::{Backend, Capabilities, DeviceLayer, LayerOutput, MoeError, MoeLayer, RouterInput, RouterPath};
+use moe_core::{
+    Backend, Capabilities, DeviceLayer, LayerOutput, MoeError, MoeLayer, RouterInput, RouterPath,
+};
 
 pub use experts::expert_forward;
 
@@ -29,7 +31,9 @@ impl CpuBackend {
 
     /// A CPU backend on its own pool of `threads` threads (results do not depend on the count).
     pub fn with_threads(threads: usize) -> Self {
-        CpuBackend { threads: Some(threads.max(1)) }
+        CpuBackend {
+            threads: Some(threads.max(1)),
+        }
     }
 }
 
@@ -44,7 +48,10 @@ impl Backend for CpuBackend {
             device: format!("cpu ({n} threads)"),
             dtypes: vec!["f32".into()],
             native_specs: vec!["all (routers run on the host, which is this device)".into()],
-            banks: ["swiglu", "gpt_oss", "mlp", "peer", "custom"].iter().map(|s| s.to_string()).collect(),
+            banks: ["swiglu", "gpt_oss", "mlp", "peer", "custom"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 
@@ -54,7 +61,10 @@ impl Backend for CpuBackend {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(n)
                     .build()
-                    .map_err(|e| MoeError::Backend { backend: "cpu".into(), reason: e.to_string() })?,
+                    .map_err(|e| MoeError::Backend {
+                        backend: "cpu".into(),
+                        reason: e.to_string(),
+                    })?,
             )),
             None => None,
         };
@@ -86,12 +96,19 @@ impl DeviceLayer for CpuLayer {
 fn forward(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
     let (t, d) = input.hidden.dim();
     if d != layer.d_model() {
-        return Err(MoeError::shape("hidden", format!("[T, {}]", layer.d_model()), &[t, d]));
+        return Err(MoeError::shape(
+            "hidden",
+            format!("[T, {}]", layer.d_model()),
+            &[t, d],
+        ));
     }
     let routing = layer.router().route(input)?;
     if routing.n_tokens() != t || routing.n_experts() != layer.n_experts() {
         return Err(MoeError::mismatch(
-            format!("router {} returned a plan of the wrong size", layer.router().name()),
+            format!(
+                "router {} returned a plan of the wrong size",
+                layer.router().name()
+            ),
             "plan tokens x experts",
             routing.n_tokens() * routing.n_experts(),
             "input tokens x layer experts",
@@ -102,16 +119,23 @@ fn forward(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<LayerOutput, Moe
     let mut slot_out = Array2::<f32>::zeros((routing.n_slots(), d));
     {
         let mut blocks = Vec::with_capacity(routing.active_experts().len());
-        let mut rest = slot_out.as_slice_mut().ok_or_else(|| internal("slot buffer is not contiguous"))?;
+        let mut rest = slot_out
+            .as_slice_mut()
+            .ok_or_else(|| internal("slot buffer is not contiguous"))?;
         for g in routing.groups() {
             let (head, tail) = rest.split_at_mut(g.tokens.len() * d);
             blocks.push((g, head));
             rest = tail;
         }
         blocks.into_par_iter().try_for_each(|(g, out)| {
-            let xg = input.hidden.select(ndarray::Axis(0), &g.tokens.iter().map(|&t| t as usize).collect::<Vec<_>>());
+            let xg = input.hidden.select(
+                ndarray::Axis(0),
+                &g.tokens.iter().map(|&t| t as usize).collect::<Vec<_>>(),
+            );
             let y = expert_forward(layer.experts(), g.expert, xg.view())?;
-            let ys = y.as_slice().ok_or_else(|| internal("expert output is not contiguous"))?;
+            let ys = y
+                .as_slice()
+                .ok_or_else(|| internal("expert output is not contiguous"))?;
             out.copy_from_slice(ys);
             Ok::<(), MoeError>(())
         })?;
@@ -124,9 +148,16 @@ fn forward(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<LayerOutput, Moe
     if let Some(b) = layer.output_bias() {
         output += b;
     }
-    Ok(LayerOutput { output, routing, router_path: RouterPath::Host })
+    Ok(LayerOutput {
+        output,
+        routing,
+        router_path: RouterPath::Host,
+    })
 }
 
 fn internal(what: &str) -> MoeError {
-    MoeError::Backend { backend: "cpu".into(), reason: what.into() }
+    MoeError::Backend {
+        backend: "cpu".into(),
+        reason: what.into(),
+    }
 }
