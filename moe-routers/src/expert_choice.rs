@@ -1,12 +1,391 @@
-//! Placeholder: being written.
+//! Expert choice routing (Zhou et al. 2022, ROUTERS.md §5): every expert takes its top `C = ceil(T·c/E)` tokens by
+//! softmax score, so the load is balanced by construction. It looks at the whole batch: **not causal**.
 
-use moe_core::{MoeError, RouterRegistry};
+use ndarray::Array2;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
-/// Registers this router.
+use moe_core::{
+    Assignment, MoeError, OptionDoc, Router, RouterArgs, RouterEntry, RouterInput, RouterRegistry,
+    Routing,
+};
+
+use crate::util::{self, GATE_STREAM};
+
+/// Router logits are kept in the plan (for verification) when `E` is at most this.
+const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
+
+/// Largest `T · E` a single call accepts: the router holds a few `[T, E]` f32 tables.
+const MAX_SCORE_VALUES: u128 = 1 << 31;
+
+/// Default capacity factor `c` (most experiments of the paper).
+pub const DEFAULT_CAPACITY_FACTOR: f64 = 2.0;
+
+/// Relative slack of the capacity's ceiling: `T · c / E` that is an integer in decimal arithmetic but lands a few
+/// ulps above it in binary (`10 · 1.1 / 11`) is not rounded up to the next integer.
+const CEIL_SLACK: f64 = 1e-12;
+
+/// Options of [`ExpertChoice`]; every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertChoiceConfig {
+    /// Capacity factor `c` in `C = ceil(T · c / E)` tokens per expert (default 2; finite, > 0).
+    pub capacity_factor: Option<f64>,
+}
+
+/// The option docs of `expert-choice`.
+pub const OPTIONS: &[OptionDoc] = &[OptionDoc {
+    name: "capacity_factor",
+    default: "2.0",
+    doc: "c in C = ceil(T * c / E) tokens per expert, T = non-padding tokens of the batch; finite, > 0",
+}];
+
+impl ExpertChoiceConfig {
+    /// Resolves the defaults and builds the router around `gate` (`[E, d]`).
+    ///
+    /// # Errors
+    /// As [`ExpertChoice::new`].
+    pub fn build(&self, gate: Array2<f32>) -> Result<ExpertChoice, MoeError> {
+        ExpertChoice::new(
+            gate,
+            self.capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR),
+        )
+    }
+}
+
+/// Expert choice router (Zhou et al. 2022, arXiv 2202.09368).
+///
+/// Over the `T_real` non-padding tokens of the batch: scores `S = softmax(X · W_gᵀ)` per token (`[T_real, E]`);
+/// each expert `e` takes the `C = min(T_real, ceil(T_real · c / E))` tokens with the largest `S[:, e]` (ties to
+/// the lower token index), with combine weight `S[t, e]`. A token gets 0 to `E` experts; every expert gets exactly
+/// `C` tokens. The rank of an assignment is the position of the expert among the token's chosen experts sorted
+/// by descending `S[t, ·]` (ties to the lower expert id; saturates at `u16::MAX`). No auxiliary loss: balance holds
+/// by construction. Capacity is counted over the whole batch (sequence lengths are ignored), and train and eval
+/// route the same way. Calls with `T · E > 2^31` are refused with [`MoeError::TooLarge`].
+///
+/// **Not causal**: whether a token is picked depends on the scores of every other token in the batch, later ones
+/// included, so it leaks future tokens in autoregressive decoding ([`Router::is_causal`] is `false`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertChoice {
+    gate: Array2<f32>,
+    capacity_factor: f64,
+}
+
+impl ExpertChoice {
+    /// A router from the gate `W_g` (`[E, d]`, `nn.Linear` layout) and the capacity factor `c`.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] for an empty gate, [`MoeError::NonFinite`] for a NaN or infinity in it,
+    /// [`MoeError::TooLarge`] past [`util::MAX_DENSE_EXPERTS`] experts, [`MoeError::InvalidConfig`] for a capacity
+    /// factor that is not finite and `> 0`.
+    pub fn new(gate: Array2<f32>, capacity_factor: f64) -> Result<Self, MoeError> {
+        util::check_gate("w_gate", &gate)?;
+        if gate.nrows() > util::MAX_DENSE_EXPERTS {
+            return Err(MoeError::TooLarge {
+                what: "experts".into(),
+                size: gate.nrows() as u128,
+                limit: util::MAX_DENSE_EXPERTS as u128,
+            });
+        }
+        if !capacity_factor.is_finite() || capacity_factor <= 0.0 {
+            return Err(MoeError::config(
+                "capacity_factor",
+                capacity_factor,
+                "must be finite and > 0",
+            ));
+        }
+        Ok(ExpertChoice {
+            gate,
+            capacity_factor,
+        })
+    }
+
+    /// The gate matrix `W_g` `[E, d]`.
+    pub fn gate(&self) -> &Array2<f32> {
+        &self.gate
+    }
+
+    /// The capacity factor `c`.
+    pub fn capacity_factor(&self) -> f64 {
+        self.capacity_factor
+    }
+
+    /// Tokens per expert for `n_real_tokens` non-padding tokens: `min(T_real, ceil(T_real · c / E))`, at least 1
+    /// when `T_real > 0` and 0 when `T_real = 0`.
+    pub fn capacity(&self, n_real_tokens: usize) -> usize {
+        if n_real_tokens == 0 {
+            return 0;
+        }
+        let exact = n_real_tokens as f64 * self.capacity_factor / self.n_experts() as f64;
+        let c = (exact * (1.0 - CEIL_SLACK)).ceil().max(1.0);
+        if c < n_real_tokens as f64 {
+            c as usize
+        } else {
+            n_real_tokens
+        }
+    }
+}
+
+impl Router for ExpertChoice {
+    fn name(&self) -> &str {
+        "expert-choice"
+    }
+
+    fn n_experts(&self) -> usize {
+        self.gate.nrows()
+    }
+
+    fn d_model(&self) -> Option<usize> {
+        Some(self.gate.ncols())
+    }
+
+    /// Always `false`: an expert's choice of tokens depends on the whole batch.
+    fn is_causal(&self) -> bool {
+        false
+    }
+
+    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+        input.validate(self.d_model())?;
+        let (t, e) = (input.n_tokens(), self.n_experts());
+        let size = t as u128 * e as u128;
+        if size > MAX_SCORE_VALUES {
+            return Err(MoeError::TooLarge {
+                what: "expert-choice scores T * E".into(),
+                size,
+                limit: MAX_SCORE_VALUES,
+            });
+        }
+        let logits = util::gate_logits(input.hidden, self.gate.view(), None)?;
+        let real: Vec<usize> = (0..t).filter(|&i| !input.is_padding(i)).collect();
+        // S over experts, one row per real token, in f32 as every reference computes router probabilities.
+        let scores: Vec<Vec<f32>> = real
+            .par_iter()
+            .map(|&i| {
+                let mut row = logits.row(i).to_vec();
+                util::softmax_in_place(&mut row);
+                row
+            })
+            .collect();
+        let cap = self.capacity(real.len());
+        // Each expert's top C of its column (positions into `real`, which is ascending, so ties go to the lower
+        // token index). Experts are independent: the same picks on any thread count.
+        let picks: Vec<Vec<usize>> = (0..e)
+            .into_par_iter()
+            .map(|ex| {
+                let column: Vec<f32> = scores
+                    .iter()
+                    .map(|row| row.get(ex).copied().unwrap_or(0.0))
+                    .collect();
+                util::top_k(&column, cap)
+            })
+            .collect();
+        let mut per_token: Vec<Vec<(u32, f32)>> = vec![Vec::new(); real.len()];
+        for (ex, p) in picks.iter().enumerate() {
+            for &j in p {
+                if let (Some(list), Some(&w)) = (
+                    per_token.get_mut(j),
+                    scores.get(j).and_then(|row| row.get(ex)),
+                ) {
+                    list.push((ex as u32, w));
+                }
+            }
+        }
+        let mut kept = Vec::with_capacity(cap.saturating_mul(e));
+        for (list, &token) in per_token.iter_mut().zip(&real) {
+            list.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for (rank, &(expert, weight)) in list.iter().enumerate() {
+                kept.push(Assignment {
+                    token: token as u32,
+                    expert,
+                    weight,
+                    rank: u16::try_from(rank).unwrap_or(u16::MAX),
+                });
+            }
+        }
+        let mut routing = Routing::new(t, e, real.len(), kept, Vec::new())?;
+        if e <= KEEP_LOGITS_MAX_EXPERTS {
+            routing.set_logits(logits);
+        }
+        Ok(routing)
+    }
+}
+
+fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
+    let cfg: ExpertChoiceConfig = args.parse("expert-choice")?;
+    let gate = util::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
+    Ok(Box::new(cfg.build(gate)?))
+}
+
+/// Registers `expert-choice` (marked not causal).
 ///
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    let _ = reg;
-    Ok(())
+    reg.register(RouterEntry {
+        name: "expert-choice".into(),
+        description: "each expert takes its top ceil(T*c/E) tokens (Zhou 2022); not causal".into(),
+        causal: false,
+        options: OPTIONS.to_vec(),
+        factory,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_core::Mode;
+    use ndarray::array;
+
+    /// With an identity gate the logits are the inputs themselves.
+    fn eye_router(e: usize, c: f64) -> ExpertChoice {
+        ExpertChoice::new(Array2::eye(e), c).expect("valid router")
+    }
+
+    #[test]
+    fn hand_computed() {
+        // E = 2, c = 1, T = 3: C = ceil(3 · 1 / 2) = 2.
+        // Logits (identity gate) and S = softmax per row:
+        //   t0 [ln 3, 0] -> [3/4, 1/4]; t1 [0, 0] -> [1/2, 1/2]; t2 [0, ln 3] -> [1/4, 3/4].
+        // Expert 0 column [0.75, 0.5, 0.25] -> tokens 0, 1; expert 1 column [0.25, 0.5, 0.75] -> tokens 2, 1.
+        // Per token: t0 {e0: 0.75}; t1 {e0: 0.5 rank 0, e1: 0.5 rank 1 (tie -> lower expert first)}; t2 {e1: 0.75}.
+        let l3 = 3f32.ln();
+        let r = eye_router(2, 1.0);
+        let x = array![[l3, 0.0f32], [0.0, 0.0], [0.0, l3]];
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        assert_eq!(plan.expert_counts(), vec![2, 2]);
+        let t = plan.per_token();
+        assert_eq!(t[0].len(), 1);
+        assert_eq!((t[0][0].0, t[0][0].2), (0, 0));
+        assert!((t[0][0].1 - 0.75).abs() < 1e-6);
+        assert_eq!(
+            t[1].iter().map(|a| (a.0, a.2)).collect::<Vec<_>>(),
+            vec![(0, 0), (1, 1)]
+        );
+        assert!(t[1].iter().all(|a| (a.1 - 0.5).abs() < 1e-6));
+        assert_eq!((t[2][0].0, t[2].len()), (1, 1));
+        assert!((t[2][0].1 - 0.75).abs() < 1e-6);
+        assert!(plan.aux_losses().is_empty());
+        assert_eq!(plan.logits(), Some(&x));
+    }
+
+    #[test]
+    fn ties_go_to_lower_tokens_and_padding_is_skipped() {
+        // Four identical real tokens (S = [1/2, 1/2] each) and a padding token that would score highest.
+        // T_real = 4, E = 2, c = 1: C = 2, and every tie goes to the lower token: both experts take tokens 0 and 1.
+        let r = eye_router(2, 1.0);
+        let x = array![
+            [0.0f32, 0.0],
+            [9.0, 9.0],
+            [0.0, 0.0],
+            [0.0, 0.0],
+            [0.0, 0.0]
+        ];
+        let pad = [false, true, false, false, false];
+        let plan = r
+            .route(&RouterInput::new(x.view()).with_padding(&pad))
+            .expect("route");
+        assert_eq!(plan.n_real_tokens(), 4);
+        for g in plan.groups() {
+            assert_eq!(g.tokens, &[0, 2]);
+        }
+        assert_eq!(plan.diagnostics().tokens_without_expert, 2);
+    }
+
+    #[test]
+    fn capacity_rounding() {
+        // ceil(8 · 2 / 4) = 4; ceil(10 · 1.1 / 11) = 1 (1.0000000000000002 in f64, absorbed by the slack);
+        // ceil(5 · 1 / 4) = 2; capped at T_real: ceil(3 · 8 / 2) = 12 -> 3; T_real = 0 -> 0; tiny c -> 1.
+        let e4 = eye_router(4, 2.0);
+        assert_eq!(e4.capacity(8), 4);
+        assert_eq!(eye_router(11, 1.1).capacity(10), 1);
+        assert_eq!(eye_router(4, 1.0).capacity(5), 2);
+        assert_eq!(eye_router(2, 8.0).capacity(3), 3);
+        assert_eq!(e4.capacity(0), 0);
+        assert_eq!(eye_router(4, 1e-300).capacity(7), 1);
+        assert_eq!(eye_router(4, f64::MAX).capacity(7), 7);
+    }
+
+    #[test]
+    fn errors_are_typed() {
+        for c in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(matches!(
+                ExpertChoice::new(Array2::eye(2), c),
+                Err(MoeError::InvalidConfig { .. })
+            ));
+        }
+        assert!(matches!(
+            ExpertChoice::new(Array2::zeros((0, 2)), 1.0),
+            Err(MoeError::Shape { .. })
+        ));
+        let r = eye_router(2, 1.0);
+        let x = array![[1.0f32, f32::NAN]];
+        assert!(matches!(
+            r.route(&RouterInput::new(x.view())),
+            Err(MoeError::NonFinite {
+                token: 0,
+                column: 1,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        // T · E = 2^22 · 2^10 = 2^32 > 2^31 scores: refused before any allocation of scores. The hidden view is a
+        // zero-stride broadcast of one row, so the test itself allocates almost nothing.
+        let r = ExpertChoice::new(Array2::zeros((1 << 10, 1)), 1.0).expect("router");
+        let row = Array2::<f32>::zeros((1, 1));
+        let hidden = row.broadcast((1 << 22, 1)).expect("broadcast");
+        assert!(matches!(
+            r.route(&RouterInput::new(hidden)),
+            Err(MoeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn train_equals_eval_and_is_deterministic() {
+        let gate = util::init_gate(8, 5, 3, GATE_STREAM).expect("gate");
+        let r = ExpertChoice::new(gate, 1.5).expect("router");
+        let x = moe_core::rng::SeqRng::new(4, 0).normal_matrix(37, 8, 1.0);
+        let eval = r.route(&RouterInput::new(x.view())).expect("route");
+        let train = r
+            .route(&RouterInput::new(x.view()).with_mode(Mode::Train { seed: 9 }))
+            .expect("route");
+        assert_eq!(eval, train);
+        assert_eq!(
+            eval,
+            r.route(&RouterInput::new(x.view())).expect("route again")
+        );
+        // C = ceil(37 · 1.5 / 5) = ceil(11.1) = 12 for each of the 5 experts.
+        assert_eq!(eval.expert_counts(), vec![12; 5]);
+    }
+
+    #[test]
+    fn registry_marks_not_causal() {
+        let mut reg = RouterRegistry::new();
+        register(&mut reg).expect("register");
+        assert!(reg.get("expert-choice").is_some_and(|e| !e.causal));
+        let args = RouterArgs::new(8, 4, 2, 0).with_option("capacity_factor", 1.0);
+        let r = reg.create("expert-choice", &args).expect("create");
+        assert!(!r.is_causal());
+        let bad = RouterArgs::new(8, 4, 2, 0).with_option("capacity_factor", -2.0);
+        assert!(matches!(
+            reg.create("expert-choice", &bad),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+        let unknown = RouterArgs::new(8, 4, 2, 0).with_option("capacity", 2.0);
+        assert!(matches!(
+            reg.create("expert-choice", &unknown),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+    }
+
+    #[test]
+    fn conformance() {
+        for (e, c) in [(1, 1.0), (6, 2.0), (16, 0.5)] {
+            let gate = util::init_gate(12, e, 1, GATE_STREAM).expect("gate");
+            let r = ExpertChoice::new(gate, c).expect("router");
+            moe_core::testing::check_router(&r, 12).expect("conformance");
+        }
+    }
 }
