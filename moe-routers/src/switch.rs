@@ -1,12 +1,857 @@
-//! Placeholder: being written.
+//! Switch top-1 (Fedus et al. 2021, ROUTERS.md §3) with the ST-MoE extras: capacity with a named rounding, four
+//! drop policies, multiplicative input jitter in training, the HF Switch load-balancing loss and the router z-loss.
+//!
+//! # Routing
+//! `l = x · W_gᵀ` (`[T, E]`, f32), `p = softmax(l)`; each real (non-padding) token goes to `argmax p` (ties to the
+//! lower expert id) with weight `p_max`, not renormalised. Each expert then keeps at most `C` tokens of every
+//! capacity group (one group per sequence with `per_sequence = true`, as HF Switch; otherwise the whole batch). A
+//! dropped token keeps no expert: it is listed in [`Routing::dropped`] with the weight it would have had, and its
+//! MoE output is 0 (the residual carries it; transformers v4 returned `p · x` instead).
+//!
+//! # Capacity (`T` = real tokens of the group, `cf` = `capacity_factor`)
+//! | `capacity` | `C` | source |
+//! | --- | --- | --- |
+//! | `megatron` | `ceil(T / E · cf)` | Megatron-LM `get_capacity` (k = 1) |
+//! | `deepspeed` | `max(ceil(T / E · cf), min_capacity)` | DeepSpeed `_capacity` |
+//! | `fairseq` | `floor(cf · ceil(T / E))` | fairseq `top1gating` (`int(...)`; 0 is possible for `cf < 1`) |
+//! | `fixed` | `expert_capacity` | HF Switch |
+//!
+//! Each product is evaluated in the reference's order and precision, so `C` matches it exactly even where the
+//! product lands next to an integer: Megatron and fairseq use Python doubles (`ceil(50 / 4 · 1.2) = 15`), current
+//! DeepSpeed multiplies by a float32 tensor (`torch.tensor(capacity_factor)`), so its product is rounded to f32
+//! (`12.5 · 1.2 = 15.000001`, `C = 16`); DeepSpeed releases that used `math.ceil` agree with Megatron instead.
+//! `T` counts real tokens only, whereas fairseq and DeepSpeed count padding tokens too.
+//!
+//! # Drop policies ([`DropPolicy`])
+//! Within a group, tokens are visited in an order and each keeps its expert while that expert has fewer than `C`
+//! kept tokens:
+//! - `position`: token order (HF Switch, fairseq: first come, first served);
+//! - `probability`: descending `p_max`, ties to the earlier token (Megatron `probs`: an expert keeps its `C` most
+//!   confident tokens);
+//! - `batch_prioritized`: descending max probability, then position. With one choice per token this visits tokens
+//!   in the same order as `probability`, so the two policies give the same plan here (they differ for top-2);
+//! - `random`: descending `CounterRng::new(seed, DROP_STREAM).u64_at(t)` for global token index `t`, ties to the
+//!   earlier token (DeepSpeed random token selection). `seed` is the step seed in `Mode::Train { seed }` and
+//!   [`EVAL_DROP_SEED`] in eval, so eval routing stays deterministic.
+//!
+//! # Jitter
+//! In `Mode::Train { seed }` only, with `ε = jitter > 0`: `x'[t, j] = x[t, j] · (1 − ε + 2ε · u)`, with
+//! `u = CounterRng::new(seed, JITTER_STREAM).uniform_at(t · d + j)`, so the noise is the same on any thread count.
+//! Only the routing sees `x'`: the experts get the original `x`. The attached logits, the weights and both losses
+//! come from the jittered logits (as in HF, where the router returns the logits it computed).
+//!
+//! # Losses (padding tokens excluded)
+//! - `LoadBalance(HfSwitch)`: `E² · mean_e(f_e · P_e)` per sequence, averaged over the sequences with at least one
+//!   real token ([`loss::load_balance_grouped`]). `f` counts the argmax choices **before** capacity, as
+//!   transformers v5 does. Coefficient `aux_coefficient`, default 1e-2 (the paper; HF uses 1e-3).
+//! - `RouterZ`: `mean_t (logsumexp_e l_e(t))²` ([`loss::z_loss`]), coefficient `z_coefficient`, default 1e-3.
+//!
+//! # Reproducing HF `SwitchTransformersSparseMLP`
+//! Options `capacity=fixed expert_capacity=<n> per_sequence=true drop=position aux_coefficient=0.001` with the
+//! sequences passed as `seq_lens` (all `S` for a `[B, S, d]` batch), or [`SwitchTop1Config::hf_switch`]. HF
+//! ignores the attention mask here, so its padding tokens are routed and take capacity: pass no padding mask to
+//! reproduce that.
+//!
+//! # Device spec
+//! [`Router::spec`] is `Some` only when a [`SwitchSpec`] describes the routing completely: `capacity = fixed` (the
+//! spec holds one resolved capacity, so a `T`-dependent rounding cannot be expressed), `jitter = 0` (the spec has
+//! no jitter, and a backend running it in training would silently skip it) and a drop policy other than `random`
+//! (the spec carries no seed). Every other configuration takes the host path.
 
-use moe_core::{MoeError, RouterRegistry};
+use std::cmp::Reverse;
 
-/// Registers this router.
+use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use moe_core::rng::CounterRng;
+use moe_core::{
+    Assignment, AuxLoss, AuxLossKind, DropPolicy, LbNorm, Mode, MoeError, OptionDoc, Router,
+    RouterArgs, RouterEntry, RouterInput, RouterRegistry, RouterSpec, Routing, SwitchSpec, loss,
+};
+
+use crate::util::{self, GATE_STREAM};
+
+/// Router logits are kept in the plan (for verification) when `E` is at most this.
+const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
+
+/// Random stream of the training jitter multipliers.
+pub const JITTER_STREAM: u64 = 0x5357_4A49_5454_4552;
+
+/// Random stream of the `random` drop policy's token priorities.
+pub const DROP_STREAM: u64 = 0x5357_4452_4F50_0000;
+
+/// Seed of the `random` drop policy in `Mode::Eval`, which carries no seed.
+pub const EVAL_DROP_SEED: u64 = 0;
+
+const DEFAULT_CAPACITY_FACTOR: f64 = 1.25;
+const DEFAULT_MIN_CAPACITY: usize = 4;
+const DEFAULT_JITTER: f32 = 1e-2;
+const DEFAULT_AUX_COEFFICIENT: f32 = 1e-2;
+const DEFAULT_Z_COEFFICIENT: f32 = 1e-3;
+
+/// How a system turns `T / E · capacity_factor` into an integer capacity `C` per expert and group. A plain name, so
+/// that it is one CLI option (`capacity=deepspeed`); its parameters are the separate options `capacity_factor`,
+/// `min_capacity` and `expert_capacity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapacityRounding {
+    /// Megatron-LM: `C = ceil(T / E · cf)`.
+    #[default]
+    Megatron,
+    /// DeepSpeed: `C = max(ceil(T / E · cf), min_capacity)`, the product in f32 as DeepSpeed computes it.
+    #[serde(rename = "deepspeed", alias = "deep_speed")]
+    DeepSpeed,
+    /// fairseq: `C = floor(cf · ceil(T / E))`.
+    Fairseq,
+    /// HF Switch: `C = expert_capacity`, whatever `T`.
+    Fixed,
+}
+
+/// Options of [`SwitchTop1`]; every field is optional and unset fields take the defaults stated.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchTop1Config {
+    /// Capacity rounding: `megatron` (default), `deepspeed`, `fairseq` or `fixed`.
+    pub capacity: Option<CapacityRounding>,
+    /// `cf` of the `T`-dependent roundings (default 1.25, finite and > 0); not allowed with `fixed`.
+    pub capacity_factor: Option<f64>,
+    /// Lower bound of the `deepspeed` rounding (default 4); only allowed with `deepspeed`.
+    pub min_capacity: Option<usize>,
+    /// Capacity of `fixed` (HF `expert_capacity`, >= 1); required with `fixed`, not allowed otherwise.
+    pub expert_capacity: Option<usize>,
+    /// Count capacity per sequence of `seq_lens` (HF) instead of over the whole batch (default false).
+    pub per_sequence: Option<bool>,
+    /// Drop order: `position` (default), `probability`, `random` or `batch_prioritized`.
+    pub drop: Option<DropPolicy>,
+    /// Training jitter `ε` in `[0, 1)`: `x ← x ⊙ U(1 − ε, 1 + ε)` (default 1e-2; 0 disables).
+    pub jitter: Option<f32>,
+    /// Coefficient reported with the load-balancing loss (default 1e-2, the paper's; HF uses 1e-3).
+    pub aux_coefficient: Option<f32>,
+    /// Coefficient reported with the router z-loss (default 1e-3).
+    pub z_coefficient: Option<f32>,
+}
+
+/// The option docs of `switch-top1`.
+pub const OPTIONS: &[OptionDoc] = &[
+    OptionDoc {
+        name: "capacity",
+        default: "megatron",
+        doc: "capacity rounding: megatron ceil(T/E*cf) | deepspeed max(ceil(T/E*cf), min_capacity) | fairseq floor(cf*ceil(T/E)) | fixed expert_capacity",
+    },
+    OptionDoc {
+        name: "capacity_factor",
+        default: "1.25",
+        doc: "cf of the T-dependent roundings (T = real tokens of the group); not with capacity=fixed",
+    },
+    OptionDoc {
+        name: "min_capacity",
+        default: "4",
+        doc: "lower bound of capacity=deepspeed; only with it",
+    },
+    OptionDoc {
+        name: "expert_capacity",
+        default: "none",
+        doc: "tokens per expert and group for capacity=fixed (HF expert_capacity); required with it",
+    },
+    OptionDoc {
+        name: "per_sequence",
+        default: "false",
+        doc: "count capacity per sequence (HF Switch) instead of over the whole batch",
+    },
+    OptionDoc {
+        name: "drop",
+        default: "position",
+        doc: "drop order on overflow: position | probability | random | batch_prioritized",
+    },
+    OptionDoc {
+        name: "jitter",
+        default: "0.01",
+        doc: "training-only routing-input jitter x*U(1-eps, 1+eps), eps in [0, 1); 0 disables",
+    },
+    OptionDoc {
+        name: "aux_coefficient",
+        default: "0.01",
+        doc: "coefficient of the HF-Switch load-balancing loss (paper 1e-2; HF 1e-3)",
+    },
+    OptionDoc {
+        name: "z_coefficient",
+        default: "0.001",
+        doc: "coefficient of the router z-loss",
+    },
+];
+
+/// Switch top-1 router with capacity (see the module docs for the formulas).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwitchTop1 {
+    gate: Array2<f32>,
+    rounding: CapacityRounding,
+    capacity_factor: f64,
+    min_capacity: usize,
+    expert_capacity: usize,
+    per_sequence: bool,
+    drop: DropPolicy,
+    jitter: f32,
+    aux_coefficient: f32,
+    z_coefficient: f32,
+}
+
+/// The routing choice of one real token: its index, expert and `p_max`.
+#[derive(Debug, Clone, Copy)]
+struct Choice {
+    token: usize,
+    expert: usize,
+    weight: f32,
+}
+
+impl SwitchTop1Config {
+    /// HF `SwitchTransformersSparseMLP` semantics: `fixed` capacity `expert_capacity` per sequence, position drops,
+    /// jitter 1e-2 (training only), load-balancing coefficient 1e-3 (`router_aux_loss_coef`), z-loss 1e-3.
+    pub fn hf_switch(expert_capacity: usize) -> Self {
+        SwitchTop1Config {
+            capacity: Some(CapacityRounding::Fixed),
+            expert_capacity: Some(expert_capacity),
+            per_sequence: Some(true),
+            drop: Some(DropPolicy::Position),
+            jitter: Some(1e-2),
+            aux_coefficient: Some(1e-3),
+            z_coefficient: Some(1e-3),
+            ..Default::default()
+        }
+    }
+
+    /// Resolves the defaults and builds the router around `gate` (`[E, d]`, `nn.Linear` layout).
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] / [`MoeError::NonFinite`] for an empty or non-finite gate; [`MoeError::TooLarge`] past
+    /// [`util::MAX_DENSE_EXPERTS`] experts; [`MoeError::InvalidConfig`] for `capacity_factor` not finite and > 0,
+    /// `fixed` without `expert_capacity` or with 0, an option that the chosen rounding does not use, `jitter`
+    /// outside `[0, 1)`, or a coefficient that is not finite and >= 0.
+    pub fn build(&self, gate: Array2<f32>) -> Result<SwitchTop1, MoeError> {
+        util::check_gate("router.classifier.weight", &gate)?;
+        if gate.nrows() > util::MAX_DENSE_EXPERTS {
+            return Err(MoeError::TooLarge {
+                what: "experts".into(),
+                size: gate.nrows() as u128,
+                limit: util::MAX_DENSE_EXPERTS as u128,
+            });
+        }
+        let rounding = self.capacity.unwrap_or_default();
+        let fixed = rounding == CapacityRounding::Fixed;
+        if let (true, Some(cf)) = (fixed, self.capacity_factor) {
+            return Err(MoeError::config(
+                "capacity_factor",
+                cf,
+                "not used with capacity = fixed",
+            ));
+        }
+        if let (false, Some(c)) = (fixed, self.expert_capacity) {
+            return Err(MoeError::config(
+                "expert_capacity",
+                c,
+                "only used with capacity = fixed",
+            ));
+        }
+        if let (false, Some(m)) = (rounding == CapacityRounding::DeepSpeed, self.min_capacity) {
+            return Err(MoeError::config(
+                "min_capacity",
+                m,
+                "only used with capacity = deepspeed",
+            ));
+        }
+        let capacity_factor = self.capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR);
+        if !capacity_factor.is_finite() || capacity_factor <= 0.0 {
+            return Err(MoeError::config(
+                "capacity_factor",
+                capacity_factor,
+                "must be finite and > 0",
+            ));
+        }
+        let expert_capacity = match (fixed, self.expert_capacity) {
+            (true, None) => {
+                return Err(MoeError::config(
+                    "expert_capacity",
+                    "none",
+                    "capacity = fixed needs expert_capacity",
+                ));
+            }
+            (true, Some(0)) => return Err(MoeError::config("expert_capacity", 0, "must be >= 1")),
+            (_, c) => c.unwrap_or(0),
+        };
+        let jitter = self.jitter.unwrap_or(DEFAULT_JITTER);
+        if !jitter.is_finite() || !(0.0..1.0).contains(&jitter) {
+            return Err(MoeError::config("jitter", jitter, "must be in [0, 1)"));
+        }
+        let aux_coefficient = self.aux_coefficient.unwrap_or(DEFAULT_AUX_COEFFICIENT);
+        let z_coefficient = self.z_coefficient.unwrap_or(DEFAULT_Z_COEFFICIENT);
+        for (name, c) in [
+            ("aux_coefficient", aux_coefficient),
+            ("z_coefficient", z_coefficient),
+        ] {
+            if !c.is_finite() || c < 0.0 {
+                return Err(MoeError::config(name, c, "must be finite and >= 0"));
+            }
+        }
+        Ok(SwitchTop1 {
+            gate,
+            rounding,
+            capacity_factor,
+            min_capacity: self.min_capacity.unwrap_or(DEFAULT_MIN_CAPACITY),
+            expert_capacity,
+            per_sequence: self.per_sequence.unwrap_or(false),
+            drop: self.drop.unwrap_or_default(),
+            jitter,
+            aux_coefficient,
+            z_coefficient,
+        })
+    }
+}
+
+impl SwitchTop1 {
+    /// The gate matrix `W_g`, `[E, d]`.
+    pub fn gate(&self) -> ArrayView2<'_, f32> {
+        self.gate.view()
+    }
+
+    /// The capacity rounding.
+    pub fn rounding(&self) -> CapacityRounding {
+        self.rounding
+    }
+
+    /// The drop policy.
+    pub fn drop_policy(&self) -> DropPolicy {
+        self.drop
+    }
+
+    /// Whether capacity is counted per sequence.
+    pub fn per_sequence(&self) -> bool {
+        self.per_sequence
+    }
+
+    /// The training jitter `ε`.
+    pub fn jitter(&self) -> f32 {
+        self.jitter
+    }
+
+    /// Capacity `C` per expert of a group holding `n_tokens` real tokens, by the configured rounding (module docs).
+    pub fn capacity_for(&self, n_tokens: usize) -> usize {
+        let e = self.gate.nrows().max(1);
+        let cf = self.capacity_factor;
+        // Same operations as the references: (T / E) * cf, then ceil or truncation.
+        let t_over_e = n_tokens as f64 / e as f64;
+        match self.rounding {
+            // Python doubles.
+            CapacityRounding::Megatron => (t_over_e * cf).ceil() as usize,
+            // A Python double times a float32 0-dim tensor: both rounded to f32, product in f32.
+            CapacityRounding::DeepSpeed => {
+                ((t_over_e as f32 * cf as f32).ceil() as usize).max(self.min_capacity)
+            }
+            CapacityRounding::Fairseq => (cf * n_tokens.div_ceil(e) as f64) as usize,
+            CapacityRounding::Fixed => self.expert_capacity,
+        }
+    }
+
+    /// The routing input in training: `x ⊙ U(1 − ε, 1 + ε)` with counter-based noise (module docs).
+    fn jittered(&self, x: ArrayView2<'_, f32>, seed: u64) -> Array2<f32> {
+        let rng = CounterRng::new(seed, JITTER_STREAM);
+        let d = x.ncols() as u64;
+        let eps = f64::from(self.jitter);
+        let mut out = x.to_owned();
+        for ((t, j), v) in out.indexed_iter_mut() {
+            let u = rng.uniform_at(t as u64 * d + j as u64);
+            *v *= (1.0 - eps + 2.0 * eps * u) as f32;
+        }
+        out
+    }
+
+    /// The order in which a group's choices claim capacity.
+    fn order(&self, choices: &mut [Choice], seed: u64) {
+        match self.drop {
+            DropPolicy::Position => {}
+            DropPolicy::Probability | DropPolicy::BatchPrioritized => {
+                choices.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.token.cmp(&b.token)));
+            }
+            DropPolicy::Random => {
+                let rng = CounterRng::new(seed, DROP_STREAM);
+                choices.sort_by_cached_key(|c| (Reverse(rng.u64_at(c.token as u64)), c.token));
+            }
+        }
+    }
+}
+
+/// Row-wise softmax of `[T, E]` logits, parallel over rows (each row is computed the same way on any thread count).
+fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
+    let mut p = logits.as_standard_layout().into_owned();
+    let e = p.ncols().max(1);
+    if let Some(s) = p.as_slice_mut() {
+        s.par_chunks_mut(e).for_each(util::softmax_in_place);
+    } else {
+        for mut row in p.outer_iter_mut() {
+            let mut v = row.to_vec();
+            util::softmax_in_place(&mut v);
+            row.assign(&ArrayView1::from(&v));
+        }
+    }
+    p
+}
+
+/// `(argmax, max)` of a row; ties go to the lower index.
+fn argmax(row: ArrayView1<'_, f32>) -> (usize, f32) {
+    let mut best = (0usize, f32::NEG_INFINITY);
+    for (j, &p) in row.iter().enumerate() {
+        if p > best.1 {
+            best = (j, p);
+        }
+    }
+    best
+}
+
+/// `[start, end)` ranges of consecutive sequences of the given lengths.
+fn ranges(lens: &[usize]) -> Vec<(usize, usize)> {
+    let mut start = 0usize;
+    lens.iter()
+        .map(|&l| {
+            let r = (start, start + l);
+            start += l;
+            r
+        })
+        .collect()
+}
+
+/// The plan's record of a choice (rank 0: Switch has one choice per token).
+fn assignment(c: &Choice) -> Assignment {
+    Assignment {
+        token: c.token as u32,
+        expert: c.expert as u32,
+        weight: c.weight,
+        rank: 0,
+    }
+}
+
+impl Router for SwitchTop1 {
+    fn name(&self) -> &str {
+        "switch-top1"
+    }
+
+    fn n_experts(&self) -> usize {
+        self.gate.nrows()
+    }
+
+    fn d_model(&self) -> Option<usize> {
+        Some(self.gate.ncols())
+    }
+
+    /// Position drops depend only on earlier tokens (and, for the `T`-dependent roundings, on the token count);
+    /// the other policies let a later token displace an earlier one.
+    fn is_causal(&self) -> bool {
+        self.drop == DropPolicy::Position
+    }
+
+    fn spec(&self) -> Option<RouterSpec> {
+        let expressible = self.rounding == CapacityRounding::Fixed
+            && self.jitter == 0.0
+            && self.drop != DropPolicy::Random;
+        expressible.then(|| {
+            RouterSpec::Switch(SwitchSpec {
+                gate: self.gate.clone(),
+                capacity: self.expert_capacity,
+                per_sequence: self.per_sequence,
+                drop: self.drop,
+            })
+        })
+    }
+
+    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+        let e = self.n_experts();
+        util::check_input(input, self.d_model(), e, 1)?;
+        let t = input.n_tokens();
+        let jittered = match input.mode {
+            Mode::Train { seed } if self.jitter > 0.0 => Some(self.jittered(input.hidden, seed)),
+            _ => None,
+        };
+        let hidden = jittered.as_ref().map_or(input.hidden, |j| j.view());
+        let logits = util::gate_logits(hidden, self.gate.view(), None)?;
+        let probs = softmax_rows(&logits);
+        let choices: Vec<Option<Choice>> = probs
+            .outer_iter()
+            .enumerate()
+            .map(|(token, row)| {
+                (!input.is_padding(token)).then(|| {
+                    let (expert, weight) = argmax(row);
+                    Choice {
+                        token,
+                        expert,
+                        weight,
+                    }
+                })
+            })
+            .collect();
+
+        // Capacity: each group's choices claim slots in the policy's order; an expert keeps at most C per group.
+        let seqs = ranges(&input.sequences());
+        let groups = if self.per_sequence {
+            seqs.clone()
+        } else {
+            vec![(0, t)]
+        };
+        let drop_seed = match input.mode {
+            Mode::Train { seed } => seed,
+            Mode::Eval => EVAL_DROP_SEED,
+        };
+        let mut used = vec![0usize; e];
+        let mut kept = Vec::with_capacity(t);
+        let mut dropped = Vec::new();
+        for &(start, end) in &groups {
+            let mut group: Vec<Choice> = choices
+                .get(start..end)
+                .unwrap_or(&[])
+                .iter()
+                .flatten()
+                .copied()
+                .collect();
+            let cap = self.capacity_for(group.len());
+            self.order(&mut group, drop_seed);
+            for c in &group {
+                match used.get_mut(c.expert) {
+                    Some(n) if *n < cap => {
+                        *n += 1;
+                        kept.push(assignment(c));
+                    }
+                    _ => dropped.push(assignment(c)),
+                }
+            }
+            for c in &group {
+                if let Some(n) = used.get_mut(c.expert) {
+                    *n = 0;
+                }
+            }
+        }
+        dropped.sort_unstable_by_key(|a| a.token);
+
+        // Losses over the real tokens; the load-balancing loss per sequence with pre-capacity counts.
+        let mut real = Vec::with_capacity(t);
+        let mut seq_lens = Vec::with_capacity(seqs.len());
+        let mut counts_per_seq = Vec::with_capacity(seqs.len());
+        for &(start, end) in &seqs {
+            let mut counts = vec![0usize; e];
+            let before = real.len();
+            for c in choices.get(start..end).unwrap_or(&[]).iter().flatten() {
+                if let Some(n) = counts.get_mut(c.expert) {
+                    *n += 1;
+                }
+                real.push(c.token);
+            }
+            if real.len() > before {
+                seq_lens.push(real.len() - before);
+                counts_per_seq.push(counts);
+            }
+        }
+        let (lb, z) = if real.len() == t {
+            (
+                loss::load_balance_grouped(
+                    probs.view(),
+                    &seq_lens,
+                    &counts_per_seq,
+                    1,
+                    LbNorm::HfSwitch,
+                ),
+                loss::z_loss(logits.view()),
+            )
+        } else {
+            let p = probs.select(Axis(0), &real);
+            let l = logits.select(Axis(0), &real);
+            (
+                loss::load_balance_grouped(
+                    p.view(),
+                    &seq_lens,
+                    &counts_per_seq,
+                    1,
+                    LbNorm::HfSwitch,
+                ),
+                loss::z_loss(l.view()),
+            )
+        };
+
+        let mut routing = Routing::new(t, e, real.len(), kept, dropped)?;
+        routing.push_aux(AuxLoss {
+            kind: AuxLossKind::LoadBalance(LbNorm::HfSwitch),
+            value: lb,
+            coefficient: self.aux_coefficient,
+        });
+        routing.push_aux(AuxLoss {
+            kind: AuxLossKind::RouterZ,
+            value: z,
+            coefficient: self.z_coefficient,
+        });
+        if e <= KEEP_LOGITS_MAX_EXPERTS {
+            routing.set_logits(logits);
+        }
+        Ok(routing)
+    }
+}
+
+fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
+    let cfg: SwitchTop1Config = args.parse("switch-top1")?;
+    let gate = util::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
+    Ok(Box::new(cfg.build(gate)?))
+}
+
+/// Registers `switch-top1`. The layer's `top_k` is ignored: Switch routes each token to one expert.
 ///
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    let _ = reg;
-    Ok(())
+    reg.register(RouterEntry {
+        name: "switch-top1".into(),
+        description: "Switch top-1 with capacity (megatron / deepspeed / fairseq / fixed), drop policies, jitter, aux and z-loss"
+            .into(),
+        causal: true,
+        options: OPTIONS.to_vec(),
+        factory,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    fn router(cfg: SwitchTop1Config, e: usize) -> SwitchTop1 {
+        cfg.build(Array2::eye(e)).expect("valid config")
+    }
+
+    fn rounding(capacity: CapacityRounding, cf: Option<f64>) -> SwitchTop1Config {
+        SwitchTop1Config {
+            capacity: Some(capacity),
+            capacity_factor: cf,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn capacity_per_rounding() {
+        // E = 4, cf = 1.25.
+        // T = 10: T/E = 2.5; 2.5 * 1.25 = 3.125 -> megatron ceil = 4; deepspeed max(4, 4) = 4;
+        //         fairseq floor(1.25 * ceil(2.5) = 1.25 * 3 = 3.75) = 3.
+        // T = 2:  0.5 * 1.25 = 0.625 -> megatron 1; deepspeed max(1, min 4) = 4; fairseq floor(1.25 * 1) = 1.
+        // T = 0:  megatron 0; deepspeed 4; fairseq 0.
+        let m = router(rounding(CapacityRounding::Megatron, None), 4);
+        let ds = router(rounding(CapacityRounding::DeepSpeed, None), 4);
+        let fs = router(rounding(CapacityRounding::Fairseq, None), 4);
+        assert_eq!(
+            [m.capacity_for(10), m.capacity_for(2), m.capacity_for(0)],
+            [4, 1, 0]
+        );
+        assert_eq!(
+            [ds.capacity_for(10), ds.capacity_for(2), ds.capacity_for(0)],
+            [4, 4, 4]
+        );
+        assert_eq!(
+            [fs.capacity_for(10), fs.capacity_for(2), fs.capacity_for(0)],
+            [3, 1, 0]
+        );
+        // deepspeed with min_capacity 1, T = 10, cf = 2: ceil(2.5 * 2 = 5) = 5.
+        let ds1 = SwitchTop1Config {
+            min_capacity: Some(1),
+            capacity_factor: Some(2.0),
+            ..rounding(CapacityRounding::DeepSpeed, None)
+        };
+        assert_eq!(router(ds1, 4).capacity_for(10), 5);
+        // fixed ignores T.
+        let f = router(
+            SwitchTop1Config {
+                expert_capacity: Some(2),
+                ..rounding(CapacityRounding::Fixed, None)
+            },
+            4,
+        );
+        assert_eq!([f.capacity_for(0), f.capacity_for(1000)], [2, 2]);
+    }
+
+    #[test]
+    fn capacity_matches_python_doubles() {
+        // Megatron, Python: math.ceil(50 / 4 * 1.2) == 15 (12.5 * 1.2 rounds to exactly 15.0 in double precision).
+        // DeepSpeed: torch.ceil(12.5 * torch.tensor(1.2)) == 16, the float32 product being 15.000001.
+        // Both agree where the product is not next to an integer: ceil(10 / 4 * 1.2 = 3.0) = 3.
+        let m = router(rounding(CapacityRounding::Megatron, Some(1.2)), 4);
+        assert_eq!(m.capacity_for(50), 15);
+        assert_eq!(m.capacity_for(10), 3);
+        let ds = SwitchTop1Config {
+            min_capacity: Some(0),
+            ..rounding(CapacityRounding::DeepSpeed, Some(1.2))
+        };
+        let ds = router(ds, 4);
+        assert_eq!(ds.capacity_for(50), 16);
+        assert_eq!(ds.capacity_for(10), 3);
+        // Exact quotient: 12 / 4 * 1.0 = 3 (no ceil bump).
+        assert_eq!(
+            router(rounding(CapacityRounding::Megatron, Some(1.0)), 4).capacity_for(12),
+            3
+        );
+        // fairseq can give 0 for cf < 1: int(0.5 * ceil(7 / 8) = 0.5) = 0; megatron ceil(7 / 8 * 0.5) = 1.
+        assert_eq!(
+            router(rounding(CapacityRounding::Fairseq, Some(0.5)), 8).capacity_for(7),
+            0
+        );
+        assert_eq!(
+            router(rounding(CapacityRounding::Megatron, Some(0.5)), 8).capacity_for(7),
+            1
+        );
+    }
+
+    #[test]
+    fn bad_options_are_typed_errors() {
+        let gate = || Array2::<f32>::eye(3);
+        let bad = [
+            SwitchTop1Config {
+                capacity: Some(CapacityRounding::Fixed),
+                ..Default::default()
+            },
+            SwitchTop1Config {
+                expert_capacity: Some(0),
+                ..rounding(CapacityRounding::Fixed, None)
+            },
+            SwitchTop1Config {
+                expert_capacity: Some(2),
+                ..rounding(CapacityRounding::Fixed, Some(1.0))
+            },
+            SwitchTop1Config {
+                expert_capacity: Some(2),
+                ..Default::default()
+            },
+            SwitchTop1Config {
+                min_capacity: Some(2),
+                ..Default::default()
+            },
+            rounding(CapacityRounding::Megatron, Some(0.0)),
+            rounding(CapacityRounding::Megatron, Some(f64::NAN)),
+            SwitchTop1Config {
+                jitter: Some(1.0),
+                ..Default::default()
+            },
+            SwitchTop1Config {
+                jitter: Some(-0.1),
+                ..Default::default()
+            },
+            SwitchTop1Config {
+                aux_coefficient: Some(f32::INFINITY),
+                ..Default::default()
+            },
+            SwitchTop1Config {
+                z_coefficient: Some(-1.0),
+                ..Default::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(
+                matches!(cfg.build(gate()), Err(MoeError::InvalidConfig { .. })),
+                "{cfg:?} was accepted"
+            );
+        }
+        let nan_gate = array![[1.0f32, f32::NAN]];
+        assert!(matches!(
+            SwitchTop1Config::default().build(nan_gate),
+            Err(MoeError::NonFinite { .. })
+        ));
+        assert!(matches!(
+            SwitchTop1Config::default().build(Array2::zeros((0, 4))),
+            Err(MoeError::Shape { .. })
+        ));
+    }
+
+    #[test]
+    fn registry_options_parse() {
+        let mut reg = RouterRegistry::new();
+        register(&mut reg).expect("register");
+        let mut args = RouterArgs::new(8, 4, 2, 0);
+        for (k, v) in [
+            ("capacity", "fixed"),
+            ("expert_capacity", "3"),
+            ("per_sequence", "true"),
+            ("drop", "random"),
+        ] {
+            args.set_option_str(k, v);
+        }
+        let r = reg.create("switch-top1", &args).expect("create");
+        assert_eq!(
+            (r.name(), r.n_experts(), r.d_model()),
+            ("switch-top1", 4, Some(8))
+        );
+        // `deepspeed` and the LbNorm spelling `deep_speed` are both accepted.
+        for spelling in ["deepspeed", "deep_speed"] {
+            let cfg: SwitchTop1Config = RouterArgs::new(8, 4, 1, 0)
+                .with_option("capacity", spelling)
+                .parse("switch-top1")
+                .expect("parse");
+            assert_eq!(cfg.capacity, Some(CapacityRounding::DeepSpeed));
+        }
+        let unknown = RouterArgs::new(8, 4, 1, 0).with_option("capacity_factr", 2.0);
+        assert!(matches!(
+            reg.create("switch-top1", &unknown),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+        let wrong = RouterArgs::new(8, 4, 1, 0).with_option("capacity", "ceil");
+        assert!(matches!(
+            reg.create("switch-top1", &wrong),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+    }
+
+    #[test]
+    fn spec_only_when_fully_expressible() {
+        let hf_eval = SwitchTop1Config {
+            jitter: Some(0.0),
+            ..SwitchTop1Config::hf_switch(2)
+        };
+        match router(hf_eval.clone(), 3).spec() {
+            Some(RouterSpec::Switch(s)) => {
+                assert_eq!(
+                    (s.capacity, s.per_sequence, s.drop),
+                    (2, true, DropPolicy::Position)
+                );
+                assert_eq!(s.gate, Array2::<f32>::eye(3));
+            }
+            other => panic!("expected a switch spec, got {other:?}"),
+        }
+        // Jitter, a T-dependent rounding, or a seeded drop order cannot be expressed by SwitchSpec.
+        assert!(router(SwitchTop1Config::hf_switch(2), 3).spec().is_none());
+        assert!(
+            router(
+                SwitchTop1Config {
+                    jitter: Some(0.0),
+                    ..Default::default()
+                },
+                3
+            )
+            .spec()
+            .is_none()
+        );
+        let random = SwitchTop1Config {
+            drop: Some(DropPolicy::Random),
+            ..hf_eval
+        };
+        assert!(router(random, 3).spec().is_none());
+    }
+
+    #[test]
+    fn hand_computed_route() {
+        // Identity gate, so logits = x. Token 0: logits [ln 3, 0] -> p = [0.75, 0.25] -> expert 0, weight 0.75.
+        // Token 1: logits [0, 0] -> p = [0.5, 0.5], a tie -> expert 0 (lower id), weight 0.5.
+        // Token 2: logits [0, ln 4] -> p = [0.2, 0.8] -> expert 1, weight 0.8.
+        // Fixed capacity 1, position order: token 1 is the second token of expert 0 -> dropped.
+        let r = router(SwitchTop1Config::hf_switch(1), 2);
+        let x = array![[3f32.ln(), 0.0], [0.0, 0.0], [0.0, 4f32.ln()]];
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        let t = plan.per_token();
+        assert_eq!(t[0].len(), 1);
+        assert_eq!(t[0][0].0, 0);
+        assert!((t[0][0].1 - 0.75).abs() < 1e-6);
+        assert!(t[1].is_empty());
+        assert_eq!(t[2][0].0, 1);
+        assert!((t[2][0].1 - 0.8).abs() < 1e-6);
+        let d = plan.dropped();
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].token, d[0].expert), (1, 0));
+        assert!((d[0].weight - 0.5).abs() < 1e-6);
+    }
 }
