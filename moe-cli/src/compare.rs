@@ -1,15 +1,20 @@
 //! `moe compare`: one workload, several routers, one row each.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use moe_core::{AuxLoss, Mode, RouterInput, RouterRegistry, WorkloadConfig};
+use moe_core::{
+    AuxLoss, MoeError, MoeLayer, RouterInput, RouterRegistry, workload::random_swiglu_bank,
+};
 use serde::Serialize;
 
 use crate::CliError;
 use crate::output::{Format, Table};
-use crate::spec::parse_routers;
+use crate::spec::{parse_config_file, parse_routers};
+use crate::workload::WorkloadArgs;
 
 /// Loads per expert are printed (and kept in JSON) up to this many experts.
 const MAX_LOAD_COLUMNS: usize = 64;
@@ -17,36 +22,32 @@ const MAX_LOAD_COLUMNS: usize = 64;
 #[derive(Debug, Args)]
 pub(crate) struct CompareArgs {
     /// Routers to compare: `all`, or a comma list of `name[:key=value,...]`
-    /// (e.g. `softmax-topk:preset=deepseek_v3,switch-top1:capacity_factor=1.25`).
-    #[arg(long, default_value = "all")]
+    /// (e.g. `softmax-topk:preset=deepseek_v3,switch-top1:capacity_factor=1.25,drop=probability`).
+    #[arg(long, default_value = "all", conflicts_with = "config")]
     routers: String,
-    /// Tokens T of the synthetic workload.
-    #[arg(long, short = 't', default_value_t = 4096)]
-    tokens: usize,
-    /// Hidden width d.
-    #[arg(long, short = 'd', default_value_t = 512)]
-    d_model: usize,
-    /// Experts E.
-    #[arg(long, short = 'e', default_value_t = 16)]
-    experts: usize,
-    /// Experts per token k (routers may override it through their options).
-    #[arg(long, short = 'k', default_value_t = 2)]
-    top_k: usize,
-    /// Zipf exponent of cluster sizes and token ids (0 = uniform).
-    #[arg(long, default_value_t = 1.1)]
-    skew: f64,
-    /// Number of Gaussian clusters in the workload.
-    #[arg(long, default_value_t = 32)]
-    clusters: usize,
-    /// Seed of the workload and of the routers' parameters.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Route in training mode with this noise seed (noise, jitter); eval mode if absent.
+    /// A TOML file of router configs (`[[router]]` tables with `name`, optional `label` and `options`).
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// Backend that runs the full layer (`cpu`; `cuda`, `wgpu` where built).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// FFN width f of the synthetic SwiGLU experts used for the full-layer time.
+    #[arg(long, default_value_t = 256)]
+    ffn: usize,
+    /// Skip the full-layer timing (routing only).
     #[arg(long)]
-    train_seed: Option<u64>,
+    no_layer: bool,
     /// Timed repetitions of each routing (the median is reported).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     repeats: u32,
+    /// Timed repetitions of each full-layer forward (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    layer_repeats: u32,
+    /// Write each router's load per expert as an SVG bar chart.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -69,8 +70,12 @@ pub struct WorkloadReport {
     pub skew: f64,
     /// Seed.
     pub seed: u64,
-    /// `eval` or `train`.
+    /// `eval` or `train (seed N)`.
     pub mode: String,
+    /// Backend of the full-layer timing.
+    pub backend: String,
+    /// FFN width of the synthetic experts (full-layer timing).
+    pub ffn: usize,
 }
 
 /// One router's row: load statistics of its plan and its routing time.
@@ -104,6 +109,12 @@ pub struct CompareRow {
     pub route_ms: f64,
     /// Median routing time per token, microseconds.
     pub route_us_per_token: f64,
+    /// Median full-layer forward time (routing + experts + combine), milliseconds; absent with `--no-layer`.
+    pub layer_ms: Option<f64>,
+    /// Median full-layer time per token, microseconds.
+    pub layer_us_per_token: Option<f64>,
+    /// Where the backend ran the routing in the layer forward (`native` or `host`).
+    pub router_path: Option<String>,
     /// Auxiliary losses the router reported.
     pub aux_losses: Vec<AuxLoss>,
     /// Tokens per expert (omitted above 64 experts).
@@ -124,75 +135,94 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
-pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliError> {
-    let choices = parse_routers(&a.routers, registry)?;
-    if a.top_k == 0 || a.top_k > a.experts {
-        return Err(CliError::Usage(format!(
-            "--top-k must be between 1 and --experts ({}), got {}",
-            a.experts, a.top_k
-        )));
+fn timed<T>(
+    repeats: u32,
+    mut f: impl FnMut() -> Result<T, CliError>,
+) -> Result<(f64, T), CliError> {
+    let mut times = Vec::with_capacity(repeats as usize);
+    let mut last = None;
+    for _ in 0..repeats.max(1) {
+        let t0 = Instant::now();
+        last = Some(f()?);
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    let cfg = WorkloadConfig {
-        tokens: a.tokens,
-        d_model: a.d_model,
-        clusters: a.clusters,
-        skew: a.skew,
-        seed: a.seed,
-        ..Default::default()
+    let out = last.context("nothing was run")?;
+    Ok((median(times), out))
+}
+
+fn label_err(label: &str, registry: &RouterRegistry, name: &str) -> impl Fn(MoeError) -> CliError {
+    let opts = registry
+        .get(name)
+        .map(|r| {
+            r.options
+                .iter()
+                .map(|o| o.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let label = label.to_string();
+    move |e| match e {
+        MoeError::InvalidConfig { .. } => {
+            CliError::Usage(format!("{label}: {e}; its options are: {opts}"))
+        }
+        other => match CliError::from(other) {
+            CliError::Usage(m) => CliError::Usage(format!("{label}: {m}")),
+            CliError::Other(o) => CliError::Other(o.context(format!("running {label}"))),
+        },
+    }
+}
+
+pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliError> {
+    let choices = match &a.config {
+        Some(path) => parse_config_file(path, registry)?,
+        None => parse_routers(&a.routers, registry)?,
     };
-    let w = cfg.generate()?;
-    let mode = match a.train_seed {
-        Some(seed) => Mode::Train { seed },
-        None => Mode::Eval,
+    let wa = &a.workload;
+    let w = wa.generate()?;
+    let backend = if a.no_layer {
+        None
+    } else {
+        Some(crate::open_backend(&a.backend)?)
     };
+    let bank = match backend {
+        Some(_) => Some(random_swiglu_bank(wa.experts, wa.d_model, a.ffn, wa.seed)?),
+        None => None,
+    };
+    let input = RouterInput::new(w.hidden.view())
+        .with_token_ids(&w.token_ids)
+        .with_mode(wa.mode());
+    let progress = crate::progress::Progress::new(choices.len() as u64);
     let mut rows = Vec::with_capacity(choices.len());
     for c in &choices {
+        progress.step(&c.label);
+        let err = label_err(&c.label, registry, &c.name);
         let router = registry
-            .create(&c.name, &c.args(a.d_model, a.experts, a.top_k, a.seed))
-            .map_err(|e| match e {
-                moe_core::MoeError::InvalidConfig { .. } => {
-                    let opts = registry
-                        .get(&c.name)
-                        .map(|r| {
-                            r.options
-                                .iter()
-                                .map(|o| o.name)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .unwrap_or_default();
-                    CliError::Usage(format!("{}: {e}; its options are: {opts}", c.label))
-                }
-                other => CliError::from(other),
-            })?;
+            .create(&c.name, &c.args(wa.d_model, wa.experts, wa.top_k, wa.seed))
+            .map_err(&err)?;
         if !router.is_causal() {
-            eprintln!(
+            progress.println(&format!(
                 "warning: {} is not causal: it routes each token using the whole batch, so it leaks future tokens in autoregressive decoding",
                 c.label
-            );
+            ));
         }
-        let input = RouterInput::new(w.hidden.view())
-            .with_token_ids(&w.token_ids)
-            .with_mode(mode);
-        let mut times = Vec::with_capacity(a.repeats as usize);
-        let mut plan = None;
-        for _ in 0..a.repeats {
-            let t0 = Instant::now();
-            let p = router
-                .route(&input)
-                .map_err(CliError::from)
-                .map_err(|e| match e {
-                    CliError::Usage(m) => CliError::Usage(format!("{}: {m}", c.label)),
-                    CliError::Other(o) => {
-                        CliError::Other(o.context(format!("routing with {}", c.label)))
-                    }
-                })?;
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-            plan = Some(p);
+        let (route_ms, plan) = timed(a.repeats, || router.route(&input).map_err(&err))?;
+        let (mut layer_ms, mut path) = (None, None);
+        if let (Some(b), Some(bank)) = (&backend, &bank) {
+            let layer = MoeLayer::new(router.clone(), bank.clone()).map_err(&err)?;
+            let mut resident = b.upload(Arc::new(layer)).map_err(&err)?;
+            let (ms, out) = timed(a.layer_repeats, || resident.forward(&input).map_err(&err))?;
+            layer_ms = Some(ms);
+            path = Some(format!("{:?}", out.router_path).to_lowercase());
         }
-        let plan = plan.context("no routing was run")?;
         let d = plan.diagnostics();
-        let ms = median(times);
+        let per_token = |ms: f64| {
+            if wa.tokens > 0 {
+                ms * 1e3 / wa.tokens as f64
+            } else {
+                0.0
+            }
+        };
         rows.push(CompareRow {
             router: c.label.clone(),
             causal: router.is_causal(),
@@ -206,32 +236,50 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
             dead_experts: d.dead_experts,
             load_entropy: d.load_entropy,
             top20_share: d.top20_share,
-            route_ms: ms,
-            route_us_per_token: if a.tokens > 0 {
-                ms * 1e3 / a.tokens as f64
-            } else {
-                0.0
-            },
+            route_ms,
+            route_us_per_token: per_token(route_ms),
+            layer_ms,
+            layer_us_per_token: layer_ms.map(per_token),
+            router_path: path,
             aux_losses: plan.aux_losses().to_vec(),
             loads: (plan.n_experts() <= MAX_LOAD_COLUMNS).then(|| plan.expert_counts()),
         });
     }
+    progress.finish();
     let report = CompareReport {
         workload: WorkloadReport {
             kind: "synthetic-gaussian-mixture".into(),
-            tokens: a.tokens,
-            d_model: a.d_model,
-            experts: a.experts,
-            top_k: a.top_k,
-            skew: a.skew,
-            seed: a.seed,
-            mode: match mode {
-                Mode::Eval => "eval".into(),
-                Mode::Train { seed } => format!("train (seed {seed})"),
+            tokens: wa.tokens,
+            d_model: wa.d_model,
+            experts: wa.experts,
+            top_k: wa.top_k,
+            skew: wa.skew,
+            seed: wa.seed,
+            mode: wa.mode_name(),
+            backend: if a.no_layer {
+                "none".into()
+            } else {
+                a.backend.clone()
             },
+            ffn: a.ffn,
         },
         rows,
     };
+    if let Some(path) = &a.plot {
+        let rows: Vec<(String, Vec<usize>)> = report
+            .rows
+            .iter()
+            .filter_map(|r| r.loads.clone().map(|l| (r.router.clone(), l)))
+            .collect();
+        let w = &report.workload;
+        let title = format!(
+            "tokens per expert: T = {}, d = {}, E = {}, k = {}, skew {}",
+            w.tokens, w.d_model, w.experts, w.top_k, w.skew
+        );
+        std::fs::write(path, crate::plot::load_svg(&title, &rows))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
     print(&report, a.format)
 }
 
@@ -255,7 +303,9 @@ fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
         "entropy",
         "top20 %",
         "route ms",
-        "us/token",
+        "route us/tok",
+        "layer ms",
+        "layer us/tok",
     ]);
     for row in &r.rows {
         t.push(vec![
@@ -271,13 +321,16 @@ fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
             format!("{:.1}", 100.0 * row.top20_share),
             format!("{:.2}", row.route_ms),
             format!("{:.3}", row.route_us_per_token),
+            row.layer_ms.map_or("-".into(), |v| format!("{v:.2}")),
+            row.layer_us_per_token
+                .map_or("-".into(), |v| format!("{v:.2}")),
         ]);
     }
     if format == Format::Table {
         let w = &r.workload;
         println!(
-            "workload: {} tokens, d = {}, E = {}, k = {}, Zipf skew {}, seed {}, {}",
-            w.tokens, w.d_model, w.experts, w.top_k, w.skew, w.seed, w.mode
+            "workload: {} tokens, d = {}, E = {}, k = {}, Zipf skew {}, seed {}, {}; layer: SwiGLU f = {} on {}",
+            w.tokens, w.d_model, w.experts, w.top_k, w.skew, w.seed, w.mode, w.ffn, w.backend
         );
         println!();
     }

@@ -10,10 +10,15 @@
 //!
 //! This crate parses, composes the other crates and prints; it holds no math.
 
+mod bench;
 mod compare;
 mod list;
 mod output;
+mod plot;
+mod progress;
+mod route;
 mod spec;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -36,6 +41,10 @@ struct Cli {
 enum Command {
     /// Route one workload through several routers and compare their load balance and speed.
     Compare(compare::CompareArgs),
+    /// Route one workload with one router and print a per-expert summary (`--tokens` prints each token).
+    Route(route::RouteArgs),
+    /// Time a full MoE layer forward on a backend over a range of T.
+    Bench(bench::BenchArgs),
     /// List routers (with options and defaults) and backends.
     List(list::ListArgs),
 }
@@ -69,6 +78,13 @@ impl From<moe_core::MoeError> for CliError {
     }
 }
 
+/// Opens a backend by name; an unknown or unavailable backend is a usage error naming the choices.
+pub(crate) fn open_backend(name: &str) -> Result<Box<dyn moe_core::Backend>, CliError> {
+    let kind =
+        moe_backends::BackendKind::parse(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    moe_backends::open(kind).map_err(|e| CliError::Usage(e.to_string()))
+}
+
 /// Runs the `moe` command line with the routers of `registry`, reading `std::env::args`. Prints errors as one
 /// line on stderr; returns exit code 0 on success, 2 for usage errors, 1 otherwise.
 pub fn run(registry: RouterRegistry) -> ExitCode {
@@ -92,6 +108,8 @@ where
     };
     let result = match cli.command {
         Command::Compare(a) => compare::run(&registry, &a),
+        Command::Route(a) => route::run(&registry, &a),
+        Command::Bench(a) => bench::run(&registry, &a),
         Command::List(a) => list::run(&registry, &a),
     };
     match result {

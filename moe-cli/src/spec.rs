@@ -1,6 +1,7 @@
-//! Parsing of router lists: `all`, or `name[:key=value[,key=value]...][,name...]`.
+//! Parsing of router lists: `all`, `name[:key=value[,key=value]...][,name...]`, or a TOML file of router configs.
 
 use moe_core::{RouterArgs, RouterRegistry};
+use serde_json::{Map, Value};
 
 use crate::CliError;
 
@@ -9,7 +10,7 @@ use crate::CliError;
 pub(crate) struct RouterChoice {
     pub name: String,
     pub label: String,
-    pub options: Vec<(String, String)>,
+    pub options: Map<String, Value>,
 }
 
 /// Parses `--routers`. Commas separate routers; a piece with `=` and no `:` continues the previous router's
@@ -25,7 +26,7 @@ pub(crate) fn parse_routers(
             .map(|n| RouterChoice {
                 label: n.clone(),
                 name: n,
-                options: Vec::new(),
+                options: Map::new(),
             })
             .collect());
     }
@@ -46,7 +47,7 @@ pub(crate) fn parse_routers(
             out.push(RouterChoice {
                 name: n.to_string(),
                 label: n.to_string(),
-                options: Vec::new(),
+                options: Map::new(),
             });
         }
         if let Some(o) = opt.filter(|o| !o.is_empty()) {
@@ -56,8 +57,15 @@ pub(crate) fn parse_routers(
             let last = out.last_mut().ok_or_else(|| {
                 CliError::Usage(format!("option {o:?} comes before any router name"))
             })?;
-            last.options
-                .push((k.trim().to_string(), v.trim().to_string()));
+            let mut a = RouterArgs::new(0, 0, 0, 0);
+            a.set_option_str(k.trim(), v.trim());
+            last.options.extend(a.options);
+            // The label keeps the options in the order the user wrote them.
+            last.label = if last.label.contains(':') {
+                format!("{},{}={}", last.label, k.trim(), v.trim())
+            } else {
+                format!("{}:{}={}", last.label, k.trim(), v.trim())
+            };
         }
     }
     if out.is_empty() {
@@ -66,22 +74,96 @@ pub(crate) fn parse_routers(
             registry.names().join(", ")
         )));
     }
-    for c in &mut out {
-        if !c.options.is_empty() {
-            let opts: Vec<String> = c.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            c.label = format!("{}:{}", c.name, opts.join(","));
-        }
-    }
     Ok(out)
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A TOML file of router configs:
+///
+/// ```toml
+/// [[router]]
+/// name = "switch-top1"
+/// label = "switch cf 1.5"      # optional
+/// options = { capacity_factor = 1.5, drop = "probability" }
+/// ```
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    router: Vec<ConfigEntry>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigEntry {
+    name: String,
+    label: Option<String>,
+    #[serde(default)]
+    options: Map<String, Value>,
+}
+
+/// Reads router choices from a TOML file.
+pub(crate) fn parse_config_file(
+    path: &std::path::Path,
+    registry: &RouterRegistry,
+) -> Result<Vec<RouterChoice>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+        CliError::Usage(format!(
+            "{} is not a router config file: {}",
+            path.display(),
+            e.message()
+        ))
+    })?;
+    if file.router.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{} lists no [[router]]",
+            path.display()
+        )));
+    }
+    file.router
+        .into_iter()
+        .map(|r| {
+            if registry.get(&r.name).is_none() {
+                return Err(CliError::Usage(format!(
+                    "{}: unknown router {:?}; valid routers: {}",
+                    path.display(),
+                    r.name,
+                    registry.names().join(", ")
+                )));
+            }
+            let label = r.label.unwrap_or_else(|| {
+                if r.options.is_empty() {
+                    r.name.clone()
+                } else {
+                    let o: Vec<String> = r
+                        .options
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", show(v)))
+                        .collect();
+                    format!("{}:{}", r.name, o.join(","))
+                }
+            });
+            Ok(RouterChoice {
+                name: r.name,
+                label,
+                options: r.options,
+            })
+        })
+        .collect()
 }
 
 impl RouterChoice {
     /// The factory arguments for this choice.
     pub(crate) fn args(&self, d: usize, e: usize, k: usize, seed: u64) -> RouterArgs {
         let mut a = RouterArgs::new(d, e, k, seed);
-        for (key, v) in &self.options {
-            a.set_option_str(key, v);
-        }
+        a.options = self.options.clone();
         a
     }
 }
@@ -96,9 +178,10 @@ mod tests {
         let c = parse_routers("softmax-topk:preset=olmoe,k=1,softmax-topk", &reg).expect("parse");
         assert_eq!(c.len(), 2);
         assert_eq!(
-            c[0].options,
-            vec![("preset".into(), "olmoe".into()), ("k".into(), "1".into())]
+            c[0].options.get("preset"),
+            Some(&Value::String("olmoe".into()))
         );
+        assert_eq!(c[0].options.get("k"), Some(&Value::from(1)));
         assert_eq!(c[0].label, "softmax-topk:preset=olmoe,k=1");
         assert!(c[1].options.is_empty());
         assert!(matches!(

@@ -29,7 +29,7 @@ fn help_and_version() {
 
 #[test]
 fn compare_table_lists_every_router() {
-    let o = moe(&["compare", "--tokens", "256", "--d-model", "32"]);
+    let o = moe(&["compare", "--num-tokens", "256", "--d-model", "32"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     for name in moe_routers::builtin().names() {
@@ -42,7 +42,7 @@ fn compare_table_lists_every_router() {
 fn compare_json_is_typed_and_consistent() {
     let o = moe(&[
         "compare",
-        "--tokens",
+        "--num-tokens",
         "300",
         "--d-model",
         "16",
@@ -76,7 +76,7 @@ fn compare_json_is_typed_and_consistent() {
 fn compare_csv_and_markdown() {
     let o = moe(&[
         "compare",
-        "--tokens",
+        "--num-tokens",
         "64",
         "--d-model",
         "8",
@@ -97,7 +97,7 @@ fn compare_csv_and_markdown() {
     );
     let o = moe(&[
         "compare",
-        "--tokens",
+        "--num-tokens",
         "64",
         "--d-model",
         "8",
@@ -117,7 +117,7 @@ fn bad_input_is_one_line_and_exit_2() {
         vec!["compare", "--routers", "softmax-topk:preset=gpt5"],
         vec!["compare", "--routers", "softmax-topk:bogus=1"],
         vec!["compare", "--top-k", "17"],
-        vec!["compare", "--tokens", "many"],
+        vec!["compare", "--num-tokens", "many"],
     ] {
         let o = moe(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
@@ -148,4 +148,123 @@ fn list_shows_routers_options_and_backends() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("valid JSON");
     assert!(v["routers"].as_array().is_some_and(|r| !r.is_empty()));
     assert_eq!(v["backends"][0]["name"], "cpu");
+}
+
+#[test]
+fn route_prints_experts_and_tokens() {
+    let o = moe(&[
+        "route",
+        "switch-top1:capacity=fixed,expert_capacity=2",
+        "-t",
+        "20",
+        "-d",
+        "8",
+        "-e",
+        "4",
+        "--tokens",
+        "--limit",
+        "0",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    // A fixed capacity of 2 per expert over 4 experts keeps at most 8 of the 20 tokens.
+    assert!(v["diagnostics"]["kept"].as_u64().expect("kept") <= 8);
+    assert_eq!(
+        v["diagnostics"]["kept"].as_u64().expect("kept")
+            + v["diagnostics"]["dropped"].as_u64().expect("dropped"),
+        20
+    );
+    assert_eq!(v["tokens"].as_array().expect("tokens").len(), 20);
+    assert_eq!(v["experts"].as_array().expect("experts").len(), 4);
+    let o = moe(&["route", "softmax-topk", "-t", "10", "-d", "8", "--tokens"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("experts (expert:weight)"));
+    let o = moe(&["route", "softmax-topk,hash"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn bench_reports_throughput() {
+    let o = moe(&[
+        "bench",
+        "-d",
+        "32",
+        "--ffn",
+        "64",
+        "-e",
+        "4",
+        "-k",
+        "2",
+        "-t",
+        "1,7,33",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        assert!(r["median_ms"].as_f64().expect("ms") > 0.0);
+        assert!(r["gflops"].as_f64().expect("gflops") > 0.0);
+    }
+    assert_eq!(rows[2]["tokens"], 33);
+}
+
+#[test]
+fn unavailable_backend_is_a_usage_error() {
+    let o = moe(&["bench", "--backend", "cuda", "-t", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cuda"), "{}", stderr(&o));
+    let o = moe(&["compare", "--backend", "tpu", "-t", "8"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cpu, cuda, wgpu"), "{}", stderr(&o));
+}
+
+#[test]
+fn plot_and_config_file() {
+    let dir = std::env::temp_dir().join(format!("moe-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cfg = dir.join("routers.toml");
+    std::fs::write(
+        &cfg,
+        "[[router]]\nname = \"switch-top1\"\nlabel = \"switch cf 2\"\noptions = { capacity_factor = 2.0 }\n\n[[router]]\nname = \"softmax-topk\"\n",
+    )
+    .expect("write config");
+    let svg = dir.join("loads.svg");
+    let o = moe(&[
+        "compare",
+        "--config",
+        cfg.to_str().expect("utf-8 path"),
+        "-t",
+        "128",
+        "-d",
+        "8",
+        "--no-layer",
+        "--plot",
+        svg.to_str().expect("utf-8 path"),
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["rows"][0]["router"], "switch cf 2");
+    assert!(v["rows"][0]["layer_ms"].is_null());
+    let text = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(
+        text.starts_with("<svg")
+            && text.contains("switch cf 2")
+            && text.trim_end().ends_with("</svg>")
+    );
+    // A config naming an unknown router is a usage error.
+    std::fs::write(&cfg, "[[router]]\nname = \"nope\"\n").expect("write config");
+    let o = moe(&["compare", "--config", cfg.to_str().expect("utf-8 path")]);
+    assert_eq!(o.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,7 +1,9 @@
 //! Synthetic workloads with structure: a seeded Gaussian mixture with Zipf-distributed cluster sizes, and Zipf
 //! token ids, so that load imbalance and hash routing behave as they do on real text.
 
-use ndarray::Array2;
+use ndarray::{Array2, Array3};
+
+use crate::expert::{Activation, ExpertBank, SwiGluBank};
 
 use crate::error::MoeError;
 use crate::rng::SeqRng;
@@ -138,6 +140,43 @@ impl WorkloadConfig {
             cluster,
         })
     }
+}
+
+/// A SwiGLU expert bank `gate_up [E, 2f, d]`, `down [E, d, f]` with `N(0, 1/fan_in)` weights, seeded: the experts
+/// of synthetic layers (`moe compare`, `moe bench`).
+///
+/// # Errors
+/// [`MoeError::InvalidConfig`] for a zero size; [`MoeError::TooLarge`] past 2³² weight values (16 GiB of f32).
+pub fn random_swiglu_bank(
+    n_experts: usize,
+    d: usize,
+    f: usize,
+    seed: u64,
+) -> Result<ExpertBank, MoeError> {
+    if n_experts == 0 || d == 0 || f == 0 {
+        return Err(MoeError::config(
+            "E/d/f",
+            format!("{n_experts}/{d}/{f}"),
+            "must all be >= 1",
+        ));
+    }
+    let values = 3 * n_experts as u128 * d as u128 * f as u128;
+    if values > MAX_WORKLOAD_VALUES {
+        return Err(MoeError::TooLarge {
+            what: "expert weights 3 * E * d * f".into(),
+            size: values,
+            limit: MAX_WORKLOAD_VALUES,
+        });
+    }
+    let mut rng = SeqRng::new(seed, 0xE4BE47);
+    let (sd, sf) = (1.0 / (d as f32).sqrt(), 1.0 / (f as f32).sqrt());
+    let gate_up = Array3::from_shape_simple_fn((n_experts, 2 * f, d), || rng.normal() as f32 * sd);
+    let down = Array3::from_shape_simple_fn((n_experts, d, f), || rng.normal() as f32 * sf);
+    Ok(ExpertBank::SwiGlu(SwiGluBank::new(
+        gate_up,
+        down,
+        Activation::Silu,
+    )?))
 }
 
 #[cfg(test)]

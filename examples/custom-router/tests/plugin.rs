@@ -38,7 +38,7 @@ fn plugin_binary_compares_it_with_the_builtins() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_moe-custom"))
         .args([
             "compare",
-            "--tokens",
+            "--num-tokens",
             "256",
             "--d-model",
             "16",

@@ -1,0 +1,224 @@
+//! `moe bench`: full-layer forward throughput on a backend over a range of T, as tokens/s, GFLOP/s and GB/s of
+//! expert weights (PERFORMANCE.md conventions), median of repeated runs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use moe_core::{
+    MoeLayer, RouterInput, RouterRegistry, WorkloadConfig, workload::random_swiglu_bank,
+};
+use serde::Serialize;
+
+use crate::CliError;
+use crate::output::{Format, Table};
+
+/// Named layer shapes (PERFORMANCE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    /// d 1024, ffn 3584, E 8, k 2.
+    MixtralLike,
+    /// d 2048, ffn 1408, E 64, k 6.
+    OlmoeLike,
+    /// d 4096, ffn 14336, E 8, k 2.
+    Mixtral8x7b,
+    /// d 2048, ffn 768, E 128, k 8.
+    Qwen3_30bA3b,
+}
+
+impl Shape {
+    fn dims(self) -> (usize, usize, usize, usize) {
+        match self {
+            Shape::MixtralLike => (1024, 3584, 8, 2),
+            Shape::OlmoeLike => (2048, 1408, 64, 6),
+            Shape::Mixtral8x7b => (4096, 14336, 8, 2),
+            Shape::Qwen3_30bA3b => (2048, 768, 128, 8),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// A named shape; `--d-model`, `--ffn`, `--experts`, `--top-k` override its parts.
+    #[arg(long, value_enum, default_value_t = Shape::MixtralLike)]
+    shape: Shape,
+    /// Hidden width d.
+    #[arg(long, short = 'd')]
+    d_model: Option<usize>,
+    /// Expert FFN width f.
+    #[arg(long)]
+    ffn: Option<usize>,
+    /// Experts E.
+    #[arg(long, short = 'e')]
+    experts: Option<usize>,
+    /// Experts per token k.
+    #[arg(long, short = 'k')]
+    top_k: Option<usize>,
+    /// Token counts T to time, comma-separated.
+    #[arg(
+        long = "num-tokens",
+        short = 't',
+        value_delimiter = ',',
+        default_value = "16,128,512,2048"
+    )]
+    tokens: Vec<usize>,
+    /// Router, `name[:key=value,...]`.
+    #[arg(long, default_value = "softmax-topk")]
+    router: String,
+    /// Backend.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed runs per T (the median is reported), after one warm-up run.
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    repeats: u32,
+    /// Seed of weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// One row of `moe bench`.
+#[derive(Debug, Serialize)]
+struct BenchRow {
+    tokens: usize,
+    median_ms: f64,
+    min_ms: f64,
+    tokens_per_s: f64,
+    /// `2 · T · k · 3 · d · f / time` (router and activation not counted).
+    gflops: f64,
+    /// Distinct experts that received tokens.
+    experts_hit: usize,
+    /// `experts_hit · 3 · d · f · 4 bytes / time`.
+    weight_gb_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    backend: String,
+    device: String,
+    router: String,
+    d_model: usize,
+    ffn: usize,
+    experts: usize,
+    top_k: usize,
+    repeats: u32,
+    rows: Vec<BenchRow>,
+}
+
+pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliError> {
+    let (d0, f0, e0, k0) = a.shape.dims();
+    let (d, f, e, k) = (
+        a.d_model.unwrap_or(d0),
+        a.ffn.unwrap_or(f0),
+        a.experts.unwrap_or(e0),
+        a.top_k.unwrap_or(k0),
+    );
+    if k == 0 || k > e {
+        return Err(CliError::Usage(format!(
+            "--top-k must be between 1 and --experts ({e}), got {k}"
+        )));
+    }
+    let backend: Box<dyn moe_core::Backend> = match (a.backend.as_str(), a.threads) {
+        ("cpu", Some(n)) => Box::new(moe_backends::cpu::CpuBackend::with_threads(n)),
+        (_, Some(_)) => {
+            return Err(CliError::Usage(
+                "--threads applies to the cpu backend only".into(),
+            ));
+        }
+        (name, None) => crate::open_backend(name)?,
+    };
+    let mut choices = crate::spec::parse_routers(&a.router, registry)?;
+    if choices.len() != 1 {
+        return Err(CliError::Usage("`moe bench` takes one --router".into()));
+    }
+    let c = choices.remove(0);
+    let router = registry.create(&c.name, &c.args(d, e, k, a.seed))?;
+    let bank = random_swiglu_bank(e, d, f, a.seed)?;
+    let layer = MoeLayer::new(router, bank)?;
+    let mut resident = backend.upload(Arc::new(layer))?;
+    let mut rows = Vec::new();
+    for &t in &a.tokens {
+        let w = WorkloadConfig {
+            tokens: t,
+            d_model: d,
+            seed: a.seed,
+            ..Default::default()
+        }
+        .generate()?;
+        let input = RouterInput::new(w.hidden.view()).with_token_ids(&w.token_ids);
+        let warm = resident.forward(&input)?;
+        let experts_hit = warm.routing.active_experts().len();
+        let mut times = Vec::with_capacity(a.repeats as usize);
+        for _ in 0..a.repeats {
+            let t0 = Instant::now();
+            let out = resident.forward(&input)?;
+            times.push(t0.elapsed().as_secs_f64());
+            drop(out);
+        }
+        times.sort_by(f64::total_cmp);
+        let med = times[times.len() / 2];
+        let flops = 2.0 * t as f64 * k as f64 * 3.0 * d as f64 * f as f64;
+        let bytes = experts_hit as f64 * 3.0 * d as f64 * f as f64 * 4.0;
+        rows.push(BenchRow {
+            tokens: t,
+            median_ms: med * 1e3,
+            min_ms: times[0] * 1e3,
+            tokens_per_s: t as f64 / med,
+            gflops: flops / med / 1e9,
+            experts_hit,
+            weight_gb_per_s: bytes / med / 1e9,
+        });
+    }
+    let report = BenchReport {
+        backend: backend.name().to_string(),
+        device: backend.capabilities().device,
+        router: c.label,
+        d_model: d,
+        ffn: f,
+        experts: e,
+        top_k: k,
+        repeats: a.repeats,
+        rows,
+    };
+    if a.format == Format::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.into()))?
+        );
+        return Ok(());
+    }
+    if a.format == Format::Table {
+        println!(
+            "{} on {}: d = {}, f = {}, E = {}, k = {}, router {}, f32, median of {} runs",
+            report.backend, report.device, d, f, e, k, report.router, a.repeats
+        );
+        println!();
+    }
+    let mut t = Table::new(&[
+        "T",
+        "median ms",
+        "min ms",
+        "tokens/s",
+        "GFLOP/s",
+        "experts hit",
+        "weights GB/s",
+    ]);
+    for r in &report.rows {
+        t.push(vec![
+            r.tokens.to_string(),
+            format!("{:.3}", r.median_ms),
+            format!("{:.3}", r.min_ms),
+            format!("{:.0}", r.tokens_per_s),
+            format!("{:.1}", r.gflops),
+            r.experts_hit.to_string(),
+            format!("{:.2}", r.weight_gb_per_s),
+        ]);
+    }
+    print!("{}", t.render(a.format));
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! `--plot FILE.svg`: each router's load per expert as a row of bars, written as a self-contained SVG.
+
+use std::fmt::Write as _;
+
+/// Renders one bar row per `(label, loads)`; bars are scaled to the largest load of all rows, and a dashed line
+/// marks each row's mean (perfect balance).
+pub(crate) fn load_svg(title: &str, rows: &[(String, Vec<usize>)]) -> String {
+    let (left, bar_w, row_h, top) = (230.0f64, 14.0f64, 90.0f64, 40.0f64);
+    let e = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    let max = rows
+        .iter()
+        .flat_map(|r| r.1.iter().copied())
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let width = left + bar_w * e as f64 + 40.0;
+    let height = top + row_h * rows.len() as f64 + 30.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14">{}</text>"#,
+        escape(title)
+    );
+    for (i, (label, loads)) in rows.iter().enumerate() {
+        let base = top + row_h * (i as f64 + 1.0) - 15.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{:.1}">{}</text>"#,
+            base - 30.0,
+            escape(label)
+        );
+        for (j, &c) in loads.iter().enumerate() {
+            let h = (row_h - 25.0) * c as f64 / max;
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="#4878a8"><title>expert {j}: {c}</title></rect>"##,
+                left + bar_w * j as f64,
+                base - h,
+                bar_w - 2.0
+            );
+        }
+        if !loads.is_empty() {
+            let mean = loads.iter().sum::<usize>() as f64 / loads.len() as f64;
+            let y = base - (row_h - 25.0) * mean / max;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left:.1}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#c03030" stroke-dasharray="4 3"/>"##,
+                left + bar_w * loads.len() as f64
+            );
+        }
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left:.1}" x2="{:.1}" y1="{base:.1}" y2="{base:.1}" stroke="#333"/>"##,
+            left + bar_w * e as f64
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{left:.0}" y="{:.0}" fill="gray">experts 0..{} (bar height: tokens; dashed: mean load)</text>"#,
+        height - 10.0,
+        e.saturating_sub(1)
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+fn escape(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

@@ -1,0 +1,183 @@
+//! `moe route`: one router on one workload, a per-expert summary, and per-token assignments on request.
+
+use clap::Args;
+use moe_core::{Diagnostics, RouterInput, RouterRegistry};
+use serde::Serialize;
+
+use crate::CliError;
+use crate::output::{Format, Table};
+use crate::spec::parse_routers;
+use crate::workload::WorkloadArgs;
+
+#[derive(Debug, Args)]
+pub(crate) struct RouteArgs {
+    /// The router, `name[:key=value,...]` (see `moe list`).
+    #[arg(default_value = "softmax-topk")]
+    router: String,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// Also print each token's assignments (expert, weight, choice rank).
+    #[arg(long = "tokens")]
+    per_token: bool,
+    /// With `--tokens`, print at most this many tokens (0 = all).
+    #[arg(long, default_value_t = 32)]
+    limit: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// One expert's row.
+#[derive(Debug, Serialize)]
+struct ExpertRow {
+    expert: usize,
+    tokens: usize,
+    share_pct: f64,
+    dropped: usize,
+}
+
+/// One token's assignments.
+#[derive(Debug, Serialize)]
+struct TokenRow {
+    token: usize,
+    token_id: u32,
+    /// `(expert, weight, rank)`, by rank.
+    experts: Vec<(usize, f32, u16)>,
+    dropped: Vec<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct RouteReport {
+    router: String,
+    causal: bool,
+    diagnostics: Diagnostics,
+    experts: Vec<ExpertRow>,
+    tokens: Option<Vec<TokenRow>>,
+}
+
+pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliError> {
+    let mut choices = parse_routers(&a.router, registry)?;
+    if choices.len() != 1 {
+        return Err(CliError::Usage(format!(
+            "`moe route` takes one router, got {}; use `moe compare` for several",
+            choices.len()
+        )));
+    }
+    let c = choices.remove(0);
+    let wa = &a.workload;
+    let w = wa.generate()?;
+    let router = registry
+        .create(&c.name, &c.args(wa.d_model, wa.experts, wa.top_k, wa.seed))
+        .map_err(|e| match CliError::from(e) {
+            CliError::Usage(m) => CliError::Usage(format!("{}: {m}", c.label)),
+            other => other,
+        })?;
+    if !router.is_causal() {
+        eprintln!(
+            "warning: {} is not causal: it leaks future tokens in autoregressive decoding",
+            c.label
+        );
+    }
+    let plan = router.route(
+        &RouterInput::new(w.hidden.view())
+            .with_token_ids(&w.token_ids)
+            .with_mode(wa.mode()),
+    )?;
+    let counts = plan.expert_counts();
+    let mut dropped = vec![0usize; plan.n_experts()];
+    for d in plan.dropped() {
+        dropped[d.expert as usize] += 1;
+    }
+    let kept = plan.n_slots().max(1) as f64;
+    let experts: Vec<ExpertRow> = counts
+        .iter()
+        .enumerate()
+        .map(|(e, &n)| ExpertRow {
+            expert: e,
+            tokens: n,
+            share_pct: 100.0 * n as f64 / kept,
+            dropped: dropped[e],
+        })
+        .collect();
+    let tokens = a.per_token.then(|| {
+        let mut dropped_by_token = vec![Vec::new(); plan.n_tokens()];
+        for d in plan.dropped() {
+            dropped_by_token[d.token as usize].push(d.expert as usize);
+        }
+        let limit = if a.limit == 0 { usize::MAX } else { a.limit };
+        plan.per_token()
+            .into_iter()
+            .zip(dropped_by_token)
+            .enumerate()
+            .take(limit)
+            .map(|(t, (experts, dropped))| TokenRow {
+                token: t,
+                token_id: w.token_ids.get(t).copied().unwrap_or(0),
+                experts,
+                dropped,
+            })
+            .collect::<Vec<_>>()
+    });
+    let report = RouteReport {
+        router: c.label.clone(),
+        causal: router.is_causal(),
+        diagnostics: plan.diagnostics(),
+        experts,
+        tokens,
+    };
+    if a.format == Format::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.into()))?
+        );
+        return Ok(());
+    }
+    let d = &report.diagnostics;
+    if a.format == Format::Table {
+        println!(
+            "{}: {} tokens, E = {}; kept {}, dropped {} ({:.2} %); cv {:.3}, max/mean {:.2}, dead {}, entropy {:.3}, top-20 % share {:.1} %",
+            report.router,
+            d.tokens,
+            d.experts,
+            d.kept,
+            d.dropped,
+            100.0 * d.dropped_fraction,
+            d.cv,
+            d.max_over_mean,
+            d.dead_experts,
+            d.load_entropy,
+            100.0 * d.top20_share
+        );
+        println!();
+    }
+    let mut t = Table::new(&["expert", "tokens", "share %", "dropped"]);
+    for r in &report.experts {
+        t.push(vec![
+            r.expert.to_string(),
+            r.tokens.to_string(),
+            format!("{:.2}", r.share_pct),
+            r.dropped.to_string(),
+        ]);
+    }
+    print!("{}", t.render(a.format));
+    if let Some(rows) = &report.tokens {
+        let mut t = Table::new(&["token", "token id", "experts (expert:weight)", "dropped"]);
+        for r in rows {
+            let ex: Vec<String> = r
+                .experts
+                .iter()
+                .map(|(e, w, _)| format!("{e}:{w:.4}"))
+                .collect();
+            let dr: Vec<String> = r.dropped.iter().map(|e| e.to_string()).collect();
+            t.push(vec![
+                r.token.to_string(),
+                r.token_id.to_string(),
+                ex.join(" "),
+                dr.join(" "),
+            ]);
+        }
+        println!();
+        print!("{}", t.render(a.format));
+    }
+    Ok(())
+}
