@@ -1,0 +1,1 @@
+//! `moe inspect`: placeholder.
