@@ -11,9 +11,11 @@
 //! This crate parses, composes the other crates and prints; it holds no math.
 
 mod compare;
+mod inspect;
 mod list;
 mod output;
 mod spec;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,10 @@ enum Command {
     Compare(compare::CompareArgs),
     /// List routers (with options and defaults) and backends.
     List(list::ListArgs),
+    /// Check MoE presets against a directory of Hugging Face golden fixtures (exit 0 only if every case passes).
+    Verify(verify::VerifyArgs),
+    /// Show the family, MoE config and per-block tensors of a checkpoint.
+    Inspect(inspect::InspectArgs),
 }
 
 /// An error with the exit code it should produce.
@@ -93,6 +99,8 @@ where
     let result = match cli.command {
         Command::Compare(a) => compare::run(&registry, &a),
         Command::List(a) => list::run(&registry, &a),
+        Command::Verify(a) => verify::run(&a),
+        Command::Inspect(a) => inspect::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

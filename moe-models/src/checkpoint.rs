@@ -257,6 +257,14 @@ impl Checkpoint {
         Ok(self.info(name)?.1.shape.clone())
     }
 
+    /// The dtype of `name` as safetensors writes it (`F32`, `BF16`).
+    ///
+    /// # Errors
+    /// [`LoadError::MissingTensor`].
+    pub fn dtype(&self, name: &str) -> Result<String, LoadError> {
+        Ok(format!("{:?}", self.info(name)?.1.dtype))
+    }
+
     /// The raw little-endian bytes of `name`, checked against its dtype and shape.
     fn raw(&self, name: &str) -> Result<(&Shard, &TensorInfo, &[u8]), LoadError> {
         let (shard, info) = self.info(name)?;
