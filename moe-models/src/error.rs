@@ -125,8 +125,8 @@ pub enum LoadError {
         file: PathBuf,
         /// What was being done: `building the mixtral layer`, `running case mixtral`.
         context: String,
-        /// The core error.
-        source: MoeError,
+        /// The core error (boxed to keep `LoadError` small).
+        source: Box<MoeError>,
     },
 }
 
@@ -136,7 +136,7 @@ impl LoadError {
         LoadError::Layer {
             file: file.into(),
             context: context.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
