@@ -12,12 +12,14 @@
 
 mod bench;
 mod compare;
+mod inspect;
 mod list;
 mod output;
 mod plot;
 mod progress;
 mod route;
 mod spec;
+mod verify;
 mod workload;
 
 use std::process::ExitCode;
@@ -47,6 +49,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List routers (with options and defaults) and backends.
     List(list::ListArgs),
+    /// Check MoE presets against a directory of Hugging Face golden fixtures (exit 0 only if every case passes).
+    Verify(verify::VerifyArgs),
+    /// Show the family, MoE config and per-block tensors of a checkpoint.
+    Inspect(inspect::InspectArgs),
 }
 
 /// An error with the exit code it should produce.
@@ -111,6 +117,8 @@ where
         Command::Route(a) => route::run(&registry, &a),
         Command::Bench(a) => bench::run(&registry, &a),
         Command::List(a) => list::run(&registry, &a),
+        Command::Verify(a) => verify::run(&a),
+        Command::Inspect(a) => inspect::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,149 @@
+//! What a checkpoint holds: its family (from `config.json`, else guessed from tensor names), its MoE config, and
+//! the tensors of each MoE block, found by the router's name (`gate.weight`, `router.weight`, ...).
+
+use std::path::{Path, PathBuf};
+
+use crate::Family;
+use crate::checkpoint::Checkpoint;
+use crate::config::MoeConfig;
+use crate::error::LoadError;
+
+/// Router tensor names that mark an MoE block; the block prefix is what precedes them.
+const ROUTER_NAMES: &[&str] = &[
+    "router.classifier.weight",
+    "router.layer.weight",
+    "router.weight",
+    "gate.weight",
+];
+
+/// One tensor of a block.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TensorInfo {
+    /// Name without the block prefix.
+    pub name: String,
+    /// Dtype (`F32`, `BF16`, ...).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// One MoE block of the checkpoint.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BlockInfo {
+    /// The block prefix (`model.layers.3.block_sparse_moe.`, `""` for a bare block).
+    pub prefix: String,
+    /// Its tensors.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// The result of [`inspect`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Inspection {
+    /// What was opened.
+    pub path: PathBuf,
+    /// The family, from `config.json` or guessed from the names.
+    pub family: Option<Family>,
+    /// The MoE config, when a `config.json` was found.
+    pub config: Option<MoeConfig>,
+    /// Total number of tensors.
+    pub n_tensors: usize,
+    /// The MoE blocks, in name order.
+    pub blocks: Vec<BlockInfo>,
+}
+
+/// Guesses the family of a block from its tensor names (unprefixed). OLMoE and Mixtral v5 blocks look alike and
+/// are reported as Mixtral.
+pub fn detect_family<'a>(names: impl IntoIterator<Item = &'a str> + Clone) -> Option<Family> {
+    let has = |s: &str| names.clone().into_iter().any(|n| n.contains(s));
+    Some(if has("router.classifier.weight") && has(".fc1.") {
+        Family::NllbMoe
+    } else if has("router.classifier.weight") {
+        Family::SwitchTransformers
+    } else if has("gate_up_proj_bias") {
+        Family::GptOss
+    } else if has("e_score_correction_bias") || has("shared_experts.") {
+        Family::DeepseekV3
+    } else if has("shared_expert") {
+        Family::Qwen2Moe
+    } else if has("input_linear.weight") && names.clone().into_iter().any(|n| n == "bias") {
+        Family::JetMoe
+    } else if has("router.weight") || has("router.layer.weight") {
+        Family::GraniteMoe
+    } else if has(".gate_proj.weight") {
+        Family::Olmoe
+    } else if has("gate.weight") {
+        Family::Mixtral
+    } else {
+        return None;
+    })
+}
+
+/// Inspects a checkpoint (file, index or directory). A `config.json` in the directory (or next to the file) gives
+/// the family and config.
+///
+/// # Errors
+/// The [`LoadError`]s of [`Checkpoint::open`] and [`MoeConfig::from_file`].
+pub fn inspect(path: impl AsRef<Path>) -> Result<Inspection, LoadError> {
+    let path = path.as_ref();
+    let ckpt = Checkpoint::open(path)?;
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let cfg_path = dir.join("config.json");
+    let config = if cfg_path.is_file() {
+        Some(MoeConfig::from_file(&cfg_path)?)
+    } else {
+        None
+    };
+    let mut prefixes: Vec<String> = ckpt
+        .names()
+        .filter_map(|n| {
+            ROUTER_NAMES
+                .iter()
+                .find_map(|r| n.strip_suffix(r))
+                .filter(|p| p.is_empty() || p.ends_with('.'))
+                .map(str::to_string)
+        })
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    // A longer router name (`router.layer.weight`) also ends with a shorter one's tail; keep the outermost prefix.
+    let outer: Vec<String> = prefixes
+        .iter()
+        .filter(|p| {
+            !prefixes
+                .iter()
+                .any(|q| q != *p && p.starts_with(q.as_str()) && !q.is_empty())
+        })
+        .cloned()
+        .collect();
+    let mut blocks = Vec::new();
+    for prefix in outer {
+        let mut tensors = Vec::new();
+        for n in ckpt.names().filter(|n| n.starts_with(&prefix)) {
+            if n.starts_with("ref.") {
+                continue;
+            }
+            tensors.push(TensorInfo {
+                name: n.strip_prefix(prefix.as_str()).unwrap_or(n).to_string(),
+                dtype: ckpt.dtype(n)?,
+                shape: ckpt.shape(n)?,
+            });
+        }
+        blocks.push(BlockInfo { prefix, tensors });
+    }
+    let family = config.as_ref().map(|c| c.family).or_else(|| {
+        blocks
+            .first()
+            .and_then(|b| detect_family(b.tensors.iter().map(|t| t.name.as_str())))
+    });
+    Ok(Inspection {
+        path: path.to_path_buf(),
+        family,
+        config,
+        n_tensors: ckpt.names().count(),
+        blocks,
+    })
+}

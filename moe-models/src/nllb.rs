@@ -1,0 +1,262 @@
+//! NLLB-MoE (`NllbMoeSparseMLP`, router `NllbMoeTop2Router`, eval, `second_expert_policy = all`).
+//!
+//! `p = softmax(l)`, `l = x · Wᵀ`; top-1 = argmax `p`; top-2 = argmax of `l` with top-1 masked. Capacity is
+//! **global** over all `T` tokens, `C = ceil(moe_eval_capacity_token_fraction · T)` in eval. Slots:
+//! `loc1 = cumsum(top-1 one-hot) − 1`, `loc2 = cumsum(top-2 one-hot) − 1 + (top-1 count of that expert)`; with
+//! batch-prioritised routing the cumsums run over tokens sorted by descending `max p` (ties by position). An
+//! assignment is kept when `loc < C`. Weights `p1 / (p1 + p2)`, `p2 / (p1 + p2)` over the kept ones (denominator
+//! clamped at f32 epsilon), or over both before dropping with `normalize_router_prob_before_dropping`. The routed
+//! output is scaled by `1 − moe_token_dropout` (eval). Experts: `fc2(relu(fc1(x)))` with biases.
+//!
+//! transformers 5.23's `NllbMoeExperts.forward` dispatches the wrong experts (it one-hot-encodes an already
+//! one-hot mask); this preset computes the intended (v4) result.
+
+use ndarray::{Array1, Array2};
+
+use moe_core::{Assignment, ExpertBank, MoeError, MoeLayer, Router, RouterInput, Routing};
+use moe_routers::util;
+
+use crate::Family;
+use crate::checkpoint::Weights;
+use crate::config::MoeConfig;
+use crate::error::LoadError;
+use crate::presets::core_err;
+use crate::switch::load_mlp_bank;
+
+/// The router gate `[E, d]`.
+pub const GATE: &str = "router.classifier.weight";
+/// The optional router bias `[E]`.
+pub const GATE_BIAS: &str = "router.classifier.bias";
+
+/// How the capacity is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Capacity {
+    /// `ceil(fraction · T)`, recomputed per batch (eval).
+    Fraction(f64),
+    /// A fixed number of slots per expert.
+    Fixed(usize),
+}
+
+/// NLLB-MoE's top-2 router with global capacity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NllbTop2 {
+    gate: Array2<f32>,
+    bias: Option<Array1<f32>>,
+    capacity: Capacity,
+    batch_prioritized: bool,
+    normalize_before_dropping: bool,
+}
+
+impl NllbTop2 {
+    /// A router around `gate` (`[E, d]`, `E >= 2`).
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] for a non-finite gate, a fraction outside `(0, ∞)` or a zero capacity;
+    /// [`MoeError::TopK`] for fewer than 2 experts; [`MoeError::Shape`] for a bias of the wrong length.
+    pub fn new(
+        gate: Array2<f32>,
+        bias: Option<Array1<f32>>,
+        capacity: Capacity,
+        batch_prioritized: bool,
+        normalize_before_dropping: bool,
+    ) -> Result<Self, MoeError> {
+        util::check_gate(GATE, &gate)?;
+        if gate.nrows() < 2 {
+            return Err(MoeError::TopK {
+                k: 2,
+                n_experts: gate.nrows(),
+            });
+        }
+        match capacity {
+            Capacity::Fraction(f) if !(f.is_finite() && f > 0.0) => {
+                return Err(MoeError::config(
+                    "moe_eval_capacity_token_fraction",
+                    f,
+                    "must be finite and > 0",
+                ));
+            }
+            Capacity::Fixed(0) => {
+                return Err(MoeError::config("expert_capacity", 0, "must be >= 1"));
+            }
+            _ => {}
+        }
+        if let Some(b) = &bias {
+            if b.len() != gate.nrows() {
+                return Err(MoeError::shape(
+                    GATE_BIAS,
+                    format!("[{}]", gate.nrows()),
+                    &[b.len()],
+                ));
+            }
+        }
+        Ok(NllbTop2 {
+            gate,
+            bias,
+            capacity,
+            batch_prioritized,
+            normalize_before_dropping,
+        })
+    }
+
+    /// The capacity for `t` tokens.
+    pub fn capacity_for(&self, t: usize) -> usize {
+        match self.capacity {
+            Capacity::Fraction(f) => (f * t as f64).ceil() as usize,
+            Capacity::Fixed(c) => c,
+        }
+    }
+}
+
+/// `(a / s, b / s)` with `s = max(a + b, f32::EPSILON)` (HF's `normalize_router_probabilities`).
+fn normalize(a: f32, b: f32) -> (f32, f32) {
+    let s = (a + b).max(f32::EPSILON);
+    (a / s, b / s)
+}
+
+impl Router for NllbTop2 {
+    fn name(&self) -> &str {
+        "hf-nllb-top2"
+    }
+
+    fn n_experts(&self) -> usize {
+        self.gate.nrows()
+    }
+
+    fn d_model(&self) -> Option<usize> {
+        Some(self.gate.ncols())
+    }
+
+    fn is_causal(&self) -> bool {
+        // Global capacity: a token's fate depends on the whole batch.
+        false
+    }
+
+    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+        let e = self.n_experts();
+        util::check_input(input, self.d_model(), e, 2)?;
+        let t = input.n_tokens();
+        let logits = util::gate_logits(input.hidden, self.gate.view(), self.bias.as_ref())?;
+        // Per real token: (token, top-1, top-2, p1, p2, max p).
+        let mut picks = Vec::with_capacity(t);
+        for (tok, lrow) in logits.outer_iter().enumerate() {
+            if input.is_padding(tok) {
+                continue;
+            }
+            let mut p = lrow.to_vec();
+            util::softmax_in_place(&mut p);
+            let Some(&e1) = util::top_k(&p, 1).first() else {
+                continue;
+            };
+            let mut masked = lrow.to_vec();
+            if let Some(v) = masked.get_mut(e1) {
+                *v = f32::NEG_INFINITY;
+            }
+            let Some(&e2) = util::top_k(&masked, 1).first() else {
+                continue;
+            };
+            let p1 = p.get(e1).copied().unwrap_or(0.0);
+            let p2 = p.get(e2).copied().unwrap_or(0.0);
+            picks.push((tok, e1, e2, p1, p2));
+        }
+        let capacity = self.capacity_for(t);
+        // Slot order: token order, or descending max probability (stable, so ties keep token order).
+        let mut order: Vec<usize> = (0..picks.len()).collect();
+        if self.batch_prioritized {
+            order.sort_by(|&a, &b| {
+                let pa = picks.get(a).map_or(0.0, |p| p.3);
+                let pb = picks.get(b).map_or(0.0, |p| p.3);
+                pb.total_cmp(&pa)
+            });
+        }
+        let mut top1_count = vec![0usize; e];
+        for &(_, e1, ..) in &picks {
+            if let Some(c) = top1_count.get_mut(e1) {
+                *c += 1;
+            }
+        }
+        let mut loc1 = vec![0usize; e];
+        let mut loc2 = top1_count.clone();
+        let mut keep = vec![(false, false); picks.len()];
+        for &i in &order {
+            let Some(&(_, e1, e2, _, _)) = picks.get(i) else {
+                continue;
+            };
+            let (Some(l1), Some(l2), Some(k)) =
+                (loc1.get_mut(e1), loc2.get_mut(e2), keep.get_mut(i))
+            else {
+                continue;
+            };
+            *k = (*l1 < capacity, *l2 < capacity);
+            *l1 += 1;
+            *l2 += 1;
+        }
+        let mut kept = Vec::with_capacity(2 * picks.len());
+        let mut dropped = Vec::new();
+        for (&(tok, e1, e2, p1, p2), &(k1, k2)) in picks.iter().zip(&keep) {
+            let (w1, w2) = if self.normalize_before_dropping {
+                normalize(p1, p2)
+            } else {
+                normalize(if k1 { p1 } else { 0.0 }, if k2 { p2 } else { 0.0 })
+            };
+            for (ex, w, k, rank) in [(e1, w1, k1, 0u16), (e2, w2, k2, 1u16)] {
+                let a = Assignment {
+                    token: tok as u32,
+                    expert: ex as u32,
+                    weight: w,
+                    rank,
+                };
+                if k { kept.push(a) } else { dropped.push(a) }
+            }
+        }
+        let mut routing = Routing::new(t, e, picks.len(), kept, dropped)?;
+        routing.set_logits(logits);
+        Ok(routing)
+    }
+}
+
+/// Builds the block.
+///
+/// # Errors
+/// As [`crate::presets::build_layer`]; [`LoadError::Config`] when neither
+/// `moe_eval_capacity_token_fraction` nor `expert_capacity` is set, or `moe_token_dropout` is outside `[0, 1)`.
+pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
+    let fam = Family::NllbMoe;
+    let origin = w.checkpoint().origin();
+    let gate = w.get2(GATE, Some(cfg.n_experts), None)?;
+    let d = gate.ncols();
+    let bias = if w.contains(GATE_BIAS) {
+        Some(w.get1(GATE_BIAS, Some(cfg.n_experts))?)
+    } else {
+        None
+    };
+    let capacity = match (cfg.capacity_fraction, cfg.expert_capacity) {
+        (Some(f), _) if f > 0.0 => Capacity::Fraction(f),
+        (_, Some(c)) => Capacity::Fixed(c),
+        _ => {
+            return Err(LoadError::config(
+                origin,
+                "moe_eval_capacity_token_fraction | expert_capacity",
+                "missing",
+            ));
+        }
+    };
+    if !(0.0..1.0).contains(&cfg.token_dropout) {
+        return Err(LoadError::config(
+            origin,
+            "moe_token_dropout",
+            format!("{} is outside [0, 1)", cfg.token_dropout),
+        ));
+    }
+    let bank = load_mlp_bank(w, cfg.n_experts, d, ("fc1", "fc2"), true, fam)?;
+    let router = NllbTop2::new(
+        gate,
+        bias,
+        capacity,
+        cfg.batch_prioritized,
+        cfg.normalize_before_dropping,
+    )
+    .map_err(core_err(w, fam))?;
+    MoeLayer::new(Box::new(router), ExpertBank::Mlp(bank))
+        .and_then(|l| l.with_output_scale(1.0 - cfg.token_dropout))
+        .map_err(core_err(w, fam))
+}
