@@ -1,3 +1,5 @@
-//! Criterion benches of moe-routers (placeholder until the PEER bench lands).
+//! Criterion benches of moe-routers, one module per topic in `benches/benchmarks/` (`cargo bench -p moe-routers`).
 
-fn main() {}
+mod benchmarks;
+
+criterion::criterion_main!(benchmarks::peer::benches);

@@ -8,9 +8,9 @@
 //! | `softmax-topk` | [`SoftmaxTopK`] | token-choice top-k: softmax / sigmoid / sqrt-softplus scores, either order, renormalisation, scaling, group-limited selection, correction bias; presets `mixtral`, `qwen2_moe`, `olmoe`, `granite`, `deepseek_v3` |
 //! | `noisy-topk` | [`NoisyTopK`] | Shazeer 2017: learned noise, KeepTopK, importance and smooth load losses |
 //! | `switch-top1` | [`SwitchTop1`] | Switch top-1 with capacity (named roundings), drop policies, jitter, aux and z-loss |
-//! | `hash` | `HashRouter` | random / balanced / modulo / k-way hash of token ids |
+//! | `hash` | [`HashRouter`] | random / balanced / modulo / k-way hash of token ids |
 //! | `expert-choice` | [`ExpertChoice`] | each expert takes its top `C = ceil(T·c/E)` tokens; **not causal** |
-//! | `peer` | `Peer` | product-key retrieval over `n²` singleton experts, exact top-k, multi-head |
+//! | `peer` | [`Peer`] | product-key retrieval over `n²` singleton experts, exact top-k, multi-head |
 //!
 //! ```
 //! use moe_core::{RouterArgs, RouterInput, WorkloadConfig};
@@ -32,7 +32,9 @@ pub mod switch;
 pub mod util;
 
 pub use expert_choice::{ExpertChoice, ExpertChoiceConfig};
+pub use hash::{HashRouter, HashRouterConfig};
 pub use noisy_topk::{NoisyTopK, NoisyTopKConfig};
+pub use peer::{Peer, PeerConfig};
 pub use softmax_topk::{SoftmaxTopK, SoftmaxTopKConfig, TopKPreset};
 pub use switch::{CapacityRounding, SwitchTop1, SwitchTop1Config};
 

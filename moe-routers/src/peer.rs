@@ -1,12 +1,1233 @@
-//! Placeholder: being written.
+//! PEER, parameter-efficient expert retrieval (He 2024, arXiv 2407.04153; ROUTERS.md §6): exact product-key top-k
+//! over `N = n²` singleton experts, `h` heads sharing one expert pool, with no `O(N)` work per token.
+//!
+//! Per head `i` a query `q = W_qⁱ x` (`W_qⁱ` is `[2·d_key, d]`) splits into `q₁ = q[..d_key]` and
+//! `q₂ = q[d_key..]`. Each head has its own two sub-key tables `Cⁱ, C'ⁱ` of `n` keys (`[n, d_key]` each), as in
+//! product-key memories (Lample et al. 2019) and PEER-pytorch (`keys [heads, n, 2, d_key]`). Expert `(a, b)`, id
+//! `a·n + b`, scores `q₁·c_a + q₂·c'_b`. Retrieval takes the top `p` of each half (`p = product_key_topk`, default
+//! `k`), forms the `p²` candidate sums and keeps their top `k`; ties go to the lower expert id. It is exact for
+//! `p >= k`: if `(a, b)` is in the global top-k, fewer than `k` rows `a'` rank before `a`, since each would give
+//! `(a', b)` a better score, so `a` is in its half's top `p` (the same for `b`). In f32 the one slack is a rounding
+//! tie (`s₁[a'] > s₁[a]` but equal sums): it can only swap experts of equal score at the k-th place. Cost per token
+//! `O(h·(n·d_key + p²))` plus the query projection `O(d · h·2·d_key)`; nothing is `O(N)`.
+//!
+//! Weights per head: `softmax` over the `k` retrieved scores (the paper, and PEER-pytorch up to 0.1.10 with
+//! `softmax_on_scores=True`), or with `non_competing_scores = true` `ReLU(score)` of each (PEER-pytorch from 0.1.11,
+//! after Csordás et al. 2023). PEER-pytorch's `non_competing_scores=True` default also keeps only the top 1 of the
+//! candidates per head while retrieving 16 per half: that is `non_competing_scores=true k=1 product_key_topk=16`
+//! here. A ReLU weight can be 0; the retrieved expert still gets its slot (it was computed, with weight 0).
+//!
+//! Each (token, head) gives `k` assignments `{ token, expert: a·n + b, weight, rank: head·k + j }`, `j` in
+//! descending score order; two heads may retrieve the same expert, which then holds two slots of that token.
+//!
+//! Query BatchNorm (an ablation in the paper that improves expert usage) is offered in eval form only:
+//! `q ← (q − running_mean) / sqrt(running_var + eps) · weight + bias` per query feature, in both modes; with the
+//! default statistics (0, 1, 1, 0, eps 1e-5) it is `q / sqrt(1 + 1e-5)`, the identity up to that factor. Batch
+//! statistics for training are not implemented.
 
-use moe_core::{MoeError, RouterRegistry};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, s};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
-/// Registers this router.
+use moe_core::rng::SeqRng;
+use moe_core::{
+    Activation, Assignment, MoeError, OptionDoc, Router, RouterArgs, RouterEntry, RouterInput,
+    RouterRegistry, Routing, check_finite,
+};
+
+use crate::util;
+
+/// Random stream of the query projections in registry factories.
+pub const QUERY_STREAM: u64 = 3;
+/// Random stream of the first sub-key tables `C`.
+pub const KEYS_1_STREAM: u64 = 4;
+/// Random stream of the second sub-key tables `C'`.
+pub const KEYS_2_STREAM: u64 = 5;
+
+/// Largest number of singleton experts `N = n²` (`2^26`, `n = 8192`; the paper uses about `2^20`).
+pub const MAX_PEER_EXPERTS: usize = 1 << 26;
+
+/// Largest number of values in one parameter tensor (query projections or one sub-key table set).
+pub const MAX_PEER_PARAMS: u128 = 1 << 31;
+
+/// Default heads (the paper's 8).
+pub const DEFAULT_HEADS: usize = 8;
+
+/// Default experts per head before clamping to `n` (the paper's 16).
+pub const DEFAULT_K: usize = 16;
+
+/// Default sub-key width before clamping to `d` (the paper's 128).
+pub const DEFAULT_D_KEY: usize = 128;
+
+/// Tokens per work unit. Fixed, so that results do not depend on the thread count.
+const BLOCK_TOKENS: usize = 256;
+
+/// Options of [`Peer`]; every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Query heads `h` (default 8, the paper).
+    pub heads: Option<usize>,
+    /// Experts kept per head (default `min(16, n)`: the paper's 16, clamped so that `E = 16` works). The layer's
+    /// k is not used: PEER's k is per head, so a token gets `h·k` slots.
+    pub k: Option<usize>,
+    /// Candidates per half `p`, `k <= p <= n` (default `k`; retrieval is exact for any `p >= k`).
+    pub product_key_topk: Option<usize>,
+    /// Sub-key width `d_key` (default `min(128, d)`).
+    pub d_key: Option<usize>,
+    /// `ReLU(score)` weights instead of the softmax over the k (default false).
+    pub non_competing_scores: Option<bool>,
+    /// Eval-form BatchNorm on the queries, starting from running statistics 0 / 1 and affine 1 / 0 (default false).
+    pub query_batchnorm: Option<bool>,
+    /// Activation of the experts (default `gelu`). Not used by routing: it lives in
+    /// [`PeerBank`](moe_core::PeerBank); kept here so that whoever builds the bank from the same options can read
+    /// it back with [`Peer::activation`].
+    pub activation: Option<Activation>,
+}
+
+/// The option docs of `peer`.
+pub const OPTIONS: &[OptionDoc] = &[
+    OptionDoc {
+        name: "heads",
+        default: "8",
+        doc: "query heads h; each retrieves k experts from the shared pool of E = n² experts",
+    },
+    OptionDoc {
+        name: "k",
+        default: "min(16, n)",
+        doc: "experts per head (a token gets h·k slots); the layer's k is not used",
+    },
+    OptionDoc {
+        name: "product_key_topk",
+        default: "k",
+        doc: "candidates per sub-key half p, k <= p <= n; exact for any p >= k",
+    },
+    OptionDoc {
+        name: "d_key",
+        default: "min(128, d)",
+        doc: "sub-key width; the query of a head is [2·d_key]",
+    },
+    OptionDoc {
+        name: "non_competing_scores",
+        default: "false",
+        doc: "ReLU(score) weights instead of softmax over the k (PEER-pytorch >= 0.1.11 is this with k=1)",
+    },
+    OptionDoc {
+        name: "query_batchnorm",
+        default: "false",
+        doc: "eval-form BatchNorm on queries (running stats 0/1, affine 1/0: q / sqrt(1 + 1e-5))",
+    },
+    OptionDoc {
+        name: "activation",
+        default: "gelu",
+        doc: "expert activation, for building the matching PeerBank; routing does not use it",
+    },
+];
+
+/// The parameters of a PEER router.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerWeights {
+    /// Query projections `[h, 2·d_key, d]`: head `i`'s rows `0..d_key` give `q₁`, rows `d_key..2·d_key` give `q₂`.
+    pub query: Array3<f32>,
+    /// First sub-key tables `C`, `[h, n, d_key]`: expert `(a, b)` uses row `a`.
+    pub keys_1: Array3<f32>,
+    /// Second sub-key tables `C'`, `[h, n, d_key]`: expert `(a, b)` uses row `b`.
+    pub keys_2: Array3<f32>,
+}
+
+impl PeerWeights {
+    /// Seeded weights: `W_q ~ N(0, 1/d)` (so query entries are about unit scale for unit inputs) and sub-keys
+    /// `~ N(0, 1/d_key)` (so each half's score is about unit scale).
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] for a zero size; [`MoeError::TooLarge`] past [`MAX_PEER_EXPERTS`] experts or
+    /// [`MAX_PEER_PARAMS`] values in a tensor.
+    pub fn random(
+        d: usize,
+        n: usize,
+        heads: usize,
+        d_key: usize,
+        seed: u64,
+    ) -> Result<Self, MoeError> {
+        if d == 0 || n == 0 || heads == 0 || d_key == 0 {
+            return Err(MoeError::config(
+                "d/n/heads/d_key",
+                format!("{d}/{n}/{heads}/{d_key}"),
+                "must all be >= 1",
+            ));
+        }
+        check_sizes(d, n, heads, d_key)?;
+        let mut rq = SeqRng::new(seed, QUERY_STREAM);
+        let sq = 1.0 / (d as f32).sqrt();
+        let query = Array3::from_shape_simple_fn((heads, 2 * d_key, d), || rq.normal() as f32 * sq);
+        let sk = 1.0 / (d_key as f32).sqrt();
+        let mut r1 = SeqRng::new(seed, KEYS_1_STREAM);
+        let keys_1 = Array3::from_shape_simple_fn((heads, n, d_key), || r1.normal() as f32 * sk);
+        let mut r2 = SeqRng::new(seed, KEYS_2_STREAM);
+        let keys_2 = Array3::from_shape_simple_fn((heads, n, d_key), || r2.normal() as f32 * sk);
+        Ok(PeerWeights {
+            query,
+            keys_1,
+            keys_2,
+        })
+    }
+}
+
+/// Guards sizes before anything is allocated.
+fn check_sizes(d: usize, n: usize, heads: usize, d_key: usize) -> Result<(), MoeError> {
+    let big = |what: &str, size: u128, limit: u128| MoeError::TooLarge {
+        what: what.into(),
+        size,
+        limit,
+    };
+    let experts = n as u128 * n as u128;
+    if experts > MAX_PEER_EXPERTS as u128 {
+        return Err(big(
+            "peer experts N = n²",
+            experts,
+            MAX_PEER_EXPERTS as u128,
+        ));
+    }
+    let q = heads as u128 * 2 * d_key as u128 * d as u128;
+    if q > MAX_PEER_PARAMS {
+        return Err(big(
+            "peer query projections h·2·d_key·d",
+            q,
+            MAX_PEER_PARAMS,
+        ));
+    }
+    let keys = heads as u128 * n as u128 * d_key as u128;
+    if keys > MAX_PEER_PARAMS {
+        return Err(big("peer sub-key table h·n·d_key", keys, MAX_PEER_PARAMS));
+    }
+    Ok(())
+}
+
+/// Eval-form BatchNorm over the `h·2·d_key` query features (head-major, `q₁` then `q₂` within a head), as PyTorch's
+/// `BatchNorm1d` in eval mode: `(q − running_mean) / sqrt(running_var + eps) · weight + bias`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryBatchNorm {
+    /// Running mean `[h·2·d_key]`.
+    pub running_mean: Array1<f32>,
+    /// Running variance `[h·2·d_key]`, `>= 0`.
+    pub running_var: Array1<f32>,
+    /// Affine scale `[h·2·d_key]`.
+    pub weight: Array1<f32>,
+    /// Affine shift `[h·2·d_key]`.
+    pub bias: Array1<f32>,
+    /// Variance epsilon, `> 0` (PyTorch: 1e-5).
+    pub eps: f32,
+}
+
+impl QueryBatchNorm {
+    /// PyTorch's initial state: mean 0, variance 1, weight 1, bias 0, eps 1e-5.
+    pub fn identity(features: usize) -> Self {
+        QueryBatchNorm {
+            running_mean: Array1::zeros(features),
+            running_var: Array1::ones(features),
+            weight: Array1::ones(features),
+            bias: Array1::zeros(features),
+            eps: 1e-5,
+        }
+    }
+
+    /// The folded affine map `q · scale + shift`.
+    fn fold(&self, features: usize) -> Result<(Array1<f32>, Array1<f32>), MoeError> {
+        let named = [
+            ("query_batchnorm.running_mean", &self.running_mean),
+            ("query_batchnorm.running_var", &self.running_var),
+            ("query_batchnorm.weight", &self.weight),
+            ("query_batchnorm.bias", &self.bias),
+        ];
+        for (name, a) in named {
+            if a.len() != features {
+                return Err(MoeError::shape(name, format!("[{features}]"), &[a.len()]));
+            }
+            if let Some((i, v)) = a.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(MoeError::config(
+                    name,
+                    v,
+                    format!("non-finite at feature {i}"),
+                ));
+            }
+        }
+        if !self.eps.is_finite() || self.eps <= 0.0 {
+            return Err(MoeError::config(
+                "query_batchnorm.eps",
+                self.eps,
+                "must be finite and > 0",
+            ));
+        }
+        if let Some((i, v)) = self.running_var.iter().enumerate().find(|(_, v)| **v < 0.0) {
+            return Err(MoeError::config(
+                "query_batchnorm.running_var",
+                v,
+                format!("negative at feature {i}"),
+            ));
+        }
+        let scale: Array1<f32> = self
+            .running_var
+            .iter()
+            .zip(&self.weight)
+            .map(|(&v, &w)| w / (v + self.eps).sqrt())
+            .collect();
+        let shift: Array1<f32> = self
+            .bias
+            .iter()
+            .zip(&self.running_mean)
+            .zip(&scale)
+            .map(|((&b, &m), &s)| b - m * s)
+            .collect();
+        Ok((scale, shift))
+    }
+}
+
+/// What retrieval found: for each token `t` and head `i`, the `k` experts and their raw scores
+/// `q₁·c_a + q₂·c'_b`, in descending score order (ties: lower expert id first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerRetrieval {
+    /// Expert ids `a·n + b`, `[T, h, k]`.
+    pub experts: Array3<u32>,
+    /// Scores, `[T, h, k]`.
+    pub scores: Array3<f32>,
+}
+
+/// The PEER router. `n_experts()` is `N = n²`; it expects width `d`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peer {
+    d: usize,
+    heads: usize,
+    n: usize,
+    d_key: usize,
+    k: usize,
+    product_key_topk: usize,
+    /// `[h·2·d_key, d]`, standard layout.
+    query: Array2<f32>,
+    /// `[h, n, d_key]`, standard layout.
+    keys_1: Array3<f32>,
+    /// `[h, n, d_key]`, standard layout.
+    keys_2: Array3<f32>,
+    non_competing: bool,
+    batchnorm: Option<QueryBatchNorm>,
+    /// `batchnorm` folded to `q · scale + shift`.
+    bn_affine: Option<(Array1<f32>, Array1<f32>)>,
+    activation: Activation,
+}
+
+/// `floor(sqrt(e))`, exact for every `usize`.
+fn floor_sqrt(e: usize) -> usize {
+    let square_above = |r: usize| r.checked_mul(r).is_none_or(|sq| sq > e);
+    let mut r = (e as f64).sqrt() as usize;
+    while r > 0 && square_above(r) {
+        r -= 1;
+    }
+    while !square_above(r + 1) {
+        r += 1;
+    }
+    r
+}
+
+/// Integer square root: the `n` with `n² = e`, if any.
+fn exact_sqrt(e: usize) -> Option<usize> {
+    let r = floor_sqrt(e);
+    (r.checked_mul(r) == Some(e)).then_some(r)
+}
+
+impl PeerConfig {
+    /// Resolves the defaults and builds a router over `E = n_experts = n²` experts of width `d_model`, with
+    /// [`PeerWeights::random`] parameters drawn from `seed`.
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] if `n_experts` is not a perfect square (the message names the nearest squares)
+    /// or an option is out of range; [`MoeError::TooLarge`] for absurd sizes; then [`Peer::new`]'s errors.
+    pub fn build(&self, d_model: usize, n_experts: usize, seed: u64) -> Result<Peer, MoeError> {
+        if n_experts > MAX_PEER_EXPERTS {
+            return Err(MoeError::TooLarge {
+                what: "peer experts N = n²".into(),
+                size: n_experts as u128,
+                limit: MAX_PEER_EXPERTS as u128,
+            });
+        }
+        let Some(n) = exact_sqrt(n_experts).filter(|&n| n > 0) else {
+            let lo = floor_sqrt(n_experts).max(1);
+            let hi = lo + 1;
+            return Err(MoeError::config(
+                "n_experts",
+                n_experts,
+                format!(
+                    "peer needs E = n² singleton experts (n keys per sub-key half); {n_experts} is not a square: \
+                     use {} = {lo}² or {} = {hi}²",
+                    lo * lo,
+                    hi * hi
+                ),
+            ));
+        };
+        let heads = self.heads.unwrap_or(DEFAULT_HEADS);
+        let d_key = self.d_key.unwrap_or(DEFAULT_D_KEY.min(d_model));
+        let (k, p) = self.resolve_k(n);
+        // Validate the cheap integer options before drawing any weights.
+        check_k(n, heads, k, p)?;
+        let weights = PeerWeights::random(d_model, n, heads, d_key, seed)?;
+        self.finish(Peer::new(weights, k, p)?)
+    }
+
+    /// Builds a router around given weights; `heads` and `d_key`, if set, must agree with them.
+    ///
+    /// # Errors
+    /// [`MoeError::Mismatch`] for disagreeing `heads` / `d_key`; then [`Peer::new`]'s errors.
+    pub fn build_with(&self, weights: PeerWeights) -> Result<Peer, MoeError> {
+        let (h, two_dk, _) = weights.query.dim();
+        if let Some(heads) = self.heads.filter(|&x| x != h) {
+            return Err(MoeError::mismatch(
+                "peer heads",
+                "option heads",
+                heads,
+                "weights heads",
+                h,
+            ));
+        }
+        if let Some(dk) = self.d_key.filter(|&x| x != two_dk / 2) {
+            return Err(MoeError::mismatch(
+                "peer d_key",
+                "option d_key",
+                dk,
+                "weights d_key",
+                two_dk / 2,
+            ));
+        }
+        let (k, p) = self.resolve_k(weights.keys_1.dim().1);
+        self.finish(Peer::new(weights, k, p)?)
+    }
+
+    /// `k` and `product_key_topk` with their defaults for `n` keys per half.
+    fn resolve_k(&self, n: usize) -> (usize, usize) {
+        let k = self.k.unwrap_or(DEFAULT_K.min(n));
+        (k, self.product_key_topk.unwrap_or(k))
+    }
+
+    /// Applies the score, BatchNorm and activation options.
+    fn finish(&self, peer: Peer) -> Result<Peer, MoeError> {
+        let mut peer = peer.with_non_competing_scores(self.non_competing_scores.unwrap_or(false));
+        peer.activation = self.activation.unwrap_or(Activation::Gelu);
+        if self.query_batchnorm.unwrap_or(false) {
+            let features = peer.heads * 2 * peer.d_key;
+            peer = peer.with_query_batchnorm(QueryBatchNorm::identity(features))?;
+        }
+        Ok(peer)
+    }
+}
+
+/// Checks `1 <= k <= p <= n` and that ranks `head·k + j` fit in `u16`.
+fn check_k(n: usize, heads: usize, k: usize, p: usize) -> Result<(), MoeError> {
+    if k == 0 || k > n {
+        return Err(MoeError::config(
+            "k",
+            k,
+            format!(
+                "peer keeps k experts per head out of the top k of each {n}-key half, so 1 <= k <= n = {n} (E = {})",
+                n * n
+            ),
+        ));
+    }
+    if p < k || p > n {
+        return Err(MoeError::config(
+            "product_key_topk",
+            p,
+            format!("must be in k..=n = {k}..={n}"),
+        ));
+    }
+    let slots = heads as u128 * k as u128;
+    if slots > 1 << 16 {
+        return Err(MoeError::TooLarge {
+            what: "peer heads·k (slot ranks are u16)".into(),
+            size: slots,
+            limit: 1 << 16,
+        });
+    }
+    Ok(())
+}
+
+/// Names the first non-finite value of a 3-D parameter.
+fn check_finite_3(name: &str, a: &Array3<f32>) -> Result<(), MoeError> {
+    match a.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        Some(((i, j, l), v)) => Err(MoeError::config(
+            name,
+            v,
+            format!("non-finite at [{i}, {j}, {l}]"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether `x` ranks before `y`: higher score, then lower id.
+fn better(x: (f32, u32), y: (f32, u32)) -> bool {
+    x.0 > y.0 || (x.0 == y.0 && x.1 < y.1)
+}
+
+/// Offers `c` to `top`, the best `k` so far in rank order. `O(1)` when it does not enter, `O(k)` when it does.
+fn offer(top: &mut Vec<(f32, u32)>, k: usize, c: (f32, u32)) {
+    if top.len() == k {
+        match top.last() {
+            Some(&last) if better(c, last) => {
+                top.pop();
+            }
+            _ => return,
+        }
+    }
+    let at = top.partition_point(|&e| better(e, c));
+    top.insert(at, c);
+}
+
+/// Number of strided groups [`top_of_row`] takes maxima over (at least `p` are used).
+const SCAN_GROUPS: usize = 64;
+
+/// The top `p` of `row` in rank order (descending value, ties to the lower index) into `top`, exactly.
+///
+/// Fast path (`n >= 2·G`, `G = max(64, p)` groups): the maxima of the `G` strided groups `row[l], row[l + G], …` are
+/// an elementwise (vectorised) max; their `p`-th largest `τ` is at most the row's `p`-th largest value, so the top
+/// `p` are among the values `>= τ` (about `p + 3` of 1024 for `p = 16` on random scores). Those are collected and
+/// sorted with the exact order. Small rows are scanned with [`offer`].
+///
+/// # Errors
+/// The index of the first non-finite value, if any (`top` is then unspecified).
+fn top_of_row(
+    row: &[f32],
+    p: usize,
+    top: &mut Vec<(f32, u32)>,
+    lanes: &mut Vec<f32>,
+) -> Result<(), usize> {
+    top.clear();
+    if row.iter().map(|v| u32::from(!v.is_finite())).sum::<u32>() > 0 {
+        return Err(row.iter().position(|v| !v.is_finite()).unwrap_or(0));
+    }
+    let g = SCAN_GROUPS.max(p);
+    if row.len() < 2 * g || p == 0 {
+        for (i, &v) in row.iter().enumerate() {
+            offer(top, p, (v, i as u32));
+        }
+        return Ok(());
+    }
+    lanes.clear();
+    lanes.extend_from_slice(&row[..g]);
+    let mut rest = row[g..].chunks_exact(g);
+    for chunk in &mut rest {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    for (m, &v) in lanes.iter_mut().zip(rest.remainder()) {
+        *m = if v > *m { v } else { *m };
+    }
+    // τ = the p-th largest group maximum. At least p values are >= τ, so the p-th largest value is >= τ.
+    let (_, &mut tau, _) = lanes.select_nth_unstable_by(p - 1, |a, b| b.total_cmp(a));
+    for (i, &v) in row.iter().enumerate() {
+        if v >= tau {
+            top.push((v, i as u32));
+        }
+    }
+    top.sort_unstable_by(|&x, &y| {
+        if better(x, y) {
+            std::cmp::Ordering::Less
+        } else if better(y, x) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    });
+    top.truncate(p);
+    Ok(())
+}
+
+impl Peer {
+    /// A router from weights, keeping `k` experts per head out of `product_key_topk` candidates per half.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] for a query that is not `[h >= 1, 2·d_key (even), d >= 1]` or sub-key tables that are
+    /// not both `[h, n >= 1, d_key]`; [`MoeError::InvalidConfig`] for a non-finite weight or `k`,
+    /// `product_key_topk` outside `1 <= k <= p <= n`; [`MoeError::TooLarge`] past [`MAX_PEER_EXPERTS`] experts or
+    /// `h·k > 65536`.
+    pub fn new(weights: PeerWeights, k: usize, product_key_topk: usize) -> Result<Self, MoeError> {
+        let PeerWeights {
+            query,
+            keys_1,
+            keys_2,
+        } = weights;
+        let (heads, two_dk, d) = query.dim();
+        if heads == 0 || two_dk == 0 || two_dk % 2 != 0 || d == 0 {
+            return Err(MoeError::shape(
+                "peer.query",
+                "[h >= 1, 2·d_key (even, >= 2), d >= 1]",
+                query.shape(),
+            ));
+        }
+        let d_key = two_dk / 2;
+        let n = keys_1.dim().1;
+        if keys_1.dim() != (heads, n, d_key) || n == 0 {
+            return Err(MoeError::shape(
+                "peer.keys_1",
+                format!("[{heads}, n >= 1, {d_key}]"),
+                keys_1.shape(),
+            ));
+        }
+        if keys_2.dim() != keys_1.dim() {
+            return Err(MoeError::shape(
+                "peer.keys_2",
+                format!("[{heads}, {n}, {d_key}]"),
+                keys_2.shape(),
+            ));
+        }
+        check_sizes(d, n, heads, d_key)?;
+        check_k(n, heads, k, product_key_topk)?;
+        check_finite_3("peer.query", &query)?;
+        check_finite_3("peer.keys_1", &keys_1)?;
+        check_finite_3("peer.keys_2", &keys_2)?;
+        let query = query
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((heads * two_dk, d))
+            .map_err(|_| {
+                MoeError::shape(
+                    "peer.query",
+                    format!("[{heads}, {two_dk}, {d}]"),
+                    &[heads, two_dk, d],
+                )
+            })?;
+        Ok(Peer {
+            d,
+            heads,
+            n,
+            d_key,
+            k,
+            product_key_topk,
+            query,
+            keys_1: keys_1.as_standard_layout().into_owned(),
+            keys_2: keys_2.as_standard_layout().into_owned(),
+            non_competing: false,
+            batchnorm: None,
+            bn_affine: None,
+            activation: Activation::Gelu,
+        })
+    }
+
+    /// Weights `ReLU(score)` (`true`) or `softmax` over the head's k scores (`false`, the paper).
+    pub fn with_non_competing_scores(mut self, on: bool) -> Self {
+        self.non_competing = on;
+        self
+    }
+
+    /// Applies eval-form BatchNorm to the queries.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] for statistics that are not `[h·2·d_key]`; [`MoeError::InvalidConfig`] for non-finite
+    /// values, a negative variance or `eps <= 0`.
+    pub fn with_query_batchnorm(mut self, bn: QueryBatchNorm) -> Result<Self, MoeError> {
+        self.bn_affine = Some(bn.fold(self.heads * 2 * self.d_key)?);
+        self.batchnorm = Some(bn);
+        Ok(self)
+    }
+
+    /// Records the experts' activation (see [`PeerConfig::activation`]).
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// Query heads `h`.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// Keys per half `n` (`E = n²`).
+    pub fn n_keys(&self) -> usize {
+        self.n
+    }
+
+    /// Sub-key width `d_key`.
+    pub fn d_key(&self) -> usize {
+        self.d_key
+    }
+
+    /// Experts kept per head.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Candidates per half.
+    pub fn product_key_topk(&self) -> usize {
+        self.product_key_topk
+    }
+
+    /// Whether weights are `ReLU(score)`.
+    pub fn non_competing_scores(&self) -> bool {
+        self.non_competing
+    }
+
+    /// The query BatchNorm, if any.
+    pub fn query_batchnorm(&self) -> Option<&QueryBatchNorm> {
+        self.batchnorm.as_ref()
+    }
+
+    /// The experts' activation, for building the matching [`PeerBank`](moe_core::PeerBank).
+    pub fn activation(&self) -> Activation {
+        self.activation
+    }
+
+    /// Product-key retrieval for hidden states `[T, d]`: per token and head, the top `k` experts and scores.
+    /// Parallel over (block of 256 tokens, head) units fixed by `T` alone, so the result is the same on any thread
+    /// count.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] for a wrong width; [`MoeError::NonFinite`] for a non-finite input (naming the token) or
+    /// a score that overflows (tensor `peer head i sub-key scores`).
+    pub fn retrieve(&self, hidden: ArrayView2<'_, f32>) -> Result<PeerRetrieval, MoeError> {
+        let (t, d) = hidden.dim();
+        if d != self.d {
+            return Err(MoeError::shape(
+                "hidden",
+                format!("[T, {}]", self.d),
+                &[t, d],
+            ));
+        }
+        check_finite("hidden", hidden)?;
+        self.retrieve_checked(hidden)
+    }
+
+    /// [`Peer::retrieve`] on an input already checked for width and finiteness. Work units are (block of
+    /// [`BLOCK_TOKENS`] tokens, head): blocks are large enough to amortise packing each head's `W_q` and sub-keys
+    /// for the matrix products, and heads give parallel work even for one block.
+    fn retrieve_checked(&self, hidden: ArrayView2<'_, f32>) -> Result<PeerRetrieval, MoeError> {
+        let (t, h, k) = (hidden.nrows(), self.heads, self.k);
+        let units: Vec<(usize, usize)> = (0..t.div_ceil(BLOCK_TOKENS))
+            .flat_map(|b| (0..h).map(move |head| (b, head)))
+            .collect();
+        let results: Vec<Result<Vec<(f32, u32)>, MoeError>> = units
+            .par_iter()
+            .map(|&(b, head)| {
+                let start = b * BLOCK_TOKENS;
+                let end = (start + BLOCK_TOKENS).min(t);
+                self.retrieve_unit(hidden.slice(s![start..end, ..]), start, head)
+            })
+            .collect();
+        let mut experts = vec![0u32; t * h * k];
+        let mut scores = vec![0f32; t * h * k];
+        // Scatter `[b, k]` per unit into `[T, h, k]`; the first error in (block, head) order, whatever the
+        // scheduling.
+        for (&(b, head), found) in units.iter().zip(results) {
+            for (r, row) in found?.chunks_exact(k).enumerate() {
+                let at = ((b * BLOCK_TOKENS + r) * h + head) * k;
+                for (j, &(v, e)) in row.iter().enumerate() {
+                    if let (Some(es), Some(ss)) = (experts.get_mut(at + j), scores.get_mut(at + j))
+                    {
+                        *es = e;
+                        *ss = v;
+                    }
+                }
+            }
+        }
+        let shape = (t, h, k);
+        let bad = |_| MoeError::shape("peer retrieval", format!("{shape:?}"), &[t * h * k]);
+        Ok(PeerRetrieval {
+            experts: Array3::from_shape_vec(shape, experts).map_err(bad)?,
+            scores: Array3::from_shape_vec(shape, scores).map_err(bad)?,
+        })
+    }
+
+    /// Retrieval for one head and one block of tokens `x` (`[b, d]`, first token `first`): `[b, k]` (score,
+    /// expert) pairs, flat, each row in rank order.
+    fn retrieve_unit(
+        &self,
+        x: ArrayView2<'_, f32>,
+        first: usize,
+        head: usize,
+    ) -> Result<Vec<(f32, u32)>, MoeError> {
+        let (b, n, dk, k, p) = (x.nrows(), self.n, self.d_key, self.k, self.product_key_topk);
+        let rows = head * 2 * dk..(head + 1) * 2 * dk;
+        let mut q = x.dot(&self.query.slice(s![rows.clone(), ..]).t());
+        if let Some((scale, shift)) = &self.bn_affine {
+            q *= &scale.slice(s![rows.clone()]);
+            q += &shift.slice(s![rows]);
+        }
+        let mut s1 = vec![0f32; b * n];
+        let mut s2 = vec![0f32; b * n];
+        for (buf, keys, cols) in [
+            (&mut s1, &self.keys_1, 0..dk),
+            (&mut s2, &self.keys_2, dk..2 * dk),
+        ] {
+            let len = buf.len();
+            let mut out = ArrayViewMut2::from_shape((b, n), &mut buf[..]).map_err(|_| {
+                MoeError::shape("peer sub-key scores", format!("[{b}, {n}]"), &[len])
+            })?;
+            general_mat_mul(
+                1.0,
+                &q.slice(s![.., cols]),
+                &keys.index_axis(Axis(0), head).t(),
+                0.0,
+                &mut out,
+            );
+        }
+        let (mut top1, mut top2) = (Vec::with_capacity(p), Vec::with_capacity(p));
+        let mut lanes = Vec::with_capacity(SCAN_GROUPS.max(p));
+        let mut found = Vec::with_capacity(b * k);
+        let mut best = Vec::with_capacity(k);
+        for (r, (row1, row2)) in s1.chunks_exact(n).zip(s2.chunks_exact(n)).enumerate() {
+            for (half, row, top) in [(0, row1, &mut top1), (1, row2, &mut top2)] {
+                if let Err(column) = top_of_row(row, p, top, &mut lanes) {
+                    let value = row.get(column).copied().unwrap_or(f32::NAN);
+                    return Err(MoeError::NonFinite {
+                        tensor: format!("peer head {head} sub-key scores (half {half})"),
+                        token: first + r,
+                        column,
+                        value,
+                    });
+                }
+            }
+            // The p² candidate sums; both lists are in descending order, so once a sum falls strictly below the
+            // current k-th best the rest of that row cannot enter.
+            best.clear();
+            // A row whose best sum is already below the k-th best ends the search too.
+            let below = |best: &Vec<(f32, u32)>, v: f32| {
+                best.len() == k && best.last().is_some_and(|l| v < l.0)
+            };
+            let b0 = top2.first().map_or(0.0, |x| x.0);
+            for &(va, a) in &top1 {
+                if below(&best, va + b0) {
+                    break;
+                }
+                for &(vb, bb) in &top2 {
+                    let c = (va + vb, a * n as u32 + bb);
+                    if below(&best, c.0) {
+                        break;
+                    }
+                    offer(&mut best, k, c);
+                }
+            }
+            found.extend_from_slice(&best);
+        }
+        Ok(found)
+    }
+
+    /// The weights of one head's `k` scores (descending).
+    fn head_weights(&self, scores: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        if self.non_competing {
+            out.extend(scores.iter().map(|&s| s.max(0.0)));
+        } else {
+            out.extend_from_slice(scores);
+            util::softmax_in_place(out);
+        }
+    }
+}
+
+impl Router for Peer {
+    fn name(&self) -> &str {
+        "peer"
+    }
+
+    fn n_experts(&self) -> usize {
+        self.n * self.n
+    }
+
+    fn d_model(&self) -> Option<usize> {
+        Some(self.d)
+    }
+
+    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+        let e = self.n_experts();
+        util::check_input(input, Some(self.d), e, self.k)?;
+        let t = input.n_tokens();
+        let found = self.retrieve_checked(input.hidden)?;
+        let (Some(experts), Some(scores)) = (found.experts.as_slice(), found.scores.as_slice())
+        else {
+            return Err(MoeError::shape(
+                "peer retrieval",
+                "standard layout [T, h, k]",
+                found.experts.shape(),
+            ));
+        };
+        let k = self.k;
+        let mut kept = Vec::with_capacity(t * self.heads * k);
+        let mut real = 0usize;
+        let mut w = Vec::with_capacity(k);
+        for (token, (te, ts)) in experts
+            .chunks_exact(self.heads * k)
+            .zip(scores.chunks_exact(self.heads * k))
+            .enumerate()
+        {
+            if input.is_padding(token) {
+                continue;
+            }
+            real += 1;
+            for (head, (he, hs)) in te.chunks_exact(k).zip(ts.chunks_exact(k)).enumerate() {
+                self.head_weights(hs, &mut w);
+                for (j, (&expert, &weight)) in he.iter().zip(&w).enumerate() {
+                    let rank = (head * k + j) as u16;
+                    kept.push(Assignment {
+                        token: token as u32,
+                        expert,
+                        weight,
+                        rank,
+                    });
+                }
+            }
+        }
+        Routing::new(t, e, real, kept, Vec::new())
+    }
+}
+
+/// Expert usage over many plans (PEER's key diagnostic, ROUTERS.md §6): the fraction of the `N` experts retrieved
+/// at least once. A bitset of `N` bits; adding a plan costs `O(active experts)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertUsage {
+    n_experts: usize,
+    seen: Vec<u64>,
+    used: usize,
+}
+
+impl ExpertUsage {
+    /// Nothing seen yet, over `n_experts` experts.
+    pub fn new(n_experts: usize) -> Self {
+        ExpertUsage {
+            n_experts,
+            seen: vec![0; n_experts.div_ceil(64)],
+            used: 0,
+        }
+    }
+
+    /// Marks the experts that received a slot in `plan`.
+    ///
+    /// # Errors
+    /// [`MoeError::Mismatch`] if the plan has another expert count.
+    pub fn add(&mut self, plan: &Routing) -> Result<(), MoeError> {
+        if plan.n_experts() != self.n_experts {
+            return Err(MoeError::mismatch(
+                "expert usage",
+                "plan experts",
+                plan.n_experts(),
+                "usage experts",
+                self.n_experts,
+            ));
+        }
+        for &e in plan.active_experts() {
+            let (word, bit) = (e as usize / 64, 1u64 << (e % 64));
+            if let Some(w) = self.seen.get_mut(word) {
+                if *w & bit == 0 {
+                    *w |= bit;
+                    self.used += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Experts retrieved at least once.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// `used / N` (0 for `N = 0`).
+    pub fn fraction(&self) -> f64 {
+        if self.n_experts == 0 {
+            0.0
+        } else {
+            self.used as f64 / self.n_experts as f64
+        }
+    }
+}
+
+fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
+    let cfg: PeerConfig = args.parse("peer")?;
+    Ok(Box::new(cfg.build(
+        args.d_model,
+        args.n_experts,
+        args.seed,
+    )?))
+}
+
+/// Registers `peer`.
 ///
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    let _ = reg;
-    Ok(())
+    reg.register(RouterEntry {
+        name: "peer".into(),
+        description:
+            "PEER (He 2024): exact product-key top-k over E = n² singleton experts, multi-head"
+                .into(),
+        causal: true,
+        options: OPTIONS.to_vec(),
+        factory,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    /// One head, `n = 2` (`E = 4`), `d = 2`, `d_key = 1`: `W_q = I` so `q₁ = x₀`, `q₂ = x₁`; `C = [1, −1]`,
+    /// `C' = [2, 0.5]`.
+    fn tiny(k: usize) -> Peer {
+        let weights = PeerWeights {
+            query: array![[[1.0f32, 0.0], [0.0, 1.0]]],
+            keys_1: array![[[1.0f32], [-1.0]]],
+            keys_2: array![[[2.0f32], [0.5]]],
+        };
+        Peer::new(weights, k, k).expect("valid weights")
+    }
+
+    #[test]
+    fn tiny_hand_computed() {
+        // x = [1, 2]: half scores s1 = [1·1, −1·1] = [1, −1], s2 = [2·2, 0.5·2] = [4, 1].
+        // Expert (a, b) = a·2 + b: 0 = (0,0) 1 + 4 = 5; 1 = (0,1) 1 + 1 = 2; 2 = (1,0) −1 + 4 = 3; 3 = (1,1) 0.
+        // Top-2: expert 0 (5), expert 2 (3). Softmax: e⁵ / (e⁵ + e³) = 1 / (1 + e⁻²) = 0.8807971, 0.1192029.
+        let r = tiny(2);
+        let x = array![[1.0f32, 2.0]];
+        let got = r.retrieve(x.view()).expect("retrieve");
+        assert_eq!(got.experts.iter().copied().collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(
+            got.scores.iter().copied().collect::<Vec<_>>(),
+            vec![5.0, 3.0]
+        );
+        let plan = r
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token();
+        assert_eq!((plan[0][0].0, plan[0][0].2), (0, 0));
+        assert_eq!((plan[0][1].0, plan[0][1].2), (2, 1));
+        assert!((plan[0][0].1 - 0.880_797_1).abs() < 1e-6);
+        assert!((plan[0][1].1 - 0.119_202_9).abs() < 1e-6);
+        // Non-competing: ReLU(5) = 5, ReLU(3) = 3.
+        let plan = r
+            .with_non_competing_scores(true)
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token();
+        assert_eq!(plan[0], vec![(0, 5.0, 0), (2, 3.0, 1)]);
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_expert_id() {
+        // x = [0, 0]: every score is 0, so the top-2 are the two lowest ids, experts 0 and 1.
+        let r = tiny(2);
+        let x = array![[0.0f32, 0.0]];
+        let got = r.retrieve(x.view()).expect("retrieve");
+        assert_eq!(got.experts.iter().copied().collect::<Vec<_>>(), vec![0, 1]);
+        // x = [0, 1]: s1 = [0, -0], s2 = [2, 0.5]; experts 0 and 2 tie at 2, 1 and 3 at 0.5 -> order 0, 2, 1, 3.
+        let weights = PeerWeights {
+            query: array![[[1.0f32, 0.0], [0.0, 1.0]]],
+            keys_1: array![[[1.0f32], [-1.0]]],
+            keys_2: array![[[2.0f32], [0.5]]],
+        };
+        let r = Peer::new(weights, 2, 2)
+            .expect("peer")
+            .with_non_competing_scores(true);
+        let got = r.retrieve(array![[0.0f32, 1.0]].view()).expect("retrieve");
+        assert_eq!(got.experts.iter().copied().collect::<Vec<_>>(), vec![0, 2]);
+        let plan = r
+            .route(&RouterInput::new(array![[0.0f32, 0.0]].view()))
+            .expect("route");
+        assert!(
+            plan.slot_weights().iter().all(|&w| w == 0.0),
+            "ReLU of zero scores is 0, slots kept"
+        );
+        assert_eq!(plan.n_slots(), 2);
+    }
+
+    #[test]
+    fn batchnorm_eval_form_hand_computed() {
+        // Features [q1, q2] with mean [1, 0], var [3, 1], weight [2, 1], bias [0, 0.5], eps 1:
+        // q1' = (1 − 1) / 2 · 2 + 0 = 0; q2' = (2 − 0) / sqrt(2) · 1 + 0.5 = 1.9142136 for x = [1, 2].
+        // Scores: s1 = [0, 0], s2 = [3.8284271, 0.9571068]; top-1 = expert 0 (score 3.8284271).
+        let bn = QueryBatchNorm {
+            running_mean: array![1.0f32, 0.0],
+            running_var: array![3.0f32, 1.0],
+            weight: array![2.0f32, 1.0],
+            bias: array![0.0f32, 0.5],
+            eps: 1.0,
+        };
+        let r = tiny(1).with_query_batchnorm(bn).expect("bn");
+        let got = r.retrieve(array![[1.0f32, 2.0]].view()).expect("retrieve");
+        assert_eq!(got.experts[[0, 0, 0]], 0);
+        assert!((got.scores[[0, 0, 0]] - 3.828_427).abs() < 1e-5);
+        // The default statistics divide by sqrt(1 + 1e-5) only.
+        let id = tiny(2)
+            .with_query_batchnorm(QueryBatchNorm::identity(2))
+            .expect("bn");
+        let got = id.retrieve(array![[1.0f32, 2.0]].view()).expect("retrieve");
+        assert!((got.scores[[0, 0, 0]] - 5.0 / (1.0f32 + 1e-5).sqrt()).abs() < 1e-6);
+        let bad = QueryBatchNorm {
+            eps: 0.0,
+            ..QueryBatchNorm::identity(2)
+        };
+        assert!(matches!(
+            tiny(1).with_query_batchnorm(bad),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            tiny(1).with_query_batchnorm(QueryBatchNorm::identity(3)),
+            Err(MoeError::Shape { .. })
+        ));
+    }
+
+    /// The reference order: every value offered in index order.
+    fn reference_top(row: &[f32], p: usize) -> Vec<(f32, u32)> {
+        let mut top = Vec::new();
+        for (i, &v) in row.iter().enumerate() {
+            offer(&mut top, p, (v, i as u32));
+        }
+        top
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 256,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x70F),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        #[test]
+        fn fast_row_scan_equals_reference_with_ties(
+            levels in 1u32..6,
+            raw in proptest::collection::vec(0u32..1000, 0..600),
+            p in 1usize..80,
+            signed_zero in proptest::bool::ANY,
+        ) {
+            // Few distinct values (many ties, and -0 beside +0) stress the tie order on the fast path (n >= 128).
+            let row: Vec<f32> = raw
+                .iter()
+                .map(|&r| {
+                    let v = (r % levels) as f32 - 1.0;
+                    if signed_zero && v == 0.0 && r % 2 == 1 { -0.0 } else { v }
+                })
+                .collect();
+            let p = p.min(row.len().max(1));
+            let (mut top, mut lanes) = (Vec::new(), Vec::new());
+            proptest::prop_assert!(top_of_row(&row, p, &mut top, &mut lanes).is_ok());
+            let want = reference_top(&row, p);
+            proptest::prop_assert_eq!(
+                top.iter().map(|x| x.1).collect::<Vec<_>>(),
+                want.iter().map(|x| x.1).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn row_scan_reports_the_first_non_finite_value() {
+        let mut row = vec![0.5f32; 300];
+        row[200] = f32::NAN;
+        row[250] = f32::INFINITY;
+        let (mut top, mut lanes) = (Vec::new(), Vec::new());
+        assert_eq!(top_of_row(&row, 4, &mut top, &mut lanes), Err(200));
+        assert_eq!(top_of_row(&row[..10], 4, &mut top, &mut lanes), Ok(()));
+        assert_eq!(
+            top.iter().map(|x| x.1).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn exact_sqrt_and_square_error() {
+        assert_eq!(exact_sqrt(16), Some(4));
+        assert_eq!(exact_sqrt(1 << 20), Some(1024));
+        assert_eq!(exact_sqrt(15), None);
+        assert_eq!(exact_sqrt(usize::MAX), None);
+        match PeerConfig::default().build(8, 15, 0) {
+            Err(MoeError::InvalidConfig { option, reason, .. }) => {
+                assert_eq!(option, "n_experts");
+                assert!(
+                    reason.contains("9 = 3²") && reason.contains("16 = 4²"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a non-square error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn options_are_validated_before_allocation() {
+        let cfg = |c: PeerConfig| c.build(8, 16, 0);
+        assert!(matches!(
+            cfg(PeerConfig {
+                k: Some(5),
+                ..Default::default()
+            }),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            cfg(PeerConfig {
+                k: Some(0),
+                ..Default::default()
+            }),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+        let p = PeerConfig {
+            k: Some(3),
+            product_key_topk: Some(2),
+            ..Default::default()
+        };
+        assert!(matches!(cfg(p), Err(MoeError::InvalidConfig { .. })));
+        assert!(matches!(
+            cfg(PeerConfig {
+                heads: Some(0),
+                ..Default::default()
+            }),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+        // 2^40 experts and a 2^40-value query projection are refused without allocating.
+        assert!(matches!(
+            PeerConfig::default().build(8, 1 << 40, 0),
+            Err(MoeError::TooLarge { .. })
+        ));
+        // h·2·d_key·d = 2^12 · 256 · 2^12 = 2^32 query values.
+        let wide = PeerConfig {
+            heads: Some(1 << 12),
+            ..Default::default()
+        };
+        assert!(matches!(
+            wide.build(1 << 12, 16, 0),
+            Err(MoeError::TooLarge { .. })
+        ));
+        let slots = PeerConfig {
+            heads: Some(1 << 13),
+            d_key: Some(1),
+            ..Default::default()
+        };
+        assert!(matches!(
+            slots.build(1, 1 << 10, 0),
+            Err(MoeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn defaults_at_e16() {
+        // E = 16 -> n = 4; heads 8, k = min(16, 4) = 4, d_key = min(128, 8) = 8.
+        let r = PeerConfig::default().build(8, 16, 0).expect("peer");
+        assert_eq!(
+            (r.n_experts(), r.n_keys(), r.heads(), r.k(), r.d_key()),
+            (16, 4, 8, 4, 8)
+        );
+        assert_eq!(r.activation(), Activation::Gelu);
+    }
+
+    #[test]
+    fn usage_counts_distinct_experts() {
+        let r = tiny(2);
+        let mut u = ExpertUsage::new(4);
+        u.add(
+            &r.route(&RouterInput::new(array![[1.0f32, 2.0]].view()))
+                .expect("route"),
+        )
+        .expect("add");
+        assert_eq!(u.used(), 2);
+        u.add(
+            &r.route(&RouterInput::new(array![[2.0f32, 1.0]].view()))
+                .expect("route"),
+        )
+        .expect("add");
+        // x = [2, 1]: s1 = [2, −2], s2 = [2, 0.5]; best: (0,0) = 4, (0,1) = 2.5 -> experts 0, 1; 0 was seen.
+        assert_eq!(u.used(), 3);
+        assert!((u.fraction() - 0.75).abs() < 1e-12);
+    }
 }
