@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use moe_core::{
-    AuxLoss, MoeError, MoeLayer, RouterInput, RouterRegistry, workload::random_swiglu_bank,
-};
+use moe_core::{AuxLoss, MoeError, MoeLayer, RouterRegistry, workload::random_swiglu_bank};
 use serde::Serialize;
 
 use crate::CliError;
@@ -56,7 +54,7 @@ pub(crate) struct CompareArgs {
 /// The workload of a comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkloadReport {
-    /// Always `synthetic-gaussian-mixture` for now.
+    /// `synthetic-gaussian-mixture` or `file:PATH` (`--input`).
     pub kind: String,
     /// Tokens T.
     pub tokens: usize,
@@ -180,25 +178,24 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
     };
     let wa = &a.workload;
     let w = wa.generate()?;
+    let (n_tokens, d_model) = (w.n_tokens(), w.d_model());
     let backend = if a.no_layer {
         None
     } else {
         Some(crate::open_backend(&a.backend)?)
     };
     let bank = match backend {
-        Some(_) => Some(random_swiglu_bank(wa.experts, wa.d_model, a.ffn, wa.seed)?),
+        Some(_) => Some(random_swiglu_bank(wa.experts, d_model, a.ffn, wa.seed)?),
         None => None,
     };
-    let input = RouterInput::new(w.hidden.view())
-        .with_token_ids(&w.token_ids)
-        .with_mode(wa.mode());
+    let input = w.input(wa.mode());
     let progress = crate::progress::Progress::new(choices.len() as u64);
     let mut rows = Vec::with_capacity(choices.len());
     for c in &choices {
         progress.step(&c.label);
         let err = label_err(&c.label, registry, &c.name);
         let router = registry
-            .create(&c.name, &c.args(wa.d_model, wa.experts, wa.top_k, wa.seed))
+            .create(&c.name, &c.args(d_model, wa.experts, wa.top_k, wa.seed))
             .map_err(&err)?;
         if !router.is_causal() {
             progress.println(&format!(
@@ -248,9 +245,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
     progress.finish();
     let report = CompareReport {
         workload: WorkloadReport {
-            kind: "synthetic-gaussian-mixture".into(),
-            tokens: wa.tokens,
-            d_model: wa.d_model,
+            kind: w.source.clone(),
+            tokens: n_tokens,
+            d_model,
             experts: wa.experts,
             top_k: wa.top_k,
             skew: wa.skew,

@@ -1,7 +1,7 @@
 //! `moe route`: one router on one workload, a per-expert summary, and per-token assignments on request.
 
 use clap::Args;
-use moe_core::{Diagnostics, RouterInput, RouterRegistry};
+use moe_core::{Diagnostics, RouterRegistry};
 use serde::Serialize;
 
 use crate::CliError;
@@ -40,7 +40,7 @@ struct ExpertRow {
 #[derive(Debug, Serialize)]
 struct TokenRow {
     token: usize,
-    token_id: u32,
+    token_id: Option<u32>,
     /// `(expert, weight, rank)`, by rank.
     experts: Vec<(usize, f32, u16)>,
     dropped: Vec<usize>,
@@ -67,7 +67,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliErr
     let wa = &a.workload;
     let w = wa.generate()?;
     let router = registry
-        .create(&c.name, &c.args(wa.d_model, wa.experts, wa.top_k, wa.seed))
+        .create(&c.name, &c.args(w.d_model(), wa.experts, wa.top_k, wa.seed))
         .map_err(|e| match CliError::from(e) {
             CliError::Usage(m) => CliError::Usage(format!("{}: {m}", c.label)),
             other => other,
@@ -78,11 +78,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliErr
             c.label
         );
     }
-    let plan = router.route(
-        &RouterInput::new(w.hidden.view())
-            .with_token_ids(&w.token_ids)
-            .with_mode(wa.mode()),
-    )?;
+    let plan = router.route(&w.input(wa.mode()))?;
     let counts = plan.expert_counts();
     let mut dropped = vec![0usize; plan.n_experts()];
     for d in plan.dropped() {
@@ -112,7 +108,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliErr
             .take(limit)
             .map(|(t, (experts, dropped))| TokenRow {
                 token: t,
-                token_id: w.token_ids.get(t).copied().unwrap_or(0),
+                token_id: w.token_ids.as_ref().and_then(|ids| ids.get(t).copied()),
                 experts,
                 dropped,
             })
@@ -171,7 +167,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliErr
             let dr: Vec<String> = r.dropped.iter().map(|e| e.to_string()).collect();
             t.push(vec![
                 r.token.to_string(),
-                r.token_id.to_string(),
+                r.token_id.map_or("-".into(), |i| i.to_string()),
                 ex.join(" "),
                 dr.join(" "),
             ]);

@@ -1,7 +1,10 @@
 //! Workload flags shared by `compare` and `route`: the embedded synthetic workload and its parameters.
 
+use std::path::PathBuf;
+
 use clap::Args;
-use moe_core::{Mode, Workload, WorkloadConfig};
+use moe_core::{Mode, RouterInput, WorkloadConfig};
+use ndarray::Array2;
 
 use crate::CliError;
 
@@ -32,11 +35,42 @@ pub(crate) struct WorkloadArgs {
     /// Route in training mode with this noise seed (noise, jitter); eval mode if absent.
     #[arg(long)]
     pub train_seed: Option<u64>,
+    /// Real hidden states instead of the synthetic workload: a safetensors file with a `[T, d]` (or `[B, S, d]`)
+    /// tensor `hidden_states` and optional `token_ids`, or a `.npy` float array. T and d come from the file.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+}
+
+/// The tokens to route: hidden states `[T, d]` and, when known, token ids.
+pub(crate) struct Tokens {
+    pub hidden: Array2<f32>,
+    pub token_ids: Option<Vec<u32>>,
+    /// `synthetic-gaussian-mixture` or `file:PATH`.
+    pub source: String,
+}
+
+impl Tokens {
+    /// The router input over these tokens.
+    pub(crate) fn input(&self, mode: Mode) -> RouterInput<'_> {
+        let i = RouterInput::new(self.hidden.view()).with_mode(mode);
+        match &self.token_ids {
+            Some(ids) => i.with_token_ids(ids),
+            None => i,
+        }
+    }
+
+    pub(crate) fn n_tokens(&self) -> usize {
+        self.hidden.nrows()
+    }
+
+    pub(crate) fn d_model(&self) -> usize {
+        self.hidden.ncols()
+    }
 }
 
 impl WorkloadArgs {
-    /// Checks the flags and generates the workload.
-    pub(crate) fn generate(&self) -> Result<Workload, CliError> {
+    /// Checks the flags and generates the workload, or reads `--input`.
+    pub(crate) fn generate(&self) -> Result<Tokens, CliError> {
         if self.experts == 0 {
             return Err(CliError::Usage("--experts must be at least 1".into()));
         }
@@ -46,6 +80,15 @@ impl WorkloadArgs {
                 self.experts, self.top_k
             )));
         }
+        if let Some(path) = &self.input {
+            let h = moe_models::hidden::load_hidden(path)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            return Ok(Tokens {
+                hidden: h.hidden,
+                token_ids: h.token_ids,
+                source: format!("file:{}", path.display()),
+            });
+        }
         let cfg = WorkloadConfig {
             tokens: self.tokens,
             d_model: self.d_model,
@@ -54,7 +97,12 @@ impl WorkloadArgs {
             seed: self.seed,
             ..Default::default()
         };
-        Ok(cfg.generate()?)
+        let w = cfg.generate()?;
+        Ok(Tokens {
+            hidden: w.hidden,
+            token_ids: Some(w.token_ids),
+            source: "synthetic-gaussian-mixture".into(),
+        })
     }
 
     /// Train or eval.

@@ -268,3 +268,102 @@ fn plot_and_config_file() {
     assert_eq!(o.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A safetensors file written by hand: `hidden_states [t, d]` F32 and `token_ids [t]` I64.
+fn safetensors_bytes(t: usize, d: usize) -> Vec<u8> {
+    let n = t * d * 4;
+    let header = format!(
+        r#"{{"hidden_states":{{"dtype":"F32","shape":[{t},{d}],"data_offsets":[0,{n}]}},"token_ids":{{"dtype":"I64","shape":[{t}],"data_offsets":[{n},{}]}}}}"#,
+        n + 8 * t
+    );
+    let mut h = header.into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut b = (h.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(&h);
+    for i in 0..t * d {
+        b.extend_from_slice(&(((i * 7919) % 23) as f32 / 7.0 - 1.5).to_le_bytes());
+    }
+    for i in 0..t {
+        b.extend_from_slice(&((i % 5) as i64).to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn input_files_safetensors_and_npy() {
+    let dir = std::env::temp_dir().join(format!("moe-cli-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let st = dir.join("x.safetensors");
+    std::fs::write(&st, safetensors_bytes(40, 6)).expect("write");
+    let o = moe(&[
+        "compare",
+        "--input",
+        st.to_str().expect("utf-8"),
+        "--routers",
+        "hash,softmax-topk",
+        "-e",
+        "4",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["workload"]["tokens"], 40);
+    assert_eq!(v["workload"]["d_model"], 6);
+    // Token ids are i mod 5; the hash router sends each id to one expert, so all 40 tokens are kept.
+    assert_eq!(v["rows"][0]["kept"], 40);
+    // A .npy file has no token ids: hash routing says so (exit 2), softmax-topk works.
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let mut h = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }".to_string();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    npy.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    npy.extend_from_slice(h.as_bytes());
+    for v in [1.0f32, 0.0, 0.0, 1.0, 0.5, 0.5] {
+        npy.extend_from_slice(&v.to_le_bytes());
+    }
+    let np = dir.join("x.npy");
+    std::fs::write(&np, npy).expect("write");
+    let o = moe(&[
+        "route",
+        "softmax-topk",
+        "--input",
+        np.to_str().expect("utf-8"),
+        "-e",
+        "2",
+        "-k",
+        "1",
+        "--tokens",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["tokens"].as_array().expect("tokens").len(), 3);
+    let o = moe(&[
+        "route",
+        "hash",
+        "--input",
+        np.to_str().expect("utf-8"),
+        "-e",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("token ids"), "{}", stderr(&o));
+    // Unreadable and truncated files: one line, exit 2.
+    let o = moe(&[
+        "compare",
+        "--input",
+        dir.join("missing.safetensors").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    std::fs::write(&st, &safetensors_bytes(40, 6)[..100]).expect("write");
+    let o = moe(&["compare", "--input", st.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

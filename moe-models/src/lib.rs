@@ -25,6 +25,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod hidden;
 pub mod inspect;
 pub mod nllb;
 pub mod presets;
