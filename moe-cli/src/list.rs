@@ -1,4 +1,4 @@
-//! `moe list`: routers with their options and defaults, and the backends this build can run.
+//! `moe list`: routers with their options and defaults, the backends this build can run, and the presets.
 
 use clap::Args;
 use moe_core::RouterRegistry;
@@ -22,9 +22,34 @@ struct BackendInfo {
 }
 
 #[derive(Serialize)]
+struct PresetInfo {
+    /// `softmax-topk:preset=NAME` router presets, or `hf:MODEL_TYPE` checkpoint families.
+    name: String,
+    /// Where it is used.
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
 struct ListReport<'a> {
     routers: &'a [moe_core::RouterEntry],
     backends: Vec<BackendInfo>,
+    presets: Vec<PresetInfo>,
+}
+
+/// Router presets (options of `softmax-topk`) and Hugging Face families (`moe verify`, `moe inspect`).
+fn presets() -> Vec<PresetInfo> {
+    let mut v: Vec<PresetInfo> = ["mixtral", "qwen2_moe", "olmoe", "granite", "deepseek_v3"]
+        .iter()
+        .map(|p| PresetInfo {
+            name: format!("softmax-topk:preset={p}"),
+            kind: "router preset",
+        })
+        .collect();
+    v.extend(moe_models::Family::ALL.iter().map(|f| PresetInfo {
+        name: format!("hf:{}", f.model_type()),
+        kind: "Hugging Face family, by config.json model_type",
+    }));
+    v
 }
 
 pub(crate) fn run(registry: &RouterRegistry, a: &ListArgs) -> Result<(), CliError> {
@@ -47,6 +72,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &ListArgs) -> Result<(), CliErro
         let r = ListReport {
             routers: registry.describe(),
             backends,
+            presets: presets(),
         };
         println!(
             "{}",
@@ -70,6 +96,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &ListArgs) -> Result<(), CliErro
             "unavailable"
         };
         println!("  {}: {state}, {}", b.name, b.detail);
+    }
+    println!("presets:");
+    for p in presets() {
+        println!("  {} ({})", p.name, p.kind);
     }
     Ok(())
 }

@@ -144,10 +144,14 @@ fn list_shows_routers_options_and_backends() {
     assert!(out.contains("softmax-topk"));
     assert!(out.contains("preset (default none)"));
     assert!(out.contains("cpu: available"));
+    assert!(out.contains("cuda: unavailable"), "{out}");
+    assert!(out.contains("softmax-topk:preset=deepseek_v3"), "{out}");
+    assert!(out.contains("hf:gpt_oss"), "{out}");
     let o = moe(&["list", "--format", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("valid JSON");
     assert!(v["routers"].as_array().is_some_and(|r| !r.is_empty()));
     assert_eq!(v["backends"][0]["name"], "cpu");
+    assert_eq!(v["presets"].as_array().map(Vec::len), Some(14));
 }
 
 #[test]
