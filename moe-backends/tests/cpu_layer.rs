@@ -429,3 +429,61 @@ fn one_and_two_threads_are_bit_identical() {
     assert_eq!(a.output, b.output);
     assert_eq!(a.routing, b.routing);
 }
+
+#[test]
+fn peer_bank_and_gelu_hand_computed() {
+    // PEER singletons e_i(x) = act(u_i · x) v_i with d = 2, N = 3.
+    // u = [[1, 0], [0, 1], [1, 1]], v = [[1, 2], [3, 4], [5, 6]], x = [1, -2].
+    // u·x = [1, -2, -1]. ReLU: [1, 0, 0]; exact GELU: 1·Φ(1) = 0.841344746, -2·Φ(-2) = -0.045500264,
+    // -1·Φ(-1) = -0.158655254.
+    // Plan: token 0 -> expert 0 (w 0.5), expert 1 (w 0.25), expert 2 (w 0.25).
+    // ReLU: 0.5 · 1 · [1, 2] = [0.5, 1.0].
+    // GELU: 0.5·0.841345·[1, 2] + 0.25·(-0.045500)·[3, 4] + 0.25·(-0.158655)·[5, 6]
+    //     = [0.420672 - 0.034125 - 0.198319, 0.841345 - 0.045500 - 0.237983] = [0.188228, 0.557862].
+    let u = array![[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]];
+    let v = array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]];
+    let kept = vec![
+        Assignment {
+            token: 0,
+            expert: 0,
+            weight: 0.5,
+            rank: 0,
+        },
+        Assignment {
+            token: 0,
+            expert: 1,
+            weight: 0.25,
+            rank: 1,
+        },
+        Assignment {
+            token: 0,
+            expert: 2,
+            weight: 0.25,
+            rank: 2,
+        },
+    ];
+    let x = array![[1.0f32, -2.0]];
+    for (act, want) in [
+        (Activation::Relu, [0.5f32, 1.0]),
+        (Activation::Gelu, [0.188_228, 0.557_862]),
+    ] {
+        let bank = moe_core::PeerBank::new(u.clone(), v.clone(), act).expect("bank");
+        let layer = MoeLayer::new(
+            Box::new(Fixed {
+                e: 3,
+                d: 2,
+                kept: kept.clone(),
+            }),
+            ExpertBank::Peer(bank),
+        )
+        .expect("layer");
+        let out = run(layer, &x).expect("forward");
+        for j in 0..2 {
+            assert!(
+                (out.output[[0, j]] - want[j]).abs() < 2e-6,
+                "{act:?}: {} vs {want:?}",
+                out.output
+            );
+        }
+    }
+}
