@@ -58,3 +58,18 @@ fn plugin_binary_compares_it_with_the_builtins() {
     assert!(names.contains(&"greedy-balanced"), "{names:?}");
     assert!(names.contains(&"softmax-topk"), "{names:?}");
 }
+
+#[test]
+fn readme_shows_this_plugin_verbatim() {
+    let readme = include_str!("../../../README.md");
+    for (name, src) in [
+        ("lib.rs", include_str!("../src/lib.rs")),
+        ("main.rs", include_str!("../src/main.rs")),
+    ] {
+        let block = format!("// examples/custom-router/src/{name}\n{src}```");
+        assert!(
+            readme.contains(&block),
+            "README.md's copy of examples/custom-router/src/{name} is out of date"
+        );
+    }
+}
