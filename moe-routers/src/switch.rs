@@ -2,7 +2,8 @@
 //! drop policies, multiplicative input jitter in training, the HF Switch load-balancing loss and the router z-loss.
 //!
 //! # Routing
-//! `l = x · W_gᵀ` (`[T, E]`, f32), `p = softmax(l)`; each real (non-padding) token goes to `argmax p` (ties to the
+//! `l = x · W_gᵀ + b` (`[T, E]`, f32; the gate bias `b` is optional, see [`SwitchTop1::with_gate_bias`], as HF
+//! `router_bias = true`), `p = softmax(l)`; each real (non-padding) token goes to `argmax p` (ties to the
 //! lower expert id) with weight `p_max`, not renormalised. Each expert then keeps at most `C` tokens of every
 //! capacity group (one group per sequence with `per_sequence = true`, as HF Switch; otherwise the whole batch). A
 //! dropped token keeps no expert: it is listed in [`Routing::dropped`] with the weight it would have had, and its
@@ -50,17 +51,18 @@
 //! Options `capacity=fixed expert_capacity=<n> per_sequence=true drop=position aux_coefficient=0.001` with the
 //! sequences passed as `seq_lens` (all `S` for a `[B, S, d]` batch), or [`SwitchTop1Config::hf_switch`]. HF
 //! ignores the attention mask here, so its padding tokens are routed and take capacity: pass no padding mask to
-//! reproduce that.
+//! reproduce that. A checkpoint with `router.classifier.bias` adds it with [`SwitchTop1::with_gate_bias`].
 //!
 //! # Device spec
 //! [`Router::spec`] is `Some` only when a [`SwitchSpec`] describes the routing completely: `capacity = fixed` (the
 //! spec holds one resolved capacity, so a `T`-dependent rounding cannot be expressed), `jitter = 0` (the spec has
 //! no jitter, and a backend running it in training would silently skip it) and a drop policy other than `random`
-//! (the spec carries no seed). Every other configuration takes the host path.
+//! (the spec carries no seed), and no gate bias (the spec has no bias field). Every other configuration takes the
+//! host path.
 
 use std::cmp::Reverse;
 
-use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -185,6 +187,7 @@ pub const OPTIONS: &[OptionDoc] = &[
 #[derive(Debug, Clone, PartialEq)]
 pub struct SwitchTop1 {
     gate: Array2<f32>,
+    gate_bias: Option<Array1<f32>>,
     rounding: CapacityRounding,
     capacity_factor: f64,
     min_capacity: usize,
@@ -294,6 +297,7 @@ impl SwitchTop1Config {
         }
         Ok(SwitchTop1 {
             gate,
+            gate_bias: None,
             rounding,
             capacity_factor,
             min_capacity: self.min_capacity.unwrap_or(DEFAULT_MIN_CAPACITY),
@@ -311,6 +315,37 @@ impl SwitchTop1 {
     /// The gate matrix `W_g`, `[E, d]`.
     pub fn gate(&self) -> ArrayView2<'_, f32> {
         self.gate.view()
+    }
+
+    /// The gate bias `b` (`[E]`) added to the logits, if any.
+    pub fn gate_bias(&self) -> Option<&Array1<f32>> {
+        self.gate_bias.as_ref()
+    }
+
+    /// Sets the gate bias `b` (`[E]`) added to the logits, `l = x · W_gᵀ + b` (HF Switch `router_bias = true`,
+    /// `router.classifier.bias`). A router with a bias has no [`Router::spec`]: [`SwitchSpec`] cannot carry it.
+    ///
+    /// # Errors
+    /// [`MoeError::Shape`] when `bias` does not have `E` entries; [`MoeError::InvalidConfig`] for a non-finite
+    /// entry.
+    pub fn with_gate_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
+        let e = self.gate.nrows();
+        if bias.len() != e {
+            return Err(MoeError::shape(
+                "router.classifier.bias",
+                format!("[{e}]"),
+                &[bias.len()],
+            ));
+        }
+        if let Some((i, v)) = bias.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(MoeError::config(
+                "router.classifier.bias",
+                v,
+                format!("non-finite at expert {i}"),
+            ));
+        }
+        self.gate_bias = Some(bias);
+        Ok(self)
     }
 
     /// The capacity rounding.
@@ -447,10 +482,13 @@ impl Router for SwitchTop1 {
         self.drop == DropPolicy::Position
     }
 
+    /// `None` unless [`SwitchSpec`] describes the routing completely (module docs): in particular `None` with a
+    /// gate bias, which the spec cannot carry.
     fn spec(&self) -> Option<RouterSpec> {
         let expressible = self.rounding == CapacityRounding::Fixed
             && self.jitter == 0.0
-            && self.drop != DropPolicy::Random;
+            && self.drop != DropPolicy::Random
+            && self.gate_bias.is_none();
         expressible.then(|| {
             RouterSpec::Switch(SwitchSpec {
                 gate: self.gate.clone(),
@@ -470,7 +508,7 @@ impl Router for SwitchTop1 {
             _ => None,
         };
         let hidden = jittered.as_ref().map_or(input.hidden, |j| j.view());
-        let logits = util::gate_logits(hidden, self.gate.view(), None)?;
+        let logits = util::gate_logits(hidden, self.gate.view(), self.gate_bias.as_ref())?;
         let probs = softmax_rows(&logits);
         let choices: Vec<Option<Choice>> = probs
             .outer_iter()
@@ -831,6 +869,58 @@ mod tests {
             ..hf_eval
         };
         assert!(router(random, 3).spec().is_none());
+    }
+
+    #[test]
+    fn gate_bias_changes_the_argmax() {
+        // Identity gate, x = [ln 3, 0] -> logits [ln 3, 0], p = [0.75, 0.25] -> expert 0 without a bias.
+        // Bias [0, ln 6]: logits [ln 3, ln 6] -> p = [3/9, 6/9] = [1/3, 2/3] -> expert 1, weight 2/3.
+        // z-loss = logsumexp(ln 3, ln 6)^2 = (ln 9)^2.
+        let x = array![[3f32.ln(), 0.0]];
+        let hf = || SwitchTop1Config {
+            jitter: Some(0.0),
+            ..SwitchTop1Config::hf_switch(1)
+        };
+        let plain = router(hf(), 2);
+        let t = plain
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token()[0]
+            .clone();
+        assert_eq!(t[0].0, 0);
+        assert!((t[0].1 - 0.75).abs() < 1e-6);
+        assert!(plain.spec().is_some());
+
+        let biased = router(hf(), 2)
+            .with_gate_bias(array![0.0f32, 6f32.ln()])
+            .expect("bias");
+        assert_eq!(biased.gate_bias(), Some(&array![0.0f32, 6f32.ln()]));
+        let plan = biased.route(&RouterInput::new(x.view())).expect("route");
+        let t = &plan.per_token()[0];
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].0, 1);
+        assert!((t[0].1 - 2.0 / 3.0).abs() < 1e-6);
+        let l = plan.logits().expect("logits kept");
+        assert!((l[[0, 0]] - 3f32.ln()).abs() < 1e-6);
+        assert!((l[[0, 1]] - 6f32.ln()).abs() < 1e-6);
+        let z = plan
+            .aux_losses()
+            .iter()
+            .find(|a| a.kind == AuxLossKind::RouterZ)
+            .expect("z-loss");
+        assert!((z.value - 9f32.ln().powi(2)).abs() < 1e-5);
+        // SwitchSpec has no bias field.
+        assert!(biased.spec().is_none());
+
+        // Wrong length and non-finite entries are rejected.
+        assert!(matches!(
+            router(hf(), 2).with_gate_bias(array![0.0f32]),
+            Err(MoeError::Shape { .. })
+        ));
+        assert!(matches!(
+            router(hf(), 2).with_gate_bias(array![0.0f32, f32::NAN]),
+            Err(MoeError::InvalidConfig { .. })
+        ));
     }
 
     #[test]
