@@ -3,9 +3,11 @@
 //! The `moe` command, as a library so that a plugin crate can build its own `moe` with extra routers:
 //!
 //! ```no_run
-//! let mut registry = moe_routers::builtin();
-//! // my_router::register(&mut registry)?;
-//! std::process::exit(match moe_cli::run(registry) { c if c == std::process::ExitCode::SUCCESS => 0, _ => 1 });
+//! fn main() -> std::process::ExitCode {
+//!     let registry = moe_routers::builtin();
+//!     // my_router::register(&mut registry)?;  (see examples/custom-router)
+//!     moe_cli::run(registry)
+//! }
 //! ```
 //!
 //! This crate parses, composes the other crates and prints; it holds no math.
