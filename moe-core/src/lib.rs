@@ -45,7 +45,8 @@
 //! ```
 //!
 //! ## Features
-//! - `testing`: [`testing::check_router`], the conformance suite for routers.
+//! - `testing`: `testing::check_router`, the conformance suite for routers (plugin authors enable it in their
+//!   dev-dependencies).
 
 pub mod backend;
 pub mod error;

@@ -1,7 +1,7 @@
 //! `cargo xtask <task>`: the project's automation, in Rust.
 //!
 //! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`), tidy (every Rust file opens
-//!   with a `//!` line), the whole workspace's tests (unit, integration, doc), the default `moe compare` as a smoke
+//!   with a `//!` line), rustdoc with `-D warnings`, the whole workspace's tests (unit, integration, doc), the default `moe compare` as a smoke
 //!   test, and `cargo bench --no-run`.
 
 use std::path::{Path, PathBuf};
@@ -51,6 +51,11 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     .context("clippy failed")?;
     step("tidy");
     tidy(root)?;
+    step("rustdoc (broken links and missing docs are errors)");
+    cmd!(sh, "cargo doc --workspace --no-deps --locked")
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .run()
+        .context("rustdoc found broken links or warnings")?;
     step("tests (unit, integration, doc)");
     cmd!(sh, "cargo test --workspace --locked")
         .run()
