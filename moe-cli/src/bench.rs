@@ -132,12 +132,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         }
         (name, None) => crate::open_backend(name)?,
     };
-    let mut choices = crate::spec::parse_routers(&a.router, registry)?;
-    if choices.len() != 1 {
-        return Err(CliError::Usage("`moe bench` takes one --router".into()));
-    }
-    let c = choices.remove(0);
-    let router = registry.create(&c.name, &c.args(d, e, k, a.seed))?;
+    let c = crate::spec::parse_one(&a.router, registry, "bench")?;
+    let router = registry
+        .create(&c.name, &c.args(d, e, k, a.seed))
+        .map_err(c.error_mapper(registry))?;
     let bank = random_swiglu_bank(e, d, f, a.seed)?;
     let layer = MoeLayer::new(router, bank)?;
     let mut resident = backend.upload(Arc::new(layer))?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use moe_core::{AuxLoss, MoeError, MoeLayer, RouterRegistry, workload::random_swiglu_bank};
+use moe_core::{AuxLoss, MoeLayer, RouterRegistry, workload::random_swiglu_bank};
 use serde::Serialize;
 
 use crate::CliError;
@@ -148,29 +148,6 @@ fn timed<T>(
     Ok((median(times), out))
 }
 
-fn label_err(label: &str, registry: &RouterRegistry, name: &str) -> impl Fn(MoeError) -> CliError {
-    let opts = registry
-        .get(name)
-        .map(|r| {
-            r.options
-                .iter()
-                .map(|o| o.name)
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
-    let label = label.to_string();
-    move |e| match e {
-        MoeError::InvalidConfig { .. } => {
-            CliError::Usage(format!("{label}: {e}; its options are: {opts}"))
-        }
-        other => match CliError::from(other) {
-            CliError::Usage(m) => CliError::Usage(format!("{label}: {m}")),
-            CliError::Other(o) => CliError::Other(o.context(format!("running {label}"))),
-        },
-    }
-}
-
 pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliError> {
     let choices = match &a.config {
         Some(path) => parse_config_file(path, registry)?,
@@ -193,7 +170,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
     let mut rows = Vec::with_capacity(choices.len());
     for c in &choices {
         progress.step(&c.label);
-        let err = label_err(&c.label, registry, &c.name);
+        let err = c.error_mapper(registry);
         let router = registry
             .create(&c.name, &c.args(d_model, wa.experts, wa.top_k, wa.seed))
             .map_err(&err)?;

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::CliError;
 use crate::output::{Format, Table};
-use crate::spec::parse_routers;
+use crate::spec::parse_one;
 use crate::workload::WorkloadArgs;
 
 #[derive(Debug, Args)]
@@ -56,22 +56,12 @@ struct RouteReport {
 }
 
 pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliError> {
-    let mut choices = parse_routers(&a.router, registry)?;
-    if choices.len() != 1 {
-        return Err(CliError::Usage(format!(
-            "`moe route` takes one router, got {}; use `moe compare` for several",
-            choices.len()
-        )));
-    }
-    let c = choices.remove(0);
+    let c = parse_one(&a.router, registry, "route")?;
     let wa = &a.workload;
     let w = wa.generate()?;
     let router = registry
         .create(&c.name, &c.args(w.d_model(), wa.experts, wa.top_k, wa.seed))
-        .map_err(|e| match CliError::from(e) {
-            CliError::Usage(m) => CliError::Usage(format!("{}: {m}", c.label)),
-            other => other,
-        })?;
+        .map_err(c.error_mapper(registry))?;
     if !router.is_causal() {
         eprintln!(
             "warning: {} is not causal: it leaks future tokens in autoregressive decoding",

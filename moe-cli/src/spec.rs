@@ -1,6 +1,6 @@
 //! Parsing of router lists: `all`, `name[:key=value[,key=value]...][,name...]`, or a TOML file of router configs.
 
-use moe_core::{RouterArgs, RouterRegistry};
+use moe_core::{MoeError, RouterArgs, RouterRegistry};
 use serde_json::{Map, Value};
 
 use crate::CliError;
@@ -159,7 +159,51 @@ pub(crate) fn parse_config_file(
         .collect()
 }
 
+/// Parses a list that must name exactly one router (`moe route`, `moe bench`).
+pub(crate) fn parse_one(
+    text: &str,
+    registry: &RouterRegistry,
+    command: &str,
+) -> Result<RouterChoice, CliError> {
+    let mut choices = parse_routers(text, registry)?;
+    if choices.len() != 1 {
+        return Err(CliError::Usage(format!(
+            "`moe {command}` takes one router, got {}; use `moe compare` for several",
+            choices.len()
+        )));
+    }
+    Ok(choices.remove(0))
+}
+
 impl RouterChoice {
+    /// Maps an error of this router to a CLI error that names it: bad options become a usage error listing the
+    /// router's options; other usage errors get the label; the rest get it as context.
+    pub(crate) fn error_mapper(
+        &self,
+        registry: &RouterRegistry,
+    ) -> impl Fn(MoeError) -> CliError + use<> {
+        let opts = registry
+            .get(&self.name)
+            .map(|r| {
+                r.options
+                    .iter()
+                    .map(|o| o.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let label = self.label.clone();
+        move |e| match e {
+            MoeError::InvalidConfig { .. } => {
+                CliError::Usage(format!("{label}: {e}; its options are: {opts}"))
+            }
+            other => match CliError::from(other) {
+                CliError::Usage(m) => CliError::Usage(format!("{label}: {m}")),
+                CliError::Other(o) => CliError::Other(o.context(format!("running {label}"))),
+            },
+        }
+    }
+
     /// The factory arguments for this choice.
     pub(crate) fn args(&self, d: usize, e: usize, k: usize, seed: u64) -> RouterArgs {
         let mut a = RouterArgs::new(d, e, k, seed);

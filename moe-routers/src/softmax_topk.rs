@@ -312,11 +312,7 @@ impl SoftmaxTopK {
     /// As [`SoftmaxTopK::new`].
     pub fn with_gate_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
         self.spec.gate_bias = Some(bias);
-        SoftmaxTopK::new(self.spec).map(|r| SoftmaxTopK {
-            lb_norm: self.lb_norm,
-            aux_coefficient: self.aux_coefficient,
-            ..r
-        })
+        self.revalidated()
     }
 
     /// Sets the selection-only correction bias `[E]` (DeepSeek-V3 `e_score_correction_bias`).
@@ -325,9 +321,15 @@ impl SoftmaxTopK {
     /// As [`SoftmaxTopK::new`].
     pub fn with_correction_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
         self.spec.correction_bias = Some(bias);
+        self.revalidated()
+    }
+
+    /// Checks the spec again after a change, keeping the loss settings.
+    fn revalidated(self) -> Result<Self, MoeError> {
+        let (lb_norm, aux_coefficient) = (self.lb_norm, self.aux_coefficient);
         SoftmaxTopK::new(self.spec).map(|r| SoftmaxTopK {
-            lb_norm: self.lb_norm,
-            aux_coefficient: self.aux_coefficient,
+            lb_norm,
+            aux_coefficient,
             ..r
         })
     }
