@@ -309,28 +309,27 @@ fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
         println!();
     }
     print!("{}", t.render(format));
-    if format == Format::Table {
-        if let Some(e) = r
+    if format == Format::Table
+        && let Some(e) = r
             .rows
             .iter()
             .find_map(|row| row.loads.as_ref().map(Vec::len))
-        {
-            let mut headers = vec!["tokens per expert".to_string()];
-            headers.extend((0..e).map(|i| i.to_string()));
-            let mut lt = Table {
-                headers,
-                rows: Vec::new(),
-            };
-            for row in &r.rows {
-                if let Some(l) = &row.loads {
-                    let mut cells = vec![row.router.clone()];
-                    cells.extend(l.iter().map(|c| c.to_string()));
-                    lt.push(cells);
-                }
+    {
+        let mut headers = vec!["tokens per expert".to_string()];
+        headers.extend((0..e).map(|i| i.to_string()));
+        let mut lt = Table {
+            headers,
+            rows: Vec::new(),
+        };
+        for row in &r.rows {
+            if let Some(l) = &row.loads {
+                let mut cells = vec![row.router.clone()];
+                cells.extend(l.iter().map(|c| c.to_string()));
+                lt.push(cells);
             }
-            println!();
-            print!("{}", lt.render(format));
         }
+        println!();
+        print!("{}", lt.render(format));
     }
     Ok(())
 }

@@ -321,7 +321,7 @@ fn input_files_safetensors_and_npy() {
     // A .npy file has no token ids: hash routing says so (exit 2), softmax-topk works.
     let mut npy = b"\x93NUMPY\x01\x00".to_vec();
     let mut h = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }".to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');

@@ -194,23 +194,23 @@ impl MlpBank {
                 w2.shape(),
             ));
         }
-        if let Some(b) = &b1 {
-            if b.dim() != (e, f) {
-                return Err(MoeError::shape(
-                    "experts.b1",
-                    format!("[{e}, {f}]"),
-                    b.shape(),
-                ));
-            }
+        if let Some(b) = &b1
+            && b.dim() != (e, f)
+        {
+            return Err(MoeError::shape(
+                "experts.b1",
+                format!("[{e}, {f}]"),
+                b.shape(),
+            ));
         }
-        if let Some(b) = &b2 {
-            if b.dim() != (e, d) {
-                return Err(MoeError::shape(
-                    "experts.b2",
-                    format!("[{e}, {d}]"),
-                    b.shape(),
-                ));
-            }
+        if let Some(b) = &b2
+            && b.dim() != (e, d)
+        {
+            return Err(MoeError::shape(
+                "experts.b2",
+                format!("[{e}, {d}]"),
+                b.shape(),
+            ));
         }
         Ok(MlpBank {
             w1,
@@ -354,14 +354,14 @@ impl SharedExperts {
                 1,
             ));
         }
-        if let Some(g) = &gate {
-            if g.len() != bank.d_model() {
-                return Err(MoeError::shape(
-                    "shared_expert_gate.weight",
-                    format!("[1, {}]", bank.d_model()),
-                    &[1, g.len()],
-                ));
-            }
+        if let Some(g) = &gate
+            && g.len() != bank.d_model()
+        {
+            return Err(MoeError::shape(
+                "shared_expert_gate.weight",
+                format!("[1, {}]", bank.d_model()),
+                &[1, g.len()],
+            ));
         }
         Ok(SharedExperts { bank, gate })
     }

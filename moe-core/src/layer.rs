@@ -35,16 +35,16 @@ impl MoeLayer {
                 experts.n_experts(),
             ));
         }
-        if let Some(d) = router.d_model() {
-            if d != experts.d_model() {
-                return Err(MoeError::mismatch(
-                    "router and experts disagree",
-                    "router d",
-                    d,
-                    "experts d",
-                    experts.d_model(),
-                ));
-            }
+        if let Some(d) = router.d_model()
+            && d != experts.d_model()
+        {
+            return Err(MoeError::mismatch(
+                "router and experts disagree",
+                "router d",
+                d,
+                "experts d",
+                experts.d_model(),
+            ));
         }
         Ok(MoeLayer {
             router,

@@ -109,20 +109,20 @@ impl<'a> RouterInput<'a> {
     /// [`MoeError::Shape`] for a wrong width or length, [`MoeError::NonFinite`] naming the first bad token.
     pub fn validate(&self, d_model: Option<usize>) -> Result<(), MoeError> {
         let (t, d) = self.hidden.dim();
-        if let Some(want) = d_model {
-            if d != want {
-                return Err(MoeError::shape("hidden", format!("[T, {want}]"), &[t, d]));
-            }
+        if let Some(want) = d_model
+            && d != want
+        {
+            return Err(MoeError::shape("hidden", format!("[T, {want}]"), &[t, d]));
         }
-        if let Some(ids) = self.token_ids {
-            if ids.len() != t {
-                return Err(MoeError::shape("token_ids", format!("[{t}]"), &[ids.len()]));
-            }
+        if let Some(ids) = self.token_ids
+            && ids.len() != t
+        {
+            return Err(MoeError::shape("token_ids", format!("[{t}]"), &[ids.len()]));
         }
-        if let Some(p) = self.padding {
-            if p.len() != t {
-                return Err(MoeError::shape("padding", format!("[{t}]"), &[p.len()]));
-            }
+        if let Some(p) = self.padding
+            && p.len() != t
+        {
+            return Err(MoeError::shape("padding", format!("[{t}]"), &[p.len()]));
         }
         if let Some(l) = self.seq_lens {
             let sum: usize = l.iter().sum();

@@ -251,20 +251,35 @@ impl Routing {
     /// `slots[offsets[t]..offsets[t + 1]]`, in ascending expert order (the fixed combine order). A counting sort,
     /// `O(T + slots)`.
     pub fn token_slots(&self) -> (Vec<usize>, Vec<usize>) {
-        let mut offsets = vec![0usize; self.n_tokens + 1];
+        let (mut offsets, mut slots) = (Vec::new(), Vec::new());
+        self.token_slots_into(&mut offsets, &mut slots);
+        (offsets, slots)
+    }
+
+    /// [`Routing::token_slots`] into caller-owned buffers (cleared first), so a backend's steady state need not
+    /// allocate.
+    pub fn token_slots_into(&self, offsets: &mut Vec<usize>, slots: &mut Vec<usize>) {
+        offsets.clear();
+        offsets.resize(self.n_tokens + 1, 0);
         for &t in &self.slot_token {
             offsets[t as usize + 1] += 1;
         }
         for t in 0..self.n_tokens {
             offsets[t + 1] += offsets[t];
         }
-        let mut fill = offsets.clone();
-        let mut slots = vec![0usize; self.slot_token.len()];
+        // Fill in token order: `offsets[t]` is used as the fill cursor of token t, then shifted back.
+        slots.clear();
+        slots.resize(self.slot_token.len(), 0);
         for (s, &t) in self.slot_token.iter().enumerate() {
-            slots[fill[t as usize]] = s;
-            fill[t as usize] += 1;
+            slots[offsets[t as usize]] = s;
+            offsets[t as usize] += 1;
         }
-        (offsets, slots)
+        for t in (0..self.n_tokens).rev() {
+            offsets[t + 1] = offsets[t];
+        }
+        if let Some(first) = offsets.first_mut() {
+            *first = 0;
+        }
     }
 
     /// Kept assignments of each token, `(expert, weight, rank)` sorted by rank: what a person reads.

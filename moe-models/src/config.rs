@@ -143,14 +143,14 @@ impl MoeConfig {
                 .num_experts_per_tok
                 .ok_or_else(|| LoadError::config(file, "num_experts_per_tok", "missing"))?,
         };
-        if let Some(p) = &hf.second_expert_policy {
-            if p != "all" {
-                return Err(LoadError::config(
-                    file,
-                    "second_expert_policy",
-                    format!("{p:?} is not supported (only \"all\", the eval behaviour)"),
-                ));
-            }
+        if let Some(p) = &hf.second_expert_policy
+            && p != "all"
+        {
+            return Err(LoadError::config(
+                file,
+                "second_expert_policy",
+                format!("{p:?} is not supported (only \"all\", the eval behaviour)"),
+            ));
         }
         let mut c = MoeConfig::new(family, n_experts, top_k);
         c.renormalize = hf.norm_topk_prob;

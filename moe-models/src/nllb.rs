@@ -80,14 +80,14 @@ impl NllbTop2 {
             }
             _ => {}
         }
-        if let Some(b) = &bias {
-            if b.len() != gate.nrows() {
-                return Err(MoeError::shape(
-                    GATE_BIAS,
-                    format!("[{}]", gate.nrows()),
-                    &[b.len()],
-                ));
-            }
+        if let Some(b) = &bias
+            && b.len() != gate.nrows()
+        {
+            return Err(MoeError::shape(
+                GATE_BIAS,
+                format!("[{}]", gate.nrows()),
+                &[b.len()],
+            ));
         }
         Ok(NllbTop2 {
             gate,

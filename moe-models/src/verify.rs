@@ -359,10 +359,10 @@ fn kept_mask(r: &Routing, first_only: bool) -> Vec<i64> {
     let mut m = vec![0i64; r.n_tokens() * e];
     for (t, picks) in r.per_token().iter().enumerate() {
         for &(ex, _, rank) in picks {
-            if !first_only || rank == 0 {
-                if let Some(v) = m.get_mut(t * e + ex) {
-                    *v = 1;
-                }
+            if (!first_only || rank == 0)
+                && let Some(v) = m.get_mut(t * e + ex)
+            {
+                *v = 1;
             }
         }
     }

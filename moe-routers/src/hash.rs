@@ -147,17 +147,17 @@ impl HashRouterConfig {
                         "needs counts, a JSON array of token frequencies",
                     ));
                 };
-                if let Some(v) = self.vocab {
-                    if v != counts.len() {
-                        return Err(MoeError::config(
-                            "vocab",
-                            v,
-                            format!(
-                                "table = balanced takes its vocabulary from counts ({} ids)",
-                                counts.len()
-                            ),
-                        ));
-                    }
+                if let Some(v) = self.vocab
+                    && v != counts.len()
+                {
+                    return Err(MoeError::config(
+                        "vocab",
+                        v,
+                        format!(
+                            "table = balanced takes its vocabulary from counts ({} ids)",
+                            counts.len()
+                        ),
+                    ));
                 }
                 HashRouter::balanced(counts, n_experts, k)?
             }

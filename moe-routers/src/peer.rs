@@ -910,11 +910,11 @@ impl ExpertUsage {
         }
         for &e in plan.active_experts() {
             let (word, bit) = (e as usize / 64, 1u64 << (e % 64));
-            if let Some(w) = self.seen.get_mut(word) {
-                if *w & bit == 0 {
-                    *w |= bit;
-                    self.used += 1;
-                }
+            if let Some(w) = self.seen.get_mut(word)
+                && *w & bit == 0
+            {
+                *w |= bit;
+                self.used += 1;
             }
         }
         Ok(())

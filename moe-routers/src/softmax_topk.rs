@@ -263,7 +263,7 @@ impl SoftmaxTopK {
             }
         }
         if let Some(g) = spec.groups {
-            if g.n_group == 0 || e % g.n_group != 0 {
+            if g.n_group == 0 || !e.is_multiple_of(g.n_group) {
                 return Err(MoeError::config(
                     "n_group",
                     g.n_group,

@@ -3,37 +3,40 @@
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
-use moe_core::{MoeError, Routing};
+use moe_core::MoeError;
 
-/// `y[t] = scale · Σ_{slots s of t, ascending expert} w_s · slot_out[s]`, `[T, d]`. Tokens with no slot get 0.
-/// Each token's sum runs in one fixed order on one thread, so the result does not depend on the thread count.
+/// `y[t] = scale · Σ_{slots s of t, ascending expert} w_s · slot_out[s]`, `[T, d]`, from the token-major slot index
+/// (`token_offsets [T + 1]`, `token_slots`) and the slot outputs (`[slots, d]`, row-major). Tokens with no slot
+/// get 0. Each token's sum runs in one fixed order on one thread, so the result does not depend on the thread
+/// count.
 pub(super) fn combine(
-    routing: &Routing,
-    slot_out: ArrayView2<'_, f32>,
+    token_offsets: &[usize],
+    token_slots: &[usize],
+    weights: &[f32],
+    slot_out: &[f32],
+    t: usize,
+    d: usize,
     scale: f32,
 ) -> Result<Array2<f32>, MoeError> {
-    let t = routing.n_tokens();
-    let d = slot_out.ncols();
-    let (offsets, slots) = routing.token_slots();
-    let weights = routing.slot_weights();
     let mut y = Array2::<f32>::zeros((t, d));
+    if t == 0 || d == 0 {
+        return Ok(y);
+    }
     let buf = y.as_slice_mut().ok_or_else(|| MoeError::Backend {
         backend: "cpu".into(),
         reason: "output not contiguous".into(),
     })?;
-    buf.par_chunks_mut(d.max(1))
-        .enumerate()
-        .for_each(|(tok, row)| {
-            for &s in &slots[offsets[tok]..offsets[tok + 1]] {
-                let w = weights[s];
-                for (a, &b) in row.iter_mut().zip(slot_out.row(s).iter()) {
-                    *a += w * b;
-                }
+    buf.par_chunks_mut(d).enumerate().for_each(|(tok, row)| {
+        for &s in &token_slots[token_offsets[tok]..token_offsets[tok + 1]] {
+            let w = weights[s];
+            for (a, &b) in row.iter_mut().zip(&slot_out[s * d..(s + 1) * d]) {
+                *a += w * b;
             }
-            if scale != 1.0 {
-                row.iter_mut().for_each(|v| *v *= scale);
-            }
-        });
+        }
+        if scale != 1.0 {
+            row.iter_mut().for_each(|v| *v *= scale);
+        }
+    });
     Ok(y)
 }
 

@@ -5,7 +5,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use moe_core::{Activation, ExpertBank, MoeError, math};
 
 /// Applies the activation in place.
-fn activate(act: Activation, v: f32) -> f32 {
+pub(super) fn activate(act: Activation, v: f32) -> f32 {
     match act {
         Activation::Silu => v / (1.0 + (-v).exp()),
         Activation::Relu => v.max(0.0),

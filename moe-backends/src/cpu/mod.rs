@@ -1,10 +1,19 @@
-//! The CPU backend, the reference every other backend is tested against: grouped expert products over contiguous
-//! rows, activation fused between the two products, weighted combine in a fixed order, experts with no tokens
-//! skipped. Threads run over experts (rayon); results are bit-identical on any thread count because each expert's
-//! products and each token's combine run in one fixed order on one thread.
+//! The CPU backend, the reference every other backend is tested against, and the fast path users run.
+//!
+//! A forward routes on the host, gathers each active expert's rows into one contiguous block, runs the expert
+//! products grouped per expert ([`grouped`]: the first product with the activation fused per tile, then the
+//! second), and combines the outputs with their weights in ascending expert order per token. Threads (rayon) run
+//! over tiles of (expert, column block); which tile computes which value depends only on the shapes, so results
+//! are bit-identical on any thread count. Buffers are reused across forwards ([`CpuLayer`] owns them), so in the
+//! steady state the only allocations of a forward are the returned output and routing plan.
+//!
+//! [`reference_forward`] is the plain path (ndarray products per expert, fresh buffers) the fast path is tested
+//! against; banks the fast path does not run (PEER, custom experts) use the same per-expert code.
 
 mod combine;
 mod experts;
+mod grouped;
+mod kernels;
 
 use std::sync::Arc;
 
@@ -13,7 +22,10 @@ use rayon::prelude::*;
 
 use moe_core::{
     Backend, Capabilities, DeviceLayer, LayerOutput, MoeError, MoeLayer, RouterInput, RouterPath,
+    Routing,
 };
+
+use grouped::Workspace;
 
 pub use experts::expert_forward;
 
@@ -68,7 +80,11 @@ impl Backend for CpuBackend {
             )),
             None => None,
         };
-        Ok(Box::new(CpuLayer { layer, pool }))
+        Ok(Box::new(CpuLayer {
+            layer,
+            pool,
+            ws: Workspace::default(),
+        }))
     }
 }
 
@@ -77,6 +93,7 @@ impl Backend for CpuBackend {
 pub struct CpuLayer {
     layer: Arc<MoeLayer>,
     pool: Option<Arc<rayon::ThreadPool>>,
+    ws: Workspace,
 }
 
 impl DeviceLayer for CpuLayer {
@@ -85,15 +102,16 @@ impl DeviceLayer for CpuLayer {
     }
 
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+        let (layer, ws) = (&self.layer, &mut self.ws);
         match &self.pool {
-            Some(pool) => pool.install(|| forward(&self.layer, input)),
-            None => forward(&self.layer, input),
+            Some(pool) => pool.install(|| forward(layer, input, ws)),
+            None => forward(layer, input, ws),
         }
     }
 }
 
-/// One grouped forward of `layer` on `input`.
-fn forward(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+/// Routes `input` and checks the plan's size against the layer.
+fn route_checked(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
     let (t, d) = input.hidden.dim();
     if d != layer.d_model() {
         return Err(MoeError::shape(
@@ -115,6 +133,96 @@ fn forward(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<LayerOutput, Moe
             t * layer.n_experts(),
         ));
     }
+    Ok(routing)
+}
+
+/// One fast forward of `layer` on `input`, reusing `ws`.
+fn forward(
+    layer: &MoeLayer,
+    input: &RouterInput<'_>,
+    ws: &mut Workspace,
+) -> Result<LayerOutput, MoeError> {
+    if !grouped::supports(layer.experts()) {
+        return reference_forward(layer, input);
+    }
+    let routing = route_checked(layer, input)?;
+    let (t, d) = input.hidden.dim();
+    let rows = routing.n_slots();
+    ws.offsets.clear();
+    ws.offsets.extend_from_slice(routing.offsets());
+    ws.experts.clear();
+    ws.experts
+        .extend(routing.active_experts().iter().map(|&e| e as usize));
+    // Gather each active expert's rows into one contiguous block.
+    let x = grouped::grow(&mut ws.x, rows * d);
+    let slot_tokens = routing.slot_tokens();
+    kernels::par_tiles(x, d, &ws.offsets, d, d.max(1), |g, _, mut tile| {
+        for i in 0..tile.rows() {
+            let tok = slot_tokens[ws.offsets[g] + i] as usize;
+            tile.row_mut(i)
+                .iter_mut()
+                .zip(input.hidden.row(tok).iter())
+                .for_each(|(o, &v)| *o = v);
+        }
+        Ok(())
+    })?;
+    let y = grouped::grow(&mut ws.y, rows * d);
+    grouped::run_bank(
+        layer.experts(),
+        &ws.experts,
+        &ws.offsets,
+        &ws.x[..rows * d],
+        &mut ws.h,
+        y,
+    )?;
+    routing.token_slots_into(&mut ws.token_offsets, &mut ws.token_slots);
+    let mut output = combine::combine(
+        &ws.token_offsets,
+        &ws.token_slots,
+        routing.slot_weights(),
+        &ws.y[..rows * d],
+        t,
+        d,
+        layer.output_scale(),
+    )?;
+    if let Some(shared) = layer.shared() {
+        if grouped::supports(&shared.bank) {
+            // The shared expert is one more group holding every token; the routed experts' buffers are free now.
+            let x = grouped::grow(&mut ws.x, t * d);
+            for (row, src) in x.chunks_exact_mut(d.max(1)).zip(input.hidden.outer_iter()) {
+                row.iter_mut().zip(src.iter()).for_each(|(o, &v)| *o = v);
+            }
+            let y = grouped::grow(&mut ws.y, t * d);
+            grouped::run_bank(&shared.bank, &[0], &[0, t], &ws.x[..t * d], &mut ws.h, y)?;
+            let ys = ndarray::ArrayView2::from_shape((t, d), &ws.y[..t * d])
+                .map_err(|e| internal(&e.to_string()))?;
+            combine::add_shared(&mut output, input.hidden, ys, shared.gate.as_ref());
+        } else {
+            let ys = expert_forward(&shared.bank, 0, input.hidden)?;
+            combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate.as_ref());
+        }
+    }
+    if let Some(b) = layer.output_bias() {
+        output += b;
+    }
+    Ok(LayerOutput {
+        output,
+        routing,
+        router_path: RouterPath::Host,
+    })
+}
+
+/// The reference forward: per-expert ndarray products on freshly gathered rows, the same combine order. Slow and
+/// simple; the fast path is tested against it, and banks the fast path does not run (PEER, custom) use it.
+///
+/// # Errors
+/// As [`DeviceLayer::forward`].
+pub fn reference_forward(
+    layer: &MoeLayer,
+    input: &RouterInput<'_>,
+) -> Result<LayerOutput, MoeError> {
+    let routing = route_checked(layer, input)?;
+    let (t, d) = input.hidden.dim();
     // Expert outputs per slot, expert-major: each active expert owns a contiguous block of rows.
     let mut slot_out = Array2::<f32>::zeros((routing.n_slots(), d));
     {
@@ -140,7 +248,19 @@ fn forward(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<LayerOutput, Moe
             Ok::<(), MoeError>(())
         })?;
     }
-    let mut output = combine::combine(&routing, slot_out.view(), layer.output_scale())?;
+    let (offsets, slots) = routing.token_slots();
+    let ys = slot_out
+        .as_slice()
+        .ok_or_else(|| internal("slot buffer is not contiguous"))?;
+    let mut output = combine::combine(
+        &offsets,
+        &slots,
+        routing.slot_weights(),
+        ys,
+        t,
+        d,
+        layer.output_scale(),
+    )?;
     if let Some(shared) = layer.shared() {
         let ys = expert_forward(&shared.bank, 0, input.hidden)?;
         combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate.as_ref());

@@ -1,0 +1,238 @@
+//! The fast grouped expert path: for a bank and a set of row groups (one expert each, contiguous rows), the first
+//! product and the activation (fused per tile), then the second product, each phase in parallel over tiles of
+//! (group, column block). Workspaces live in [`Workspace`] and are reused, so a steady state allocates nothing here.
+//!
+//! Which tile computes which output values depends only on the shapes, never on the thread count, and every value
+//! is computed by one kernel call in a fixed reduction order: results are bit-identical on any number of threads.
+
+use std::cell::RefCell;
+
+use moe_core::{ExpertBank, MoeError};
+
+use super::experts::activate;
+use super::kernels::{SMALL_ROWS, Tile, Weights, par_tiles};
+
+/// Reusable buffers of the CPU backend (grown on demand, never shrunk).
+#[derive(Debug, Default)]
+pub(crate) struct Workspace {
+    /// Gathered input rows `[rows, d]`.
+    pub x: Vec<f32>,
+    /// Activated hidden rows `[rows, f]`.
+    pub h: Vec<f32>,
+    /// Expert outputs `[rows, d]`.
+    pub y: Vec<f32>,
+    /// Row offsets of the groups.
+    pub offsets: Vec<usize>,
+    /// Expert index of each group.
+    pub experts: Vec<usize>,
+    /// Token-major slot index (offsets, slots).
+    pub token_offsets: Vec<usize>,
+    /// See `token_offsets`.
+    pub token_slots: Vec<usize>,
+}
+
+/// `&mut v[..len]`, growing `v` only when it is too short (no clearing: callers overwrite what they read).
+pub(crate) fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
+thread_local! {
+    /// Per-thread scratch for pre-activations of one tile (rayon's workers persist, so this is allocated once).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Columns per tile for the first (`hidden`) or second (`out`) product, from the largest group's row count.
+fn block_cols(max_rows: usize, hidden: bool) -> usize {
+    match (max_rows <= SMALL_ROWS, max_rows <= 256, hidden) {
+        (true, _, true) => 192,
+        (true, _, false) => 96,
+        (false, true, true) => 384,
+        (false, true, false) => 256,
+        (false, false, true) => 768,
+        (false, false, false) => 512,
+    }
+}
+
+/// Whether [`run_bank`] runs this bank (SwiGLU, GPT-OSS and MLP banks with weights in standard layout); others
+/// take the reference path.
+pub(crate) fn supports(bank: &ExpertBank) -> bool {
+    match bank {
+        ExpertBank::SwiGlu(b) => b.gate_up.is_standard_layout() && b.down.is_standard_layout(),
+        ExpertBank::GptOss(b) => b.gate_up.is_standard_layout() && b.down.is_standard_layout(),
+        ExpertBank::Mlp(b) => b.w1.is_standard_layout() && b.w2.is_standard_layout(),
+        _ => false,
+    }
+}
+
+/// Runs `bank`'s experts `experts[g]` on rows `x[offsets[g]..offsets[g + 1]]` (`[rows, d]`), writing `y`
+/// (`[rows, d]`). `h` is the hidden workspace.
+///
+/// # Errors
+/// [`MoeError::Backend`] for a bank kind this path does not run or inconsistent buffers.
+pub(crate) fn run_bank(
+    bank: &ExpertBank,
+    experts: &[usize],
+    offsets: &[usize],
+    x: &[f32],
+    h: &mut Vec<f32>,
+    y: &mut [f32],
+) -> Result<(), MoeError> {
+    let d = bank.d_model();
+    let f = bank.ffn();
+    let rows = offsets.last().copied().unwrap_or(0);
+    if rows == 0 {
+        return Ok(());
+    }
+    if experts.len() + 1 != offsets.len() || x.len() < rows * d || y.len() < rows * d {
+        return Err(MoeError::Backend {
+            backend: "cpu".into(),
+            reason: "grouped path: inconsistent groups or buffers".into(),
+        });
+    }
+    let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let h = grow(h, rows * f);
+    // Phase 1: h = act(first product), tile by tile.
+    par_tiles(
+        h,
+        f,
+        offsets,
+        f,
+        block_cols(max_rows, true),
+        |g, col0, mut tile| {
+            let e = experts[g];
+            let a = &x[offsets[g] * d..offsets[g + 1] * d];
+            hidden_tile(bank, e, a, d, f, col0, &mut tile)
+        },
+    )?;
+    // Phase 2: y = h · second product (+ bias).
+    let h: &[f32] = h;
+    par_tiles(
+        y,
+        d,
+        offsets,
+        d,
+        block_cols(max_rows, false),
+        |g, col0, mut tile| {
+            let e = experts[g];
+            let a = &h[offsets[g] * f..offsets[g + 1] * f];
+            let (w, bias) = match bank {
+                ExpertBank::SwiGlu(b) => (expert_weights(&b.down, e, f, 1)?, None),
+                ExpertBank::Mlp(b) => (expert_weights(&b.w2, e, f, 1)?, b.b2.as_ref()),
+                ExpertBank::GptOss(b) => (expert_weights(&b.down, e, 1, d)?, Some(&b.down_bias)),
+                _ => return Err(unsupported(bank)),
+            };
+            tile.matmul(a, f, f, w, col0)?;
+            if let Some(bias) = bias {
+                let b = bias.row(e);
+                for i in 0..tile.rows() {
+                    for (j, v) in tile.row_mut(i).iter_mut().enumerate() {
+                        *v += b[col0 + j];
+                    }
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+/// One tile of phase 1: hidden columns `col0..col0 + width` of expert `e` on rows `a` (`[rows, d]`).
+fn hidden_tile(
+    bank: &ExpertBank,
+    e: usize,
+    a: &[f32],
+    d: usize,
+    f: usize,
+    col0: usize,
+    tile: &mut Tile<'_>,
+) -> Result<(), MoeError> {
+    let rows = tile.rows();
+    let w = tile.width();
+    match bank {
+        ExpertBank::Mlp(b) => {
+            tile.matmul(a, d, d, expert_weights(&b.w1, e, d, 1)?, col0)?;
+            let bias = b.b1.as_ref().map(|b1| b1.row(e));
+            for i in 0..rows {
+                for (j, v) in tile.row_mut(i).iter_mut().enumerate() {
+                    let z = bias.as_ref().map_or(*v, |bb| *v + bb[col0 + j]);
+                    *v = activate(b.act, z);
+                }
+            }
+            Ok(())
+        }
+        ExpertBank::SwiGlu(b) => {
+            let gu = expert_weights(&b.gate_up, e, d, 1)?;
+            with_scratch(rows * 2 * w, |s| {
+                // Gate columns to s[:, ..w], up columns (f further on in gate_up) to s[:, w..].
+                Tile::from_slice(s, rows, w, 2 * w)?.matmul(a, d, d, gu, col0)?;
+                Tile::from_slice(&mut s[w..], rows, w, 2 * w)?.matmul(a, d, d, gu, f + col0)?;
+                for i in 0..rows {
+                    let (g, u) = s[i * 2 * w..(i + 1) * 2 * w].split_at(w);
+                    for ((hv, &gv), &uv) in tile.row_mut(i).iter_mut().zip(g).zip(u) {
+                        *hv = activate(b.act, gv) * uv;
+                    }
+                }
+                Ok(())
+            })
+        }
+        ExpertBank::GptOss(b) => {
+            // gate_up [E, d, 2f] applied as x · W: interleaved (gate, up) pairs, columns 2·col0.. of the product.
+            let gu = expert_weights(&b.gate_up, e, 1, 2 * f)?;
+            let bias = b.gate_up_bias.row(e);
+            with_scratch(rows * 2 * w, |s| {
+                Tile::from_slice(s, rows, 2 * w, 2 * w)?.matmul(a, d, d, gu, 2 * col0)?;
+                for i in 0..rows {
+                    let z = &s[i * 2 * w..(i + 1) * 2 * w];
+                    for (j, hv) in tile.row_mut(i).iter_mut().enumerate() {
+                        let g = (z[2 * j] + bias[2 * (col0 + j)]).min(b.limit);
+                        let u = (z[2 * j + 1] + bias[2 * (col0 + j) + 1]).clamp(-b.limit, b.limit);
+                        let glu = g / (1.0 + (-(g * b.alpha)).exp());
+                        *hv = (u + 1.0) * glu;
+                    }
+                }
+                Ok(())
+            })
+        }
+        _ => Err(unsupported(bank)),
+    }
+}
+
+/// Expert `e` of a 3-D weight tensor as a [`Weights`] operand with the given strides.
+fn expert_weights(
+    t: &ndarray::Array3<f32>,
+    e: usize,
+    col_stride: usize,
+    k_stride: usize,
+) -> Result<Weights<'_>, MoeError> {
+    let all = t.as_slice().ok_or_else(|| MoeError::Backend {
+        backend: "cpu".into(),
+        reason: "expert weights are not in standard layout".into(),
+    })?;
+    let per = t.dim().1 * t.dim().2;
+    let data = all.get(e * per..(e + 1) * per).ok_or(MoeError::Expert {
+        expert: e,
+        reason: format!("the bank has {} experts", t.dim().0),
+    })?;
+    Ok(Weights {
+        data,
+        col_stride,
+        k_stride,
+    })
+}
+
+/// Runs `f` on this thread's scratch of `len` values.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut v = cell.borrow_mut();
+        f(grow(&mut v, len))
+    })
+}
+
+fn unsupported(bank: &ExpertBank) -> MoeError {
+    MoeError::Backend {
+        backend: "cpu".into(),
+        reason: format!("the grouped path does not run {} banks", bank.kind()),
+    }
+}

@@ -1,0 +1,470 @@
+//! The matrix-product kernels of the fast CPU path, and the one place in the backend with `unsafe` code.
+//!
+//! Every expert product has the form `C[i, j] = Σ_kk A[i, kk] · W(j, kk)`: `A` is a block of rows (row-major),
+//! `W` is one expert's weight matrix read in place (any strides, no copy), `C` is a tile of a row-major workspace.
+//! Two kernels, chosen by the row count only (never by the thread count, so results do not depend on it):
+//! - [`SMALL_ROWS`] rows or fewer, when `W`'s reduction axis is contiguous and the CPU has AVX-512: a dot-product
+//!   kernel that streams each weight row once straight from memory, with no packing. With few rows per expert the
+//!   product is bound by weight bandwidth, and packing `W` (what a classic GEMM does) would double that traffic.
+//! - otherwise the `gemm` crate (cache-blocked, packed, SIMD with run-time dispatch), single-threaded per call:
+//!   threads run over tiles, see [`par_tiles`].
+//!
+//! Safety: raw pointers exist only inside this module. [`par_tiles`] checks every bound once, then hands each
+//! parallel task a [`Tile`] that owns a distinct rectangle of the buffer; [`Tile::matmul`] checks the operand
+//! bounds before calling a kernel.
+#![allow(unsafe_code)]
+
+use std::marker::PhantomData;
+
+use rayon::prelude::*;
+
+use moe_core::MoeError;
+
+/// Row counts up to this use the dot-product kernel (where it is available).
+pub(crate) const SMALL_ROWS: usize = 48;
+
+/// A weight operand read in place: element `(j, kk)` (output column `j`, reduction index `kk`) is
+/// `data[j * col_stride + kk * k_stride]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Weights<'a> {
+    /// The backing slice (one expert's matrix, or a bank's whole tensor).
+    pub data: &'a [f32],
+    /// Distance between consecutive output columns `j`.
+    pub col_stride: usize,
+    /// Distance between consecutive reduction indices `kk`.
+    pub k_stride: usize,
+}
+
+/// A rectangle `[rows, width]` of a row-major buffer with row stride `ld`, owned by one task.
+pub(crate) struct Tile<'a> {
+    ptr: *mut f32,
+    rows: usize,
+    width: usize,
+    ld: usize,
+    _buf: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a tile is an exclusive view of its rectangle (par_tiles never hands out two overlapping tiles), like
+// a `&mut [f32]`, which is Send.
+unsafe impl Send for Tile<'_> {}
+
+impl<'a> Tile<'a> {
+    /// A tile over `buf` viewed as `[rows, width]` with row stride `ld`.
+    ///
+    /// # Errors
+    /// [`MoeError::Backend`] if the rectangle does not fit in `buf`.
+    pub(crate) fn from_slice(
+        buf: &'a mut [f32],
+        rows: usize,
+        width: usize,
+        ld: usize,
+    ) -> Result<Self, MoeError> {
+        if width > ld || (rows > 0 && (rows - 1) * ld + width > buf.len()) {
+            return Err(MoeError::Backend {
+                backend: "cpu".into(),
+                reason: format!(
+                    "tile [{rows}, {width}] / {ld} does not fit in {}",
+                    buf.len()
+                ),
+            });
+        }
+        Ok(Tile {
+            ptr: buf.as_mut_ptr(),
+            rows,
+            width,
+            ld,
+            _buf: PhantomData,
+        })
+    }
+
+    /// Columns in the tile.
+    pub(crate) fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Rows in the tile.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row `i` of the tile, `width` values.
+    pub(crate) fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows, "tile row {i} out of {}", self.rows);
+        // SAFETY: par_tiles checked that every row of the rectangle lies inside the buffer, and the tile owns
+        // the rectangle exclusively for its lifetime.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.ld), self.width) }
+    }
+
+    /// `self[i, j] = Σ_kk a[i * lda + kk] · w(col0 + j, kk)` for every row `i` and column `j` of the tile.
+    ///
+    /// # Errors
+    /// [`MoeError::Backend`] if an operand is too short for the product (a bug in the caller, never a panic).
+    pub(crate) fn matmul(
+        &mut self,
+        a: &[f32],
+        lda: usize,
+        k: usize,
+        w: Weights<'_>,
+        col0: usize,
+    ) -> Result<(), MoeError> {
+        let (m, n) = (self.rows, self.width);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            for i in 0..m {
+                self.row_mut(i).fill(0.0);
+            }
+            return Ok(());
+        }
+        let a_end = (m - 1) * lda + k;
+        let w_end = (col0 + n - 1) * w.col_stride + (k - 1) * w.k_stride + 1;
+        if lda < k || a.len() < a_end || w.data.len() < w_end {
+            return Err(MoeError::Backend {
+                backend: "cpu".into(),
+                reason: format!(
+                    "product operands out of bounds: a {} < {a_end} or w {} < {w_end}",
+                    a.len(),
+                    w.data.len()
+                ),
+            });
+        }
+        let wp = w.data[col0 * w.col_stride..].as_ptr();
+        #[cfg(target_arch = "x86_64")]
+        if m <= SMALL_ROWS && w.k_stride == 1 && dot_available() {
+            // SAFETY: bounds checked above; the CPU has AVX-512F (checked at run time).
+            unsafe {
+                dot::matmul_nt(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    lda,
+                    wp,
+                    w.col_stride,
+                    self.ptr,
+                    self.ld,
+                );
+            }
+            return Ok(());
+        }
+        // SAFETY: bounds checked above; gemm reads A and W inside those bounds and writes the m x n tile.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                self.ptr,
+                1,
+                self.ld as isize,
+                false,
+                a.as_ptr(),
+                1,
+                lda as isize,
+                wp,
+                w.col_stride as isize,
+                w.k_stride as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether the dot-product kernel can run on this CPU.
+#[cfg(target_arch = "x86_64")]
+fn dot_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
+}
+
+/// Runs `f(group, col0, tile)` in parallel over every tile of a row-major buffer `[rows, ld]`: row ranges
+/// `row_offsets[g]..row_offsets[g + 1]` times column blocks `[col0, col0 + block)` of `[0, cols)`. Tiles are
+/// disjoint, and which tile covers which elements depends only on the arguments, never on the thread count.
+///
+/// # Errors
+/// [`MoeError::Backend`] for inconsistent bounds; the first error `f` returns.
+pub(crate) fn par_tiles<F>(
+    buf: &mut [f32],
+    ld: usize,
+    row_offsets: &[usize],
+    cols: usize,
+    block: usize,
+    f: F,
+) -> Result<(), MoeError>
+where
+    F: Fn(usize, usize, Tile<'_>) -> Result<(), MoeError> + Sync,
+{
+    let groups = row_offsets.len().saturating_sub(1);
+    if groups == 0 || cols == 0 {
+        return Ok(());
+    }
+    let bad = |what: &str| MoeError::Backend {
+        backend: "cpu".into(),
+        reason: format!("tiling: {what}"),
+    };
+    if block == 0 || cols > ld {
+        return Err(bad("block is 0 or columns exceed the row stride"));
+    }
+    if row_offsets.windows(2).any(|w| w[0] > w[1]) {
+        return Err(bad("row offsets decrease"));
+    }
+    let last = row_offsets[groups];
+    if last > 0 && (last - 1) * ld + cols > buf.len() {
+        return Err(bad("rows exceed the buffer"));
+    }
+    let blocks = cols.div_ceil(block);
+    let base = SyncPtr(buf.as_mut_ptr());
+    (0..groups * blocks).into_par_iter().try_for_each(|task| {
+        let (g, b) = (task / blocks, task % blocks);
+        let col0 = b * block;
+        let rows = row_offsets[g + 1] - row_offsets[g];
+        let tile = Tile {
+            // SAFETY: the offset is inside the buffer (checked above), and (g, b) is visited once, so this tile
+            // is the only one covering rows row_offsets[g].. and columns col0..col0 + width.
+            ptr: unsafe { base.get().add(row_offsets[g] * ld + col0) },
+            rows,
+            width: block.min(cols - col0),
+            ld,
+            _buf: PhantomData,
+        };
+        f(g, col0, tile)
+    })
+}
+
+/// A raw pointer that may cross threads; only [`par_tiles`] uses it, to build disjoint tiles.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+
+// SAFETY: used only to derive disjoint tiles (see par_tiles).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod dot {
+    //! The AVX-512 dot-product kernel: `C[i, j] = Σ_kk A[i, kk] · W[j, kk]` with both reduction axes contiguous.
+    //! Register tiles of 4 rows x 6 weight rows (24 accumulators), 16 lanes per step, one horizontal sum per
+    //! output in a fixed order, the tail of `k` added in order after it.
+
+    use std::arch::x86_64::*;
+
+    const MR: usize = 4;
+    const NR: usize = 6;
+    const L: usize = 16;
+
+    /// # Safety
+    /// AVX-512F must be available; `a` must hold `m` rows of `k` at stride `lda`, `w` `n` rows of `k` at stride
+    /// `ldw`, and `c` `m` rows of `n` writable values at stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn matmul_nt(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        w: *const f32,
+        ldw: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY (whole body): every pointer offset below stays inside the bounds the caller guarantees.
+        unsafe {
+            let mut j = 0;
+            while j + NR <= n {
+                let mut i = 0;
+                while i + MR <= m {
+                    tile::<MR, NR>(
+                        a.add(i * lda),
+                        lda,
+                        w.add(j * ldw),
+                        ldw,
+                        k,
+                        c.add(i * ldc + j),
+                        ldc,
+                    );
+                    i += MR;
+                }
+                while i < m {
+                    tile::<1, NR>(
+                        a.add(i * lda),
+                        lda,
+                        w.add(j * ldw),
+                        ldw,
+                        k,
+                        c.add(i * ldc + j),
+                        ldc,
+                    );
+                    i += 1;
+                }
+                j += NR;
+            }
+            while j < n {
+                let mut i = 0;
+                while i + MR <= m {
+                    tile::<MR, 1>(
+                        a.add(i * lda),
+                        lda,
+                        w.add(j * ldw),
+                        ldw,
+                        k,
+                        c.add(i * ldc + j),
+                        ldc,
+                    );
+                    i += MR;
+                }
+                while i < m {
+                    tile::<1, 1>(
+                        a.add(i * lda),
+                        lda,
+                        w.add(j * ldw),
+                        ldw,
+                        k,
+                        c.add(i * ldc + j),
+                        ldc,
+                    );
+                    i += 1;
+                }
+                j += 1;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const R: usize, const C: usize>(
+        a: *const f32,
+        lda: usize,
+        w: *const f32,
+        ldw: usize,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY (whole body): R rows of A and C columns of W, k values each, are in bounds (see matmul_nt).
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            let steps = k / L;
+            for s in 0..steps {
+                let o = s * L;
+                let mut wv = [_mm512_setzero_ps(); C];
+                for (jj, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(w.add(jj * ldw + o));
+                }
+                for (ii, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_loadu_ps(a.add(ii * lda + o));
+                    for (acc_ij, &wj) in row.iter_mut().zip(wv.iter()) {
+                        *acc_ij = _mm512_fmadd_ps(av, wj, *acc_ij);
+                    }
+                }
+            }
+            for (ii, row) in acc.iter().enumerate() {
+                for (jj, &v) in row.iter().enumerate() {
+                    let mut s = _mm512_reduce_add_ps(v);
+                    for kk in steps * L..k {
+                        s = (*a.add(ii * lda + kk)).mul_add(*w.add(jj * ldw + kk), s);
+                    }
+                    *c.add(ii * ldc + jj) = s;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], w: Weights<'_>) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|kk| {
+                        a[i * k + kk] as f64 * w.data[j * w.col_stride + kk * w.k_stride] as f64
+                    })
+                    .sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn both_kernels_match_a_naive_product_on_ragged_shapes() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 7, 5),
+            (4, 6, 16),
+            (5, 13, 33),
+            (SMALL_ROWS, 19, 70),
+            (SMALL_ROWS + 1, 19, 70),
+            (97, 31, 129),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5)
+                .collect();
+            let wdata: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 11) % 19) as f32 / 19.0 - 0.5)
+                .collect();
+            // Both layouts of W: reduction axis contiguous (dot kernel eligible) and strided (gemm only).
+            for w in [
+                Weights {
+                    data: &wdata,
+                    col_stride: k,
+                    k_stride: 1,
+                },
+                Weights {
+                    data: &wdata,
+                    col_stride: 1,
+                    k_stride: n,
+                },
+            ] {
+                let want = naive(m, n, k, &a, w);
+                let mut c = vec![f32::NAN; m * n];
+                par_tiles(&mut c, n, &[0, m], n, 4, |_, col0, mut t| {
+                    t.matmul(&a, k, k, w, col0)
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+                for (got, want) in c.iter().zip(&want) {
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-4,
+                        "{m}x{n}x{k}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_bounds_operands_are_errors() {
+        let mut c = vec![0f32; 4];
+        let a = vec![1f32; 3];
+        let w = vec![1f32; 4];
+        let r = par_tiles(&mut c, 2, &[0, 2], 2, 2, |_, col0, mut t| {
+            t.matmul(
+                &a,
+                2,
+                2,
+                Weights {
+                    data: &w,
+                    col_stride: 2,
+                    k_stride: 1,
+                },
+                col0,
+            )
+        });
+        assert!(r.is_err());
+        assert!(par_tiles(&mut c, 2, &[0, 3], 2, 2, |_, _, _| Ok(())).is_err());
+    }
+}
