@@ -77,6 +77,17 @@ pub(crate) struct BenchArgs {
     /// Seed of weights and inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Zipf exponent of the input clusters (0: every cluster equally likely, so expert loads stay near balanced,
+    /// like HF blocks fed random inputs).
+    #[arg(long, default_value_t = 0.0)]
+    skew: f64,
+    /// Input clusters the tokens are drawn around.
+    #[arg(long, default_value_t = 256)]
+    clusters: usize,
+    /// Also measure the memory read bandwidth (a read-only pass over 1 GiB on the same threads), to judge
+    /// weight-streaming rows against (cpu backend only).
+    #[arg(long)]
+    bandwidth: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -107,6 +118,12 @@ struct BenchReport {
     experts: usize,
     top_k: usize,
     repeats: u32,
+    /// Input cluster skew and count.
+    skew: f64,
+    /// See `skew`.
+    clusters: usize,
+    /// Memory read bandwidth measured in the same run, GB/s (with `--bandwidth`).
+    read_bandwidth_gb_per_s: Option<f64>,
     rows: Vec<BenchRow>,
 }
 
@@ -145,6 +162,8 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             tokens: t,
             d_model: d,
             seed: a.seed,
+            skew: a.skew,
+            clusters: a.clusters,
             ..Default::default()
         }
         .generate()?;
@@ -172,6 +191,19 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             weight_gb_per_s: bytes / med / 1e9,
         });
     }
+    let read_bandwidth_gb_per_s = match (a.bandwidth, backend.name()) {
+        (false, _) => None,
+        (true, "cpu") => Some(moe_backends::cpu::probe::read_bandwidth(
+            1 << 30,
+            a.threads.unwrap_or_else(rayon_threads),
+            5,
+        )?),
+        (true, other) => {
+            return Err(CliError::Usage(format!(
+                "--bandwidth measures host memory and applies to the cpu backend only, not {other}"
+            )));
+        }
+    };
     let report = BenchReport {
         backend: backend.name().to_string(),
         device: backend.capabilities().device,
@@ -181,6 +213,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         experts: e,
         top_k: k,
         repeats: a.repeats,
+        skew: a.skew,
+        clusters: a.clusters,
+        read_bandwidth_gb_per_s,
         rows,
     };
     if a.format == Format::Json {
@@ -195,6 +230,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             "{} on {}: d = {}, f = {}, E = {}, k = {}, router {}, f32, median of {} runs",
             report.backend, report.device, d, f, e, k, report.router, a.repeats
         );
+        if let Some(bw) = report.read_bandwidth_gb_per_s {
+            println!("memory read bandwidth (1 GiB, same threads): {bw:.1} GB/s");
+        }
         println!();
     }
     let mut t = Table::new(&[
@@ -219,4 +257,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     }
     print!("{}", t.render(a.format));
     Ok(())
+}
+
+/// The CPU backend's default thread count (all cores).
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -3,6 +3,10 @@
 //! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`), tidy (every Rust file opens
 //!   with a `//!` line), rustdoc with `-D warnings`, the whole workspace's tests (unit, integration, doc), the default `moe compare` as a smoke
 //!   test, and `cargo bench --no-run`.
+//! - `bench-vs-torch`: our CPU backend against PyTorch's Hugging Face blocks, in one run on this machine (see
+//!   [`bench_vs_torch`]); a benchmark, not part of CI.
+
+mod bench_vs_torch;
 
 use std::path::{Path, PathBuf};
 
@@ -17,9 +21,10 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&sh, &root),
         Some("tidy") => tidy(&root),
+        Some("bench-vs-torch") => bench_vs_torch::run(&root, &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\ntasks:\n  ci     run every check CI runs\n  tidy   check that every Rust file opens with a //! line"
+                "usage: cargo xtask <task>\n\ntasks:\n  ci              run every check CI runs\n  tidy            check that every Rust file opens with a //! line\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)"
             );
             bail!("no task given")
         }

@@ -255,13 +255,16 @@ impl SyncPtr {
 mod dot {
     //! The AVX-512 dot-product kernel: `C[i, j] = Σ_kk A[i, kk] · W[j, kk]` with both reduction axes contiguous.
     //! Register tiles of 4 rows x 6 weight rows (24 accumulators), 16 lanes per step, one horizontal sum per
-    //! output in a fixed order, the tail of `k` added in order after it.
+    //! output in a fixed order, the tail of `k` added in order after it. Weight rows are prefetched a few cache
+    //! lines ahead (a prefetch past the end of a row never faults).
 
     use std::arch::x86_64::*;
 
     const MR: usize = 4;
     const NR: usize = 6;
     const L: usize = 16;
+    /// How far ahead (in values) weight rows are prefetched.
+    const PREFETCH: usize = 128;
 
     /// # Safety
     /// AVX-512F must be available; `a` must hold `m` rows of `k` at stride `lda`, `w` `n` rows of `k` at stride
@@ -360,6 +363,10 @@ mod dot {
                 let o = s * L;
                 let mut wv = [_mm512_setzero_ps(); C];
                 for (jj, v) in wv.iter_mut().enumerate() {
+                    // Weight rows stream from memory once: ask for them PREFETCH values ahead.
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        w.wrapping_add(jj * ldw + o + PREFETCH) as *const i8
+                    );
                     *v = _mm512_loadu_ps(w.add(jj * ldw + o));
                 }
                 for (ii, row) in acc.iter_mut().enumerate() {

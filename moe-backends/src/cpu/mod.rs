@@ -14,6 +14,7 @@ mod combine;
 mod experts;
 mod grouped;
 mod kernels;
+pub mod probe;
 
 use std::sync::Arc;
 

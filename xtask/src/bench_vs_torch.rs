@@ -1,0 +1,265 @@
+//! `cargo xtask bench-vs-torch`: our CPU backend and PyTorch's Hugging Face MoE blocks timed on the same machine
+//! in one run, interleaved, with the sgemm peak and the memory read bandwidth measured in the same run.
+//!
+//! PyTorch runs as a worker (`scripts/bench_vs_torch.py --serve`) that answers one JSON request per line, so its
+//! import cost is paid once; ours runs as `moe bench --format json` per shape. Each round times every shape on both
+//! sides, alternating which goes first; the table reports medians over rounds of the per-round medians.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// One benchmark shape: the `moe bench --shape` name, the python block kind, dims and token counts.
+struct Shape {
+    bench: &'static str,
+    block: &'static str,
+    d: usize,
+    ffn: usize,
+    e: usize,
+    k: usize,
+    tokens: &'static [usize],
+}
+
+const SHAPES: &[Shape] = &[
+    Shape {
+        bench: "mixtral-like",
+        block: "mixtral",
+        d: 1024,
+        ffn: 3584,
+        e: 8,
+        k: 2,
+        tokens: &[16, 128, 512, 2048],
+    },
+    Shape {
+        bench: "olmoe-like",
+        block: "olmoe",
+        d: 2048,
+        ffn: 1408,
+        e: 64,
+        k: 6,
+        tokens: &[128, 512, 2048],
+    },
+];
+
+/// Options of the task.
+struct Opts {
+    threads: usize,
+    rounds: usize,
+    repeats: usize,
+    python: String,
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        threads: 2,
+        rounds: 3,
+        repeats: 5,
+        python: std::env::var("MOE_PYTHON").unwrap_or_else(|_| "python3".into()),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .with_context(|| format!("{name} needs a value"))
+                .cloned()
+        };
+        match a.as_str() {
+            "--threads" => o.threads = val("--threads")?.parse()?,
+            "--rounds" => o.rounds = val("--rounds")?.parse()?,
+            "--repeats" => o.repeats = val("--repeats")?.parse()?,
+            "--python" => o.python = val("--python")?,
+            other => bail!(
+                "unknown option {other}\nusage: cargo xtask bench-vs-torch [--threads N] [--rounds N] [--repeats N] [--python PATH]"
+            ),
+        }
+    }
+    if o.threads == 0 || o.rounds == 0 || o.repeats == 0 {
+        bail!("--threads, --rounds and --repeats must be >= 1");
+    }
+    Ok(o)
+}
+
+/// The PyTorch worker process.
+struct Torch {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Torch {
+    fn ask(&mut self, req: Value) -> Result<Value> {
+        let stdin = self.child.stdin.as_mut().context("worker stdin closed")?;
+        writeln!(stdin, "{req}")?;
+        stdin.flush()?;
+        let mut line = String::new();
+        if self.out.read_line(&mut line)? == 0 {
+            bail!("the PyTorch worker exited (request {req})");
+        }
+        let v: Value =
+            serde_json::from_str(&line).with_context(|| format!("worker said: {line}"))?;
+        if v["ok"] != json!(true) {
+            bail!("the PyTorch worker failed: {}", v["error"]);
+        }
+        Ok(v)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Runs the comparison and prints the table.
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    let probe = Command::new(&o.python)
+        .args([
+            "-c",
+            "import torch, transformers; print(torch.__version__, transformers.__version__)",
+        ])
+        .output();
+    let versions = match probe {
+        Ok(p) if p.status.success() => String::from_utf8_lossy(&p.stdout).trim().to_string(),
+        _ => bail!(
+            "PyTorch and transformers are not importable by `{}`.\n\
+             Install them (CPU wheels are enough): `python3 -m venv .venv && .venv/bin/pip install torch transformers`,\n\
+             then run `MOE_PYTHON=.venv/bin/python cargo xtask bench-vs-torch` (or pass --python PATH).",
+            o.python
+        ),
+    };
+    println!("==> building the moe binary (release)");
+    let st = Command::new("cargo")
+        .args(["build", "--release", "--locked", "-p", "moe-cli"])
+        .current_dir(root)
+        .status()?;
+    if !st.success() {
+        bail!("cargo build failed");
+    }
+    let moe = root.join("target/release/moe");
+    let mut child = Command::new(&o.python)
+        .arg(root.join("scripts/bench_vs_torch.py"))
+        .args(["--serve", "--threads", &o.threads.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the PyTorch worker")?;
+    let out = BufReader::new(child.stdout.take().context("worker stdout")?);
+    let mut torch = Torch { child, out };
+
+    // Per row (shape, T): per-round figures.
+    let rows: Vec<(usize, usize)> = SHAPES
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| s.tokens.iter().map(move |&t| (si, t)))
+        .collect();
+    let mut ours = vec![Vec::new(); rows.len()];
+    let mut eager = vec![Vec::new(); rows.len()];
+    let mut grouped = vec![Vec::new(); rows.len()];
+    let mut hit = vec![0u64; rows.len()];
+    let (mut sgemm, mut bandwidth) = (Vec::new(), Vec::new());
+    for round in 0..o.rounds {
+        println!("==> round {} of {}", round + 1, o.rounds);
+        sgemm.push(
+            torch.ask(json!({"op": "sgemm", "repeats": o.repeats.max(5)}))?["gflops"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
+        for (si, s) in SHAPES.iter().enumerate() {
+            let torch_first = (round + si) % 2 == 0;
+            for side in 0..2 {
+                if (side == 0) == torch_first {
+                    for (ri, &(rsi, t)) in rows.iter().enumerate() {
+                        if rsi != si {
+                            continue;
+                        }
+                        let v = torch.ask(
+                            json!({"op": "block", "block": s.block, "d": s.d, "ffn": s.ffn,
+                            "e": s.e, "k": s.k, "t": t, "repeats": o.repeats}),
+                        )?;
+                        eager[ri].push(v["eager"].as_f64().unwrap_or(f64::NAN));
+                        grouped[ri].push(v["grouped_mm"].as_f64().unwrap_or(f64::NAN));
+                    }
+                } else {
+                    let ts: Vec<String> = s.tokens.iter().map(|t| t.to_string()).collect();
+                    let mut cmd = Command::new(&moe);
+                    cmd.args(["bench", "--shape", s.bench, "--format", "json", "--threads"])
+                        .arg(o.threads.to_string())
+                        .args(["--repeats", &o.repeats.to_string(), "-t", &ts.join(",")]);
+                    if si == 0 {
+                        cmd.arg("--bandwidth");
+                    }
+                    let p = cmd.output()?;
+                    if !p.status.success() {
+                        bail!("moe bench failed: {}", String::from_utf8_lossy(&p.stderr));
+                    }
+                    let v: Value = serde_json::from_slice(&p.stdout)?;
+                    if let Some(bw) = v["read_bandwidth_gb_per_s"].as_f64() {
+                        bandwidth.push(bw);
+                    }
+                    for r in v["rows"].as_array().into_iter().flatten() {
+                        let t = r["tokens"].as_u64().unwrap_or(0) as usize;
+                        if let Some(ri) = rows.iter().position(|&(a, b)| a == si && b == t) {
+                            ours[ri].push(r["median_ms"].as_f64().unwrap_or(f64::NAN));
+                            hit[ri] = r["experts_hit"].as_u64().unwrap_or(0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _ = torch.child.kill();
+    let peak = median(sgemm.clone()).unwrap_or(f64::NAN);
+    let bw = median(bandwidth.clone()).unwrap_or(f64::NAN);
+    println!();
+    println!(
+        "PyTorch {versions} vs moe-rs CPU backend, {} threads, f32, median of {} rounds x {} runs, interleaved",
+        o.threads, o.rounds, o.repeats
+    );
+    println!("sgemm peak (torch.mm (2048x1024)@(1024x3584)), same run: {peak:.1} GFLOP/s");
+    println!("memory read bandwidth (1 GiB read-only pass), same run: {bw:.1} GB/s");
+    println!();
+    println!(
+        "| block | T | ours ms | eager ms | grouped_mm ms | ratio (torch best / ours) | ours GFLOP/s | % of sgemm peak | weights GB/s | % of bandwidth |"
+    );
+    println!("| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: |");
+    let mut report = Vec::new();
+    for (ri, &(si, t)) in rows.iter().enumerate() {
+        let s = &SHAPES[si];
+        let our = median(ours[ri].clone()).unwrap_or(f64::NAN);
+        let ea = median(eager[ri].clone());
+        let gr = median(grouped[ri].clone());
+        let best = [ea, gr].into_iter().flatten().fold(f64::INFINITY, f64::min);
+        let flops = 2.0 * t as f64 * s.k as f64 * 3.0 * (s.d * s.ffn) as f64;
+        let gf = flops / our / 1e6;
+        let gbs = hit[ri] as f64 * 3.0 * (s.d * s.ffn) as f64 * 4.0 / our / 1e6;
+        let f = |v: Option<f64>| v.map_or("n/a".into(), |x| format!("{x:.1}"));
+        println!(
+            "| {} | {t} | {our:.1} | {} | {} | {:.2} | {gf:.1} | {:.0} % | {gbs:.1} | {:.0} % |",
+            s.bench,
+            f(ea),
+            f(gr),
+            best / our,
+            100.0 * gf / peak,
+            100.0 * gbs / bw
+        );
+        report.push(json!({"shape": s.bench, "tokens": t, "ours_ms": our, "eager_ms": ea, "grouped_mm_ms": gr,
+            "ratio": best / our, "gflops": gf, "peak_fraction": gf / peak, "weights_gb_per_s": gbs,
+            "bandwidth_fraction": gbs / bw, "rounds": {"ours": ours[ri], "eager": eager[ri], "grouped_mm": grouped[ri]}}));
+    }
+    let path = root.join("target/bench-vs-torch.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(
+            &json!({"torch": versions, "threads": o.threads, "rounds": o.rounds,
+            "repeats": o.repeats, "sgemm_gflops": sgemm, "bandwidth_gb_per_s": bandwidth, "rows": report}),
+        )?,
+    )?;
+    println!("\n(all figures: {})", path.display());
+    Ok(())
+}
