@@ -46,8 +46,10 @@ pub(super) struct Ctx {
     pub device: wg::Device,
     pub queue: wg::Queue,
     pub info: wg::AdapterInfo,
-    /// Largest storage binding, bytes (the smaller of the adapter's and the option's).
+    /// Largest storage binding, bytes (the adapter's limit).
     pub max_binding: u64,
+    /// Largest binding of one chunk of expert weights, bytes (the smaller of the adapter's and the option's).
+    pub max_weight_binding: u64,
     /// Largest buffer, bytes.
     pub max_buffer: u64,
     /// Largest workgroup count per dispatch dimension.
@@ -118,7 +120,8 @@ impl Ctx {
         }
         let adapter_binding = u64::from(limits.max_storage_buffer_binding_size);
         Ok(Ctx {
-            max_binding: max_binding.map_or(adapter_binding, |m| m.min(adapter_binding)),
+            max_binding: adapter_binding,
+            max_weight_binding: max_binding.map_or(adapter_binding, |m| m.min(adapter_binding)),
             max_buffer: limits.max_buffer_size,
             max_groups: limits.max_compute_workgroups_per_dimension.max(1),
             uniform_align: u64::from(limits.min_uniform_buffer_offset_alignment).max(64),
@@ -164,11 +167,10 @@ impl Ctx {
         let limit = self.max_binding.min(self.max_buffer);
         if bytes > limit {
             return Err(err(format!(
-                "{what} needs {:.1} MiB in one storage binding, over this adapter's limit of {:.1} MiB; \
-                 the layer or batch is too large for the wgpu backend here (use fewer tokens per forward, \
-                 or the cpu backend)",
-                bytes as f64 / 1048576.0,
-                limit as f64 / 1048576.0
+                "{what} needs {} in one storage binding, over this adapter's limit of {}; the layer or batch \
+                 is too large for the wgpu backend here (use fewer tokens per forward, or the cpu backend)",
+                human(bytes),
+                human(limit)
             )));
         }
         Ok(())
@@ -196,8 +198,9 @@ fn compile(device: &wg::Device) -> Pipes {
     let prelude = parts.next().unwrap_or("");
     let mut modules: HashMap<&str, wg::ShaderModule> = HashMap::new();
     for part in parts {
-        let name = part.split_whitespace().next().unwrap_or("");
-        let source = format!("{prelude}\n{part}");
+        let (name, body) = part.split_once('\n').unwrap_or((part, ""));
+        let name = name.trim();
+        let source = format!("{prelude}\n{body}");
         let module = device.create_shader_module(wg::ShaderModuleDescriptor {
             label: Some(name),
             source: wg::ShaderSource::Wgsl(source.into()),
@@ -287,6 +290,17 @@ impl Pool {
         });
         self.bufs.insert(name, b.clone());
         Ok(b)
+    }
+}
+
+/// A byte count in words: `3.0 MiB`, `12.5 KiB`, `100 B`.
+pub(super) fn human(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / 1048576.0)
+    } else if bytes >= 1 << 10 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{bytes} B")
     }
 }
 

@@ -52,9 +52,9 @@ const DROPPED: u32 = 0x1_0000;
 /// Settings of [`WgpuBackend`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WgpuOptions {
-    /// Caps the bytes of one storage binding below the adapter's limit (tests use it to force the chunked weight
-    /// path on small layers). `None`: the adapter's limit.
-    pub max_binding_bytes: Option<u64>,
+    /// Caps the bytes of one chunk of expert weights below the adapter's storage-binding limit (tests use it to
+    /// force the chunked weight path on small layers). `None`: the adapter's limit.
+    pub max_weight_binding_bytes: Option<u64>,
 }
 
 /// The wgpu backend: one adapter and device, shared by the layers uploaded to it.
@@ -78,7 +78,7 @@ impl WgpuBackend {
     /// [`BackendError::Unavailable`] with the reason when no adapter or device is found.
     pub fn with_options(options: WgpuOptions) -> Result<Self, BackendError> {
         Ok(WgpuBackend {
-            ctx: Arc::new(Ctx::open(options.max_binding_bytes)?),
+            ctx: Arc::new(Ctx::open(options.max_weight_binding_bytes)?),
         })
     }
 
@@ -87,7 +87,7 @@ impl WgpuBackend {
         self.ctx.describe()
     }
 
-    /// The largest storage binding this backend uses, in bytes.
+    /// The adapter's largest storage binding, in bytes (128 MiB on lavapipe).
     pub fn max_binding_bytes(&self) -> u64 {
         self.ctx.max_binding
     }
@@ -191,13 +191,13 @@ fn upload_chunks(
 ) -> Result<(Vec<Chunk>, usize), MoeError> {
     let per = data.len() / n_experts.max(1);
     let per_bytes = (per as u64) * 4;
-    let limit = ctx.max_binding.min(ctx.max_buffer);
+    let limit = ctx.max_weight_binding.min(ctx.max_buffer);
     if per_bytes > limit {
         return Err(err(format!(
-            "one expert's {name} is {:.1} MiB, over this adapter's largest storage binding ({:.1} MiB): the \
-             layer is too large for the wgpu backend here",
-            per_bytes as f64 / 1048576.0,
-            limit as f64 / 1048576.0
+            "one expert's {name} is {}, over the largest weight binding ({}): the layer is too large for \
+             the wgpu backend here",
+            device::human(per_bytes),
+            device::human(limit)
         )));
     }
     let per_chunk = ((limit / per_bytes.max(1)) as usize).clamp(1, n_experts.max(1));
