@@ -5,6 +5,9 @@
 //! - [`cpu`]: the reference backend, always built. Grouped: assignments are grouped by expert once, each expert
 //!   runs one matrix product over its contiguous rows with the activation fused between its two products, and the
 //!   outputs are combined with their weights in a fixed order (ascending expert id per token).
+//! - `wgpu` (feature `wgpu`): WGSL compute kernels on any wgpu adapter (a GPU, or Mesa's lavapipe on the CPU):
+//!   resident weights, native top-k and Switch routing, grouping by expert, tiled grouped GEMMs, fused
+//!   activations and combine on the device; see the `wgpu` module (documented when the feature is on).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -22,13 +25,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! - `wgpu` (feature `wgpu`): WGSL compute kernels on any wgpu adapter (a GPU, or Mesa's lavapipe on the CPU):
-//!   resident weights, native top-k and Switch routing, grouping by expert, tiled grouped GEMMs, fused
-//!   activations and combine on the device; see [`wgpu`](crate::wgpu) (documented when the feature is on).
-//!
 //! ## Features
 //! - none by default.
-//! - `wgpu`: the wgpu backend ([`BackendKind::Wgpu`], `wgpu = "=30.0.1"`, which needs Rust 1.87). Without an
+//! - `wgpu`: the wgpu backend (`BackendKind::Wgpu`, `wgpu = "=30.0.1"`, which needs Rust 1.87). Without an
 //!   adapter, [`open`] returns [`BackendError::Unavailable`] with the reason.
 //! - CUDA (`cuda`) is planned behind a feature of that name.
 

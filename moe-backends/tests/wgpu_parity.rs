@@ -589,3 +589,51 @@ fn smoke_mixtral_like() {
     let x = matrix(&mut r, t, d, 1.0);
     check(layer, &RouterInput::new(x.view()), RouterPath::Native);
 }
+
+/// The device's activations against f64 references on a grid over [-8, 8]: one MLP expert with `d = f = 1` and
+/// unit weights, so the output is the activation itself. Exact GELU goes through the kernels' f32 `erf`; the
+/// bound is `3e-7 · max(1, |x|)` (a few f32 ulps).
+#[test]
+fn activations_match_f64_reference() {
+    let Some(b) = backend() else { return };
+    let xs: Vec<f32> = (0..=1600).map(|i| -8.0 + i as f32 * 0.01).collect();
+    let x = Array2::from_shape_vec((xs.len(), 1), xs.clone()).expect("shape");
+    let refs: [(Activation, fn(f64) -> f64); 4] = [
+        (Activation::Silu, |v| v / (1.0 + (-v).exp())),
+        (Activation::Relu, |v| v.max(0.0)),
+        (Activation::Gelu, |v| {
+            0.5 * v * (1.0 + moe_core::math::erf(v / std::f64::consts::SQRT_2))
+        }),
+        (Activation::GeluTanh, |v| {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
+        }),
+    ];
+    for (act, f) in refs {
+        let bank = MlpBank::new(
+            Array3::ones((1, 1, 1)),
+            None,
+            Array3::ones((1, 1, 1)),
+            None,
+            act,
+        )
+        .expect("bank");
+        let router = TopKPreset::Mixtral
+            .config()
+            .build(Array2::ones((1, 1)), 1)
+            .expect("router");
+        let layer = MoeLayer::new(Box::new(router), ExpertBank::Mlp(bank)).expect("layer");
+        let out = b
+            .upload(Arc::new(layer))
+            .expect("upload")
+            .forward(&RouterInput::new(x.view()))
+            .expect("forward");
+        let mut worst = 0.0f64;
+        for (&v, &y) in xs.iter().zip(out.output.iter()) {
+            let want = f(f64::from(v));
+            let e = (f64::from(y) - want).abs() / f64::from(v.abs()).max(1.0);
+            worst = worst.max(e);
+        }
+        assert!(worst <= 3e-7, "{act:?}: worst scaled error {worst:e}");
+    }
+}
