@@ -598,7 +598,8 @@ fn activations_match_f64_reference() {
     let Some(b) = backend() else { return };
     let xs: Vec<f32> = (0..=1600).map(|i| -8.0 + i as f32 * 0.01).collect();
     let x = Array2::from_shape_vec((xs.len(), 1), xs.clone()).expect("shape");
-    let refs: [(Activation, fn(f64) -> f64); 4] = [
+    type Reference = fn(f64) -> f64;
+    let refs: [(Activation, Reference); 4] = [
         (Activation::Silu, |v| v / (1.0 + (-v).exp())),
         (Activation::Relu, |v| v.max(0.0)),
         (Activation::Gelu, |v| {

@@ -118,7 +118,7 @@ impl Ctx {
                 info.name
             )));
         }
-        let adapter_binding = u64::from(limits.max_storage_buffer_binding_size);
+        let adapter_binding = limits.max_storage_buffer_binding_size;
         Ok(Ctx {
             max_binding: adapter_binding,
             max_weight_binding: max_binding.map_or(adapter_binding, |m| m.min(adapter_binding)),
