@@ -7,6 +7,9 @@
 //!   rows) with the activation fused between the two products, in parallel over tiles, on reused workspaces; the
 //!   outputs are combined with their weights in a fixed order (ascending expert id per token), so results are
 //!   bit-identical on any thread count. [`cpu::reference_forward`] is the plain path it is tested against.
+//! - `wgpu` (feature `wgpu`): WGSL compute kernels on any wgpu adapter (a GPU, or Mesa's lavapipe on the CPU):
+//!   resident weights, native top-k and Switch routing, grouping by expert, tiled grouped GEMMs, fused
+//!   activations and combine on the device; see the `wgpu` module (documented when the feature is on).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -25,9 +28,14 @@
 //! ```
 //!
 //! ## Features
-//! - none by default; CUDA (`cuda`) and wgpu (`wgpu`) backends are planned behind features of those names.
+//! - none by default.
+//! - `wgpu`: the wgpu backend (`BackendKind::Wgpu`, `wgpu = "=30.0.1"`, which needs Rust 1.87). Without an
+//!   adapter, [`open`] returns [`BackendError::Unavailable`] with the reason.
+//! - CUDA (`cuda`) is planned behind a feature of that name.
 
 pub mod cpu;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 use moe_core::{Backend, MoeError};
 use thiserror::Error;
@@ -55,12 +63,18 @@ pub enum BackendError {
 pub enum BackendKind {
     /// The CPU reference backend.
     Cpu,
+    /// The wgpu backend (feature `wgpu`).
+    #[cfg(feature = "wgpu")]
+    Wgpu,
 }
 
 impl BackendKind {
     /// Every backend name moe-rs has, built or not, with whether this build includes it.
-    pub const ALL: &'static [(&'static str, bool)] =
-        &[("cpu", true), ("cuda", false), ("wgpu", false)];
+    pub const ALL: &'static [(&'static str, bool)] = &[
+        ("cpu", true),
+        ("cuda", false),
+        ("wgpu", cfg!(feature = "wgpu")),
+    ];
 
     /// Parses a backend name.
     ///
@@ -70,14 +84,30 @@ impl BackendKind {
     pub fn parse(name: &str) -> Result<Self, BackendError> {
         match name {
             "cpu" => Ok(BackendKind::Cpu),
-            "cuda" | "wgpu" => Err(BackendError::Unavailable {
-                backend: name.to_string(),
-                reason: format!(
-                    "this build has no {name} backend (it is planned behind the `{name}` cargo feature)"
-                ),
-            }),
+            #[cfg(feature = "wgpu")]
+            "wgpu" => Ok(BackendKind::Wgpu),
+            #[cfg(feature = "wgpu")]
+            "cuda" => Err(unplanned(name)),
+            #[cfg(not(feature = "wgpu"))]
+            "cuda" | "wgpu" => Err(unplanned(name)),
             other => Err(MoeError::config("backend", other, "one of: cpu, cuda, wgpu").into()),
         }
+    }
+}
+
+/// The error for a backend this build does not include.
+fn unplanned(name: &str) -> BackendError {
+    let reason = if name == "cuda" {
+        "this build has no cuda backend (it is planned behind the `cuda` cargo feature)".to_string()
+    } else {
+        format!(
+            "this build has no {name} backend (build with the `{name}` cargo feature of moe-backends, or \
+             moe-cli's feature of the same name)"
+        )
+    };
+    BackendError::Unavailable {
+        backend: name.to_string(),
+        reason,
     }
 }
 
@@ -88,6 +118,8 @@ impl BackendKind {
 pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
     match kind {
         BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new())),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => Ok(Box::new(wgpu::WgpuBackend::new()?)),
     }
 }
 

@@ -1,8 +1,9 @@
 //! `cargo xtask <task>`: the project's automation, in Rust.
 //!
-//! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`), tidy (every Rust file opens
-//!   with a `//!` line), rustdoc with `-D warnings`, the whole workspace's tests (unit, integration, doc), the default `moe compare` as a smoke
-//!   test, and `cargo bench --no-run`.
+//! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`, without and with the wgpu
+//!   features), tidy (every Rust file opens with a `//!` line), rustdoc with `-D warnings`, the whole workspace's
+//!   tests (unit, integration, doc) with the wgpu features on, the default `moe compare` and a small
+//!   `moe bench --backend wgpu` as smoke tests, and `cargo bench --no-run`.
 //! - `bench-vs-torch`: our CPU backend against PyTorch's Hugging Face blocks, in one run on this machine (see
 //!   [`bench_vs_torch`]); a benchmark, not part of CI.
 
@@ -38,6 +39,10 @@ fn project_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Features that CI turns on for clippy, rustdoc and the tests: the wgpu backend, its fixture tests and the CLI's
+/// `--backend wgpu`. `.ci/run` installs Mesa's lavapipe so the wgpu tests run for real (`MOE_REQUIRE_GPU=wgpu`).
+const WGPU_FEATURES: &str = "moe-backends/wgpu,moe-tests/wgpu,moe-cli/wgpu";
+
 fn step(name: &str) {
     println!("\n==> xtask ci: {name}");
 }
@@ -54,21 +59,47 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     )
     .run()
     .context("clippy failed")?;
+    step("clippy with the wgpu backend");
+    cmd!(
+        sh,
+        "cargo clippy --workspace --all-targets --locked --features {WGPU_FEATURES} -- -D warnings"
+    )
+    .run()
+    .context("clippy (wgpu) failed")?;
     step("tidy");
     tidy(root)?;
     step("rustdoc (broken links and missing docs are errors)");
-    cmd!(sh, "cargo doc --workspace --no-deps --locked")
-        .env("RUSTDOCFLAGS", "-D warnings")
-        .run()
-        .context("rustdoc found broken links or warnings")?;
-    step("tests (unit, integration, doc)");
-    cmd!(sh, "cargo test --workspace --locked")
-        .run()
-        .context("tests failed")?;
+    cmd!(
+        sh,
+        "cargo doc --workspace --no-deps --locked --features {WGPU_FEATURES}"
+    )
+    .env("RUSTDOCFLAGS", "-D warnings")
+    .run()
+    .context("rustdoc found broken links or warnings")?;
+    step("tests (unit, integration, doc; wgpu on)");
+    cmd!(
+        sh,
+        "cargo test --workspace --locked --features {WGPU_FEATURES}"
+    )
+    .run()
+    .context("tests failed")?;
     step("smoke: the README's run command");
     cmd!(sh, "cargo run --release --locked -p moe-cli -- compare")
         .run()
         .context("`moe compare` failed")?;
+    step("smoke: moe list and moe bench on the wgpu backend");
+    cmd!(
+        sh,
+        "cargo run --release --locked -p moe-cli --features wgpu -- list"
+    )
+    .run()
+    .context("`moe list` (wgpu) failed")?;
+    cmd!(
+        sh,
+        "cargo run --release --locked -p moe-cli --features wgpu -- bench --backend wgpu -d 64 --ffn 128 -e 8 -k 2 -t 16,100 --repeats 3"
+    )
+    .run()
+    .context("`moe bench --backend wgpu` failed")?;
     step("benches build");
     cmd!(sh, "cargo bench --workspace --locked --no-run")
         .run()
