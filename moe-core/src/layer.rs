@@ -131,6 +131,15 @@ impl MoeLayer {
         self.output_bias.as_ref()
     }
 
+    /// Moves the routed and shared experts' weight tensors to allocations aligned to `bytes` (see
+    /// [`ExpertBank::align_weights`]); values and shapes are unchanged.
+    pub fn align_weights(&mut self, bytes: usize) {
+        self.experts.align_weights(bytes);
+        if let Some(shared) = &mut self.shared {
+            shared.bank.align_weights(bytes);
+        }
+    }
+
     /// Model width `d`.
     pub fn d_model(&self) -> usize {
         self.experts.d_model()

@@ -16,11 +16,11 @@ use super::kernels::{SMALL_ROWS, Tile, Weights, par_tiles};
 #[derive(Debug, Default)]
 pub(crate) struct Workspace {
     /// Gathered input rows `[rows, d]`.
-    pub x: Vec<f32>,
+    pub x: AlignedBuf,
     /// Activated hidden rows `[rows, f]`.
-    pub h: Vec<f32>,
+    pub h: AlignedBuf,
     /// Expert outputs `[rows, d]`.
-    pub y: Vec<f32>,
+    pub y: AlignedBuf,
     /// Row offsets of the groups.
     pub offsets: Vec<usize>,
     /// Expert index of each group.
@@ -37,6 +37,36 @@ pub(crate) fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
         v.resize(len, 0.0);
     }
     &mut v[..len]
+}
+
+/// Values per cache line: workspaces start on a 64-byte boundary, so rows of a width that is a multiple of 16
+/// values start on one too and the SIMD kernel's loads do not split cache lines.
+const ALIGN: usize = 16;
+
+/// A growable f32 buffer whose data starts on a 64-byte boundary.
+#[derive(Debug, Default)]
+pub(crate) struct AlignedBuf(Vec<f32>);
+
+impl AlignedBuf {
+    fn offset(&self) -> usize {
+        (ALIGN - (self.0.as_ptr() as usize / std::mem::size_of::<f32>()) % ALIGN) % ALIGN
+    }
+
+    /// The first `len` values, growing the buffer (never shrinking) when it is too short; contents are whatever
+    /// the last use left.
+    pub(crate) fn get_mut(&mut self, len: usize) -> &mut [f32] {
+        if self.0.len() < len + ALIGN {
+            self.0.resize(len + ALIGN, 0.0);
+        }
+        let off = self.offset();
+        &mut self.0[off..off + len]
+    }
+
+    /// The first `len` values (as last written through [`AlignedBuf::get_mut`]).
+    pub(crate) fn get(&self, len: usize) -> &[f32] {
+        let off = self.offset();
+        self.0.get(off..off + len).unwrap_or(&[])
+    }
 }
 
 thread_local! {
@@ -77,7 +107,7 @@ pub(crate) fn run_bank(
     experts: &[usize],
     offsets: &[usize],
     x: &[f32],
-    h: &mut Vec<f32>,
+    h: &mut AlignedBuf,
     y: &mut [f32],
 ) -> Result<(), MoeError> {
     let d = bank.d_model();
@@ -93,7 +123,7 @@ pub(crate) fn run_bank(
         });
     }
     let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    let h = grow(h, rows * f);
+    let h = h.get_mut(rows * f);
     // Phase 1: h = act(first product), tile by tile.
     par_tiles(
         h,

@@ -417,6 +417,9 @@ mod tests {
             (SMALL_ROWS, 19, 70),
             (SMALL_ROWS + 1, 19, 70),
             (97, 31, 129),
+            // Long reductions with a tail.
+            (9, 13, 1100),
+            (SMALL_ROWS, 7, 1030),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5)

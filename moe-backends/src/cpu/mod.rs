@@ -68,7 +68,12 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn upload(&self, layer: Arc<MoeLayer>) -> Result<Box<dyn DeviceLayer>, MoeError> {
+    fn upload(&self, mut layer: Arc<MoeLayer>) -> Result<Box<dyn DeviceLayer>, MoeError> {
+        // Rows of weights that start on a cache line are read faster by the SIMD kernel. The weights can only be
+        // moved when nobody else holds the layer; otherwise they are used where they are (correct, a bit slower).
+        if let Some(l) = Arc::get_mut(&mut layer) {
+            l.align_weights(64);
+        }
         let pool = match self.threads {
             Some(n) => Some(Arc::new(
                 rayon::ThreadPoolBuilder::new()
@@ -155,7 +160,7 @@ fn forward(
     ws.experts
         .extend(routing.active_experts().iter().map(|&e| e as usize));
     // Gather each active expert's rows into one contiguous block.
-    let x = grouped::grow(&mut ws.x, rows * d);
+    let x = ws.x.get_mut(rows * d);
     let slot_tokens = routing.slot_tokens();
     kernels::par_tiles(x, d, &ws.offsets, d, d.max(1), |g, _, mut tile| {
         for i in 0..tile.rows() {
@@ -167,12 +172,12 @@ fn forward(
         }
         Ok(())
     })?;
-    let y = grouped::grow(&mut ws.y, rows * d);
+    let y = ws.y.get_mut(rows * d);
     grouped::run_bank(
         layer.experts(),
         &ws.experts,
         &ws.offsets,
-        &ws.x[..rows * d],
+        ws.x.get(rows * d),
         &mut ws.h,
         y,
     )?;
@@ -181,7 +186,7 @@ fn forward(
         &ws.token_offsets,
         &ws.token_slots,
         routing.slot_weights(),
-        &ws.y[..rows * d],
+        ws.y.get(rows * d),
         t,
         d,
         layer.output_scale(),
@@ -189,13 +194,13 @@ fn forward(
     if let Some(shared) = layer.shared() {
         if grouped::supports(&shared.bank) {
             // The shared expert is one more group holding every token; the routed experts' buffers are free now.
-            let x = grouped::grow(&mut ws.x, t * d);
+            let x = ws.x.get_mut(t * d);
             for (row, src) in x.chunks_exact_mut(d.max(1)).zip(input.hidden.outer_iter()) {
                 row.iter_mut().zip(src.iter()).for_each(|(o, &v)| *o = v);
             }
-            let y = grouped::grow(&mut ws.y, t * d);
-            grouped::run_bank(&shared.bank, &[0], &[0, t], &ws.x[..t * d], &mut ws.h, y)?;
-            let ys = ndarray::ArrayView2::from_shape((t, d), &ws.y[..t * d])
+            let y = ws.y.get_mut(t * d);
+            grouped::run_bank(&shared.bank, &[0], &[0, t], ws.x.get(t * d), &mut ws.h, y)?;
+            let ys = ndarray::ArrayView2::from_shape((t, d), ws.y.get(t * d))
                 .map_err(|e| internal(&e.to_string()))?;
             combine::add_shared(&mut output, input.hidden, ys, shared.gate.as_ref());
         } else {

@@ -277,10 +277,11 @@ impl Pool {
                 ctx.max_buffer
             )));
         }
-        if let Some(b) = self.bufs.get(name) {
-            if b.size() >= bytes && b.usage() == usage {
-                return Ok(b.clone());
-            }
+        if let Some(b) = self.bufs.get(name)
+            && b.size() >= bytes
+            && b.usage() == usage
+        {
+            return Ok(b.clone());
         }
         let b = ctx.device.create_buffer(&wg::BufferDescriptor {
             label: Some(name),

@@ -284,7 +284,7 @@ impl DeviceBank {
 fn topk_native(s: &TopKSpec, e: usize, d: usize) -> bool {
     let groups_ok = s.groups.is_none_or(|g| {
         g.n_group > 0
-            && e % g.n_group == 0
+            && e.is_multiple_of(g.n_group)
             && g.topk_group >= 1
             && g.topk_group <= g.n_group
             && g.topk_group * (e / g.n_group) >= s.k
