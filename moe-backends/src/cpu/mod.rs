@@ -1,7 +1,7 @@
 //! The CPU backend, the reference every other backend is tested against, and the fast path users run.
 //!
 //! A forward routes on the host, gathers each active expert's rows into one contiguous block, runs the expert
-//! products grouped per expert ([`grouped`]: the first product with the activation fused per tile, then the
+//! products grouped per expert (`cpu/grouped.rs`: the first product with the activation fused per tile, then the
 //! second), and combines the outputs with their weights in ascending expert order per token. Threads (rayon) run
 //! over tiles of (expert, column block); which tile computes which value depends only on the shapes, so results
 //! are bit-identical on any thread count. Buffers are reused across forwards ([`CpuLayer`] owns them), so in the
