@@ -64,8 +64,9 @@ def make_block(kind, d, ffn, e, k):
     return block, cfg
 
 
-def median_ms(fn, repeats):
-    fn()  # warm-up
+def median_ms(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -94,7 +95,7 @@ def time_sgemm(repeats):
     a = torch.randn(2048, 1024)
     b = torch.randn(1024, 3584)
     with torch.inference_mode():
-        ms = median_ms(lambda: torch.mm(a, b), repeats)
+        ms = median_ms(lambda: torch.mm(a, b), repeats, warmup=3)
     return {"ms": ms, "gflops": 2 * 2048 * 1024 * 3584 / ms / 1e6}
 
 
