@@ -8,39 +8,12 @@ use proptest::prelude::*;
 use moe_backends::cpu::CpuBackend;
 use moe_core::{
     Activation, Assignment, Backend, Expert, ExpertBank, GptOssBank, MlpBank, MoeError, MoeLayer,
-    Router, RouterInput, Routing, SharedExperts, SwiGluBank, rng::SeqRng,
+    RouterInput, SharedExperts, SwiGluBank, rng::SeqRng,
 };
 use moe_routers::{SoftmaxTopKConfig, TopKPreset};
 
-/// A router that returns a fixed plan, so a test controls the dispatch exactly.
-#[derive(Clone, Debug)]
-struct Fixed {
-    e: usize,
-    d: usize,
-    kept: Vec<Assignment>,
-}
-
-impl Router for Fixed {
-    fn name(&self) -> &str {
-        "fixed"
-    }
-    fn n_experts(&self) -> usize {
-        self.e
-    }
-    fn d_model(&self) -> Option<usize> {
-        Some(self.d)
-    }
-    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
-        input.validate(Some(self.d))?;
-        Routing::new(
-            input.n_tokens(),
-            self.e,
-            input.n_tokens(),
-            self.kept.clone(),
-            Vec::new(),
-        )
-    }
-}
+/// A router that returns a fixed plan (no spec), so a test controls the dispatch exactly.
+type Fixed = moe_core::testing::FixedPlan;
 
 /// An expert that fails if it is ever called: proves the backend skips experts with no tokens.
 #[derive(Clone, Debug)]
@@ -143,7 +116,11 @@ fn hand_computed_swiglu_three_experts_with_shared_and_bias() {
     let shared = SharedExperts::new(ExpertBank::SwiGlu(shared_bank), Some(Array1::zeros(1)))
         .expect("shared");
     let layer = MoeLayer::new(
-        Box::new(Fixed { e: 3, d: 1, kept }),
+        Box::new(Fixed {
+            n_experts: 3,
+            d_model: 1,
+            kept,
+        }),
         ExpertBank::SwiGlu(bank),
     )
     .and_then(|l| l.with_shared(shared))
@@ -170,7 +147,11 @@ fn empty_experts_are_skipped() {
         rank: 0,
     }];
     let layer = MoeLayer::new(
-        Box::new(Fixed { e: 2, d: 2, kept }),
+        Box::new(Fixed {
+            n_experts: 2,
+            d_model: 2,
+            kept,
+        }),
         ExpertBank::Custom(experts),
     )
     .expect("layer");
@@ -470,8 +451,8 @@ fn peer_bank_and_gelu_hand_computed() {
         let bank = moe_core::PeerBank::new(u.clone(), v.clone(), act).expect("bank");
         let layer = MoeLayer::new(
             Box::new(Fixed {
-                e: 3,
-                d: 2,
+                n_experts: 3,
+                d_model: 2,
                 kept: kept.clone(),
             }),
             ExpertBank::Peer(bank),

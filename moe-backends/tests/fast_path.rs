@@ -8,39 +8,12 @@ use proptest::prelude::*;
 
 use moe_backends::cpu::{CpuBackend, reference_forward};
 use moe_core::{
-    Activation, Assignment, Backend, ExpertBank, GptOssBank, MlpBank, MoeError, MoeLayer, Router,
-    RouterInput, Routing, SharedExperts, SwiGluBank, rng::SeqRng,
+    Activation, Assignment, Backend, ExpertBank, GptOssBank, MlpBank, MoeLayer, RouterInput,
+    SharedExperts, SwiGluBank, rng::SeqRng,
 };
 
-/// A router that returns a fixed plan, so a test controls which experts get how many rows (some none).
-#[derive(Clone, Debug)]
-struct Fixed {
-    e: usize,
-    d: usize,
-    kept: Vec<Assignment>,
-}
-
-impl Router for Fixed {
-    fn name(&self) -> &str {
-        "fixed"
-    }
-    fn n_experts(&self) -> usize {
-        self.e
-    }
-    fn d_model(&self) -> Option<usize> {
-        Some(self.d)
-    }
-    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
-        input.validate(Some(self.d))?;
-        Routing::new(
-            input.n_tokens(),
-            self.e,
-            input.n_tokens(),
-            self.kept.clone(),
-            Vec::new(),
-        )
-    }
-}
+/// A router that returns a fixed plan (no spec), so a test controls the dispatch exactly.
+type Fixed = moe_core::testing::FixedPlan;
 
 /// A plan where each token picks `k` distinct experts among the `live` ones (the others get no tokens), with
 /// random positive weights.
@@ -120,8 +93,15 @@ fn layer(
     let live: Vec<usize> = (0..e).filter(|&x| x == 0 || rng.uniform() > 0.33).collect();
     let kept = random_plan(t, e, k, &live, rng);
     let bank = random_bank(kind, e, d, f, rng);
-    let mut l = MoeLayer::new(Box::new(Fixed { e, d, kept }), bank)
-        .unwrap_or_else(|err| panic!("layer: {err}"));
+    let mut l = MoeLayer::new(
+        Box::new(Fixed {
+            n_experts: e,
+            d_model: d,
+            kept,
+        }),
+        bank,
+    )
+    .unwrap_or_else(|err| panic!("layer: {err}"));
     if shared {
         let sb = random_bank(0, 1, d, f + 3, rng);
         let gate = Some(rng.normal_matrix(1, d, 0.3).row(0).to_owned());

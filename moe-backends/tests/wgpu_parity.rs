@@ -168,35 +168,8 @@ fn compare_routing(want: &Routing, got: &Routing) {
     }
 }
 
-/// A router that returns a fixed plan and has no spec: the host path with a plan the test controls.
-#[derive(Clone, Debug)]
-struct Fixed {
-    e: usize,
-    d: usize,
-    kept: Vec<Assignment>,
-}
-
-impl Router for Fixed {
-    fn name(&self) -> &str {
-        "fixed"
-    }
-    fn n_experts(&self) -> usize {
-        self.e
-    }
-    fn d_model(&self) -> Option<usize> {
-        Some(self.d)
-    }
-    fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
-        input.validate(Some(self.d))?;
-        Routing::new(
-            input.n_tokens(),
-            self.e,
-            input.n_tokens(),
-            self.kept.clone(),
-            Vec::new(),
-        )
-    }
-}
+/// A router that returns a fixed plan (no spec), so a test controls the dispatch exactly.
+type Fixed = moe_core::testing::FixedPlan;
 
 /// Seeded random shapes through every top-k preset: T = 1 and T not a multiple of the 32-row tile, E up to 16
 /// (so many experts get no tokens at small T), k up to 4, SwiGLU banks with each activation.
@@ -448,7 +421,11 @@ fn host_path_routers() {
         rank: i as u16,
     })
     .collect();
-    let router = Fixed { e, d, kept };
+    let router = Fixed {
+        n_experts: e,
+        d_model: d,
+        kept,
+    };
     let layer = MoeLayer::new(
         Box::new(router),
         swiglu(&mut rng(702), e, d, f, Activation::Silu),

@@ -74,3 +74,38 @@ pub fn check_router(router: &dyn Router, d: usize) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A router that returns the same plan for every input (of the right width): lets a backend test control exactly
+/// which experts get which tokens, including experts with none. It has no [`RouterSpec`](crate::router::RouterSpec),
+/// so backends run it on the host path.
+#[derive(Clone, Debug)]
+pub struct FixedPlan {
+    /// Experts `E`.
+    pub n_experts: usize,
+    /// Hidden width `d`.
+    pub d_model: usize,
+    /// The kept assignments returned for every input (tokens must be below the input's `T`).
+    pub kept: Vec<crate::routing::Assignment>,
+}
+
+impl Router for FixedPlan {
+    fn name(&self) -> &str {
+        "fixed-plan"
+    }
+    fn n_experts(&self) -> usize {
+        self.n_experts
+    }
+    fn d_model(&self) -> Option<usize> {
+        Some(self.d_model)
+    }
+    fn route(&self, input: &RouterInput<'_>) -> Result<crate::routing::Routing, MoeError> {
+        input.validate(Some(self.d_model))?;
+        crate::routing::Routing::new(
+            input.n_tokens(),
+            self.n_experts,
+            input.n_tokens(),
+            self.kept.clone(),
+            Vec::new(),
+        )
+    }
+}

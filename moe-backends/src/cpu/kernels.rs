@@ -282,64 +282,25 @@ mod dot {
         c: *mut f32,
         ldc: usize,
     ) {
-        // SAFETY (whole body): every pointer offset below stays inside the bounds the caller guarantees.
+        // SAFETY (whole body): every pointer offset below stays inside the bounds the caller guarantees: rows
+        // `i..i + R` inside `0..m`, weight rows `j..j + C` inside `0..n`.
         unsafe {
             let mut j = 0;
-            while j + NR <= n {
-                let mut i = 0;
-                while i + MR <= m {
-                    tile::<MR, NR>(
-                        a.add(i * lda),
-                        lda,
-                        w.add(j * ldw),
-                        ldw,
-                        k,
-                        c.add(i * ldc + j),
-                        ldc,
-                    );
-                    i += MR;
-                }
-                while i < m {
-                    tile::<1, NR>(
-                        a.add(i * lda),
-                        lda,
-                        w.add(j * ldw),
-                        ldw,
-                        k,
-                        c.add(i * ldc + j),
-                        ldc,
-                    );
-                    i += 1;
-                }
-                j += NR;
-            }
             while j < n {
+                let full = j + NR <= n;
                 let mut i = 0;
-                while i + MR <= m {
-                    tile::<MR, 1>(
-                        a.add(i * lda),
-                        lda,
-                        w.add(j * ldw),
-                        ldw,
-                        k,
-                        c.add(i * ldc + j),
-                        ldc,
-                    );
-                    i += MR;
-                }
                 while i < m {
-                    tile::<1, 1>(
-                        a.add(i * lda),
-                        lda,
-                        w.add(j * ldw),
-                        ldw,
-                        k,
-                        c.add(i * ldc + j),
-                        ldc,
-                    );
-                    i += 1;
+                    let (ai, wj, cij) = (a.add(i * lda), w.add(j * ldw), c.add(i * ldc + j));
+                    let rows4 = i + MR <= m;
+                    match (rows4, full) {
+                        (true, true) => tile::<MR, NR>(ai, lda, wj, ldw, k, cij, ldc),
+                        (false, true) => tile::<1, NR>(ai, lda, wj, ldw, k, cij, ldc),
+                        (true, false) => tile::<MR, 1>(ai, lda, wj, ldw, k, cij, ldc),
+                        (false, false) => tile::<1, 1>(ai, lda, wj, ldw, k, cij, ldc),
+                    }
+                    i += if rows4 { MR } else { 1 };
                 }
-                j += 1;
+                j += if full { NR } else { 1 };
             }
         }
     }
