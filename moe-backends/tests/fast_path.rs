@@ -154,9 +154,10 @@ proptest! {
 
 #[test]
 fn one_two_and_three_threads_are_bit_identical() {
-    // Groups of ~10 rows (small-row kernel) and ~200 rows (gemm), d and f not multiples of 16, a shared expert.
+    // Groups of ~10 rows (dot kernel), ~200 rows (transposed gemm) and ~300 rows (gemm), d and f not multiples of
+    // 16, a shared expert.
     let mut rng = SeqRng::new(5, 0);
-    for (t, e, k) in [(40, 8, 2), (400, 4, 2), (1, 3, 1)] {
+    for (t, e, k) in [(40, 8, 2), (400, 4, 2), (600, 2, 1), (1, 3, 1)] {
         for kind in 0..4 {
             let l = Arc::new(layer(t, 70, e, k, 150, kind, kind == 0, &mut rng));
             let x = rng.normal_matrix(t, 70, 1.0);

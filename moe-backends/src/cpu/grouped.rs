@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use moe_core::{ExpertBank, MoeError};
 
 use super::experts::activate;
-use super::kernels::{SMALL_ROWS, Tile, Weights, par_tiles};
+use super::kernels::{MAX_BLOCK, SMALL_ROWS, Tile, Weights, par_tiles, reserve_scratch};
 
 /// Reusable buffers of the CPU backend (grown on demand, never shrunk).
 #[derive(Debug, Default)]
@@ -81,7 +81,7 @@ fn block_cols(max_rows: usize, hidden: bool) -> usize {
         (true, _, false) => 96,
         (false, true, true) => 384,
         (false, true, false) => 256,
-        (false, false, true) => 768,
+        (false, false, true) => MAX_BLOCK,
         (false, false, false) => 512,
     }
 }
@@ -124,6 +124,20 @@ pub(crate) fn run_bank(
     }
     let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let h = h.get_mut(rows * f);
+    let reserve = max_rows * 2 * block_cols(max_rows, true);
+    // Grow every pool thread's scratch to this call's largest tile first: which thread runs which tile then never
+    // decides whether a later forward allocates.
+    let widest = block_cols(max_rows, true).max(block_cols(max_rows, false));
+    rayon::broadcast(|_| {
+        SCRATCH.with(|cell| {
+            let mut v = cell.borrow_mut();
+            if v.len() < reserve {
+                v.resize(reserve, 0.0);
+            }
+        });
+        // GPT-OSS's first product is 2 * block wide.
+        reserve_scratch(max_rows, 2 * widest);
+    });
     // Phase 1: h = act(first product), tile by tile.
     par_tiles(
         h,
@@ -252,7 +266,7 @@ fn expert_weights(
     })
 }
 
-/// Runs `f` on this thread's scratch of `len` values.
+/// Runs `f` on this thread's scratch of `len` values (grown beforehand by `run_bank`).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| {
         let mut v = cell.borrow_mut();

@@ -2,12 +2,16 @@
 //!
 //! Every expert product has the form `C[i, j] = Σ_kk A[i, kk] · W(j, kk)`: `A` is a block of rows (row-major),
 //! `W` is one expert's weight matrix read in place (any strides, no copy), `C` is a tile of a row-major workspace.
-//! Two kernels, chosen by the row count only (never by the thread count, so results do not depend on it):
+//! Three kernels, chosen by the row count only (never by the thread count, so results do not depend on it):
 //! - [`SMALL_ROWS`] rows or fewer, when `W`'s reduction axis is contiguous and the CPU has AVX-512: a dot-product
 //!   kernel that streams each weight row once straight from memory, with no packing. With few rows per expert the
 //!   product is bound by weight bandwidth, and packing `W` (what a classic GEMM does) would double that traffic.
-//! - otherwise the `gemm` crate (cache-blocked, packed, SIMD with run-time dispatch), single-threaded per call:
-//!   threads run over tiles, see [`par_tiles`].
+//! - up to 256 rows with `W`'s reduction axis contiguous: the `gemm` crate on the transposed product
+//!   `Cᵀ = W · Aᵀ`, written column-major to a per-thread scratch and transposed into the tile; asked this way,
+//!   gemm reads `W` in place instead of packing it, which dominated at these sizes.
+//! - otherwise the `gemm` crate (cache-blocked, packed, SIMD with run-time dispatch) on the product as it is.
+//!
+//! Each call is single-threaded: threads run over tiles, see [`par_tiles`].
 //!
 //! Safety: raw pointers exist only inside this module. [`par_tiles`] checks every bound once, then hands each
 //! parallel task a [`Tile`] that owns a distinct rectangle of the buffer; [`Tile::matmul`] checks the operand
@@ -22,6 +26,31 @@ use moe_core::MoeError;
 
 /// Row counts up to this use the dot-product kernel (where it is available).
 pub(crate) const SMALL_ROWS: usize = 48;
+
+/// Row counts up to this (and above [`SMALL_ROWS`]) compute the transposed product with `gemm`, which then reads
+/// weights in place instead of packing them.
+const TRANSPOSED_ROWS: usize = 256;
+
+/// The widest column block the grouped path hands a tile (see `grouped::block_cols`).
+pub(crate) const MAX_BLOCK: usize = 768;
+
+thread_local! {
+    /// Per-thread column-major scratch of the transposed product.
+    static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Grows this thread's scratch so that products of up to `rows` rows and `cols` columns need no allocation.
+pub(crate) fn reserve_scratch(rows: usize, cols: usize) {
+    if rows > SMALL_ROWS {
+        let len = rows.min(TRANSPOSED_ROWS) * cols;
+        TRANSPOSED.with(|cell| {
+            let mut v = cell.borrow_mut();
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        });
+    }
+}
 
 /// A weight operand read in place: element `(j, kk)` (output column `j`, reduction index `kk`) is
 /// `data[j * col_stride + kk * k_stride]`.
@@ -147,6 +176,47 @@ impl<'a> Tile<'a> {
                 );
             }
             return Ok(());
+        }
+        if m <= TRANSPOSED_ROWS && w.k_stride == 1 {
+            // C^T = W · A^T into a column-major scratch: gemm then reads the weights in place (each column of
+            // W^T is contiguous) instead of packing them, which dominates at these row counts; the tile is the
+            // scratch transposed.
+            return TRANSPOSED.with(|cell| {
+                let mut scratch = cell.borrow_mut();
+                if scratch.len() < m * n {
+                    scratch.resize(m * n, 0.0);
+                }
+                // SAFETY: bounds checked above; the scratch holds m * n values, written column-major.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        scratch.as_mut_ptr(),
+                        m as isize,
+                        1,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        lda as isize,
+                        wp,
+                        w.col_stride as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for i in 0..m {
+                    for (j, v) in self.row_mut(i).iter_mut().enumerate() {
+                        *v = scratch[j * m + i];
+                    }
+                }
+                Ok(())
+            });
         }
         // SAFETY: bounds checked above; gemm reads A and W inside those bounds and writes the m x n tile.
         unsafe {
