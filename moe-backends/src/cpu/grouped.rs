@@ -79,8 +79,8 @@ fn block_cols(max_rows: usize, hidden: bool) -> usize {
     match (max_rows <= SMALL_ROWS, max_rows <= 256, hidden) {
         (true, _, true) => 192,
         (true, _, false) => 96,
-        (false, true, true) => 384,
-        (false, true, false) => 256,
+        (false, true, true) => 768,
+        (false, true, false) => 512,
         (false, false, true) => MAX_BLOCK,
         (false, false, false) => 512,
     }
