@@ -439,7 +439,7 @@ mod tests {
     }
 
     #[test]
-    fn both_kernels_match_a_naive_product_on_ragged_shapes() {
+    fn every_kernel_matches_a_naive_product_on_ragged_shapes() {
         for &(m, n, k) in &[
             (1, 1, 1),
             (3, 7, 5),
@@ -451,6 +451,8 @@ mod tests {
             // Long reductions with a tail.
             (9, 13, 1100),
             (SMALL_ROWS, 7, 1030),
+            // Above the transposed path's limit: plain gemm.
+            (TRANSPOSED_ROWS + 3, 9, 37),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37) % 23) as f32 / 23.0 - 0.5)
