@@ -17,7 +17,7 @@ type Fixed = moe_core::testing::FixedPlan;
 
 /// A plan where each token picks `k` distinct experts among the `live` ones (the others get no tokens), with
 /// random positive weights.
-fn random_plan(t: usize, e: usize, k: usize, live: &[usize], rng: &mut SeqRng) -> Vec<Assignment> {
+fn random_plan(t: usize, k: usize, live: &[usize], rng: &mut SeqRng) -> Vec<Assignment> {
     let mut kept = Vec::new();
     for token in 0..t {
         let mut pool = live.to_vec();
@@ -32,7 +32,6 @@ fn random_plan(t: usize, e: usize, k: usize, live: &[usize], rng: &mut SeqRng) -
             });
         }
     }
-    let _ = e;
     kept
 }
 
@@ -91,7 +90,7 @@ fn layer(
 ) -> MoeLayer {
     // Drop about a third of the experts so some get no tokens (never all of them).
     let live: Vec<usize> = (0..e).filter(|&x| x == 0 || rng.uniform() > 0.33).collect();
-    let kept = random_plan(t, e, k, &live, rng);
+    let kept = random_plan(t, k, &live, rng);
     let bank = random_bank(kind, e, d, f, rng);
     let mut l = MoeLayer::new(
         Box::new(Fixed {

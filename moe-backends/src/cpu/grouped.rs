@@ -21,10 +21,6 @@ pub(crate) struct Workspace {
     pub h: AlignedBuf,
     /// Expert outputs `[rows, d]`.
     pub y: AlignedBuf,
-    /// Row offsets of the groups.
-    pub offsets: Vec<usize>,
-    /// Expert index of each group.
-    pub experts: Vec<usize>,
     /// Token-major slot index (offsets, slots).
     pub token_offsets: Vec<usize>,
     /// See `token_offsets`.
@@ -104,7 +100,7 @@ pub(crate) fn supports(bank: &ExpertBank) -> bool {
 /// [`MoeError::Backend`] for a bank kind this path does not run or inconsistent buffers.
 pub(crate) fn run_bank(
     bank: &ExpertBank,
-    experts: &[usize],
+    experts: &[u32],
     offsets: &[usize],
     x: &[f32],
     h: &mut AlignedBuf,
@@ -146,7 +142,7 @@ pub(crate) fn run_bank(
         f,
         block_cols(max_rows, true),
         |g, col0, mut tile| {
-            let e = experts[g];
+            let e = experts[g] as usize;
             let a = &x[offsets[g] * d..offsets[g + 1] * d];
             hidden_tile(bank, e, a, d, f, col0, &mut tile)
         },
@@ -160,7 +156,7 @@ pub(crate) fn run_bank(
         d,
         block_cols(max_rows, false),
         |g, col0, mut tile| {
-            let e = experts[g];
+            let e = experts[g] as usize;
             let a = &h[offsets[g] * f..offsets[g + 1] * f];
             let (w, bias) = match bank {
                 ExpertBank::SwiGlu(b) => (expert_weights(&b.down, e, f, 1)?, None),

@@ -154,17 +154,13 @@ fn forward(
     let routing = route_checked(layer, input)?;
     let (t, d) = input.hidden.dim();
     let rows = routing.n_slots();
-    ws.offsets.clear();
-    ws.offsets.extend_from_slice(routing.offsets());
-    ws.experts.clear();
-    ws.experts
-        .extend(routing.active_experts().iter().map(|&e| e as usize));
+    let offsets = routing.offsets();
     // Gather each active expert's rows into one contiguous block.
     let x = ws.x.get_mut(rows * d);
     let slot_tokens = routing.slot_tokens();
-    kernels::par_tiles(x, d, &ws.offsets, d, d.max(1), |g, _, mut tile| {
+    kernels::par_tiles(x, d, offsets, d, d.max(1), |g, _, mut tile| {
         for i in 0..tile.rows() {
-            let tok = slot_tokens[ws.offsets[g] + i] as usize;
+            let tok = slot_tokens[offsets[g] + i] as usize;
             tile.row_mut(i)
                 .iter_mut()
                 .zip(input.hidden.row(tok).iter())
@@ -175,8 +171,8 @@ fn forward(
     let y = ws.y.get_mut(rows * d);
     grouped::run_bank(
         layer.experts(),
-        &ws.experts,
-        &ws.offsets,
+        routing.active_experts(),
+        offsets,
         ws.x.get(rows * d),
         &mut ws.h,
         y,
@@ -194,12 +190,19 @@ fn forward(
     if let Some(shared) = layer.shared() {
         if grouped::supports(&shared.bank) {
             // The shared expert is one more group holding every token; the routed experts' buffers are free now.
-            let x = ws.x.get_mut(t * d);
-            for (row, src) in x.chunks_exact_mut(d.max(1)).zip(input.hidden.outer_iter()) {
-                row.iter_mut().zip(src.iter()).for_each(|(o, &v)| *o = v);
-            }
+            // A contiguous input is read in place; any other layout is copied into the row workspace first.
+            let x = match input.hidden.as_slice() {
+                Some(x) => x,
+                None => {
+                    let x = ws.x.get_mut(t * d);
+                    for (row, src) in x.chunks_exact_mut(d.max(1)).zip(input.hidden.outer_iter()) {
+                        row.iter_mut().zip(src.iter()).for_each(|(o, &v)| *o = v);
+                    }
+                    ws.x.get(t * d)
+                }
+            };
             let y = ws.y.get_mut(t * d);
-            grouped::run_bank(&shared.bank, &[0], &[0, t], ws.x.get(t * d), &mut ws.h, y)?;
+            grouped::run_bank(&shared.bank, &[0], &[0, t], x, &mut ws.h, y)?;
             let ys = ndarray::ArrayView2::from_shape((t, d), ws.y.get(t * d))
                 .map_err(|e| internal(&e.to_string()))?;
             combine::add_shared(&mut output, input.hidden, ys, shared.gate.as_ref());
@@ -208,14 +211,19 @@ fn forward(
             combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate.as_ref());
         }
     }
+    Ok(finish(layer, output, routing))
+}
+
+/// Adds the layer's output bias and wraps the result (both paths route on the host).
+fn finish(layer: &MoeLayer, mut output: Array2<f32>, routing: Routing) -> LayerOutput {
     if let Some(b) = layer.output_bias() {
         output += b;
     }
-    Ok(LayerOutput {
+    LayerOutput {
         output,
         routing,
         router_path: RouterPath::Host,
-    })
+    }
 }
 
 /// The reference forward: per-expert ndarray products on freshly gathered rows, the same combine order. Slow and
@@ -271,14 +279,7 @@ pub fn reference_forward(
         let ys = expert_forward(&shared.bank, 0, input.hidden)?;
         combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate.as_ref());
     }
-    if let Some(b) = layer.output_bias() {
-        output += b;
-    }
-    Ok(LayerOutput {
-        output,
-        routing,
-        router_path: RouterPath::Host,
-    })
+    Ok(finish(layer, output, routing))
 }
 
 fn internal(what: &str) -> MoeError {
