@@ -10,6 +10,10 @@
 //! - `wgpu` (feature `wgpu`): WGSL compute kernels on any wgpu adapter (a GPU, or Mesa's lavapipe on the CPU):
 //!   resident weights, native top-k and Switch routing, grouping by expert, tiled grouped GEMMs, fused
 //!   activations and combine on the device; see the `wgpu` module (documented when the feature is on).
+//! - `cuda` (feature `cuda`): NVRTC-compiled CUDA kernels on an NVIDIA GPU: resident f32, bf16 or f16 weights,
+//!   f32 router math, native top-k routing, a stable counting sort by expert, grouped products (tensor cores for
+//!   16-bit weights) with fused activations, and the combine; see the `cuda` module (documented when the feature
+//!   is on).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -31,9 +35,15 @@
 //! - none by default.
 //! - `wgpu`: the wgpu backend (`BackendKind::Wgpu`, `wgpu = "=30.0.1"`, which needs Rust 1.87). Without an
 //!   adapter, [`open`] returns [`BackendError::Unavailable`] with the reason.
-//! - CUDA (`cuda`) is planned behind a feature of that name.
+//! - `cuda`: the CUDA backend (`BackendKind::Cuda`, cudarc with the driver and NVRTC loaded at run time, so it
+//!   builds without a CUDA toolkit). Without a driver or NVRTC, [`open`] returns [`BackendError::Unavailable`]
+//!   with the reason.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod native;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
@@ -63,6 +73,9 @@ pub enum BackendError {
 pub enum BackendKind {
     /// The CPU reference backend.
     Cpu,
+    /// The CUDA backend (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda,
     /// The wgpu backend (feature `wgpu`).
     #[cfg(feature = "wgpu")]
     Wgpu,
@@ -72,7 +85,7 @@ impl BackendKind {
     /// Every backend name moe-rs has, built or not, with whether this build includes it.
     pub const ALL: &'static [(&'static str, bool)] = &[
         ("cpu", true),
-        ("cuda", false),
+        ("cuda", cfg!(feature = "cuda")),
         ("wgpu", cfg!(feature = "wgpu")),
     ];
 
@@ -84,30 +97,25 @@ impl BackendKind {
     pub fn parse(name: &str) -> Result<Self, BackendError> {
         match name {
             "cpu" => Ok(BackendKind::Cpu),
+            #[cfg(feature = "cuda")]
+            "cuda" => Ok(BackendKind::Cuda),
             #[cfg(feature = "wgpu")]
             "wgpu" => Ok(BackendKind::Wgpu),
-            #[cfg(feature = "wgpu")]
-            "cuda" => Err(unplanned(name)),
-            #[cfg(not(feature = "wgpu"))]
-            "cuda" | "wgpu" => Err(unplanned(name)),
+            #[allow(unreachable_patterns)]
+            "cuda" | "wgpu" => Err(not_built(name)),
             other => Err(MoeError::config("backend", other, "one of: cpu, cuda, wgpu").into()),
         }
     }
 }
 
 /// The error for a backend this build does not include.
-fn unplanned(name: &str) -> BackendError {
-    let reason = if name == "cuda" {
-        "this build has no cuda backend (it is planned behind the `cuda` cargo feature)".to_string()
-    } else {
-        format!(
-            "this build has no {name} backend (build with the `{name}` cargo feature of moe-backends, or \
-             moe-cli's feature of the same name)"
-        )
-    };
+fn not_built(name: &str) -> BackendError {
     BackendError::Unavailable {
         backend: name.to_string(),
-        reason,
+        reason: format!(
+            "this build has no {name} backend (build with the `{name}` cargo feature of moe-backends, or \
+             moe-cli's feature of the same name)"
+        ),
     }
 }
 
@@ -118,6 +126,8 @@ fn unplanned(name: &str) -> BackendError {
 pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
     match kind {
         BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new())),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::new()?)),
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => Ok(Box::new(wgpu::WgpuBackend::new()?)),
     }

@@ -69,4 +69,19 @@ pub trait DeviceLayer: Send {
     /// # Errors
     /// Routing errors (bad width, NaN naming the token, `k > E`), expert errors; `T = 0` gives an empty output.
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError>;
+
+    /// Times `repeats` forwards of `input` by the device's own clock, in milliseconds each, with the input copied
+    /// to the device once beforehand and the output left there (CUDA events on a GPU). `Ok(None)`, the default,
+    /// means the backend has no device clock: time [`DeviceLayer::forward`] on the host instead.
+    ///
+    /// # Errors
+    /// As [`DeviceLayer::forward`].
+    fn device_times(
+        &mut self,
+        input: &RouterInput<'_>,
+        repeats: usize,
+    ) -> Result<Option<Vec<f64>>, MoeError> {
+        let _ = (input, repeats);
+        Ok(None)
+    }
 }

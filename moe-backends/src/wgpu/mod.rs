@@ -32,7 +32,7 @@ use ::wgpu as wg;
 use ndarray::{Array1, Array2};
 
 use moe_core::{
-    Activation, Assignment, Backend, Capabilities, DeviceLayer, DropPolicy, ExpertBank,
+    Activation, Backend, Capabilities, DeviceLayer, DropPolicy, ExpertBank,
     LayerOutput, MoeError, MoeLayer, RouterInput, RouterPath, RouterSpec, Routing, ScoreFn,
     SwitchSpec, TopKOrder, TopKSpec,
 };
@@ -46,8 +46,7 @@ pub const MAX_NATIVE_K: usize = 32;
 /// Router logits are read back and attached to the plan when `E` is at most this (as the CPU routers do).
 const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
 
-const NONE: u32 = u32::MAX;
-const DROPPED: u32 = 0x1_0000;
+use crate::native::native_routing;
 
 /// Settings of [`WgpuBackend`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -1059,47 +1058,6 @@ impl WgpuLayer {
             router_path: path,
         })
     }
-}
-
-/// The plan of the native routers from the read-back per-token results.
-fn native_routing(
-    t: usize,
-    e: usize,
-    k: usize,
-    input: &RouterInput<'_>,
-    experts: &[u32],
-    weights: &[f32],
-    info: &[u32],
-) -> Result<Routing, MoeError> {
-    if experts.len() != t * k || weights.len() != t * k || info.len() != t * k {
-        return Err(err("routing read-back has the wrong length"));
-    }
-    let mut kept = Vec::with_capacity(t * k);
-    let mut dropped = Vec::new();
-    let mut real = 0usize;
-    for tok in 0..t {
-        if input.is_padding(tok) {
-            continue;
-        }
-        real += 1;
-        for p in tok * k..(tok + 1) * k {
-            if experts[p] == NONE {
-                continue;
-            }
-            let a = Assignment {
-                token: tok as u32,
-                expert: experts[p],
-                weight: weights[p],
-                rank: (info[p] & 0xffff) as u16,
-            };
-            if info[p] & DROPPED != 0 {
-                dropped.push(a);
-            } else {
-                kept.push(a);
-            }
-        }
-    }
-    Routing::new(t, e, real, kept, dropped)
 }
 
 impl DeviceLayer for WgpuLayer {

@@ -1,0 +1,319 @@
+//! Expert banks in the CUDA kernels' canonical layout, made on the host at upload: every product is
+//! `out = a · Wᵀ` with `W` row-major `[out, in]`, and gated banks keep their gate rows before their up rows.
+//! GPT-OSS banks (stored `[E, d, 2f]`, gate and up interleaved) are transposed and de-interleaved here, so the
+//! kernels know one layout. Values are never changed, only moved; the precision is chosen after ([`Dtype`]).
+
+#[cfg(test)]
+use ndarray::Array2;
+use ndarray::Array3;
+
+use moe_core::{Activation, ExpertBank};
+
+/// Precision of the resident expert weights. Router weights and all arithmetic stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dtype {
+    /// f32 weights (FMA kernels; parity with the CPU backend to 1e-5).
+    #[default]
+    F32,
+    /// bfloat16 weights (tensor cores from compute capability 8.0; activations rounded to bf16 at each product).
+    Bf16,
+    /// IEEE half weights (as bf16, with f16 rounding).
+    F16,
+}
+
+impl Dtype {
+    /// `f32`, `bf16` or `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+
+    /// Parses `f32`, `bf16` or `f16`.
+    pub fn parse(s: &str) -> Option<Dtype> {
+        match s {
+            "f32" => Some(Dtype::F32),
+            "bf16" => Some(Dtype::Bf16),
+            "f16" => Some(Dtype::F16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per weight.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+
+    /// `v` rounded to this precision (to nearest even), as the kernels see it.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            Dtype::F32 => v,
+            Dtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+            Dtype::F16 => half::f16::from_f32(v).to_f32(),
+        }
+    }
+
+    /// The 16-bit patterns of `v` in this precision (`None` for f32).
+    pub(crate) fn bits(self, v: &[f32]) -> Option<Vec<u16>> {
+        match self {
+            Dtype::F32 => None,
+            Dtype::Bf16 => Some(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+            Dtype::F16 => Some(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+        }
+    }
+}
+
+/// The epilogue of the first product: 0 single (MLP: `act(a·W₁ᵀ + b₁)`), 1 gated (`act(g) ⊙ u`), 2 GPT-OSS.
+pub(crate) const MODE_SINGLE: u32 = 0;
+pub(crate) const MODE_GATED: u32 = 1;
+pub(crate) const MODE_GPT_OSS: u32 = 2;
+
+/// Activation code of the kernels (0 is identity).
+pub(crate) fn act_code(a: Activation) -> u32 {
+    match a {
+        Activation::Silu => 1,
+        Activation::Relu => 2,
+        Activation::Gelu => 3,
+        Activation::GeluTanh => 4,
+    }
+}
+
+/// A bank in canonical layout, f32, on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PackedBank {
+    pub mode: u32,
+    pub n_experts: usize,
+    pub d: usize,
+    pub f: usize,
+    /// `[E, U, d]`: U = f (single) or 2f (gate rows, then up rows).
+    pub up: Vec<f32>,
+    /// `[E, U]`.
+    pub up_bias: Option<Vec<f32>>,
+    /// `[E, d, f]`.
+    pub down: Vec<f32>,
+    /// `[E, d]`.
+    pub down_bias: Option<Vec<f32>>,
+    pub act: u32,
+    pub alpha: f32,
+    pub limit: f32,
+}
+
+impl PackedBank {
+    /// Rows of one expert's first weight.
+    pub fn up_rows(&self) -> usize {
+        if self.mode == MODE_SINGLE {
+            self.f
+        } else {
+            2 * self.f
+        }
+    }
+}
+
+fn values<D: ndarray::Dimension>(a: &ndarray::Array<f32, D>) -> Vec<f32> {
+    a.iter().copied().collect()
+}
+
+/// `[E, a, b]` → `[E, b, a]`.
+fn transpose_experts(w: &Array3<f32>) -> Vec<f32> {
+    let mut t = w.view();
+    t.swap_axes(1, 2);
+    t.iter().copied().collect()
+}
+
+/// `[.., 2f]` interleaved (gate at even, up at odd) → gate half then up half, along the last axis.
+fn deinterleave_rows(v: &[f32], f: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len());
+    for row in v.chunks(2 * f) {
+        out.extend(row.iter().step_by(2));
+        out.extend(row.iter().skip(1).step_by(2));
+    }
+    out
+}
+
+/// Packs `bank`, or names why the CUDA backend cannot run it.
+pub(crate) fn pack(bank: &ExpertBank) -> Result<PackedBank, String> {
+    let (e, d, f) = (bank.n_experts(), bank.d_model(), bank.ffn());
+    Ok(match bank {
+        ExpertBank::SwiGlu(b) => PackedBank {
+            mode: MODE_GATED,
+            n_experts: e,
+            d,
+            f,
+            up: values(&b.gate_up),
+            up_bias: None,
+            down: values(&b.down),
+            down_bias: None,
+            act: act_code(b.act),
+            alpha: 0.0,
+            limit: 0.0,
+        },
+        ExpertBank::GptOss(b) => {
+            // gate_up [E, d, 2f] → [E, 2f, d] → rows de-interleaved: [E, (gate f, up f), d].
+            let t = transpose_experts(&b.gate_up);
+            let mut up = Vec::with_capacity(t.len());
+            for ex in t.chunks(2 * f * d) {
+                for j in (0..2 * f).step_by(2) {
+                    up.extend_from_slice(&ex[j * d..(j + 1) * d]);
+                }
+                for j in (1..2 * f).step_by(2) {
+                    up.extend_from_slice(&ex[j * d..(j + 1) * d]);
+                }
+            }
+            PackedBank {
+                mode: MODE_GPT_OSS,
+                n_experts: e,
+                d,
+                f,
+                up,
+                up_bias: Some(deinterleave_rows(&values(&b.gate_up_bias), f)),
+                // down [E, f, d] → [E, d, f].
+                down: transpose_experts(&b.down),
+                down_bias: Some(values(&b.down_bias)),
+                act: 0,
+                alpha: b.alpha,
+                limit: b.limit,
+            }
+        }
+        ExpertBank::Mlp(b) => PackedBank {
+            mode: MODE_SINGLE,
+            n_experts: e,
+            d,
+            f,
+            up: values(&b.w1),
+            up_bias: b.b1.as_ref().map(values::<ndarray::Ix2>),
+            down: values(&b.w2),
+            down_bias: b.b2.as_ref().map(values::<ndarray::Ix2>),
+            act: act_code(b.act),
+            alpha: 0.0,
+            limit: 0.0,
+        },
+        other => {
+            return Err(format!(
+                "the cuda backend runs swiglu, gpt_oss and mlp expert banks; this one is {}: run the layer on \
+                 the cpu backend",
+                other.kind()
+            ));
+        }
+    })
+}
+
+/// Views of one expert's canonical weights, for the host-side check of the layout.
+#[cfg(test)]
+fn expert_matrices(p: &PackedBank, e: usize) -> (Array2<f32>, Array2<f32>) {
+    let u = p.up_rows();
+    let up = Array2::from_shape_vec((u, p.d), p.up[e * u * p.d..(e + 1) * u * p.d].to_vec())
+        .expect("packed up shape");
+    let down = Array2::from_shape_vec((p.d, p.f), p.down[e * p.d * p.f..(e + 1) * p.d * p.f].to_vec())
+        .expect("packed down shape");
+    (up, down)
+}
+
+/// What the kernels compute for one expert on rows `x`, in f64, from the canonical layout: the oracle of the
+/// layout transform (compared with the CPU backend's expert forward in the tests below).
+#[cfg(test)]
+pub(crate) fn canonical_forward(p: &PackedBank, e: usize, x: &Array2<f32>) -> Array2<f32> {
+    let (up, down) = expert_matrices(p, e);
+    let z = x.dot(&up.t());
+    let (n, f) = (x.nrows(), p.f);
+    let ub = |j: usize| p.up_bias.as_ref().map_or(0.0, |b| b[e * p.up_rows() + j]);
+    let act = |code: u32, v: f32| match code {
+        1 => v / (1.0 + (-v).exp()),
+        2 => v.max(0.0),
+        3 => (0.5 * f64::from(v) * (1.0 + moe_core::math::erf(f64::from(v) / 2f64.sqrt()))) as f32,
+        4 => 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044_715 * v * v * v)).tanh()),
+        _ => v,
+    };
+    let mut h = Array2::<f32>::zeros((n, f));
+    for r in 0..n {
+        for j in 0..f {
+            h[[r, j]] = match p.mode {
+                MODE_SINGLE => act(p.act, z[[r, j]] + ub(j)),
+                MODE_GATED => act(p.act, z[[r, j]]) * z[[r, f + j]],
+                _ => {
+                    let g = (z[[r, j]] + ub(j)).min(p.limit);
+                    let u = (z[[r, f + j]] + ub(f + j)).clamp(-p.limit, p.limit);
+                    (u + 1.0) * (g / (1.0 + (-(g * p.alpha)).exp()))
+                }
+            };
+        }
+    }
+    let mut y = h.dot(&down.t());
+    if let Some(b) = &p.down_bias {
+        y += &ndarray::ArrayView1::from(&b[e * p.d..(e + 1) * p.d]);
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_core::{GptOssBank, MlpBank, SwiGluBank};
+    use ndarray::Axis;
+
+    fn arr3(e: usize, a: usize, b: usize, seed: u32) -> Array3<f32> {
+        Array3::from_shape_fn((e, a, b), |(i, j, k)| {
+            let h = (i * 7919 + j * 104_729 + k * 1_299_709 + seed as usize * 15_485_863) % 1000;
+            (h as f32 / 1000.0 - 0.5) * 0.4
+        })
+    }
+
+    fn check(bank: &ExpertBank) {
+        let p = pack(bank).expect("packs");
+        let (e, d) = (bank.n_experts(), bank.d_model());
+        let x = Array2::from_shape_fn((5, d), |(i, j)| ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5);
+        for ex in 0..e {
+            let want = crate::cpu::expert_forward(bank, ex, x.view()).expect("cpu expert");
+            let got = canonical_forward(&p, ex, &x);
+            for (a, b) in want.iter().zip(got.iter()) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "expert {ex}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn canonical_layout_computes_what_each_bank_computes() {
+        let (e, d, f) = (3, 6, 5);
+        check(&ExpertBank::SwiGlu(
+            SwiGluBank::new(arr3(e, 2 * f, d, 1), arr3(e, d, f, 2), Activation::Silu).expect("bank"),
+        ));
+        check(&ExpertBank::GptOss(
+            GptOssBank::new(
+                arr3(e, d, 2 * f, 3),
+                arr3(1, e, 2 * f, 4).index_axis(Axis(0), 0).to_owned(),
+                arr3(e, f, d, 5),
+                arr3(1, e, d, 6).index_axis(Axis(0), 0).to_owned(),
+                1.702,
+                0.3,
+            )
+            .expect("bank"),
+        ));
+        for act in [Activation::Relu, Activation::Gelu, Activation::GeluTanh] {
+            check(&ExpertBank::Mlp(
+                MlpBank::new(
+                    arr3(e, f, d, 7),
+                    Some(arr3(1, e, f, 8).index_axis(Axis(0), 0).to_owned()),
+                    arr3(e, d, f, 9),
+                    Some(arr3(1, e, d, 10).index_axis(Axis(0), 0).to_owned()),
+                    act,
+                )
+                .expect("bank"),
+            ));
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // 1 + 2^-8 is halfway between two bf16 values: it rounds to the even one, 1.0.
+        assert_eq!(Dtype::Bf16.round(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(Dtype::Bf16.round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(Dtype::F16.round(1.0 + 1.0 / 4096.0), 1.0);
+        assert_eq!(Dtype::F32.round(0.1), 0.1);
+        assert_eq!(Dtype::parse("bf16"), Some(Dtype::Bf16));
+        assert_eq!(Dtype::parse("fp8"), None);
+    }
+}
