@@ -78,7 +78,7 @@ fn compile(arch: &str) -> Result<cudarc::nvrtc::Ptx, String> {
 }
 
 /// The kernels this backend launches (every one is looked up at open, so a missing one fails there).
-const KERNELS: &[&str] = &[
+pub const KERNELS: &[&str] = &[
     "gemm_fma_f32_0",
     "gemm_fma_f32_1",
     "gemm_fma_f32_2",
@@ -97,7 +97,7 @@ const KERNELS: &[&str] = &[
 ];
 
 /// Tensor-core kernels, present from compute capability 8.0.
-const MMA_KERNELS: &[&str] = &[
+pub const MMA_KERNELS: &[&str] = &[
     "gemm_mma_bf16_0",
     "gemm_mma_bf16_1",
     "gemm_mma_bf16_2",

@@ -45,7 +45,7 @@ use moe_core::{
 use crate::BackendError;
 use crate::native::native_routing;
 use device::{Arg, Gpu, err, ptr, ptr_opt};
-pub use device::{SOURCE, compile_kernels, driver_present, nvrtc_present};
+pub use device::{KERNELS, MMA_KERNELS, SOURCE, compile_kernels, driver_present, nvrtc_present};
 pub use pack::Dtype;
 
 /// Largest `k` the native top-k kernel runs; larger `k` takes the host path.
