@@ -133,6 +133,27 @@ pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
     }
 }
 
+/// Opens a backend whose resident expert weights are `dtype` (`f32`, `bf16`, `f16`; see
+/// [`moe_core::Capabilities::dtypes`]): the CUDA backend runs all three, the others f32 only.
+///
+/// # Errors
+/// [`BackendError::Unavailable`] when the backend cannot run here; [`MoeError::InvalidConfig`] for a dtype the
+/// backend does not run.
+pub fn open_with_dtype(kind: BackendKind, dtype: &str) -> Result<Box<dyn Backend>, BackendError> {
+    match (kind, dtype) {
+        #[cfg(feature = "cuda")]
+        (BackendKind::Cuda, d) => {
+            let dt = cuda::Dtype::parse(d)
+                .ok_or_else(|| MoeError::config("dtype", d, "one of: f32, bf16, f16"))?;
+            Ok(Box::new(cuda::CudaBackend::with_dtype(dt)?))
+        }
+        (k, "f32") => open(k),
+        (_, d) => {
+            Err(MoeError::config("dtype", d, "f32 (bf16 and f16 run on the cuda backend)").into())
+        }
+    }
+}
+
 /// Each backend name with `Ok(device)` if it can run here or `Err(reason)` if not.
 pub fn availability() -> Vec<(&'static str, Result<String, String>)> {
     BackendKind::ALL

@@ -51,4 +51,3 @@ pub(crate) fn native_routing(
     }
     Routing::new(t, e, real, kept, dropped)
 }
-

@@ -38,7 +38,10 @@ fn kernels_compile_for_hopper_and_ampere() {
     for arch in ["compute_90", "compute_80", "sm_90"] {
         let ptx = compile_kernels(arch).unwrap_or_else(|e| panic!("{e}"));
         for name in KERNELS.iter().chain(MMA_KERNELS) {
-            assert!(has_entry(&ptx, name), "{arch}: kernel {name} missing from the PTX");
+            assert!(
+                has_entry(&ptx, name),
+                "{arch}: kernel {name} missing from the PTX"
+            );
         }
         assert!(
             ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")

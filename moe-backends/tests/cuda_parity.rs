@@ -594,9 +594,13 @@ fn half_backend(dtype: Dtype) -> Option<CudaBackend> {
 /// multiples of 8 (the 16-bit kernel's vector and scalar staging). All three bank kinds, a gated shared expert.
 fn tile_edge_layers(seed: u64) -> Vec<(MoeLayer, Array2<f32>)> {
     let mut out = Vec::new();
-    for (i, &(t, d, f, e, k)) in [(300, 72, 136, 4, 2), (257, 70, 66, 3, 2), (130, 40, 200, 6, 3)]
-        .iter()
-        .enumerate()
+    for (i, &(t, d, f, e, k)) in [
+        (300, 72, 136, 4, 2),
+        (257, 70, 66, 3, 2),
+        (130, 40, 200, 6, 3),
+    ]
+    .iter()
+    .enumerate()
     {
         let mut r = rng(seed + i as u64);
         let bank = match i {
@@ -655,8 +659,11 @@ fn half_precision_weights() {
             .expect("router")
             .with_correction_bias(vector(&mut r, 16, 0.3))
             .expect("bias");
-        let layer = MoeLayer::new(Box::new(router), swiglu(&mut r, 16, 64, 48, Activation::Silu))
-            .expect("layer");
+        let layer = MoeLayer::new(
+            Box::new(router),
+            swiglu(&mut r, 16, 64, 48, Activation::Silu),
+        )
+        .expect("layer");
         let x = matrix(&mut r, 190, 64, 1.0);
         check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
     }
@@ -683,7 +690,14 @@ fn device_times_with_events() {
         .expect("timed")
         .expect("the cuda backend has a device clock");
     assert_eq!(times.len(), 5);
-    assert!(times.iter().all(|&ms| ms > 0.0 && ms.is_finite()), "{times:?}");
-    let want = CpuBackend::new().upload(layer).expect("cpu").forward(&input).expect("cpu");
+    assert!(
+        times.iter().all(|&ms| ms > 0.0 && ms.is_finite()),
+        "{times:?}"
+    );
+    let want = CpuBackend::new()
+        .upload(layer)
+        .expect("cpu")
+        .forward(&input)
+        .expect("cpu");
     compare(&want, &dev.forward(&input).expect("cuda"));
 }

@@ -68,6 +68,9 @@ pub(crate) struct BenchArgs {
     /// Backend.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Precision of the resident expert weights: f32, or bf16 / f16 (cuda backend). The router stays f32.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -104,14 +107,21 @@ struct BenchRow {
     gflops: f64,
     /// Distinct experts that received tokens.
     experts_hit: usize,
-    /// `experts_hit · 3 · d · f · 4 bytes / time`.
+    /// `experts_hit · 3 · d · f · bytes per weight / time`.
     weight_gb_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
 struct BenchReport {
+    /// The named shape (`custom` when a dimension was overridden).
+    shape: String,
     backend: String,
     device: String,
+    /// Expert weight precision.
+    dtype: String,
+    /// What timed the runs: `device events` (the backend's own clock, input already on the device) or
+    /// `host wall clock` (whole forward calls, copies included).
+    clock: String,
     router: String,
     d_model: usize,
     ffn: usize,
@@ -141,13 +151,19 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         )));
     }
     let backend: Box<dyn moe_core::Backend> = match (a.backend.as_str(), a.threads) {
-        ("cpu", Some(n)) => Box::new(moe_backends::cpu::CpuBackend::with_threads(n)),
-        (_, Some(_)) => {
+        ("cpu", Some(n)) if a.dtype == "f32" => {
+            Box::new(moe_backends::cpu::CpuBackend::with_threads(n))
+        }
+        (_, Some(_)) if a.backend != "cpu" => {
             return Err(CliError::Usage(
                 "--threads applies to the cpu backend only".into(),
             ));
         }
-        (name, None) => crate::open_backend(name)?,
+        (name, _) => crate::open_backend_dtype(name, &a.dtype)?,
+    };
+    let weight_bytes = match a.dtype.as_str() {
+        "bf16" | "f16" => 2.0,
+        _ => 4.0,
     };
     let c = crate::spec::parse_one(&a.router, registry, "bench")?;
     let router = registry
@@ -157,6 +173,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     let layer = MoeLayer::new(router, bank)?;
     let mut resident = backend.upload(Arc::new(layer))?;
     let mut rows = Vec::new();
+    let mut clock = "host wall clock";
     for &t in &a.tokens {
         let w = WorkloadConfig {
             tokens: t,
@@ -170,17 +187,27 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         let input = RouterInput::new(w.hidden.view()).with_token_ids(&w.token_ids);
         let warm = resident.forward(&input)?;
         let experts_hit = warm.routing.active_experts().len();
-        let mut times = Vec::with_capacity(a.repeats as usize);
-        for _ in 0..a.repeats {
-            let t0 = Instant::now();
-            let out = resident.forward(&input)?;
-            times.push(t0.elapsed().as_secs_f64());
-            drop(out);
-        }
+        drop(warm);
+        let mut times = match resident.device_times(&input, a.repeats as usize)? {
+            Some(ms) => {
+                clock = "device events";
+                ms.into_iter().map(|v| v / 1e3).collect()
+            }
+            None => {
+                let mut times = Vec::with_capacity(a.repeats as usize);
+                for _ in 0..a.repeats {
+                    let t0 = Instant::now();
+                    let out = resident.forward(&input)?;
+                    times.push(t0.elapsed().as_secs_f64());
+                    drop(out);
+                }
+                times
+            }
+        };
         times.sort_by(f64::total_cmp);
         let med = times[times.len() / 2];
         let flops = 2.0 * t as f64 * k as f64 * 3.0 * d as f64 * f as f64;
-        let bytes = experts_hit as f64 * 3.0 * d as f64 * f as f64 * 4.0;
+        let bytes = experts_hit as f64 * 3.0 * d as f64 * f as f64 * weight_bytes;
         rows.push(BenchRow {
             tokens: t,
             median_ms: med * 1e3,
@@ -204,9 +231,18 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             )));
         }
     };
+    let overridden =
+        a.d_model.is_some() || a.ffn.is_some() || a.experts.is_some() || a.top_k.is_some();
+    let shape = match a.shape.to_possible_value() {
+        Some(v) if !overridden => v.get_name().to_string(),
+        _ => "custom".to_string(),
+    };
     let report = BenchReport {
+        shape,
         backend: backend.name().to_string(),
         device: backend.capabilities().device,
+        dtype: a.dtype.clone(),
+        clock: clock.to_string(),
         router: c.label,
         d_model: d,
         ffn: f,
@@ -227,8 +263,17 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     }
     if a.format == Format::Table {
         println!(
-            "{} on {}: d = {}, f = {}, E = {}, k = {}, router {}, f32, median of {} runs",
-            report.backend, report.device, d, f, e, k, report.router, a.repeats
+            "{} on {}: d = {}, f = {}, E = {}, k = {}, router {}, {} weights, median of {} runs ({})",
+            report.backend,
+            report.device,
+            d,
+            f,
+            e,
+            k,
+            report.router,
+            report.dtype,
+            a.repeats,
+            report.clock
         );
         if let Some(bw) = report.read_bandwidth_gb_per_s {
             println!("memory read bandwidth (1 GiB, same threads): {bw:.1} GB/s");

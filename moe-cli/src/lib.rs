@@ -93,6 +93,16 @@ pub(crate) fn open_backend(name: &str) -> Result<Box<dyn moe_core::Backend>, Cli
     moe_backends::open(kind).map_err(|e| CliError::Usage(e.to_string()))
 }
 
+/// Opens backend `name` with `dtype` expert weights, as a usage error when it cannot.
+pub(crate) fn open_backend_dtype(
+    name: &str,
+    dtype: &str,
+) -> Result<Box<dyn moe_core::Backend>, CliError> {
+    let kind =
+        moe_backends::BackendKind::parse(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    moe_backends::open_with_dtype(kind, dtype).map_err(|e| CliError::Usage(e.to_string()))
+}
+
 /// Runs the `moe` command line with the routers of `registry`, reading `std::env::args`. Prints errors as one
 /// line on stderr; returns exit code 0 on success, 2 for usage errors, 1 otherwise.
 pub fn run(registry: RouterRegistry) -> ExitCode {

@@ -35,8 +35,11 @@ fn backend() -> Option<CudaBackend> {
     }
 }
 
+/// The fixtures folder: `MOE_FIXTURES` when set (test binaries carried to a GPU machine), else this crate's.
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf")
+    std::env::var_os("MOE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf"))
 }
 
 /// `max |a − b| / max |b|`.

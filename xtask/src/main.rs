@@ -1,9 +1,10 @@
 //! `cargo xtask <task>`: the project's automation, in Rust.
 //!
-//! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`, without and with the wgpu
-//!   features), tidy (every Rust file opens with a `//!` line), rustdoc with `-D warnings`, the whole workspace's
-//!   tests (unit, integration, doc) with the wgpu features on, the default `moe compare` and a small
-//!   `moe bench --backend wgpu` as smoke tests, and `cargo bench --no-run`.
+//! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`, without and with the device
+//!   backends' features, wgpu and cuda), tidy (every Rust file opens with a `//!` line), rustdoc with
+//!   `-D warnings`, the whole workspace's tests (unit, integration, doc) with the device features on, the default
+//!   `moe compare` and a small `moe bench --backend wgpu` as smoke tests, `moe list` with the cuda backend built
+//!   (it must name why it cannot run here), and `cargo bench --no-run`.
 //! - `bench-vs-torch`: our CPU backend against PyTorch's Hugging Face blocks, in one run on this machine (see
 //!   [`bench_vs_torch`]); a benchmark, not part of CI.
 
@@ -39,9 +40,12 @@ fn project_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Features that CI turns on for clippy, rustdoc and the tests: the wgpu backend, its fixture tests and the CLI's
-/// `--backend wgpu`. `.ci/run` installs Mesa's lavapipe so the wgpu tests run for real (`MOE_REQUIRE_GPU=wgpu`).
-const WGPU_FEATURES: &str = "moe-backends/wgpu,moe-tests/wgpu,moe-cli/wgpu";
+/// Features that CI turns on for clippy, rustdoc and the tests: the wgpu and cuda backends, their fixture tests
+/// and the CLI's `--backend wgpu|cuda`. `.ci/run` installs Mesa's lavapipe so the wgpu tests run for real
+/// (`MOE_REQUIRE_GPU=wgpu`), and NVRTC so the CUDA kernels are compiled (`MOE_REQUIRE_NVRTC=1`); the CUDA
+/// parity tests need a GPU and print why they skip without one.
+const DEVICE_FEATURES: &str =
+    "moe-backends/wgpu,moe-tests/wgpu,moe-cli/wgpu,moe-backends/cuda,moe-tests/cuda,moe-cli/cuda";
 
 fn step(name: &str) {
     println!("\n==> xtask ci: {name}");
@@ -59,27 +63,27 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     )
     .run()
     .context("clippy failed")?;
-    step("clippy with the wgpu backend");
+    step("clippy with the device backends (wgpu, cuda)");
     cmd!(
         sh,
-        "cargo clippy --workspace --all-targets --locked --features {WGPU_FEATURES} -- -D warnings"
+        "cargo clippy --workspace --all-targets --locked --features {DEVICE_FEATURES} -- -D warnings"
     )
     .run()
-    .context("clippy (wgpu) failed")?;
+    .context("clippy (device features) failed")?;
     step("tidy");
     tidy(root)?;
     step("rustdoc (broken links and missing docs are errors)");
     cmd!(
         sh,
-        "cargo doc --workspace --no-deps --locked --features {WGPU_FEATURES}"
+        "cargo doc --workspace --no-deps --locked --features {DEVICE_FEATURES}"
     )
     .env("RUSTDOCFLAGS", "-D warnings")
     .run()
     .context("rustdoc found broken links or warnings")?;
-    step("tests (unit, integration, doc; wgpu on)");
+    step("tests (unit, integration, doc; wgpu and cuda on)");
     cmd!(
         sh,
-        "cargo test --workspace --locked --features {WGPU_FEATURES}"
+        "cargo test --workspace --locked --features {DEVICE_FEATURES}"
     )
     .run()
     .context("tests failed")?;
@@ -100,6 +104,13 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     )
     .run()
     .context("`moe bench --backend wgpu` failed")?;
+    step("smoke: moe list with the cuda backend built");
+    cmd!(
+        sh,
+        "cargo run --release --locked -p moe-cli --features cuda -- list"
+    )
+    .run()
+    .context("`moe list` (cuda) failed")?;
     step("benches build");
     cmd!(sh, "cargo bench --workspace --locked --no-run")
         .run()

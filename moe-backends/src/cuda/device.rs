@@ -30,7 +30,10 @@ pub fn driver_present() -> Result<(), String> {
     if unsafe { sys::is_culib_present() } {
         Ok(())
     } else {
-        Err("the CUDA driver library (libcuda.so) was not found: this machine has no NVIDIA driver".into())
+        Err(
+            "the CUDA driver library (libcuda.so) was not found: this machine has no NVIDIA driver"
+                .into(),
+        )
     }
 }
 
@@ -40,9 +43,11 @@ pub fn nvrtc_present() -> Result<(), String> {
     if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         Ok(())
     } else {
-        Err("NVRTC (libnvrtc.so) was not found: install CUDA's NVRTC and put its lib directory on \
+        Err(
+            "NVRTC (libnvrtc.so) was not found: install CUDA's NVRTC and put its lib directory on \
              LD_LIBRARY_PATH"
-            .into())
+                .into(),
+        )
     }
 }
 
@@ -59,10 +64,7 @@ pub fn compile_kernels(arch: &str) -> Result<String, String> {
 
 fn compile(arch: &str) -> Result<cudarc::nvrtc::Ptx, String> {
     let opts = CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".into(),
-        ],
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
         name: Some("moe_kernels.cu".into()),
         ..Default::default()
     };
@@ -148,7 +150,9 @@ impl Gpu {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| format!("reading the compute capability: {e}"))?;
-        let name = ctx.name().map_err(|e| format!("reading the device name: {e}"))?;
+        let name = ctx
+            .name()
+            .map_err(|e| format!("reading the device name: {e}"))?;
         let mem = ctx.total_mem().unwrap_or(0);
         let max_shared = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)
@@ -190,13 +194,19 @@ impl Gpu {
     }
 
     /// Uploads `data`.
-    pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(&self, data: &[T]) -> Result<CudaSlice<T>, MoeError> {
+    pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        data: &[T],
+    ) -> Result<CudaSlice<T>, MoeError> {
         if data.is_empty() {
             return self.zeros(1);
         }
-        self.stream
-            .clone_htod(data)
-            .map_err(|e| err(format!("copying {} bytes to the GPU: {e}", std::mem::size_of_val(data))))
+        self.stream.clone_htod(data).map_err(|e| {
+            err(format!(
+                "copying {} bytes to the GPU: {e}",
+                std::mem::size_of_val(data)
+            ))
+        })
     }
 
     /// `n` zeroed elements (at least one, so every buffer has an address).

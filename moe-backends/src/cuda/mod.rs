@@ -547,8 +547,14 @@ impl CudaLayer {
                 gpu.write(&plan.meta, grow(gpu, &mut w.meta, plan.meta.len())?)?;
                 gpu.write(&plan.slot_token, grow(gpu, &mut w.slot_token, max_rows)?)?;
                 gpu.write(&plan.slot_weight, grow(gpu, &mut w.slot_weight, max_rows)?)?;
-                gpu.write(&plan.tok_off, grow(gpu, &mut w.tok_off, plan.tok_off.len())?)?;
-                gpu.write(&plan.tok_slot, grow(gpu, &mut w.assign_slot, plan.tok_slot.len())?)?;
+                gpu.write(
+                    &plan.tok_off,
+                    grow(gpu, &mut w.tok_off, plan.tok_off.len())?,
+                )?;
+                gpu.write(
+                    &plan.tok_slot,
+                    grow(gpu, &mut w.assign_slot, plan.tok_slot.len())?,
+                )?;
             }
             (Route::Host, None) => {}
         }
@@ -621,7 +627,13 @@ impl CudaLayer {
                     (c32, 1, 1),
                     CHUNK as u32,
                     (e * 4) as u32,
-                    &[q(&w.a_expert), q(&w.a_info), Arg::U32(n32), Arg::U32(e32), q(&w.counts)],
+                    &[
+                        q(&w.a_expert),
+                        q(&w.a_info),
+                        Arg::U32(n32),
+                        Arg::U32(e32),
+                        q(&w.counts),
+                    ],
                 )?;
                 gpu.launch(
                     "group_scan",
@@ -653,14 +665,34 @@ impl CudaLayer {
         // Routed experts.
         let slot_out = p(&w.slot_out);
         if max_rows > 0 {
-            bank_products(gpu, dtype, bank, x, q(&w.slot_token), meta, max_rows, p(&w.h), slot_out)?;
+            bank_products(
+                gpu,
+                dtype,
+                bank,
+                x,
+                q(&w.slot_token),
+                meta,
+                max_rows,
+                p(&w.h),
+                slot_out,
+            )?;
         }
         // Shared experts over every token, with the optional sigmoid gate.
         let mut shared_mode = 0u32;
         let (mut sh_out, mut sg) = (Arg::Ptr(0), Arg::Ptr(0));
         if let Some((sb, gate)) = &*shared {
             sh_out = p(&w.sh_out);
-            bank_products(gpu, dtype, sb, x, Arg::Ptr(0), meta_all, t, p(&w.sh_h), sh_out)?;
+            bank_products(
+                gpu,
+                dtype,
+                sb,
+                x,
+                Arg::Ptr(0),
+                meta_all,
+                t,
+                p(&w.sh_h),
+                sh_out,
+            )?;
             shared_mode = 1;
             if let Some(g) = gate {
                 sg = p(&w.sg);

@@ -62,8 +62,16 @@ impl Dtype {
     pub(crate) fn bits(self, v: &[f32]) -> Option<Vec<u16>> {
         match self {
             Dtype::F32 => None,
-            Dtype::Bf16 => Some(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-            Dtype::F16 => Some(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+            Dtype::Bf16 => Some(
+                v.iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect(),
+            ),
+            Dtype::F16 => Some(
+                v.iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect(),
+            ),
         }
     }
 }
@@ -208,8 +216,11 @@ fn expert_matrices(p: &PackedBank, e: usize) -> (Array2<f32>, Array2<f32>) {
     let u = p.up_rows();
     let up = Array2::from_shape_vec((u, p.d), p.up[e * u * p.d..(e + 1) * u * p.d].to_vec())
         .expect("packed up shape");
-    let down = Array2::from_shape_vec((p.d, p.f), p.down[e * p.d * p.f..(e + 1) * p.d * p.f].to_vec())
-        .expect("packed down shape");
+    let down = Array2::from_shape_vec(
+        (p.d, p.f),
+        p.down[e * p.d * p.f..(e + 1) * p.d * p.f].to_vec(),
+    )
+    .expect("packed down shape");
     (up, down)
 }
 
@@ -265,12 +276,17 @@ mod tests {
     fn check(bank: &ExpertBank) {
         let p = pack(bank).expect("packs");
         let (e, d) = (bank.n_experts(), bank.d_model());
-        let x = Array2::from_shape_fn((5, d), |(i, j)| ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5);
+        let x = Array2::from_shape_fn((5, d), |(i, j)| {
+            ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5
+        });
         for ex in 0..e {
             let want = crate::cpu::expert_forward(bank, ex, x.view()).expect("cpu expert");
             let got = canonical_forward(&p, ex, &x);
             for (a, b) in want.iter().zip(got.iter()) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "expert {ex}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                    "expert {ex}: {a} vs {b}"
+                );
             }
         }
     }
@@ -279,7 +295,8 @@ mod tests {
     fn canonical_layout_computes_what_each_bank_computes() {
         let (e, d, f) = (3, 6, 5);
         check(&ExpertBank::SwiGlu(
-            SwiGluBank::new(arr3(e, 2 * f, d, 1), arr3(e, d, f, 2), Activation::Silu).expect("bank"),
+            SwiGluBank::new(arr3(e, 2 * f, d, 1), arr3(e, d, f, 2), Activation::Silu)
+                .expect("bank"),
         ));
         check(&ExpertBank::GptOss(
             GptOssBank::new(

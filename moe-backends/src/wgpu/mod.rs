@@ -32,9 +32,9 @@ use ::wgpu as wg;
 use ndarray::{Array1, Array2};
 
 use moe_core::{
-    Activation, Backend, Capabilities, DeviceLayer, DropPolicy, ExpertBank,
-    LayerOutput, MoeError, MoeLayer, RouterInput, RouterPath, RouterSpec, Routing, ScoreFn,
-    SwitchSpec, TopKOrder, TopKSpec,
+    Activation, Backend, Capabilities, DeviceLayer, DropPolicy, ExpertBank, LayerOutput, MoeError,
+    MoeLayer, RouterInput, RouterPath, RouterSpec, Routing, ScoreFn, SwitchSpec, TopKOrder,
+    TopKSpec,
 };
 
 use crate::BackendError;
