@@ -1,5 +1,6 @@
 //! `moe bench`: full-layer forward throughput on a backend over a range of T, as tokens/s, GFLOP/s and GB/s of
-//! expert weights (PERFORMANCE.md conventions), median of repeated runs.
+//! expert weights (PERFORMANCE.md conventions), median of repeated runs. Backends with a device clock (CUDA) are
+//! timed by it, with the input already on the device; the others by the host's wall clock around `forward`.
 
 use std::sync::Arc;
 use std::time::Instant;
