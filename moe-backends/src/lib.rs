@@ -42,11 +42,13 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod dtype;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod native;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
+pub use dtype::Dtype;
 use moe_core::{Backend, MoeError};
 use thiserror::Error;
 
@@ -133,24 +135,44 @@ pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
     }
 }
 
-/// Opens a backend whose resident expert weights are `dtype` (`f32`, `bf16`, `f16`; see
-/// [`moe_core::Capabilities::dtypes`]): the CUDA backend runs all three, the others f32 only.
+/// Settings of [`open_with`]; the default is what [`open`] uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// Precision of the resident expert weights: f32 everywhere, bf16 and f16 on the cuda backend.
+    pub dtype: Dtype,
+    /// Threads of the cpu backend (`None`: all cores); other backends take none.
+    pub threads: Option<usize>,
+}
+
+/// Opens a backend with `options`.
 ///
 /// # Errors
-/// [`BackendError::Unavailable`] when the backend cannot run here; [`MoeError::InvalidConfig`] for a dtype the
-/// backend does not run.
-pub fn open_with_dtype(kind: BackendKind, dtype: &str) -> Result<Box<dyn Backend>, BackendError> {
-    match (kind, dtype) {
+/// [`BackendError::Unavailable`] when the backend cannot run here; [`MoeError::InvalidConfig`] for a dtype or a
+/// thread count the backend does not take.
+pub fn open_with(
+    kind: BackendKind,
+    options: BackendOptions,
+) -> Result<Box<dyn Backend>, BackendError> {
+    if let Some(n) = options.threads
+        && kind != BackendKind::Cpu
+    {
+        return Err(MoeError::config("threads", n, "set only for the cpu backend").into());
+    }
+    match kind {
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, d) => {
-            let dt = cuda::Dtype::parse(d)
-                .ok_or_else(|| MoeError::config("dtype", d, "one of: f32, bf16, f16"))?;
-            Ok(Box::new(cuda::CudaBackend::with_dtype(dt)?))
-        }
-        (k, "f32") => open(k),
-        (_, d) => {
-            Err(MoeError::config("dtype", d, "f32 (bf16 and f16 run on the cuda backend)").into())
-        }
+        BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::with_dtype(options.dtype)?)),
+        _ if options.dtype != Dtype::F32 => Err(MoeError::config(
+            "dtype",
+            options.dtype.name(),
+            "only f32 on this backend (bf16 and f16 run on the cuda backend)",
+        )
+        .into()),
+        BackendKind::Cpu => Ok(Box::new(match options.threads {
+            Some(n) => cpu::CpuBackend::with_threads(n),
+            None => cpu::CpuBackend::new(),
+        })),
+        #[allow(unreachable_patterns)]
+        other => open(other),
     }
 }
 

@@ -1,7 +1,11 @@
-//! What the device backends share: the plan of a natively routed forward, rebuilt on the host from the compact
-//! per-token results the routing kernels write (expert ids, weights, choice ranks with a drop flag).
+//! What the device backends share: checking a forward's input and routing it on the host when the router has no
+//! device spec, which top-k specs a device runs exactly as the host does, the row and tile offsets of a host plan,
+//! and the plan of a natively routed forward, rebuilt on the host from the compact per-token results the routing
+//! kernels write (expert ids, weights, choice ranks with a drop flag).
 
-use moe_core::{Assignment, MoeError, RouterInput, Routing};
+use moe_core::{
+    Assignment, MoeError, MoeLayer, RouterInput, Routing, ScoreFn, TopKOrder, TopKSpec,
+};
 
 /// Expert id of an empty choice (a padding token's).
 pub(crate) const NONE: u32 = u32::MAX;
@@ -50,4 +54,88 @@ pub(crate) fn native_routing(
         }
     }
     Routing::new(t, e, real, kept, dropped)
+}
+
+/// Checks `input`'s width against `layer`; on the host path (`native` false) routes it with the layer's router
+/// and checks the plan's size, returning it.
+///
+/// # Errors
+/// A wrong width, the router's own errors (NaN naming the token, bad padding), a plan of the wrong size; on the
+/// native path the input checks of [`RouterInput::validate`].
+pub(crate) fn check_or_route(
+    layer: &MoeLayer,
+    input: &RouterInput<'_>,
+    native: bool,
+) -> Result<Option<Routing>, MoeError> {
+    let (t, d) = input.hidden.dim();
+    if d != layer.d_model() {
+        return Err(MoeError::shape(
+            "hidden",
+            format!("[T, {}]", layer.d_model()),
+            &[t, d],
+        ));
+    }
+    if native {
+        input.validate(Some(d))?;
+        return Ok(None);
+    }
+    let e = layer.n_experts();
+    let r = layer.router().route(input)?;
+    if r.n_tokens() != t || r.n_experts() != e {
+        return Err(MoeError::mismatch(
+            format!(
+                "router {} returned a plan of the wrong size",
+                layer.router().name()
+            ),
+            "plan tokens x experts",
+            r.n_tokens() * r.n_experts(),
+            "input tokens x layer experts",
+            t * e,
+        ));
+    }
+    Ok(Some(r))
+}
+
+/// Whether the device top-k kernels (which take `k ≤ max_k`) run `s` exactly as the host router does, for a layer
+/// of `e` experts and width `d`.
+pub(crate) fn topk_supported(s: &TopKSpec, e: usize, d: usize, max_k: usize) -> bool {
+    let groups_ok = s.groups.is_none_or(|g| {
+        g.n_group > 0
+            && e.is_multiple_of(g.n_group)
+            && g.topk_group >= 1
+            && g.topk_group <= g.n_group
+            && g.topk_group * (e / g.n_group) >= s.k
+    });
+    s.gate.dim() == (e, d)
+        && s.k >= 1
+        && s.k <= e.min(max_k)
+        && s.gate_bias.as_ref().is_none_or(|b| b.len() == e)
+        && s.correction_bias.as_ref().is_none_or(|b| b.len() == e)
+        && s.scaling.is_finite()
+        && groups_ok
+        && !(s.order == TopKOrder::TopKThenSoftmax && s.score != ScoreFn::Softmax)
+        && e <= u32::MAX as usize / 2
+}
+
+/// The row offsets (`[0..=E]`) and the offsets of row tiles of `bm` rows (`[E+1..=2E+1]`) of a plan's slots, in
+/// the layout the grouped-product kernels read.
+///
+/// # Errors
+/// [`MoeError::TooLarge`] when the slots or tiles do not fit in `u32`.
+pub(crate) fn row_meta(routing: &Routing, bm: usize) -> Result<Vec<u32>, MoeError> {
+    let e = routing.n_experts();
+    let mut meta = vec![0u32; 2 * (e + 1)];
+    let too_large = |v: usize| MoeError::TooLarge {
+        what: "assignments of one device forward".into(),
+        size: v as u128,
+        limit: u32::MAX as u128,
+    };
+    let (mut rows, mut tiles) = (0usize, 0usize);
+    for (i, &c) in routing.expert_counts().iter().enumerate() {
+        rows += c;
+        tiles += c.div_ceil(bm);
+        meta[i + 1] = u32::try_from(rows).map_err(|_| too_large(rows))?;
+        meta[e + 2 + i] = u32::try_from(tiles).map_err(|_| too_large(rows))?;
+    }
+    Ok(meta)
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
+use moe_backends::{BackendOptions, Dtype};
 use moe_core::{
     MoeLayer, RouterInput, RouterRegistry, WorkloadConfig, workload::random_swiglu_bank,
 };
@@ -151,21 +152,17 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             "--top-k must be between 1 and --experts ({e}), got {k}"
         )));
     }
-    let backend: Box<dyn moe_core::Backend> = match (a.backend.as_str(), a.threads) {
-        ("cpu", Some(n)) if a.dtype == "f32" => {
-            Box::new(moe_backends::cpu::CpuBackend::with_threads(n))
-        }
-        (_, Some(_)) if a.backend != "cpu" => {
-            return Err(CliError::Usage(
-                "--threads applies to the cpu backend only".into(),
-            ));
-        }
-        (name, _) => crate::open_backend_dtype(name, &a.dtype)?,
-    };
-    let weight_bytes = match a.dtype.as_str() {
-        "bf16" | "f16" => 2.0,
-        _ => 4.0,
-    };
+    let dtype = Dtype::parse(&a.dtype).ok_or_else(|| {
+        CliError::Usage(format!("--dtype must be f32, bf16 or f16, got {}", a.dtype))
+    })?;
+    let backend = crate::open_backend_with(
+        &a.backend,
+        BackendOptions {
+            dtype,
+            threads: a.threads,
+        },
+    )?;
+    let weight_bytes = dtype.bytes() as f64;
     let c = crate::spec::parse_one(&a.router, registry, "bench")?;
     let router = registry
         .create(&c.name, &c.args(d, e, k, a.seed))

@@ -93,14 +93,14 @@ pub(crate) fn open_backend(name: &str) -> Result<Box<dyn moe_core::Backend>, Cli
     moe_backends::open(kind).map_err(|e| CliError::Usage(e.to_string()))
 }
 
-/// Opens backend `name` with `dtype` expert weights, as a usage error when it cannot.
-pub(crate) fn open_backend_dtype(
+/// Opens backend `name` with `options` (weight dtype, cpu threads), as a usage error when it cannot.
+pub(crate) fn open_backend_with(
     name: &str,
-    dtype: &str,
+    options: moe_backends::BackendOptions,
 ) -> Result<Box<dyn moe_core::Backend>, CliError> {
     let kind =
         moe_backends::BackendKind::parse(name).map_err(|e| CliError::Usage(e.to_string()))?;
-    moe_backends::open_with_dtype(kind, dtype).map_err(|e| CliError::Usage(e.to_string()))
+    moe_backends::open_with(kind, options).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// Runs the `moe` command line with the routers of `registry`, reading `std::env::args`. Prints errors as one

@@ -231,6 +231,20 @@ fn unavailable_backend_is_a_usage_error() {
     assert!(stderr(&o).contains("cpu, cuda, wgpu"), "{}", stderr(&o));
 }
 
+/// `--dtype`: a name outside f32 / bf16 / f16, 16-bit weights on a backend that runs only f32, and `--threads`
+/// off the cpu backend are usage errors that say what to change.
+#[test]
+fn dtype_and_threads_are_checked() {
+    let o = moe(&["bench", "--dtype", "fp8", "-t", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("f32, bf16 or f16"), "{}", stderr(&o));
+    let o = moe(&["bench", "--dtype", "bf16", "-t", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cuda backend"), "{}", stderr(&o));
+    let o = moe(&["bench", "--backend", "wgpu", "--threads", "2", "-t", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
 #[test]
 fn plot_and_config_file() {
     let dir = std::env::temp_dir().join(format!("moe-cli-test-{}", std::process::id()));

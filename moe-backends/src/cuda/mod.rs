@@ -43,10 +43,10 @@ use moe_core::{
 };
 
 use crate::BackendError;
-use crate::native::native_routing;
+pub use crate::Dtype;
+use crate::native::{check_or_route, native_routing, row_meta, topk_supported};
 use device::{Arg, Gpu, err, ptr, ptr_opt};
 pub use device::{KERNELS, MMA_KERNELS, SOURCE, compile_kernels, driver_present, nvrtc_present};
-pub use pack::Dtype;
 
 /// Largest `k` the native top-k kernel runs; larger `k` takes the host path.
 pub const MAX_NATIVE_K: usize = 32;
@@ -189,25 +189,11 @@ enum Route {
     },
 }
 
-/// Whether the native kernel runs `s` exactly as the host router does.
+/// Whether the native kernel runs `s` exactly as the host router does: what every device top-k kernel runs, with
+/// at most [`MAX_NATIVE_GROUPS`] groups and one histogram word per expert in a block's shared memory (the sort).
 fn topk_native(s: &TopKSpec, e: usize, d: usize, max_shared: usize) -> bool {
-    let groups_ok = s.groups.is_none_or(|g| {
-        g.n_group > 0
-            && g.n_group <= MAX_NATIVE_GROUPS
-            && e.is_multiple_of(g.n_group)
-            && g.topk_group >= 1
-            && g.topk_group <= g.n_group
-            && g.topk_group * (e / g.n_group) >= s.k
-    });
-    s.gate.dim() == (e, d)
-        && s.k >= 1
-        && s.k <= e.min(MAX_NATIVE_K)
-        && s.gate_bias.as_ref().is_none_or(|b| b.len() == e)
-        && s.correction_bias.as_ref().is_none_or(|b| b.len() == e)
-        && s.scaling.is_finite()
-        && groups_ok
-        && !(s.order == TopKOrder::TopKThenSoftmax && s.score != ScoreFn::Softmax)
-        // The counting sort keeps one histogram word per expert in shared memory.
+    topk_supported(s, e, d, MAX_NATIVE_K)
+        && s.groups.is_none_or(|g| g.n_group <= MAX_NATIVE_GROUPS)
         && e * 4 <= max_shared
 }
 
@@ -399,23 +385,9 @@ struct HostPlan {
 
 impl HostPlan {
     fn new(routing: &Routing) -> Result<Self, MoeError> {
-        let e = routing.n_experts();
-        let counts = routing.expert_counts();
-        let mut meta = vec![0u32; 2 * (e + 1)];
-        let to_u32 = |v: usize| {
-            u32::try_from(v).map_err(|_| MoeError::TooLarge {
-                what: "assignments of one cuda forward".into(),
-                size: v as u128,
-                limit: u32::MAX as u128,
-            })
-        };
-        for (i, &c) in counts.iter().enumerate() {
-            meta[i + 1] = meta[i] + to_u32(c)?;
-            meta[e + 2 + i] = meta[e + 1 + i] + to_u32(c.div_ceil(BM))?;
-        }
         let (offsets, slots) = routing.token_slots();
         Ok(HostPlan {
-            meta,
+            meta: row_meta(routing, BM)?,
             slot_token: routing.slot_tokens().to_vec(),
             slot_weight: routing.slot_weights().to_vec(),
             tok_off: offsets.iter().map(|&o| o as u32).collect(),
@@ -530,11 +502,11 @@ impl CudaLayer {
         grow(gpu, &mut w.h, max_rows * bank.f)?;
         grow(gpu, &mut w.slot_out, max_rows * d)?;
         grow(gpu, &mut w.y, t * d)?;
-        grow(gpu, &mut w.meta, 2 * e + 2)?;
-        grow(gpu, &mut w.slot_token, max_rows)?;
-        grow(gpu, &mut w.slot_weight, max_rows)?;
         match (&*route, plan) {
             (Route::TopK { .. }, _) => {
+                grow(gpu, &mut w.meta, 2 * e + 2)?;
+                grow(gpu, &mut w.slot_token, n)?;
+                grow(gpu, &mut w.slot_weight, n)?;
                 grow(gpu, &mut w.logits, t * e)?;
                 grow(gpu, &mut w.sel, t * e)?;
                 grow(gpu, &mut w.a_expert, n)?;
@@ -735,36 +707,8 @@ impl CudaLayer {
     fn prepare(&mut self, input: &RouterInput<'_>) -> Result<Prepared, MoeError> {
         let (t, d) = input.hidden.dim();
         let layer = Arc::clone(&self.layer);
-        if d != layer.d_model() {
-            return Err(MoeError::shape(
-                "hidden",
-                format!("[T, {}]", layer.d_model()),
-                &[t, d],
-            ));
-        }
         let e = layer.n_experts();
-        let host_routing = match self.route {
-            Route::TopK { .. } => {
-                input.validate(Some(d))?;
-                None
-            }
-            Route::Host => {
-                let r = layer.router().route(input)?;
-                if r.n_tokens() != t || r.n_experts() != e {
-                    return Err(MoeError::mismatch(
-                        format!(
-                            "router {} returned a plan of the wrong size",
-                            layer.router().name()
-                        ),
-                        "plan tokens x experts",
-                        r.n_tokens() * r.n_experts(),
-                        "input tokens x layer experts",
-                        t * e,
-                    ));
-                }
-                Some(r)
-            }
-        };
+        let host_routing = check_or_route(&layer, input, matches!(self.route, Route::TopK { .. }))?;
         let k = match &self.route {
             Route::TopK { spec, .. } => spec.k,
             Route::Host => 1,

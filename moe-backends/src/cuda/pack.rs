@@ -1,80 +1,14 @@
 //! Expert banks in the CUDA kernels' canonical layout, made on the host at upload: every product is
 //! `out = a · Wᵀ` with `W` row-major `[out, in]`, and gated banks keep their gate rows before their up rows.
 //! GPT-OSS banks (stored `[E, d, 2f]`, gate and up interleaved) are transposed and de-interleaved here, so the
-//! kernels know one layout. Values are never changed, only moved; the precision is chosen after ([`Dtype`]).
+//! kernels know one layout. Values are never changed, only moved; the precision is chosen after
+//! ([`crate::Dtype`]).
 
 #[cfg(test)]
 use ndarray::Array2;
 use ndarray::Array3;
 
 use moe_core::{Activation, ExpertBank};
-
-/// Precision of the resident expert weights. Router weights and all arithmetic stay f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Dtype {
-    /// f32 weights (FMA kernels; parity with the CPU backend to 1e-5).
-    #[default]
-    F32,
-    /// bfloat16 weights (tensor cores from compute capability 8.0; activations rounded to bf16 at each product).
-    Bf16,
-    /// IEEE half weights (as bf16, with f16 rounding).
-    F16,
-}
-
-impl Dtype {
-    /// `f32`, `bf16` or `f16`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::Bf16 => "bf16",
-            Dtype::F16 => "f16",
-        }
-    }
-
-    /// Parses `f32`, `bf16` or `f16`.
-    pub fn parse(s: &str) -> Option<Dtype> {
-        match s {
-            "f32" => Some(Dtype::F32),
-            "bf16" => Some(Dtype::Bf16),
-            "f16" => Some(Dtype::F16),
-            _ => None,
-        }
-    }
-
-    /// Bytes per weight.
-    pub fn bytes(self) -> usize {
-        match self {
-            Dtype::F32 => 4,
-            Dtype::Bf16 | Dtype::F16 => 2,
-        }
-    }
-
-    /// `v` rounded to this precision (to nearest even), as the kernels see it.
-    pub fn round(self, v: f32) -> f32 {
-        match self {
-            Dtype::F32 => v,
-            Dtype::Bf16 => half::bf16::from_f32(v).to_f32(),
-            Dtype::F16 => half::f16::from_f32(v).to_f32(),
-        }
-    }
-
-    /// The 16-bit patterns of `v` in this precision (`None` for f32).
-    pub(crate) fn bits(self, v: &[f32]) -> Option<Vec<u16>> {
-        match self {
-            Dtype::F32 => None,
-            Dtype::Bf16 => Some(
-                v.iter()
-                    .map(|&x| half::bf16::from_f32(x).to_bits())
-                    .collect(),
-            ),
-            Dtype::F16 => Some(
-                v.iter()
-                    .map(|&x| half::f16::from_f32(x).to_bits())
-                    .collect(),
-            ),
-        }
-    }
-}
 
 /// The epilogue of the first product: 0 single (MLP: `act(a·W₁ᵀ + b₁)`), 1 gated (`act(g) ⊙ u`), 2 GPT-OSS.
 pub(crate) const MODE_SINGLE: u32 = 0;
@@ -321,16 +255,5 @@ mod tests {
                 .expect("bank"),
             ));
         }
-    }
-
-    #[test]
-    fn rounding_is_to_nearest_even() {
-        // 1 + 2^-8 is halfway between two bf16 values: it rounds to the even one, 1.0.
-        assert_eq!(Dtype::Bf16.round(1.0 + 1.0 / 256.0), 1.0);
-        assert_eq!(Dtype::Bf16.round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
-        assert_eq!(Dtype::F16.round(1.0 + 1.0 / 4096.0), 1.0);
-        assert_eq!(Dtype::F32.round(0.1), 0.1);
-        assert_eq!(Dtype::parse("bf16"), Some(Dtype::Bf16));
-        assert_eq!(Dtype::parse("fp8"), None);
     }
 }

@@ -46,7 +46,7 @@ pub const MAX_NATIVE_K: usize = 32;
 /// Router logits are read back and attached to the plan when `E` is at most this (as the CPU routers do).
 const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
 
-use crate::native::native_routing;
+use crate::native::{check_or_route, native_routing, row_meta, topk_supported};
 
 /// Settings of [`WgpuBackend`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -279,26 +279,6 @@ impl DeviceBank {
     }
 }
 
-/// Whether a top-k spec is one the kernel runs exactly as the host router does.
-fn topk_native(s: &TopKSpec, e: usize, d: usize) -> bool {
-    let groups_ok = s.groups.is_none_or(|g| {
-        g.n_group > 0
-            && e.is_multiple_of(g.n_group)
-            && g.topk_group >= 1
-            && g.topk_group <= g.n_group
-            && g.topk_group * (e / g.n_group) >= s.k
-    });
-    s.gate.dim() == (e, d)
-        && s.k >= 1
-        && s.k <= e.min(MAX_NATIVE_K)
-        && s.gate_bias.as_ref().is_none_or(|b| b.len() == e)
-        && s.correction_bias.as_ref().is_none_or(|b| b.len() == e)
-        && s.scaling.is_finite()
-        && groups_ok
-        && !(s.order == TopKOrder::TopKThenSoftmax && s.score != ScoreFn::Softmax)
-        && e <= u32::MAX as usize / 2
-}
-
 /// A layer resident on the wgpu backend.
 #[derive(Debug)]
 pub struct WgpuLayer {
@@ -337,7 +317,7 @@ impl WgpuLayer {
                 .transpose()
         };
         let route = match layer.router().spec() {
-            Some(RouterSpec::TopK(s)) if topk_native(&s, e, d) => Route::TopK {
+            Some(RouterSpec::TopK(s)) if topk_supported(&s, e, d, MAX_NATIVE_K) => Route::TopK {
                 gate: ctx.storage_init("gate.weight", bytes_of(&values(&s.gate)))?,
                 gate_bias: vec_buf("gate.bias", s.gate_bias.as_ref())?,
                 corr: vec_buf("e_score_correction_bias", s.correction_bias.as_ref())?,
@@ -623,13 +603,7 @@ impl WgpuLayer {
         routing: &Routing,
     ) -> Result<(Rows, wg::Buffer, wg::Buffer, wg::Buffer), MoeError> {
         let ctx = Arc::clone(&self.ctx);
-        let e = routing.n_experts();
-        let counts = routing.expert_counts();
-        let mut meta = vec![0u32; 2 * (e + 1)];
-        for (i, &c) in counts.iter().enumerate() {
-            meta[i + 1] = meta[i] + c as u32;
-            meta[e + 2 + i] = meta[e + 1 + i] + (c as u32).div_ceil(BM);
-        }
+        let meta = row_meta(routing, BM as usize)?;
         let (offsets, slots) = routing.token_slots();
         let off: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
         let tslots: Vec<u32> = slots.iter().map(|&s| s as u32 + 1).collect();
@@ -666,34 +640,9 @@ impl WgpuLayer {
     fn forward_impl(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         let (t, d) = input.hidden.dim();
         let layer = Arc::clone(&self.layer);
-        if d != layer.d_model() {
-            return Err(MoeError::shape(
-                "hidden",
-                format!("[T, {}]", layer.d_model()),
-                &[t, d],
-            ));
-        }
         let e = layer.n_experts();
         let native = !matches!(self.route, Route::Host);
-        let host_routing = if native {
-            input.validate(Some(d))?;
-            None
-        } else {
-            let r = layer.router().route(input)?;
-            if r.n_tokens() != t || r.n_experts() != e {
-                return Err(MoeError::mismatch(
-                    format!(
-                        "router {} returned a plan of the wrong size",
-                        layer.router().name()
-                    ),
-                    "plan tokens x experts",
-                    r.n_tokens() * r.n_experts(),
-                    "input tokens x layer experts",
-                    t * e,
-                ));
-            }
-            Some(r)
-        };
+        let host_routing = check_or_route(&layer, input, native)?;
         if t == 0 {
             return Ok(LayerOutput {
                 output: Array2::zeros((0, d)),
