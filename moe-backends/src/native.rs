@@ -67,33 +67,12 @@ pub(crate) fn check_or_route(
     input: &RouterInput<'_>,
     native: bool,
 ) -> Result<Option<Routing>, MoeError> {
-    let (t, d) = input.hidden.dim();
-    if d != layer.d_model() {
-        return Err(MoeError::shape(
-            "hidden",
-            format!("[T, {}]", layer.d_model()),
-            &[t, d],
-        ));
+    if !native {
+        return crate::cpu::route_checked(layer, input).map(Some);
     }
-    if native {
-        input.validate(Some(d))?;
-        return Ok(None);
-    }
-    let e = layer.n_experts();
-    let r = layer.router().route(input)?;
-    if r.n_tokens() != t || r.n_experts() != e {
-        return Err(MoeError::mismatch(
-            format!(
-                "router {} returned a plan of the wrong size",
-                layer.router().name()
-            ),
-            "plan tokens x experts",
-            r.n_tokens() * r.n_experts(),
-            "input tokens x layer experts",
-            t * e,
-        ));
-    }
-    Ok(Some(r))
+    crate::cpu::check_width(layer, input)?;
+    input.validate(Some(layer.d_model()))?;
+    Ok(None)
 }
 
 /// Whether the device top-k kernels (which take `k ≤ max_k`) run `s` exactly as the host router does, for a layer

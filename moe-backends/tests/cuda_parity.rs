@@ -1,512 +1,42 @@
-//! The CUDA backend against the CPU reference, on seeded random layers: every bank kind the GPU runs, every top-k
-//! spec option, the host path (Switch, hash, expert choice, noisy top-k, a plugin plan), padding, empty experts,
-//! shapes that cross the 64-row / 64-column tiles and the 32-wide k steps, f32 and 16-bit weights, bad input.
+//! The CUDA backend against the CPU reference, on seeded random layers: the cases every device backend runs
+//! (`device_parity`: every bank kind, every top-k spec option, the host path with Switch, hash, expert choice,
+//! noisy top-k and a plugin plan, padding, empty experts, bad input, activations), plus shapes that cross the
+//! 64-row / 64-column tiles and the 32-wide k steps, bf16 and f16 weights, and CUDA-event timing.
 //!
-//! Tolerances. f32 weights: `max |cuda − cpu| ≤ 1e-5 · max(max |cpu|, 1)` (f32 sums in another order), routing
-//! weights to 1e-5, chosen experts, ranks and drops identical. bf16 / f16 weights: `max |cuda − cpu| ≤ 1e-2 ·
-//! max |cpu|` against the CPU on the f32 weights (weights and activations rounded to 8 / 11 significant bits
-//! before each product, f32 accumulation), and the routing exactly as f32 (the router stays f32).
+//! Tolerances (see `device_parity`): f32 weights to 1e-5 of `max(max |cpu|, 1)`; bf16 / f16 weights to 1e-2 of
+//! `max |cpu|` against the CPU on the f32 weights; routing exactly as f32 (the router stays f32).
 //!
 //! Without a GPU (no driver, no NVRTC) every test prints why and returns, unless `MOE_REQUIRE_GPU=cuda` is set:
 //! then a missing GPU fails the test (scripts/cuda-device.sh sets it on the GPU machine).
 #![cfg(feature = "cuda")]
 
-use std::sync::{Arc, OnceLock};
+#[macro_use]
+mod device_parity;
 
-use ndarray::{Array1, Array2, Array3};
+use std::sync::{Arc, OnceLock};
 
 use moe_backends::cpu::CpuBackend;
 use moe_backends::cuda::{CudaBackend, Dtype};
 use moe_core::{
-    Activation, Assignment, Backend, ExpertBank, GptOssBank, LayerOutput, MlpBank, MoeError,
-    MoeLayer, PeerBank, Router, RouterArgs, RouterInput, RouterPath, Routing, SharedExperts,
-    SwiGluBank, rng::SeqRng,
+    Activation, Backend, ExpertBank, GptOssBank, MoeLayer, RouterInput, RouterPath, SharedExperts,
 };
-use moe_routers::{SoftmaxTopKConfig, SwitchTop1Config, TopKPreset};
+use moe_routers::{SoftmaxTopKConfig, TopKPreset};
+use ndarray::Array2;
 
-/// Output tolerance relative to `max(max |ref|, 1)`.
-const OUT_TOL: f32 = 1e-5;
-/// Output tolerance of 16-bit weights, relative to `max |ref|`.
-const HALF_TOL: f32 = 1e-2;
-/// Routing weight tolerance, absolute.
-const W_TOL: f32 = 1e-5;
+use device_parity::{
+    Device, check_on, compare, matrix, mlp, rng, swiglu, tensor3, topk_router, vector,
+};
 
 /// The shared backend (f32 weights), or `None` (after printing why) when this machine has no GPU.
 fn backend() -> Option<CudaBackend> {
     static B: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
-    match B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())) {
-        Ok(b) => Some(b.clone()),
-        Err(why) => {
-            if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "cuda") {
-                panic!("MOE_REQUIRE_GPU=cuda but the cuda backend is unavailable: {why}");
-            }
-            eprintln!("skipping: cuda backend unavailable: {why}");
-            None
-        }
-    }
-}
-
-fn rng(seed: u64) -> SeqRng {
-    SeqRng::new(seed, 77)
-}
-
-fn matrix(r: &mut SeqRng, rows: usize, cols: usize, scale: f32) -> Array2<f32> {
-    r.normal_matrix(rows, cols, scale)
-}
-
-fn tensor3(r: &mut SeqRng, a: usize, b: usize, c: usize, scale: f32) -> Array3<f32> {
-    let m = r.normal_matrix(a * b, c, scale);
-    Array3::from_shape_vec((a, b, c), m.into_iter().collect()).expect("shape")
-}
-
-fn vector(r: &mut SeqRng, n: usize, scale: f32) -> Array1<f32> {
-    r.normal_matrix(1, n, scale).into_iter().collect()
-}
-
-fn swiglu(r: &mut SeqRng, e: usize, d: usize, f: usize, act: Activation) -> ExpertBank {
-    let s1 = 1.0 / (d as f32).sqrt();
-    let s2 = 1.0 / (f as f32).sqrt();
-    ExpertBank::SwiGlu(
-        SwiGluBank::new(tensor3(r, e, 2 * f, d, s1), tensor3(r, e, d, f, s2), act).expect("bank"),
+    device_parity::or_skip(
+        "cuda",
+        B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())),
     )
 }
 
-fn mlp(r: &mut SeqRng, e: usize, d: usize, f: usize, act: Activation, biases: bool) -> ExpertBank {
-    let s1 = 1.0 / (d as f32).sqrt();
-    let s2 = 1.0 / (f as f32).sqrt();
-    let w1 = tensor3(r, e, f, d, s1);
-    let w2 = tensor3(r, e, d, f, s2);
-    let (b1, b2) = if biases {
-        (Some(matrix(r, e, f, 0.5)), Some(matrix(r, e, d, 0.5)))
-    } else {
-        (None, None)
-    };
-    ExpertBank::Mlp(MlpBank::new(w1, b1, w2, b2, act).expect("bank"))
-}
-
-fn topk_router(
-    r: &mut SeqRng,
-    e: usize,
-    d: usize,
-    k: usize,
-    cfg: SoftmaxTopKConfig,
-) -> Box<dyn Router> {
-    Box::new(cfg.build(matrix(r, e, d, 1.0), k).expect("router"))
-}
-
-/// Runs `layer` on both backends and checks outputs and plans; returns the CUDA output.
-fn check(layer: MoeLayer, input: &RouterInput<'_>, path: RouterPath) -> Option<LayerOutput> {
-    check_on(&backend()?, layer, input, path)
-}
-
-fn check_on(
-    cuda: &CudaBackend,
-    layer: MoeLayer,
-    input: &RouterInput<'_>,
-    path: RouterPath,
-) -> Option<LayerOutput> {
-    let layer = Arc::new(layer);
-    let want = CpuBackend::new()
-        .upload(Arc::clone(&layer))
-        .expect("cpu upload")
-        .forward(input)
-        .expect("cpu forward");
-    let got = cuda
-        .upload(layer)
-        .expect("cuda upload")
-        .forward(input)
-        .expect("cuda forward");
-    assert_eq!(got.router_path, path, "router path");
-    let tol = match cuda.dtype() {
-        Dtype::F32 => OUT_TOL * want.output.iter().fold(1.0f32, |m, v| m.max(v.abs())),
-        _ => HALF_TOL * want.output.iter().fold(0.0f32, |m, v| m.max(v.abs())),
-    };
-    compare_tol(&want, &got, tol);
-    Some(got)
-}
-
-fn compare(want: &LayerOutput, got: &LayerOutput) {
-    let scale = want.output.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    compare_tol(want, got, OUT_TOL * scale);
-}
-
-fn compare_tol(want: &LayerOutput, got: &LayerOutput, tol: f32) {
-    assert_eq!(want.output.dim(), got.output.dim());
-    let diff = want
-        .output
-        .iter()
-        .zip(&got.output)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(diff <= tol, "max |cuda - cpu| = {diff:e} > {tol:e}");
-    compare_routing(&want.routing, &got.routing);
-}
-
-fn compare_routing(want: &Routing, got: &Routing) {
-    assert_eq!(want.n_tokens(), got.n_tokens());
-    assert_eq!(want.n_experts(), got.n_experts());
-    assert_eq!(want.n_real_tokens(), got.n_real_tokens());
-    let (a, b) = (want.per_token(), got.per_token());
-    for (t, (x, y)) in a.iter().zip(&b).enumerate() {
-        let ex: Vec<(usize, u16)> = x.iter().map(|p| (p.0, p.2)).collect();
-        let ey: Vec<(usize, u16)> = y.iter().map(|p| (p.0, p.2)).collect();
-        assert_eq!(ex, ey, "token {t}: experts and ranks");
-        for (p, q) in x.iter().zip(y) {
-            assert!(
-                (p.1 - q.1).abs() <= W_TOL,
-                "token {t}: weight {} vs {}",
-                p.1,
-                q.1
-            );
-        }
-    }
-    let key = |v: &[Assignment]| -> Vec<(u32, u32)> {
-        let mut k: Vec<(u32, u32)> = v.iter().map(|a| (a.token, a.expert)).collect();
-        k.sort_unstable();
-        k
-    };
-    assert_eq!(key(want.dropped()), key(got.dropped()), "dropped");
-    assert_eq!(want.offsets(), got.offsets());
-    assert_eq!(want.slot_tokens(), got.slot_tokens());
-    if let (Some(l1), Some(l2)) = (want.logits(), got.logits()) {
-        let s = l1.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        let dl = l1
-            .iter()
-            .zip(l2)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(dl <= OUT_TOL * s, "logits differ by {dl:e}");
-    }
-}
-
-/// A router that returns a fixed plan (no spec), so a test controls the dispatch exactly.
-type Fixed = moe_core::testing::FixedPlan;
-
-/// Seeded random shapes through every top-k preset: T = 1 and T not a multiple of the 64-row tile, E up to 16
-/// (so many experts get no tokens at small T), k up to 4, SwiGLU banks with each activation.
-#[test]
-fn topk_presets_random_shapes() {
-    let Some(b) = backend() else { return };
-    let acts = [
-        Activation::Silu,
-        Activation::Gelu,
-        Activation::GeluTanh,
-        Activation::Relu,
-    ];
-    let presets = [
-        TopKPreset::Mixtral,
-        TopKPreset::Qwen2Moe,
-        TopKPreset::Olmoe,
-        TopKPreset::Granite,
-    ];
-    let shapes = [
-        (1, 8, 16, 16, 1),
-        (1, 24, 20, 8, 4),
-        (7, 16, 36, 4, 2),
-        (33, 40, 16, 16, 4),
-        (70, 24, 40, 8, 2),
-        (45, 8, 8, 1, 1),
-        (3, 32, 24, 16, 3),
-        (64, 16, 32, 6, 2),
-    ];
-    for (i, &(t, d, f, e, k)) in shapes.iter().enumerate() {
-        let mut r = rng(100 + i as u64);
-        let cfg = presets[i % presets.len()].config();
-        let layer = MoeLayer::new(
-            topk_router(&mut r, e, d, k, cfg),
-            swiglu(&mut r, e, d, f, acts[i % acts.len()]),
-        )
-        .expect("layer");
-        let x = matrix(&mut r, t, d, 1.0);
-        check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
-    }
-}
-
-/// DeepSeek-V3 routing: sigmoid scores, a random correction bias (selection only), groups with top-2 group scores,
-/// renormalisation and scaling 2.5; plus sqrt-softplus scores without renormalisation.
-#[test]
-fn group_limited_sigmoid_with_correction_bias() {
-    let Some(b) = backend() else { return };
-    for (i, &(t, d, e, k, n_group, topk_group)) in [
-        (37, 16, 16, 4, 4, 2),
-        (9, 24, 8, 2, 4, 1),
-        (50, 16, 16, 3, 8, 3),
-        (1, 8, 4, 2, 2, 1),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mut r = rng(200 + i as u64);
-        let cfg = SoftmaxTopKConfig {
-            n_group: Some(n_group),
-            topk_group: Some(topk_group),
-            ..TopKPreset::DeepseekV3.config()
-        };
-        let router = cfg
-            .build(matrix(&mut r, e, d, 1.0), k)
-            .expect("router")
-            .with_correction_bias(vector(&mut r, e, 0.3))
-            .expect("bias");
-        let layer = MoeLayer::new(Box::new(router), swiglu(&mut r, e, d, 24, Activation::Silu))
-            .expect("layer");
-        let x = matrix(&mut r, t, d, 1.0);
-        check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
-    }
-    let mut r = rng(250);
-    let cfg = SoftmaxTopKConfig {
-        score: Some(moe_core::ScoreFn::SqrtSoftplus),
-        renormalize: Some(false),
-        scaling: Some(1.5),
-        ..Default::default()
-    };
-    let layer = MoeLayer::new(
-        topk_router(&mut r, 8, 16, 2, cfg),
-        swiglu(&mut r, 8, 16, 16, Activation::Silu),
-    )
-    .expect("layer");
-    let x = matrix(&mut r, 21, 16, 2.0);
-    check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
-}
-
-/// MLP banks with every activation (exact GELU through the device's erf), with and without biases.
-#[test]
-fn mlp_banks_every_activation() {
-    let Some(b) = backend() else { return };
-    for (i, act) in [
-        Activation::Relu,
-        Activation::Gelu,
-        Activation::GeluTanh,
-        Activation::Silu,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        for biases in [false, true] {
-            let mut r = rng(300 + 2 * i as u64 + u64::from(biases));
-            let (t, d, f, e, k) = (19, 24, 40, 8, 2);
-            let layer = MoeLayer::new(
-                topk_router(&mut r, e, d, k, TopKPreset::Mixtral.config()),
-                mlp(&mut r, e, d, f, act, biases),
-            )
-            .expect("layer");
-            let x = matrix(&mut r, t, d, 2.0);
-            check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
-        }
-    }
-}
-
-/// GPT-OSS experts (transposed, interleaved, clamped GLU with biases) behind a router with a gate bias.
-#[test]
-fn gpt_oss_bank_with_gate_bias() {
-    let Some(b) = backend() else { return };
-    let mut r = rng(400);
-    let (t, d, f, e, k) = (35, 16, 24, 8, 4);
-    let router = TopKPreset::Granite
-        .config()
-        .build(matrix(&mut r, e, d, 1.0), k)
-        .expect("router")
-        .with_gate_bias(vector(&mut r, e, 0.5))
-        .expect("bias");
-    let bank = GptOssBank::new(
-        tensor3(&mut r, e, d, 2 * f, 0.5),
-        matrix(&mut r, e, 2 * f, 0.5),
-        tensor3(&mut r, e, f, d, 0.3),
-        matrix(&mut r, e, d, 0.5),
-        1.702,
-        7.0,
-    )
-    .expect("bank");
-    let layer = MoeLayer::new(Box::new(router), ExpertBank::GptOss(bank)).expect("layer");
-    // Large inputs so that the clamp at the limit is exercised.
-    let x = matrix(&mut r, t, d, 4.0);
-    check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
-}
-
-/// Shared experts (SwiGLU with the Qwen2-MoE sigmoid gate, MLP without), output scale and output bias.
-#[test]
-fn shared_experts_scale_and_bias() {
-    let Some(b) = backend() else { return };
-    for gated in [true, false] {
-        let mut r = rng(500 + u64::from(gated));
-        let (t, d, f, e, k) = (29, 16, 24, 8, 2);
-        let shared_bank = if gated {
-            swiglu(&mut r, 1, d, 40, Activation::Silu)
-        } else {
-            mlp(&mut r, 1, d, 20, Activation::Gelu, true)
-        };
-        let gate = gated.then(|| vector(&mut r, d, 0.5));
-        let layer = MoeLayer::new(
-            topk_router(&mut r, e, d, k, TopKPreset::Qwen2Moe.config()),
-            swiglu(&mut r, e, d, f, Activation::Silu),
-        )
-        .and_then(|l| l.with_shared(SharedExperts::new(shared_bank, gate)?))
-        .and_then(|l| l.with_output_scale(0.75))
-        .and_then(|l| l.with_output_bias(vector(&mut r, d, 1.0)))
-        .expect("layer");
-        let x = matrix(&mut r, t, d, 1.0);
-        check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
-    }
-}
-
-/// Switch top-1 with fixed capacity that drops tokens (the host path on this backend): per sequence by
-/// position (HF), per batch by probability and batch-prioritised, with padding tokens that take no capacity.
-#[test]
-fn switch_capacity_drops() {
-    let Some(b) = backend() else { return };
-    let (d, f, e) = (16, 32, 4);
-    let cases = [
-        (true, moe_core::DropPolicy::Position, 2),
-        (false, moe_core::DropPolicy::Probability, 5),
-        (false, moe_core::DropPolicy::BatchPrioritized, 3),
-        (true, moe_core::DropPolicy::Probability, 1),
-    ];
-    for (i, &(per_sequence, drop, cap)) in cases.iter().enumerate() {
-        let mut r = rng(600 + i as u64);
-        let router = SwitchTop1Config {
-            jitter: Some(0.0),
-            per_sequence: Some(per_sequence),
-            drop: Some(drop),
-            ..SwitchTop1Config::hf_switch(cap)
-        }
-        .build(matrix(&mut r, e, d, 1.0))
-        .expect("router");
-        assert!(router.spec().is_some());
-        let layer = MoeLayer::new(
-            Box::new(router),
-            mlp(&mut r, e, d, f, Activation::Relu, false),
-        )
-        .expect("layer");
-        let x = matrix(&mut r, 40, d, 1.0);
-        let lens = [16, 9, 15];
-        let pad: Vec<bool> = (0..40).map(|t| t % 7 == 3).collect();
-        let input = RouterInput::new(x.view())
-            .with_seq_lens(&lens)
-            .with_padding(&pad);
-        let got = check_on(&b, layer, &input, RouterPath::Host).expect("ran");
-        assert!(!got.routing.dropped().is_empty(), "case {i} drops nothing");
-    }
-}
-
-/// Routers without a device spec run on the host and their plans run on the device: hash (token ids), expert
-/// choice (variable experts per token), Switch with random drops, noisy top-k in training, and a plugin plan that
-/// leaves experts empty.
-#[test]
-fn host_path_routers() {
-    let Some(b) = backend() else { return };
-    let reg = moe_routers::builtin();
-    let (t, d, f, e, k) = (26, 16, 24, 8, 2);
-    let x = matrix(&mut rng(700), t, d, 1.0);
-    let ids: Vec<u32> = (0..t as u32).map(|i| i * 7 + 3).collect();
-    for (name, opts) in [
-        ("hash", vec![]),
-        ("expert-choice", vec![]),
-        ("switch-top1", vec![("drop", "random")]),
-        ("noisy-topk", vec![]),
-    ] {
-        let mut args = RouterArgs::new(d, e, k, 3);
-        for (key, v) in opts {
-            args.set_option_str(key, v);
-        }
-        let router = reg.create(name, &args).expect("router");
-        let layer =
-            MoeLayer::new(router, swiglu(&mut rng(701), e, d, f, Activation::Silu)).expect("layer");
-        let input = RouterInput::new(x.view())
-            .with_token_ids(&ids)
-            .with_mode(moe_core::Mode::Train { seed: 9 });
-        check_on(&b, layer, &input, RouterPath::Host);
-    }
-    // Experts 1, 4 and 5 get nothing; token 2 gets nothing; token 0 goes to three experts.
-    let kept = [
-        (0, 0, 0.5),
-        (0, 2, 0.25),
-        (0, 7, 1.5),
-        (1, 3, 1.0),
-        (3, 0, 2.0),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, &(tok, ex, w))| Assignment {
-        token: tok,
-        expert: ex,
-        weight: w,
-        rank: i as u16,
-    })
-    .collect();
-    let router = Fixed {
-        n_experts: e,
-        d_model: d,
-        kept,
-    };
-    let layer = MoeLayer::new(
-        Box::new(router),
-        swiglu(&mut rng(702), e, d, f, Activation::Silu),
-    )
-    .expect("layer");
-    let x4 = matrix(&mut rng(703), 4, d, 1.0);
-    let got = check_on(&b, layer, &RouterInput::new(x4.view()), RouterPath::Host).expect("ran");
-    assert!(got.output.row(2).iter().all(|&v| v == 0.0));
-}
-
-/// Bad input is a typed error; T = 0 is an empty output; PEER banks are refused at upload; buffers are reused
-/// across forwards of different T.
-#[test]
-fn errors_empty_input_and_reuse() {
-    let Some(b) = backend() else { return };
-    let mut r = rng(900);
-    let (d, f, e, k) = (16, 24, 8, 2);
-    let layer = Arc::new(
-        MoeLayer::new(
-            topk_router(&mut r, e, d, k, TopKPreset::Mixtral.config()),
-            swiglu(&mut r, e, d, f, Activation::Silu),
-        )
-        .expect("layer"),
-    );
-    let mut dev = b.upload(Arc::clone(&layer)).expect("upload");
-    let mut cpu = CpuBackend::new().upload(Arc::clone(&layer)).expect("cpu");
-    let wrong = Array2::<f32>::zeros((3, d + 1));
-    assert!(matches!(
-        dev.forward(&RouterInput::new(wrong.view())),
-        Err(MoeError::Shape { .. })
-    ));
-    let mut nan = matrix(&mut r, 4, d, 1.0);
-    nan[[2, 5]] = f32::NAN;
-    assert!(matches!(
-        dev.forward(&RouterInput::new(nan.view())),
-        Err(MoeError::NonFinite {
-            token: 2,
-            column: 5,
-            ..
-        })
-    ));
-    let bad_pad = [false; 3];
-    let x4 = matrix(&mut r, 4, d, 1.0);
-    assert!(matches!(
-        dev.forward(&RouterInput::new(x4.view()).with_padding(&bad_pad)),
-        Err(MoeError::Shape { .. })
-    ));
-    let empty = Array2::<f32>::zeros((0, d));
-    let out = dev.forward(&RouterInput::new(empty.view())).expect("T = 0");
-    assert_eq!(out.output.dim(), (0, d));
-    for t in [50, 3, 64, 1, 50] {
-        let x = matrix(&mut r, t, d, 1.0);
-        let input = RouterInput::new(x.view());
-        compare(
-            &cpu.forward(&input).expect("cpu"),
-            &dev.forward(&input).expect("cuda"),
-        );
-    }
-    let peer = PeerBank::new(
-        matrix(&mut r, e, d, 1.0),
-        matrix(&mut r, e, d, 1.0),
-        Activation::Gelu,
-    )
-    .expect("peer");
-    let layer = MoeLayer::new(
-        topk_router(&mut r, e, d, k, TopKPreset::Mixtral.config()),
-        ExpertBank::Peer(peer),
-    )
-    .expect("layer");
-    let e = b.upload(Arc::new(layer)).err().expect("peer is refused");
-    assert!(e.to_string().contains("peer"), "{e}");
-}
+shared_cases!(backend, device);
 
 /// The backend names its GPU and what it runs natively.
 #[test]
@@ -521,72 +51,19 @@ fn capabilities_name_the_gpu() {
     assert_eq!(opened.name(), "cuda");
 }
 
-#[test]
-fn smoke_mixtral_like() {
-    let mut r = rng(1);
-    let (t, d, f, e, k) = (5, 16, 24, 4, 2);
-    let layer = MoeLayer::new(
-        topk_router(&mut r, e, d, k, TopKPreset::Mixtral.config()),
-        swiglu(&mut r, e, d, f, Activation::Silu),
-    )
-    .expect("layer");
-    let x = matrix(&mut r, t, d, 1.0);
-    check(layer, &RouterInput::new(x.view()), RouterPath::Native);
-}
-
-/// The device's activations against f64 references on a grid over [-8, 8]: one MLP expert with `d = f = 1` and
-/// unit weights, so the output is the activation itself. Exact GELU goes through the kernels' f32 `erf`; the
-/// bound is `3e-7 · max(1, |x|)` (a few f32 ulps).
-#[test]
-fn activations_match_f64_reference() {
-    let Some(b) = backend() else { return };
-    let xs: Vec<f32> = (0..=1600).map(|i| -8.0 + i as f32 * 0.01).collect();
-    let x = Array2::from_shape_vec((xs.len(), 1), xs.clone()).expect("shape");
-    type Reference = fn(f64) -> f64;
-    let refs: [(Activation, Reference); 4] = [
-        (Activation::Silu, |v| v / (1.0 + (-v).exp())),
-        (Activation::Relu, |v| v.max(0.0)),
-        (Activation::Gelu, |v| {
-            0.5 * v * (1.0 + moe_core::math::erf(v / std::f64::consts::SQRT_2))
-        }),
-        (Activation::GeluTanh, |v| {
-            let c = (2.0 / std::f64::consts::PI).sqrt();
-            0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
-        }),
-    ];
-    for (act, f) in refs {
-        let bank = MlpBank::new(
-            Array3::ones((1, 1, 1)),
-            None,
-            Array3::ones((1, 1, 1)),
-            None,
-            act,
-        )
-        .expect("bank");
-        let router = TopKPreset::Mixtral
-            .config()
-            .build(Array2::ones((1, 1)), 1)
-            .expect("router");
-        let layer = MoeLayer::new(Box::new(router), ExpertBank::Mlp(bank)).expect("layer");
-        let out = b
-            .upload(Arc::new(layer))
-            .expect("upload")
-            .forward(&RouterInput::new(x.view()))
-            .expect("forward");
-        let mut worst = 0.0f64;
-        for (&v, &y) in xs.iter().zip(out.output.iter()) {
-            let want = f(f64::from(v));
-            let e = (f64::from(y) - want).abs() / f64::from(v.abs()).max(1.0);
-            worst = worst.max(e);
-        }
-        assert!(worst <= 3e-7, "{act:?}: worst scaled error {worst:e}");
-    }
-}
-
 /// The backend with 16-bit weights, or `None` without a GPU.
 fn half_backend(dtype: Dtype) -> Option<CudaBackend> {
     backend()?;
     Some(CudaBackend::with_dtype(dtype).expect("the GPU opened once already"))
+}
+
+/// `b` as a device under test.
+fn device(b: &CudaBackend) -> Device<'_> {
+    Device {
+        backend: b,
+        dtype: b.dtype(),
+        switch_path: RouterPath::Host,
+    }
 }
 
 /// Shapes that cross every tile edge: several 64-row tiles per expert, output columns past one 64-wide tile,
@@ -635,7 +112,12 @@ fn tile_edge_layers(seed: u64) -> Vec<(MoeLayer, Array2<f32>)> {
 fn tile_edges_f32() {
     let Some(b) = backend() else { return };
     for (layer, x) in tile_edge_layers(1000) {
-        check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
+        check_on(
+            &device(&b),
+            layer,
+            &RouterInput::new(x.view()),
+            RouterPath::Native,
+        );
     }
 }
 
@@ -646,7 +128,12 @@ fn half_precision_weights() {
     for dtype in [Dtype::Bf16, Dtype::F16] {
         let Some(b) = half_backend(dtype) else { return };
         for (layer, x) in tile_edge_layers(1100) {
-            check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
+            check_on(
+                &device(&b),
+                layer,
+                &RouterInput::new(x.view()),
+                RouterPath::Native,
+            );
         }
         let mut r = rng(1200);
         let cfg = SoftmaxTopKConfig {
@@ -665,7 +152,12 @@ fn half_precision_weights() {
         )
         .expect("layer");
         let x = matrix(&mut r, 190, 64, 1.0);
-        check_on(&b, layer, &RouterInput::new(x.view()), RouterPath::Native);
+        check_on(
+            &device(&b),
+            layer,
+            &RouterInput::new(x.view()),
+            RouterPath::Native,
+        );
     }
 }
 

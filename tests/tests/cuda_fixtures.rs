@@ -1,124 +1,28 @@
-//! The nine Hugging Face fixtures (tests/fixtures/hf) on the CUDA backend with f32 weights: each case's layer is
-//! built by `moe-models` exactly as `moe verify` builds it, run on the CPU reference and on the GPU, and compared.
-//!
-//! Tolerances: the output within `1e-5 · max |ref|` of transformers' `ref.output` (the verifier's formula and
-//! tolerance) and within `1e-5 · max |cpu|` of the CPU backend; the chosen experts, ranks and dropped
-//! assignments identical to the CPU's; weights within 1e-6. Router path: native for the seven top-k families,
-//! host for Switch (this backend runs no Switch spec natively) and NLLB-MoE (its router has no spec).
+//! The nine Hugging Face fixtures (tests/fixtures/hf) on the CUDA backend with f32 weights (see
+//! `device_fixtures` for how they are compared; `MOE_FIXTURES` names the folder when the test binary was carried to
+//! a GPU machine). Router path: native for the seven top-k families, host for Switch (this backend runs no Switch
+//! spec natively) and NLLB-MoE (its router has no spec).
 //!
 //! Without a GPU every test prints why and returns, unless `MOE_REQUIRE_GPU=cuda` is set.
 #![cfg(feature = "cuda")]
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+#[macro_use]
+mod device_fixtures;
 
-use moe_backends::cpu::CpuBackend;
+use std::sync::OnceLock;
+
 use moe_backends::cuda::CudaBackend;
-use moe_core::{Backend, RouterInput, RouterPath};
-use moe_models::verify::{Manifest, case_config};
-use moe_models::{Checkpoint, build_layer};
-use ndarray::Array2;
-
-const TOL: f64 = 1e-5;
 
 fn backend() -> Option<CudaBackend> {
     static B: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
-    match B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())) {
-        Ok(b) => Some(b.clone()),
-        Err(why) => {
-            if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "cuda") {
-                panic!("MOE_REQUIRE_GPU=cuda but the cuda backend is unavailable: {why}");
-            }
-            eprintln!("skipping: cuda backend unavailable: {why}");
-            None
-        }
-    }
-}
-
-/// The fixtures folder: `MOE_FIXTURES` when set (test binaries carried to a GPU machine), else this crate's.
-fn fixtures() -> PathBuf {
-    std::env::var_os("MOE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf"))
-}
-
-/// `max |a − b| / max |b|`.
-fn rel(a: impl Iterator<Item = f32>, b: &[f32]) -> f64 {
-    let scale = b.iter().fold(1e-30f64, |m, v| m.max(f64::from(v.abs())));
-    a.zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max(f64::from((x - y).abs())))
-        / scale
-}
-
-fn check_case(name: &str, path: RouterPath) {
-    let Some(cuda) = backend() else { return };
-    let dir = fixtures();
-    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest");
-    let manifest: Manifest = serde_json::from_str(&text).expect("manifest parses");
-    let case = manifest
-        .cases
-        .iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("case {name} not in the manifest"));
-    let cfg = case_config(case, &dir.join("manifest.json")).expect("config");
-    let ckpt = Checkpoint::open(dir.join(&case.file)).expect("fixture");
-    let layer = Arc::new(build_layer(&cfg, &ckpt.weights("")).expect("layer"));
-    let input = ckpt.tensor("ref.input").expect("input");
-    let d = layer.d_model();
-    let (b, s) = (
-        case.batch.unwrap_or(1),
-        case.seq_len.unwrap_or(input.data.len() / d),
-    );
-    let x = Array2::from_shape_vec((b * s, d), input.data).expect("input shape");
-    let lens = vec![s; b];
-    let ri = RouterInput::new(x.view()).with_seq_lens(&lens);
-    let want = CpuBackend::new()
-        .upload(Arc::clone(&layer))
-        .expect("cpu")
-        .forward(&ri)
-        .expect("cpu forward");
-    let got = cuda
-        .upload(layer)
-        .expect("cuda upload")
-        .forward(&ri)
-        .expect("cuda forward");
-    assert_eq!(got.router_path, path, "{name}: router path");
-    let reference = ckpt.tensor("ref.output").expect("ref.output");
-    let vs_ref = rel(got.output.iter().copied(), &reference.data);
-    let cpu: Vec<f32> = want.output.iter().copied().collect();
-    let vs_cpu = rel(got.output.iter().copied(), &cpu);
-    println!("{name}: rel err vs transformers {vs_ref:.2e}, vs cpu {vs_cpu:.2e}");
-    assert!(vs_ref <= TOL, "{name}: output vs transformers {vs_ref:e}");
-    assert!(vs_cpu <= TOL, "{name}: output vs cpu {vs_cpu:e}");
-    let (a, c) = (want.routing.per_token(), got.routing.per_token());
-    for (t, (p, q)) in a.iter().zip(&c).enumerate() {
-        let ep: Vec<(usize, u16)> = p.iter().map(|v| (v.0, v.2)).collect();
-        let eq: Vec<(usize, u16)> = q.iter().map(|v| (v.0, v.2)).collect();
-        assert_eq!(ep, eq, "{name}: token {t} experts");
-        for (u, v) in p.iter().zip(q) {
-            assert!(
-                (u.1 - v.1).abs() <= 1e-6,
-                "{name}: token {t} weight {} vs {}",
-                u.1,
-                v.1
-            );
-        }
-    }
-    let drops = |r: &moe_core::Routing| -> Vec<(u32, u32)> {
-        let mut v: Vec<(u32, u32)> = r.dropped().iter().map(|a| (a.token, a.expert)).collect();
-        v.sort_unstable();
-        v
-    };
-    assert_eq!(drops(&want.routing), drops(&got.routing), "{name}: dropped");
-}
-
-macro_rules! family_tests {
-    ($($test:ident => $case:literal, $path:ident),* $(,)?) => {
-        $(#[test] fn $test() { check_case($case, RouterPath::$path); })*
-    };
+    device_fixtures::or_skip(
+        "cuda",
+        B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())),
+    )
 }
 
 family_tests! {
+    backend;
     cuda_mixtral => "mixtral", Native,
     cuda_qwen2_moe => "qwen2_moe", Native,
     cuda_olmoe => "olmoe", Native,

@@ -116,8 +116,8 @@ impl DeviceLayer for CpuLayer {
     }
 }
 
-/// Routes `input` and checks the plan's size against the layer.
-fn route_checked(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+/// Checks that `input` has the layer's width.
+pub(crate) fn check_width(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<(), MoeError> {
     let (t, d) = input.hidden.dim();
     if d != layer.d_model() {
         return Err(MoeError::shape(
@@ -126,6 +126,16 @@ fn route_checked(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<Routing, M
             &[t, d],
         ));
     }
+    Ok(())
+}
+
+/// Routes `input` and checks the plan's size against the layer.
+pub(crate) fn route_checked(
+    layer: &MoeLayer,
+    input: &RouterInput<'_>,
+) -> Result<Routing, MoeError> {
+    check_width(layer, input)?;
+    let t = input.hidden.nrows();
     let routing = layer.router().route(input)?;
     if routing.n_tokens() != t || routing.n_experts() != layer.n_experts() {
         return Err(MoeError::mismatch(
