@@ -30,7 +30,7 @@ use device_parity::{
 /// The shared backend (f32 weights), or `None` (after printing why) when this machine has no GPU.
 fn backend() -> Option<CudaBackend> {
     static B: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
-    device_parity::or_skip(
+    moe_core::testing::backend_or_skip(
         "cuda",
         B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())),
     )

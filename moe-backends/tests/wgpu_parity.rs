@@ -26,7 +26,7 @@ use moe_core::rng::SeqRng;
 /// The shared backend, or `None` (after printing why) when this machine has no adapter.
 fn backend() -> Option<WgpuBackend> {
     static B: OnceLock<Result<WgpuBackend, String>> = OnceLock::new();
-    device_parity::or_skip(
+    moe_core::testing::backend_or_skip(
         "wgpu",
         B.get_or_init(|| WgpuBackend::new().map_err(|e| e.to_string())),
     )

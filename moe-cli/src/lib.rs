@@ -104,10 +104,26 @@ pub(crate) fn open_backend_with(
 }
 
 /// Runs the `moe` command line with the routers of `registry`, reading `std::env::args`. Prints errors as one
-/// line on stderr; returns exit code 0 on success, 2 for usage errors, 1 otherwise.
+/// line on stderr; returns exit code 0 on success, 2 for usage errors, 1 otherwise. A closed output pipe
+/// (`moe list | head`) ends the process quietly, as it does other Unix tools, instead of a panic in `println!`.
 pub fn run(registry: RouterRegistry) -> ExitCode {
+    restore_sigpipe();
     run_from(registry, std::env::args_os())
 }
+
+/// Gives SIGPIPE back its default action (end the process), which the Rust runtime sets to ignore.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called at the start of the process, before any thread is spawned; `signal` with SIG_DFL installs
+    // no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn restore_sigpipe() {}
 
 /// [`run`] with explicit arguments (the first is the program name).
 pub fn run_from<I, T>(registry: RouterRegistry, args: I) -> ExitCode

@@ -385,3 +385,19 @@ fn input_files_safetensors_and_npy() {
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A reader that closes the pipe early (`moe compare | head -c 10`) ends `moe` quietly: no panic from `println!`
+/// on the closed pipe (it used to exit 101 with "failed printing to stdout").
+#[test]
+fn closed_output_pipe_is_not_a_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["compare", "-t", "256", "--format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the moe binary runs");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("moe ends");
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert_ne!(o.status.code(), Some(101), "{}", stderr(&o));
+}

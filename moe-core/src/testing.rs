@@ -109,3 +109,22 @@ impl Router for FixedPlan {
         )
     }
 }
+
+/// For tests of a device backend: the opened backend `name`, or `None` after printing why it cannot run here.
+/// When the environment variable `MOE_REQUIRE_GPU` equals `name`, a backend that cannot run fails the test
+/// instead (CI sets it where the device is expected, so a missing one is not a silent skip).
+///
+/// # Panics
+/// When `MOE_REQUIRE_GPU` names this backend and `opened` is an error.
+pub fn backend_or_skip<B: Clone>(name: &str, opened: &Result<B, String>) -> Option<B> {
+    match opened {
+        Ok(b) => Some(b.clone()),
+        Err(why) => {
+            if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == name) {
+                panic!("MOE_REQUIRE_GPU={name} but the {name} backend is unavailable: {why}");
+            }
+            eprintln!("skipping: {name} backend unavailable: {why}");
+            None
+        }
+    }
+}

@@ -15,7 +15,7 @@ use moe_backends::cuda::CudaBackend;
 
 fn backend() -> Option<CudaBackend> {
     static B: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
-    device_fixtures::or_skip(
+    moe_core::testing::backend_or_skip(
         "cuda",
         B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())),
     )

@@ -14,7 +14,7 @@ use moe_backends::wgpu::WgpuBackend;
 
 fn backend() -> Option<WgpuBackend> {
     static B: OnceLock<Result<WgpuBackend, String>> = OnceLock::new();
-    device_fixtures::or_skip(
+    moe_core::testing::backend_or_skip(
         "wgpu",
         B.get_or_init(|| WgpuBackend::new().map_err(|e| e.to_string())),
     )

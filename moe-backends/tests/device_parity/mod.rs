@@ -56,24 +56,6 @@ pub struct Device<'a> {
     pub switch_path: RouterPath,
 }
 
-/// The backend named `name`, or `None` after printing why it cannot run here; panics instead when
-/// `MOE_REQUIRE_GPU` names it.
-pub fn or_skip<B>(name: &str, opened: &Result<B, String>) -> Option<B>
-where
-    B: Clone,
-{
-    match opened {
-        Ok(b) => Some(b.clone()),
-        Err(why) => {
-            if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == name) {
-                panic!("MOE_REQUIRE_GPU={name} but the {name} backend is unavailable: {why}");
-            }
-            eprintln!("skipping: {name} backend unavailable: {why}");
-            None
-        }
-    }
-}
-
 pub fn rng(seed: u64) -> SeqRng {
     SeqRng::new(seed, 77)
 }

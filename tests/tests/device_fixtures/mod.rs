@@ -29,21 +29,6 @@ macro_rules! family_tests {
     };
 }
 
-/// The backend named `name`, or `None` after printing why it cannot run here; panics instead when
-/// `MOE_REQUIRE_GPU` names it.
-pub fn or_skip<B: Clone>(name: &str, opened: &Result<B, String>) -> Option<B> {
-    match opened {
-        Ok(b) => Some(b.clone()),
-        Err(why) => {
-            if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == name) {
-                panic!("MOE_REQUIRE_GPU={name} but the {name} backend is unavailable: {why}");
-            }
-            eprintln!("skipping: {name} backend unavailable: {why}");
-            None
-        }
-    }
-}
-
 /// The fixtures folder: `MOE_FIXTURES` when set (test binaries carried to a GPU machine), else this crate's.
 pub fn fixtures() -> PathBuf {
     std::env::var_os("MOE_FIXTURES")
