@@ -68,9 +68,9 @@ pub(crate) fn check_or_route(
     native: bool,
 ) -> Result<Option<Routing>, MoeError> {
     if !native {
-        return crate::cpu::route_checked(layer, input).map(Some);
+        return layer.route(input).map(Some);
     }
-    crate::cpu::check_width(layer, input)?;
+    layer.check_width(input)?;
     input.validate(Some(layer.d_model()))?;
     Ok(None)
 }

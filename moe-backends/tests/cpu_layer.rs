@@ -256,50 +256,52 @@ fn naive_expert(bank: &ExpertBank, e: usize, x: &[f32]) -> Vec<f64> {
     let d = x.len();
     match bank {
         ExpertBank::SwiGlu(b) => {
-            let f = b.down.dim().2;
+            let f = b.down().dim().2;
             let h: Vec<f64> = (0..f)
                 .map(|j| {
                     let g: f64 = (0..d)
-                        .map(|i| b.gate_up[[e, j, i]] as f64 * x[i] as f64)
+                        .map(|i| b.gate_up()[[e, j, i]] as f64 * x[i] as f64)
                         .sum();
                     let u: f64 = (0..d)
-                        .map(|i| b.gate_up[[e, f + j, i]] as f64 * x[i] as f64)
+                        .map(|i| b.gate_up()[[e, f + j, i]] as f64 * x[i] as f64)
                         .sum();
                     silu(g) * u
                 })
                 .collect();
             (0..d)
-                .map(|o| (0..f).map(|j| b.down[[e, o, j]] as f64 * h[j]).sum())
+                .map(|o| (0..f).map(|j| b.down()[[e, o, j]] as f64 * h[j]).sum())
                 .collect()
         }
         ExpertBank::GptOss(b) => {
-            let f = b.down.dim().1;
+            let f = b.down().dim().1;
             let h: Vec<f64> = (0..f)
                 .map(|j| {
                     let z = |c: usize| -> f64 {
                         (0..d)
-                            .map(|i| x[i] as f64 * b.gate_up[[e, i, c]] as f64)
+                            .map(|i| x[i] as f64 * b.gate_up()[[e, i, c]] as f64)
                             .sum::<f64>()
-                            + b.gate_up_bias[[e, c]] as f64
+                            + b.gate_up_bias()[[e, c]] as f64
                     };
-                    let g = z(2 * j).min(b.limit as f64);
-                    let u = z(2 * j + 1).clamp(-(b.limit as f64), b.limit as f64);
-                    (u + 1.0) * g / (1.0 + (-(g * b.alpha as f64)).exp())
+                    let g = z(2 * j).min(b.limit() as f64);
+                    let u = z(2 * j + 1).clamp(-(b.limit() as f64), b.limit() as f64);
+                    (u + 1.0) * g / (1.0 + (-(g * b.alpha() as f64)).exp())
                 })
                 .collect();
             (0..d)
                 .map(|o| {
-                    (0..f).map(|j| h[j] * b.down[[e, j, o]] as f64).sum::<f64>()
-                        + b.down_bias[[e, o]] as f64
+                    (0..f)
+                        .map(|j| h[j] * b.down()[[e, j, o]] as f64)
+                        .sum::<f64>()
+                        + b.down_bias()[[e, o]] as f64
                 })
                 .collect()
         }
         ExpertBank::Mlp(b) => {
-            let f = b.w1.dim().1;
+            let f = b.w1().dim().1;
             let h: Vec<f64> = (0..f)
                 .map(|j| {
-                    let mut v: f64 = (0..d).map(|i| b.w1[[e, j, i]] as f64 * x[i] as f64).sum();
-                    if let Some(b1) = &b.b1 {
+                    let mut v: f64 = (0..d).map(|i| b.w1()[[e, j, i]] as f64 * x[i] as f64).sum();
+                    if let Some(b1) = b.b1() {
                         v += b1[[e, j]] as f64;
                     }
                     v.max(0.0)
@@ -307,8 +309,8 @@ fn naive_expert(bank: &ExpertBank, e: usize, x: &[f32]) -> Vec<f64> {
                 .collect();
             (0..d)
                 .map(|o| {
-                    let mut v: f64 = (0..f).map(|j| b.w2[[e, o, j]] as f64 * h[j]).sum();
-                    if let Some(b2) = &b.b2 {
+                    let mut v: f64 = (0..f).map(|j| b.w2()[[e, o, j]] as f64 * h[j]).sum();
+                    if let Some(b2) = b.b2() {
                         v += b2[[e, o]] as f64;
                     }
                     v

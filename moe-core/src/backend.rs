@@ -7,7 +7,7 @@ use ndarray::Array2;
 
 use crate::error::MoeError;
 use crate::layer::MoeLayer;
-use crate::router::RouterInput;
+use crate::router::{Router, RouterInput};
 use crate::routing::Routing;
 
 /// Where the routing of a forward was computed.
@@ -69,6 +69,15 @@ pub trait DeviceLayer: Send {
     /// # Errors
     /// Routing errors (bad width, NaN naming the token, `k > E`), expert errors; `T = 0` gives an empty output.
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError>;
+
+    /// Replaces the router of the resident layer, keeping the uploaded experts: several routers run on one
+    /// resident bank without uploading it again (`moe compare`). The router must fit the layer
+    /// ([`MoeLayer::set_router`]).
+    ///
+    /// # Errors
+    /// [`MoeError::Mismatch`] for a router of another `E` or `d`; a device error while uploading the router's own
+    /// parameters.
+    fn set_router(&mut self, router: Box<dyn Router>) -> Result<(), MoeError>;
 
     /// Times `repeats` forwards of `input` by the device's own clock, in milliseconds each, with the input copied
     /// to the device once beforehand and the output left there (CUDA events on a GPU). `Ok(None)`, the default,

@@ -4,6 +4,7 @@
 use ndarray::{Array1, Array2, Array3, ArrayView2};
 
 use crate::error::MoeError;
+use crate::params::{Param, ParamMut};
 
 /// A custom expert: maps `[n, d]` rows to `[n, d]` rows. Backends run custom experts on the host.
 pub trait Expert: dyn_clone::DynClone + Send + Sync + std::fmt::Debug {
@@ -39,14 +40,29 @@ pub enum Activation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SwiGluBank {
     /// `[E, 2f, d]`.
-    pub gate_up: Array3<f32>,
+    gate_up: Array3<f32>,
     /// `[E, d, f]`.
-    pub down: Array3<f32>,
+    down: Array3<f32>,
     /// Gate activation (SiLU for SwiGLU).
-    pub act: Activation,
+    act: Activation,
 }
 
 impl SwiGluBank {
+    /// Fused gate and up projections `[E, 2f, d]` (first half gate, second half up).
+    pub fn gate_up(&self) -> &Array3<f32> {
+        &self.gate_up
+    }
+
+    /// Down projections `[E, d, f]`.
+    pub fn down(&self) -> &Array3<f32> {
+        &self.down
+    }
+
+    /// Gate activation (SiLU for SwiGLU).
+    pub fn act(&self) -> Activation {
+        self.act
+    }
+
     /// Checks shapes: `gate_up [E, 2f, d]`, `down [E, d, f]`.
     ///
     /// # Errors
@@ -78,20 +94,50 @@ impl SwiGluBank {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GptOssBank {
     /// `[E, d, 2f]` (applied as `x · W`).
-    pub gate_up: Array3<f32>,
+    gate_up: Array3<f32>,
     /// `[E, 2f]`.
-    pub gate_up_bias: Array2<f32>,
+    gate_up_bias: Array2<f32>,
     /// `[E, f, d]` (applied as `h · W`).
-    pub down: Array3<f32>,
+    down: Array3<f32>,
     /// `[E, d]`.
-    pub down_bias: Array2<f32>,
+    down_bias: Array2<f32>,
     /// Sigmoid slope (1.702).
-    pub alpha: f32,
+    alpha: f32,
     /// Clamp limit (7.0 in the released models).
-    pub limit: f32,
+    limit: f32,
 }
 
 impl GptOssBank {
+    /// Gate and up projections `[E, d, 2f]`, interleaved (even columns gate, odd up), applied as `x · W`.
+    pub fn gate_up(&self) -> &Array3<f32> {
+        &self.gate_up
+    }
+
+    /// Gate and up biases `[E, 2f]`, interleaved like [`GptOssBank::gate_up`].
+    pub fn gate_up_bias(&self) -> &Array2<f32> {
+        &self.gate_up_bias
+    }
+
+    /// Down projections `[E, f, d]`, applied as `h · W`.
+    pub fn down(&self) -> &Array3<f32> {
+        &self.down
+    }
+
+    /// Down biases `[E, d]`.
+    pub fn down_bias(&self) -> &Array2<f32> {
+        &self.down_bias
+    }
+
+    /// Sigmoid slope `alpha` (1.702).
+    pub fn alpha(&self) -> f32 {
+        self.alpha
+    }
+
+    /// Clamp limit (7.0 in the released models).
+    pub fn limit(&self) -> f32 {
+        self.limit
+    }
+
     /// Checks shapes.
     ///
     /// # Errors
@@ -156,18 +202,43 @@ impl GptOssBank {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MlpBank {
     /// `[E, f, d]`.
-    pub w1: Array3<f32>,
+    w1: Array3<f32>,
     /// Optional `[E, f]`.
-    pub b1: Option<Array2<f32>>,
+    b1: Option<Array2<f32>>,
     /// `[E, d, f]`.
-    pub w2: Array3<f32>,
+    w2: Array3<f32>,
     /// Optional `[E, d]`.
-    pub b2: Option<Array2<f32>>,
+    b2: Option<Array2<f32>>,
     /// Hidden activation.
-    pub act: Activation,
+    act: Activation,
 }
 
 impl MlpBank {
+    /// First projections `[E, f, d]`.
+    pub fn w1(&self) -> &Array3<f32> {
+        &self.w1
+    }
+
+    /// First biases `[E, f]`, if any.
+    pub fn b1(&self) -> Option<&Array2<f32>> {
+        self.b1.as_ref()
+    }
+
+    /// Second projections `[E, d, f]`.
+    pub fn w2(&self) -> &Array3<f32> {
+        &self.w2
+    }
+
+    /// Second biases `[E, d]`, if any.
+    pub fn b2(&self) -> Option<&Array2<f32>> {
+        self.b2.as_ref()
+    }
+
+    /// Hidden activation.
+    pub fn act(&self) -> Activation {
+        self.act
+    }
+
     /// Checks shapes.
     ///
     /// # Errors
@@ -226,14 +297,29 @@ impl MlpBank {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerBank {
     /// Down projections `[N, d]`.
-    pub u: Array2<f32>,
+    u: Array2<f32>,
     /// Up projections `[N, d]`.
-    pub v: Array2<f32>,
+    v: Array2<f32>,
     /// Activation (GELU in the paper).
-    pub act: Activation,
+    act: Activation,
 }
 
 impl PeerBank {
+    /// Down projections `[N, d]`.
+    pub fn u(&self) -> &Array2<f32> {
+        &self.u
+    }
+
+    /// Up projections `[N, d]`.
+    pub fn v(&self) -> &Array2<f32> {
+        &self.v
+    }
+
+    /// Activation (GELU in the paper).
+    pub fn act(&self) -> Activation {
+        self.act
+    }
+
     /// Checks shapes.
     ///
     /// # Errors
@@ -311,6 +397,70 @@ impl ExpertBank {
         }
     }
 
+    /// Named views of the bank's tensors, in a fixed order: SwiGLU `gate_up` `[E, 2f, d]`, `down` `[E, d, f]`;
+    /// GPT-OSS `gate_up` `[E, d, 2f]`, `gate_up_bias` `[E, 2f]`, `down` `[E, f, d]`, `down_bias` `[E, d]`; MLP
+    /// `w1` `[E, f, d]`, `b1` `[E, f]`, `w2` `[E, d, f]`, `b2` `[E, d]` (biases where present); PEER `u`, `v`
+    /// `[N, d]`. Custom experts list none.
+    pub fn params(&self) -> Vec<Param<'_>> {
+        match self {
+            ExpertBank::SwiGlu(b) => vec![
+                Param::new("gate_up", b.gate_up.view()),
+                Param::new("down", b.down.view()),
+            ],
+            ExpertBank::GptOss(b) => vec![
+                Param::new("gate_up", b.gate_up.view()),
+                Param::new("gate_up_bias", b.gate_up_bias.view()),
+                Param::new("down", b.down.view()),
+                Param::new("down_bias", b.down_bias.view()),
+            ],
+            ExpertBank::Mlp(b) => {
+                let mut v = vec![Param::new("w1", b.w1.view())];
+                if let Some(b1) = &b.b1 {
+                    v.push(Param::new("b1", b1.view()));
+                }
+                v.push(Param::new("w2", b.w2.view()));
+                if let Some(b2) = &b.b2 {
+                    v.push(Param::new("b2", b2.view()));
+                }
+                v
+            }
+            ExpertBank::Peer(b) => vec![Param::new("u", b.u.view()), Param::new("v", b.v.view())],
+            ExpertBank::Custom(_) => Vec::new(),
+        }
+    }
+
+    /// Mutable named views of the bank's tensors, as [`ExpertBank::params`].
+    pub fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        match self {
+            ExpertBank::SwiGlu(b) => vec![
+                ParamMut::new("gate_up", b.gate_up.view_mut()),
+                ParamMut::new("down", b.down.view_mut()),
+            ],
+            ExpertBank::GptOss(b) => vec![
+                ParamMut::new("gate_up", b.gate_up.view_mut()),
+                ParamMut::new("gate_up_bias", b.gate_up_bias.view_mut()),
+                ParamMut::new("down", b.down.view_mut()),
+                ParamMut::new("down_bias", b.down_bias.view_mut()),
+            ],
+            ExpertBank::Mlp(b) => {
+                let mut v = vec![ParamMut::new("w1", b.w1.view_mut())];
+                if let Some(b1) = &mut b.b1 {
+                    v.push(ParamMut::new("b1", b1.view_mut()));
+                }
+                v.push(ParamMut::new("w2", b.w2.view_mut()));
+                if let Some(b2) = &mut b.b2 {
+                    v.push(ParamMut::new("b2", b2.view_mut()));
+                }
+                v
+            }
+            ExpertBank::Peer(b) => vec![
+                ParamMut::new("u", b.u.view_mut()),
+                ParamMut::new("v", b.v.view_mut()),
+            ],
+            ExpertBank::Custom(_) => Vec::new(),
+        }
+    }
+
     /// Number of experts `E`.
     pub fn n_experts(&self) -> usize {
         match self {
@@ -375,12 +525,45 @@ impl ExpertBank {
 #[derive(Debug, Clone)]
 pub struct SharedExperts {
     /// A bank of exactly one expert (several shared experts are one wider expert).
-    pub bank: ExpertBank,
+    bank: ExpertBank,
     /// Optional gate vector `[d]` (Qwen2-MoE `shared_expert_gate.weight` row).
-    pub gate: Option<Array1<f32>>,
+    gate: Option<Array1<f32>>,
 }
 
 impl SharedExperts {
+    /// The bank of one expert.
+    pub fn bank(&self) -> &ExpertBank {
+        &self.bank
+    }
+
+    /// The gate vector `[d]`, if any.
+    pub fn gate(&self) -> Option<&Array1<f32>> {
+        self.gate.as_ref()
+    }
+
+    /// Named views of its tensors: the bank's (see [`ExpertBank::params`]) and `gate` `[d]`.
+    pub fn params(&self) -> Vec<Param<'_>> {
+        let mut v = self.bank.params();
+        if let Some(g) = &self.gate {
+            v.push(Param::new("gate", g.view()));
+        }
+        v
+    }
+
+    /// Mutable named views of its tensors, as [`SharedExperts::params`].
+    pub fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        let mut v = self.bank.params_mut();
+        if let Some(g) = &mut self.gate {
+            v.push(ParamMut::new("gate", g.view_mut()));
+        }
+        v
+    }
+
+    /// Moves the bank's weights to `bytes`-aligned allocations ([`ExpertBank::align_weights`]).
+    pub fn align_weights(&mut self, bytes: usize) {
+        self.bank.align_weights(bytes);
+    }
+
     /// Checks that the bank holds one expert and the gate has width `d`.
     ///
     /// # Errors

@@ -48,12 +48,19 @@
 //! - `testing`: `testing::check_router`, the conformance suite for routers (plugin authors enable it in their
 //!   dev-dependencies).
 
+// What a plugin's signatures need, at the versions moe-core uses: a plugin depends on moe-core alone.
+pub use ndarray;
+pub use serde;
+pub use serde_json;
+
 pub mod backend;
 pub mod error;
 pub mod expert;
+pub mod kit;
 pub mod layer;
 pub mod loss;
 pub mod math;
+pub mod params;
 pub mod registry;
 pub mod rng;
 pub mod router;
@@ -68,8 +75,10 @@ pub use error::{MoeError, check_finite};
 pub use expert::{
     Activation, Expert, ExpertBank, GptOssBank, MlpBank, PeerBank, SharedExperts, SwiGluBank,
 };
+pub use kit::KEEP_LOGITS_MAX_EXPERTS;
 pub use layer::MoeLayer;
 pub use loss::{AuxLoss, AuxLossKind, LbNorm};
+pub use params::{Param, ParamMut};
 pub use registry::{OptionDoc, RouterArgs, RouterEntry, RouterFactory, RouterRegistry};
 pub use router::{
     DropPolicy, GroupLimit, Mode, Router, RouterInput, RouterSpec, ScoreFn, SwitchSpec, TopKOrder,

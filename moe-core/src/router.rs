@@ -4,6 +4,7 @@
 use ndarray::{Array1, Array2, ArrayView2};
 
 use crate::error::{MoeError, check_finite};
+use crate::params::{Param, ParamMut};
 use crate::routing::Routing;
 
 /// Whether the layer runs for training (noise, jitter, seeded) or inference.
@@ -170,6 +171,18 @@ pub trait Router: dyn_clone::DynClone + Send + Sync + std::fmt::Debug {
     /// [`Router::route`] on the host.
     fn spec(&self) -> Option<RouterSpec> {
         None
+    }
+
+    /// Named views of the router's parameters (`gate` `[E, d]`, biases, noise matrices, keys); the default is
+    /// none. A router that lists its parameters can be trained and checkpointed through
+    /// [`MoeLayer::params`](crate::layer::MoeLayer::params).
+    fn params(&self) -> Vec<Param<'_>> {
+        Vec::new()
+    }
+
+    /// Mutable views of the same parameters, in the same order as [`Router::params`].
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        Vec::new()
     }
 }
 

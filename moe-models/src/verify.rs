@@ -263,9 +263,9 @@ pub fn verify_case(dir: &Path, case: &ManifestCase) -> Result<CaseReport, LoadEr
             "shared_expert_output" | "shared_expert_gate_logit" => match layer.shared() {
                 Some(sh) => {
                     if short == "shared_expert_output" {
-                        let y = expert_forward(&sh.bank, 0, x.view()).map_err(run_err)?;
+                        let y = expert_forward(sh.bank(), 0, x.view()).map_err(run_err)?;
                         rep.dense(short, y.view())?;
-                    } else if let Some(g) = &sh.gate {
+                    } else if let Some(g) = sh.gate() {
                         let l = x.dot(g).insert_axis(ndarray::Axis(1));
                         rep.dense(short, l.view())?;
                     } else {

@@ -45,51 +45,51 @@ pub fn expert_forward(
     }
     let y = match bank {
         ExpertBank::SwiGlu(b) => {
-            let f = b.down.dim().2;
-            let gu = x.dot(&b.gate_up.index_axis(Axis(0), e).t());
+            let f = b.down().dim().2;
+            let gu = x.dot(&b.gate_up().index_axis(Axis(0), e).t());
             let mut h = Array2::<f32>::zeros((n, f));
             for ((mut hr, gr), _) in h.outer_iter_mut().zip(gu.outer_iter()).zip(0..n) {
                 for j in 0..f {
-                    hr[j] = activate(b.act, gr[j]) * gr[f + j];
+                    hr[j] = activate(b.act(), gr[j]) * gr[f + j];
                 }
             }
-            h.dot(&b.down.index_axis(Axis(0), e).t())
+            h.dot(&b.down().index_axis(Axis(0), e).t())
         }
         ExpertBank::GptOss(b) => {
-            let f = b.down.dim().1;
-            let mut z = x.dot(&b.gate_up.index_axis(Axis(0), e));
-            z += &b.gate_up_bias.row(e);
+            let f = b.down().dim().1;
+            let mut z = x.dot(&b.gate_up().index_axis(Axis(0), e));
+            z += &b.gate_up_bias().row(e);
             let mut h = Array2::<f32>::zeros((n, f));
             for (mut hr, zr) in h.outer_iter_mut().zip(z.outer_iter()) {
                 for j in 0..f {
-                    let g = zr[2 * j].min(b.limit);
-                    let u = zr[2 * j + 1].clamp(-b.limit, b.limit);
-                    let glu = g / (1.0 + (-(g * b.alpha)).exp());
+                    let g = zr[2 * j].min(b.limit());
+                    let u = zr[2 * j + 1].clamp(-b.limit(), b.limit());
+                    let glu = g / (1.0 + (-(g * b.alpha())).exp());
                     hr[j] = (u + 1.0) * glu;
                 }
             }
-            let mut y = h.dot(&b.down.index_axis(Axis(0), e));
-            y += &b.down_bias.row(e);
+            let mut y = h.dot(&b.down().index_axis(Axis(0), e));
+            y += &b.down_bias().row(e);
             y
         }
         ExpertBank::Mlp(b) => {
-            let mut h = x.dot(&b.w1.index_axis(Axis(0), e).t());
-            if let Some(b1) = &b.b1 {
+            let mut h = x.dot(&b.w1().index_axis(Axis(0), e).t());
+            if let Some(b1) = b.b1() {
                 h += &b1.row(e);
             }
-            h.mapv_inplace(|v| activate(b.act, v));
-            let mut y = h.dot(&b.w2.index_axis(Axis(0), e).t());
-            if let Some(b2) = &b.b2 {
+            h.mapv_inplace(|v| activate(b.act(), v));
+            let mut y = h.dot(&b.w2().index_axis(Axis(0), e).t());
+            if let Some(b2) = b.b2() {
                 y += &b2.row(e);
             }
             y
         }
         ExpertBank::Peer(b) => {
-            let u = b.u.row(e);
-            let v = b.v.row(e);
+            let u = b.u().row(e);
+            let v = b.v().row(e);
             let mut y = Array2::<f32>::zeros((n, d));
             for (mut yr, xr) in y.outer_iter_mut().zip(x.outer_iter()) {
-                let a = activate(b.act, xr.dot(&u));
+                let a = activate(b.act(), xr.dot(&u));
                 yr.assign(&v.mapv(|vv| a * vv));
             }
             y

@@ -86,9 +86,9 @@ fn block_cols(max_rows: usize, hidden: bool) -> usize {
 /// take the reference path.
 pub(crate) fn supports(bank: &ExpertBank) -> bool {
     match bank {
-        ExpertBank::SwiGlu(b) => b.gate_up.is_standard_layout() && b.down.is_standard_layout(),
-        ExpertBank::GptOss(b) => b.gate_up.is_standard_layout() && b.down.is_standard_layout(),
-        ExpertBank::Mlp(b) => b.w1.is_standard_layout() && b.w2.is_standard_layout(),
+        ExpertBank::SwiGlu(b) => b.gate_up().is_standard_layout() && b.down().is_standard_layout(),
+        ExpertBank::GptOss(b) => b.gate_up().is_standard_layout() && b.down().is_standard_layout(),
+        ExpertBank::Mlp(b) => b.w1().is_standard_layout() && b.w2().is_standard_layout(),
         _ => false,
     }
 }
@@ -159,9 +159,9 @@ pub(crate) fn run_bank(
             let e = experts[g] as usize;
             let a = &h[offsets[g] * f..offsets[g + 1] * f];
             let (w, bias) = match bank {
-                ExpertBank::SwiGlu(b) => (expert_weights(&b.down, e, f, 1)?, None),
-                ExpertBank::Mlp(b) => (expert_weights(&b.w2, e, f, 1)?, b.b2.as_ref()),
-                ExpertBank::GptOss(b) => (expert_weights(&b.down, e, 1, d)?, Some(&b.down_bias)),
+                ExpertBank::SwiGlu(b) => (expert_weights(b.down(), e, f, 1)?, None),
+                ExpertBank::Mlp(b) => (expert_weights(b.w2(), e, f, 1)?, b.b2()),
+                ExpertBank::GptOss(b) => (expert_weights(b.down(), e, 1, d)?, Some(b.down_bias())),
                 _ => return Err(unsupported(bank)),
             };
             tile.matmul(a, f, f, w, col0)?;
@@ -192,18 +192,18 @@ fn hidden_tile(
     let w = tile.width();
     match bank {
         ExpertBank::Mlp(b) => {
-            tile.matmul(a, d, d, expert_weights(&b.w1, e, d, 1)?, col0)?;
-            let bias = b.b1.as_ref().map(|b1| b1.row(e));
+            tile.matmul(a, d, d, expert_weights(b.w1(), e, d, 1)?, col0)?;
+            let bias = b.b1().map(|b1| b1.row(e));
             for i in 0..rows {
                 for (j, v) in tile.row_mut(i).iter_mut().enumerate() {
                     let z = bias.as_ref().map_or(*v, |bb| *v + bb[col0 + j]);
-                    *v = activate(b.act, z);
+                    *v = activate(b.act(), z);
                 }
             }
             Ok(())
         }
         ExpertBank::SwiGlu(b) => {
-            let gu = expert_weights(&b.gate_up, e, d, 1)?;
+            let gu = expert_weights(b.gate_up(), e, d, 1)?;
             with_scratch(rows * 2 * w, |s| {
                 // Gate columns to s[:, ..w], up columns (f further on in gate_up) to s[:, w..].
                 Tile::from_slice(s, rows, w, 2 * w)?.matmul(a, d, d, gu, col0)?;
@@ -211,7 +211,7 @@ fn hidden_tile(
                 for i in 0..rows {
                     let (g, u) = s[i * 2 * w..(i + 1) * 2 * w].split_at(w);
                     for ((hv, &gv), &uv) in tile.row_mut(i).iter_mut().zip(g).zip(u) {
-                        *hv = activate(b.act, gv) * uv;
+                        *hv = activate(b.act(), gv) * uv;
                     }
                 }
                 Ok(())
@@ -219,16 +219,17 @@ fn hidden_tile(
         }
         ExpertBank::GptOss(b) => {
             // gate_up [E, d, 2f] applied as x · W: interleaved (gate, up) pairs, columns 2·col0.. of the product.
-            let gu = expert_weights(&b.gate_up, e, 1, 2 * f)?;
-            let bias = b.gate_up_bias.row(e);
+            let gu = expert_weights(b.gate_up(), e, 1, 2 * f)?;
+            let bias = b.gate_up_bias().row(e);
             with_scratch(rows * 2 * w, |s| {
                 Tile::from_slice(s, rows, 2 * w, 2 * w)?.matmul(a, d, d, gu, 2 * col0)?;
                 for i in 0..rows {
                     let z = &s[i * 2 * w..(i + 1) * 2 * w];
                     for (j, hv) in tile.row_mut(i).iter_mut().enumerate() {
-                        let g = (z[2 * j] + bias[2 * (col0 + j)]).min(b.limit);
-                        let u = (z[2 * j + 1] + bias[2 * (col0 + j) + 1]).clamp(-b.limit, b.limit);
-                        let glu = g / (1.0 + (-(g * b.alpha)).exp());
+                        let g = (z[2 * j] + bias[2 * (col0 + j)]).min(b.limit());
+                        let u =
+                            (z[2 * j + 1] + bias[2 * (col0 + j) + 1]).clamp(-b.limit(), b.limit());
+                        let glu = g / (1.0 + (-(g * b.alpha())).exp());
                         *hv = (u + 1.0) * glu;
                     }
                 }

@@ -22,8 +22,8 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 use moe_core::{
-    Backend, Capabilities, DeviceLayer, LayerOutput, MoeError, MoeLayer, RouterInput, RouterPath,
-    Routing,
+    Backend, Capabilities, DeviceLayer, LayerOutput, MoeError, MoeLayer, Router, RouterInput,
+    RouterPath, Routing,
 };
 
 use grouped::Workspace;
@@ -107,6 +107,11 @@ impl DeviceLayer for CpuLayer {
         &self.layer
     }
 
+    fn set_router(&mut self, router: Box<dyn Router>) -> Result<(), MoeError> {
+        // The layer's banks sit behind their own `Arc`s, so a shared layer is copied without its weights.
+        Arc::make_mut(&mut self.layer).set_router(router)
+    }
+
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         let (layer, ws) = (&self.layer, &mut self.ws);
         match &self.pool {
@@ -114,42 +119,6 @@ impl DeviceLayer for CpuLayer {
             None => forward(layer, input, ws),
         }
     }
-}
-
-/// Checks that `input` has the layer's width.
-pub(crate) fn check_width(layer: &MoeLayer, input: &RouterInput<'_>) -> Result<(), MoeError> {
-    let (t, d) = input.hidden.dim();
-    if d != layer.d_model() {
-        return Err(MoeError::shape(
-            "hidden",
-            format!("[T, {}]", layer.d_model()),
-            &[t, d],
-        ));
-    }
-    Ok(())
-}
-
-/// Routes `input` and checks the plan's size against the layer.
-pub(crate) fn route_checked(
-    layer: &MoeLayer,
-    input: &RouterInput<'_>,
-) -> Result<Routing, MoeError> {
-    check_width(layer, input)?;
-    let t = input.hidden.nrows();
-    let routing = layer.router().route(input)?;
-    if routing.n_tokens() != t || routing.n_experts() != layer.n_experts() {
-        return Err(MoeError::mismatch(
-            format!(
-                "router {} returned a plan of the wrong size",
-                layer.router().name()
-            ),
-            "plan tokens x experts",
-            routing.n_tokens() * routing.n_experts(),
-            "input tokens x layer experts",
-            t * layer.n_experts(),
-        ));
-    }
-    Ok(routing)
 }
 
 /// One fast forward of `layer` on `input`, reusing `ws`.
@@ -161,7 +130,7 @@ fn forward(
     if !grouped::supports(layer.experts()) {
         return reference_forward(layer, input);
     }
-    let routing = route_checked(layer, input)?;
+    let routing = layer.route(input)?;
     let (t, d) = input.hidden.dim();
     let rows = routing.n_slots();
     let offsets = routing.offsets();
@@ -198,7 +167,7 @@ fn forward(
         layer.output_scale(),
     )?;
     if let Some(shared) = layer.shared() {
-        if grouped::supports(&shared.bank) {
+        if grouped::supports(shared.bank()) {
             // The shared expert is one more group holding every token; the routed experts' buffers are free now.
             // A contiguous input is read in place; any other layout is copied into the row workspace first.
             let x = match input.hidden.as_slice() {
@@ -212,13 +181,13 @@ fn forward(
                 }
             };
             let y = ws.y.get_mut(t * d);
-            grouped::run_bank(&shared.bank, &[0], &[0, t], x, &mut ws.h, y)?;
+            grouped::run_bank(shared.bank(), &[0], &[0, t], x, &mut ws.h, y)?;
             let ys = ndarray::ArrayView2::from_shape((t, d), ws.y.get(t * d))
                 .map_err(|e| internal(&e.to_string()))?;
-            combine::add_shared(&mut output, input.hidden, ys, shared.gate.as_ref());
+            combine::add_shared(&mut output, input.hidden, ys, shared.gate());
         } else {
-            let ys = expert_forward(&shared.bank, 0, input.hidden)?;
-            combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate.as_ref());
+            let ys = expert_forward(shared.bank(), 0, input.hidden)?;
+            combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate());
         }
     }
     Ok(finish(layer, output, routing))
@@ -245,7 +214,7 @@ pub fn reference_forward(
     layer: &MoeLayer,
     input: &RouterInput<'_>,
 ) -> Result<LayerOutput, MoeError> {
-    let routing = route_checked(layer, input)?;
+    let routing = layer.route(input)?;
     let (t, d) = input.hidden.dim();
     // Expert outputs per slot, expert-major: each active expert owns a contiguous block of rows.
     let mut slot_out = Array2::<f32>::zeros((routing.n_slots(), d));
@@ -286,8 +255,8 @@ pub fn reference_forward(
         layer.output_scale(),
     )?;
     if let Some(shared) = layer.shared() {
-        let ys = expert_forward(&shared.bank, 0, input.hidden)?;
-        combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate.as_ref());
+        let ys = expert_forward(shared.bank(), 0, input.hidden)?;
+        combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate());
     }
     Ok(finish(layer, output, routing))
 }

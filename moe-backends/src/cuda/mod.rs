@@ -415,11 +415,8 @@ impl CudaLayer {
         let bank = DevBank::upload(&gpu, layer.experts(), dtype, "routed")?;
         let shared = match layer.shared() {
             Some(s) => Some((
-                DevBank::upload(&gpu, &s.bank, dtype, "shared")?,
-                s.gate
-                    .as_ref()
-                    .map(|g| gpu.upload(&g.to_vec()))
-                    .transpose()?,
+                DevBank::upload(&gpu, s.bank(), dtype, "shared")?,
+                s.gate().map(|g| gpu.upload(&g.to_vec())).transpose()?,
             )),
             None => None,
         };
@@ -803,6 +800,13 @@ impl DeviceLayer for CudaLayer {
 
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         self.forward_impl(input)
+    }
+
+    fn set_router(&mut self, router: Box<dyn moe_core::Router>) -> Result<(), MoeError> {
+        let mut layer = (*self.layer).clone();
+        layer.set_router(router)?;
+        *self = CudaLayer::build(Arc::clone(&self.gpu), Arc::new(layer), self.dtype)?;
+        Ok(())
     }
 
     fn device_times(

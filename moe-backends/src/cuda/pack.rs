@@ -86,17 +86,17 @@ pub(crate) fn pack(bank: &ExpertBank) -> Result<PackedBank, String> {
             n_experts: e,
             d,
             f,
-            up: values(&b.gate_up),
+            up: values(b.gate_up()),
             up_bias: None,
-            down: values(&b.down),
+            down: values(b.down()),
             down_bias: None,
-            act: act_code(b.act),
+            act: act_code(b.act()),
             alpha: 0.0,
             limit: 0.0,
         },
         ExpertBank::GptOss(b) => {
             // gate_up [E, d, 2f] → [E, 2f, d] → rows de-interleaved: [E, (gate f, up f), d].
-            let t = transpose_experts(&b.gate_up);
+            let t = transpose_experts(b.gate_up());
             let mut up = Vec::with_capacity(t.len());
             for ex in t.chunks(2 * f * d) {
                 for j in (0..2 * f).step_by(2) {
@@ -112,13 +112,13 @@ pub(crate) fn pack(bank: &ExpertBank) -> Result<PackedBank, String> {
                 d,
                 f,
                 up,
-                up_bias: Some(deinterleave_rows(&values(&b.gate_up_bias), f)),
+                up_bias: Some(deinterleave_rows(&values(b.gate_up_bias()), f)),
                 // down [E, f, d] → [E, d, f].
-                down: transpose_experts(&b.down),
-                down_bias: Some(values(&b.down_bias)),
+                down: transpose_experts(b.down()),
+                down_bias: Some(values(b.down_bias())),
                 act: 0,
-                alpha: b.alpha,
-                limit: b.limit,
+                alpha: b.alpha(),
+                limit: b.limit(),
             }
         }
         ExpertBank::Mlp(b) => PackedBank {
@@ -126,11 +126,11 @@ pub(crate) fn pack(bank: &ExpertBank) -> Result<PackedBank, String> {
             n_experts: e,
             d,
             f,
-            up: values(&b.w1),
-            up_bias: b.b1.as_ref().map(values::<ndarray::Ix2>),
-            down: values(&b.w2),
-            down_bias: b.b2.as_ref().map(values::<ndarray::Ix2>),
-            act: act_code(b.act),
+            up: values(b.w1()),
+            up_bias: b.b1().map(values::<ndarray::Ix2>),
+            down: values(b.w2()),
+            down_bias: b.b2().map(values::<ndarray::Ix2>),
+            act: act_code(b.act()),
             alpha: 0.0,
             limit: 0.0,
         },

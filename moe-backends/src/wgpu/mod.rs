@@ -225,9 +225,9 @@ impl DeviceBank {
         let (kind, act, up, down, up_bias, down_bias, alpha, limit) = match bank {
             ExpertBank::SwiGlu(b) => (
                 Kind::SwiGlu,
-                act_code(b.act),
-                upload_chunks(ctx, "experts.gate_up_proj", &values(&b.gate_up), e)?,
-                upload_chunks(ctx, "experts.down_proj", &values(&b.down), e)?,
+                act_code(b.act()),
+                upload_chunks(ctx, "experts.gate_up_proj", &values(b.gate_up()), e)?,
+                upload_chunks(ctx, "experts.down_proj", &values(b.down()), e)?,
                 None,
                 None,
                 0.0,
@@ -236,20 +236,20 @@ impl DeviceBank {
             ExpertBank::GptOss(b) => (
                 Kind::GptOss,
                 0,
-                upload_chunks(ctx, "experts.gate_up_proj", &values(&b.gate_up), e)?,
-                upload_chunks(ctx, "experts.down_proj", &values(&b.down), e)?,
-                bias("experts.gate_up_proj_bias", Some(&b.gate_up_bias))?,
-                bias("experts.down_proj_bias", Some(&b.down_bias))?,
-                b.alpha,
-                b.limit,
+                upload_chunks(ctx, "experts.gate_up_proj", &values(b.gate_up()), e)?,
+                upload_chunks(ctx, "experts.down_proj", &values(b.down()), e)?,
+                bias("experts.gate_up_proj_bias", Some(b.gate_up_bias()))?,
+                bias("experts.down_proj_bias", Some(b.down_bias()))?,
+                b.alpha(),
+                b.limit(),
             ),
             ExpertBank::Mlp(b) => (
                 Kind::Mlp,
-                act_code(b.act),
-                upload_chunks(ctx, "experts.w1", &values(&b.w1), e)?,
-                upload_chunks(ctx, "experts.w2", &values(&b.w2), e)?,
-                bias("experts.b1", b.b1.as_ref())?,
-                bias("experts.b2", b.b2.as_ref())?,
+                act_code(b.act()),
+                upload_chunks(ctx, "experts.w1", &values(b.w1()), e)?,
+                upload_chunks(ctx, "experts.w2", &values(b.w2()), e)?,
+                bias("experts.b1", b.b1())?,
+                bias("experts.b2", b.b2())?,
                 0.0,
                 0.0,
             ),
@@ -298,10 +298,9 @@ impl WgpuLayer {
         let bank = DeviceBank::upload(ctx, layer.experts(), "routed")?;
         let shared = match layer.shared() {
             Some(s) => {
-                let b = DeviceBank::upload(ctx, &s.bank, "shared")?;
+                let b = DeviceBank::upload(ctx, s.bank(), "shared")?;
                 let g = s
-                    .gate
-                    .as_ref()
+                    .gate()
                     .map(|g| ctx.storage_init("shared_expert_gate.weight", bytes_of(&values(g))))
                     .transpose()?;
                 Some((b, g))
@@ -1016,5 +1015,12 @@ impl DeviceLayer for WgpuLayer {
 
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         self.forward_impl(input)
+    }
+
+    fn set_router(&mut self, router: Box<dyn moe_core::Router>) -> Result<(), MoeError> {
+        let mut layer = (*self.layer).clone();
+        layer.set_router(router)?;
+        *self = WgpuLayer::build(&self.ctx, Arc::new(layer))?;
+        Ok(())
     }
 }
