@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ndarray::{Array2, Array3};
 use proptest::prelude::*;
 
-use moe_backends::cpu::{CpuBackend, reference_forward};
+use moe_backends::cpu::{CpuBackend, CpuKernels, reference_forward};
 use moe_core::{
     Activation, Assignment, Backend, ExpertBank, GptOssBank, MlpBank, MoeLayer, RouterInput,
     SharedExperts, SwiGluBank, rng::SeqRng,
@@ -111,8 +111,28 @@ fn layer(
     l
 }
 
-fn fast(layer: Arc<MoeLayer>, threads: usize, x: &Array2<f32>) -> Array2<f32> {
+/// The kernel sets to test on this machine: the portable one always (what CPUs without AVX-512 run), and
+/// `Auto` too where it differs (this CPU has AVX-512F); printed so a log says which ran.
+fn kernel_sets() -> Vec<CpuKernels> {
+    let dot = CpuBackend::new().uses_dot_kernel();
+    println!(
+        "kernel sets tested: portable{}",
+        if dot {
+            " and AVX-512 dot (auto)"
+        } else {
+            " (no AVX-512 here)"
+        }
+    );
+    if dot {
+        vec![CpuKernels::Portable, CpuKernels::Auto]
+    } else {
+        vec![CpuKernels::Portable]
+    }
+}
+
+fn fast(layer: Arc<MoeLayer>, threads: usize, kernels: CpuKernels, x: &Array2<f32>) -> Array2<f32> {
     CpuBackend::with_threads(threads)
+        .with_kernels(kernels)
         .upload(layer)
         .and_then(|mut l| {
             // Twice on the same resident layer: the second forward runs on reused workspaces.
@@ -141,12 +161,14 @@ proptest! {
         let l = Arc::new(layer(t, d, e, k, f, kind, shared, &mut rng));
         let x = rng.normal_matrix(t, d, 1.0);
         let want = reference_forward(&l, &RouterInput::new(x.view())).unwrap_or_else(|err| panic!("reference: {err}")).output;
-        let got = fast(l, 2, &x);
-        prop_assert_eq!(got.dim(), (t, d));
-        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        for ((i, j), &w) in want.indexed_iter() {
-            let g = got[[i, j]];
-            prop_assert!((g - w).abs() <= 2e-5 * scale, "[{}, {}]: fast {} vs reference {} (scale {})", i, j, g, w, scale);
+        for kernels in kernel_sets() {
+            let got = fast(l.clone(), 2, kernels, &x);
+            prop_assert_eq!(got.dim(), (t, d));
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            for ((i, j), &w) in want.indexed_iter() {
+                let g = got[[i, j]];
+                prop_assert!((g - w).abs() <= 2e-5 * scale, "[{}, {}] ({:?}): fast {} vs reference {} (scale {})", i, j, kernels, g, w, scale);
+            }
         }
     }
 }
@@ -160,13 +182,19 @@ fn one_two_and_three_threads_are_bit_identical() {
         for kind in 0..4 {
             let l = Arc::new(layer(t, 70, e, k, 150, kind, kind == 0, &mut rng));
             let x = rng.normal_matrix(t, 70, 1.0);
-            let one = fast(l.clone(), 1, &x);
-            assert_eq!(
-                one,
-                fast(l.clone(), 2, &x),
-                "T {t}, bank {kind}: 1 vs 2 threads"
-            );
-            assert_eq!(one, fast(l, 3, &x), "T {t}, bank {kind}: 1 vs 3 threads");
+            for kernels in kernel_sets() {
+                let one = fast(l.clone(), 1, kernels, &x);
+                assert_eq!(
+                    one,
+                    fast(l.clone(), 2, kernels, &x),
+                    "T {t}, bank {kind}, {kernels:?}: 1 vs 2 threads"
+                );
+                assert_eq!(
+                    one,
+                    fast(l.clone(), 3, kernels, &x),
+                    "T {t}, bank {kind}, {kernels:?}: 1 vs 3 threads"
+                );
+            }
         }
     }
 }
@@ -175,7 +203,7 @@ fn one_two_and_three_threads_are_bit_identical() {
 fn empty_batch_and_wrong_width_on_the_fast_path() {
     let mut rng = SeqRng::new(9, 0);
     let l = Arc::new(layer(0, 20, 4, 2, 30, 0, true, &mut rng));
-    let out = fast(l.clone(), 2, &Array2::zeros((0, 20)));
+    let out = fast(l.clone(), 2, CpuKernels::Portable, &Array2::zeros((0, 20)));
     assert_eq!(out.dim(), (0, 20));
     let err = CpuBackend::with_threads(2)
         .upload(l)

@@ -1,15 +1,17 @@
 //! In the steady state the CPU backend reuses its workspaces. A counting global allocator records the allocations
-//! of one forward after warm-up:
-//! - with few rows per expert (the dot kernel, all ours): the largest allocation is no larger than the returned
-//!   output (`[T, d]` f32), while the workspaces are several times larger;
-//! - with more rows (the `gemm` crate, which allocates its packing buffers inside every call; its API has no way
-//!   to reuse them): nothing as large as half of our hidden workspace is allocated, so no workspace was.
+//! of one forward after warm-up, for both kernel sets (the portable one on every machine, the AVX-512 one where the
+//! CPU has it; the test prints which ran):
+//! - with few rows per expert on the AVX-512 dot kernel (all ours): the largest allocation is no larger than the
+//!   returned output (`[T, d]` f32), while the workspaces are several times larger;
+//! - wherever the `gemm` crate runs (more rows per expert, or any row count on the portable kernels; gemm allocates
+//!   its packing buffers inside every call, and its API has no way to reuse them): nothing as large as half of our
+//!   hidden workspace is allocated, so no workspace was.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use moe_backends::cpu::CpuBackend;
+use moe_backends::cpu::{CpuBackend, CpuKernels};
 use moe_core::{
     Backend, MoeLayer, RouterArgs, RouterInput, WorkloadConfig, workload::random_swiglu_bank,
 };
@@ -52,7 +54,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 /// One steady-state check; counters are global, so the shapes run one after another in one test.
-fn check(t: usize, d: usize, f: usize, e: usize, k: usize, only_ours: bool) {
+fn check(t: usize, d: usize, f: usize, e: usize, k: usize, few_rows: bool, kernels: CpuKernels) {
     LARGEST.store(0, Ordering::SeqCst);
     BYTES.store(0, Ordering::SeqCst);
     COUNT.store(0, Ordering::SeqCst);
@@ -61,9 +63,10 @@ fn check(t: usize, d: usize, f: usize, e: usize, k: usize, only_ours: bool) {
         .unwrap_or_else(|err| panic!("{err}"));
     let bank = random_swiglu_bank(e, d, f, 0).unwrap_or_else(|err| panic!("{err}"));
     let layer = Arc::new(MoeLayer::new(router, bank).unwrap_or_else(|err| panic!("{err}")));
-    let mut resident = CpuBackend::with_threads(2)
-        .upload(layer)
-        .unwrap_or_else(|err| panic!("{err}"));
+    let backend = CpuBackend::with_threads(2).with_kernels(kernels);
+    // Only the dot kernel is all ours; gemm allocates its own packing buffers.
+    let only_ours = few_rows && backend.uses_dot_kernel();
+    let mut resident = backend.upload(layer).unwrap_or_else(|err| panic!("{err}"));
     let w = WorkloadConfig {
         tokens: t,
         d_model: d,
@@ -89,7 +92,7 @@ fn check(t: usize, d: usize, f: usize, e: usize, k: usize, only_ours: bool) {
         COUNT.load(Ordering::SeqCst),
     );
     println!(
-        "steady-state forward: {count} allocations, {bytes} bytes, largest {largest} (output {output_bytes}, hidden workspace {hidden_workspace})"
+        "steady-state forward ({kernels:?}, dot kernel: {only_ours}): {count} allocations, {bytes} bytes, largest {largest} (output {output_bytes}, hidden workspace {hidden_workspace})"
     );
     assert!(
         hidden_workspace > 4 * output_bytes,
@@ -110,8 +113,11 @@ fn check(t: usize, d: usize, f: usize, e: usize, k: usize, only_ours: bool) {
 
 #[test]
 fn steady_state_forward_allocates_only_its_result() {
-    // Groups of about 24 rows (dot kernel), about 200 (transposed gemm) and 600 (gemm).
-    check(96, 64, 256, 8, 2, true);
-    check(200, 64, 2048, 2, 2, false);
-    check(600, 64, 2048, 1, 1, false);
+    // Groups of about 24 rows (dot kernel where the CPU has AVX-512), about 200 (transposed gemm) and 600 (gemm),
+    // on the portable kernels (every CPU) and on the automatic choice (AVX-512 where present).
+    for kernels in [CpuKernels::Portable, CpuKernels::Auto] {
+        check(96, 64, 256, 8, 2, true, kernels);
+        check(200, 64, 2048, 2, 2, false, kernels);
+        check(600, 64, 2048, 1, 1, false, kernels);
+    }
 }

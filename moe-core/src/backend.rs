@@ -57,6 +57,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`MoeError`] if the layer cannot be run here (unsupported bank, out of device memory).
     fn upload(&self, layer: Arc<MoeLayer>) -> Result<Box<dyn DeviceLayer>, MoeError>;
+
+    /// The memory read bandwidth of the backend's device in GB/s (10⁹ bytes/s), measured now: the median of
+    /// `repeats` read-only passes over a buffer of `bytes` bytes, on the threads or device the forwards use. It
+    /// gives weight-streaming figures their floor (a forward with few tokens per expert reads every weight once).
+    /// `Ok(None)`, the default, means the backend has no such probe.
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] for a size or repeat count the probe does not take; a device error.
+    fn read_bandwidth(&self, bytes: usize, repeats: usize) -> Result<Option<f64>, MoeError> {
+        let _ = (bytes, repeats);
+        Ok(None)
+    }
 }
 
 /// A layer resident on a backend.

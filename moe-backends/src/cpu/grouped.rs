@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use moe_core::{ExpertBank, MoeError};
 
 use super::experts::activate;
-use super::kernels::{MAX_BLOCK, SMALL_ROWS, Tile, Weights, par_tiles, reserve_scratch};
+use super::kernels::{Kernels, MAX_BLOCK, SMALL_ROWS, Tile, Weights, par_tiles, reserve_scratch};
 
 /// Reusable buffers of the CPU backend (grown on demand, never shrunk).
 #[derive(Debug, Default)]
@@ -94,7 +94,7 @@ pub(crate) fn supports(bank: &ExpertBank) -> bool {
 }
 
 /// Runs `bank`'s experts `experts[g]` on rows `x[offsets[g]..offsets[g + 1]]` (`[rows, d]`), writing `y`
-/// (`[rows, d]`). `h` is the hidden workspace.
+/// (`[rows, d]`). `h` is the hidden workspace; `kernels` the products' kernels.
 ///
 /// # Errors
 /// [`MoeError::Backend`] for a bank kind this path does not run or inconsistent buffers.
@@ -105,6 +105,7 @@ pub(crate) fn run_bank(
     x: &[f32],
     h: &mut AlignedBuf,
     y: &mut [f32],
+    kernels: Kernels,
 ) -> Result<(), MoeError> {
     let d = bank.d_model();
     let f = bank.ffn();
@@ -144,7 +145,7 @@ pub(crate) fn run_bank(
         |g, col0, mut tile| {
             let e = experts[g] as usize;
             let a = &x[offsets[g] * d..offsets[g + 1] * d];
-            hidden_tile(bank, e, a, d, f, col0, &mut tile)
+            hidden_tile(bank, e, a, d, f, col0, &mut tile, kernels)
         },
     )?;
     // Phase 2: y = h · second product (+ bias).
@@ -164,7 +165,7 @@ pub(crate) fn run_bank(
                 ExpertBank::GptOss(b) => (expert_weights(b.down(), e, 1, d)?, Some(b.down_bias())),
                 _ => return Err(unsupported(bank)),
             };
-            tile.matmul(a, f, f, w, col0)?;
+            tile.matmul(a, f, f, w, col0, kernels)?;
             if let Some(bias) = bias {
                 let b = bias.row(e);
                 for i in 0..tile.rows() {
@@ -187,12 +188,13 @@ fn hidden_tile(
     f: usize,
     col0: usize,
     tile: &mut Tile<'_>,
+    kernels: Kernels,
 ) -> Result<(), MoeError> {
     let rows = tile.rows();
     let w = tile.width();
     match bank {
         ExpertBank::Mlp(b) => {
-            tile.matmul(a, d, d, expert_weights(b.w1(), e, d, 1)?, col0)?;
+            tile.matmul(a, d, d, expert_weights(b.w1(), e, d, 1)?, col0, kernels)?;
             let bias = b.b1().map(|b1| b1.row(e));
             for i in 0..rows {
                 for (j, v) in tile.row_mut(i).iter_mut().enumerate() {
@@ -206,8 +208,15 @@ fn hidden_tile(
             let gu = expert_weights(b.gate_up(), e, d, 1)?;
             with_scratch(rows * 2 * w, |s| {
                 // Gate columns to s[:, ..w], up columns (f further on in gate_up) to s[:, w..].
-                Tile::from_slice(s, rows, w, 2 * w)?.matmul(a, d, d, gu, col0)?;
-                Tile::from_slice(&mut s[w..], rows, w, 2 * w)?.matmul(a, d, d, gu, f + col0)?;
+                Tile::from_slice(s, rows, w, 2 * w)?.matmul(a, d, d, gu, col0, kernels)?;
+                Tile::from_slice(&mut s[w..], rows, w, 2 * w)?.matmul(
+                    a,
+                    d,
+                    d,
+                    gu,
+                    f + col0,
+                    kernels,
+                )?;
                 for i in 0..rows {
                     let (g, u) = s[i * 2 * w..(i + 1) * 2 * w].split_at(w);
                     for ((hv, &gv), &uv) in tile.row_mut(i).iter_mut().zip(g).zip(u) {
@@ -222,7 +231,7 @@ fn hidden_tile(
             let gu = expert_weights(b.gate_up(), e, 1, 2 * f)?;
             let bias = b.gate_up_bias().row(e);
             with_scratch(rows * 2 * w, |s| {
-                Tile::from_slice(s, rows, 2 * w, 2 * w)?.matmul(a, d, d, gu, 2 * col0)?;
+                Tile::from_slice(s, rows, 2 * w, 2 * w)?.matmul(a, d, d, gu, 2 * col0, kernels)?;
                 for i in 0..rows {
                     let z = &s[i * 2 * w..(i + 1) * 2 * w];
                     for (j, hv) in tile.row_mut(i).iter_mut().enumerate() {

@@ -3,7 +3,8 @@
 //! Every expert product has the form `C[i, j] = Σ_kk A[i, kk] · W(j, kk)`: `A` is a block of rows (row-major),
 //! `W` is one expert's weight matrix read in place (any strides, no copy), `C` is a tile of a row-major workspace.
 //! Three kernels, chosen by the row count only (never by the thread count, so results do not depend on it):
-//! - [`SMALL_ROWS`] rows or fewer, when `W`'s reduction axis is contiguous and the CPU has AVX-512: a dot-product
+//! - [`SMALL_ROWS`] rows or fewer, when `W`'s reduction axis is contiguous, the CPU has AVX-512 and the layer was
+//!   uploaded with [`CpuKernels::Auto`](super::CpuKernels::Auto) (`cpu/dot.rs`): a dot-product
 //!   kernel that streams each weight row once straight from memory, with no packing. With few rows per expert the
 //!   product is bound by weight bandwidth, and packing `W` (what a classic GEMM does) would double that traffic.
 //! - up to 256 rows with `W`'s reduction axis contiguous: the `gemm` crate on the transposed product
@@ -16,7 +17,10 @@
 //! Safety: raw pointers exist only inside this module. [`par_tiles`] checks every bound once, then hands each
 //! parallel task a [`Tile`] that owns a distinct rectangle of the buffer; [`Tile::matmul`] checks the operand
 //! bounds before calling a kernel.
-#![allow(unsafe_code)]
+#![allow(
+    unsafe_code,
+    reason = "disjoint tiles over one buffer for parallel tasks, and the raw GEMM entry points; bounds checked once here"
+)]
 
 use std::marker::PhantomData;
 
@@ -124,7 +128,8 @@ impl<'a> Tile<'a> {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.ld), self.width) }
     }
 
-    /// `self[i, j] = Σ_kk a[i * lda + kk] · w(col0 + j, kk)` for every row `i` and column `j` of the tile.
+    /// `self[i, j] = Σ_kk a[i * lda + kk] · w(col0 + j, kk)` for every row `i` and column `j` of the tile, with
+    /// the kernel `kernels` and the row count choose (see the module docs).
     ///
     /// # Errors
     /// [`MoeError::Backend`] if an operand is too short for the product (a bug in the caller, never a panic).
@@ -135,6 +140,7 @@ impl<'a> Tile<'a> {
         k: usize,
         w: Weights<'_>,
         col0: usize,
+        kernels: Kernels,
     ) -> Result<(), MoeError> {
         let (m, n) = (self.rows, self.width);
         if m == 0 || n == 0 {
@@ -160,10 +166,11 @@ impl<'a> Tile<'a> {
         }
         let wp = w.data[col0 * w.col_stride..].as_ptr();
         #[cfg(target_arch = "x86_64")]
-        if m <= SMALL_ROWS && w.k_stride == 1 && dot_available() {
-            // SAFETY: bounds checked above; the CPU has AVX-512F (checked at run time).
+        if m <= SMALL_ROWS && w.k_stride == 1 && kernels.dot {
+            // SAFETY: bounds checked above; `Kernels::dot` is set only where the CPU has AVX-512F (checked at
+            // run time by `Kernels::new`).
             unsafe {
-                dot::matmul_nt(
+                super::dot::matmul_nt(
                     m,
                     n,
                     k,
@@ -177,6 +184,9 @@ impl<'a> Tile<'a> {
             }
             return Ok(());
         }
+        // As (pointer, row stride, column stride): A is [m, k] row-major; W read as B [k, n], B[kk, j] = w(j, kk).
+        let a = (a.as_ptr(), lda as isize, 1);
+        let b = (wp, w.k_stride as isize, w.col_stride as isize);
         if m <= TRANSPOSED_ROWS && w.k_stride == 1 {
             // C^T = W · A^T into a column-major scratch: gemm then reads the weights in place (each column of
             // W^T is contiguous) instead of packing them, which dominates at these row counts; the tile is the
@@ -186,30 +196,9 @@ impl<'a> Tile<'a> {
                 if scratch.len() < m * n {
                     scratch.resize(m * n, 0.0);
                 }
-                // SAFETY: bounds checked above; the scratch holds m * n values, written column-major.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        scratch.as_mut_ptr(),
-                        m as isize,
-                        1,
-                        false,
-                        a.as_ptr(),
-                        1,
-                        lda as isize,
-                        wp,
-                        w.col_stride as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                // SAFETY: A and W are in bounds (checked above); the scratch holds m * n values, written
+                // column-major (row stride 1, column stride m).
+                unsafe { gemm_call(m, n, k, (scratch.as_mut_ptr(), 1, m as isize), a, b) };
                 for i in 0..m {
                     for (j, v) in self.row_mut(i).iter_mut().enumerate() {
                         *v = scratch[j * m + i];
@@ -218,39 +207,80 @@ impl<'a> Tile<'a> {
                 Ok(())
             });
         }
-        // SAFETY: bounds checked above; gemm reads A and W inside those bounds and writes the m x n tile.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                self.ptr,
-                1,
-                self.ld as isize,
-                false,
-                a.as_ptr(),
-                1,
-                lda as isize,
-                wp,
-                w.col_stride as isize,
-                w.k_stride as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // SAFETY: bounds checked above; gemm reads A and W inside those bounds and writes the m x n tile, which
+        // this tile owns exclusively.
+        unsafe { gemm_call(m, n, k, (self.ptr, self.ld as isize, 1), a, b) };
         Ok(())
     }
 }
 
+/// The one call of the `gemm` crate's entry point: `C = A · B` for `C` `[m, n]`, `A` `[m, k]`, `B` `[k, n]`, each
+/// given as `(pointer, row stride, column stride)` in values, single-threaded, overwriting `C`.
+///
+/// # Safety
+/// Every element the strides address must be in bounds: `C` writable and not aliased by `A` or `B`.
+unsafe fn gemm_call(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: (*mut f32, isize, isize),
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+) {
+    // gemm takes column stride first ("cs") and row stride second ("rs") for each operand.
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.0,
+            c.2,
+            c.1,
+            false,
+            a.0,
+            a.2,
+            a.1,
+            b.0,
+            b.2,
+            b.1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Which kernels the fast path may use, decided once per resident layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Kernels {
+    /// The AVX-512 dot-product kernel for few rows (only where the CPU has AVX-512F).
+    pub dot: bool,
+}
+
+impl Kernels {
+    /// The kernels `choice` allows on this CPU.
+    pub(crate) fn new(choice: super::CpuKernels) -> Self {
+        Kernels {
+            dot: choice == super::CpuKernels::Auto && dot_available(),
+        }
+    }
+}
+
 /// Whether the dot-product kernel can run on this CPU.
-#[cfg(target_arch = "x86_64")]
 fn dot_available() -> bool {
-    // The macro caches the CPUID answer itself.
-    std::is_x86_feature_detected!("avx512f")
+    #[cfg(target_arch = "x86_64")]
+    {
+        // The macro caches the CPUID answer itself.
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Runs `f(group, col0, tile)` in parallel over every tile of a row-major buffer `[rows, ld]`: row ranges
@@ -321,108 +351,23 @@ impl SyncPtr {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod dot {
-    //! The AVX-512 dot-product kernel: `C[i, j] = Σ_kk A[i, kk] · W[j, kk]` with both reduction axes contiguous.
-    //! Register tiles of 4 rows x 6 weight rows (24 accumulators), 16 lanes per step, one horizontal sum per
-    //! output in a fixed order, the tail of `k` added in order after it. Weight rows are prefetched a few cache
-    //! lines ahead (a prefetch past the end of a row never faults).
-
-    use std::arch::x86_64::*;
-
-    const MR: usize = 4;
-    const NR: usize = 6;
-    const L: usize = 16;
-    /// How far ahead (in values) weight rows are prefetched.
-    const PREFETCH: usize = 128;
-
-    /// # Safety
-    /// AVX-512F must be available; `a` must hold `m` rows of `k` at stride `lda`, `w` `n` rows of `k` at stride
-    /// `ldw`, and `c` `m` rows of `n` writable values at stride `ldc`.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn matmul_nt(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        w: *const f32,
-        ldw: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY (whole body): every pointer offset below stays inside the bounds the caller guarantees: rows
-        // `i..i + R` inside `0..m`, weight rows `j..j + C` inside `0..n`.
-        unsafe {
-            let mut j = 0;
-            while j < n {
-                let full = j + NR <= n;
-                let mut i = 0;
-                while i < m {
-                    let (ai, wj, cij) = (a.add(i * lda), w.add(j * ldw), c.add(i * ldc + j));
-                    let rows4 = i + MR <= m;
-                    match (rows4, full) {
-                        (true, true) => tile::<MR, NR>(ai, lda, wj, ldw, k, cij, ldc),
-                        (false, true) => tile::<1, NR>(ai, lda, wj, ldw, k, cij, ldc),
-                        (true, false) => tile::<MR, 1>(ai, lda, wj, ldw, k, cij, ldc),
-                        (false, false) => tile::<1, 1>(ai, lda, wj, ldw, k, cij, ldc),
-                    }
-                    i += if rows4 { MR } else { 1 };
-                }
-                j += if full { NR } else { 1 };
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn tile<const R: usize, const C: usize>(
-        a: *const f32,
-        lda: usize,
-        w: *const f32,
-        ldw: usize,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY (whole body): R rows of A and C columns of W, k values each, are in bounds (see matmul_nt).
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); C]; R];
-            let steps = k / L;
-            for s in 0..steps {
-                let o = s * L;
-                let mut wv = [_mm512_setzero_ps(); C];
-                for (jj, v) in wv.iter_mut().enumerate() {
-                    // Weight rows stream from memory once: ask for them PREFETCH values ahead.
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        w.wrapping_add(jj * ldw + o + PREFETCH) as *const i8
-                    );
-                    *v = _mm512_loadu_ps(w.add(jj * ldw + o));
-                }
-                for (ii, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_loadu_ps(a.add(ii * lda + o));
-                    for (acc_ij, &wj) in row.iter_mut().zip(wv.iter()) {
-                        *acc_ij = _mm512_fmadd_ps(av, wj, *acc_ij);
-                    }
-                }
-            }
-            for (ii, row) in acc.iter().enumerate() {
-                for (jj, &v) in row.iter().enumerate() {
-                    let mut s = _mm512_reduce_add_ps(v);
-                    for kk in steps * L..k {
-                        s = (*a.add(ii * lda + kk)).mul_add(*w.add(jj * ldw + kk), s);
-                    }
-                    *c.add(ii * ldc + jj) = s;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The portable kernels always, and the AVX-512 dot kernel where this CPU has it (printed, so a log says
+    /// which ran).
+    fn both_kernel_sets() -> Vec<Kernels> {
+        let auto = Kernels::new(crate::cpu::CpuKernels::Auto);
+        let portable = Kernels::new(crate::cpu::CpuKernels::Portable);
+        assert!(!portable.dot);
+        println!("kernel sets tested: portable, and auto = {auto:?}");
+        if auto.dot {
+            vec![portable, auto]
+        } else {
+            vec![portable]
+        }
+    }
 
     fn naive(m: usize, n: usize, k: usize, a: &[f32], w: Weights<'_>) -> Vec<f64> {
         let mut c = vec![0f64; m * n];
@@ -474,16 +419,18 @@ mod tests {
                 },
             ] {
                 let want = naive(m, n, k, &a, w);
-                let mut c = vec![f32::NAN; m * n];
-                par_tiles(&mut c, n, &[0, m], n, 4, |_, col0, mut t| {
-                    t.matmul(&a, k, k, w, col0)
-                })
-                .unwrap_or_else(|e| panic!("{e}"));
-                for (got, want) in c.iter().zip(&want) {
-                    assert!(
-                        (*got as f64 - want).abs() < 1e-4,
-                        "{m}x{n}x{k}: {got} vs {want}"
-                    );
+                for kernels in both_kernel_sets() {
+                    let mut c = vec![f32::NAN; m * n];
+                    par_tiles(&mut c, n, &[0, m], n, 4, |_, col0, mut t| {
+                        t.matmul(&a, k, k, w, col0, kernels)
+                    })
+                    .unwrap_or_else(|e| panic!("{e}"));
+                    for (got, want) in c.iter().zip(&want) {
+                        assert!(
+                            (*got as f64 - want).abs() < 1e-4,
+                            "{m}x{n}x{k} ({kernels:?}): {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -505,6 +452,7 @@ mod tests {
                     k_stride: 1,
                 },
                 col0,
+                Kernels::new(crate::cpu::CpuKernels::Portable),
             )
         });
         assert!(r.is_err());

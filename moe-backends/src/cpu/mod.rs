@@ -11,6 +11,8 @@
 //! against; banks the fast path does not run (PEER, custom experts) use the same per-expert code.
 
 mod combine;
+#[cfg(target_arch = "x86_64")]
+mod dot;
 mod experts;
 mod grouped;
 mod kernels;
@@ -27,26 +29,71 @@ use moe_core::{
 };
 
 use grouped::Workspace;
+use kernels::Kernels;
 
 pub use experts::expert_forward;
+
+/// Which matrix-product kernels the fast path may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuKernels {
+    /// The best this CPU has: the AVX-512 dot-product kernel for groups of at most 48 rows where the CPU has
+    /// AVX-512F, the `gemm` crate (run-time SIMD dispatch) elsewhere.
+    #[default]
+    Auto,
+    /// The `gemm` crate for every product, whatever the CPU: the path CPUs without AVX-512 take, forced (tests
+    /// run it on every machine; results agree with [`CpuKernels::Auto`] to rounding).
+    Portable,
+}
+
+impl CpuKernels {
+    /// Parses `auto` or `portable`.
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] for another name.
+    pub fn parse(name: &str) -> Result<Self, MoeError> {
+        match name {
+            "auto" => Ok(CpuKernels::Auto),
+            "portable" => Ok(CpuKernels::Portable),
+            other => Err(MoeError::config(
+                "cpu kernels",
+                other,
+                "one of: auto, portable",
+            )),
+        }
+    }
+}
 
 /// The CPU backend. `threads = None` uses rayon's global pool.
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend {
     threads: Option<usize>,
+    kernels: CpuKernels,
 }
 
 impl CpuBackend {
     /// A CPU backend on rayon's global pool.
     pub fn new() -> Self {
-        CpuBackend { threads: None }
+        CpuBackend::default()
     }
 
     /// A CPU backend on its own pool of `threads` threads (results do not depend on the count).
     pub fn with_threads(threads: usize) -> Self {
         CpuBackend {
             threads: Some(threads.max(1)),
+            ..CpuBackend::default()
         }
+    }
+
+    /// The same backend with the kernels `kernels` (the default is [`CpuKernels::Auto`]).
+    pub fn with_kernels(mut self, kernels: CpuKernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Whether forwards on this backend use the AVX-512 dot-product kernel (for groups of at most 48 rows): the
+    /// kernels are [`CpuKernels::Auto`] and this CPU has AVX-512F.
+    pub fn uses_dot_kernel(&self) -> bool {
+        Kernels::new(self.kernels).dot
     }
 }
 
@@ -57,8 +104,13 @@ impl Backend for CpuBackend {
 
     fn capabilities(&self) -> Capabilities {
         let n = self.threads.unwrap_or_else(rayon::current_num_threads);
+        let kernels = if self.uses_dot_kernel() {
+            "AVX-512 dot kernel + gemm"
+        } else {
+            "gemm kernels"
+        };
         Capabilities {
-            device: format!("cpu ({n} threads)"),
+            device: format!("cpu ({n} threads, {kernels})"),
             dtypes: vec!["f32".into()],
             native_specs: vec!["all (routers run on the host, which is this device)".into()],
             banks: ["swiglu", "gpt_oss", "mlp", "peer", "custom"]
@@ -86,11 +138,19 @@ impl Backend for CpuBackend {
             )),
             None => None,
         };
+        let fast = grouped::supports(layer.experts());
         Ok(Box::new(CpuLayer {
             layer,
             pool,
             ws: Workspace::default(),
+            fast,
+            kernels: Kernels::new(self.kernels),
         }))
+    }
+
+    fn read_bandwidth(&self, bytes: usize, repeats: usize) -> Result<Option<f64>, MoeError> {
+        let threads = self.threads.unwrap_or_else(rayon::current_num_threads);
+        probe::read_bandwidth(bytes, threads, repeats).map(Some)
     }
 }
 
@@ -100,6 +160,9 @@ pub struct CpuLayer {
     layer: Arc<MoeLayer>,
     pool: Option<Arc<rayon::ThreadPool>>,
     ws: Workspace,
+    /// The grouped fast path runs the routed bank (chosen once, at upload); otherwise the reference path.
+    fast: bool,
+    kernels: Kernels,
 }
 
 impl DeviceLayer for CpuLayer {
@@ -113,23 +176,28 @@ impl DeviceLayer for CpuLayer {
     }
 
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
-        let (layer, ws) = (&self.layer, &mut self.ws);
+        let (layer, ws, kernels) = (&self.layer, &mut self.ws, self.kernels);
+        let run = |ws: &mut Workspace| {
+            if self.fast {
+                forward(layer, input, ws, kernels)
+            } else {
+                reference_forward(layer, input)
+            }
+        };
         match &self.pool {
-            Some(pool) => pool.install(|| forward(layer, input, ws)),
-            None => forward(layer, input, ws),
+            Some(pool) => pool.install(|| run(ws)),
+            None => run(ws),
         }
     }
 }
 
-/// One fast forward of `layer` on `input`, reusing `ws`.
+/// One fast forward of `layer` on `input`, reusing `ws` (the routed bank is one [`grouped::supports`] runs).
 fn forward(
     layer: &MoeLayer,
     input: &RouterInput<'_>,
     ws: &mut Workspace,
+    kernels: Kernels,
 ) -> Result<LayerOutput, MoeError> {
-    if !grouped::supports(layer.experts()) {
-        return reference_forward(layer, input);
-    }
     let routing = layer.route(input)?;
     let (t, d) = input.hidden.dim();
     let rows = routing.n_slots();
@@ -155,6 +223,7 @@ fn forward(
         ws.x.get(rows * d),
         &mut ws.h,
         y,
+        kernels,
     )?;
     routing.token_slots_into(&mut ws.token_offsets, &mut ws.token_slots);
     let mut output = combine::combine(
@@ -181,7 +250,7 @@ fn forward(
                 }
             };
             let y = ws.y.get_mut(t * d);
-            grouped::run_bank(shared.bank(), &[0], &[0, t], x, &mut ws.h, y)?;
+            grouped::run_bank(shared.bank(), &[0], &[0, t], x, &mut ws.h, y, kernels)?;
             let ys = ndarray::ArrayView2::from_shape((t, d), ws.y.get(t * d))
                 .map_err(|e| internal(&e.to_string()))?;
             combine::add_shared(&mut output, input.hidden, ys, shared.gate());
