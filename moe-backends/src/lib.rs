@@ -103,7 +103,10 @@ impl BackendKind {
             "cuda" => Ok(BackendKind::Cuda),
             #[cfg(feature = "wgpu")]
             "wgpu" => Ok(BackendKind::Wgpu),
-            #[allow(unreachable_patterns)]
+            #[allow(
+                unreachable_patterns,
+                reason = "with both device features on, the names above already matched"
+            )]
             "cuda" | "wgpu" => Err(not_built(name)),
             other => Err(MoeError::config("backend", other, "one of: cpu, cuda, wgpu").into()),
         }
@@ -142,6 +145,8 @@ pub struct BackendOptions {
     pub dtype: Dtype,
     /// Threads of the cpu backend (`None`: all cores); other backends take none.
     pub threads: Option<usize>,
+    /// Kernels of the cpu backend ([`cpu::CpuKernels::Auto`] unless set); other backends take only the default.
+    pub cpu_kernels: cpu::CpuKernels,
 }
 
 /// Opens a backend with `options`.
@@ -158,6 +163,14 @@ pub fn open_with(
     {
         return Err(MoeError::config("threads", n, "set only for the cpu backend").into());
     }
+    if options.cpu_kernels != cpu::CpuKernels::Auto && kind != BackendKind::Cpu {
+        return Err(MoeError::config(
+            "cpu kernels",
+            format!("{:?}", options.cpu_kernels),
+            "set only for the cpu backend",
+        )
+        .into());
+    }
     match kind {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::with_dtype(options.dtype)?)),
@@ -167,11 +180,17 @@ pub fn open_with(
             "only f32 on this backend (bf16 and f16 run on the cuda backend)",
         )
         .into()),
-        BackendKind::Cpu => Ok(Box::new(match options.threads {
-            Some(n) => cpu::CpuBackend::with_threads(n),
-            None => cpu::CpuBackend::new(),
-        })),
-        #[allow(unreachable_patterns)]
+        BackendKind::Cpu => Ok(Box::new(
+            match options.threads {
+                Some(n) => cpu::CpuBackend::with_threads(n),
+                None => cpu::CpuBackend::new(),
+            }
+            .with_kernels(options.cpu_kernels),
+        )),
+        #[allow(
+            unreachable_patterns,
+            reason = "without device features every kind matched above"
+        )]
         other => open(other),
     }
 }

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
+use moe_backends::cpu::CpuKernels;
 use moe_backends::{BackendOptions, Dtype};
 use moe_core::{
-    MoeLayer, RouterInput, RouterRegistry, WorkloadConfig, workload::random_swiglu_bank,
+    DeviceLayer, MoeLayer, RouterInput, RouterRegistry, WorkloadConfig,
+    workload::random_swiglu_bank,
 };
 use serde::Serialize;
 
@@ -76,6 +78,10 @@ pub(crate) struct BenchArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// CPU kernels: `auto` (the AVX-512 dot kernel for few rows per expert where the CPU has it) or `portable`
+    /// (the `gemm` crate for every product, as on CPUs without AVX-512).
+    #[arg(long, default_value = "auto")]
+    cpu_kernels: String,
     /// Timed runs per T (the median is reported), after one warm-up run.
     #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=10000))]
     repeats: u32,
@@ -90,7 +96,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     clusters: usize,
     /// Also measure the memory read bandwidth (a read-only pass over 1 GiB on the same threads), to judge
-    /// weight-streaming rows against (cpu backend only).
+    /// weight-streaming rows against (backends with a bandwidth probe: cpu).
     #[arg(long)]
     bandwidth: bool,
     /// Output format.
@@ -155,14 +161,16 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     let dtype = Dtype::parse(&a.dtype).ok_or_else(|| {
         CliError::Usage(format!("--dtype must be f32, bf16 or f16, got {}", a.dtype))
     })?;
+    let cpu_kernels =
+        CpuKernels::parse(&a.cpu_kernels).map_err(|e| CliError::Usage(e.to_string()))?;
     let backend = crate::open_backend_with(
         &a.backend,
         BackendOptions {
             dtype,
             threads: a.threads,
+            cpu_kernels,
         },
     )?;
-    let weight_bytes = dtype.bytes() as f64;
     let c = crate::spec::parse_one(&a.router, registry, "bench")?;
     let router = registry
         .create(&c.name, &c.args(d, e, k, a.seed))
@@ -173,61 +181,23 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     let mut rows = Vec::new();
     let mut clock = "host wall clock";
     for &t in &a.tokens {
-        let w = WorkloadConfig {
-            tokens: t,
-            d_model: d,
-            seed: a.seed,
-            skew: a.skew,
-            clusters: a.clusters,
-            ..Default::default()
+        let (row, device_clock) = time_row(resident.as_mut(), a, t, (d, f, k), dtype.bytes())?;
+        if device_clock {
+            clock = "device events";
         }
-        .generate()?;
-        let input = RouterInput::new(w.hidden.view()).with_token_ids(&w.token_ids);
-        let warm = resident.forward(&input)?;
-        let experts_hit = warm.routing.active_experts().len();
-        drop(warm);
-        let mut times = match resident.device_times(&input, a.repeats as usize)? {
-            Some(ms) => {
-                clock = "device events";
-                ms.into_iter().map(|v| v / 1e3).collect()
-            }
-            None => {
-                let mut times = Vec::with_capacity(a.repeats as usize);
-                for _ in 0..a.repeats {
-                    let t0 = Instant::now();
-                    let out = resident.forward(&input)?;
-                    times.push(t0.elapsed().as_secs_f64());
-                    drop(out);
-                }
-                times
-            }
-        };
-        times.sort_by(f64::total_cmp);
-        let med = times[times.len() / 2];
-        let flops = 2.0 * t as f64 * k as f64 * 3.0 * d as f64 * f as f64;
-        let bytes = experts_hit as f64 * 3.0 * d as f64 * f as f64 * weight_bytes;
-        rows.push(BenchRow {
-            tokens: t,
-            median_ms: med * 1e3,
-            min_ms: times[0] * 1e3,
-            tokens_per_s: t as f64 / med,
-            gflops: flops / med / 1e9,
-            experts_hit,
-            weight_gb_per_s: bytes / med / 1e9,
-        });
+        rows.push(row);
     }
-    let read_bandwidth_gb_per_s = match (a.bandwidth, backend.name()) {
-        (false, _) => None,
-        (true, "cpu") => Some(moe_backends::cpu::probe::read_bandwidth(
-            1 << 30,
-            a.threads.unwrap_or_else(rayon_threads),
-            5,
-        )?),
-        (true, other) => {
+    let read_bandwidth_gb_per_s = if a.bandwidth {
+        let bw = backend.read_bandwidth(1 << 30, 5)?;
+        if bw.is_none() {
             return Err(CliError::Usage(format!(
-                "--bandwidth measures host memory and applies to the cpu backend only, not {other}"
+                "--bandwidth: the {} backend has no memory bandwidth probe",
+                backend.name()
             )));
         }
+        bw
+    } else {
+        None
     };
     let overridden =
         a.d_model.is_some() || a.ffn.is_some() || a.experts.is_some() || a.top_k.is_some();
@@ -252,10 +222,67 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         read_bandwidth_gb_per_s,
         rows,
     };
+    print_report(&report, a)
+}
+
+/// Times `a.repeats` forwards at `t` tokens (after one warm-up): the row, and whether the device clock timed it.
+fn time_row(
+    resident: &mut dyn DeviceLayer,
+    a: &BenchArgs,
+    t: usize,
+    (d, f, k): (usize, usize, usize),
+    weight_bytes: usize,
+) -> Result<(BenchRow, bool), CliError> {
+    let w = WorkloadConfig {
+        tokens: t,
+        d_model: d,
+        seed: a.seed,
+        skew: a.skew,
+        clusters: a.clusters,
+        ..Default::default()
+    }
+    .generate()?;
+    let input = RouterInput::new(w.hidden.view()).with_token_ids(&w.token_ids);
+    let warm = resident.forward(&input)?;
+    let experts_hit = warm.routing.active_experts().len();
+    drop(warm);
+    let device = resident.device_times(&input, a.repeats as usize)?;
+    let device_clock = device.is_some();
+    let mut times = match device {
+        Some(ms) => ms.into_iter().map(|v| v / 1e3).collect(),
+        None => {
+            let mut times = Vec::with_capacity(a.repeats as usize);
+            for _ in 0..a.repeats {
+                let t0 = Instant::now();
+                let out = resident.forward(&input)?;
+                times.push(t0.elapsed().as_secs_f64());
+                drop(out);
+            }
+            times
+        }
+    };
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let flops = 2.0 * t as f64 * k as f64 * 3.0 * d as f64 * f as f64;
+    let bytes = experts_hit as f64 * 3.0 * d as f64 * f as f64 * weight_bytes as f64;
+    let row = BenchRow {
+        tokens: t,
+        median_ms: med * 1e3,
+        min_ms: times[0] * 1e3,
+        tokens_per_s: t as f64 / med,
+        gflops: flops / med / 1e9,
+        experts_hit,
+        weight_gb_per_s: bytes / med / 1e9,
+    };
+    Ok((row, device_clock))
+}
+
+/// Prints the report in `a.format`.
+fn print_report(report: &BenchReport, a: &BenchArgs) -> Result<(), CliError> {
     if a.format == Format::Json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.into()))?
+            serde_json::to_string_pretty(report).map_err(|e| CliError::Other(e.into()))?
         );
         return Ok(());
     }
@@ -264,10 +291,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             "{} on {}: d = {}, f = {}, E = {}, k = {}, router {}, {} weights, median of {} runs ({})",
             report.backend,
             report.device,
-            d,
-            f,
-            e,
-            k,
+            report.d_model,
+            report.ffn,
+            report.experts,
+            report.top_k,
             report.router,
             report.dtype,
             a.repeats,
@@ -300,9 +327,4 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     }
     print!("{}", t.render(a.format));
     Ok(())
-}
-
-/// The CPU backend's default thread count (all cores).
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use moe_core::{AuxLoss, MoeLayer, RouterRegistry, workload::random_swiglu_bank};
+use moe_core::{
+    AuxLoss, DeviceLayer, MoeLayer, RouterRegistry, Routing, workload::random_swiglu_bank,
+};
 use serde::Serialize;
 
 use crate::CliError;
@@ -103,6 +105,14 @@ pub struct CompareRow {
     pub load_entropy: f64,
     /// Share of assignments on the busiest 20 % of experts.
     pub top20_share: f64,
+    /// Mean kept experts per (non-padding) token.
+    pub experts_per_token_mean: f64,
+    /// Fewest kept experts of any token.
+    pub experts_per_token_min: usize,
+    /// Most kept experts of any token.
+    pub experts_per_token_max: usize,
+    /// Tokens that got no expert at all (their routed output is 0).
+    pub tokens_without_expert: usize,
     /// Median routing time, milliseconds.
     pub route_ms: f64,
     /// Median routing time per token, microseconds.
@@ -165,6 +175,8 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         Some(_) => Some(random_swiglu_bank(wa.experts, d_model, a.ffn, wa.seed)?),
         None => None,
     };
+    // One resident bank for every router: uploaded with the first router, then only the router is swapped.
+    let mut resident: Option<Box<dyn DeviceLayer>> = None;
     let input = w.input(wa.mode());
     let progress = crate::progress::Progress::new(choices.len() as u64);
     let mut rows = Vec::with_capacity(choices.len());
@@ -183,41 +195,29 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         let (route_ms, plan) = timed(a.repeats, || router.route(&input).map_err(&err))?;
         let (mut layer_ms, mut path) = (None, None);
         if let (Some(b), Some(bank)) = (&backend, &bank) {
-            let layer = MoeLayer::new(router.clone(), bank.clone()).map_err(&err)?;
-            let mut resident = b.upload(Arc::new(layer)).map_err(&err)?;
+            let resident = match &mut resident {
+                Some(r) => {
+                    r.set_router(router.clone()).map_err(&err)?;
+                    r
+                }
+                None => {
+                    let layer = MoeLayer::new(router.clone(), bank.clone()).map_err(&err)?;
+                    resident.insert(b.upload(Arc::new(layer)).map_err(&err)?)
+                }
+            };
             let (ms, out) = timed(a.layer_repeats, || resident.forward(&input).map_err(&err))?;
             layer_ms = Some(ms);
             path = Some(format!("{:?}", out.router_path).to_lowercase());
         }
-        let d = plan.diagnostics();
-        let per_token = |ms: f64| {
-            if wa.tokens > 0 {
-                ms * 1e3 / wa.tokens as f64
-            } else {
-                0.0
-            }
-        };
-        rows.push(CompareRow {
-            router: c.label.clone(),
-            causal: router.is_causal(),
-            kept: d.kept,
-            min_load: d.min_load,
-            max_load: d.max_load,
-            mean_load: d.mean_load,
-            cv: d.cv,
-            max_over_mean: d.max_over_mean,
-            dropped_pct: 100.0 * d.dropped_fraction,
-            dead_experts: d.dead_experts,
-            load_entropy: d.load_entropy,
-            top20_share: d.top20_share,
+        rows.push(compare_row(
+            &c.label,
+            router.is_causal(),
+            &plan,
             route_ms,
-            route_us_per_token: per_token(route_ms),
             layer_ms,
-            layer_us_per_token: layer_ms.map(per_token),
-            router_path: path,
-            aux_losses: plan.aux_losses().to_vec(),
-            loads: (plan.n_experts() <= MAX_LOAD_COLUMNS).then(|| plan.expert_counts()),
-        });
+            path,
+            wa.tokens,
+        ));
     }
     progress.finish();
     let report = CompareReport {
@@ -257,6 +257,51 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
     print(&report, a.format)
 }
 
+/// One router's row from its plan and timings (`tokens` = T, for the per-token times).
+fn compare_row(
+    label: &str,
+    causal: bool,
+    plan: &Routing,
+    route_ms: f64,
+    layer_ms: Option<f64>,
+    path: Option<String>,
+    tokens: usize,
+) -> CompareRow {
+    let d = plan.diagnostics();
+    let per_token = |ms: f64| {
+        if tokens > 0 {
+            ms * 1e3 / tokens as f64
+        } else {
+            0.0
+        }
+    };
+    CompareRow {
+        router: label.to_string(),
+        causal,
+        kept: d.kept,
+        min_load: d.min_load,
+        max_load: d.max_load,
+        mean_load: d.mean_load,
+        cv: d.cv,
+        max_over_mean: d.max_over_mean,
+        dropped_pct: 100.0 * d.dropped_fraction,
+        dead_experts: d.dead_experts,
+        load_entropy: d.load_entropy,
+        top20_share: d.top20_share,
+        experts_per_token_mean: d.experts_per_token_mean,
+        experts_per_token_min: d.experts_per_token_min,
+        experts_per_token_max: d.experts_per_token_max,
+        tokens_without_expert: d.tokens_without_expert,
+        route_ms,
+        route_us_per_token: per_token(route_ms),
+        layer_ms,
+        layer_us_per_token: layer_ms.map(per_token),
+        router_path: path,
+        aux_losses: plan.aux_losses().to_vec(),
+        loads: (plan.n_experts() <= MAX_LOAD_COLUMNS).then(|| plan.expert_counts()),
+    }
+}
+
 fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
     if format == Format::Json {
         println!(
@@ -276,6 +321,10 @@ fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
         "dead",
         "entropy",
         "top20 %",
+        "exp/tok",
+        "min/tok",
+        "max/tok",
+        "no expert",
         "route ms",
         "route us/tok",
         "layer ms",
@@ -293,6 +342,10 @@ fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
             row.dead_experts.to_string(),
             format!("{:.3}", row.load_entropy),
             format!("{:.1}", 100.0 * row.top20_share),
+            format!("{:.2}", row.experts_per_token_mean),
+            row.experts_per_token_min.to_string(),
+            row.experts_per_token_max.to_string(),
+            row.tokens_without_expert.to_string(),
             format!("{:.2}", row.route_ms),
             format!("{:.3}", row.route_us_per_token),
             row.layer_ms.map_or("-".into(), |v| format!("{v:.2}")),

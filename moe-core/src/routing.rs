@@ -296,8 +296,151 @@ impl Routing {
         out
     }
 
-    /// Load diagnostics (ROUTERS.md §8) of this plan.
+    /// Load diagnostics (ROUTERS.md §8) of this plan, in `O(E log E + slots + T)`.
     pub fn diagnostics(&self) -> Diagnostics {
-        Diagnostics::of(self)
+        let r = self;
+        let counts = r.expert_counts();
+        let e = counts.len();
+        let kept = r.n_slots();
+        let dropped = r.dropped().len();
+        let min_load = counts.iter().copied().min().unwrap_or(0);
+        let max_load = counts.iter().copied().max().unwrap_or(0);
+        let mean_load = if e == 0 { 0.0 } else { kept as f64 / e as f64 };
+        let max_over_mean = if mean_load > 0.0 {
+            max_load as f64 / mean_load
+        } else {
+            0.0
+        };
+        let cv = if mean_load > 0.0 {
+            let var = counts
+                .iter()
+                .map(|&c| (c as f64 - mean_load).powi(2))
+                .sum::<f64>()
+                / e as f64;
+            var.sqrt() / mean_load
+        } else {
+            0.0
+        };
+        let dropped_fraction = if kept + dropped > 0 {
+            dropped as f64 / (kept + dropped) as f64
+        } else {
+            0.0
+        };
+        let dead_experts = counts.iter().filter(|&&c| c == 0).count();
+        let load_entropy = if kept > 0 && e > 1 {
+            let h: f64 = counts
+                .iter()
+                .filter(|&&c| c > 0)
+                .map(|&c| {
+                    let p = c as f64 / kept as f64;
+                    -p * p.ln()
+                })
+                .sum();
+            h / (e as f64).ln()
+        } else {
+            0.0
+        };
+        let top20_share = if kept > 0 {
+            let mut sorted = counts.clone();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            let n_top = e.div_ceil(5).max(1);
+            sorted.iter().take(n_top).sum::<usize>() as f64 / kept as f64
+        } else {
+            0.0
+        };
+        let second_kept = r.slot_ranks().iter().filter(|&&k| k == 1).count();
+        let second_dropped = r.dropped().iter().filter(|a| a.rank == 1).count();
+        let second_choice_overflow = if second_kept + second_dropped > 0 {
+            Some(second_dropped as f64 / (second_kept + second_dropped) as f64)
+        } else {
+            None
+        };
+        // Kept experts per token; padding tokens hold none (`Routing` never keeps one for them).
+        let mut per_token = vec![0usize; r.n_tokens()];
+        for &t in r.slot_tokens() {
+            per_token[t as usize] += 1;
+        }
+        let without = per_token.iter().filter(|&&c| c == 0).count();
+        let padding = r.n_tokens() - r.n_real_tokens();
+        Diagnostics {
+            tokens: r.n_real_tokens(),
+            experts: e,
+            kept,
+            dropped,
+            min_load,
+            max_load,
+            mean_load,
+            max_over_mean,
+            cv,
+            dropped_fraction,
+            dead_experts,
+            load_entropy,
+            top20_share,
+            second_choice_overflow,
+            tokens_without_expert: without.saturating_sub(padding),
+            experts_per_token_mean: if r.n_real_tokens() > 0 {
+                kept as f64 / r.n_real_tokens() as f64
+            } else {
+                0.0
+            },
+            experts_per_token_min: if without > padding {
+                0
+            } else {
+                per_token
+                    .iter()
+                    .copied()
+                    .filter(|&c| c > 0)
+                    .min()
+                    .unwrap_or(0)
+            },
+            experts_per_token_max: per_token.iter().copied().max().unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(token: u32, expert: u32, rank: u16) -> Assignment {
+        Assignment {
+            token,
+            expert,
+            weight: 0.5,
+            rank,
+        }
+    }
+
+    #[test]
+    fn experts_per_token_counts_real_tokens_only() {
+        // T = 5, token 4 is padding (no assignment, n_real = 4): token 0 has 3 experts, token 1 has 1, token 2 has
+        // 2, token 3 has none. Mean = 6 kept / 4 real tokens = 1.5; min 0 (token 3); max 3.
+        let kept = vec![
+            a(0, 0, 0),
+            a(0, 1, 1),
+            a(0, 2, 2),
+            a(1, 2, 0),
+            a(2, 0, 0),
+            a(2, 3, 1),
+        ];
+        let r = Routing::new(5, 4, 4, kept, Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+        let d = r.diagnostics();
+        assert_eq!(d.tokens_without_expert, 1);
+        assert_eq!(d.experts_per_token_mean, 1.5);
+        assert_eq!(d.experts_per_token_min, 0);
+        assert_eq!(d.experts_per_token_max, 3);
+        // Without token 3 among the real ones (it is padding too): every real token has >= 1 expert, min 1.
+        let kept = vec![a(0, 0, 0), a(0, 1, 1), a(1, 2, 0)];
+        let r = Routing::new(4, 4, 2, kept, Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+        let d = r.diagnostics();
+        assert_eq!(
+            (
+                d.tokens_without_expert,
+                d.experts_per_token_min,
+                d.experts_per_token_max
+            ),
+            (0, 1, 2)
+        );
+        assert_eq!(d.experts_per_token_mean, 1.5);
     }
 }
