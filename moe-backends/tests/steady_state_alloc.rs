@@ -24,7 +24,10 @@ static BYTES: AtomicUsize = AtomicUsize::new(0);
 static COUNT: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts.
-#[allow(unsafe_code)]
+#[allow(
+    unsafe_code,
+    reason = "a global allocator is an unsafe trait; this one forwards to System and only counts"
+)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if ON.load(Ordering::Relaxed) {

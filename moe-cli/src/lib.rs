@@ -113,7 +113,10 @@ pub fn run(registry: RouterRegistry) -> ExitCode {
 
 /// Gives SIGPIPE back its default action (end the process), which the Rust runtime sets to ignore.
 #[cfg(unix)]
-#[allow(unsafe_code)]
+#[allow(
+    unsafe_code,
+    reason = "libc::signal has no safe wrapper; called once before any thread starts"
+)]
 fn restore_sigpipe() {
     // SAFETY: called at the start of the process, before any thread is spawned; `signal` with SIG_DFL installs
     // no handler code.

@@ -152,20 +152,42 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let out = BufReader::new(child.stdout.take().context("worker stdout")?);
     let mut torch = Torch { child, out };
 
+    let m = measure(&o, &moe, &mut torch)?;
+    let _ = torch.child.kill();
+    report(root, &o, &versions, &m)
+}
+
+/// Every round's figures, per row `(shape index, T)`.
+struct Measured {
+    rows: Vec<(usize, usize)>,
+    ours: Vec<Vec<f64>>,
+    eager: Vec<Vec<f64>>,
+    grouped: Vec<Vec<f64>>,
+    hit: Vec<u64>,
+    sgemm: Vec<f64>,
+    bandwidth: Vec<f64>,
+}
+
+/// Runs the rounds: each shape timed by PyTorch and by `moe bench`, in alternating order.
+fn measure(o: &Opts, moe: &Path, torch: &mut Torch) -> Result<Measured> {
     // Per row (shape, T): per-round figures.
     let rows: Vec<(usize, usize)> = SHAPES
         .iter()
         .enumerate()
         .flat_map(|(si, s)| s.tokens.iter().map(move |&t| (si, t)))
         .collect();
-    let mut ours = vec![Vec::new(); rows.len()];
-    let mut eager = vec![Vec::new(); rows.len()];
-    let mut grouped = vec![Vec::new(); rows.len()];
-    let mut hit = vec![0u64; rows.len()];
-    let (mut sgemm, mut bandwidth) = (Vec::new(), Vec::new());
+    let mut m = Measured {
+        ours: vec![Vec::new(); rows.len()],
+        eager: vec![Vec::new(); rows.len()],
+        grouped: vec![Vec::new(); rows.len()],
+        hit: vec![0u64; rows.len()],
+        sgemm: Vec::new(),
+        bandwidth: Vec::new(),
+        rows: Vec::new(),
+    };
     for round in 0..o.rounds {
         println!("==> round {} of {}", round + 1, o.rounds);
-        sgemm.push(
+        m.sgemm.push(
             torch.ask(json!({"op": "sgemm", "repeats": o.repeats.max(15)}))?["gflops"]
                 .as_f64()
                 .unwrap_or(f64::NAN),
@@ -182,12 +204,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                             json!({"op": "block", "block": s.block, "d": s.d, "ffn": s.ffn,
                             "e": s.e, "k": s.k, "t": t, "repeats": o.repeats}),
                         )?;
-                        eager[ri].push(v["eager"].as_f64().unwrap_or(f64::NAN));
-                        grouped[ri].push(v["grouped_mm"].as_f64().unwrap_or(f64::NAN));
+                        m.eager[ri].push(v["eager"].as_f64().unwrap_or(f64::NAN));
+                        m.grouped[ri].push(v["grouped_mm"].as_f64().unwrap_or(f64::NAN));
                     }
                 } else {
                     let ts: Vec<String> = s.tokens.iter().map(|t| t.to_string()).collect();
-                    let mut cmd = Command::new(&moe);
+                    let mut cmd = Command::new(moe);
                     cmd.args(["bench", "--shape", s.bench, "--format", "json", "--threads"])
                         .arg(o.threads.to_string())
                         .args(["--repeats", &o.repeats.to_string(), "-t", &ts.join(",")]);
@@ -200,20 +222,27 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                     }
                     let v: Value = serde_json::from_slice(&p.stdout)?;
                     if let Some(bw) = v["read_bandwidth_gb_per_s"].as_f64() {
-                        bandwidth.push(bw);
+                        m.bandwidth.push(bw);
                     }
                     for r in v["rows"].as_array().into_iter().flatten() {
                         let t = r["tokens"].as_u64().unwrap_or(0) as usize;
                         if let Some(ri) = rows.iter().position(|&(a, b)| a == si && b == t) {
-                            ours[ri].push(r["median_ms"].as_f64().unwrap_or(f64::NAN));
-                            hit[ri] = r["experts_hit"].as_u64().unwrap_or(0);
+                            m.ours[ri].push(r["median_ms"].as_f64().unwrap_or(f64::NAN));
+                            m.hit[ri] = r["experts_hit"].as_u64().unwrap_or(0);
                         }
                     }
                 }
             }
         }
     }
-    let _ = torch.child.kill();
+    m.rows = rows;
+    Ok(m)
+}
+
+/// Prints the table and writes `target/bench-vs-torch.json`.
+fn report(root: &Path, o: &Opts, versions: &str, m: &Measured) -> Result<()> {
+    let (rows, ours, eager, grouped, hit) = (&m.rows, &m.ours, &m.eager, &m.grouped, &m.hit);
+    let (sgemm, bandwidth) = (&m.sgemm, &m.bandwidth);
     // A peak: the best of the rounds' medians (torch.mm's rate moves a lot between rounds on a shared machine).
     let peak = sgemm
         .iter()

@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: the project's automation, in Rust.
 //!
 //! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`, without and with the device
-//!   backends' features, wgpu and cuda), tidy (every Rust file opens with a `//!` line), rustdoc with
+//!   backends' features, wgpu and cuda), tidy (see [`tidy`]: `//!` lines, function and file lengths, a reason on
+//!   every `allow`), rustdoc with
 //!   `-D warnings`, the whole workspace's tests (unit, integration, doc) with the device features on, the default
 //!   `moe compare` and a small `moe bench --backend wgpu` as smoke tests, `moe list` with the cuda backend built
 //!   (it must name why it cannot run here), and `cargo bench --no-run`.
@@ -9,6 +10,7 @@
 //!   [`bench_vs_torch`]); a benchmark, not part of CI.
 
 mod bench_vs_torch;
+mod tidy;
 
 use std::path::{Path, PathBuf};
 
@@ -22,11 +24,11 @@ fn main() -> Result<()> {
     sh.change_dir(&root);
     match args.first().map(String::as_str) {
         Some("ci") => ci(&sh, &root),
-        Some("tidy") => tidy(&root),
+        Some("tidy") => tidy::run(&root),
         Some("bench-vs-torch") => bench_vs_torch::run(&root, &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\ntasks:\n  ci              run every check CI runs\n  tidy            check that every Rust file opens with a //! line\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)"
+                "usage: cargo xtask <task>\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)"
             );
             bail!("no task given")
         }
@@ -71,7 +73,7 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     .run()
     .context("clippy (device features) failed")?;
     step("tidy");
-    tidy(root)?;
+    tidy::run(root)?;
     step("rustdoc (broken links and missing docs are errors)");
     cmd!(
         sh,
@@ -104,6 +106,13 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     )
     .run()
     .context("`moe bench --backend wgpu` failed")?;
+    step("smoke: the HF fixtures on the wgpu backend (lavapipe without a GPU)");
+    cmd!(
+        sh,
+        "cargo run --release --locked -p moe-cli --features wgpu -- verify tests/fixtures/hf --backend wgpu"
+    )
+    .run()
+    .context("`moe verify --backend wgpu` failed")?;
     step("smoke: moe list with the cuda backend built");
     cmd!(
         sh,
@@ -116,44 +125,5 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
         .run()
         .context("benches do not build")?;
     println!("\nxtask ci: all checks passed");
-    Ok(())
-}
-
-/// Every `.rs` file in the workspace (outside `target/`) must open with a `//!` module doc line.
-fn tidy(root: &Path) -> Result<()> {
-    let mut bad = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in
-            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
-        {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if path.is_dir() {
-                if !name.starts_with('.') && name != "target" {
-                    stack.push(path);
-                }
-            } else if name.ends_with(".rs") {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                if !text.trim_start().starts_with("//!") {
-                    bad.push(
-                        path.strip_prefix(root)
-                            .unwrap_or(&path)
-                            .display()
-                            .to_string(),
-                    );
-                }
-            }
-        }
-    }
-    if !bad.is_empty() {
-        bad.sort();
-        bail!(
-            "these files do not open with a `//!` line saying what they are for:\n  {}",
-            bad.join("\n  ")
-        );
-    }
-    println!("tidy: every Rust file opens with a //! line");
     Ok(())
 }

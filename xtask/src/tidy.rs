@@ -54,7 +54,11 @@ pub fn run(root: &Path) -> Result<()> {
         }
     }
     if !bad.is_empty() {
-        bail!("tidy found {} problem(s):\n  {}", bad.len(), bad.join("\n  "));
+        bail!(
+            "tidy found {} problem(s):\n  {}",
+            bad.len(),
+            bad.join("\n  ")
+        );
     }
     println!(
         "tidy: {} Rust files: //! lines, functions <= {MAX_FN_LINES} lines, moe-backends/src files <= {MAX_BACKEND_FILE_LINES} lines, every allow with a reason",
