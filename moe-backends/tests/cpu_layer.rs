@@ -470,3 +470,64 @@ fn peer_bank_and_gelu_hand_computed() {
         }
     }
 }
+
+/// One resident bank, many routers: `set_router` on an uploaded layer gives what a fresh upload with that router
+/// gives (native top-k, Switch with capacity, hash on the host), keeps the very same bank (no copy), and refuses a
+/// router of another expert count.
+#[test]
+fn set_router_swaps_the_router_and_keeps_the_bank() {
+    let (d, e, f, t) = (24, 6, 20, 40);
+    let reg = moe_routers::builtin();
+    let bank =
+        moe_core::workload::random_swiglu_bank(e, d, f, 3).unwrap_or_else(|err| panic!("{err}"));
+    let make = |name: &str, opts: &[(&str, &str)], seed: u64| {
+        let mut args = moe_core::RouterArgs::new(d, e, 2, seed);
+        for (k, v) in opts {
+            args.set_option_str(k, v);
+        }
+        reg.create(name, &args)
+            .unwrap_or_else(|err| panic!("{name}: {err}"))
+    };
+    let first =
+        MoeLayer::new(make("softmax-topk", &[], 0), bank).unwrap_or_else(|err| panic!("{err}"));
+    let bank_ptr = Arc::clone(first.experts_arc());
+    let mut resident = CpuBackend::with_threads(2)
+        .upload(Arc::new(first))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let mut rng = SeqRng::new(11, 0);
+    let x = rng.normal_matrix(t, d, 1.0);
+    let ids: Vec<u32> = (0..t as u32).collect();
+    let input = RouterInput::new(x.view()).with_token_ids(&ids);
+    for (name, opts, seed) in [
+        ("switch-top1", &[("capacity_factor", "1.0")][..], 5),
+        ("hash", &[][..], 0),
+        ("softmax-topk", &[][..], 9),
+    ] {
+        let router = make(name, opts, seed);
+        resident
+            .set_router(router.clone())
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert!(
+            Arc::ptr_eq(&bank_ptr, resident.layer().experts_arc()),
+            "{name}: the bank was copied"
+        );
+        let got = resident
+            .forward(&input)
+            .unwrap_or_else(|err| panic!("{err}"));
+        let fresh =
+            MoeLayer::new(router, (*bank_ptr).clone()).unwrap_or_else(|err| panic!("{err}"));
+        let want = CpuBackend::with_threads(2)
+            .upload(Arc::new(fresh))
+            .and_then(|mut l| l.forward(&input))
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(got.output, want.output, "{name}: output");
+        assert_eq!(got.routing, want.routing, "{name}: routing");
+    }
+    let other = moe_routers::builtin()
+        .create("softmax-topk", &moe_core::RouterArgs::new(d, e + 1, 2, 0))
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(matches!(
+        resident.set_router(other),
+        Err(MoeError::Mismatch { .. })
+    ));
+}

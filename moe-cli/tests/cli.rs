@@ -401,3 +401,95 @@ fn closed_output_pipe_is_not_a_panic() {
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     assert_ne!(o.status.code(), Some(101), "{}", stderr(&o));
 }
+
+/// A router that gives tokens a variable number of experts is judged by experts per token: expert choice with a
+/// tiny capacity leaves most tokens with none (capacity `C = ceil(T·c/E) = ceil(512·0.01/8) = 1` per expert, so at
+/// most 8 of 512 tokens get an expert), which the load columns alone would hide.
+#[test]
+fn compare_shows_experts_per_token() {
+    let o = moe(&[
+        "compare",
+        "--routers",
+        "expert-choice:capacity_factor=0.01,softmax-topk",
+        "--num-tokens",
+        "512",
+        "--d-model",
+        "32",
+        "--experts",
+        "8",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let ec = &v["rows"][0];
+    assert_eq!(ec["experts_per_token_min"], 0, "{ec}");
+    let none = ec["tokens_without_expert"]
+        .as_u64()
+        .expect("tokens_without_expert");
+    assert!(none >= 512 - 8, "{ec}");
+    assert!(ec["experts_per_token_mean"].as_f64().expect("mean") <= 8.0 / 512.0 + 1e-12);
+    let topk = &v["rows"][1];
+    assert_eq!(topk["experts_per_token_min"], 2, "{topk}");
+    assert_eq!(topk["experts_per_token_max"], 2, "{topk}");
+    assert_eq!(topk["experts_per_token_mean"], 2.0, "{topk}");
+    assert_eq!(topk["tokens_without_expert"], 0, "{topk}");
+    let o = moe(&[
+        "compare",
+        "--routers",
+        "softmax-topk",
+        "-t",
+        "64",
+        "--d-model",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("no expert"), "{}", stdout(&o));
+}
+
+/// `--cpu-kernels portable` runs the kernels of CPUs without AVX-512 on any machine, and the device line says
+/// which kernels ran; a bad name or the option on another backend is a usage error.
+#[test]
+fn bench_cpu_kernels() {
+    let o = moe(&[
+        "bench",
+        "-d",
+        "32",
+        "--ffn",
+        "64",
+        "-e",
+        "4",
+        "-k",
+        "2",
+        "-t",
+        "3",
+        "--repeats",
+        "1",
+        "--cpu-kernels",
+        "portable",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(
+        v["device"]
+            .as_str()
+            .expect("device")
+            .contains("gemm kernels"),
+        "{v}"
+    );
+    let o = moe(&["bench", "--cpu-kernels", "avx9", "-t", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("auto, portable"), "{}", stderr(&o));
+    let o = moe(&[
+        "bench",
+        "--backend",
+        "wgpu",
+        "--cpu-kernels",
+        "portable",
+        "-t",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -307,3 +307,93 @@ fn check_router_fits(router: &dyn Router, experts: &ExpertBank) -> Result<(), Mo
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FixedPlan;
+    use crate::workload::random_swiglu_bank;
+
+    fn fixed(e: usize, d: usize) -> Box<dyn Router> {
+        Box::new(FixedPlan {
+            n_experts: e,
+            d_model: d,
+            kept: Vec::new(),
+        })
+    }
+
+    fn layer() -> MoeLayer {
+        let bank = random_swiglu_bank(4, 8, 6, 0).unwrap_or_else(|e| panic!("{e}"));
+        let shared_bank = random_swiglu_bank(1, 8, 5, 1).unwrap_or_else(|e| panic!("{e}"));
+        let shared = SharedExperts::new(shared_bank, Some(Array1::from_elem(8, 0.5)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        MoeLayer::new(fixed(4, 8), bank)
+            .and_then(|l| l.with_shared(shared))
+            .and_then(|l| l.with_output_bias(Array1::zeros(8)))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_hf_names([("experts.gate_up", "mlp.experts.gate_up_proj".to_string())])
+    }
+
+    #[test]
+    fn params_are_named_shaped_and_carry_hf_names() {
+        let l = layer();
+        let got: Vec<(String, Vec<usize>, Option<String>)> = l
+            .params()
+            .into_iter()
+            .map(|p| (p.name.clone(), p.shape().to_vec(), p.hf_name.clone()))
+            .collect();
+        let want = vec![
+            (
+                "experts.gate_up".to_string(),
+                vec![4, 12, 8],
+                Some("mlp.experts.gate_up_proj".to_string()),
+            ),
+            ("experts.down".to_string(), vec![4, 8, 6], None),
+            ("shared.gate_up".to_string(), vec![1, 10, 8], None),
+            ("shared.down".to_string(), vec![1, 8, 5], None),
+            ("shared.gate".to_string(), vec![8], None),
+            ("output_bias".to_string(), vec![8], None),
+        ];
+        assert_eq!(got, want);
+        let names: Vec<String> = layer().params_mut().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, want.iter().map(|w| w.0.clone()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn params_mut_copies_a_shared_bank_before_writing() {
+        let a = layer();
+        let mut b = a.clone();
+        assert!(Arc::ptr_eq(a.experts_arc(), b.experts_arc()));
+        for mut p in b.params_mut() {
+            if p.name == "experts.down" {
+                p.value.fill(1.0);
+            }
+        }
+        assert!(!Arc::ptr_eq(a.experts_arc(), b.experts_arc()));
+        let down = |l: &MoeLayer| match l.experts() {
+            ExpertBank::SwiGlu(s) => s.down().clone(),
+            _ => panic!("bank kind changed"),
+        };
+        assert!(down(&b).iter().all(|&v| v == 1.0));
+        assert!(
+            down(&a).iter().any(|&v| v != 1.0),
+            "the other layer was changed"
+        );
+    }
+
+    #[test]
+    fn set_router_keeps_the_bank_and_refuses_a_router_that_does_not_fit() {
+        let mut l = layer();
+        let bank = Arc::clone(l.experts_arc());
+        l.set_router(fixed(4, 8)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(Arc::ptr_eq(&bank, l.experts_arc()));
+        assert!(matches!(
+            l.set_router(fixed(5, 8)),
+            Err(MoeError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            l.set_router(fixed(4, 9)),
+            Err(MoeError::Mismatch { .. })
+        ));
+    }
+}
