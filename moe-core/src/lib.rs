@@ -53,6 +53,9 @@ pub use ndarray;
 pub use serde;
 pub use serde_json;
 
+// The serde attributes that `router_options!` generates name this crate `moe_core`, in plugins and here alike.
+extern crate self as moe_core;
+
 pub mod backend;
 pub mod error;
 pub mod expert;
@@ -79,7 +82,10 @@ pub use kit::KEEP_LOGITS_MAX_EXPERTS;
 pub use layer::MoeLayer;
 pub use loss::{AuxLoss, AuxLossKind, LbNorm};
 pub use params::{Param, ParamMut};
-pub use registry::{OptionDoc, RouterArgs, RouterEntry, RouterFactory, RouterRegistry};
+pub use registry::{
+    CausalFn, Causality, OptionDoc, RouterArgs, RouterConfig, RouterEntry, RouterFactory, RouterOptions,
+    RouterRegistry,
+};
 pub use router::{
     DropPolicy, GroupLimit, Mode, Router, RouterInput, RouterSpec, ScoreFn, SwitchSpec, TopKOrder,
     TopKSpec,
