@@ -29,7 +29,6 @@ pub mod noisy_topk;
 pub mod peer;
 pub mod softmax_topk;
 pub mod switch;
-pub mod util;
 
 pub use expert_choice::{ExpertChoice, ExpertChoiceConfig};
 pub use hash::{HashRouter, HashRouterConfig};
