@@ -56,7 +56,7 @@ pub enum HashWeights {
 moe_core::router_options! {
     /// Options of [`HashRouter`]; every field is optional.
     pub struct HashRouterConfig {
-        /// The hash h(token id): random, balanced (needs counts) or modulo.
+        /// The hash h(token id): a seeded random table, a frequency-balanced one (needs counts), or id mod E.
         table: HashTable = HashTable::Random,
         /// Vocabulary size of the random table; a token id >= vocab is an error (not used by the other tables).
         vocab: usize = DEFAULT_VOCAB,
@@ -65,8 +65,8 @@ moe_core::router_options! {
         /// Experts per token: (h(id) + j) mod E for j = 0..k (the paper's hash layer has 1; the layer's k is not
         /// used).
         k: usize = 1,
-        /// uniform (1/k each) or gate (softmax over the k chosen experts' gate logits x · W_g[e], which fixes the
-        /// width d).
+        /// Weights of the k experts: uniform 1/k, or gate (softmax over their gate logits x · W_g[e], which fixes
+        /// the width d).
         weights: HashWeights = HashWeights::Uniform,
     }
 }

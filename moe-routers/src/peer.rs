@@ -66,8 +66,9 @@ moe_core::router_options! {
     pub struct PeerConfig {
         /// Query heads h; each retrieves k experts from the shared pool of E = n² experts (the paper's 8).
         heads: usize = DEFAULT_HEADS,
-        /// Experts kept per head, so a token gets h·k slots; the layer's k is not used. Unset: the paper's 16,
-        /// clamped to n so that E = 16 works.
+        /// Experts kept per head, so a token gets h·k slots; the layer's k is not used.
+        ///
+        /// Unset: the paper's 16, clamped to n so that E = 16 works.
         #[default_doc = "min(16, n)"]
         k: usize,
         /// Candidates per sub-key half p, k <= p <= n; retrieval is exact for any p >= k.

@@ -34,14 +34,14 @@ moe_core::router_options! {
     /// Options of [`SoftmaxTopK`]; every field is optional, and unset fields take the preset's value, then the
     /// default (Mixtral's behaviour).
     pub struct SoftmaxTopKConfig {
-        /// A model's settings (mixtral, qwen2_moe, olmoe, granite, deepseek_v3), overridden by the options below.
+        /// A model's settings, overridden by the options below.
         preset: TopKPreset,
         /// Experts per token.
         #[default_doc = "layer k"]
         k: usize,
-        /// Score function: softmax over all experts, sigmoid or sqrt_softplus per expert.
+        /// Score function: softmax over all experts, or sigmoid / sqrt_softplus per expert.
         score: ScoreFn = ScoreFn::Softmax,
-        /// score_then_top_k, or top_k_then_softmax (top-k of the logits, softmax over the k).
+        /// Score all experts then take the top k, or take the top k of the logits then softmax over the k.
         order: TopKOrder = TopKOrder::ScoreThenTopK,
         /// Renormalise the k weights to sum 1.
         renormalize: bool = true,
@@ -51,8 +51,9 @@ moe_core::router_options! {
         n_group: usize,
         /// Groups kept per token (group score = sum of its top-2 selection scores; set with n_group).
         topk_group: usize,
-        /// Keep a selection-only per-expert bias, starting at 0 (aux-loss-free balancing; see
-        /// [`SoftmaxTopK::update_bias`]).
+        /// Keep a selection-only per-expert bias, starting at 0 (aux-loss-free balancing).
+        ///
+        /// The bias is updated by [`SoftmaxTopK::update_bias`].
         correction_bias: bool = false,
         /// Normalisation of the reported load-balancing loss.
         lb_norm: LbNorm = LbNorm::HfTopK,

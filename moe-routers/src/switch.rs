@@ -111,7 +111,7 @@ moe_core::router_options! {
     /// Options of [`SwitchTop1`]; every field is optional and unset fields take the defaults stated.
     pub struct SwitchTop1Config {
         /// Capacity rounding: megatron ceil(T/E·cf), deepspeed max(ceil(T/E·cf), min_capacity), fairseq
-        /// floor(cf·ceil(T/E)) or fixed expert_capacity (T = real tokens of the group).
+        /// floor(cf·ceil(T/E)), fixed expert_capacity (T = real tokens of the group).
         capacity: CapacityRounding = CapacityRounding::Megatron,
         /// cf of the T-dependent roundings, finite and > 0; not allowed with capacity = fixed.
         capacity_factor: f64 = DEFAULT_CAPACITY_FACTOR,
@@ -122,8 +122,8 @@ moe_core::router_options! {
         expert_capacity: usize,
         /// Count capacity per sequence of seq_lens (HF Switch) instead of over the whole batch.
         per_sequence: bool = false,
-        /// Drop order when an expert overflows: position (first come, first served; causal), probability, random
-        /// or batch_prioritized (not causal).
+        /// Drop order when an expert overflows: position is first come, first served (causal); the others sort
+        /// the group first (not causal).
         drop: DropPolicy = DropPolicy::Position,
         /// Training-only jitter ε in [0, 1) of the routing input, x ⊙ U(1 − ε, 1 + ε); 0 disables.
         jitter: f32 = DEFAULT_JITTER,
