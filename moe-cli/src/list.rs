@@ -106,7 +106,11 @@ pub(crate) fn run(registry: &RouterRegistry, a: &ListArgs) -> Result<(), CliErro
         return Ok(());
     }
     println!("routers:");
-    for RouterInfo { entry: r, causality } in &routers {
+    for RouterInfo {
+        entry: r,
+        causality,
+    } in &routers
+    {
         println!("  {} [{causality}]: {}", r.name, r.description);
         for o in &r.options {
             // Booleans need no list of values; an enum's values are printed after its doc.
@@ -115,7 +119,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &ListArgs) -> Result<(), CliErro
             } else {
                 String::new()
             };
-            println!("      {} (default {}): {}{values}", o.name, o.default, o.doc);
+            println!(
+                "      {} (default {}): {}{values}",
+                o.name, o.default, o.doc
+            );
         }
     }
     println!("backends:");

@@ -213,7 +213,10 @@ mod tests {
         // [1000, 1000 + ln 3]: p = [1, 3] / 4 (f32 ln 3 near 1000 is off by about 3e-5 in the exponent).
         let mut r = [1000.0f32, 1000.0 + 3f32.ln()];
         softmax_in_place(&mut r);
-        assert!((r[0] - 0.25).abs() < 1e-4 && (r[1] - 0.75).abs() < 1e-4, "{r:?}");
+        assert!(
+            (r[0] - 0.25).abs() < 1e-4 && (r[1] - 0.75).abs() < 1e-4,
+            "{r:?}"
+        );
         // -inf entries get 0; -1e30 and 1e30 stay finite.
         let mut r = [f32::NEG_INFINITY, 0.0, -1e30, 1e30];
         softmax_in_place(&mut r);
@@ -247,7 +250,10 @@ mod tests {
         assert_eq!(g.dim(), (3, 4));
         assert_eq!(g, init_gate(4, 3, 7, GATE_STREAM).expect("gate"));
         assert_ne!(g, init_gate(4, 3, 8, GATE_STREAM).expect("gate"));
-        assert!(matches!(init_gate(0, 3, 0, 0), Err(MoeError::InvalidConfig { .. })));
+        assert!(matches!(
+            init_gate(0, 3, 0, 0),
+            Err(MoeError::InvalidConfig { .. })
+        ));
         assert!(matches!(
             init_gate(1, MAX_DENSE_EXPERTS + 1, 0, 0),
             Err(MoeError::TooLarge { .. })
@@ -257,8 +263,12 @@ mod tests {
             Err(MoeError::Shape { .. })
         ));
         let x = ndarray::array![[1.0f32, 2.0]];
-        let l = gate_logits(x.view(), ndarray::array![[1.0f32, 0.0], [0.0, 1.0]].view(), None)
-            .expect("logits");
+        let l = gate_logits(
+            x.view(),
+            ndarray::array![[1.0f32, 0.0], [0.0, 1.0]].view(),
+            None,
+        )
+        .expect("logits");
         assert_eq!(l, ndarray::array![[1.0f32, 2.0]]);
         let big = ndarray::array![[f32::MAX, f32::MAX]];
         assert!(matches!(

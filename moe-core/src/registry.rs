@@ -340,10 +340,7 @@ impl RouterEntry {
             .filter(|&n| n <= MAX_OPTION_GRID)
             .ok_or_else(|| MoeError::TooLarge {
                 what: format!("{} option combinations", self.name),
-                size: axes
-                    .iter()
-                    .map(|(_, v)| v.len() as u128 + 1)
-                    .product(),
+                size: axes.iter().map(|(_, v)| v.len() as u128 + 1).product(),
                 limit: MAX_OPTION_GRID as u128,
             })?;
         Ok((0..size)
@@ -406,7 +403,7 @@ impl RouterEntry {
         for (name, values) in &axes {
             let radix = values.len() + 1;
             let varies = (0..answers.len())
-                .filter(|i| (i / stride) % radix == 0)
+                .filter(|i| (i / stride).is_multiple_of(radix))
                 .any(|i| {
                     let first = answers.get(i).copied().flatten();
                     (1..radix).any(|d| {
@@ -672,7 +669,10 @@ mod tests {
     #[test]
     fn getters_defaults_and_presets() {
         let c = TestConfig::default();
-        assert_eq!((c.drop(), c.factor(), c.flag()), (DropPolicy::Position, 1e-2, true));
+        assert_eq!(
+            (c.drop(), c.factor(), c.flag()),
+            (DropPolicy::Position, 1e-2, true)
+        );
         let preset = TestConfig {
             factor: Some(0.5),
             flag: Some(false),
@@ -736,10 +736,7 @@ mod tests {
         let fixed = RouterArgs::new(1, 1, 1, 0).with_option("drop", "random");
         assert_eq!(entry.option_grid(&fixed).expect("grid").len(), 3);
         assert_eq!(entry.is_causal(&fixed), Ok(false));
-        assert_eq!(
-            entry.causality(),
-            Ok(Causality::DependsOn(vec!["drop"]))
-        );
+        assert_eq!(entry.causality(), Ok(Causality::DependsOn(vec!["drop"])));
         assert_eq!(
             entry.causality().expect("causality").to_string(),
             "causality depends on options: drop"

@@ -151,12 +151,22 @@ pub fn check_causal(router: &dyn Router, d: usize) -> Result<(), String> {
             .assign(&other.slice(ndarray::s![p.., ..]));
         // Later ids are reversed, so they stay below T (a vocabulary of T ids is enough).
         let y_ids: Vec<u32> = (0..T as u32)
-            .map(|t| if (t as usize) < p { t } else { T as u32 - 1 - t + p as u32 })
+            .map(|t| {
+                if (t as usize) < p {
+                    t
+                } else {
+                    T as u32 - 1 - t + p as u32
+                }
+            })
             .collect();
         for mode in [Mode::Eval, Mode::Train { seed: 7 }] {
             let route = |h: &Array2<f32>, ids: &[u32]| {
                 router
-                    .route(&RouterInput::new(h.view()).with_token_ids(ids).with_mode(mode))
+                    .route(
+                        &RouterInput::new(h.view())
+                            .with_token_ids(ids)
+                            .with_mode(mode),
+                    )
                     .map(|r| decisions_before(&r, p))
                     .map_err(|e| format!("{name}: route failed in the causality check: {e}"))
             };
@@ -225,7 +235,9 @@ pub fn check_registered(
     let entry = registry
         .get(name)
         .ok_or_else(|| format!("{name} is not registered"))?;
-    let grid = entry.option_grid(args).map_err(|e| format!("{name}: {e}"))?;
+    let grid = entry
+        .option_grid(args)
+        .map_err(|e| format!("{name}: {e}"))?;
     let mut check = GridCheck {
         combinations: grid.len(),
         built: 0,

@@ -6,8 +6,8 @@ use rayon::prelude::*;
 
 use moe_core::kit::{self, GATE_STREAM};
 use moe_core::{
-    Assignment, KEEP_LOGITS_MAX_EXPERTS, MoeError, Param, ParamMut, Router, RouterArgs, RouterConfig,
-    RouterEntry, RouterInput, RouterRegistry, Routing,
+    Assignment, KEEP_LOGITS_MAX_EXPERTS, MoeError, Param, ParamMut, Router, RouterArgs,
+    RouterConfig, RouterEntry, RouterInput, RouterRegistry, Routing,
 };
 
 /// Largest `T · E` a single call accepts: the router holds a few `[T, E]` f32 tables.

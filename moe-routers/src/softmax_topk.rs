@@ -342,9 +342,9 @@ impl SoftmaxTopK {
                 match s.score {
                     ScoreFn::Softmax => kit::softmax_in_place(&mut scores),
                     ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = kit::sigmoid(*v)),
-                    ScoreFn::SqrtSoftplus => scores
-                        .iter_mut()
-                        .for_each(|v| *v = kit::sqrt_softplus(*v)),
+                    ScoreFn::SqrtSoftplus => {
+                        scores.iter_mut().for_each(|v| *v = kit::sqrt_softplus(*v))
+                    }
                 }
                 scratch.extend(scores.iter().copied());
                 if let Some(b) = &s.correction_bias {
@@ -423,7 +423,11 @@ impl Router for SoftmaxTopK {
     fn params(&self) -> Vec<Param<'_>> {
         let s = &self.spec;
         let mut v = vec![Param::new("gate", s.gate.view())];
-        v.extend(s.gate_bias.iter().map(|b| Param::new("gate_bias", b.view())));
+        v.extend(
+            s.gate_bias
+                .iter()
+                .map(|b| Param::new("gate_bias", b.view())),
+        );
         v.extend(
             s.correction_bias
                 .iter()
@@ -613,8 +617,7 @@ mod tests {
         let got: Vec<usize> = t[0].iter().map(|a| a.0).collect();
         assert_eq!(got, vec![0, 1]);
         assert!(
-            (t[0][0].1 - kit::sigmoid(2.0) / (kit::sigmoid(2.0) + kit::sigmoid(-2.0)) * 2.5)
-                .abs()
+            (t[0][0].1 - kit::sigmoid(2.0) / (kit::sigmoid(2.0) + kit::sigmoid(-2.0)) * 2.5).abs()
                 < 1e-5
         );
         assert!((t[0][0].1 + t[0][1].1 - 2.5).abs() < 1e-5);

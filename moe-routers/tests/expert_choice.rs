@@ -1,10 +1,10 @@
 //! Behaviour of `expert-choice`: exact capacity, optimal picks and weights under proptest, and the same routing on
 //! any thread count.
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::SeqRng;
 use moe_core::{Router, RouterInput};
 use moe_routers::expert_choice::ExpertChoice;
-use moe_core::kit::{self, GATE_STREAM};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 

@@ -1,10 +1,10 @@
 //! Behaviour of `noisy-topk`: the smooth load estimator against Monte Carlo, invariants under proptest, and the
 //! same routing on any thread count.
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::{CounterRng, SeqRng};
 use moe_core::{AuxLossKind, Mode, Router, RouterInput, Routing, loss};
 use moe_routers::noisy_topk::{NOISE_WEIGHT_STREAM, NoisyTopK};
-use moe_core::kit::{self, GATE_STREAM};
 use ndarray::Array2;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;

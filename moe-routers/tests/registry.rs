@@ -37,7 +37,10 @@ fn registry_and_routers_agree_on_causality_for_every_option_combination() {
     }
     for (name, a) in extra {
         let c = check_registered(&reg, name, &a).unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("{name} with {:?}: {c:?}", a.options.keys().collect::<Vec<_>>());
+        eprintln!(
+            "{name} with {:?}: {c:?}",
+            a.options.keys().collect::<Vec<_>>()
+        );
         assert!(c.built > 0);
     }
     // switch-top1: (4 roundings + unset) · (per_sequence 2 + unset) · (4 drop policies + unset) = 75. Without
@@ -82,7 +85,12 @@ fn option_docs_come_from_the_configs() {
     for e in reg.describe() {
         assert!(!e.options.is_empty(), "{}", e.name);
         for o in &e.options {
-            assert!(!o.doc.is_empty() && !o.default.is_empty(), "{}.{}", e.name, o.name);
+            assert!(
+                !o.doc.is_empty() && !o.default.is_empty(),
+                "{}.{}",
+                e.name,
+                o.name
+            );
         }
     }
     let switch = &reg.get("switch-top1").expect("registered").options;
@@ -97,9 +105,15 @@ fn option_docs_come_from_the_configs() {
     assert_eq!(find("jitter").default, "0.01");
     assert_eq!(find("expert_capacity").default, "none");
     let ec = &reg.get("expert-choice").expect("registered").options;
-    assert_eq!((ec[0].name, ec[0].default.as_str()), ("capacity_factor", "2.0"));
+    assert_eq!(
+        (ec[0].name, ec[0].default.as_str()),
+        ("capacity_factor", "2.0")
+    );
     let peer = &reg.get("peer").expect("registered").options;
-    assert!(peer.iter().any(|o| o.name == "k" && o.default == "min(16, n)"));
+    assert!(
+        peer.iter()
+            .any(|o| o.name == "k" && o.default == "min(16, n)")
+    );
 }
 
 #[test]
@@ -117,7 +131,9 @@ fn with_option_text_matches_the_cli() {
     cli.set_option_str("expert_capacity", "3");
     assert_eq!(typed, text);
     assert_eq!(text, cli);
-    let r = reg.create("switch-top1", &text).expect("text options build");
+    let r = reg
+        .create("switch-top1", &text)
+        .expect("text options build");
     assert_eq!(r.spec().map(|_| ()), None, "jitter > 0 has no spec");
 }
 
@@ -133,7 +149,10 @@ fn parameter_views_have_documented_names_and_shapes() {
             .collect::<Vec<_>>()
     };
     let v = |n: &str, s: &[usize], t: bool| (n.to_string(), s.to_vec(), t);
-    assert_eq!(views("softmax-topk", args()), vec![v("gate", &[16, 12], true)]);
+    assert_eq!(
+        views("softmax-topk", args()),
+        vec![v("gate", &[16, 12], true)]
+    );
     assert_eq!(
         views("softmax-topk", args().with_option("preset", "deepseek_v3")),
         vec![
@@ -145,13 +164,19 @@ fn parameter_views_have_documented_names_and_shapes() {
         views("noisy-topk", args()),
         vec![v("gate", &[16, 12], true), v("noise", &[16, 12], true)]
     );
-    assert_eq!(views("switch-top1", args()), vec![v("gate", &[16, 12], true)]);
+    assert_eq!(
+        views("switch-top1", args()),
+        vec![v("gate", &[16, 12], true)]
+    );
     assert_eq!(views("hash", args()), vec![]);
     assert_eq!(
         views("hash", args().with_option("weights", "gate")),
         vec![v("gate", &[16, 12], true)]
     );
-    assert_eq!(views("expert-choice", args()), vec![v("gate", &[16, 12], true)]);
+    assert_eq!(
+        views("expert-choice", args()),
+        vec![v("gate", &[16, 12], true)]
+    );
     // PEER, E = 16 = 4²: n = 4, h = 8 (default), d_key = min(128, 12) = 12.
     assert_eq!(
         views("peer", args()),

@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::CounterRng;
 use moe_core::{AuxLossKind, DropPolicy, LbNorm, Mode, Router, RouterInput, Routing};
 use moe_routers::switch::{
     CapacityRounding, DROP_STREAM, EVAL_DROP_SEED, JITTER_STREAM, SwitchTop1, SwitchTop1Config,
 };
-use moe_core::kit::{self, GATE_STREAM};
 use ndarray::{Array2, array};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
