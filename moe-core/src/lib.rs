@@ -59,9 +59,10 @@
 //! ```
 //!
 //! ## Features
-//! - `testing`: the conformance suite for routers, `testing::check_router` (weights, determinism, empty input,
-//!   NaN, width, padding, causality) and `testing::check_registered` (a registry entry over every combination of
-//!   its enum and boolean options); plugin authors enable it in their dev-dependencies.
+//! - `testing`: the conformance suite for routers, [`testing::check_router`] (weights, determinism, empty input,
+//!   NaN, width, padding, causality) and [`testing::check_registered`] (a registry entry over every combination of
+//!   its enum and boolean options); plugin authors enable it in their dev-dependencies. Its docs are built
+//!   whatever the features.
 
 // What a plugin's signatures need, at the versions moe-core uses: a plugin depends on moe-core alone.
 pub use ndarray;
@@ -84,7 +85,8 @@ pub mod rng;
 pub mod router;
 pub mod routing;
 pub mod stats;
-#[cfg(any(test, feature = "testing"))]
+// Documented in every doc build (`cfg(doc)`), so a plugin's `cargo doc` shows it; compiled for code with the feature.
+#[cfg(any(test, doc, feature = "testing"))]
 pub mod testing;
 pub mod workload;
 
