@@ -3,12 +3,21 @@
 //! The `moe` command, as a library so that a plugin crate can build its own `moe` with extra routers:
 //!
 //! ```no_run
+//! # mod my_router {
+//! #     pub fn register(_: &mut moe_core::RouterRegistry) -> Result<(), moe_core::MoeError> { Ok(()) }
+//! # }
 //! fn main() -> std::process::ExitCode {
-//!     let registry = moe_routers::builtin();
-//!     // my_router::register(&mut registry)?;  (see examples/custom-router)
+//!     let mut registry = moe_routers::builtin();
+//!     // Your router's `register` (see examples/custom-router); a duplicate name is an error, not a panic.
+//!     if let Err(e) = my_router::register(&mut registry) {
+//!         eprintln!("error: {e}");
+//!         return std::process::ExitCode::FAILURE;
+//!     }
 //!     moe_cli::run(registry)
 //! }
 //! ```
+//!
+//! The example is compiled by `cargo test --doc` (`no_run`: running it would parse the test harness's arguments).
 //!
 //! This crate parses, composes the other crates and prints; it holds no math.
 

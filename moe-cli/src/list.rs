@@ -1,7 +1,7 @@
 //! `moe list`: routers with their options and defaults, the backends this build can run, and the presets.
 
 use clap::Args;
-use moe_core::RouterRegistry;
+use moe_core::{Causality, RouterRegistry};
 use serde::Serialize;
 
 use crate::CliError;
@@ -29,11 +29,35 @@ struct PresetInfo {
     kind: &'static str,
 }
 
+/// A registered router as `moe list` reports it: the entry (name, description, options) and its causality,
+/// derived from its options.
+#[derive(Serialize)]
+struct RouterInfo<'a> {
+    #[serde(flatten)]
+    entry: &'a moe_core::RouterEntry,
+    /// `causal`, `not_causal`, or `{"depends_on": [options]}`.
+    causality: Causality,
+}
+
 #[derive(Serialize)]
 struct ListReport<'a> {
-    routers: &'a [moe_core::RouterEntry],
+    routers: Vec<RouterInfo<'a>>,
     backends: Vec<BackendInfo>,
     presets: Vec<PresetInfo>,
+}
+
+/// Every router with its causality over all its option combinations.
+fn routers(registry: &RouterRegistry) -> Result<Vec<RouterInfo<'_>>, CliError> {
+    registry
+        .describe()
+        .iter()
+        .map(|entry| {
+            Ok(RouterInfo {
+                entry,
+                causality: entry.causality()?,
+            })
+        })
+        .collect()
 }
 
 /// Router presets (options of `softmax-topk`) and Hugging Face families (`moe verify`, `moe inspect`).
@@ -68,9 +92,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &ListArgs) -> Result<(), CliErro
             },
         })
         .collect();
+    let routers = routers(registry)?;
     if a.format == Format::Json {
         let r = ListReport {
-            routers: registry.describe(),
+            routers,
             backends,
             presets: presets(),
         };
@@ -81,11 +106,23 @@ pub(crate) fn run(registry: &RouterRegistry, a: &ListArgs) -> Result<(), CliErro
         return Ok(());
     }
     println!("routers:");
-    for r in registry.describe() {
-        let causal = if r.causal { "" } else { " [not causal]" };
-        println!("  {}{causal}: {}", r.name, r.description);
+    for RouterInfo {
+        entry: r,
+        causality,
+    } in &routers
+    {
+        println!("  {} [{causality}]: {}", r.name, r.description);
         for o in &r.options {
-            println!("      {} (default {}): {}", o.name, o.default, o.doc);
+            // Booleans need no list of values; an enum's values are printed after its doc.
+            let values = if o.values.len() > 2 || o.values.first().is_some_and(|&v| v != "false") {
+                format!(" [{}]", o.values.join(" | "))
+            } else {
+                String::new()
+            };
+            println!(
+                "      {} (default {}): {}{values}",
+                o.name, o.default, o.doc
+            );
         }
     }
     println!("backends:");

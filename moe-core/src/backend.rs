@@ -16,7 +16,7 @@ use crate::routing::Routing;
 pub enum RouterPath {
     /// The backend executed the router's [`RouterSpec`](crate::router::RouterSpec) on its device.
     Native,
-    /// The backend called [`Router::route`](crate::router::Router::route) on the host.
+    /// The backend called [`Router::route`] on the host.
     Host,
 }
 

@@ -1,5 +1,11 @@
-//! The router kit: what a plugin router needs to be as good as a built-in, written once. Seeded gate init, gate
-//! logits, stable top-k, softmax / sigmoid / softplus, input checks, and the limits every router shares.
+//! The router kit: what a plugin router needs to be as good as a built-in, written once and used by every built-in
+//! router. Seeded gate init ([`init_gate`], [`GATE_STREAM`]), the linear gate ([`gate_logits`]), top-k with the
+//! documented tie order ([`top_k`]), the score functions ([`softmax_in_place`], [`sigmoid`], [`softplus`],
+//! [`sqrt_softplus`]), input and parameter checks ([`check_input`], [`check_gate`], [`check_dense_experts`]) and the
+//! limits every router shares ([`MAX_DENSE_EXPERTS`], [`KEEP_LOGITS_MAX_EXPERTS`]).
+//!
+//! Shapes: `T` tokens, `d` hidden, `E` experts, `k` per token. The formulas are those of docs/ROUTERS.md, cited per
+//! item.
 
 use ndarray::{Array1, Array2, ArrayView2};
 
@@ -19,7 +25,9 @@ pub const MAX_DENSE_EXPERTS: usize = 1 << 20;
 /// Routers and device backends alike use this one limit.
 pub const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
 
-/// Router logits `x · gateᵀ (+ bias)`, `[T, E]`, in f32, computed in a fixed order (same bits on any thread count).
+/// Router logits `l = x · gateᵀ (+ bias)`, `[T, E]`, in f32 (the linear gate of every dense router, `nn.Linear`
+/// layout: `x` is `[T, d]`, `gate` is `[E, d]`, `bias` is `[E]`), computed in a fixed order so that the same input
+/// gives the same bits on any thread count and whatever the other rows hold.
 ///
 /// # Errors
 /// [`MoeError::NonFinite`] naming the token if a logit overflows to infinity or is NaN.
@@ -36,8 +44,11 @@ pub fn gate_logits(
     Ok(l)
 }
 
-/// Indices of the `k` largest values, in descending value order; ties go to the lower index. `k` is clamped to the
-/// length. `O(n)` selection plus `O(k log k)` sort.
+/// Indices of the `k` largest values (`values` is one row, `[E]`), in descending value order. The tie order is
+/// the documented one of every router (docs/ROUTERS.md §1, "Ties"): equal values go to the lower index, so a
+/// selection never depends on the thread count or the sort algorithm. Values are compared with
+/// [`f32::total_cmp`], so the order is total: `-inf` ranks below every number, NaN (which routers never pass: their
+/// inputs are checked) above `+inf`. `k` is clamped to the length. `O(E)` selection plus `O(k log k)` sort.
 pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     let k = k.min(values.len());
     if k == 0 {
@@ -53,7 +64,10 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// In-place softmax of one row, in f32 with the max subtracted (as PyTorch's `softmax(dtype=float32)`).
+/// In-place softmax of one row (`[E]` or `[k]`): `p_i = e^{l_i − m} / Σ_j e^{l_j − m}` with `m = max_j l_j`, in
+/// f32 (as PyTorch's `softmax(dtype=torch.float32)`). Subtracting the maximum keeps it finite for any finite
+/// logits, however large (`[1000, 1000]` gives `[0.5, 0.5]`); `-inf` entries get 0 as long as one entry is finite.
+/// An empty row is left as it is.
 pub fn softmax_in_place(row: &mut [f32]) {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut s = 0.0f32;
@@ -66,12 +80,15 @@ pub fn softmax_in_place(row: &mut [f32]) {
     }
 }
 
-/// `1 / (1 + e^{-x})`.
+/// The logistic function `σ(x) = 1 / (1 + e^{−x})` (DeepSeek-V3's score function, docs/ROUTERS.md §1). Saturates to
+/// 0 and 1 without NaN.
 pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// `ln(1 + e^x)`, stable for large `|x|`.
+/// `softplus(x) = ln(1 + e^x)`, stable for large `|x|`: `x` above 20 and `e^x` below −20, PyTorch's
+/// `F.softplus` threshold (there the error of either shortcut is below f32 resolution). The noise scale of noisy
+/// top-k (Shazeer et al. 2017, docs/ROUTERS.md §2).
 pub fn softplus(x: f32) -> f32 {
     if x > 20.0 {
         x
@@ -82,10 +99,17 @@ pub fn softplus(x: f32) -> f32 {
     }
 }
 
+/// The `sqrt_softplus` score `√softplus(x)` ([`ScoreFn::SqrtSoftplus`](crate::router::ScoreFn::SqrtSoftplus),
+/// docs/ROUTERS.md §1): positive, `√x` for large `x`, `e^{x/2}` for very negative `x`.
+pub fn sqrt_softplus(x: f32) -> f32 {
+    softplus(x).sqrt()
+}
+
 /// Checks `input` for a router of width `d` (`None` = any) with `n_experts` experts and top-k `k`.
 ///
 /// # Errors
-/// [`MoeError::TopK`] for `k = 0` or `k > E`, then [`RouterInput::validate`]'s errors.
+/// [`MoeError::TopK`] for `k = 0` or `k > E`, then [`RouterInput::validate`]'s errors (wrong width or lengths,
+/// a NaN or infinity naming the token).
 pub fn check_input(
     input: &RouterInput<'_>,
     d: Option<usize>,
@@ -98,7 +122,9 @@ pub fn check_input(
     input.validate(d)
 }
 
-/// A gate matrix `[E, d]` with `N(0, 1/d)` entries (the scale of `nn.Linear`-style init), seeded.
+/// A seeded gate matrix `[E, d]` with `N(0, 1/d)` entries (the scale of `nn.Linear`-style init, so logits of a
+/// unit-scale input are about unit scale), drawn from `SeqRng::new(seed, stream)` in row-major order. Registry
+/// factories pass [`GATE_STREAM`] so that every dense router of one seed starts from the same `W_g`.
 ///
 /// # Errors
 /// [`MoeError::TooLarge`] past [`MAX_DENSE_EXPERTS`] experts or `2^31` values; [`MoeError::InvalidConfig`] for a
@@ -116,13 +142,7 @@ pub fn init_gate(
             "must both be >= 1",
         ));
     }
-    if n_experts > MAX_DENSE_EXPERTS {
-        return Err(MoeError::TooLarge {
-            what: "experts".into(),
-            size: n_experts as u128,
-            limit: MAX_DENSE_EXPERTS as u128,
-        });
-    }
+    check_dense_experts(n_experts)?;
     let values = d as u128 * n_experts as u128;
     if values > (1u128 << 31) {
         return Err(MoeError::TooLarge {
@@ -146,6 +166,21 @@ pub fn check_gate(name: &str, gate: &Array2<f32>) -> Result<(), MoeError> {
     check_finite(name, gate.view())
 }
 
+/// Checks the expert count `E` of a dense-gate router against [`MAX_DENSE_EXPERTS`].
+///
+/// # Errors
+/// [`MoeError::TooLarge`] past the limit.
+pub fn check_dense_experts(n_experts: usize) -> Result<(), MoeError> {
+    if n_experts > MAX_DENSE_EXPERTS {
+        return Err(MoeError::TooLarge {
+            what: "experts".into(),
+            size: n_experts as u128,
+            limit: MAX_DENSE_EXPERTS as u128,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +192,89 @@ mod tests {
         assert_eq!(top_k(&[0.5; 5], 2), vec![0, 1]);
         assert_eq!(top_k(&[1.0], 4), vec![0]);
         assert!(top_k(&[], 1).is_empty());
+    }
+
+    #[test]
+    fn top_k_orders_infinities_and_clamps() {
+        let inf = f32::INFINITY;
+        assert_eq!(top_k(&[-inf, 0.0, inf, -1.0], 4), vec![2, 1, 3, 0]);
+        // Ties at the k-th place: the lower index wins, whatever the selection algorithm moved.
+        let v = [2.0f32, 1.0, 2.0, 1.0, 2.0, 1.0];
+        assert_eq!(top_k(&v, 4), vec![0, 2, 4, 1]);
+        assert!(top_k(&v, 0).is_empty());
+    }
+
+    #[test]
+    fn softmax_is_stable_for_large_logits() {
+        // e^{1000} overflows f32; with the max subtracted the row is [e^0, e^0] / 2.
+        let mut r = [1000.0f32, 1000.0];
+        softmax_in_place(&mut r);
+        assert_eq!(r, [0.5, 0.5]);
+        // [1000, 1000 + ln 3]: p = [1, 3] / 4 (f32 ln 3 near 1000 is off by about 3e-5 in the exponent).
+        let mut r = [1000.0f32, 1000.0 + 3f32.ln()];
+        softmax_in_place(&mut r);
+        assert!(
+            (r[0] - 0.25).abs() < 1e-4 && (r[1] - 0.75).abs() < 1e-4,
+            "{r:?}"
+        );
+        // -inf entries get 0; -1e30 and 1e30 stay finite.
+        let mut r = [f32::NEG_INFINITY, 0.0, -1e30, 1e30];
+        softmax_in_place(&mut r);
+        assert_eq!(r, [0.0, 0.0, 0.0, 1.0]);
+        let mut empty: [f32; 0] = [];
+        softmax_in_place(&mut empty);
+    }
+
+    #[test]
+    fn sigmoid_softplus_and_sqrt_softplus() {
+        // sigmoid(0) = 1/2; sigmoid(ln 3) = 1 / (1 + 1/3) = 3/4; saturation without NaN.
+        assert_eq!(sigmoid(0.0), 0.5);
+        assert!((sigmoid(3f32.ln()) - 0.75).abs() < 1e-7);
+        assert_eq!((sigmoid(-200.0), sigmoid(200.0)), (0.0, 1.0));
+        // softplus(0) = ln 2; softplus(ln 3) = ln 4; beyond ±20 the shortcuts x and e^x.
+        assert!((softplus(0.0) - 2f32.ln()).abs() < 1e-7);
+        assert!((softplus(3f32.ln()) - 4f32.ln()).abs() < 1e-6);
+        assert_eq!(softplus(30.0), 30.0);
+        assert_eq!(softplus(-30.0), (-30f32).exp());
+        // The shortcuts meet the exact formula at the threshold: ln(1 + e^20) = 20 + ln(1 + e^-20) = 20 + 2e-9.
+        assert!((softplus(20.0) - 20.0).abs() < 1e-6);
+        // sqrt_softplus(ln 3) = sqrt(ln 4) = sqrt(2 ln 2); sqrt_softplus(100) = 10; always > 0.
+        assert!((sqrt_softplus(3f32.ln()) - (2.0 * 2f32.ln()).sqrt()).abs() < 1e-6);
+        assert_eq!(sqrt_softplus(100.0), 10.0);
+        assert!(sqrt_softplus(-80.0) > 0.0);
+    }
+
+    #[test]
+    fn gate_init_and_checks() {
+        let g = init_gate(4, 3, 7, GATE_STREAM).expect("gate");
+        assert_eq!(g.dim(), (3, 4));
+        assert_eq!(g, init_gate(4, 3, 7, GATE_STREAM).expect("gate"));
+        assert_ne!(g, init_gate(4, 3, 8, GATE_STREAM).expect("gate"));
+        assert!(matches!(
+            init_gate(0, 3, 0, 0),
+            Err(MoeError::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            init_gate(1, MAX_DENSE_EXPERTS + 1, 0, 0),
+            Err(MoeError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            check_gate("g", &Array2::zeros((0, 2))),
+            Err(MoeError::Shape { .. })
+        ));
+        let x = ndarray::array![[1.0f32, 2.0]];
+        let l = gate_logits(
+            x.view(),
+            ndarray::array![[1.0f32, 0.0], [0.0, 1.0]].view(),
+            None,
+        )
+        .expect("logits");
+        assert_eq!(l, ndarray::array![[1.0f32, 2.0]]);
+        let big = ndarray::array![[f32::MAX, f32::MAX]];
+        assert!(matches!(
+            gate_logits(big.view(), ndarray::array![[1.0f32, 1.0]].view(), None),
+            Err(MoeError::NonFinite { token: 0, .. })
+        ));
     }
 
     #[test]

@@ -9,17 +9,26 @@
 //! - [`RouterSpec`]: the optional device-executable description of a built-in router.
 //! - [`Expert`] and [`ExpertBank`]: custom experts and the standard families (SwiGLU, GPT-OSS, MLP, PEER).
 //! - [`Backend`] / [`DeviceLayer`]: upload a [`MoeLayer`] once, run forwards on it.
-//! - [`RouterRegistry`]: routers by name from serde options.
+//! - [`RouterRegistry`]: routers by name from serde options; [`router_options!`] declares a router's options once
+//!   (serde config, defaults, the docs `moe list` prints) and [`RouterConfig::is_causal`] its causality.
+//! - [`kit`]: the router kit, what a plugin needs to be as good as a built-in (seeded gate init, the linear gate,
+//!   top-k with the documented tie order, softmax / sigmoid / sqrt-softplus, input checks,
+//!   [`KEEP_LOGITS_MAX_EXPERTS`]); every built-in router uses it.
 //! - [`MoeError`]: one error type whose messages name the tensor and the expected and found shapes.
 //!
-//! Shapes use one alphabet: `T` tokens, `d` hidden, `E` experts, `k` per token, `f` expert FFN width.
+//! Shapes use one alphabet: `T` tokens, `d` hidden, `E` experts, `k` per token, `f` expert FFN width. Formulas
+//! cite the papers and `docs/ROUTERS.md` of the repository ("ROUTERS.md §n" is a section of that file).
+//!
+//! A plugin depends on this crate alone, under the name `moe-core`: it re-exports [`ndarray`], [`serde`] and
+//! [`serde_json`] at the versions its signatures use. The repository's `examples/custom-router` is such a plugin,
+//! and its README section shows the `Cargo.toml` of one outside the repository.
 //!
 //! ## A plugin router in a few lines
 //!
 //! ```
 //! use moe_core::{Assignment, MoeError, Router, RouterInput, Routing};
 //!
-//! /// Sends token `t` to expert `t mod E` with weight 1.
+//! /// Sends real token `t` to expert `t mod E` with weight 1; padding tokens get no expert.
 //! #[derive(Clone, Debug)]
 //! struct RoundRobin { n_experts: usize }
 //!
@@ -30,28 +39,38 @@
 //!     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
 //!         input.validate(None)?;
 //!         let t = input.n_tokens();
-//!         let kept = (0..t)
-//!             .map(|i| Assignment { token: i as u32, expert: (i % self.n_experts) as u32, weight: 1.0, rank: 0 })
+//!         let real: Vec<usize> = (0..t).filter(|&i| !input.is_padding(i)).collect();
+//!         let kept = real
+//!             .iter()
+//!             .map(|&i| Assignment { token: i as u32, expert: (i % self.n_experts) as u32, weight: 1.0, rank: 0 })
 //!             .collect();
-//!         Routing::new(t, self.n_experts, t, kept, Vec::new())
+//!         Routing::new(t, self.n_experts, real.len(), kept, Vec::new())
 //!     }
 //! }
 //!
-//! let x = ndarray::Array2::<f32>::zeros((6, 4));
+//! let x = moe_core::ndarray::Array2::<f32>::zeros((6, 4));
 //! let plan = RoundRobin { n_experts: 3 }.route(&RouterInput::new(x.view()))?;
 //! assert_eq!(plan.expert_counts(), vec![2, 2, 2]);
 //! assert_eq!(plan.diagnostics().cv, 0.0);
+//! let padded = RoundRobin { n_experts: 3 }
+//!     .route(&RouterInput::new(x.view()).with_padding(&[false, true, false, false, false, true]))?;
+//! assert_eq!((padded.n_slots(), padded.n_real_tokens()), (4, 4));
 //! # Ok::<(), MoeError>(())
 //! ```
 //!
 //! ## Features
-//! - `testing`: `testing::check_router`, the conformance suite for routers (plugin authors enable it in their
-//!   dev-dependencies).
+//! - `testing`: the conformance suite for routers, [`testing::check_router`] (weights, determinism, empty input,
+//!   NaN, width, padding, causality) and [`testing::check_registered`] (a registry entry over every combination of
+//!   its enum and boolean options); plugin authors enable it in their dev-dependencies. Its docs are built
+//!   whatever the features.
 
 // What a plugin's signatures need, at the versions moe-core uses: a plugin depends on moe-core alone.
 pub use ndarray;
 pub use serde;
 pub use serde_json;
+
+// The serde attributes that `router_options!` generates name this crate `moe_core`, in plugins and here alike.
+extern crate self as moe_core;
 
 pub mod backend;
 pub mod error;
@@ -66,7 +85,8 @@ pub mod rng;
 pub mod router;
 pub mod routing;
 pub mod stats;
-#[cfg(any(test, feature = "testing"))]
+// Documented in every doc build (`cfg(doc)`), so a plugin's `cargo doc` shows it; compiled for code with the feature.
+#[cfg(any(test, doc, feature = "testing"))]
 pub mod testing;
 pub mod workload;
 
@@ -79,7 +99,10 @@ pub use kit::KEEP_LOGITS_MAX_EXPERTS;
 pub use layer::MoeLayer;
 pub use loss::{AuxLoss, AuxLossKind, LbNorm};
 pub use params::{Param, ParamMut};
-pub use registry::{OptionDoc, RouterArgs, RouterEntry, RouterFactory, RouterRegistry};
+pub use registry::{
+    CausalFn, Causality, OptionDoc, RouterArgs, RouterConfig, RouterEntry, RouterFactory,
+    RouterOptions, RouterRegistry,
+};
 pub use router::{
     DropPolicy, GroupLimit, Mode, Router, RouterInput, RouterSpec, ScoreFn, SwitchSpec, TopKOrder,
     TopKSpec,

@@ -1,48 +1,54 @@
 //! The router conformance suite (feature `testing`): checks any [`Router`] against the contract, so plugin authors
-//! test their router the same way the built-ins are tested.
+//! test their router the same way the built-ins are tested. [`check_router`] checks one router instance,
+//! [`check_registered`] a registry entry over every combination of its finite-valued options.
 
 use ndarray::Array2;
 
 use crate::error::MoeError;
+use crate::registry::{RouterArgs, RouterRegistry};
 use crate::rng::SeqRng;
 use crate::router::{Mode, Router, RouterInput};
+use crate::routing::Routing;
+
+/// Tokens of the suite's input.
+const T: usize = 64;
 
 /// Runs the conformance checks on `router` with hidden width `d` and returns the first failure as text:
-/// - every assignment names a real token and expert, with a finite weight `>= 0` (checked by [`Routing::new`](crate::routing::Routing::new));
+/// - every assignment names a real token and expert, with a finite weight `>= 0` (checked by [`Routing::new`]);
 /// - the same input and seed give the identical plan, in eval and in train mode;
 /// - `T = 0` gives an empty plan;
 /// - a NaN in the input gives [`MoeError::NonFinite`] naming the token;
-/// - a wrong width gives [`MoeError::Shape`] (when the router has a fixed width).
+/// - a wrong width gives [`MoeError::Shape`] (when the router has a fixed width);
+/// - padding ([`check_padding`]): padding tokens get no assignment, kept or dropped, and are left out of
+///   [`Routing::n_real_tokens`];
+/// - causality ([`check_causal`]), when [`Router::is_causal`] says so.
 ///
 /// Token ids `0..T` are supplied so that hash-style routers can be checked too.
 ///
 /// # Errors
 /// A description of the first violated property.
 pub fn check_router(router: &dyn Router, d: usize) -> Result<(), String> {
-    let t = 64usize;
-    let mut rng = SeqRng::new(0xC0FFEE, 0);
-    let x: Array2<f32> = rng.normal_matrix(t, d, 1.0);
-    let ids: Vec<u32> = (0..t as u32).collect();
+    let name = router.name();
+    let x = suite_input(d, 0);
+    let ids: Vec<u32> = (0..T as u32).collect();
     for mode in [Mode::Eval, Mode::Train { seed: 3 }] {
         let input = RouterInput::new(x.view())
             .with_token_ids(&ids)
             .with_mode(mode);
         let a = router
             .route(&input)
-            .map_err(|e| format!("{}: route failed: {e}", router.name()))?;
+            .map_err(|e| format!("{name}: route failed: {e}"))?;
         let b = router
             .route(&input)
-            .map_err(|e| format!("{}: second route failed: {e}", router.name()))?;
+            .map_err(|e| format!("{name}: second route failed: {e}"))?;
         if a != b {
             return Err(format!(
-                "{}: the same input and mode {mode:?} gave different plans",
-                router.name()
+                "{name}: the same input and mode {mode:?} gave different plans"
             ));
         }
-        if a.n_tokens() != t || a.n_experts() != router.n_experts() {
+        if a.n_tokens() != T || a.n_experts() != router.n_experts() {
             return Err(format!(
-                "{}: plan has T = {}, E = {}",
-                router.name(),
+                "{name}: plan has T = {}, E = {}",
                 a.n_tokens(),
                 a.n_experts()
             ));
@@ -51,28 +57,219 @@ pub fn check_router(router: &dyn Router, d: usize) -> Result<(), String> {
     let empty = Array2::<f32>::zeros((0, d));
     let r = router
         .route(&RouterInput::new(empty.view()).with_token_ids(&[]))
-        .map_err(|e| format!("{}: T = 0 failed: {e}", router.name()))?;
+        .map_err(|e| format!("{name}: T = 0 failed: {e}"))?;
     if r.n_slots() != 0 {
-        return Err(format!(
-            "{}: T = 0 gave {} assignments",
-            router.name(),
-            r.n_slots()
-        ));
+        return Err(format!("{name}: T = 0 gave {} assignments", r.n_slots()));
     }
     let mut bad = x.clone();
     bad[[5, 0]] = f32::NAN;
     match router.route(&RouterInput::new(bad.view()).with_token_ids(&ids)) {
         Err(MoeError::NonFinite { token: 5, .. }) => {}
-        other => return Err(format!("{}: NaN at token 5 gave {other:?}", router.name())),
+        other => return Err(format!("{name}: NaN at token 5 gave {other:?}")),
     }
     if router.d_model().is_some() {
         let wrong = Array2::<f32>::zeros((4, d + 1));
         match router.route(&RouterInput::new(wrong.view()).with_token_ids(&ids[..4])) {
             Err(MoeError::Shape { .. }) => {}
-            other => return Err(format!("{}: wrong width gave {other:?}", router.name())),
+            other => return Err(format!("{name}: wrong width gave {other:?}")),
+        }
+    }
+    check_padding(router, d)?;
+    if router.is_causal() {
+        check_causal(router, d)?;
+    }
+    Ok(())
+}
+
+/// The suite's hidden states `[T, d]`, `N(0, 1)`, from stream `stream`.
+fn suite_input(d: usize, stream: u64) -> Array2<f32> {
+    SeqRng::new(0xC0FFEE, stream).normal_matrix(T, d, 1.0)
+}
+
+/// Checks padding on the suite's input, in eval and train mode: with every third token and the last two marked as
+/// padding, no assignment (kept or dropped) names a padding token and [`Routing::n_real_tokens`] counts the others;
+/// with every token padding, the plan is empty and counts no real token.
+///
+/// # Errors
+/// A description of the first violation, naming the token.
+pub fn check_padding(router: &dyn Router, d: usize) -> Result<(), String> {
+    let name = router.name();
+    let x = suite_input(d, 0);
+    let ids: Vec<u32> = (0..T as u32).collect();
+    let some: Vec<bool> = (0..T).map(|t| t % 3 == 1 || t + 2 >= T).collect();
+    let all = vec![true; T];
+    for padding in [&some, &all] {
+        let n_real = padding.iter().filter(|&&p| !p).count();
+        for mode in [Mode::Eval, Mode::Train { seed: 5 }] {
+            let input = RouterInput::new(x.view())
+                .with_token_ids(&ids)
+                .with_padding(padding)
+                .with_mode(mode);
+            let plan = router
+                .route(&input)
+                .map_err(|e| format!("{name}: route with padding failed: {e}"))?;
+            let on_padding = plan
+                .slot_tokens()
+                .iter()
+                .copied()
+                .chain(plan.dropped().iter().map(|a| a.token))
+                .find(|&t| padding.get(t as usize).copied().unwrap_or(false));
+            if let Some(t) = on_padding {
+                return Err(format!(
+                    "{name}: padding token {t} got an assignment ({mode:?}, {n_real} real tokens)"
+                ));
+            }
+            if plan.n_real_tokens() != n_real {
+                return Err(format!(
+                    "{name}: n_real_tokens = {} with {n_real} non-padding tokens ({mode:?})",
+                    plan.n_real_tokens()
+                ));
+            }
         }
     }
     Ok(())
+}
+
+/// Checks the causality a router claims, on the suite's input in eval and train mode: for several split points
+/// `p`, replacing the hidden states and token ids of tokens `p..T` by others must leave the assignments (kept and
+/// dropped: expert, weight bits, rank) of tokens `0..p` unchanged.
+///
+/// The token count stays the same, so a capacity computed from `T` (`ceil(T / E · cf)`) with first-come drops
+/// passes, as it should: it never lets a later token displace an earlier one. Routing a prefix alone would
+/// change such a capacity, so it is not the property checked.
+///
+/// # Errors
+/// A description of the first split point where a later token changed an earlier token's routing.
+pub fn check_causal(router: &dyn Router, d: usize) -> Result<(), String> {
+    let name = router.name();
+    let x = suite_input(d, 0);
+    let other = suite_input(d, 1);
+    let ids: Vec<u32> = (0..T as u32).collect();
+    for p in [1, T / 4, T / 2, T - 1] {
+        let mut y = x.clone();
+        y.slice_mut(ndarray::s![p.., ..])
+            .assign(&other.slice(ndarray::s![p.., ..]));
+        // Later ids are reversed, so they stay below T (a vocabulary of T ids is enough).
+        let y_ids: Vec<u32> = (0..T as u32)
+            .map(|t| {
+                if (t as usize) < p {
+                    t
+                } else {
+                    T as u32 - 1 - t + p as u32
+                }
+            })
+            .collect();
+        for mode in [Mode::Eval, Mode::Train { seed: 7 }] {
+            let route = |h: &Array2<f32>, ids: &[u32]| {
+                router
+                    .route(
+                        &RouterInput::new(h.view())
+                            .with_token_ids(ids)
+                            .with_mode(mode),
+                    )
+                    .map(|r| decisions_before(&r, p))
+                    .map_err(|e| format!("{name}: route failed in the causality check: {e}"))
+            };
+            let (a, b) = (route(&x, &ids)?, route(&y, &y_ids)?);
+            if a != b {
+                let first = a
+                    .iter()
+                    .zip(&b)
+                    .find(|(u, v)| u != v)
+                    .map_or_else(|| "a token".to_string(), |(u, _)| format!("token {}", u.0));
+                return Err(format!(
+                    "{name} claims to be causal, but changing tokens {p}.. changed the routing of {first} \
+                     ({mode:?})"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The decisions about tokens `0..p`: `(token, expert, weight bits, rank, kept)`, sorted.
+fn decisions_before(r: &Routing, p: usize) -> Vec<(u32, u32, u32, u16, bool)> {
+    let mut out: Vec<(u32, u32, u32, u16, bool)> = Vec::new();
+    for g in r.groups() {
+        for (j, (&t, &w)) in g.tokens.iter().zip(g.weights).enumerate() {
+            if (t as usize) < p {
+                let rank = r.slot_ranks().get(g.slot_start + j).copied().unwrap_or(0);
+                out.push((t, g.expert as u32, w.to_bits(), rank, true));
+            }
+        }
+    }
+    for a in r.dropped() {
+        if (a.token as usize) < p {
+            out.push((a.token, a.expert, a.weight.to_bits(), a.rank, false));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// What [`check_registered`] covered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GridCheck {
+    /// Option combinations enumerated.
+    pub combinations: usize,
+    /// Combinations the factory built (and that were checked); the others were refused with a typed error.
+    pub built: usize,
+    /// Built routers that say they are causal.
+    pub causal: usize,
+}
+
+/// Checks registry entry `name` over every combination of its finite-valued options (enums and booleans, each
+/// also unset) that `args` does not set ([`RouterEntry::option_grid`](crate::registry::RouterEntry::option_grid)):
+/// for each combination the factory accepts, the entry's causality equals the built router's
+/// [`Router::is_causal`], and the router passes [`check_router`] (padding, and causality where claimed,
+/// included). Combinations the factory refuses with [`MoeError::InvalidConfig`] or [`MoeError::TopK`] are
+/// skipped; `args` can set the options such combinations need (for example a capacity that one value requires).
+///
+/// # Errors
+/// A description of the first disagreement or failure, naming the options; also when no combination builds.
+pub fn check_registered(
+    registry: &RouterRegistry,
+    name: &str,
+    args: &RouterArgs,
+) -> Result<GridCheck, String> {
+    let entry = registry
+        .get(name)
+        .ok_or_else(|| format!("{name} is not registered"))?;
+    let grid = entry
+        .option_grid(args)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let mut check = GridCheck {
+        combinations: grid.len(),
+        built: 0,
+        causal: 0,
+    };
+    for a in &grid {
+        let opts = serde_json::Value::Object(a.options.clone());
+        let router = match registry.create(name, a) {
+            Ok(r) => r,
+            Err(MoeError::InvalidConfig { .. } | MoeError::TopK { .. }) => continue,
+            Err(e) => return Err(format!("{name} {opts}: {e}")),
+        };
+        let listed = entry
+            .is_causal(a)
+            .map_err(|e| format!("{name} {opts}: the registry cannot answer causality: {e}"))?;
+        if listed != router.is_causal() {
+            return Err(format!(
+                "{name} {opts}: the registry says causal = {listed}, the router says {}",
+                router.is_causal()
+            ));
+        }
+        check_router(router.as_ref(), a.d_model).map_err(|e| format!("{opts}: {e}"))?;
+        check.built += 1;
+        check.causal += usize::from(listed);
+    }
+    if check.built == 0 {
+        return Err(format!(
+            "{name}: none of the {} option combinations built",
+            check.combinations
+        ));
+    }
+    Ok(check)
 }
 
 /// A router that returns the same plan for every input (of the right width): lets a backend test control exactly

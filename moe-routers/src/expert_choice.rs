@@ -1,19 +1,14 @@
-//! Expert choice routing (Zhou et al. 2022, ROUTERS.md §5): every expert takes its top `C = ceil(T·c/E)` tokens by
+//! Expert choice routing (Zhou et al. 2022, arXiv 2202.09368; docs/ROUTERS.md §5): every expert takes its top `C = ceil(T·c/E)` tokens by
 //! softmax score, so the load is balanced by construction. It looks at the whole batch: **not causal**.
 
 use ndarray::Array2;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::{
-    Assignment, MoeError, OptionDoc, Router, RouterArgs, RouterEntry, RouterInput, RouterRegistry,
-    Routing,
+    Assignment, KEEP_LOGITS_MAX_EXPERTS, MoeError, Param, ParamMut, Router, RouterArgs,
+    RouterConfig, RouterEntry, RouterInput, RouterRegistry, Routing,
 };
-
-use crate::util::{self, GATE_STREAM};
-
-/// Router logits are kept in the plan (for verification) when `E` is at most this.
-const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
 
 /// Largest `T · E` a single call accepts: the router holds a few `[T, E]` f32 tables.
 const MAX_SCORE_VALUES: u128 = 1 << 31;
@@ -25,20 +20,21 @@ pub const DEFAULT_CAPACITY_FACTOR: f64 = 2.0;
 /// ulps above it in binary (`10 · 1.1 / 11`) is not rounded up to the next integer.
 const CEIL_SLACK: f64 = 1e-12;
 
-/// Options of [`ExpertChoice`]; every field is optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExpertChoiceConfig {
-    /// Capacity factor `c` in `C = ceil(T · c / E)` tokens per expert (default 2; finite, > 0).
-    pub capacity_factor: Option<f64>,
+moe_core::router_options! {
+    /// Options of [`ExpertChoice`]; every field is optional.
+    pub struct ExpertChoiceConfig {
+        /// c in C = ceil(T · c / E) tokens per expert, T = the non-padding tokens of the batch; finite, > 0.
+        capacity_factor: f64 = DEFAULT_CAPACITY_FACTOR,
+    }
 }
 
-/// The option docs of `expert-choice`.
-pub const OPTIONS: &[OptionDoc] = &[OptionDoc {
-    name: "capacity_factor",
-    default: "2.0",
-    doc: "c in C = ceil(T * c / E) tokens per expert, T = non-padding tokens of the batch; finite, > 0",
-}];
+impl RouterConfig for ExpertChoiceConfig {
+    /// Never causal: whether an expert picks a token depends on the scores of every token of the batch, later ones
+    /// included.
+    fn is_causal(&self) -> bool {
+        false
+    }
+}
 
 impl ExpertChoiceConfig {
     /// Resolves the defaults and builds the router around `gate` (`[E, d]`).
@@ -46,10 +42,7 @@ impl ExpertChoiceConfig {
     /// # Errors
     /// As [`ExpertChoice::new`].
     pub fn build(&self, gate: Array2<f32>) -> Result<ExpertChoice, MoeError> {
-        ExpertChoice::new(
-            gate,
-            self.capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR),
-        )
+        ExpertChoice::new(gate, self.capacity_factor())
     }
 }
 
@@ -76,17 +69,11 @@ impl ExpertChoice {
     ///
     /// # Errors
     /// [`MoeError::Shape`] for an empty gate, [`MoeError::NonFinite`] for a NaN or infinity in it,
-    /// [`MoeError::TooLarge`] past [`util::MAX_DENSE_EXPERTS`] experts, [`MoeError::InvalidConfig`] for a capacity
+    /// [`MoeError::TooLarge`] past [`kit::MAX_DENSE_EXPERTS`] experts, [`MoeError::InvalidConfig`] for a capacity
     /// factor that is not finite and `> 0`.
     pub fn new(gate: Array2<f32>, capacity_factor: f64) -> Result<Self, MoeError> {
-        util::check_gate("w_gate", &gate)?;
-        if gate.nrows() > util::MAX_DENSE_EXPERTS {
-            return Err(MoeError::TooLarge {
-                what: "experts".into(),
-                size: gate.nrows() as u128,
-                limit: util::MAX_DENSE_EXPERTS as u128,
-            });
-        }
+        kit::check_gate("w_gate", &gate)?;
+        kit::check_dense_experts(gate.nrows())?;
         if !capacity_factor.is_finite() || capacity_factor <= 0.0 {
             return Err(MoeError::config(
                 "capacity_factor",
@@ -139,9 +126,18 @@ impl Router for ExpertChoice {
         Some(self.gate.ncols())
     }
 
-    /// Always `false`: an expert's choice of tokens depends on the whole batch.
+    /// [`ExpertChoiceConfig::is_causal`]: always `false`, an expert's choice of tokens depends on the whole batch.
     fn is_causal(&self) -> bool {
-        false
+        ExpertChoiceConfig::default().is_causal()
+    }
+
+    /// `gate`: `W_g`, `[E, d]`.
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![Param::new("gate", self.gate.view())]
+    }
+
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        vec![ParamMut::new("gate", self.gate.view_mut())]
     }
 
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
@@ -155,14 +151,14 @@ impl Router for ExpertChoice {
                 limit: MAX_SCORE_VALUES,
             });
         }
-        let logits = util::gate_logits(input.hidden, self.gate.view(), None)?;
+        let logits = kit::gate_logits(input.hidden, self.gate.view(), None)?;
         let real: Vec<usize> = (0..t).filter(|&i| !input.is_padding(i)).collect();
         // S over experts, one row per real token, in f32 as every reference computes router probabilities.
         let scores: Vec<Vec<f32>> = real
             .par_iter()
             .map(|&i| {
                 let mut row = logits.row(i).to_vec();
-                util::softmax_in_place(&mut row);
+                kit::softmax_in_place(&mut row);
                 row
             })
             .collect();
@@ -176,7 +172,7 @@ impl Router for ExpertChoice {
                     .iter()
                     .map(|row| row.get(ex).copied().unwrap_or(0.0))
                     .collect();
-                util::top_k(&column, cap)
+                kit::top_k(&column, cap)
             })
             .collect();
         let mut per_token: Vec<Vec<(u32, f32)>> = vec![Vec::new(); real.len()];
@@ -212,7 +208,7 @@ impl Router for ExpertChoice {
 
 fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
     let cfg: ExpertChoiceConfig = args.parse("expert-choice")?;
-    let gate = util::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
+    let gate = kit::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
     Ok(Box::new(cfg.build(gate)?))
 }
 
@@ -221,13 +217,11 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    reg.register(RouterEntry {
-        name: "expert-choice".into(),
-        description: "each expert takes its top ceil(T*c/E) tokens (Zhou 2022); not causal".into(),
-        causal: false,
-        options: OPTIONS.to_vec(),
+    reg.register(RouterEntry::new::<ExpertChoiceConfig>(
+        "expert-choice",
+        "each expert takes its top ceil(T*c/E) tokens (Zhou 2022); not causal",
         factory,
-    })
+    ))
 }
 
 #[cfg(test)]
@@ -344,7 +338,7 @@ mod tests {
 
     #[test]
     fn train_equals_eval_and_is_deterministic() {
-        let gate = util::init_gate(8, 5, 3, GATE_STREAM).expect("gate");
+        let gate = kit::init_gate(8, 5, 3, GATE_STREAM).expect("gate");
         let r = ExpertChoice::new(gate, 1.5).expect("router");
         let x = moe_core::rng::SeqRng::new(4, 0).normal_matrix(37, 8, 1.0);
         let eval = r.route(&RouterInput::new(x.view())).expect("route");
@@ -364,8 +358,12 @@ mod tests {
     fn registry_marks_not_causal() {
         let mut reg = RouterRegistry::new();
         register(&mut reg).expect("register");
-        assert!(reg.get("expert-choice").is_some_and(|e| !e.causal));
         let args = RouterArgs::new(8, 4, 2, 0).with_option("capacity_factor", 1.0);
+        assert!(
+            reg.get("expert-choice")
+                .is_some_and(|e| e.is_causal(&args) == Ok(false)
+                    && e.causality() == Ok(moe_core::Causality::NotCausal))
+        );
         let r = reg.create("expert-choice", &args).expect("create");
         assert!(!r.is_causal());
         let bad = RouterArgs::new(8, 4, 2, 0).with_option("capacity_factor", -2.0);
@@ -383,7 +381,7 @@ mod tests {
     #[test]
     fn conformance() {
         for (e, c) in [(1, 1.0), (6, 2.0), (16, 0.5)] {
-            let gate = util::init_gate(12, e, 1, GATE_STREAM).expect("gate");
+            let gate = kit::init_gate(12, e, 1, GATE_STREAM).expect("gate");
             let r = ExpertChoice::new(gate, c).expect("router");
             moe_core::testing::check_router(&r, 12).expect("conformance");
         }

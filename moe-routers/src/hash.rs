@@ -1,4 +1,4 @@
-//! Hash routing (Roller et al. 2021, arXiv 2106.04426; ROUTERS.md §4): the expert is a fixed function of the token
+//! Hash routing (Roller et al. 2021, arXiv 2106.04426; docs/ROUTERS.md §4): the expert is a fixed function of the token
 //! id, chosen before training, with no balancing loss. Tables: seeded random, frequency-balanced, or `id mod E`;
 //! k-way hashing takes experts `(h(id) + j) mod E` for `j = 0..k`, weighted uniformly or by a gate.
 //!
@@ -12,13 +12,12 @@ use ndarray::{Array2, ArrayView1};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::CounterRng;
 use moe_core::{
-    Assignment, MoeError, OptionDoc, Router, RouterArgs, RouterEntry, RouterInput, RouterRegistry,
-    Routing,
+    Assignment, MoeError, Param, ParamMut, Router, RouterArgs, RouterConfig, RouterEntry,
+    RouterInput, RouterRegistry, Routing,
 };
-
-use crate::util::{self, GATE_STREAM};
 
 /// Random stream of the random hash table in registry factories (the gate uses [`GATE_STREAM`]).
 pub const HASH_STREAM: u64 = 2;
@@ -54,50 +53,30 @@ pub enum HashWeights {
     Gate,
 }
 
-/// Options of [`HashRouter`]; every field is optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HashRouterConfig {
-    /// `random` (default), `balanced` (needs `counts`) or `modulo`.
-    pub table: Option<HashTable>,
-    /// Vocabulary size of the random table (default 32 000); ids `>= vocab` are an error.
-    pub vocab: Option<usize>,
-    /// Token frequencies `[V]` for `table = balanced` (index = token id); the vocabulary is their length.
-    pub counts: Option<Vec<u64>>,
-    /// Experts per token (default 1, the paper's hash layer; the layer's k is not used).
-    pub k: Option<usize>,
-    /// `uniform` (default, `1/k`) or `gate` (softmax over the chosen experts' gate logits).
-    pub weights: Option<HashWeights>,
+moe_core::router_options! {
+    /// Options of [`HashRouter`]; every field is optional.
+    pub struct HashRouterConfig {
+        /// The hash h(token id): a seeded random table, a frequency-balanced one (needs counts), or id mod E.
+        table: HashTable = HashTable::Random,
+        /// Vocabulary size of the random table; a token id >= vocab is an error (not used by the other tables).
+        vocab: usize = DEFAULT_VOCAB,
+        /// JSON array of token frequencies (index = id) for table = balanced; the vocabulary is its length.
+        counts: Vec<u64>,
+        /// Experts per token: (h(id) + j) mod E for j = 0..k (the paper's hash layer has 1; the layer's k is not
+        /// used).
+        k: usize = 1,
+        /// Weights of the k experts: uniform 1/k, or gate (softmax over their gate logits x · W_g[e], which fixes
+        /// the width d).
+        weights: HashWeights = HashWeights::Uniform,
+    }
 }
 
-/// The option docs of `hash`.
-pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc {
-        name: "table",
-        default: "random",
-        doc: "random | balanced (needs counts) | modulo: the hash h(token id)",
-    },
-    OptionDoc {
-        name: "vocab",
-        default: "32000",
-        doc: "vocabulary size of the random table; a token id >= vocab is an error",
-    },
-    OptionDoc {
-        name: "counts",
-        default: "none",
-        doc: "JSON array of token frequencies (index = id) for table = balanced; vocab = its length",
-    },
-    OptionDoc {
-        name: "k",
-        default: "1",
-        doc: "experts per token: (h(id) + j) mod E for j = 0..k (the layer's k is not used)",
-    },
-    OptionDoc {
-        name: "weights",
-        default: "uniform",
-        doc: "uniform (1/k each) | gate (softmax over the k chosen experts' logits x·W_g[e])",
-    },
-];
+impl RouterConfig for HashRouterConfig {
+    /// Always causal: a token's experts are a function of its own id (and its weights of its own hidden state).
+    fn is_causal(&self) -> bool {
+        true
+    }
+}
 
 /// Hash router: token `t` with id `v` goes to experts `(h(v) + j) mod E`, `j = 0..k` (distinct since `k <= E`),
 /// rank `j`, weight `1/k` or the gate softmax. Needs [`RouterInput::token_ids`]; takes any hidden width unless a
@@ -126,8 +105,7 @@ impl HashRouterConfig {
         n_experts: usize,
         seed: u64,
     ) -> Result<HashRouter, MoeError> {
-        let table = self.table.unwrap_or_default();
-        let k = self.k.unwrap_or(1);
+        let (table, k) = (self.table(), self.k());
         let router = match table {
             HashTable::Random => {
                 if self.counts.is_some() {
@@ -137,7 +115,7 @@ impl HashRouterConfig {
                         "counts are only used with table = balanced",
                     ));
                 }
-                HashRouter::random(self.vocab.unwrap_or(DEFAULT_VOCAB), n_experts, k, seed)?
+                HashRouter::random(self.vocab(), n_experts, k, seed)?
             }
             HashTable::Balanced => {
                 let Some(counts) = &self.counts else {
@@ -179,10 +157,10 @@ impl HashRouterConfig {
                 HashRouter::modulo(n_experts, k)?
             }
         };
-        match self.weights.unwrap_or_default() {
+        match self.weights() {
             HashWeights::Uniform => Ok(router),
             HashWeights::Gate => {
-                router.with_gate(util::init_gate(d_model, n_experts, seed, GATE_STREAM)?)
+                router.with_gate(kit::init_gate(d_model, n_experts, seed, GATE_STREAM)?)
             }
         }
     }
@@ -331,7 +309,7 @@ impl HashRouter {
     /// # Errors
     /// [`MoeError::Shape`] for a gate that is not `[E, d >= 1]`; [`MoeError::NonFinite`] for a non-finite entry.
     pub fn with_gate(mut self, gate: Array2<f32>) -> Result<Self, MoeError> {
-        util::check_gate("hash gate.weight", &gate)?;
+        kit::check_gate("hash gate.weight", &gate)?;
         if gate.nrows() != self.n_experts {
             return Err(MoeError::shape(
                 "hash gate.weight",
@@ -399,7 +377,7 @@ impl HashRouter {
                         value: v,
                     });
                 }
-                util::softmax_in_place(&mut l);
+                kit::softmax_in_place(&mut l);
                 l
             }
         };
@@ -423,8 +401,29 @@ impl Router for HashRouter {
         self.gate.as_ref().map(|g| g.ncols())
     }
 
+    /// [`HashRouterConfig::is_causal`]: always `true`.
+    fn is_causal(&self) -> bool {
+        HashRouterConfig::default().is_causal()
+    }
+
+    /// `gate` (`[E, d]`) with `weights = gate`; none otherwise. The hash table (`[V]` expert ids, `u32`) is not a
+    /// parameter: it is fixed before training and is not f32 (read it with [`HashRouter::table`]).
+    fn params(&self) -> Vec<Param<'_>> {
+        self.gate
+            .iter()
+            .map(|g| Param::new("gate", g.view()))
+            .collect()
+    }
+
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        self.gate
+            .iter_mut()
+            .map(|g| ParamMut::new("gate", g.view_mut()))
+            .collect()
+    }
+
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
-        util::check_input(input, self.d_model(), self.n_experts, self.k)?;
+        kit::check_input(input, self.d_model(), self.n_experts, self.k)?;
         let ids = input.token_ids.ok_or_else(|| MoeError::MissingInput {
             router: "hash".into(),
             what: "token ids".into(),
@@ -473,13 +472,11 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    reg.register(RouterEntry {
-        name: "hash".into(),
-        description: "hash of token ids (Roller 2021): random, balanced or modulo table, k-way, uniform or gate weights".into(),
-        causal: true,
-        options: OPTIONS.to_vec(),
+    reg.register(RouterEntry::new::<HashRouterConfig>(
+        "hash",
+        "hash of token ids (Roller 2021): random, balanced or modulo table, k-way, uniform or gate weights",
         factory,
-    })
+    ))
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! # moe-routers
 //!
-//! The six built-in routers of moe-rs, each a plugin of the same [`moe_core::Router`] API and registered in
-//! [`builtin`] exactly as a third-party router would be:
+//! The six built-in routers of moe-rs, each a plugin of the same [`moe_core::Router`] API, built from the same
+//! router kit ([`moe_core::kit`]), with options declared by [`moe_core::router_options!`], and registered in
+//! [`builtin`] exactly as a third-party router would be. Formulas cite the papers and the repository's
+//! `docs/ROUTERS.md`. Causality comes from each config's [`moe_core::RouterConfig::is_causal`]; `moe list` prints it.
 //!
 //! | name | type | what |
 //! | --- | --- | --- |
 //! | `softmax-topk` | [`SoftmaxTopK`] | token-choice top-k: softmax / sigmoid / sqrt-softplus scores, either order, renormalisation, scaling, group-limited selection, correction bias; presets `mixtral`, `qwen2_moe`, `olmoe`, `granite`, `deepseek_v3` |
 //! | `noisy-topk` | [`NoisyTopK`] | Shazeer 2017: learned noise, KeepTopK, importance and smooth load losses |
-//! | `switch-top1` | [`SwitchTop1`] | Switch top-1 with capacity (named roundings), drop policies, jitter, aux and z-loss |
+//! | `switch-top1` | [`SwitchTop1`] | Switch top-1 with capacity (named roundings), drop policies, jitter, aux and z-loss; causal only with `drop = position` |
 //! | `hash` | [`HashRouter`] | random / balanced / modulo / k-way hash of token ids |
 //! | `expert-choice` | [`ExpertChoice`] | each expert takes its top `C = ceil(T·c/E)` tokens; **not causal** |
 //! | `peer` | [`Peer`] | product-key retrieval over `n²` singleton experts, exact top-k, multi-head |
@@ -29,7 +31,6 @@ pub mod noisy_topk;
 pub mod peer;
 pub mod softmax_topk;
 pub mod switch;
-pub mod util;
 
 pub use expert_choice::{ExpertChoice, ExpertChoiceConfig};
 pub use hash::{HashRouter, HashRouterConfig};

@@ -1,21 +1,17 @@
-//! Noisy top-k gating (Shazeer et al. 2017, ROUTERS.md §2): learned Gaussian noise in training, KeepTopK, softmax
+//! Noisy top-k gating (Shazeer et al. 2017, arXiv 1701.06538; docs/ROUTERS.md §2): learned Gaussian noise in training, KeepTopK, softmax
 //! over the kept noisy logits, and the importance and smooth load losses.
 
 use ndarray::{Array2, ArrayView1};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::math::normal_cdf;
 use moe_core::rng::CounterRng;
 use moe_core::{
-    Assignment, AuxLoss, AuxLossKind, Mode, MoeError, OptionDoc, Router, RouterArgs, RouterEntry,
-    RouterInput, RouterRegistry, Routing, check_finite, loss,
+    Assignment, AuxLoss, AuxLossKind, KEEP_LOGITS_MAX_EXPERTS, Mode, MoeError, Param, ParamMut,
+    Router, RouterArgs, RouterConfig, RouterEntry, RouterInput, RouterRegistry, Routing,
+    check_finite, loss,
 };
-
-use crate::util::{self, GATE_STREAM};
-
-/// Router logits are kept in the plan (for verification) when `E` is at most this.
-const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
 
 /// Largest `T · E` a single call accepts: the router holds a few `[T, E]` f32 tables.
 const MAX_SCORE_VALUES: u128 = 1 << 31;
@@ -33,43 +29,28 @@ pub const DEFAULT_NOISE_EPSILON: f32 = 1e-2;
 /// Default coefficient of both losses (Shazeer's reference: 1e-2).
 pub const DEFAULT_LOSS_COEFFICIENT: f32 = 1e-2;
 
-/// Options of [`NoisyTopK`]; every field is optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoisyTopKConfig {
-    /// Experts per token (default: the layer's k).
-    pub k: Option<usize>,
-    /// Floor of the noise std, `σ = softplus(x · W_noiseᵀ) + noise_epsilon` (default 1e-2; finite, > 0).
-    pub noise_epsilon: Option<f32>,
-    /// Coefficient reported with the importance loss (default 1e-2; finite, >= 0).
-    pub w_importance: Option<f32>,
-    /// Coefficient reported with the load loss (default 1e-2; finite, >= 0).
-    pub w_load: Option<f32>,
+moe_core::router_options! {
+    /// Options of [`NoisyTopK`]; every field is optional.
+    pub struct NoisyTopKConfig {
+        /// Experts per token.
+        #[default_doc = "layer k"]
+        k: usize,
+        /// Floor of the noise std: σ = softplus(x · W_noiseᵀ) + noise_epsilon; finite, > 0.
+        noise_epsilon: f32 = DEFAULT_NOISE_EPSILON,
+        /// Coefficient reported with the importance loss CV²(Σ_t G(x_t)); finite, >= 0.
+        w_importance: f32 = DEFAULT_LOSS_COEFFICIENT,
+        /// Coefficient reported with the load loss CV²(Σ_t P(x_t, e)); finite, >= 0.
+        w_load: f32 = DEFAULT_LOSS_COEFFICIENT,
+    }
 }
 
-/// The option docs of `noisy-topk`.
-pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc {
-        name: "k",
-        default: "layer k",
-        doc: "experts per token",
-    },
-    OptionDoc {
-        name: "noise_epsilon",
-        default: "0.01",
-        doc: "floor of the noise std: sigma = softplus(x . W_noise^T) + noise_epsilon",
-    },
-    OptionDoc {
-        name: "w_importance",
-        default: "0.01",
-        doc: "coefficient reported with the importance loss CV^2(sum_t G(x_t))",
-    },
-    OptionDoc {
-        name: "w_load",
-        default: "0.01",
-        doc: "coefficient reported with the load loss CV^2(sum_t P(x_t, e))",
-    },
-];
+impl RouterConfig for NoisyTopKConfig {
+    /// Always causal: each token is routed from its own logits, and its training noise is drawn at its own index
+    /// (`t · E + e`), so later tokens never change it.
+    fn is_causal(&self) -> bool {
+        true
+    }
+}
 
 impl NoisyTopKConfig {
     /// Resolves the defaults and builds the router around `gate` and `noise` (both `[E, d]`).
@@ -84,7 +65,7 @@ impl NoisyTopKConfig {
         default_k: usize,
     ) -> Result<NoisyTopK, MoeError> {
         let mut r = NoisyTopK::new(gate, noise, self.k.unwrap_or(default_k))?;
-        let eps = self.noise_epsilon.unwrap_or(DEFAULT_NOISE_EPSILON);
+        let eps = self.noise_epsilon();
         if !eps.is_finite() || eps <= 0.0 {
             return Err(MoeError::config(
                 "noise_epsilon",
@@ -92,8 +73,7 @@ impl NoisyTopKConfig {
                 "must be finite and > 0",
             ));
         }
-        let w_importance = self.w_importance.unwrap_or(DEFAULT_LOSS_COEFFICIENT);
-        let w_load = self.w_load.unwrap_or(DEFAULT_LOSS_COEFFICIENT);
+        let (w_importance, w_load) = (self.w_importance(), self.w_load());
         for (name, w) in [("w_importance", w_importance), ("w_load", w_load)] {
             if !w.is_finite() || w < 0.0 {
                 return Err(MoeError::config(name, w, "must be finite and >= 0"));
@@ -149,10 +129,10 @@ impl NoisyTopK {
     ///
     /// # Errors
     /// [`MoeError::Shape`] for an empty gate or a noise matrix of another shape, [`MoeError::NonFinite`] for a
-    /// NaN or infinity in either, [`MoeError::TooLarge`] past [`util::MAX_DENSE_EXPERTS`] experts,
+    /// NaN or infinity in either, [`MoeError::TooLarge`] past [`kit::MAX_DENSE_EXPERTS`] experts,
     /// [`MoeError::TopK`] for `k = 0` or `k > E`.
     pub fn new(gate: Array2<f32>, noise: Array2<f32>, k: usize) -> Result<Self, MoeError> {
-        util::check_gate("w_gate", &gate)?;
+        kit::check_gate("w_gate", &gate)?;
         let (e, d) = gate.dim();
         if noise.dim() != (e, d) {
             return Err(MoeError::shape(
@@ -162,13 +142,7 @@ impl NoisyTopK {
             ));
         }
         check_finite("w_noise", noise.view())?;
-        if e > util::MAX_DENSE_EXPERTS {
-            return Err(MoeError::TooLarge {
-                what: "experts".into(),
-                size: e as u128,
-                limit: util::MAX_DENSE_EXPERTS as u128,
-            });
-        }
+        kit::check_dense_experts(e)?;
         if k == 0 || k > e {
             return Err(MoeError::TopK { k, n_experts: e });
         }
@@ -240,10 +214,10 @@ impl NoisyTopK {
     /// counter-based, so the result is the same on any thread count.
     fn forward(&self, input: &RouterInput<'_>) -> Result<(Array2<f32>, Vec<TokenGates>), MoeError> {
         let e = self.n_experts();
-        util::check_input(input, self.d_model(), e, self.k)?;
+        kit::check_input(input, self.d_model(), e, self.k)?;
         let t = input.n_tokens();
         check_size(t, e)?;
-        let clean = util::gate_logits(input.hidden, self.gate.view(), None)?;
+        let clean = kit::gate_logits(input.hidden, self.gate.view(), None)?;
         let noise = match input.mode {
             Mode::Eval => None,
             Mode::Train { seed } => {
@@ -277,7 +251,7 @@ impl NoisyTopK {
             Some((raw, rng)) => {
                 let sigma: Vec<f32> = raw
                     .iter()
-                    .map(|&v| util::softplus(v) + self.noise_epsilon)
+                    .map(|&v| kit::softplus(v) + self.noise_epsilon)
                     .collect();
                 let base = token as u64 * e as u64;
                 let noisy: Vec<f32> = clean
@@ -298,10 +272,10 @@ impl NoisyTopK {
             });
         }
         // The top k + 1 give both thresholds of the smooth load estimator.
-        let top = util::top_k(&noisy, self.k + 1);
+        let top = kit::top_k(&noisy, self.k + 1);
         let experts: Vec<usize> = top.iter().take(self.k).copied().collect();
         let mut weights: Vec<f32> = experts.iter().map(|&j| noisy[j]).collect();
-        util::softmax_in_place(&mut weights);
+        kit::softmax_in_place(&mut weights);
         let load_prob = sigma.map(|sigma| smooth_load(clean, &noisy, &sigma, &top, self.k));
         Ok(TokenGates {
             noisy,
@@ -384,6 +358,26 @@ impl Router for NoisyTopK {
         Some(self.gate.ncols())
     }
 
+    /// [`NoisyTopKConfig::is_causal`]: always `true`.
+    fn is_causal(&self) -> bool {
+        NoisyTopKConfig::default().is_causal()
+    }
+
+    /// `gate`: `W_g`, `[E, d]`; `noise`: `W_noise`, `[E, d]` (σ = softplus(x · W_noiseᵀ) + noise_epsilon).
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![
+            Param::new("gate", self.gate.view()),
+            Param::new("noise", self.noise.view()),
+        ]
+    }
+
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        vec![
+            ParamMut::new("gate", self.gate.view_mut()),
+            ParamMut::new("noise", self.noise.view_mut()),
+        ]
+    }
+
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
         let (clean, tokens) = self.forward(input)?;
         let (t, e) = clean.dim();
@@ -429,8 +423,8 @@ impl Router for NoisyTopK {
 
 fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
     let cfg: NoisyTopKConfig = args.parse("noisy-topk")?;
-    let gate = util::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
-    let noise = util::init_gate(args.d_model, args.n_experts, args.seed, NOISE_WEIGHT_STREAM)?;
+    let gate = kit::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
+    let noise = kit::init_gate(args.d_model, args.n_experts, args.seed, NOISE_WEIGHT_STREAM)?;
     Ok(Box::new(cfg.build(gate, noise, args.top_k)?))
 }
 
@@ -439,14 +433,11 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    reg.register(RouterEntry {
-        name: "noisy-topk".into(),
-        description: "noisy top-k gating with importance and smooth load losses (Shazeer 2017)"
-            .into(),
-        causal: true,
-        options: OPTIONS.to_vec(),
+    reg.register(RouterEntry::new::<NoisyTopKConfig>(
+        "noisy-topk",
+        "noisy top-k gating with importance and smooth load losses (Shazeer 2017)",
         factory,
-    })
+    ))
 }
 
 #[cfg(test)]
@@ -538,14 +529,14 @@ mod tests {
         // Experts 1 and 3 are out, threshold = the 2nd value 2: P = Φ(1 − 2) = Φ(−1) = 0.15865525393145707.
         let noisy = [3.0f32, 1.0, 2.0, 0.0];
         let clean = ndarray::Array1::from_elem(4, 1.0f32);
-        let top = util::top_k(&noisy, 3);
+        let top = kit::top_k(&noisy, 3);
         let p = smooth_load(clean.view(), &noisy, &[1.0; 4], &top, 2);
         let phi_m1 = 0.158_655_253_931_457_07;
         for (got, want) in p.iter().zip([0.5, phi_m1, 0.5, phi_m1]) {
             assert!((got - want).abs() < 1e-15, "{got} vs {want}");
         }
         // k = E: always chosen.
-        let top = util::top_k(&noisy, 5);
+        let top = kit::top_k(&noisy, 5);
         assert_eq!(
             smooth_load(clean.view(), &noisy, &[1.0; 4], &top, 4),
             vec![1.0; 4]
@@ -554,8 +545,8 @@ mod tests {
 
     #[test]
     fn train_is_seeded() {
-        let gate = util::init_gate(8, 6, 1, GATE_STREAM).expect("gate");
-        let noise = util::init_gate(8, 6, 1, NOISE_WEIGHT_STREAM).expect("noise");
+        let gate = kit::init_gate(8, 6, 1, GATE_STREAM).expect("gate");
+        let noise = kit::init_gate(8, 6, 1, NOISE_WEIGHT_STREAM).expect("noise");
         let r = NoisyTopK::new(gate, noise, 2).expect("router");
         let x = moe_core::rng::SeqRng::new(9, 0).normal_matrix(32, 8, 1.0);
         let route = |seed| {
@@ -625,8 +616,12 @@ mod tests {
     fn registry_options() {
         let mut reg = RouterRegistry::new();
         register(&mut reg).expect("register");
-        assert!(reg.get("noisy-topk").is_some_and(|e| e.causal));
         let args = RouterArgs::new(8, 6, 2, 0).with_option("noise_epsilon", 0.05);
+        assert!(
+            reg.get("noisy-topk")
+                .is_some_and(|e| e.is_causal(&args) == Ok(true)
+                    && e.causality() == Ok(moe_core::Causality::Causal))
+        );
         let r = reg.create("noisy-topk", &args).expect("create");
         assert_eq!(r.n_experts(), 6);
         let bad = RouterArgs::new(8, 6, 2, 0).with_option("noise_eps", 0.05);
@@ -639,8 +634,8 @@ mod tests {
     #[test]
     fn conformance() {
         for k in [1, 2, 6] {
-            let gate = util::init_gate(12, 6, 1, GATE_STREAM).expect("gate");
-            let noise = util::init_gate(12, 6, 1, NOISE_WEIGHT_STREAM).expect("noise");
+            let gate = kit::init_gate(12, 6, 1, GATE_STREAM).expect("gate");
+            let noise = kit::init_gate(12, 6, 1, NOISE_WEIGHT_STREAM).expect("noise");
             let r = NoisyTopK::new(gate, noise, k).expect("router");
             moe_core::testing::check_router(&r, 12).expect("conformance");
         }

@@ -1,4 +1,4 @@
-//! PEER, parameter-efficient expert retrieval (He 2024, arXiv 2407.04153; ROUTERS.md §6): exact product-key top-k
+//! PEER, parameter-efficient expert retrieval (He 2024, arXiv 2407.04153; docs/ROUTERS.md §6): exact product-key top-k
 //! over `N = n²` singleton experts, `h` heads sharing one expert pool, with no `O(N)` work per token.
 //!
 //! Per head `i` a query `q = W_qⁱ x` (`W_qⁱ` is `[2·d_key, d]`) splits into `q₁ = q[..d_key]` and
@@ -28,15 +28,13 @@
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
+use moe_core::kit;
 use moe_core::rng::SeqRng;
 use moe_core::{
-    Activation, Assignment, MoeError, OptionDoc, Router, RouterArgs, RouterEntry, RouterInput,
-    RouterRegistry, Routing, check_finite,
+    Activation, Assignment, MoeError, Param, ParamMut, Router, RouterArgs, RouterConfig,
+    RouterEntry, RouterInput, RouterRegistry, Routing, check_finite,
 };
-
-use crate::util;
 
 /// Random stream of the query projections in registry factories.
 pub const QUERY_STREAM: u64 = 3;
@@ -63,67 +61,40 @@ pub const DEFAULT_D_KEY: usize = 128;
 /// Tokens per work unit. Fixed, so that results do not depend on the thread count.
 const BLOCK_TOKENS: usize = 256;
 
-/// Options of [`Peer`]; every field is optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeerConfig {
-    /// Query heads `h` (default 8, the paper).
-    pub heads: Option<usize>,
-    /// Experts kept per head (default `min(16, n)`: the paper's 16, clamped so that `E = 16` works). The layer's
-    /// k is not used: PEER's k is per head, so a token gets `h·k` slots.
-    pub k: Option<usize>,
-    /// Candidates per half `p`, `k <= p <= n` (default `k`; retrieval is exact for any `p >= k`).
-    pub product_key_topk: Option<usize>,
-    /// Sub-key width `d_key` (default `min(128, d)`).
-    pub d_key: Option<usize>,
-    /// `ReLU(score)` weights instead of the softmax over the k (default false).
-    pub non_competing_scores: Option<bool>,
-    /// Eval-form BatchNorm on the queries, starting from running statistics 0 / 1 and affine 1 / 0 (default false).
-    pub query_batchnorm: Option<bool>,
-    /// Activation of the experts (default `gelu`). Not used by routing: it lives in
-    /// [`PeerBank`](moe_core::PeerBank); kept here so that whoever builds the bank from the same options can read
-    /// it back with [`Peer::activation`].
-    pub activation: Option<Activation>,
+moe_core::router_options! {
+    /// Options of [`Peer`]; every field is optional.
+    pub struct PeerConfig {
+        /// Query heads h; each retrieves k experts from the shared pool of E = n² experts (the paper's 8).
+        heads: usize = DEFAULT_HEADS,
+        /// Experts kept per head, so a token gets h·k slots; the layer's k is not used.
+        ///
+        /// Unset: the paper's 16, clamped to n so that E = 16 works.
+        #[default_doc = "min(16, n)"]
+        k: usize,
+        /// Candidates per sub-key half p, k <= p <= n; retrieval is exact for any p >= k.
+        #[default_doc = "k"]
+        product_key_topk: usize,
+        /// Sub-key width d_key; the query of a head is [2·d_key].
+        #[default_doc = "min(128, d)"]
+        d_key: usize,
+        /// ReLU(score) weights instead of the softmax over the k (PEER-pytorch >= 0.1.11 is this with k = 1).
+        non_competing_scores: bool = false,
+        /// Eval-form BatchNorm on the queries, from running statistics 0 / 1 and affine 1 / 0: q / sqrt(1 + 1e-5).
+        query_batchnorm: bool = false,
+        /// Activation of the experts, for building the matching PeerBank; routing does not use it.
+        ///
+        /// It lives in [`PeerBank`](moe_core::PeerBank); kept here so that whoever builds the bank from the same
+        /// options can read it back with [`Peer::activation`].
+        activation: Activation = Activation::Gelu,
+    }
 }
 
-/// The option docs of `peer`.
-pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc {
-        name: "heads",
-        default: "8",
-        doc: "query heads h; each retrieves k experts from the shared pool of E = n² experts",
-    },
-    OptionDoc {
-        name: "k",
-        default: "min(16, n)",
-        doc: "experts per head (a token gets h·k slots); the layer's k is not used",
-    },
-    OptionDoc {
-        name: "product_key_topk",
-        default: "k",
-        doc: "candidates per sub-key half p, k <= p <= n; exact for any p >= k",
-    },
-    OptionDoc {
-        name: "d_key",
-        default: "min(128, d)",
-        doc: "sub-key width; the query of a head is [2·d_key]",
-    },
-    OptionDoc {
-        name: "non_competing_scores",
-        default: "false",
-        doc: "ReLU(score) weights instead of softmax over the k (PEER-pytorch >= 0.1.11 is this with k=1)",
-    },
-    OptionDoc {
-        name: "query_batchnorm",
-        default: "false",
-        doc: "eval-form BatchNorm on queries (running stats 0/1, affine 1/0: q / sqrt(1 + 1e-5))",
-    },
-    OptionDoc {
-        name: "activation",
-        default: "gelu",
-        doc: "expert activation, for building the matching PeerBank; routing does not use it",
-    },
-];
+impl RouterConfig for PeerConfig {
+    /// Always causal: each token's query retrieves its experts from fixed keys; other tokens play no part.
+    fn is_causal(&self) -> bool {
+        true
+    }
+}
 
 /// The parameters of a PEER router.
 #[derive(Debug, Clone, PartialEq)]
@@ -363,7 +334,7 @@ impl PeerConfig {
                 ),
             ));
         };
-        let heads = self.heads.unwrap_or(DEFAULT_HEADS);
+        let heads = self.heads();
         let d_key = self.d_key.unwrap_or(DEFAULT_D_KEY.min(d_model));
         let (k, p) = self.resolve_k(n);
         // Validate the cheap integer options before drawing any weights.
@@ -408,9 +379,9 @@ impl PeerConfig {
 
     /// Applies the score, BatchNorm and activation options.
     fn finish(&self, peer: Peer) -> Result<Peer, MoeError> {
-        let mut peer = peer.with_non_competing_scores(self.non_competing_scores.unwrap_or(false));
-        peer.activation = self.activation.unwrap_or(Activation::Gelu);
-        if self.query_batchnorm.unwrap_or(false) {
+        let mut peer = peer.with_non_competing_scores(self.non_competing_scores());
+        peer.activation = self.activation();
+        if self.query_batchnorm() {
             let features = peer.heads * 2 * peer.d_key;
             peer = peer.with_query_batchnorm(QueryBatchNorm::identity(features))?;
         }
@@ -627,7 +598,7 @@ impl Peer {
         Ok(self)
     }
 
-    /// Records the experts' activation (see [`PeerConfig::activation`]).
+    /// Records the experts' activation (see [`PeerConfig::activation()`]).
     pub fn with_activation(mut self, activation: Activation) -> Self {
         self.activation = activation;
         self
@@ -814,7 +785,7 @@ impl Peer {
             out.extend(scores.iter().map(|&s| s.max(0.0)));
         } else {
             out.extend_from_slice(scores);
-            util::softmax_in_place(out);
+            kit::softmax_in_place(out);
         }
     }
 }
@@ -832,9 +803,45 @@ impl Router for Peer {
         Some(self.d)
     }
 
+    /// [`PeerConfig::is_causal`]: always `true`.
+    fn is_causal(&self) -> bool {
+        PeerConfig::default().is_causal()
+    }
+
+    /// `query`: the query projections `W_q`, `[h, 2·d_key, d]` (head `i`'s rows `0..d_key` give `q₁`, the rest
+    /// `q₂`, as [`PeerWeights::query`]); `keys_1`: the sub-keys `C`, `[h, n, d_key]`; `keys_2`: the sub-keys `C'`,
+    /// `[h, n, d_key]`. The eval-form query BatchNorm is not listed: it is folded into an affine map at
+    /// construction, and its running statistics are not learned by gradient.
+    fn params(&self) -> Vec<Param<'_>> {
+        let shape = (self.heads, 2 * self.d_key, self.d);
+        // The query is stored `[h·2·d_key, d]` in standard layout (`Peer::new`), so the reshape always succeeds.
+        let query = self.query.view().into_shape_with_order(shape).ok();
+        query
+            .map(|q| Param::new("query", q))
+            .into_iter()
+            .chain([
+                Param::new("keys_1", self.keys_1.view()),
+                Param::new("keys_2", self.keys_2.view()),
+            ])
+            .collect()
+    }
+
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        let shape = (self.heads, 2 * self.d_key, self.d);
+        let query = self.query.view_mut().into_shape_with_order(shape).ok();
+        query
+            .map(|q| ParamMut::new("query", q))
+            .into_iter()
+            .chain([
+                ParamMut::new("keys_1", self.keys_1.view_mut()),
+                ParamMut::new("keys_2", self.keys_2.view_mut()),
+            ])
+            .collect()
+    }
+
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
         let e = self.n_experts();
-        util::check_input(input, Some(self.d), e, self.k)?;
+        kit::check_input(input, Some(self.d), e, self.k)?;
         let t = input.n_tokens();
         let found = self.retrieve_checked(input.hidden)?;
         let (Some(experts), Some(scores)) = (found.experts.as_slice(), found.scores.as_slice())
@@ -875,7 +882,7 @@ impl Router for Peer {
     }
 }
 
-/// Expert usage over many plans (PEER's key diagnostic, ROUTERS.md §6): the fraction of the `N` experts retrieved
+/// Expert usage over many plans (PEER's key diagnostic, docs/ROUTERS.md §6): the fraction of the `N` experts retrieved
 /// at least once. A bitset of `N` bits; adding a plan costs `O(active experts)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertUsage {
@@ -949,15 +956,11 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    reg.register(RouterEntry {
-        name: "peer".into(),
-        description:
-            "PEER (He 2024): exact product-key top-k over E = n² singleton experts, multi-head"
-                .into(),
-        causal: true,
-        options: OPTIONS.to_vec(),
+    reg.register(RouterEntry::new::<PeerConfig>(
+        "peer",
+        "PEER (He 2024): exact product-key top-k over E = n² singleton experts, multi-head",
         factory,
-    })
+    ))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Softmax top-k, the token-choice family (ROUTERS.md §1): score function (softmax, sigmoid, sqrt-softplus), order
+//! Softmax top-k, the token-choice family (docs/ROUTERS.md §1): score function (softmax, sigmoid, sqrt-softplus), order
 //! (score then top-k, or top-k of logits then softmax), renormalisation, routed scaling factor, group-limited
 //! selection with top-2-sum group scores, a selection-only correction bias and its aux-loss-free update rule.
 //! Presets: `mixtral`, `qwen2_moe`, `olmoe`, `granite`, `deepseek_v3`.
@@ -7,16 +7,12 @@ use ndarray::{Array1, Array2, ArrayView1};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::{
-    Assignment, AuxLoss, AuxLossKind, GroupLimit, LbNorm, MoeError, OptionDoc, Router, RouterArgs,
-    RouterEntry, RouterInput, RouterRegistry, RouterSpec, Routing, ScoreFn, TopKOrder, TopKSpec,
-    loss,
+    Assignment, AuxLoss, AuxLossKind, GroupLimit, KEEP_LOGITS_MAX_EXPERTS, LbNorm, MoeError, Param,
+    ParamMut, Router, RouterArgs, RouterConfig, RouterEntry, RouterInput, RouterRegistry,
+    RouterSpec, Routing, ScoreFn, TopKOrder, TopKSpec, loss,
 };
-
-use crate::util::{self, GATE_STREAM};
-
-/// Router logits are kept in the plan (for verification) when `E` is at most this.
-const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
 
 /// Named settings of real models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,93 +30,44 @@ pub enum TopKPreset {
     DeepseekV3,
 }
 
-/// Options of [`SoftmaxTopK`]; every field is optional, and unset fields take the preset's value, then the
-/// default (Mixtral's behaviour).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SoftmaxTopKConfig {
-    /// Starting point: a model's settings.
-    pub preset: Option<TopKPreset>,
-    /// Experts per token (default: the layer's k).
-    pub k: Option<usize>,
-    /// `softmax` (default), `sigmoid` or `sqrt_softplus`.
-    pub score: Option<ScoreFn>,
-    /// `score_then_top_k` (default) or `top_k_then_softmax`.
-    pub order: Option<TopKOrder>,
-    /// Renormalise the k weights to sum 1 (default true).
-    pub renormalize: Option<bool>,
-    /// Multiply weights by this after renormalisation (default 1).
-    pub scaling: Option<f32>,
-    /// Number of expert groups (group-limited selection; default none).
-    pub n_group: Option<usize>,
-    /// Groups kept per token.
-    pub topk_group: Option<usize>,
-    /// Keep a selection-only correction bias (starts at 0; see [`SoftmaxTopK::update_bias`]).
-    pub correction_bias: Option<bool>,
-    /// Normalisation of the reported load-balancing loss (default `hf_top_k`).
-    pub lb_norm: Option<LbNorm>,
-    /// Coefficient reported with the load-balancing loss (default 1e-2).
-    pub aux_coefficient: Option<f32>,
+moe_core::router_options! {
+    /// Options of [`SoftmaxTopK`]; every field is optional, and unset fields take the preset's value, then the
+    /// default (Mixtral's behaviour).
+    pub struct SoftmaxTopKConfig {
+        /// A model's settings, overridden by the options below.
+        preset: TopKPreset,
+        /// Experts per token.
+        #[default_doc = "layer k"]
+        k: usize,
+        /// Score function: softmax over all experts, or sigmoid / sqrt_softplus per expert.
+        score: ScoreFn = ScoreFn::Softmax,
+        /// Score all experts then take the top k, or take the top k of the logits then softmax over the k.
+        order: TopKOrder = TopKOrder::ScoreThenTopK,
+        /// Renormalise the k weights to sum 1.
+        renormalize: bool = true,
+        /// Routed scaling factor, applied after renormalisation.
+        scaling: f32 = 1.0,
+        /// Number of contiguous expert groups for group-limited selection (set with topk_group).
+        n_group: usize,
+        /// Groups kept per token (group score = sum of its top-2 selection scores; set with n_group).
+        topk_group: usize,
+        /// Keep a selection-only per-expert bias, starting at 0 (aux-loss-free balancing).
+        ///
+        /// The bias is updated by [`SoftmaxTopK::update_bias`].
+        correction_bias: bool = false,
+        /// Normalisation of the reported load-balancing loss.
+        lb_norm: LbNorm = LbNorm::HfTopK,
+        /// Coefficient reported with the load-balancing loss.
+        aux_coefficient: f32 = 1e-2,
+    }
 }
 
-/// The option docs of `softmax-topk`.
-pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc {
-        name: "preset",
-        default: "none",
-        doc: "mixtral | qwen2_moe | olmoe | granite | deepseek_v3: a model's settings, overridden by the options below",
-    },
-    OptionDoc {
-        name: "k",
-        default: "layer k",
-        doc: "experts per token",
-    },
-    OptionDoc {
-        name: "score",
-        default: "softmax",
-        doc: "softmax | sigmoid | sqrt_softplus",
-    },
-    OptionDoc {
-        name: "order",
-        default: "score_then_top_k",
-        doc: "score_then_top_k | top_k_then_softmax (top-k of logits, softmax over the k)",
-    },
-    OptionDoc {
-        name: "renormalize",
-        default: "true",
-        doc: "renormalise the k weights to sum 1",
-    },
-    OptionDoc {
-        name: "scaling",
-        default: "1.0",
-        doc: "routed scaling factor applied after renormalisation",
-    },
-    OptionDoc {
-        name: "n_group",
-        default: "none",
-        doc: "number of contiguous expert groups for group-limited selection",
-    },
-    OptionDoc {
-        name: "topk_group",
-        default: "none",
-        doc: "groups kept per token (group score = sum of its top-2 selection scores)",
-    },
-    OptionDoc {
-        name: "correction_bias",
-        default: "false",
-        doc: "selection-only per-expert bias (aux-loss-free balancing)",
-    },
-    OptionDoc {
-        name: "lb_norm",
-        default: "hf_top_k",
-        doc: "load-balancing loss normalisation: hf_top_k | hf_switch | megatron | deep_speed",
-    },
-    OptionDoc {
-        name: "aux_coefficient",
-        default: "0.01",
-        doc: "coefficient reported with the load-balancing loss",
-    },
-];
+impl RouterConfig for SoftmaxTopKConfig {
+    /// Always causal: every token is scored and selected from its own logits alone.
+    fn is_causal(&self) -> bool {
+        true
+    }
+}
 
 /// Token-choice top-k router. Its whole behaviour is a [`TopKSpec`], which backends can run natively.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,9 +123,10 @@ impl SoftmaxTopKConfig {
     /// # Errors
     /// [`MoeError::InvalidConfig`] / [`MoeError::TopK`] for inconsistent options (see [`SoftmaxTopK::new`]).
     pub fn build(&self, gate: Array2<f32>, default_k: usize) -> Result<SoftmaxTopK, MoeError> {
-        let p = self.preset.map(TopKPreset::config).unwrap_or_default();
+        let preset = self.preset.map(TopKPreset::config).unwrap_or_default();
+        let c = self.clone().with_unset_from(&preset);
         let e = gate.nrows();
-        let groups = match (self.n_group.or(p.n_group), self.topk_group.or(p.topk_group)) {
+        let groups = match (c.n_group, c.topk_group) {
             (None, None) => None,
             (Some(n_group), Some(topk_group)) => Some(GroupLimit {
                 n_group,
@@ -192,25 +140,20 @@ impl SoftmaxTopKConfig {
                 ));
             }
         };
-        let bias = self
-            .correction_bias
-            .or(p.correction_bias)
-            .unwrap_or(false)
-            .then(|| Array1::zeros(e));
         let spec = TopKSpec {
             gate,
             gate_bias: None,
-            k: self.k.unwrap_or(default_k),
-            score: self.score.or(p.score).unwrap_or_default(),
-            order: self.order.or(p.order).unwrap_or_default(),
-            renormalize: self.renormalize.or(p.renormalize).unwrap_or(true),
-            scaling: self.scaling.or(p.scaling).unwrap_or(1.0),
+            k: c.k.unwrap_or(default_k),
+            score: c.score(),
+            order: c.order(),
+            renormalize: c.renormalize(),
+            scaling: c.scaling(),
             groups,
-            correction_bias: bias,
+            correction_bias: c.correction_bias().then(|| Array1::zeros(e)),
         };
         let mut r = SoftmaxTopK::new(spec)?;
-        r.lb_norm = self.lb_norm.unwrap_or(LbNorm::HfTopK);
-        r.aux_coefficient = self.aux_coefficient.unwrap_or(1e-2);
+        r.lb_norm = c.lb_norm();
+        r.aux_coefficient = c.aux_coefficient();
         Ok(r)
     }
 }
@@ -223,7 +166,7 @@ impl SoftmaxTopK {
     /// bias, `top_k_then_softmax` with a non-softmax score, groups that do not divide `E`, `topk_group` outside
     /// `1..=n_group`, or fewer than `k` experts in the kept groups; [`MoeError::Shape`] for bias lengths.
     pub fn new(spec: TopKSpec) -> Result<Self, MoeError> {
-        util::check_gate("gate.weight", &spec.gate)?;
+        kit::check_gate("gate.weight", &spec.gate)?;
         let e = spec.gate.nrows();
         if spec.k == 0 || spec.k > e {
             return Err(MoeError::TopK {
@@ -388,7 +331,7 @@ impl SoftmaxTopK {
                 }
                 let idx = select(scratch, s.groups, s.k);
                 let mut w: Vec<f32> = idx.iter().map(|&i| logits[i]).collect();
-                util::softmax_in_place(&mut w);
+                kit::softmax_in_place(&mut w);
                 for v in &mut w {
                     *v *= s.scaling;
                 }
@@ -397,11 +340,11 @@ impl SoftmaxTopK {
             TopKOrder::ScoreThenTopK => {
                 let mut scores: Vec<f32> = logits.to_vec();
                 match s.score {
-                    ScoreFn::Softmax => util::softmax_in_place(&mut scores),
-                    ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = util::sigmoid(*v)),
-                    ScoreFn::SqrtSoftplus => scores
-                        .iter_mut()
-                        .for_each(|v| *v = util::softplus(*v).sqrt()),
+                    ScoreFn::Softmax => kit::softmax_in_place(&mut scores),
+                    ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = kit::sigmoid(*v)),
+                    ScoreFn::SqrtSoftplus => {
+                        scores.iter_mut().for_each(|v| *v = kit::sqrt_softplus(*v))
+                    }
                 }
                 scratch.extend(scores.iter().copied());
                 if let Some(b) = &s.correction_bias {
@@ -436,9 +379,9 @@ fn select(sel: &mut [f32], groups: Option<GroupLimit>, k: usize) -> Vec<usize> {
         let size = sel.len() / g.n_group;
         let group_scores: Vec<f32> = sel
             .chunks(size)
-            .map(|c| util::top_k(c, 2).iter().map(|&i| c[i]).sum())
+            .map(|c| kit::top_k(c, 2).iter().map(|&i| c[i]).sum())
             .collect();
-        let keep = util::top_k(&group_scores, g.topk_group);
+        let keep = kit::top_k(&group_scores, g.topk_group);
         let mut kept = vec![false; g.n_group];
         for i in keep {
             kept[i] = true;
@@ -449,7 +392,7 @@ fn select(sel: &mut [f32], groups: Option<GroupLimit>, k: usize) -> Vec<usize> {
             }
         }
     }
-    util::top_k(sel, k)
+    kit::top_k(sel, k)
 }
 
 impl Router for SoftmaxTopK {
@@ -469,11 +412,51 @@ impl Router for SoftmaxTopK {
         Some(RouterSpec::TopK(self.spec.clone()))
     }
 
+    /// [`SoftmaxTopKConfig::is_causal`]: always `true`.
+    fn is_causal(&self) -> bool {
+        SoftmaxTopKConfig::default().is_causal()
+    }
+
+    /// `gate`: `W_g`, `[E, d]`; `gate_bias`: `[E]`, added to the logits (GPT-OSS), when set; `correction_bias`:
+    /// `[E]`, the selection-only bias (DeepSeek-V3 `e_score_correction_bias`), when set, listed
+    /// [`frozen`](Param::frozen): it is updated by [`SoftmaxTopK::update_bias`], not by gradient.
+    fn params(&self) -> Vec<Param<'_>> {
+        let s = &self.spec;
+        let mut v = vec![Param::new("gate", s.gate.view())];
+        v.extend(
+            s.gate_bias
+                .iter()
+                .map(|b| Param::new("gate_bias", b.view())),
+        );
+        v.extend(
+            s.correction_bias
+                .iter()
+                .map(|b| Param::new("correction_bias", b.view()).frozen()),
+        );
+        v
+    }
+
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        let s = &mut self.spec;
+        let mut v = vec![ParamMut::new("gate", s.gate.view_mut())];
+        v.extend(
+            s.gate_bias
+                .iter_mut()
+                .map(|b| ParamMut::new("gate_bias", b.view_mut())),
+        );
+        v.extend(
+            s.correction_bias
+                .iter_mut()
+                .map(|b| ParamMut::new("correction_bias", b.view_mut()).frozen()),
+        );
+        v
+    }
+
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
         let e = self.n_experts();
-        util::check_input(input, self.d_model(), e, self.spec.k)?;
+        kit::check_input(input, self.d_model(), e, self.spec.k)?;
         let t = input.n_tokens();
-        let logits = util::gate_logits(
+        let logits = kit::gate_logits(
             input.hidden,
             self.spec.gate.view(),
             self.spec.gate_bias.as_ref(),
@@ -506,7 +489,7 @@ impl Router for SoftmaxTopK {
         let mut probs = logits.select(ndarray::Axis(0), &real);
         for mut row in probs.outer_iter_mut() {
             if let Some(r) = row.as_slice_mut() {
-                util::softmax_in_place(r);
+                kit::softmax_in_place(r);
             }
         }
         let lb = loss::load_balance(probs.view(), &counts, self.spec.k, self.lb_norm);
@@ -524,7 +507,7 @@ impl Router for SoftmaxTopK {
 
 fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
     let cfg: SoftmaxTopKConfig = args.parse("softmax-topk")?;
-    let gate = util::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
+    let gate = kit::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
     Ok(Box::new(cfg.build(gate, args.top_k)?))
 }
 
@@ -533,14 +516,11 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    reg.register(RouterEntry {
-        name: "softmax-topk".into(),
-        description: "token-choice top-k (Mixtral, Qwen, OLMoE, Granite, DeepSeek-V3 presets)"
-            .into(),
-        causal: true,
-        options: OPTIONS.to_vec(),
+    reg.register(RouterEntry::new::<SoftmaxTopKConfig>(
+        "softmax-topk",
+        "token-choice top-k (Mixtral, Qwen, OLMoE, Granite, DeepSeek-V3 presets)",
         factory,
-    })
+    ))
 }
 
 #[cfg(test)]
@@ -622,8 +602,8 @@ mod tests {
             .per_token();
         let got: Vec<usize> = t[0].iter().map(|a| a.0).collect();
         assert_eq!(got, vec![2, 3]);
-        let s2 = util::sigmoid(0.5);
-        let s3 = util::sigmoid(0.4);
+        let s2 = kit::sigmoid(0.5);
+        let s3 = kit::sigmoid(0.4);
         assert!((t[0][0].1 - s2 / (s2 + s3) * 2.5).abs() < 1e-5);
         // Bias +0.3 on expert 1: group 0 score becomes 0.8808 + 0.4192 = 1.3 > 1.2212 -> experts 0, 1 chosen,
         // but weights use the unbiased sigmoid: 0.8808 / 1.0 * 2.5 = 2.2020, 0.1192 * 2.5 = 0.2980.
@@ -637,8 +617,7 @@ mod tests {
         let got: Vec<usize> = t[0].iter().map(|a| a.0).collect();
         assert_eq!(got, vec![0, 1]);
         assert!(
-            (t[0][0].1 - util::sigmoid(2.0) / (util::sigmoid(2.0) + util::sigmoid(-2.0)) * 2.5)
-                .abs()
+            (t[0][0].1 - kit::sigmoid(2.0) / (kit::sigmoid(2.0) + kit::sigmoid(-2.0)) * 2.5).abs()
                 < 1e-5
         );
         assert!((t[0][0].1 + t[0][1].1 - 2.5).abs() < 1e-5);
@@ -703,7 +682,7 @@ mod tests {
             TopKPreset::Granite,
             TopKPreset::DeepseekV3,
         ] {
-            let gate = util::init_gate(12, 16, 1, GATE_STREAM).expect("gate");
+            let gate = kit::init_gate(12, 16, 1, GATE_STREAM).expect("gate");
             let r = router(gate, preset.config(), 4);
             moe_core::testing::check_router(&r, 12).expect("conformance");
         }

@@ -1,4 +1,4 @@
-//! Switch top-1 (Fedus et al. 2021, ROUTERS.md §3) with the ST-MoE extras: capacity with a named rounding, four
+//! Switch top-1 (Fedus et al. 2021, arXiv 2101.03961; docs/ROUTERS.md §3) with the ST-MoE extras: capacity with a named rounding, four
 //! drop policies, multiplicative input jitter in training, the HF Switch load-balancing loss and the router z-loss.
 //!
 //! # Routing
@@ -66,16 +66,13 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::CounterRng;
 use moe_core::{
-    Assignment, AuxLoss, AuxLossKind, DropPolicy, LbNorm, Mode, MoeError, OptionDoc, Router,
-    RouterArgs, RouterEntry, RouterInput, RouterRegistry, RouterSpec, Routing, SwitchSpec, loss,
+    Assignment, AuxLoss, AuxLossKind, DropPolicy, KEEP_LOGITS_MAX_EXPERTS, LbNorm, Mode, MoeError,
+    Param, ParamMut, Router, RouterArgs, RouterConfig, RouterEntry, RouterInput, RouterRegistry,
+    RouterSpec, Routing, SwitchSpec, loss,
 };
-
-use crate::util::{self, GATE_STREAM};
-
-/// Router logits are kept in the plan (for verification) when `E` is at most this.
-const KEEP_LOGITS_MAX_EXPERTS: usize = 4096;
 
 /// Random stream of the training jitter multipliers.
 pub const JITTER_STREAM: u64 = 0x5357_4A49_5454_4552;
@@ -110,78 +107,42 @@ pub enum CapacityRounding {
     Fixed,
 }
 
-/// Options of [`SwitchTop1`]; every field is optional and unset fields take the defaults stated.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SwitchTop1Config {
-    /// Capacity rounding: `megatron` (default), `deepspeed`, `fairseq` or `fixed`.
-    pub capacity: Option<CapacityRounding>,
-    /// `cf` of the `T`-dependent roundings (default 1.25, finite and > 0); not allowed with `fixed`.
-    pub capacity_factor: Option<f64>,
-    /// Lower bound of the `deepspeed` rounding (default 4); only allowed with `deepspeed`.
-    pub min_capacity: Option<usize>,
-    /// Capacity of `fixed` (HF `expert_capacity`, >= 1); required with `fixed`, not allowed otherwise.
-    pub expert_capacity: Option<usize>,
-    /// Count capacity per sequence of `seq_lens` (HF) instead of over the whole batch (default false).
-    pub per_sequence: Option<bool>,
-    /// Drop order: `position` (default), `probability`, `random` or `batch_prioritized`.
-    pub drop: Option<DropPolicy>,
-    /// Training jitter `ε` in `[0, 1)`: `x ← x ⊙ U(1 − ε, 1 + ε)` (default 1e-2; 0 disables).
-    pub jitter: Option<f32>,
-    /// Coefficient reported with the load-balancing loss (default 1e-2, the paper's; HF uses 1e-3).
-    pub aux_coefficient: Option<f32>,
-    /// Coefficient reported with the router z-loss (default 1e-3).
-    pub z_coefficient: Option<f32>,
+moe_core::router_options! {
+    /// Options of [`SwitchTop1`]; every field is optional and unset fields take the defaults stated.
+    pub struct SwitchTop1Config {
+        /// Capacity rounding: megatron ceil(T/E·cf), deepspeed max(ceil(T/E·cf), min_capacity), fairseq
+        /// floor(cf·ceil(T/E)), fixed expert_capacity (T = real tokens of the group).
+        capacity: CapacityRounding = CapacityRounding::Megatron,
+        /// cf of the T-dependent roundings, finite and > 0; not allowed with capacity = fixed.
+        capacity_factor: f64 = DEFAULT_CAPACITY_FACTOR,
+        /// Lower bound of capacity = deepspeed; only allowed with it.
+        min_capacity: usize = DEFAULT_MIN_CAPACITY,
+        /// Tokens per expert and group for capacity = fixed (HF expert_capacity, >= 1); required with it, not
+        /// allowed otherwise.
+        expert_capacity: usize,
+        /// Count capacity per sequence of seq_lens (HF Switch) instead of over the whole batch.
+        per_sequence: bool = false,
+        /// Drop order when an expert overflows: position is first come, first served (causal); the others sort
+        /// the group first (not causal).
+        drop: DropPolicy = DropPolicy::Position,
+        /// Training-only jitter ε in [0, 1) of the routing input, x ⊙ U(1 − ε, 1 + ε); 0 disables.
+        jitter: f32 = DEFAULT_JITTER,
+        /// Coefficient reported with the HF-Switch load-balancing loss (the paper's 1e-2; HF uses 1e-3).
+        aux_coefficient: f32 = DEFAULT_AUX_COEFFICIENT,
+        /// Coefficient reported with the router z-loss.
+        z_coefficient: f32 = DEFAULT_Z_COEFFICIENT,
+    }
 }
 
-/// The option docs of `switch-top1`.
-pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc {
-        name: "capacity",
-        default: "megatron",
-        doc: "capacity rounding: megatron ceil(T/E*cf) | deepspeed max(ceil(T/E*cf), min_capacity) | fairseq floor(cf*ceil(T/E)) | fixed expert_capacity",
-    },
-    OptionDoc {
-        name: "capacity_factor",
-        default: "1.25",
-        doc: "cf of the T-dependent roundings (T = real tokens of the group); not with capacity=fixed",
-    },
-    OptionDoc {
-        name: "min_capacity",
-        default: "4",
-        doc: "lower bound of capacity=deepspeed; only with it",
-    },
-    OptionDoc {
-        name: "expert_capacity",
-        default: "none",
-        doc: "tokens per expert and group for capacity=fixed (HF expert_capacity); required with it",
-    },
-    OptionDoc {
-        name: "per_sequence",
-        default: "false",
-        doc: "count capacity per sequence (HF Switch) instead of over the whole batch",
-    },
-    OptionDoc {
-        name: "drop",
-        default: "position",
-        doc: "drop order on overflow: position | probability | random | batch_prioritized",
-    },
-    OptionDoc {
-        name: "jitter",
-        default: "0.01",
-        doc: "training-only routing-input jitter x*U(1-eps, 1+eps), eps in [0, 1); 0 disables",
-    },
-    OptionDoc {
-        name: "aux_coefficient",
-        default: "0.01",
-        doc: "coefficient of the HF-Switch load-balancing loss (paper 1e-2; HF 1e-3)",
-    },
-    OptionDoc {
-        name: "z_coefficient",
-        default: "0.001",
-        doc: "coefficient of the router z-loss",
-    },
-];
+impl RouterConfig for SwitchTop1Config {
+    /// Causal exactly with `drop = position`: tokens claim capacity in token order, so a later token never takes
+    /// an earlier token's place (the capacity itself may depend on the token count `T`, not on later tokens'
+    /// values). `probability`, `batch_prioritized` and `random` sort the group first, so a later token can
+    /// displace an earlier one.
+    fn is_causal(&self) -> bool {
+        self.drop() == DropPolicy::Position
+    }
+}
 
 /// Switch top-1 router with capacity (see the module docs for the formulas).
 #[derive(Debug, Clone, PartialEq)]
@@ -227,19 +188,13 @@ impl SwitchTop1Config {
     ///
     /// # Errors
     /// [`MoeError::Shape`] / [`MoeError::NonFinite`] for an empty or non-finite gate; [`MoeError::TooLarge`] past
-    /// [`util::MAX_DENSE_EXPERTS`] experts; [`MoeError::InvalidConfig`] for `capacity_factor` not finite and > 0,
+    /// [`kit::MAX_DENSE_EXPERTS`] experts; [`MoeError::InvalidConfig`] for `capacity_factor` not finite and > 0,
     /// `fixed` without `expert_capacity` or with 0, an option that the chosen rounding does not use, `jitter`
     /// outside `[0, 1)`, or a coefficient that is not finite and >= 0.
     pub fn build(&self, gate: Array2<f32>) -> Result<SwitchTop1, MoeError> {
-        util::check_gate("router.classifier.weight", &gate)?;
-        if gate.nrows() > util::MAX_DENSE_EXPERTS {
-            return Err(MoeError::TooLarge {
-                what: "experts".into(),
-                size: gate.nrows() as u128,
-                limit: util::MAX_DENSE_EXPERTS as u128,
-            });
-        }
-        let rounding = self.capacity.unwrap_or_default();
+        kit::check_gate("router.classifier.weight", &gate)?;
+        kit::check_dense_experts(gate.nrows())?;
+        let rounding = self.capacity();
         let fixed = rounding == CapacityRounding::Fixed;
         if let (true, Some(cf)) = (fixed, self.capacity_factor) {
             return Err(MoeError::config(
@@ -262,7 +217,7 @@ impl SwitchTop1Config {
                 "only used with capacity = deepspeed",
             ));
         }
-        let capacity_factor = self.capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR);
+        let capacity_factor = self.capacity_factor();
         if !capacity_factor.is_finite() || capacity_factor <= 0.0 {
             return Err(MoeError::config(
                 "capacity_factor",
@@ -281,12 +236,11 @@ impl SwitchTop1Config {
             (true, Some(0)) => return Err(MoeError::config("expert_capacity", 0, "must be >= 1")),
             (_, c) => c.unwrap_or(0),
         };
-        let jitter = self.jitter.unwrap_or(DEFAULT_JITTER);
+        let jitter = self.jitter();
         if !jitter.is_finite() || !(0.0..1.0).contains(&jitter) {
             return Err(MoeError::config("jitter", jitter, "must be in [0, 1)"));
         }
-        let aux_coefficient = self.aux_coefficient.unwrap_or(DEFAULT_AUX_COEFFICIENT);
-        let z_coefficient = self.z_coefficient.unwrap_or(DEFAULT_Z_COEFFICIENT);
+        let (aux_coefficient, z_coefficient) = (self.aux_coefficient(), self.z_coefficient());
         for (name, c) in [
             ("aux_coefficient", aux_coefficient),
             ("z_coefficient", z_coefficient),
@@ -300,10 +254,10 @@ impl SwitchTop1Config {
             gate_bias: None,
             rounding,
             capacity_factor,
-            min_capacity: self.min_capacity.unwrap_or(DEFAULT_MIN_CAPACITY),
+            min_capacity: self.min_capacity(),
             expert_capacity,
-            per_sequence: self.per_sequence.unwrap_or(false),
-            drop: self.drop.unwrap_or_default(),
+            per_sequence: self.per_sequence(),
+            drop: self.drop(),
             jitter,
             aux_coefficient,
             z_coefficient,
@@ -399,6 +353,46 @@ impl SwitchTop1 {
         out
     }
 
+    /// Capacity: each group's choices claim slots in the policy's order; an expert keeps at most `C` per group.
+    /// Returns the kept and the dropped assignments (dropped sorted by token).
+    fn apply_capacity(
+        &self,
+        choices: &[Option<Choice>],
+        groups: &[(usize, usize)],
+        drop_seed: u64,
+    ) -> (Vec<Assignment>, Vec<Assignment>) {
+        let mut used = vec![0usize; self.n_experts()];
+        let mut kept = Vec::with_capacity(choices.len());
+        let mut dropped = Vec::new();
+        for &(start, end) in groups {
+            let mut group: Vec<Choice> = choices
+                .get(start..end)
+                .unwrap_or(&[])
+                .iter()
+                .flatten()
+                .copied()
+                .collect();
+            let cap = self.capacity_for(group.len());
+            self.order(&mut group, drop_seed);
+            for c in &group {
+                match used.get_mut(c.expert) {
+                    Some(n) if *n < cap => {
+                        *n += 1;
+                        kept.push(assignment(c));
+                    }
+                    _ => dropped.push(assignment(c)),
+                }
+            }
+            for c in &group {
+                if let Some(n) = used.get_mut(c.expert) {
+                    *n = 0;
+                }
+            }
+        }
+        dropped.sort_unstable_by_key(|a| a.token);
+        (kept, dropped)
+    }
+
     /// The order in which a group's choices claim capacity.
     fn order(&self, choices: &mut [Choice], seed: u64) {
         match self.drop {
@@ -419,15 +413,54 @@ fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
     let mut p = logits.as_standard_layout().into_owned();
     let e = p.ncols().max(1);
     if let Some(s) = p.as_slice_mut() {
-        s.par_chunks_mut(e).for_each(util::softmax_in_place);
+        s.par_chunks_mut(e).for_each(kit::softmax_in_place);
     } else {
         for mut row in p.outer_iter_mut() {
             let mut v = row.to_vec();
-            util::softmax_in_place(&mut v);
+            kit::softmax_in_place(&mut v);
             row.assign(&ArrayView1::from(&v));
         }
     }
     p
+}
+
+/// The losses over the real tokens: the load-balancing loss per sequence (`seqs`) with pre-capacity counts, and the
+/// z-loss. Returns `(load balance, z, number of real tokens)`.
+fn losses(
+    probs: &Array2<f32>,
+    logits: &Array2<f32>,
+    choices: &[Option<Choice>],
+    seqs: &[(usize, usize)],
+) -> (f32, f32, usize) {
+    let (t, e) = probs.dim();
+    let mut real = Vec::with_capacity(t);
+    let mut seq_lens = Vec::with_capacity(seqs.len());
+    let mut counts_per_seq = Vec::with_capacity(seqs.len());
+    for &(start, end) in seqs {
+        let mut counts = vec![0usize; e];
+        let before = real.len();
+        for c in choices.get(start..end).unwrap_or(&[]).iter().flatten() {
+            if let Some(n) = counts.get_mut(c.expert) {
+                *n += 1;
+            }
+            real.push(c.token);
+        }
+        if real.len() > before {
+            seq_lens.push(real.len() - before);
+            counts_per_seq.push(counts);
+        }
+    }
+    let lb = |p: ArrayView2<'_, f32>| {
+        loss::load_balance_grouped(p, &seq_lens, &counts_per_seq, 1, LbNorm::HfSwitch)
+    };
+    let (lb, z) = if real.len() == t {
+        (lb(probs.view()), loss::z_loss(logits.view()))
+    } else {
+        let p = probs.select(Axis(0), &real);
+        let l = logits.select(Axis(0), &real);
+        (lb(p.view()), loss::z_loss(l.view()))
+    };
+    (lb, z, real.len())
 }
 
 /// `(argmax, max)` of a row; ties go to the lower index.
@@ -476,10 +509,35 @@ impl Router for SwitchTop1 {
         Some(self.gate.ncols())
     }
 
-    /// Position drops depend only on earlier tokens (and, for the `T`-dependent roundings, on the token count);
-    /// the other policies let a later token displace an earlier one.
+    /// [`SwitchTop1Config::is_causal`] of this router's drop policy: `true` exactly with `drop = position`.
     fn is_causal(&self) -> bool {
-        self.drop == DropPolicy::Position
+        SwitchTop1Config {
+            drop: Some(self.drop),
+            ..Default::default()
+        }
+        .is_causal()
+    }
+
+    /// `gate`: the classifier `W_g` (HF `router.classifier.weight`), `[E, d]`; `gate_bias`: `[E]` (HF
+    /// `router.classifier.bias`), when set.
+    fn params(&self) -> Vec<Param<'_>> {
+        let mut v = vec![Param::new("gate", self.gate.view())];
+        v.extend(
+            self.gate_bias
+                .iter()
+                .map(|b| Param::new("gate_bias", b.view())),
+        );
+        v
+    }
+
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        let mut v = vec![ParamMut::new("gate", self.gate.view_mut())];
+        v.extend(
+            self.gate_bias
+                .iter_mut()
+                .map(|b| ParamMut::new("gate_bias", b.view_mut())),
+        );
+        v
     }
 
     /// `None` unless [`SwitchSpec`] describes the routing completely (module docs): in particular `None` with a
@@ -501,14 +559,14 @@ impl Router for SwitchTop1 {
 
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
         let e = self.n_experts();
-        util::check_input(input, self.d_model(), e, 1)?;
+        kit::check_input(input, self.d_model(), e, 1)?;
         let t = input.n_tokens();
         let jittered = match input.mode {
             Mode::Train { seed } if self.jitter > 0.0 => Some(self.jittered(input.hidden, seed)),
             _ => None,
         };
         let hidden = jittered.as_ref().map_or(input.hidden, |j| j.view());
-        let logits = util::gate_logits(hidden, self.gate.view(), self.gate_bias.as_ref())?;
+        let logits = kit::gate_logits(hidden, self.gate.view(), self.gate_bias.as_ref())?;
         let probs = softmax_rows(&logits);
         let choices: Vec<Option<Choice>> = probs
             .outer_iter()
@@ -525,7 +583,6 @@ impl Router for SwitchTop1 {
             })
             .collect();
 
-        // Capacity: each group's choices claim slots in the policy's order; an expert keeps at most C per group.
         let seqs = ranges(&input.sequences());
         let groups = if self.per_sequence {
             seqs.clone()
@@ -536,81 +593,9 @@ impl Router for SwitchTop1 {
             Mode::Train { seed } => seed,
             Mode::Eval => EVAL_DROP_SEED,
         };
-        let mut used = vec![0usize; e];
-        let mut kept = Vec::with_capacity(t);
-        let mut dropped = Vec::new();
-        for &(start, end) in &groups {
-            let mut group: Vec<Choice> = choices
-                .get(start..end)
-                .unwrap_or(&[])
-                .iter()
-                .flatten()
-                .copied()
-                .collect();
-            let cap = self.capacity_for(group.len());
-            self.order(&mut group, drop_seed);
-            for c in &group {
-                match used.get_mut(c.expert) {
-                    Some(n) if *n < cap => {
-                        *n += 1;
-                        kept.push(assignment(c));
-                    }
-                    _ => dropped.push(assignment(c)),
-                }
-            }
-            for c in &group {
-                if let Some(n) = used.get_mut(c.expert) {
-                    *n = 0;
-                }
-            }
-        }
-        dropped.sort_unstable_by_key(|a| a.token);
-
-        // Losses over the real tokens; the load-balancing loss per sequence with pre-capacity counts.
-        let mut real = Vec::with_capacity(t);
-        let mut seq_lens = Vec::with_capacity(seqs.len());
-        let mut counts_per_seq = Vec::with_capacity(seqs.len());
-        for &(start, end) in &seqs {
-            let mut counts = vec![0usize; e];
-            let before = real.len();
-            for c in choices.get(start..end).unwrap_or(&[]).iter().flatten() {
-                if let Some(n) = counts.get_mut(c.expert) {
-                    *n += 1;
-                }
-                real.push(c.token);
-            }
-            if real.len() > before {
-                seq_lens.push(real.len() - before);
-                counts_per_seq.push(counts);
-            }
-        }
-        let (lb, z) = if real.len() == t {
-            (
-                loss::load_balance_grouped(
-                    probs.view(),
-                    &seq_lens,
-                    &counts_per_seq,
-                    1,
-                    LbNorm::HfSwitch,
-                ),
-                loss::z_loss(logits.view()),
-            )
-        } else {
-            let p = probs.select(Axis(0), &real);
-            let l = logits.select(Axis(0), &real);
-            (
-                loss::load_balance_grouped(
-                    p.view(),
-                    &seq_lens,
-                    &counts_per_seq,
-                    1,
-                    LbNorm::HfSwitch,
-                ),
-                loss::z_loss(l.view()),
-            )
-        };
-
-        let mut routing = Routing::new(t, e, real.len(), kept, dropped)?;
+        let (kept, dropped) = self.apply_capacity(&choices, &groups, drop_seed);
+        let (lb, z, n_real) = losses(&probs, &logits, &choices, &seqs);
+        let mut routing = Routing::new(t, e, n_real, kept, dropped)?;
         routing.push_aux(AuxLoss {
             kind: AuxLossKind::LoadBalance(LbNorm::HfSwitch),
             value: lb,
@@ -630,7 +615,7 @@ impl Router for SwitchTop1 {
 
 fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
     let cfg: SwitchTop1Config = args.parse("switch-top1")?;
-    let gate = util::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
+    let gate = kit::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
     Ok(Box::new(cfg.build(gate)?))
 }
 
@@ -639,14 +624,11 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    reg.register(RouterEntry {
-        name: "switch-top1".into(),
-        description: "Switch top-1 with capacity (megatron / deepspeed / fairseq / fixed), drop policies, jitter, aux and z-loss"
-            .into(),
-        causal: true,
-        options: OPTIONS.to_vec(),
+    reg.register(RouterEntry::new::<SwitchTop1Config>(
+        "switch-top1",
+        "Switch top-1 with capacity (megatron / deepspeed / fairseq / fixed), drop policies, jitter, aux and z-loss",
         factory,
-    })
+    ))
 }
 
 #[cfg(test)]

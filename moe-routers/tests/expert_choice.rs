@@ -1,10 +1,10 @@
 //! Behaviour of `expert-choice`: exact capacity, optimal picks and weights under proptest, and the same routing on
 //! any thread count.
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::SeqRng;
 use moe_core::{Router, RouterInput};
 use moe_routers::expert_choice::ExpertChoice;
-use moe_routers::util::{self, GATE_STREAM};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
@@ -13,7 +13,7 @@ const D: usize = 4;
 #[test]
 fn same_routing_on_one_and_four_threads() {
     let (t, e) = (500usize, 32usize);
-    let gate = util::init_gate(16, e, 2, GATE_STREAM).expect("gate");
+    let gate = kit::init_gate(16, e, 2, GATE_STREAM).expect("gate");
     let r = ExpertChoice::new(gate, 1.25).expect("router");
     let x = SeqRng::new(3, 0).normal_matrix(t, 16, 1.0);
     let pad: Vec<bool> = (0..t).map(|i| i % 13 == 0).collect();
@@ -53,7 +53,7 @@ proptest! {
     ) {
         // q in 1..=8E: c up to 2E, so the cap at T_real is exercised too.
         let q = 1 + (q_frac * (8 * e) as f64) as usize;
-        let gate = util::init_gate(D, e, gate_seed, GATE_STREAM).expect("gate");
+        let gate = kit::init_gate(D, e, gate_seed, GATE_STREAM).expect("gate");
         let r = ExpertChoice::new(gate, q as f64 / 4.0).expect("router");
         let x = SeqRng::new(data_seed, 0).normal_matrix(t, D, 2.0);
         let pad: Vec<bool> = (0..t).map(|i| pad_bits >> i & 1 == 1).collect();
@@ -68,7 +68,7 @@ proptest! {
             .outer_iter()
             .map(|row| {
                 let mut s = row.to_vec();
-                util::softmax_in_place(&mut s);
+                kit::softmax_in_place(&mut s);
                 s
             })
             .collect();

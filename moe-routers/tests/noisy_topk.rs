@@ -1,24 +1,24 @@
 //! Behaviour of `noisy-topk`: the smooth load estimator against Monte Carlo, invariants under proptest, and the
 //! same routing on any thread count.
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::{CounterRng, SeqRng};
 use moe_core::{AuxLossKind, Mode, Router, RouterInput, Routing, loss};
 use moe_routers::noisy_topk::{NOISE_WEIGHT_STREAM, NoisyTopK};
-use moe_routers::util::{self, GATE_STREAM};
 use ndarray::Array2;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
 fn router(d: usize, e: usize, k: usize, seed: u64) -> NoisyTopK {
-    let gate = util::init_gate(d, e, seed, GATE_STREAM).expect("gate");
-    let noise = util::init_gate(d, e, seed, NOISE_WEIGHT_STREAM).expect("noise");
+    let gate = kit::init_gate(d, e, seed, GATE_STREAM).expect("gate");
+    let noise = kit::init_gate(d, e, seed, NOISE_WEIGHT_STREAM).expect("noise");
     NoisyTopK::new(gate, noise, k).expect("router")
 }
 
 /// `σ = softplus(x · W_noiseᵀ) + noise_epsilon`, recomputed here from the router's parameters.
 fn sigma(r: &NoisyTopK, x: &Array2<f32>) -> Array2<f32> {
     x.dot(&r.noise().t())
-        .mapv(|v| util::softplus(v) + r.noise_epsilon())
+        .mapv(|v| kit::softplus(v) + r.noise_epsilon())
 }
 
 /// `P(x, e)` is the probability that `e` stays in the top k when only its own noise `ε_e` is redrawn and the other
@@ -47,7 +47,7 @@ fn smooth_load_matches_monte_carlo() {
             for draw in 0..n {
                 let eps = mc.normal_at(((ti * e + ei) as u64) * n + draw) as f32;
                 row[ei] = clean[[ti, ei]] + eps * s[[ti, ei]];
-                if util::top_k(&row, k).contains(&ei) {
+                if kit::top_k(&row, k).contains(&ei) {
                     hits += 1;
                 }
             }

@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::CounterRng;
 use moe_core::{AuxLossKind, DropPolicy, LbNorm, Mode, Router, RouterInput, Routing};
 use moe_routers::switch::{
     CapacityRounding, DROP_STREAM, EVAL_DROP_SEED, JITTER_STREAM, SwitchTop1, SwitchTop1Config,
 };
-use moe_routers::util::{self, GATE_STREAM};
 use ndarray::{Array2, array};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
@@ -359,7 +359,7 @@ fn workload(t: usize, d: usize) -> (Array2<f32>, Vec<usize>, Vec<bool>) {
 fn same_plan_on_one_and_four_threads() -> Result<(), Box<dyn std::error::Error>> {
     let (t, d, e) = (301usize, 16usize, 8usize);
     let (x, lens, pad) = workload(t, d);
-    let gate = util::init_gate(d, e, 5, GATE_STREAM)?;
+    let gate = kit::init_gate(d, e, 5, GATE_STREAM)?;
     for drop in [
         DropPolicy::Position,
         DropPolicy::Probability,
@@ -421,7 +421,7 @@ fn conformance() {
         },
     ];
     for cfg in configs {
-        let gate = util::init_gate(12, 16, 1, GATE_STREAM).expect("gate");
+        let gate = kit::init_gate(12, 16, 1, GATE_STREAM).expect("gate");
         let r = cfg.build(gate).expect("build");
         moe_core::testing::check_router(&r, 12).unwrap_or_else(|e| panic!("{cfg:?}: {e}"));
     }
@@ -529,7 +529,7 @@ fn reference(r: &SwitchTop1, c: &Case) -> (Plan, Plan) {
             continue;
         }
         let mut p = row.to_vec();
-        util::softmax_in_place(&mut p);
+        kit::softmax_in_place(&mut p);
         let mut best = 0;
         for j in 1..e {
             if p[j] > p[best] {

@@ -1,12 +1,30 @@
-//! A router plugin written outside the built-ins: greedy least-loaded routing. Each token, in order, takes its k
-//! best-scoring experts among those still under capacity `ceil(T·k/E · capacity_factor)`; weights are the softmax
-//! of the chosen logits. It depends only on earlier tokens, so it is causal.
+//! A router plugin written outside the built-ins: greedy least-loaded routing. Each real (non-padding) token, in
+//! order, takes its k best-scoring experts among those still under capacity `ceil(T·k/E · capacity_factor)`
+//! (`T` real tokens); weights are the softmax of the chosen logits; padding tokens get no expert. A token's
+//! experts depend only on earlier tokens (and on `T`), so it is causal. It needs `moe-core` alone: the router kit
+//! gives the seeded gate, the logits, top-k and softmax; `router_options!` declares the options once.
 
+use moe_core::kit::{self, GATE_STREAM};
+use moe_core::ndarray::Array2;
 use moe_core::{
-    Assignment, MoeError, OptionDoc, Router, RouterArgs, RouterEntry, RouterInput, RouterRegistry,
-    Routing,
+    Assignment, MoeError, Param, ParamMut, Router, RouterArgs, RouterConfig, RouterEntry,
+    RouterInput, RouterRegistry, Routing,
 };
-use ndarray::Array2;
+
+moe_core::router_options! {
+    /// Options of `greedy-balanced`.
+    pub struct GreedyBalancedConfig {
+        /// capacity = ceil(T·k/E · capacity_factor) tokens per expert, T = real tokens; finite, >= 1.
+        capacity_factor: f64 = 1.0,
+    }
+}
+
+impl RouterConfig for GreedyBalancedConfig {
+    /// Tokens claim capacity in order, so a later token never changes an earlier token's experts.
+    fn is_causal(&self) -> bool {
+        true
+    }
+}
 
 /// Greedy least-loaded router with a gate `[E, d]`.
 #[derive(Clone, Debug)]
@@ -14,12 +32,6 @@ pub struct GreedyBalanced {
     gate: Array2<f32>,
     k: usize,
     capacity_factor: f64,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Options {
-    capacity_factor: Option<f64>,
 }
 
 impl Router for GreedyBalanced {
@@ -32,29 +44,34 @@ impl Router for GreedyBalanced {
     fn d_model(&self) -> Option<usize> {
         Some(self.gate.ncols())
     }
+    fn is_causal(&self) -> bool {
+        GreedyBalancedConfig::default().is_causal()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![Param::new("gate", self.gate.view())]
+    }
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        vec![ParamMut::new("gate", self.gate.view_mut())]
+    }
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
-        input.validate(self.d_model())?;
         let (t, e) = (input.n_tokens(), self.n_experts());
-        let cap = ((t * self.k) as f64 / e as f64 * self.capacity_factor).ceil() as usize;
-        let logits = input.hidden.dot(&self.gate.t());
+        kit::check_input(input, self.d_model(), e, self.k)?;
+        let logits = kit::gate_logits(input.hidden, self.gate.view(), None)?;
+        let real: Vec<usize> = (0..t).filter(|&i| !input.is_padding(i)).collect();
+        let cap = ((real.len() * self.k) as f64 / e as f64 * self.capacity_factor).ceil() as usize;
         let mut load = vec![0usize; e];
-        let mut kept = Vec::with_capacity(t * self.k);
-        for (tok, row) in logits.outer_iter().enumerate() {
-            let mut order: Vec<usize> = (0..e).collect();
-            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-            let chosen: Vec<usize> = order
+        let mut kept = Vec::with_capacity(real.len() * self.k);
+        for &tok in &real {
+            let scores = logits.row(tok).to_vec();
+            let chosen: Vec<usize> = kit::top_k(&scores, e)
                 .into_iter()
                 .filter(|&x| load[x] < cap)
                 .take(self.k)
                 .collect();
-            let m = chosen
-                .iter()
-                .map(|&x| row[x])
-                .fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = chosen.iter().map(|&x| (row[x] - m).exp()).sum();
-            for (rank, &x) in chosen.iter().enumerate() {
+            let mut weights: Vec<f32> = chosen.iter().map(|&x| scores[x]).collect();
+            kit::softmax_in_place(&mut weights);
+            for (rank, (&x, &weight)) in chosen.iter().zip(&weights).enumerate() {
                 load[x] += 1;
-                let weight = (row[x] - m).exp() / z;
                 kept.push(Assignment {
                     token: tok as u32,
                     expert: x as u32,
@@ -63,13 +80,13 @@ impl Router for GreedyBalanced {
                 });
             }
         }
-        Routing::new(t, e, t, kept, Vec::new())
+        Routing::new(t, e, real.len(), kept, Vec::new())
     }
 }
 
 fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
-    let o: Options = args.parse("greedy-balanced")?;
-    let capacity_factor = o.capacity_factor.unwrap_or(1.0);
+    let cfg: GreedyBalancedConfig = args.parse("greedy-balanced")?;
+    let capacity_factor = cfg.capacity_factor();
     if !(capacity_factor.is_finite() && capacity_factor >= 1.0) {
         return Err(MoeError::config(
             "capacity_factor",
@@ -83,12 +100,7 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
             n_experts: args.n_experts,
         });
     }
-    let gate = moe_routers::util::init_gate(
-        args.d_model,
-        args.n_experts,
-        args.seed,
-        moe_routers::util::GATE_STREAM,
-    )?;
+    let gate = kit::init_gate(args.d_model, args.n_experts, args.seed, GATE_STREAM)?;
     Ok(Box::new(GreedyBalanced {
         gate,
         k: args.top_k,
@@ -96,20 +108,14 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
     }))
 }
 
-/// Registers `greedy-balanced`.
+/// Registers `greedy-balanced`; its option docs and causality come from [`GreedyBalancedConfig`].
 ///
 /// # Errors
 /// [`MoeError::DuplicateRouter`] if the name is taken.
 pub fn register(reg: &mut RouterRegistry) -> Result<(), MoeError> {
-    reg.register(RouterEntry {
-        name: "greedy-balanced".into(),
-        description: "greedy least-loaded top-k with capacity (plugin example)".into(),
-        causal: true,
-        options: vec![OptionDoc {
-            name: "capacity_factor",
-            default: "1.0",
-            doc: "capacity = ceil(T*k/E * factor), >= 1",
-        }],
+    reg.register(RouterEntry::new::<GreedyBalancedConfig>(
+        "greedy-balanced",
+        "greedy least-loaded top-k with capacity (plugin example)",
         factory,
-    })
+    ))
 }

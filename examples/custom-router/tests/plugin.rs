@@ -1,4 +1,5 @@
-//! The plugin passes the router conformance suite and shows up in its own `moe compare` beside the built-ins.
+//! The plugin passes the router conformance suite, respects its capacity, skips padding, and the README shows its
+//! code verbatim.
 
 use moe_core::{RouterArgs, RouterInput, WorkloadConfig};
 
@@ -34,42 +35,48 @@ fn conformance_and_capacity() {
 }
 
 #[test]
-fn plugin_binary_compares_it_with_the_builtins() {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_moe-custom"))
-        .args([
-            "compare",
-            "--num-tokens",
-            "256",
-            "--d-model",
-            "16",
-            "--format",
-            "json",
-        ])
-        .output()
-        .expect("moe-custom runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    let names: Vec<&str> = v["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .filter_map(|r| r["router"].as_str())
-        .collect();
-    assert!(names.contains(&"greedy-balanced"), "{names:?}");
-    assert!(names.contains(&"softmax-topk"), "{names:?}");
+fn padding_tokens_get_no_expert_and_take_no_capacity() {
+    let mut reg = moe_core::RouterRegistry::new();
+    custom_router::register(&mut reg).expect("register");
+    let r = reg
+        .create("greedy-balanced", &RouterArgs::new(16, 8, 2, 0))
+        .expect("create");
+    let w = WorkloadConfig {
+        tokens: 64,
+        d_model: 16,
+        ..Default::default()
+    }
+    .generate()
+    .expect("workload");
+    // 16 of 64 tokens marked, the README's report: none of them may get an assignment.
+    let padding: Vec<bool> = (0..64).map(|t| t % 4 == 3).collect();
+    let plan = r
+        .route(&RouterInput::new(w.hidden.view()).with_padding(&padding))
+        .expect("route");
+    assert_eq!(plan.n_real_tokens(), 48);
+    for (t, choices) in plan.per_token().iter().enumerate() {
+        if padding[t] {
+            assert!(choices.is_empty(), "padding token {t} got {choices:?}");
+        } else {
+            assert!((1..=2).contains(&choices.len()));
+        }
+    }
+    // Capacity counts real tokens: ceil(48 * 2 / 8 * 1.0) = 12 per expert.
+    assert!(plan.expert_counts().iter().all(|&c| c <= 12));
 }
 
 #[test]
 fn readme_shows_this_plugin_verbatim() {
     let readme = include_str!("../../../README.md");
     for (name, src) in [
-        ("lib.rs", include_str!("../src/lib.rs")),
-        ("main.rs", include_str!("../src/main.rs")),
+        ("src/lib.rs", include_str!("../src/lib.rs")),
+        ("tests/conformance.rs", include_str!("conformance.rs")),
+        ("cli/src/main.rs", include_str!("../cli/src/main.rs")),
     ] {
-        let block = format!("// examples/custom-router/src/{name}\n{src}```");
+        let block = format!("// examples/custom-router/{name}\n{src}```");
         assert!(
             readme.contains(&block),
-            "README.md's copy of examples/custom-router/src/{name} is out of date"
+            "README.md's copy of examples/custom-router/{name} is out of date"
         );
     }
 }
