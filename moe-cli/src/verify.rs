@@ -40,7 +40,7 @@ pub(crate) fn run(a: &VerifyArgs) -> Result<(), CliError> {
             moe_verify::TOLERANCE
         );
         println!(
-            "backend: {} ({}){}",
+            "backend: {}, device: {}{}",
             backend.name(),
             backend.capabilities().device,
             host_note(&reports)

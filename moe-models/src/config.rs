@@ -227,3 +227,91 @@ impl FieldValue {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<MoeConfig, LoadError> {
+        let hf: HfConfig = serde_json::from_str(json).expect("json");
+        MoeConfig::from_hf(&hf, Path::new("config.json"))
+    }
+
+    #[test]
+    fn fields_are_read_under_their_hf_names() {
+        let c = parse(
+            r#"{"model_type": "deepseek_v3", "n_routed_experts": 16, "num_experts_per_tok": 4,
+                "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.5, "norm_topk_prob": false}"#,
+        )
+        .expect("config");
+        assert_eq!(
+            (c.family, c.n_experts, c.top_k),
+            (Family::DeepseekV3, 16, 4)
+        );
+        assert_eq!((c.n_group, c.topk_group), (Some(4), Some(2)));
+        assert_eq!(c.routed_scaling_factor, Some(1.5));
+        assert_eq!(c.renormalize, Some(false));
+        // An alias of transformers' attribute_map.
+        let c =
+            parse(r#"{"model_type": "olmoe", "num_local_experts": 4, "num_experts_per_tok": 2}"#)
+                .expect("config");
+        assert_eq!(c.n_experts, 4);
+    }
+
+    #[test]
+    fn missing_fields_take_transformers_defaults() {
+        let c = parse(r#"{"model_type": "mixtral"}"#).expect("config");
+        assert_eq!((c.n_experts, c.top_k, c.renormalize), (8, 2, None));
+        let c = parse(r#"{"model_type": "deepseek_v3", "n_group": null}"#).expect("config");
+        assert_eq!((c.n_experts, c.top_k), (256, 8));
+        assert_eq!((c.n_group, c.topk_group), (Some(8), Some(4)));
+        assert_eq!(c.routed_scaling_factor, Some(2.5));
+        let c = parse(r#"{"model_type": "nllb_moe", "num_experts": 4}"#).expect("config");
+        assert_eq!((c.n_experts, c.top_k), (4, 2));
+        assert_eq!(
+            (c.capacity_fraction, c.expert_capacity),
+            (Some(1.0), Some(64))
+        );
+        assert!((c.token_dropout - 0.2).abs() < 1e-7);
+        let c = parse(r#"{"model_type": "switch_transformers"}"#).expect("config");
+        assert_eq!((c.n_experts, c.top_k, c.expert_capacity), (8, 1, Some(64)));
+        let c = parse(r#"{"model_type": "gpt_oss", "swiglu_limit": 5}"#).expect("config");
+        assert_eq!((c.swiglu_limit, c.swiglu_alpha), (5.0, 1.702));
+    }
+
+    #[test]
+    fn every_family_loads_from_its_defaults() {
+        for f in Family::ALL {
+            let c = parse(&format!(r#"{{"model_type": "{}"}}"#, f.model_type()))
+                .unwrap_or_else(|e| panic!("{f:?}: {e}"));
+            assert_eq!(c.family, f);
+            assert!(c.n_experts >= 1 && c.top_k >= 1, "{f:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = parse(r#"{"model_type": "mixtral", "num_local_experts": "eight"}"#)
+            .expect_err("string count");
+        assert!(
+            matches!(&e, LoadError::Config { field, .. } if field == "num_local_experts"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("\"eight\""), "{e}");
+        let e = parse(r#"{"model_type": "qwen2_moe", "num_experts": -1}"#).expect_err("negative");
+        assert!(e.to_string().contains("num_experts"), "{e}");
+        let e = parse(r#"{"model_type": "nllb_moe", "second_expert_policy": "random"}"#)
+            .expect_err("policy");
+        assert!(e.to_string().contains("second_expert_policy"), "{e}");
+        let e = parse(r#"{"model_type": "llama"}"#).expect_err("family");
+        assert!(matches!(e, LoadError::UnknownFamily { .. }), "{e}");
+    }
+
+    #[test]
+    fn layer_prefixes_come_from_the_descriptors() {
+        let c = MoeConfig::new(Family::Mixtral, 8, 2);
+        assert_eq!(c.layer_prefix(3), "model.layers.3.block_sparse_moe.");
+        let c = MoeConfig::new(Family::NllbMoe, 8, 2);
+        assert_eq!(c.layer_prefix(0), "model.encoder.layers.0.ffn.");
+    }
+}

@@ -136,3 +136,84 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<Inspection, LoadError> {
         blocks,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_family_is_detected_from_its_names() {
+        let cases: [(&[&str], Family); 10] = [
+            (
+                &["gate.weight", "experts.gate_up_proj", "experts.down_proj"],
+                Family::Mixtral,
+            ),
+            (&["gate.weight", "experts.0.w1.weight"], Family::Mixtral),
+            (
+                &["gate.weight", "experts.0.gate_proj.weight"],
+                Family::Olmoe,
+            ),
+            (
+                &[
+                    "gate.weight",
+                    "experts.gate_up_proj",
+                    "shared_expert.gate_proj.weight",
+                ],
+                Family::Qwen2Moe,
+            ),
+            (
+                &[
+                    "gate.weight",
+                    "gate.e_score_correction_bias",
+                    "shared_experts.up_proj.weight",
+                ],
+                Family::DeepseekV3,
+            ),
+            (
+                &["router.classifier.weight", "experts.expert_0.wi.weight"],
+                Family::SwitchTransformers,
+            ),
+            (
+                &["router.classifier.weight", "experts.expert_0.fc1.weight"],
+                Family::NllbMoe,
+            ),
+            (
+                &["router.layer.weight", "input_linear.weight"],
+                Family::GraniteMoe,
+            ),
+            (
+                &["router.layer.weight", "input_linear.weight", "bias"],
+                Family::JetMoe,
+            ),
+            (
+                &["router.weight", "router.bias", "experts.gate_up_proj_bias"],
+                Family::GptOss,
+            ),
+        ];
+        for (names, family) in cases {
+            assert_eq!(
+                detect_family(names.iter().copied()),
+                Some(family),
+                "{names:?}"
+            );
+        }
+        assert_eq!(detect_family(["lm_head.weight"]), None);
+    }
+
+    #[test]
+    fn router_names_cover_every_family_longest_first() {
+        let names = router_names();
+        for n in [
+            "router.classifier.weight",
+            "router.layer.weight",
+            "router.weight",
+            "gate.weight",
+        ] {
+            assert!(names.contains(&n), "{n} in {names:?}");
+        }
+        assert!(
+            names.windows(2).all(|w| w[0].len() >= w[1].len()),
+            "{names:?}"
+        );
+    }
+}
