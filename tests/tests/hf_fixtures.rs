@@ -187,6 +187,23 @@ fn sharded_bf16_hub_checkpoint_matches_fused_f32() {
     });
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
     let sharded = moe_models::load_layer(&dir, 1).expect("sharded layer 1 loads");
+    // Per-expert Hub tensors are named by pattern, with the layer's prefix, and resolve in the sharded checkpoint.
+    let hub = Checkpoint::open(&dir).expect("index opens");
+    let p = "model.layers.1.block_sparse_moe.";
+    for param in sharded.params() {
+        let hf = param
+            .hf_name
+            .clone()
+            .expect("every parameter has an HF name");
+        let shape = hf_shape(&hub, &hf, e).expect("the HF name resolves");
+        assert_eq!(squeeze(&shape), squeeze(param.shape()), "{hf}");
+        if param.name == "experts.gate_up" {
+            assert_eq!(
+                hf,
+                format!("{p}experts.{{e}}.w1.weight + {p}experts.{{e}}.w3.weight")
+            );
+        }
+    }
 
     // The fused f32 file with the same bf16-rounded values.
     let fused_path = dir.join("fused.safetensors");

@@ -7,7 +7,8 @@
 //! names a family. Adding a family is one file here, one line in the table, and one case in the fixture generator
 //! (`tests/fixtures/hf/generate.py`); see the README's "Adding a model family".
 //!
-//! Family files depend on [`descriptor`] and [`parts`] only, never on each other or on this module.
+//! Family files depend on [`descriptor`] and `parts` (the crate-private loader they share) only, never on each
+//! other or on this module.
 
 pub mod descriptor;
 pub(crate) mod parts;
