@@ -8,8 +8,9 @@ use crate::checkpoint::read_json;
 use crate::error::LoadError;
 use crate::presets::{Family, HfDefault, Setting};
 
-/// An HF `config.json`, as read: its fields by HF name. Each family's [`Preset::config`](crate::Preset::config) says which fields it reads
-/// and transformers' default for each; unknown fields are ignored.
+/// An HF `config.json`, as read: its fields by HF name. Each family's
+/// [`Preset::config`](crate::Preset::config) says which fields it reads and transformers' default for each; unknown
+/// fields are ignored.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 #[serde(transparent)]
 pub struct HfConfig {
@@ -100,8 +101,9 @@ impl MoeConfig {
         Self::from_hf(&hf, path)
     }
 
-    /// Converts an HF config; `file` names it in errors. The family's [`Preset::config`](crate::Preset::config) fields are read under
-    /// their HF names; a missing (or `null`) field takes transformers' default ([`HfDefault`]).
+    /// Converts an HF config; `file` names it in errors. The family's [`Preset::config`](crate::Preset::config)
+    /// fields are read under their HF names; a missing (or `null`) field takes transformers' default
+    /// ([`HfDefault`]).
     ///
     /// # Errors
     /// [`LoadError::UnknownFamily`] for a `model_type` that is not a family; [`LoadError::Config`] for a field of

@@ -9,8 +9,9 @@ use crate::config::MoeConfig;
 use crate::error::LoadError;
 use crate::presets::Family;
 
-/// Router tensor names that mark an MoE block (every family's [`InspectView::router`](crate::presets::InspectView::router), longest first); the
-/// block prefix is what precedes them.
+/// Router tensor names that mark an MoE block (every family's
+/// [`InspectView::router`](crate::presets::InspectView::router), longest first); the block prefix is what precedes
+/// them.
 fn router_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = Family::ALL
         .iter()
@@ -57,8 +58,9 @@ pub struct Inspection {
 }
 
 /// Guesses the family of a block from its tensor names (unprefixed): the family of highest
-/// [`InspectView::priority`](crate::presets::InspectView::priority) whose markers match ([`InspectView::matches`](crate::presets::InspectView::matches)). OLMoE and Mixtral v5 blocks look alike
-/// and are reported as Mixtral.
+/// [`InspectView::priority`](crate::presets::InspectView::priority) whose markers match
+/// ([`InspectView::matches`](crate::presets::InspectView::matches)). OLMoE and Mixtral v5 blocks look alike and are
+/// reported as Mixtral.
 pub fn detect_family<'a>(names: impl IntoIterator<Item = &'a str> + Clone) -> Option<Family> {
     Family::ALL
         .into_iter()
