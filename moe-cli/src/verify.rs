@@ -1,9 +1,11 @@
-//! `moe verify DIR`: runs the golden-fixture verifier of `moe-models` on a directory (`manifest.json` plus one
-//! safetensors file per case) and prints one row per case. Exit code 0 only if every case passes.
+//! `moe verify DIR [--backend cpu|wgpu|cuda]`: runs the golden-fixture verifier (`moe-verify`) on a directory
+//! (`manifest.json` plus one safetensors file per case) on a backend and prints one row per case. Exit code 0 only
+//! if every case passes; 2 when the backend cannot run here (a build without it, no adapter, no driver).
 
 use std::path::PathBuf;
 
 use clap::Args;
+use moe_verify::{CaseReport, Measure, Side};
 
 use crate::CliError;
 use crate::output::{Format, Table};
@@ -12,57 +14,36 @@ use crate::output::{Format, Table};
 pub(crate) struct VerifyArgs {
     /// Fixture directory holding `manifest.json` and the case files.
     dir: PathBuf,
+    /// Backend to run the cases on (`cpu`, `wgpu`, `cuda`); references it does not compute are checked on the
+    /// host (see `moe-verify`).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
     /// Output format (`table` or `json`).
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
 }
 
 pub(crate) fn run(a: &VerifyArgs) -> Result<(), CliError> {
-    let reports = moe_models::verify::verify_dir(&a.dir).map_err(|e| CliError::Other(e.into()))?;
+    let backend =
+        moe_verify::open_backend(&a.backend).map_err(|e| CliError::Usage(e.to_string()))?;
+    let reports =
+        moe_verify::verify_dir(&a.dir, backend.as_ref()).map_err(|e| CliError::Other(e.into()))?;
     if a.format == Format::Json {
         println!(
             "{}",
             serde_json::to_string_pretty(&reports).map_err(|e| CliError::Other(e.into()))?
         );
     } else {
-        let mut t = Table::new(&[
-            "case",
-            "family",
-            "tokens",
-            "max rel err",
-            "quantities",
-            "result",
-        ]);
-        for r in &reports {
-            let quantities = match &r.error {
-                Some(e) => format!("error: {e}"),
-                None => r
-                    .quantities
-                    .iter()
-                    .map(|q| match q.measure {
-                        moe_models::verify::Measure::RelErr => {
-                            format!("{}={:.1e}", q.name, q.value)
-                        }
-                        moe_models::verify::Measure::Mismatches => {
-                            format!("{}={} mismatches", q.name, q.value)
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            };
-            t.push(vec![
-                r.name.clone(),
-                r.family.clone(),
-                r.tokens.to_string(),
-                format!("{:.2e}", r.max_rel_err()),
-                quantities,
-                if r.passed { "pass" } else { "FAIL" }.to_string(),
-            ]);
-        }
-        print!("{}", t.render(a.format));
+        print_table(&reports, a.format);
         println!(
             "tolerance: max|ours - ref| / max|ref| <= {:e}; discrete quantities must match exactly",
-            moe_models::verify::TOLERANCE
+            moe_verify::TOLERANCE
+        );
+        println!(
+            "backend: {}, device: {}{}",
+            backend.name(),
+            backend.capabilities().device,
+            host_note(&reports)
         );
     }
     let failed = reports.iter().filter(|r| !r.passed).count();
@@ -73,4 +54,55 @@ pub(crate) fn run(a: &VerifyArgs) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+fn print_table(reports: &[CaseReport], format: Format) {
+    let mut t = Table::new(&[
+        "case",
+        "family",
+        "tokens",
+        "max rel err",
+        "quantities",
+        "result",
+    ]);
+    for r in reports {
+        let quantities = match &r.error {
+            Some(e) => format!("error: {e}"),
+            None => r
+                .quantities
+                .iter()
+                .map(|q| match q.measure {
+                    Measure::RelErr => format!("{}={:.1e}", q.name, q.value),
+                    Measure::Mismatches => format!("{}={} mismatches", q.name, q.value),
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        t.push(vec![
+            r.name.clone(),
+            r.family.clone(),
+            r.tokens.to_string(),
+            format!("{:.2e}", r.max_rel_err()),
+            quantities,
+            if r.passed { "pass" } else { "FAIL" }.to_string(),
+        ]);
+    }
+    print!("{}", t.render(format));
+}
+
+/// `; on the host: a, b` for the quantities computed on the host, or nothing.
+fn host_note(reports: &[CaseReport]) -> String {
+    let mut names: Vec<&str> = reports
+        .iter()
+        .flat_map(|r| &r.quantities)
+        .filter(|q| q.on == Side::Host)
+        .map(|q| q.name.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!("; on the host: {}", names.join(", "))
+    }
 }

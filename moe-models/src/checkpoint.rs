@@ -48,7 +48,10 @@ pub struct Checkpoint {
 }
 
 /// Maps a file read-only.
-#[allow(unsafe_code)]
+#[allow(
+    unsafe_code,
+    reason = "memmap2's `Mmap::map` is unsafe: the map aliases the file; confined to this function"
+)]
 fn map_file(path: &Path) -> Result<Mmap, LoadError> {
     let io = |source| LoadError::Io {
         file: path.to_path_buf(),

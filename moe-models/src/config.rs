@@ -1,51 +1,40 @@
-//! Configuration: [`HfConfig`], the fields of an HF `config.json` that the presets read (HF names appear only
-//! here, through serde renames), and [`MoeConfig`], the family-independent settings a preset is built from.
+//! Configuration: [`HfConfig`], an HF `config.json` as read, and [`MoeConfig`], the family-independent settings a
+//! preset is built from. Which HF fields a family reads, and transformers' default for each, is stated by the
+//! family's descriptor ([`crate::Preset::config`]); HF names appear only there.
 
 use std::path::Path;
 
-use crate::Family;
 use crate::checkpoint::read_json;
 use crate::error::LoadError;
+use crate::presets::{Family, HfDefault, Setting};
 
-/// The MoE fields of an HF `config.json`. Each family uses a subset; unknown fields are ignored.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+/// An HF `config.json`, as read: its fields by HF name. Each family's
+/// [`Preset::config`](crate::Preset::config) says which fields it reads and transformers' default for each; unknown
+/// fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(transparent)]
 pub struct HfConfig {
-    /// `model_type`: selects the family.
-    pub model_type: Option<String>,
-    /// `hidden_size` (most families).
-    pub hidden_size: Option<usize>,
-    /// `d_model` (Switch, NLLB).
-    pub d_model: Option<usize>,
-    /// `num_local_experts` (Mixtral, Granite, JetMoE, GPT-OSS).
-    pub num_local_experts: Option<usize>,
-    /// `num_experts` (Qwen2/3-MoE, OLMoE, Switch, NLLB).
-    pub num_experts: Option<usize>,
-    /// `n_routed_experts` (DeepSeek-V3).
-    pub n_routed_experts: Option<usize>,
-    /// `num_experts_per_tok`: experts per token.
-    pub num_experts_per_tok: Option<usize>,
-    /// `norm_topk_prob`: renormalise the k weights.
-    pub norm_topk_prob: Option<bool>,
-    /// `n_group` (DeepSeek-V3).
-    pub n_group: Option<usize>,
-    /// `topk_group` (DeepSeek-V3).
-    pub topk_group: Option<usize>,
-    /// `routed_scaling_factor` (DeepSeek-V3).
-    pub routed_scaling_factor: Option<f32>,
-    /// `swiglu_limit` (GPT-OSS).
-    pub swiglu_limit: Option<f32>,
-    /// `expert_capacity` (Switch).
-    pub expert_capacity: Option<usize>,
-    /// `moe_eval_capacity_token_fraction` (NLLB).
-    pub moe_eval_capacity_token_fraction: Option<f64>,
-    /// `moe_token_dropout` (NLLB).
-    pub moe_token_dropout: Option<f32>,
-    /// `batch_prioritized_routing` (NLLB).
-    pub batch_prioritized_routing: Option<bool>,
-    /// `normalize_router_prob_before_dropping` (NLLB).
-    pub normalize_router_prob_before_dropping: Option<bool>,
-    /// `second_expert_policy` (NLLB; only `all` is supported).
-    pub second_expert_policy: Option<String>,
+    /// The fields.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl HfConfig {
+    /// `model_type`, if it is a string.
+    pub fn model_type(&self) -> Option<&str> {
+        self.fields
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+    }
+
+    /// The first of `names` present with a non-null value, with its name.
+    pub fn first_of<'n>(&self, names: &[&'n str]) -> Option<(&'n str, &serde_json::Value)> {
+        names.iter().find_map(|n| {
+            self.fields
+                .get(*n)
+                .filter(|v| !v.is_null())
+                .map(|v| (*n, v))
+        })
+    }
 }
 
 /// The settings a preset is built from, in the project's own names.
@@ -112,80 +101,219 @@ impl MoeConfig {
         Self::from_hf(&hf, path)
     }
 
-    /// Converts an HF config; `file` names it in errors.
+    /// Converts an HF config; `file` names it in errors. The family's [`Preset::config`](crate::Preset::config)
+    /// fields are read under their HF names; a missing (or `null`) field takes transformers' default
+    /// ([`HfDefault`]).
     ///
     /// # Errors
-    /// [`LoadError::UnknownFamily`] for a `model_type` that is not a family; [`LoadError::Config`] when the
-    /// number of experts or `k` is missing.
+    /// [`LoadError::UnknownFamily`] for a `model_type` that is not a family; [`LoadError::Config`] for a field of
+    /// the wrong JSON type or a negative count, and for NLLB's `second_expert_policy` other than `all`.
     pub fn from_hf(hf: &HfConfig, file: &Path) -> Result<Self, LoadError> {
-        let model_type = hf.model_type.clone().unwrap_or_default();
+        let model_type = hf.model_type().unwrap_or_default();
         let family =
-            Family::from_model_type(&model_type).ok_or_else(|| LoadError::UnknownFamily {
+            Family::from_model_type(model_type).ok_or_else(|| LoadError::UnknownFamily {
                 file: file.to_path_buf(),
-                model_type: model_type.clone(),
+                model_type: model_type.to_string(),
                 known: Family::ALL.map(Family::model_type).join(", "),
             })?;
-        let n_experts = hf
-            .n_routed_experts
-            .or(hf.num_local_experts)
-            .or(hf.num_experts)
-            .ok_or_else(|| {
-                LoadError::config(
-                    file,
-                    "num_local_experts | num_experts | n_routed_experts",
-                    "missing",
-                )
-            })?;
-        let top_k = match family {
-            Family::SwitchTransformers => 1,
-            Family::NllbMoe => 2,
-            _ => hf
-                .num_experts_per_tok
-                .ok_or_else(|| LoadError::config(file, "num_experts_per_tok", "missing"))?,
-        };
-        if let Some(p) = &hf.second_expert_policy
-            && p != "all"
-        {
-            return Err(LoadError::config(
-                file,
-                "second_expert_policy",
-                format!("{p:?} is not supported (only \"all\", the eval behaviour)"),
-            ));
+        let preset = family.preset();
+        let mut c = MoeConfig::new(family, 0, preset.fixed_top_k.unwrap_or(0));
+        for field in preset.config {
+            let value = match hf.first_of(field.hf) {
+                Some((name, v)) => FieldValue::read(v, field.sets, name, file)?,
+                None => FieldValue::from_default(field.default),
+            };
+            let name = field.hf.first().copied().unwrap_or_default();
+            c.apply(field.sets, value, name, file)?;
         }
-        let mut c = MoeConfig::new(family, n_experts, top_k);
-        c.renormalize = hf.norm_topk_prob;
-        c.n_group = hf.n_group;
-        c.topk_group = hf.topk_group;
-        c.routed_scaling_factor = hf.routed_scaling_factor;
-        if let Some(l) = hf.swiglu_limit {
-            c.swiglu_limit = l;
-        }
-        c.expert_capacity = hf.expert_capacity;
-        c.capacity_fraction = hf.moe_eval_capacity_token_fraction;
-        c.token_dropout = hf.moe_token_dropout.unwrap_or(0.0);
-        c.batch_prioritized = hf.batch_prioritized_routing.unwrap_or(false);
-        c.normalize_before_dropping = hf.normalize_router_prob_before_dropping.unwrap_or(false);
         Ok(c)
     }
 
-    /// The block prefix of layer `layer` in a full model checkpoint, as transformers names it
-    /// (`model.layers.3.block_sparse_moe.`).
-    pub fn layer_prefix(&self, layer: usize) -> String {
-        match self.family {
-            Family::Mixtral | Family::GraniteMoe => {
-                format!("model.layers.{layer}.block_sparse_moe.")
+    /// Sets `setting` to `value` (read from field `name` of `file`).
+    fn apply(
+        &mut self,
+        setting: Setting,
+        value: FieldValue,
+        name: &str,
+        file: &Path,
+    ) -> Result<(), LoadError> {
+        use FieldValue as V;
+        match (setting, value) {
+            (_, V::Unset) => {}
+            (Setting::NExperts, V::Int(v)) => self.n_experts = v,
+            (Setting::TopK, V::Int(v)) => self.top_k = v,
+            (Setting::Renormalize, V::Bool(v)) => self.renormalize = Some(v),
+            (Setting::NGroup, V::Int(v)) => self.n_group = Some(v),
+            (Setting::TopkGroup, V::Int(v)) => self.topk_group = Some(v),
+            (Setting::RoutedScaling, V::Float(v)) => self.routed_scaling_factor = Some(v as f32),
+            (Setting::SwigluLimit, V::Float(v)) => self.swiglu_limit = v as f32,
+            (Setting::SwigluAlpha, V::Float(v)) => self.swiglu_alpha = v as f32,
+            (Setting::ExpertCapacity, V::Int(v)) => self.expert_capacity = Some(v),
+            (Setting::CapacityFraction, V::Float(v)) => self.capacity_fraction = Some(v),
+            (Setting::TokenDropout, V::Float(v)) => self.token_dropout = v as f32,
+            (Setting::BatchPrioritized, V::Bool(v)) => self.batch_prioritized = v,
+            (Setting::NormalizeBeforeDropping, V::Bool(v)) => self.normalize_before_dropping = v,
+            (Setting::SecondExpertPolicy, V::Str(p)) => {
+                if p != "all" {
+                    return Err(LoadError::config(
+                        file,
+                        name,
+                        format!("{p:?} is not supported (only \"all\", the eval behaviour)"),
+                    ));
+                }
             }
-            Family::Qwen2Moe
-            | Family::Olmoe
-            | Family::DeepseekV3
-            | Family::JetMoe
-            | Family::GptOss => {
-                format!("model.layers.{layer}.mlp.")
+            (s, v) => {
+                return Err(LoadError::config(
+                    file,
+                    name,
+                    format!("{v:?} does not fit {s:?}"),
+                ));
             }
-            Family::SwitchTransformers => {
-                format!("encoder.block.{layer}.layer.1.mlp.")
-            }
-            Family::NllbMoe => format!("model.encoder.layers.{layer}.ffn."),
         }
+        Ok(())
+    }
+
+    /// The block prefix of layer `layer` in a full model checkpoint, as transformers names it
+    /// (`model.layers.3.block_sparse_moe.`; [`Preset::layer_prefix`](crate::Preset::layer_prefix)).
+    pub fn layer_prefix(&self, layer: usize) -> String {
+        self.family.preset().layer_prefix(layer)
+    }
+}
+
+/// A config value, typed by the [`Setting`] it gives.
+#[derive(Debug, Clone, PartialEq)]
+enum FieldValue {
+    Int(usize),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Unset,
+}
+
+impl FieldValue {
+    fn from_default(d: HfDefault) -> Self {
+        match d {
+            HfDefault::Int(v) => FieldValue::Int(v),
+            HfDefault::Float(v) => FieldValue::Float(v),
+            HfDefault::Bool(v) => FieldValue::Bool(v),
+            HfDefault::Str(v) => FieldValue::Str(v.to_string()),
+            HfDefault::Unset => FieldValue::Unset,
+        }
+    }
+
+    /// Reads `v` (field `name` of `file`) as the type `setting` takes.
+    fn read(
+        v: &serde_json::Value,
+        setting: Setting,
+        name: &str,
+        file: &Path,
+    ) -> Result<Self, LoadError> {
+        use Setting as S;
+        let bad = |want: &str| LoadError::config(file, name, format!("expected {want}, found {v}"));
+        Ok(match setting {
+            S::NExperts | S::TopK | S::NGroup | S::TopkGroup | S::ExpertCapacity => {
+                let n = v.as_u64().ok_or_else(|| bad("a non-negative integer"))?;
+                FieldValue::Int(usize::try_from(n).map_err(|_| bad("a smaller integer"))?)
+            }
+            S::RoutedScaling
+            | S::SwigluLimit
+            | S::SwigluAlpha
+            | S::CapacityFraction
+            | S::TokenDropout => FieldValue::Float(v.as_f64().ok_or_else(|| bad("a number"))?),
+            S::Renormalize | S::BatchPrioritized | S::NormalizeBeforeDropping => {
+                FieldValue::Bool(v.as_bool().ok_or_else(|| bad("true or false"))?)
+            }
+            S::SecondExpertPolicy => {
+                FieldValue::Str(v.as_str().ok_or_else(|| bad("a string"))?.to_string())
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<MoeConfig, LoadError> {
+        let hf: HfConfig = serde_json::from_str(json).expect("json");
+        MoeConfig::from_hf(&hf, Path::new("config.json"))
+    }
+
+    #[test]
+    fn fields_are_read_under_their_hf_names() {
+        let c = parse(
+            r#"{"model_type": "deepseek_v3", "n_routed_experts": 16, "num_experts_per_tok": 4,
+                "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.5, "norm_topk_prob": false}"#,
+        )
+        .expect("config");
+        assert_eq!(
+            (c.family, c.n_experts, c.top_k),
+            (Family::DeepseekV3, 16, 4)
+        );
+        assert_eq!((c.n_group, c.topk_group), (Some(4), Some(2)));
+        assert_eq!(c.routed_scaling_factor, Some(1.5));
+        assert_eq!(c.renormalize, Some(false));
+        // An alias of transformers' attribute_map.
+        let c =
+            parse(r#"{"model_type": "olmoe", "num_local_experts": 4, "num_experts_per_tok": 2}"#)
+                .expect("config");
+        assert_eq!(c.n_experts, 4);
+    }
+
+    #[test]
+    fn missing_fields_take_transformers_defaults() {
+        let c = parse(r#"{"model_type": "mixtral"}"#).expect("config");
+        assert_eq!((c.n_experts, c.top_k, c.renormalize), (8, 2, None));
+        let c = parse(r#"{"model_type": "deepseek_v3", "n_group": null}"#).expect("config");
+        assert_eq!((c.n_experts, c.top_k), (256, 8));
+        assert_eq!((c.n_group, c.topk_group), (Some(8), Some(4)));
+        assert_eq!(c.routed_scaling_factor, Some(2.5));
+        let c = parse(r#"{"model_type": "nllb_moe", "num_experts": 4}"#).expect("config");
+        assert_eq!((c.n_experts, c.top_k), (4, 2));
+        assert_eq!(
+            (c.capacity_fraction, c.expert_capacity),
+            (Some(1.0), Some(64))
+        );
+        assert!((c.token_dropout - 0.2).abs() < 1e-7);
+        let c = parse(r#"{"model_type": "switch_transformers"}"#).expect("config");
+        assert_eq!((c.n_experts, c.top_k, c.expert_capacity), (8, 1, Some(64)));
+        let c = parse(r#"{"model_type": "gpt_oss", "swiglu_limit": 5}"#).expect("config");
+        assert_eq!((c.swiglu_limit, c.swiglu_alpha), (5.0, 1.702));
+    }
+
+    #[test]
+    fn every_family_loads_from_its_defaults() {
+        for f in Family::ALL {
+            let c = parse(&format!(r#"{{"model_type": "{}"}}"#, f.model_type()))
+                .unwrap_or_else(|e| panic!("{f:?}: {e}"));
+            assert_eq!(c.family, f);
+            assert!(c.n_experts >= 1 && c.top_k >= 1, "{f:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = parse(r#"{"model_type": "mixtral", "num_local_experts": "eight"}"#)
+            .expect_err("string count");
+        assert!(
+            matches!(&e, LoadError::Config { field, .. } if field == "num_local_experts"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("\"eight\""), "{e}");
+        let e = parse(r#"{"model_type": "qwen2_moe", "num_experts": -1}"#).expect_err("negative");
+        assert!(e.to_string().contains("num_experts"), "{e}");
+        let e = parse(r#"{"model_type": "nllb_moe", "second_expert_policy": "random"}"#)
+            .expect_err("policy");
+        assert!(e.to_string().contains("second_expert_policy"), "{e}");
+        let e = parse(r#"{"model_type": "llama"}"#).expect_err("family");
+        assert!(matches!(e, LoadError::UnknownFamily { .. }), "{e}");
+    }
+
+    #[test]
+    fn layer_prefixes_come_from_the_descriptors() {
+        let c = MoeConfig::new(Family::Mixtral, 8, 2);
+        assert_eq!(c.layer_prefix(3), "model.layers.3.block_sparse_moe.");
+        let c = MoeConfig::new(Family::NllbMoe, 8, 2);
+        assert_eq!(c.layer_prefix(0), "model.encoder.layers.0.ffn.");
     }
 }

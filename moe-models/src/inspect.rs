@@ -1,20 +1,26 @@
 //! What a checkpoint holds: its family (from `config.json`, else guessed from tensor names), its MoE config, and
-//! the tensors of each MoE block, found by the router's name (`gate.weight`, `router.weight`, ...).
+//! the tensors of each MoE block, found by the router's name (`gate.weight`, `router.weight`, ...). What marks a
+//! block and what identifies a family are stated by each family's descriptor ([`crate::Preset::inspect`]).
 
 use std::path::{Path, PathBuf};
 
-use crate::Family;
 use crate::checkpoint::Checkpoint;
 use crate::config::MoeConfig;
 use crate::error::LoadError;
+use crate::presets::Family;
 
-/// Router tensor names that mark an MoE block; the block prefix is what precedes them.
-const ROUTER_NAMES: &[&str] = &[
-    "router.classifier.weight",
-    "router.layer.weight",
-    "router.weight",
-    "gate.weight",
-];
+/// Router tensor names that mark an MoE block (every family's
+/// [`InspectView::router`](crate::presets::InspectView::router), longest first); the block prefix is what precedes
+/// them.
+fn router_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Family::ALL
+        .iter()
+        .flat_map(|f| f.preset().inspect.router.iter().copied())
+        .collect();
+    names.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+    names.dedup();
+    names
+}
 
 /// One tensor of a block.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -51,31 +57,15 @@ pub struct Inspection {
     pub blocks: Vec<BlockInfo>,
 }
 
-/// Guesses the family of a block from its tensor names (unprefixed). OLMoE and Mixtral v5 blocks look alike and
-/// are reported as Mixtral.
+/// Guesses the family of a block from its tensor names (unprefixed): the family of highest
+/// [`InspectView::priority`](crate::presets::InspectView::priority) whose markers match
+/// ([`InspectView::matches`](crate::presets::InspectView::matches)). OLMoE and Mixtral v5 blocks look alike and are
+/// reported as Mixtral.
 pub fn detect_family<'a>(names: impl IntoIterator<Item = &'a str> + Clone) -> Option<Family> {
-    let has = |s: &str| names.clone().into_iter().any(|n| n.contains(s));
-    Some(if has("router.classifier.weight") && has(".fc1.") {
-        Family::NllbMoe
-    } else if has("router.classifier.weight") {
-        Family::SwitchTransformers
-    } else if has("gate_up_proj_bias") {
-        Family::GptOss
-    } else if has("e_score_correction_bias") || has("shared_experts.") {
-        Family::DeepseekV3
-    } else if has("shared_expert") {
-        Family::Qwen2Moe
-    } else if has("input_linear.weight") && names.clone().into_iter().any(|n| n == "bias") {
-        Family::JetMoe
-    } else if has("router.weight") || has("router.layer.weight") {
-        Family::GraniteMoe
-    } else if has(".gate_proj.weight") {
-        Family::Olmoe
-    } else if has("gate.weight") {
-        Family::Mixtral
-    } else {
-        return None;
-    })
+    Family::ALL
+        .into_iter()
+        .filter(|f| f.preset().inspect.matches(names.clone()))
+        .max_by_key(|f| f.preset().inspect.priority)
 }
 
 /// Inspects a checkpoint (file, index or directory). A `config.json` in the directory (or next to the file) gives
@@ -97,10 +87,11 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<Inspection, LoadError> {
     } else {
         None
     };
+    let routers = router_names();
     let mut prefixes: Vec<String> = ckpt
         .names()
         .filter_map(|n| {
-            ROUTER_NAMES
+            routers
                 .iter()
                 .find_map(|r| n.strip_suffix(r))
                 .filter(|p| p.is_empty() || p.ends_with('.'))
@@ -146,4 +137,85 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<Inspection, LoadError> {
         n_tensors: ckpt.names().count(),
         blocks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_family_is_detected_from_its_names() {
+        let cases: [(&[&str], Family); 10] = [
+            (
+                &["gate.weight", "experts.gate_up_proj", "experts.down_proj"],
+                Family::Mixtral,
+            ),
+            (&["gate.weight", "experts.0.w1.weight"], Family::Mixtral),
+            (
+                &["gate.weight", "experts.0.gate_proj.weight"],
+                Family::Olmoe,
+            ),
+            (
+                &[
+                    "gate.weight",
+                    "experts.gate_up_proj",
+                    "shared_expert.gate_proj.weight",
+                ],
+                Family::Qwen2Moe,
+            ),
+            (
+                &[
+                    "gate.weight",
+                    "gate.e_score_correction_bias",
+                    "shared_experts.up_proj.weight",
+                ],
+                Family::DeepseekV3,
+            ),
+            (
+                &["router.classifier.weight", "experts.expert_0.wi.weight"],
+                Family::SwitchTransformers,
+            ),
+            (
+                &["router.classifier.weight", "experts.expert_0.fc1.weight"],
+                Family::NllbMoe,
+            ),
+            (
+                &["router.layer.weight", "input_linear.weight"],
+                Family::GraniteMoe,
+            ),
+            (
+                &["router.layer.weight", "input_linear.weight", "bias"],
+                Family::JetMoe,
+            ),
+            (
+                &["router.weight", "router.bias", "experts.gate_up_proj_bias"],
+                Family::GptOss,
+            ),
+        ];
+        for (names, family) in cases {
+            assert_eq!(
+                detect_family(names.iter().copied()),
+                Some(family),
+                "{names:?}"
+            );
+        }
+        assert_eq!(detect_family(["lm_head.weight"]), None);
+    }
+
+    #[test]
+    fn router_names_cover_every_family_longest_first() {
+        let names = router_names();
+        for n in [
+            "router.classifier.weight",
+            "router.layer.weight",
+            "router.weight",
+            "gate.weight",
+        ] {
+            assert!(names.contains(&n), "{n} in {names:?}");
+        }
+        assert!(
+            names.windows(2).all(|w| w[0].len() >= w[1].len()),
+            "{names:?}"
+        );
+    }
 }

@@ -7,8 +7,17 @@
 //! load. One layer of a many-layer checkpoint is picked by its prefix (`model.layers.3.block_sparse_moe.`).
 //!
 //! Families: Mixtral, Qwen2-MoE (and Qwen3-MoE's config), OLMoE, DeepSeek-V3, GraniteMoE, JetMoE, GPT-OSS (all
-//! through `moe_routers::SoftmaxTopK`), Switch Transformers and NLLB-MoE (capacity routers of this crate).
-//! [`verify`] checks presets against the golden fixtures that transformers produced.
+//! through `moe_routers::SoftmaxTopK`), Switch Transformers (`moe_routers::SwitchTop1`) and NLLB-MoE (a router of
+//! its own, written with `moe_core::kit`). Each family is one file under [`presets`] exporting a [`Preset`]
+//! descriptor; the table in [`presets`] lists them. [`fixture`] reads the golden-fixture format that transformers'
+//! blocks produced; the `moe-verify` crate runs those fixtures on any backend (this crate depends on no backend).
+//!
+//! Every layer a preset builds names its parameters' checkpoint tensors ([`moe_core::Param::hf_name`]): the full
+//! name when one tensor holds the parameter in the layer's layout; `{e}` for one tensor per expert, stacked on a
+//! leading axis `E` (`model.layers.1.block_sparse_moe.experts.{e}.w2.weight`); ` + ` between names for tensors
+//! joined along each expert's rows, in order (`experts.{e}.w1.weight + experts.{e}.w3.weight`, gate rows then up
+//! rows); one-expert shared banks and Qwen2-MoE's `shared_expert_gate.weight` `[1, d]` (the layer's `[d]`) differ
+//! from the checkpoint only by leading axes of size 1.
 //!
 //! ```no_run
 //! use moe_models::{Checkpoint, MoeConfig, build_layer};
@@ -25,19 +34,17 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fixture;
 pub mod hidden;
 pub mod inspect;
-pub mod nllb;
 pub mod presets;
-pub mod switch;
-pub mod verify;
 
 use std::path::Path;
 
 pub use checkpoint::{Checkpoint, Tensor, Weights};
 pub use config::{HfConfig, MoeConfig};
 pub use error::LoadError;
-pub use presets::build_layer;
+pub use presets::{Family, Preset, build_layer};
 
 /// Loads MoE layer `layer` of the checkpoint in `dir` (`config.json` plus `model.safetensors` or
 /// `model.safetensors.index.json`), under the family's usual block prefix.
@@ -62,89 +69,4 @@ pub fn load_layer_with_prefix(
 ) -> Result<moe_core::MoeLayer, LoadError> {
     let ckpt = Checkpoint::open(path)?;
     build_layer(cfg, &ckpt.weights(prefix))
-}
-
-/// A Hugging Face MoE family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Family {
-    /// `MixtralSparseMoeBlock`.
-    Mixtral,
-    /// `Qwen2MoeSparseMoeBlock` (and Qwen3-MoE's config).
-    Qwen2Moe,
-    /// `OlmoeSparseMoeBlock`.
-    Olmoe,
-    /// `DeepseekV3MoE`.
-    DeepseekV3,
-    /// `SwitchTransformersSparseMLP`.
-    SwitchTransformers,
-    /// `NllbMoeSparseMLP`.
-    NllbMoe,
-    /// `GraniteMoeMoE`.
-    GraniteMoe,
-    /// `JetMoeMoE`.
-    JetMoe,
-    /// `GptOssMLP`.
-    GptOss,
-}
-
-impl Family {
-    /// Every family, in the fixtures' order.
-    pub const ALL: [Family; 9] = [
-        Family::Mixtral,
-        Family::Qwen2Moe,
-        Family::Olmoe,
-        Family::DeepseekV3,
-        Family::SwitchTransformers,
-        Family::NllbMoe,
-        Family::GraniteMoe,
-        Family::JetMoe,
-        Family::GptOss,
-    ];
-
-    /// The family of an HF `config.json` `model_type`, if it is one of ours.
-    pub fn from_model_type(model_type: &str) -> Option<Family> {
-        Some(match model_type {
-            "mixtral" => Family::Mixtral,
-            "qwen2_moe" | "qwen3_moe" => Family::Qwen2Moe,
-            "olmoe" => Family::Olmoe,
-            "deepseek_v3" => Family::DeepseekV3,
-            "switch_transformers" => Family::SwitchTransformers,
-            "nllb_moe" => Family::NllbMoe,
-            "granitemoe" => Family::GraniteMoe,
-            "jetmoe" => Family::JetMoe,
-            "gpt_oss" => Family::GptOss,
-            _ => return None,
-        })
-    }
-
-    /// The HF `model_type` string.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Family::Mixtral => "mixtral",
-            Family::Qwen2Moe => "qwen2_moe",
-            Family::Olmoe => "olmoe",
-            Family::DeepseekV3 => "deepseek_v3",
-            Family::SwitchTransformers => "switch_transformers",
-            Family::NllbMoe => "nllb_moe",
-            Family::GraniteMoe => "granitemoe",
-            Family::JetMoe => "jetmoe",
-            Family::GptOss => "gpt_oss",
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_types_round_trip() {
-        for f in Family::ALL {
-            assert_eq!(Family::from_model_type(f.model_type()), Some(f));
-        }
-        assert_eq!(Family::from_model_type("qwen3_moe"), Some(Family::Qwen2Moe));
-        assert_eq!(Family::from_model_type("llama"), None);
-    }
 }

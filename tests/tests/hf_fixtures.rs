@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use moe_backends::cpu::CpuBackend;
 use moe_core::{Backend, MoeLayer, RouterInput};
-use moe_models::verify::{self, Manifest, TOLERANCE};
+use moe_models::fixture::{FixtureCase, Manifest};
 use moe_models::{Checkpoint, Family, LoadError, MoeConfig};
+use moe_verify::{self as verify, TOLERANCE};
 use ndarray::Array2;
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -29,7 +30,7 @@ fn check_case(name: &str) {
         .iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("case {name} not in the manifest"));
-    let rep = verify::verify_case(&fixtures(), case).expect("the case runs");
+    let rep = verify::verify_case(&fixtures(), case, &CpuBackend::new()).expect("the case runs");
     for q in &rep.quantities {
         assert!(
             q.passed,
@@ -68,7 +69,7 @@ family_tests! {
 
 #[test]
 fn verify_dir_covers_every_family() {
-    let reports = verify::verify_dir(fixtures()).expect("manifest reads");
+    let reports = verify::verify_dir(fixtures(), &CpuBackend::new()).expect("manifest reads");
     assert_eq!(reports.len(), Family::ALL.len());
     assert!(reports.iter().all(|r| r.passed), "{reports:#?}");
 }
@@ -186,6 +187,23 @@ fn sharded_bf16_hub_checkpoint_matches_fused_f32() {
     });
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
     let sharded = moe_models::load_layer(&dir, 1).expect("sharded layer 1 loads");
+    // Per-expert Hub tensors are named by pattern, with the layer's prefix, and resolve in the sharded checkpoint.
+    let hub = Checkpoint::open(&dir).expect("index opens");
+    let p = "model.layers.1.block_sparse_moe.";
+    for param in sharded.params() {
+        let hf = param
+            .hf_name
+            .clone()
+            .expect("every parameter has an HF name");
+        let shape = hf_shape(&hub, &hf, e).expect("the HF name resolves");
+        assert_eq!(squeeze(&shape), squeeze(param.shape()), "{hf}");
+        if param.name == "experts.gate_up" {
+            assert_eq!(
+                hf,
+                format!("{p}experts.{{e}}.w1.weight + {p}experts.{{e}}.w3.weight")
+            );
+        }
+    }
 
     // The fused f32 file with the same bf16-rounded values.
     let fused_path = dir.join("fused.safetensors");
@@ -402,6 +420,116 @@ fn bad_json() {
     assert!(matches!(err, LoadError::Json { .. }), "{err}");
     assert!(err.to_string().contains("config.json"), "{err}");
     std::fs::write(dir.join("manifest.json"), "[1, 2").expect("write");
-    let err = verify::verify_dir(&dir).expect_err("bad manifest");
+    let err = verify::verify_dir(&dir, &CpuBackend::new()).expect_err("bad manifest");
     assert!(matches!(err, LoadError::Json { .. }), "{err}");
+}
+
+/// The shape a parameter's HF name stands for in `ckpt` (the forms of moe-models' crate docs): a plain name is
+/// that tensor; `{e}` stacks one tensor per expert on a new leading axis `E`; ` + ` joins tensors along each
+/// expert's rows (axis 1 after an expert axis, else axis 0).
+fn hf_shape(ckpt: &Checkpoint, hf: &str, n_experts: usize) -> Result<Vec<usize>, String> {
+    let mut joined: Option<Vec<usize>> = None;
+    for part in hf.split(" + ") {
+        let per_expert = part.contains("{e}");
+        let shape = if per_expert {
+            let mut first: Option<Vec<usize>> = None;
+            for e in 0..n_experts {
+                let name = part.replace("{e}", &e.to_string());
+                let s = ckpt.shape(&name).map_err(|err| err.to_string())?;
+                match &first {
+                    Some(f) if *f != s => return Err(format!("{name} is {s:?}, expert 0 {f:?}")),
+                    Some(_) => {}
+                    None => first = Some(s),
+                }
+            }
+            let mut s = vec![n_experts];
+            s.extend(first.unwrap_or_default());
+            s
+        } else {
+            ckpt.shape(part).map_err(|err| err.to_string())?
+        };
+        joined = Some(match joined {
+            None => shape,
+            Some(mut j) => {
+                let axis = usize::from(per_expert);
+                let rest = |s: &[usize]| {
+                    let mut s = s.to_vec();
+                    s.remove(axis);
+                    s
+                };
+                if j.len() != shape.len() || j.len() <= axis || rest(&j) != rest(&shape) {
+                    return Err(format!("cannot join {j:?} and {shape:?} ({part})"));
+                }
+                j[axis] += shape[axis];
+                j
+            }
+        });
+    }
+    joined.ok_or_else(|| "empty name".to_string())
+}
+
+/// A shape without its leading axes of size 1 (a one-expert shared bank `[1, f, d]` is `[f, d]` on disk; Qwen2-MoE's
+/// `shared_expert_gate.weight` `[1, d]` is the layer's `shared.gate` `[d]`).
+fn squeeze(s: &[usize]) -> &[usize] {
+    let lead = s.iter().take_while(|&&v| v == 1).count();
+    &s[lead.min(s.len().saturating_sub(1))..]
+}
+
+/// For every fixture family: each parameter the loaded layer lists has an HF name that exists in the fixture with
+/// the parameter's shape (up to the documented stacking, joining and size-1 axes); each tensor of the fixture's
+/// state dict is one the family's descriptor lists, and the parameter it fills names it. Router parameters are
+/// checked where the router lists them ([`moe_core::Router::params`]; a router that lists none yet is noted).
+#[test]
+fn parameters_name_their_checkpoint_tensors() {
+    let dir = fixtures();
+    for case in &manifest().cases {
+        let fx = FixtureCase::load(&dir, case).expect("case loads");
+        let (ckpt, layer) = (&fx.checkpoint, &fx.layer);
+        let params = layer.params();
+        assert!(!params.is_empty(), "{}: no parameters", case.name);
+        for p in &params {
+            let hf = p
+                .hf_name
+                .as_deref()
+                .unwrap_or_else(|| panic!("{}: {} has no HF name", case.name, p.name));
+            let shape = hf_shape(ckpt, hf, layer.n_experts())
+                .unwrap_or_else(|e| panic!("{}: {} = {hf}: {e}", case.name, p.name));
+            assert_eq!(
+                squeeze(&shape),
+                squeeze(p.shape()),
+                "{}: {} = {hf}",
+                case.name,
+                p.name
+            );
+        }
+        let preset = fx.config.family.preset();
+        let router_lists_params = !layer.router().params().is_empty();
+        for name in ckpt.names().filter(|n| !n.starts_with("ref.")) {
+            let spec = preset
+                .tensors
+                .iter()
+                .find(|t| t.matches(name))
+                .unwrap_or_else(|| panic!("{}: {name} is not in the descriptor", case.name));
+            match params.iter().find(|p| p.name == spec.param) {
+                Some(p) => {
+                    let hf = p.hf_name.as_deref().unwrap_or_default();
+                    assert!(
+                        hf.split(" + ").any(|part| part == spec.name),
+                        "{}: {} = {hf} does not name {name}",
+                        case.name,
+                        p.name
+                    );
+                }
+                None if spec.param.starts_with("router.") && !router_lists_params => {
+                    println!(
+                        "{}: router {} lists no parameters yet; {name} ({}) not checked",
+                        case.name,
+                        layer.router().name(),
+                        spec.param
+                    );
+                }
+                None => panic!("{}: no parameter {} for {name}", case.name, spec.param),
+            }
+        }
+    }
 }

@@ -6,27 +6,75 @@
 use moe_core::{ExpertBank, MoeLayer};
 use moe_routers::{SoftmaxTopKConfig, TopKPreset};
 
-use super::{PROJ_NAMES, core_err, load_gate, load_shared_swiglu, load_swiglu, shared};
-use crate::Family;
+use super::descriptor::{
+    ConfigField, HfDefault, InspectView, Preset, Presence, Setting, TensorSpec,
+};
+use super::parts::{Loader, PROJ_NAMES};
 use crate::checkpoint::Weights;
 use crate::config::MoeConfig;
 use crate::error::LoadError;
 
-/// The correction bias `[E]`.
+/// The router gate `[E, d]`.
+pub const GATE: &str = "gate.weight";
+/// The correction bias `[E]` (selection only).
 pub const BIAS: &str = "gate.e_score_correction_bias";
+/// Fused experts (transformers v5): `[E, 2f, d]`, `[E, d, f]`.
+pub const FUSED: (&str, &str) = ("experts.gate_up_proj", "experts.down_proj");
 /// The shared experts' prefix.
 pub const SHARED: &str = "shared_experts";
+
+/// The DeepSeek-V3 descriptor.
+pub const PRESET: Preset = Preset {
+    model_types: &["deepseek_v3"],
+    hf_class: "DeepseekV3MoE",
+    layer_prefix: "model.layers.{layer}.mlp.",
+    fixed_top_k: None,
+    config: &[
+        ConfigField::new(
+            &["n_routed_experts", "num_local_experts"],
+            Setting::NExperts,
+            HfDefault::Int(256),
+        ),
+        ConfigField::new(&["num_experts_per_tok"], Setting::TopK, HfDefault::Int(8)),
+        ConfigField::new(&["norm_topk_prob"], Setting::Renormalize, HfDefault::Bool(true)),
+        ConfigField::new(&["n_group"], Setting::NGroup, HfDefault::Int(8)),
+        ConfigField::new(&["topk_group"], Setting::TopkGroup, HfDefault::Int(4)),
+        ConfigField::new(
+            &["routed_scaling_factor"],
+            Setting::RoutedScaling,
+            HfDefault::Float(2.5),
+        ),
+    ],
+    tensors: &[
+        TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
+        TensorSpec::new(BIAS, "[E]", "router.correction_bias", Presence::Optional),
+        TensorSpec::new(FUSED.0, "[E, 2f, d]", "experts.gate_up", Presence::Fused),
+        TensorSpec::new(FUSED.1, "[E, d, f]", "experts.down", Presence::Fused),
+        TensorSpec::new("experts.{e}.gate_proj.weight", "[f, d]", "experts.gate_up", Presence::Hub),
+        TensorSpec::new("experts.{e}.up_proj.weight", "[f, d]", "experts.gate_up", Presence::Hub),
+        TensorSpec::new("experts.{e}.down_proj.weight", "[d, f]", "experts.down", Presence::Hub),
+        TensorSpec::new("shared_experts.gate_proj.weight", "[fs, d]", "shared.gate_up", Presence::Optional),
+        TensorSpec::new("shared_experts.up_proj.weight", "[fs, d]", "shared.gate_up", Presence::Optional),
+        TensorSpec::new("shared_experts.down_proj.weight", "[d, fs]", "shared.down", Presence::Optional),
+    ],
+    build,
+    inspect: InspectView {
+        router: &[GATE],
+        markers: &[&["e_score_correction_bias"], &["shared_experts."]],
+        priority: 60,
+    },
+};
 
 /// Builds the block.
 ///
 /// # Errors
-/// As [`super::build_layer`].
+/// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let fam = Family::DeepseekV3;
+    let mut l = Loader::new(w, PRESET.model_type());
     let e = cfg.n_experts;
-    let gate = load_gate(w, super::mixtral::GATE, e)?;
+    let gate = l.gate(&[GATE], e)?;
     let d = gate.ncols();
-    let bank = load_swiglu(w, super::mixtral::FUSED, PROJ_NAMES, e, d, fam)?;
+    let bank = l.swiglu(FUSED, PROJ_NAMES, e, d)?;
     let n_group = cfg.n_group.unwrap_or(1);
     let topk_group = cfg.topk_group.unwrap_or(n_group);
     let mut router = SoftmaxTopKConfig {
@@ -39,19 +87,15 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
         ..Default::default()
     }
     .build(gate, cfg.top_k)
-    .map_err(core_err(w, fam))?;
-    if w.contains(BIAS) {
-        router = router
-            .with_correction_bias(w.get1(BIAS, Some(e))?)
-            .map_err(core_err(w, fam))?;
+    .map_err(l.err())?;
+    if let Some(bias) = l.optional_vec("router.correction_bias", BIAS, Some(e))? {
+        router = router.with_correction_bias(bias).map_err(l.err())?;
     }
-    let layer =
-        MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(core_err(w, fam))?;
-    if !w.contains(&format!("{SHARED}.gate_proj.weight")) {
-        return Ok(layer);
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    if !l.contains(&format!("{SHARED}.gate_proj.weight")) {
+        return Ok(l.finish(layer));
     }
-    let sbank = load_shared_swiglu(w, SHARED, d, fam)?;
-    layer
-        .with_shared(shared(w, sbank, None, fam)?)
-        .map_err(core_err(w, fam))
+    let sbank = l.shared_swiglu(SHARED, d)?;
+    let layer = layer.with_shared(l.shared(sbank, None)?).map_err(l.err())?;
+    Ok(l.finish(layer))
 }

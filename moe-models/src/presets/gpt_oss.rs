@@ -6,27 +6,74 @@
 use moe_core::{ExpertBank, GptOssBank, MoeLayer};
 use moe_routers::TopKPreset;
 
-use super::{core_err, load_gate, topk_router};
-use crate::Family;
+use super::descriptor::{
+    ConfigField, HfDefault, InspectView, Preset, Presence, Setting, TensorSpec,
+};
+use super::parts::Loader;
 use crate::checkpoint::Weights;
 use crate::config::MoeConfig;
 use crate::error::LoadError;
 
+/// The router gate `[E, d]`.
+pub const GATE: &str = "router.weight";
+/// The router bias `[E]`.
+pub const GATE_BIAS: &str = "router.bias";
+/// Gate and up, interleaved columns, `[E, d, 2f]`.
+pub const GATE_UP: &str = "experts.gate_up_proj";
+/// Their bias `[E, 2f]`.
+pub const GATE_UP_BIAS: &str = "experts.gate_up_proj_bias";
+/// Down `[E, f, d]`.
+pub const DOWN: &str = "experts.down_proj";
+/// Its bias `[E, d]`.
+pub const DOWN_BIAS: &str = "experts.down_proj_bias";
+
+/// The GPT-OSS descriptor.
+pub const PRESET: Preset = Preset {
+    model_types: &["gpt_oss"],
+    hf_class: "GptOssMLP",
+    layer_prefix: "model.layers.{layer}.mlp.",
+    fixed_top_k: None,
+    config: &[
+        ConfigField::new(
+            &["num_local_experts", "num_experts"],
+            Setting::NExperts,
+            HfDefault::Int(128),
+        ),
+        ConfigField::new(&["num_experts_per_tok"], Setting::TopK, HfDefault::Int(4)),
+        ConfigField::new(&["swiglu_limit"], Setting::SwigluLimit, HfDefault::Float(7.0)),
+        ConfigField::new(&["swiglu_alpha"], Setting::SwigluAlpha, HfDefault::Float(1.702)),
+    ],
+    tensors: &[
+        TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
+        TensorSpec::new(GATE_BIAS, "[E]", "router.gate_bias", Presence::Required),
+        TensorSpec::new(GATE_UP, "[E, d, 2f]", "experts.gate_up", Presence::Required),
+        TensorSpec::new(GATE_UP_BIAS, "[E, 2f]", "experts.gate_up_bias", Presence::Required),
+        TensorSpec::new(DOWN, "[E, f, d]", "experts.down", Presence::Required),
+        TensorSpec::new(DOWN_BIAS, "[E, d]", "experts.down_bias", Presence::Required),
+    ],
+    build,
+    inspect: InspectView {
+        router: &[GATE],
+        markers: &[&["gate_up_proj_bias"]],
+        priority: 70,
+    },
+};
+
 /// Builds the block.
 ///
 /// # Errors
-/// As [`super::build_layer`].
+/// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let fam = Family::GptOss;
+    let mut l = Loader::new(w, PRESET.model_type());
     let e = cfg.n_experts;
-    let gate = load_gate(w, &["router.weight"], e)?;
+    let gate = l.gate(&[GATE], e)?;
     let d = gate.ncols();
-    let bias = w.get1("router.bias", Some(e))?;
-    let gate_up = w.get3("experts.gate_up_proj", Some(e), Some(d), None)?;
+    let bias = l.vec("router.gate_bias", GATE_BIAS, Some(e))?;
+    let gate_up = l.tensor3("experts.gate_up", GATE_UP, [Some(e), Some(d), None])?;
     let f2 = gate_up.dim().2;
-    let gate_up_bias = w.get2("experts.gate_up_proj_bias", Some(e), Some(f2))?;
-    let down = w.get3("experts.down_proj", Some(e), Some(f2 / 2), Some(d))?;
-    let down_bias = w.get2("experts.down_proj_bias", Some(e), Some(d))?;
+    let gate_up_bias = l.mat("experts.gate_up_bias", GATE_UP_BIAS, Some(e), Some(f2))?;
+    let down = l.tensor3("experts.down", DOWN, [Some(e), Some(f2 / 2), Some(d)])?;
+    let down_bias = l.mat("experts.down_bias", DOWN_BIAS, Some(e), Some(d))?;
     let bank = GptOssBank::new(
         gate_up,
         gate_up_bias,
@@ -35,9 +82,11 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
         cfg.swiglu_alpha,
         cfg.swiglu_limit,
     )
-    .map_err(core_err(w, fam))?;
-    let router = topk_router(w, fam, TopKPreset::Granite, gate, cfg.top_k, None)?
+    .map_err(l.err())?;
+    let router = l
+        .topk_router(TopKPreset::Granite, gate, cfg.top_k, None)?
         .with_gate_bias(bias)
-        .map_err(core_err(w, fam))?;
-    MoeLayer::new(Box::new(router), ExpertBank::GptOss(bank)).map_err(core_err(w, fam))
+        .map_err(l.err())?;
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::GptOss(bank)).map_err(l.err())?;
+    Ok(l.finish(layer))
 }

@@ -5,32 +5,63 @@
 use moe_core::{ExpertBank, MoeLayer};
 use moe_routers::TopKPreset;
 
-use super::{MIXTRAL_NAMES, core_err, load_gate, load_swiglu, topk_router};
-use crate::Family;
+use super::descriptor::{
+    ConfigField, HfDefault, InspectView, Preset, Presence, Setting, TensorSpec,
+};
+use super::parts::{Loader, PerExpertNames};
 use crate::checkpoint::Weights;
 use crate::config::MoeConfig;
 use crate::error::LoadError;
 
-/// Router gate names.
-pub const GATE: &[&str] = &["gate.weight"];
-/// Fused expert names (transformers v5).
+/// The router gate `[E, d]`.
+pub const GATE: &str = "gate.weight";
+/// Fused experts (transformers v5): gate and up rows `[E, 2f, d]`, down `[E, d, f]`.
 pub const FUSED: (&str, &str) = ("experts.gate_up_proj", "experts.down_proj");
+/// The Hub's per-expert names: `experts.{e}.w1|w3|w2.weight`.
+pub(crate) const HUB: PerExpertNames = PerExpertNames {
+    gate: "w1",
+    up: "w3",
+    down: "w2",
+};
+
+/// The Mixtral descriptor.
+pub const PRESET: Preset = Preset {
+    model_types: &["mixtral"],
+    hf_class: "MixtralSparseMoeBlock",
+    layer_prefix: "model.layers.{layer}.block_sparse_moe.",
+    fixed_top_k: None,
+    config: &[
+        ConfigField::new(&["num_local_experts"], Setting::NExperts, HfDefault::Int(8)),
+        ConfigField::new(&["num_experts_per_tok"], Setting::TopK, HfDefault::Int(2)),
+        // Not a `MixtralConfig` field: the block always renormalises unless a config says otherwise.
+        ConfigField::new(&["norm_topk_prob"], Setting::Renormalize, HfDefault::Unset),
+    ],
+    tensors: &[
+        TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
+        TensorSpec::new(FUSED.0, "[E, 2f, d]", "experts.gate_up", Presence::Fused),
+        TensorSpec::new(FUSED.1, "[E, d, f]", "experts.down", Presence::Fused),
+        TensorSpec::new("experts.{e}.w1.weight", "[f, d]", "experts.gate_up", Presence::Hub),
+        TensorSpec::new("experts.{e}.w3.weight", "[f, d]", "experts.gate_up", Presence::Hub),
+        TensorSpec::new("experts.{e}.w2.weight", "[d, f]", "experts.down", Presence::Hub),
+    ],
+    build,
+    inspect: InspectView {
+        router: &[GATE],
+        markers: &[&[GATE]],
+        priority: 10,
+    },
+};
 
 /// Builds the block.
 ///
 /// # Errors
-/// As [`super::build_layer`].
+/// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let gate = load_gate(w, GATE, cfg.n_experts)?;
+    let mut l = Loader::new(w, PRESET.model_type());
+    let gate = l.gate(&[GATE], cfg.n_experts)?;
     let d = gate.ncols();
-    let bank = load_swiglu(w, FUSED, MIXTRAL_NAMES, cfg.n_experts, d, Family::Mixtral)?;
-    let router = topk_router(
-        w,
-        Family::Mixtral,
-        TopKPreset::Mixtral,
-        gate,
-        cfg.top_k,
-        cfg.renormalize,
-    )?;
-    MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(core_err(w, Family::Mixtral))
+    let bank = l.swiglu(FUSED, HUB, cfg.n_experts, d)?;
+    let router = l.topk_router(TopKPreset::Mixtral, gate, cfg.top_k, cfg.renormalize)?;
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    Ok(l.finish(layer))
 }

@@ -2,53 +2,83 @@
 //! with `norm_topk_prob`; SwiGLU experts; a SwiGLU shared expert gated by `sigmoid(x · shared_expert_gate)`
 //! (absent in Qwen3-MoE). On disk: as OLMoE plus `shared_expert.gate_proj|up_proj|down_proj.weight` and
 //! `shared_expert_gate.weight [1, d]`.
+//!
+//! The config defaults are `Qwen2MoeConfig`'s; a Qwen3-MoE `config.json` as transformers writes it holds every
+//! field, so its own defaults (128 experts, k = 8) never come into play.
 
 use moe_core::{ExpertBank, MoeLayer};
 use moe_routers::TopKPreset;
 
-use super::{
-    PROJ_NAMES, core_err, load_gate, load_shared_swiglu, load_swiglu, shared, topk_router,
+use super::descriptor::{
+    ConfigField, HfDefault, InspectView, Preset, Presence, Setting, TensorSpec,
 };
-use crate::Family;
+use super::parts::{Loader, PROJ_NAMES};
 use crate::checkpoint::Weights;
 use crate::config::MoeConfig;
 use crate::error::LoadError;
 
+/// The router gate `[E, d]`.
+pub const GATE: &str = "gate.weight";
+/// Fused experts (transformers v5): `[E, 2f, d]`, `[E, d, f]`.
+pub const FUSED: (&str, &str) = ("experts.gate_up_proj", "experts.down_proj");
 /// The shared expert's prefix.
 pub const SHARED: &str = "shared_expert";
 /// The shared expert's gate `[1, d]`.
 pub const SHARED_GATE: &str = "shared_expert_gate.weight";
 
+/// The Qwen2-MoE descriptor.
+pub const PRESET: Preset = Preset {
+    model_types: &["qwen2_moe", "qwen3_moe"],
+    hf_class: "Qwen2MoeSparseMoeBlock",
+    layer_prefix: "model.layers.{layer}.mlp.",
+    fixed_top_k: None,
+    config: &[
+        ConfigField::new(&["num_experts"], Setting::NExperts, HfDefault::Int(60)),
+        ConfigField::new(&["num_experts_per_tok"], Setting::TopK, HfDefault::Int(4)),
+        ConfigField::new(&["norm_topk_prob"], Setting::Renormalize, HfDefault::Bool(false)),
+    ],
+    tensors: &[
+        TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
+        TensorSpec::new(FUSED.0, "[E, 2f, d]", "experts.gate_up", Presence::Fused),
+        TensorSpec::new(FUSED.1, "[E, d, f]", "experts.down", Presence::Fused),
+        TensorSpec::new("experts.{e}.gate_proj.weight", "[f, d]", "experts.gate_up", Presence::Hub),
+        TensorSpec::new("experts.{e}.up_proj.weight", "[f, d]", "experts.gate_up", Presence::Hub),
+        TensorSpec::new("experts.{e}.down_proj.weight", "[d, f]", "experts.down", Presence::Hub),
+        TensorSpec::new("shared_expert.gate_proj.weight", "[fs, d]", "shared.gate_up", Presence::Optional),
+        TensorSpec::new("shared_expert.up_proj.weight", "[fs, d]", "shared.gate_up", Presence::Optional),
+        TensorSpec::new("shared_expert.down_proj.weight", "[d, fs]", "shared.down", Presence::Optional),
+        TensorSpec::new(SHARED_GATE, "[1, d]", "shared.gate", Presence::Optional),
+    ],
+    build,
+    inspect: InspectView {
+        router: &[GATE],
+        markers: &[&["shared_expert"]],
+        priority: 50,
+    },
+};
+
 /// Builds the block.
 ///
 /// # Errors
-/// As [`super::build_layer`].
+/// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let fam = Family::Qwen2Moe;
-    let gate = load_gate(w, super::mixtral::GATE, cfg.n_experts)?;
+    let mut l = Loader::new(w, PRESET.model_type());
+    let gate = l.gate(&[GATE], cfg.n_experts)?;
     let d = gate.ncols();
-    let bank = load_swiglu(w, super::mixtral::FUSED, PROJ_NAMES, cfg.n_experts, d, fam)?;
-    let router = topk_router(
-        w,
-        fam,
-        TopKPreset::Qwen2Moe,
-        gate,
-        cfg.top_k,
-        Some(cfg.renormalize.unwrap_or(false)),
-    )?;
-    let layer =
-        MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(core_err(w, fam))?;
-    if !w.contains(&format!("{SHARED}.gate_proj.weight")) {
+    let bank = l.swiglu(FUSED, PROJ_NAMES, cfg.n_experts, d)?;
+    let renormalize = Some(cfg.renormalize.unwrap_or(false));
+    let router = l.topk_router(TopKPreset::Qwen2Moe, gate, cfg.top_k, renormalize)?;
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    if !l.contains(&format!("{SHARED}.gate_proj.weight")) {
         // Qwen3-MoE: no shared expert.
-        return Ok(layer);
+        return Ok(l.finish(layer));
     }
-    let sbank = load_shared_swiglu(w, SHARED, d, fam)?;
-    let sgate = if w.contains(SHARED_GATE) {
-        Some(w.get2(SHARED_GATE, Some(1), Some(d))?.row(0).to_owned())
+    let sbank = l.shared_swiglu(SHARED, d)?;
+    let sgate = if l.contains(SHARED_GATE) {
+        Some(l.mat("shared.gate", SHARED_GATE, Some(1), Some(d))?.row(0).to_owned())
     } else {
         None
     };
-    layer
-        .with_shared(shared(w, sbank, sgate, fam)?)
-        .map_err(core_err(w, fam))
+    let layer = layer.with_shared(l.shared(sbank, sgate)?).map_err(l.err())?;
+    Ok(l.finish(layer))
 }

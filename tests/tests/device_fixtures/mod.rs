@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use moe_backends::cpu::CpuBackend;
 use moe_core::{Backend, RouterInput, RouterPath};
-use moe_models::verify::{Manifest, case_config};
+use moe_models::fixture::{Manifest, case_config};
 use moe_models::{Checkpoint, build_layer};
 use ndarray::Array2;
 

@@ -10,23 +10,78 @@
 //!
 //! transformers 5.23's `NllbMoeExperts.forward` dispatches the wrong experts (it one-hot-encodes an already
 //! one-hot mask); this preset computes the intended (v4) result.
+//!
+//! The router, [`NllbTop2`], is this family's own (no built-in router has global top-2 capacity); it is written
+//! with the router kit of `moe-core` alone ([`moe_core::kit`]).
 
 use ndarray::{Array1, Array2};
 
-use moe_core::{Assignment, ExpertBank, MoeError, MoeLayer, Router, RouterInput, Routing};
-use moe_routers::util;
+use moe_core::{
+    Activation, Assignment, ExpertBank, KEEP_LOGITS_MAX_EXPERTS, MoeError, MoeLayer, Param,
+    ParamMut, Router, RouterInput, Routing, kit,
+};
 
-use crate::Family;
+use super::descriptor::{
+    ConfigField, HfDefault, InspectView, Preset, Presence, Setting, TensorSpec,
+};
+use super::parts::Loader;
 use crate::checkpoint::Weights;
 use crate::config::MoeConfig;
 use crate::error::LoadError;
-use crate::presets::core_err;
-use crate::switch::load_mlp_bank;
 
 /// The router gate `[E, d]`.
 pub const GATE: &str = "router.classifier.weight";
 /// The optional router bias `[E]`.
 pub const GATE_BIAS: &str = "router.classifier.bias";
+/// The per-expert projections `experts.expert_{e}.{fc1|fc2}.{weight|bias}`.
+pub const EXPERT_NAMES: (&str, &str) = ("fc1", "fc2");
+
+/// The NLLB-MoE descriptor.
+pub const PRESET: Preset = Preset {
+    model_types: &["nllb_moe"],
+    hf_class: "NllbMoeSparseMLP",
+    layer_prefix: "model.encoder.layers.{layer}.ffn.",
+    fixed_top_k: Some(2),
+    config: &[
+        ConfigField::new(&["num_experts"], Setting::NExperts, HfDefault::Int(128)),
+        ConfigField::new(&["expert_capacity"], Setting::ExpertCapacity, HfDefault::Int(64)),
+        ConfigField::new(
+            &["moe_eval_capacity_token_fraction"],
+            Setting::CapacityFraction,
+            HfDefault::Float(1.0),
+        ),
+        ConfigField::new(&["moe_token_dropout"], Setting::TokenDropout, HfDefault::Float(0.2)),
+        ConfigField::new(
+            &["batch_prioritized_routing"],
+            Setting::BatchPrioritized,
+            HfDefault::Bool(false),
+        ),
+        ConfigField::new(
+            &["normalize_router_prob_before_dropping"],
+            Setting::NormalizeBeforeDropping,
+            HfDefault::Bool(false),
+        ),
+        ConfigField::new(
+            &["second_expert_policy"],
+            Setting::SecondExpertPolicy,
+            HfDefault::Str("all"),
+        ),
+    ],
+    tensors: &[
+        TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
+        TensorSpec::new(GATE_BIAS, "[E]", "router.gate_bias", Presence::Optional),
+        TensorSpec::new("experts.expert_{e}.fc1.weight", "[f, d]", "experts.w1", Presence::Required),
+        TensorSpec::new("experts.expert_{e}.fc1.bias", "[f]", "experts.b1", Presence::Required),
+        TensorSpec::new("experts.expert_{e}.fc2.weight", "[d, f]", "experts.w2", Presence::Required),
+        TensorSpec::new("experts.expert_{e}.fc2.bias", "[d]", "experts.b2", Presence::Required),
+    ],
+    build,
+    inspect: InspectView {
+        router: &[GATE],
+        markers: &[&[GATE, ".fc1."]],
+        priority: 90,
+    },
+};
 
 /// How the capacity is set.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,7 +115,7 @@ impl NllbTop2 {
         batch_prioritized: bool,
         normalize_before_dropping: bool,
     ) -> Result<Self, MoeError> {
-        util::check_gate(GATE, &gate)?;
+        kit::check_gate(GATE, &gate)?;
         if gate.nrows() < 2 {
             return Err(MoeError::TopK {
                 k: 2,
@@ -133,9 +188,9 @@ impl Router for NllbTop2 {
 
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
         let e = self.n_experts();
-        util::check_input(input, self.d_model(), e, 2)?;
+        kit::check_input(input, self.d_model(), e, 2)?;
         let t = input.n_tokens();
-        let logits = util::gate_logits(input.hidden, self.gate.view(), self.bias.as_ref())?;
+        let logits = kit::gate_logits(input.hidden, self.gate.view(), self.bias.as_ref())?;
         // Per real token: (token, top-1, top-2, p1, p2, max p).
         let mut picks = Vec::with_capacity(t);
         for (tok, lrow) in logits.outer_iter().enumerate() {
@@ -143,15 +198,15 @@ impl Router for NllbTop2 {
                 continue;
             }
             let mut p = lrow.to_vec();
-            util::softmax_in_place(&mut p);
-            let Some(&e1) = util::top_k(&p, 1).first() else {
+            kit::softmax_in_place(&mut p);
+            let Some(&e1) = kit::top_k(&p, 1).first() else {
                 continue;
             };
             let mut masked = lrow.to_vec();
             if let Some(v) = masked.get_mut(e1) {
                 *v = f32::NEG_INFINITY;
             }
-            let Some(&e2) = util::top_k(&masked, 1).first() else {
+            let Some(&e2) = kit::top_k(&masked, 1).first() else {
                 continue;
             };
             let p1 = p.get(e1).copied().unwrap_or(0.0);
@@ -209,45 +264,56 @@ impl Router for NllbTop2 {
             }
         }
         let mut routing = Routing::new(t, e, picks.len(), kept, dropped)?;
-        routing.set_logits(logits);
+        if e <= KEEP_LOGITS_MAX_EXPERTS {
+            routing.set_logits(logits);
+        }
         Ok(routing)
+    }
+
+    fn params(&self) -> Vec<Param<'_>> {
+        let mut v = vec![Param::new("gate", self.gate.view())];
+        if let Some(b) = &self.bias {
+            v.push(Param::new("gate_bias", b.view()));
+        }
+        v
+    }
+
+    fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
+        let mut v = vec![ParamMut::new("gate", self.gate.view_mut())];
+        if let Some(b) = &mut self.bias {
+            v.push(ParamMut::new("gate_bias", b.view_mut()));
+        }
+        v
     }
 }
 
 /// Builds the block.
 ///
 /// # Errors
-/// As [`crate::presets::build_layer`]; [`LoadError::Config`] when neither
-/// `moe_eval_capacity_token_fraction` nor `expert_capacity` is set, or `moe_token_dropout` is outside `[0, 1)`.
+/// As [`super::BuildFn`]; [`LoadError::Config`] when neither `moe_eval_capacity_token_fraction` nor
+/// `expert_capacity` is set, or `moe_token_dropout` is outside `[0, 1)`.
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let fam = Family::NllbMoe;
-    let origin = w.checkpoint().origin();
-    let gate = w.get2(GATE, Some(cfg.n_experts), None)?;
+    let mut l = Loader::new(w, PRESET.model_type());
+    let gate = l.mat("router.gate", GATE, Some(cfg.n_experts), None)?;
     let d = gate.ncols();
-    let bias = if w.contains(GATE_BIAS) {
-        Some(w.get1(GATE_BIAS, Some(cfg.n_experts))?)
-    } else {
-        None
-    };
+    let bias = l.optional_vec("router.gate_bias", GATE_BIAS, Some(cfg.n_experts))?;
     let capacity = match (cfg.capacity_fraction, cfg.expert_capacity) {
         (Some(f), _) if f > 0.0 => Capacity::Fraction(f),
         (_, Some(c)) => Capacity::Fixed(c),
         _ => {
-            return Err(LoadError::config(
-                origin,
+            return Err(l.config_err(
                 "moe_eval_capacity_token_fraction | expert_capacity",
                 "missing",
             ));
         }
     };
     if !(0.0..1.0).contains(&cfg.token_dropout) {
-        return Err(LoadError::config(
-            origin,
+        return Err(l.config_err(
             "moe_token_dropout",
             format!("{} is outside [0, 1)", cfg.token_dropout),
         ));
     }
-    let bank = load_mlp_bank(w, cfg.n_experts, d, ("fc1", "fc2"), true, fam)?;
+    let bank = l.mlp_bank(cfg.n_experts, d, EXPERT_NAMES, true, Activation::Relu)?;
     let router = NllbTop2::new(
         gate,
         bias,
@@ -255,8 +321,9 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
         cfg.batch_prioritized,
         cfg.normalize_before_dropping,
     )
-    .map_err(core_err(w, fam))?;
-    MoeLayer::new(Box::new(router), ExpertBank::Mlp(bank))
-        .and_then(|l| l.with_output_scale(1.0 - cfg.token_dropout))
-        .map_err(core_err(w, fam))
+    .map_err(l.err())?;
+    let layer = MoeLayer::new(Box::new(router), ExpertBank::Mlp(bank))
+        .and_then(|layer| layer.with_output_scale(1.0 - cfg.token_dropout))
+        .map_err(l.err())?;
+    Ok(l.finish(layer))
 }

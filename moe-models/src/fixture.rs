@@ -1,0 +1,189 @@
+//! The golden-fixture format (`tests/fixtures/hf`): a directory with `manifest.json` and one safetensors file per
+//! case, holding the block's HF state dict (unprefixed) and `ref.*` reference tensors that transformers computed.
+//! This module reads the format and builds each case's layer and input; running them on a backend and comparing
+//! with the references is the `moe-verify` crate's work.
+
+use std::path::{Path, PathBuf};
+
+use moe_core::MoeLayer;
+use ndarray::Array2;
+
+use crate::checkpoint::{Checkpoint, read_json};
+use crate::config::MoeConfig;
+use crate::error::LoadError;
+use crate::presets::{Family, build_layer};
+
+/// `manifest.json`: the part the loader reads.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Manifest {
+    /// The cases.
+    pub cases: Vec<ManifestCase>,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`.
+    ///
+    /// # Errors
+    /// [`LoadError::Io`], [`LoadError::Json`].
+    pub fn read(dir: &Path) -> Result<Self, LoadError> {
+        read_json(&dir.join("manifest.json"))
+    }
+}
+
+/// One case of the manifest.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ManifestCase {
+    /// Case name (`mixtral`).
+    pub name: String,
+    /// The safetensors file, relative to the directory.
+    pub file: String,
+    /// The HF `model_type` (defaults to the name).
+    #[serde(default)]
+    pub model_family: Option<String>,
+    /// Batch size `B`.
+    #[serde(default)]
+    pub batch: Option<usize>,
+    /// Sequence length `S`.
+    #[serde(default)]
+    pub seq_len: Option<usize>,
+    /// The routing config.
+    #[serde(default)]
+    pub routing: serde_json::Value,
+}
+
+impl ManifestCase {
+    /// The case's HF `model_type` (`model_family`, else the name).
+    pub fn model_type(&self) -> &str {
+        self.model_family.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// The preset config of a manifest case, from its `routing` object. Unlike `config.json`, a missing or `null`
+/// field here leaves the setting unset (the builder's own rule applies), as the fixture generator writes `null`
+/// for what a block does not have.
+///
+/// # Errors
+/// [`LoadError::UnknownFamily`], [`LoadError::Config`] for a missing `num_experts` / `top_k`.
+pub fn case_config(case: &ManifestCase, manifest: &Path) -> Result<MoeConfig, LoadError> {
+    let model_type = case.model_type();
+    let family = Family::from_model_type(model_type).ok_or_else(|| LoadError::UnknownFamily {
+        file: manifest.to_path_buf(),
+        model_type: model_type.to_string(),
+        known: Family::ALL.map(Family::model_type).join(", "),
+    })?;
+    let r = &case.routing;
+    let usize_of = |k: &str| {
+        r.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .map(|v| v as usize)
+    };
+    let f32_of = |k: &str| {
+        r.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .map(|v| v as f32)
+    };
+    let bool_of = |k: &str| r.get(k).and_then(serde_json::Value::as_bool);
+    let field = |k: &str| {
+        usize_of(k).ok_or_else(|| {
+            LoadError::config(
+                manifest,
+                format!("cases[{}].routing.{k}", case.name),
+                "missing",
+            )
+        })
+    };
+    let mut c = MoeConfig::new(family, field("num_experts")?, field("top_k")?);
+    c.renormalize = bool_of("norm_topk_prob");
+    c.n_group = usize_of("n_group");
+    c.topk_group = usize_of("topk_group");
+    c.routed_scaling_factor = f32_of("routed_scaling_factor");
+    if let Some(v) = f32_of("swiglu_limit") {
+        c.swiglu_limit = v;
+    }
+    if let Some(v) = f32_of("swiglu_alpha") {
+        c.swiglu_alpha = v;
+    }
+    c.expert_capacity = usize_of("capacity").or(usize_of("expert_capacity"));
+    c.capacity_fraction = r
+        .get("moe_eval_capacity_token_fraction")
+        .and_then(serde_json::Value::as_f64);
+    c.token_dropout = f32_of("moe_token_dropout").unwrap_or(0.0);
+    c.batch_prioritized = bool_of("batch_prioritized_routing").unwrap_or(false);
+    c.normalize_before_dropping = bool_of("normalize_router_prob_before_dropping").unwrap_or(false);
+    Ok(c)
+}
+
+/// One case, loaded: its file, config, layer and input.
+#[derive(Debug)]
+pub struct FixtureCase {
+    /// The case file.
+    pub path: PathBuf,
+    /// The preset config ([`case_config`]).
+    pub config: MoeConfig,
+    /// The case file, open (state dict and `ref.*`).
+    pub checkpoint: Checkpoint,
+    /// The layer built from the unprefixed state dict.
+    pub layer: MoeLayer,
+    /// `ref.input` as `[T, d]`, `T = B · S`.
+    pub input: Array2<f32>,
+    /// Batch size `B`.
+    pub batch: usize,
+    /// Sequence length `S` (every sequence of the batch has it).
+    pub seq_len: usize,
+}
+
+impl FixtureCase {
+    /// Opens case `case` of the fixture directory `dir` and builds its layer. `B` and `S` come from the manifest,
+    /// else from `ref.input`'s shape `[B, S, d]`, else `B = 1`.
+    ///
+    /// # Errors
+    /// [`LoadError`] when the file or its tensors cannot be read, the preset cannot be built, or `ref.input` does
+    /// not hold `B · S · d` values.
+    pub fn load(dir: &Path, case: &ManifestCase) -> Result<Self, LoadError> {
+        let path = dir.join(&case.file);
+        let config = case_config(case, &dir.join("manifest.json"))?;
+        let checkpoint = Checkpoint::open(&path)?;
+        let layer = build_layer(&config, &checkpoint.weights(""))?;
+        let input = checkpoint.tensor("ref.input")?;
+        let d = layer.d_model();
+        let (b, s) = match (case.batch, case.seq_len, input.shape.as_slice()) {
+            (Some(b), Some(s), _) => (b, s),
+            (_, _, [b, s, _]) => (*b, *s),
+            _ => (1, input.data.len() / d.max(1)),
+        };
+        let x = Array2::from_shape_vec((b * s, d), input.data).map_err(|_| LoadError::Shape {
+            file: path.clone(),
+            tensor: "ref.input".into(),
+            expected: format!("[{b}, {s}, {d}]"),
+            found: input.shape.clone(),
+        })?;
+        Ok(FixtureCase {
+            path,
+            config,
+            checkpoint,
+            layer,
+            input: x,
+            batch: b,
+            seq_len: s,
+        })
+    }
+
+    /// Number of tokens `T = B · S`.
+    pub fn n_tokens(&self) -> usize {
+        self.batch * self.seq_len
+    }
+
+    /// The sequence lengths `[S; B]`, for [`moe_core::RouterInput::with_seq_lens`].
+    pub fn seq_lens(&self) -> Vec<usize> {
+        vec![self.seq_len; self.batch]
+    }
+
+    /// The names of the case's reference tensors (`ref.output`, ...), sorted.
+    pub fn reference_names(&self) -> Vec<String> {
+        self.checkpoint
+            .names()
+            .filter(|n| n.starts_with("ref."))
+            .map(str::to_string)
+            .collect()
+    }
+}
