@@ -144,30 +144,7 @@ impl CudaLayer {
                 slot_out,
             )?;
         }
-        // Shared experts over every token, with the optional sigmoid gate.
-        let mut shared_out = None;
-        if let Some((sb, gate)) = &*shared {
-            let sh_out = need(&w.sh_out)?;
-            bank_products(
-                gpu,
-                dtype,
-                sb,
-                (x, t, None),
-                meta_all,
-                t,
-                need(&w.sh_h)?,
-                sh_out,
-            )?;
-            let sg = match gate {
-                Some(g) => {
-                    let sg = need(&w.sg)?;
-                    shared_gate(gpu, x, g, sg, (t, d))?;
-                    Some(sg)
-                }
-                None => None,
-            };
-            shared_out = Some((sh_out, sg));
-        }
+        let shared_out = shared_products(gpu, dtype, shared.as_ref(), w, (t, d))?;
         let slots = need(&w.assign_slot)?;
         let tokens = match tokens {
             Tokens::Fixed(k) => TokenSlots::Fixed { k, slots },
@@ -333,6 +310,42 @@ fn grow_workspace(
         grow(gpu, &mut w.sg, t)?;
     }
     Ok((max_rows, tokens))
+}
+
+/// The shared experts' output `[T, d]` and optional gate `[T]`, as the combine reads them.
+type SharedOut<'w> = Option<(&'w CudaSlice<f32>, Option<&'w CudaSlice<f32>>)>;
+
+/// Enqueues the shared experts over every token of `w.x` and their optional sigmoid gate.
+fn shared_products<'w>(
+    gpu: &Gpu,
+    dtype: Dtype,
+    shared: Option<&(DevBank, Option<CudaSlice<f32>>)>,
+    w: &'w Work,
+    (t, d): (usize, usize),
+) -> Result<SharedOut<'w>, MoeError> {
+    let Some((sb, gate)) = shared else {
+        return Ok(None);
+    };
+    let (x, sh_out) = (need(&w.x)?, need(&w.sh_out)?);
+    bank_products(
+        gpu,
+        dtype,
+        sb,
+        (x, t, None),
+        need(&w.meta_all)?,
+        t,
+        need(&w.sh_h)?,
+        sh_out,
+    )?;
+    let sg = match gate {
+        Some(g) => {
+            let sg = need(&w.sg)?;
+            shared_gate(gpu, x, g, sg, (t, d))?;
+            Some(sg)
+        }
+        None => None,
+    };
+    Ok(Some((sh_out, sg)))
 }
 
 /// Enqueues the top-k routing over the logits already in `w.logits` and the counting sort of its choices.
