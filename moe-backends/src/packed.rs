@@ -189,7 +189,7 @@ fn expert_matrices(p: &PackedBank, e: usize) -> (Array2<f32>, Array2<f32>) {
     (up, down)
 }
 
-/// What the kernels compute for one expert on rows `x`, in f64, from the canonical layout: the oracle of the
+/// What the kernels compute for one expert on rows `x`, on the host in f32, from the canonical layout: the oracle of the
 /// layout transform (compared with the CPU backend's expert forward in the tests below).
 #[cfg(test)]
 pub(crate) fn canonical_forward(p: &PackedBank, e: usize, x: &Array2<f32>) -> Array2<f32> {
@@ -228,7 +228,7 @@ pub(crate) fn canonical_forward(p: &PackedBank, e: usize, x: &Array2<f32>) -> Ar
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_core::{GptOssBank, MlpBank, SwiGluBank};
+    use moe_core::{GptOssBank, MlpBank, PeerBank, SwiGluBank};
     use ndarray::Axis;
 
     fn arr3(e: usize, a: usize, b: usize, seed: u32) -> Array3<f32> {
@@ -286,5 +286,14 @@ mod tests {
                 .expect("bank"),
             ));
         }
+    }
+
+    /// Banks without a canonical form are refused with the backend's name and the bank's kind.
+    #[test]
+    fn peer_banks_are_refused_by_name() {
+        let m = |seed| arr3(1, 4, 6, seed).index_axis(Axis(0), 0).to_owned();
+        let bank = ExpertBank::Peer(PeerBank::new(m(11), m(12), Activation::Gelu).expect("bank"));
+        let e = pack(&bank, "wgpu").expect_err("peer has no packed layout");
+        assert!(e.contains("wgpu") && e.contains("peer"), "{e}");
     }
 }

@@ -25,7 +25,7 @@
 //! - Every other router (no spec, random drops, `k > 32`, a spec this backend cannot check) takes the host path
 //!   ([`RouterPath::Host`]): [`MoeLayer::route`] runs on the host, the plan is uploaded and the experts run on the
 //!   device as above.
-//! - [`DeviceLayer::set_router`](moe_core::DeviceLayer::set_router) swaps only the router's device state (its
+//! - [`DeviceLayer::set_router`] swaps only the router's device state (its
 //!   gate, biases and spec, or the host path); the uploaded experts stay, so many routers run on one resident bank.
 //! - Expert banks: SwiGLU, GPT-OSS and MLP run on the device; PEER and custom banks are refused by `upload` with
 //!   a [`MoeError::Backend`] naming the bank (run them on the CPU backend).
