@@ -45,6 +45,8 @@ pub mod cuda;
 mod dtype;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod native;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod packed;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 

@@ -1,6 +1,10 @@
 //! The CUDA device behind the backend: library probes, the process-wide context and stream, the NVRTC-compiled
-//! kernel module, device buffers, kernel launches and event timing. All `unsafe` of the CUDA backend is here.
-#![allow(unsafe_code)]
+//! kernel module, device buffers, device addresses and the raw kernel launch ([`Gpu::launch`], `unsafe`: only the
+//! stages' safe launch wrappers call it, each after checking the buffers its kernel uses).
+#![allow(
+    unsafe_code,
+    reason = "the driver and NVRTC load probes, disabling event tracking, and the raw launch"
+)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -303,39 +307,6 @@ impl Gpu {
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(|e| err(format!("launching {name}: {e}")))
-    }
-
-    /// Times `run` (which enqueues work) `repeats` times with CUDA events; milliseconds per run.
-    pub(crate) fn time(
-        &self,
-        repeats: usize,
-        mut run: impl FnMut() -> Result<(), MoeError>,
-    ) -> Result<Vec<f64>, MoeError> {
-        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let mut out = Vec::with_capacity(repeats);
-        for _ in 0..repeats {
-            let start = self
-                .ctx
-                .new_event(flags)
-                .map_err(|e| err(format!("creating an event: {e}")))?;
-            let end = self
-                .ctx
-                .new_event(flags)
-                .map_err(|e| err(format!("creating an event: {e}")))?;
-            start
-                .record(&self.stream)
-                .map_err(|e| err(format!("recording an event: {e}")))?;
-            run()?;
-            end.record(&self.stream)
-                .map_err(|e| err(format!("recording an event: {e}")))?;
-            end.synchronize()
-                .map_err(|e| err(format!("a GPU kernel failed: {e}")))?;
-            let ms = start
-                .elapsed_ms(&end)
-                .map_err(|e| err(format!("reading an event: {e}")))?;
-            out.push(f64::from(ms));
-        }
-        Ok(out)
     }
 }
 

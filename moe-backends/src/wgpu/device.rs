@@ -1,5 +1,5 @@
-//! The wgpu device context: adapter and device selection, the compiled kernels, buffer helpers, and the mapping of
-//! device errors to [`MoeError::Backend`].
+//! The wgpu device context: adapter and device selection, limits, the compiled kernels ([`super::pipelines`]),
+//! buffer helpers, the per-layer workspace pool, and the mapping of device errors to [`MoeError::Backend`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,10 +9,8 @@ use wg::util::DeviceExt;
 
 use moe_core::MoeError;
 
+use super::pipelines::{Pipes, compile};
 use crate::BackendError;
-
-/// The WGSL source of every kernel; sections (`//!SECTION name`) are compiled as separate modules.
-const KERNELS: &str = include_str!("kernels.wgsl");
 
 /// Rows per GEMM tile (`BM` in the kernels).
 pub(super) const BM: u32 = 32;
@@ -25,20 +23,6 @@ pub(super) fn err(reason: impl Into<String>) -> MoeError {
         backend: "wgpu".into(),
         reason: reason.into(),
     }
-}
-
-/// The compute pipelines of the kernels.
-pub(super) struct Pipes {
-    pub gemm_single: wg::ComputePipeline,
-    pub gemm_dual: wg::ComputePipeline,
-    pub route_topk: wg::ComputePipeline,
-    pub route_switch: wg::ComputePipeline,
-    pub switch_capacity: wg::ComputePipeline,
-    pub group_count: wg::ComputePipeline,
-    pub group_scan: wg::ComputePipeline,
-    pub group_scatter: wg::ComputePipeline,
-    pub shared_gate: wg::ComputePipeline,
-    pub combine: wg::ComputePipeline,
 }
 
 /// One opened adapter and device with the compiled kernels.
@@ -189,53 +173,6 @@ impl Ctx {
         let n = n.max(1);
         let x = n.min(self.max_groups);
         (x, n.div_ceil(x))
-    }
-}
-
-/// Compiles one module per kernel section (the shared prelude first) and builds the pipelines.
-fn compile(device: &wg::Device) -> Pipes {
-    let mut parts = KERNELS.split("//!SECTION ");
-    let prelude = parts.next().unwrap_or("");
-    let mut modules: HashMap<&str, wg::ShaderModule> = HashMap::new();
-    for part in parts {
-        let (name, body) = part.split_once('\n').unwrap_or((part, ""));
-        let name = name.trim();
-        let source = format!("{prelude}\n{body}");
-        let module = device.create_shader_module(wg::ShaderModuleDescriptor {
-            label: Some(name),
-            source: wg::ShaderSource::Wgsl(source.into()),
-        });
-        modules.insert(name, module);
-    }
-    let pipe = |section: &str, entry: &str| {
-        let module = match modules.get(section) {
-            Some(m) => m.clone(),
-            // Only reachable if the sections are renamed; the empty module then fails validation with its name.
-            None => device.create_shader_module(wg::ShaderModuleDescriptor {
-                label: Some(section),
-                source: wg::ShaderSource::Wgsl("".into()),
-            }),
-        };
-        device.create_compute_pipeline(&wg::ComputePipelineDescriptor {
-            label: Some(entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: Default::default(),
-            cache: None,
-        })
-    };
-    Pipes {
-        gemm_single: pipe("gemm", "gemm_single"),
-        gemm_dual: pipe("gemm", "gemm_dual"),
-        route_topk: pipe("route", "route_topk"),
-        route_switch: pipe("route", "route_switch"),
-        switch_capacity: pipe("route", "switch_capacity"),
-        group_count: pipe("group", "group_count"),
-        group_scan: pipe("group", "group_scan"),
-        group_scatter: pipe("group", "group_scatter"),
-        shared_gate: pipe("shared_gate", "shared_gate"),
-        combine: pipe("combine", "combine"),
     }
 }
 

@@ -1,11 +1,16 @@
-//! Parity cases shared by the device backends' tests (`wgpu_parity.rs`, `cuda_parity.rs`): seeded random layers
-//! run on the CPU reference and on a device backend, outputs and plans compared.
+//! Parity cases shared by the device backends' tests (`wgpu_parity.rs`, `cuda_parity.rs`; `cpu_set_router.rs` runs
+//! the `set_router` case on the CPU backend): seeded random layers run on the CPU reference and on a device
+//! backend, outputs and plans compared.
 //!
 //! Tolerances: f32 weights, `max |device − cpu| ≤ 1e-5 · max(max |cpu|, 1)` (f32 sums in another order); 16-bit
 //! weights, `≤ 1e-2 · max |cpu|` (weights and activations rounded before each product, f32 accumulation). Routing
 //! weights to 1e-5; chosen experts, ranks and drops identical (the router stays f32, and the seeded cases have no
 //! near ties). Each test binary uses only some of these items.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    unused_macros,
+    reason = "each test binary uses only some of the shared items (cpu_set_router not the macro)"
+)]
 
 use std::sync::Arc;
 
@@ -34,7 +39,8 @@ macro_rules! shared_cases {
         shared_cases!(@each $backend, $device, topk_presets_random_shapes,
             group_limited_sigmoid_with_correction_bias, mlp_banks_every_activation,
             gpt_oss_bank_with_gate_bias, shared_experts_scale_and_bias, switch_capacity_drops,
-            host_path_routers, errors_empty_input_and_reuse, activations_match_f64_reference);
+            host_path_routers, errors_empty_input_and_reuse, activations_match_f64_reference,
+            set_router_keeps_the_bank);
     };
     (@each $backend:ident, $device:ident, $($case:ident),*) => {
         $(#[test]
@@ -556,5 +562,103 @@ pub fn activations_match_f64_reference(b: &Device<'_>) {
             worst = worst.max(e);
         }
         assert!(worst <= 3e-7, "{act:?}: worst scaled error {worst:e}");
+    }
+}
+
+/// One resident bank, many routers: `set_router` on an uploaded layer swaps the router (softmax top-k, Switch
+/// top-1, the host-path hash and expert-choice routers, a DeepSeek-V3 style top-k with another gate, and back),
+/// and every forward after a swap gives exactly what a fresh upload of the layer with that router gives (output,
+/// plan and router path), within the usual tolerance of the CPU reference. A router of another `E` or `d` is
+/// refused with [`MoeError::Mismatch`] and leaves the resident layer as it was.
+pub fn set_router_keeps_the_bank(b: &Device<'_>) {
+    let (t, d, f, e, k) = (23, 16, 24, 8, 2);
+    let mut r = rng(950);
+    let bank = swiglu(&mut r, e, d, f, Activation::Silu);
+    let first = topk_router(&mut r, e, d, k, TopKPreset::Mixtral.config());
+    let switch: Box<dyn Router> = Box::new(
+        SwitchTop1Config {
+            jitter: Some(0.0),
+            ..SwitchTop1Config::hf_switch(4)
+        }
+        .build(matrix(&mut r, e, d, 1.0))
+        .expect("switch"),
+    );
+    let reg = moe_routers::builtin();
+    let hash = reg
+        .create("hash", &RouterArgs::new(d, e, k, 3))
+        .expect("hash");
+    let expert_choice = reg
+        .create("expert-choice", &RouterArgs::new(d, e, k, 4))
+        .expect("expert-choice");
+    let grouped: Box<dyn Router> = Box::new(
+        SoftmaxTopKConfig {
+            n_group: Some(4),
+            topk_group: Some(2),
+            ..TopKPreset::DeepseekV3.config()
+        }
+        .build(matrix(&mut r, e, d, 1.0), 3)
+        .expect("router")
+        .with_correction_bias(vector(&mut r, e, 0.3))
+        .expect("bias"),
+    );
+    let x = matrix(&mut r, t, d, 1.0);
+    let ids: Vec<u32> = (0..t as u32).map(|i| i * 5 + 1).collect();
+    let lens = [12, 11];
+    let input = RouterInput::new(x.view())
+        .with_seq_lens(&lens)
+        .with_token_ids(&ids);
+    let name = b.backend.name().to_string();
+    let fresh = |router: Box<dyn Router>| {
+        let layer = MoeLayer::new(router, bank.clone()).expect("layer");
+        let layer = Arc::new(layer);
+        let want = CpuBackend::new()
+            .upload(Arc::clone(&layer))
+            .expect("cpu upload")
+            .forward(&input)
+            .expect("cpu forward");
+        let got = b
+            .backend
+            .upload(layer)
+            .unwrap_or_else(|e| panic!("{name} upload: {e}"))
+            .forward(&input)
+            .unwrap_or_else(|e| panic!("{name} forward: {e}"));
+        (want, got)
+    };
+    let layer = MoeLayer::new(first.clone(), bank.clone()).expect("layer");
+    let mut dev = b.backend.upload(Arc::new(layer)).expect("upload");
+    let routers = [&first, &switch, &hash, &expert_choice, &grouped, &first];
+    for (i, router) in routers.into_iter().enumerate() {
+        if i > 0 {
+            dev.set_router(router.clone())
+                .unwrap_or_else(|e| panic!("{name}: set_router {}: {e}", router.name()));
+        }
+        assert_eq!(dev.layer().router().name(), router.name());
+        let got = dev.forward(&input).expect("forward after set_router");
+        let (cpu, want) = fresh(router.clone());
+        assert_eq!(
+            got.router_path,
+            want.router_path,
+            "{}: router path",
+            router.name()
+        );
+        compare_tol(&want, &got, 0.0);
+        let tol = match b.dtype {
+            Dtype::F32 => OUT_TOL * cpu.output.iter().fold(1.0f32, |m, v| m.max(v.abs())),
+            _ => HALF_TOL * cpu.output.iter().fold(0.0f32, |m, v| m.max(v.abs())),
+        };
+        compare_tol(&cpu, &got, tol);
+    }
+    // Routers of another E or d are refused, and the resident layer keeps the router it had.
+    let before = dev.forward(&input).expect("forward");
+    for wrong in [
+        topk_router(&mut r, e + 1, d, k, TopKPreset::Mixtral.config()),
+        topk_router(&mut r, e, d + 1, k, TopKPreset::Mixtral.config()),
+    ] {
+        let err = dev
+            .set_router(wrong)
+            .expect_err("a router that does not fit");
+        assert!(matches!(err, MoeError::Mismatch { .. }), "{err}");
+        assert_eq!(dev.layer().router().name(), first.name());
+        compare_tol(&before, &dev.forward(&input).expect("forward"), 0.0);
     }
 }

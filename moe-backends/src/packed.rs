@@ -1,8 +1,17 @@
-//! Expert banks in the CUDA kernels' canonical layout, made on the host at upload: every product is
-//! `out = a · Wᵀ` with `W` row-major `[out, in]`, and gated banks keep their gate rows before their up rows.
-//! GPT-OSS banks (stored `[E, d, 2f]`, gate and up interleaved) are transposed and de-interleaved here, so the
-//! kernels know one layout. Values are never changed, only moved; the precision is chosen after
-//! ([`crate::Dtype`]).
+//! The canonical packed weight layout of the device backends (wgpu and CUDA), made on the host at upload from any
+//! bank they run: every product is `out = a · Wᵀ` with `W` row-major `[out, in]`, and gated banks keep their gate
+//! rows before their up rows. GPT-OSS banks (stored `[E, d, 2f]`, gate and up interleaved) are transposed and
+//! de-interleaved here, so the kernels of both backends know one layout. Values are never changed, only moved; the
+//! CUDA backend chooses the precision after ([`crate::Dtype`]).
+//!
+//! Per expert `e` (`U = f` for a single-product bank, `2f` for a gated one):
+//! - `up[e]`: `[U, d]`; rows `[0, f)` are the gate (or the MLP's `W₁`), rows `[f, 2f)` the up projection.
+//! - `up_bias[e]`: `[U]`, the same row order (GPT-OSS: gate biases, then up biases; MLP: `b₁`).
+//! - `down[e]`: `[d, f]`; `down_bias[e]`: `[d]`.
+//!
+//! The first product's epilogue is chosen by [`PackedBank::mode`]: [`MODE_SINGLE`] `act(a·W₁ᵀ + b₁)`,
+//! [`MODE_GATED`] `act(g) ⊙ u`, [`MODE_GPT_OSS`] `(clamp(u + b_u, ±limit) + 1) ⊙ glu(min(g + b_g, limit))`
+//! with `glu(g) = g · σ(alpha · g)` (the formula of transformers' `GptOssExperts`).
 
 #[cfg(test)]
 use ndarray::Array2;
@@ -10,12 +19,14 @@ use ndarray::Array3;
 
 use moe_core::{Activation, ExpertBank};
 
-/// The epilogue of the first product: 0 single (MLP: `act(a·W₁ᵀ + b₁)`), 1 gated (`act(g) ⊙ u`), 2 GPT-OSS.
+/// Epilogue of the first product of a single-product bank (MLP): `act(a·W₁ᵀ + b₁)`.
 pub(crate) const MODE_SINGLE: u32 = 0;
+/// Epilogue of a gated bank (SwiGLU): `act(g) ⊙ u`.
 pub(crate) const MODE_GATED: u32 = 1;
+/// Epilogue of a GPT-OSS bank: the clamped GLU with biases.
 pub(crate) const MODE_GPT_OSS: u32 = 2;
 
-/// Activation code of the kernels (0 is identity).
+/// Activation code of the kernels (0 is identity): 1 SiLU, 2 ReLU, 3 exact GELU, 4 GELU tanh.
 pub(crate) fn act_code(a: Activation) -> u32 {
     match a {
         Activation::Silu => 1,
@@ -28,9 +39,13 @@ pub(crate) fn act_code(a: Activation) -> u32 {
 /// A bank in canonical layout, f32, on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PackedBank {
+    /// [`MODE_SINGLE`], [`MODE_GATED`] or [`MODE_GPT_OSS`].
     pub mode: u32,
+    /// Experts `E`.
     pub n_experts: usize,
+    /// Width `d`.
     pub d: usize,
+    /// FFN width `f`.
     pub f: usize,
     /// `[E, U, d]`: U = f (single) or 2f (gate rows, then up rows).
     pub up: Vec<f32>,
@@ -40,19 +55,32 @@ pub(crate) struct PackedBank {
     pub down: Vec<f32>,
     /// `[E, d]`.
     pub down_bias: Option<Vec<f32>>,
+    /// Activation code ([`act_code`]; 0 for GPT-OSS, whose GLU is fixed).
     pub act: u32,
+    /// GPT-OSS's GLU slope (0 otherwise).
     pub alpha: f32,
+    /// GPT-OSS's clamp (0 otherwise).
     pub limit: f32,
 }
 
 impl PackedBank {
-    /// Rows of one expert's first weight.
+    /// Rows of one expert's first weight (`U`).
     pub fn up_rows(&self) -> usize {
         if self.mode == MODE_SINGLE {
             self.f
         } else {
             2 * self.f
         }
+    }
+
+    /// Values of one expert's first weight (`U · d`).
+    pub fn up_per_expert(&self) -> usize {
+        self.up_rows() * self.d
+    }
+
+    /// Values of one expert's second weight (`d · f`).
+    pub fn down_per_expert(&self) -> usize {
+        self.d * self.f
     }
 }
 
@@ -77,10 +105,10 @@ fn deinterleave_rows(v: &[f32], f: usize) -> Vec<f32> {
     out
 }
 
-/// Packs `bank`, or names why the CUDA backend cannot run it.
-pub(crate) fn pack(bank: &ExpertBank) -> Result<PackedBank, String> {
+/// Packs `bank`, or names why the device backend `backend` (`"wgpu"`, `"cuda"`) cannot run it.
+pub(crate) fn pack(bank: &ExpertBank, backend: &str) -> Result<PackedBank, String> {
     let (e, d, f) = (bank.n_experts(), bank.d_model(), bank.ffn());
-    Ok(match bank {
+    let p = match bank {
         ExpertBank::SwiGlu(b) => PackedBank {
             mode: MODE_GATED,
             n_experts: e,
@@ -136,12 +164,15 @@ pub(crate) fn pack(bank: &ExpertBank) -> Result<PackedBank, String> {
         },
         other => {
             return Err(format!(
-                "the cuda backend runs swiglu, gpt_oss and mlp expert banks; this one is {}: run the layer on \
-                 the cpu backend",
+                "the {backend} backend runs swiglu, gpt_oss and mlp expert banks; this one is {}: run the \
+                 layer on the cpu backend",
                 other.kind()
             ));
         }
-    })
+    };
+    debug_assert_eq!(p.up.len(), e * p.up_per_expert());
+    debug_assert_eq!(p.down.len(), e * p.down_per_expert());
+    Ok(p)
 }
 
 /// Views of one expert's canonical weights, for the host-side check of the layout.
@@ -158,7 +189,7 @@ fn expert_matrices(p: &PackedBank, e: usize) -> (Array2<f32>, Array2<f32>) {
     (up, down)
 }
 
-/// What the kernels compute for one expert on rows `x`, in f64, from the canonical layout: the oracle of the
+/// What the kernels compute for one expert on rows `x`, on the host in f32, from the canonical layout: the oracle of the
 /// layout transform (compared with the CPU backend's expert forward in the tests below).
 #[cfg(test)]
 pub(crate) fn canonical_forward(p: &PackedBank, e: usize, x: &Array2<f32>) -> Array2<f32> {
@@ -197,7 +228,7 @@ pub(crate) fn canonical_forward(p: &PackedBank, e: usize, x: &Array2<f32>) -> Ar
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_core::{GptOssBank, MlpBank, SwiGluBank};
+    use moe_core::{GptOssBank, MlpBank, PeerBank, SwiGluBank};
     use ndarray::Axis;
 
     fn arr3(e: usize, a: usize, b: usize, seed: u32) -> Array3<f32> {
@@ -208,7 +239,7 @@ mod tests {
     }
 
     fn check(bank: &ExpertBank) {
-        let p = pack(bank).expect("packs");
+        let p = pack(bank, "test").expect("packs");
         let (e, d) = (bank.n_experts(), bank.d_model());
         let x = Array2::from_shape_fn((5, d), |(i, j)| {
             ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5
@@ -255,5 +286,14 @@ mod tests {
                 .expect("bank"),
             ));
         }
+    }
+
+    /// Banks without a canonical form are refused with the backend's name and the bank's kind.
+    #[test]
+    fn peer_banks_are_refused_by_name() {
+        let m = |seed| arr3(1, 4, 6, seed).index_axis(Axis(0), 0).to_owned();
+        let bank = ExpertBank::Peer(PeerBank::new(m(11), m(12), Activation::Gelu).expect("bank"));
+        let e = pack(&bank, "wgpu").expect_err("peer has no packed layout");
+        assert!(e.contains("wgpu") && e.contains("peer"), "{e}");
     }
 }
