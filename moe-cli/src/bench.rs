@@ -75,7 +75,7 @@ pub(crate) struct BenchArgs {
     /// Precision of the resident expert weights: f32, or bf16 / f16 (cuda backend). The router stays f32.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// CPU threads (default: all cores).
+    /// CPU threads, 1 to 4 × the cores (at most 1024); default: all cores.
     #[arg(long)]
     threads: Option<usize>,
     /// CPU kernels: `auto` (the AVX-512 dot kernel for few rows per expert where the CPU has it) or `portable`
@@ -158,6 +158,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             "--top-k must be between 1 and --experts ({e}), got {k}"
         )));
     }
+    check_sizes(a, (d, f, e))?;
     let dtype = Dtype::parse(&a.dtype).ok_or_else(|| {
         CliError::Usage(format!("--dtype must be f32, bf16 or f16, got {}", a.dtype))
     })?;
@@ -223,6 +224,51 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         rows,
     };
     print_report(&report, a)
+}
+
+/// Bounds `--threads`, `--clusters` and the sizes, and checks the memory estimate of the largest T, before any
+/// allocation.
+fn check_sizes(a: &BenchArgs, (d, f, e): (usize, usize, usize)) -> Result<(), CliError> {
+    use crate::workload::{MAX_CLUSTERS, MAX_EXPERTS, check_range, routing_estimate};
+    if let Some(t) = a.threads {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max = (4 * cores).min(1024);
+        if t == 0 {
+            return Err(CliError::Usage(
+                "--threads must be at least 1 (leave it out to use all cores)".into(),
+            ));
+        }
+        check_range("--threads", t, 1, max)?;
+    }
+    check_range("--clusters", a.clusters, 1, MAX_CLUSTERS)?;
+    check_range("--experts", e, 1, MAX_EXPERTS)?;
+    check_range("--d-model", d, 1, usize::MAX)?;
+    check_range("--ffn", f, 1, usize::MAX)?;
+    if a.tokens.is_empty() {
+        return Err(CliError::Usage(
+            "--num-tokens needs at least one count".into(),
+        ));
+    }
+    let t = a.tokens.iter().copied().max().unwrap_or(0);
+    let values = t as u128 * d as u128;
+    if values > moe_core::workload::MAX_WORKLOAD_VALUES {
+        return Err(CliError::Usage(format!(
+            "--num-tokens {t} × --d-model {d} = {values} values, over the limit of 2^32 (T·d)"
+        )));
+    }
+    let mut m = routing_estimate(t, d, e);
+    m.add(
+        "expert weights 3·E·d·f",
+        3 * e as u128 * d as u128 * f as u128,
+        1,
+    )
+    .add("layer outputs T·d", t as u128 * d as u128, 2)
+    .add(
+        "workload centres clusters·d",
+        a.clusters as u128 * d as u128,
+        1,
+    );
+    m.check()
 }
 
 /// Times `a.repeats` forwards at `t` tokens (after one warm-up): the row, and whether the device clock timed it.

@@ -164,8 +164,32 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         None => parse_routers(&a.routers, registry)?,
     };
     let wa = &a.workload;
-    let w = wa.generate()?;
+    let mut extra = crate::workload::MemoryEstimate::default();
+    if !a.no_layer && wa.input.is_none() {
+        let (e, d, f) = (wa.experts as u128, wa.d_model as u128, a.ffn as u128);
+        extra.add("expert weights 3·E·d·f", 3 * e * d * f, 1).add(
+            "layer outputs T·d",
+            wa.tokens as u128 * d,
+            2,
+        );
+    }
+    let w = wa.generate_with(&extra)?;
     let (n_tokens, d_model) = (w.n_tokens(), w.d_model());
+    if !a.no_layer && wa.input.is_some() {
+        let (e, d, f, t) = (
+            wa.experts as u128,
+            d_model as u128,
+            a.ffn as u128,
+            n_tokens as u128,
+        );
+        let mut m = crate::workload::routing_estimate(n_tokens, d_model, wa.experts);
+        m.add("expert weights 3·E·d·f", 3 * e * d * f, 1)
+            .add("layer outputs T·d", t * d, 2);
+        m.check()?;
+    }
+    // The default set skips the routers this input cannot run (hash without token ids, peer with a non-square
+    // E) with a note; a router asked for by name fails the command instead.
+    let skip_unrunnable = a.config.is_none() && a.routers.trim() == "all";
     let backend = if a.no_layer {
         None
     } else {
@@ -182,10 +206,26 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
     let mut rows = Vec::with_capacity(choices.len());
     for c in &choices {
         progress.step(&c.label);
+        if let Some(note) = crate::workload::structure_note(&c.options, &w) {
+            progress.println(&format!("note: {}: {note}", c.label));
+        }
         let err = c.error_mapper(registry);
-        let router = registry
+        let created = registry
             .create(&c.name, &c.args(d_model, wa.experts, wa.top_k, wa.seed))
-            .map_err(&err)?;
+            .map_err(&err)
+            .and_then(|r| r.route(&input).map_err(&err).map(|_| r));
+        let router = match created {
+            Ok(r) => r,
+            Err(CliError::Usage(msg)) if skip_unrunnable => {
+                progress.println(&format!(
+                    "note: skipping {} on this input: {}",
+                    c.label,
+                    msg.lines().next().unwrap_or_default()
+                ));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if !router.is_causal() {
             progress.println(&format!(
                 "warning: {} is not causal: it routes each token using the whole batch, so it leaks future tokens in autoregressive decoding",
@@ -216,10 +256,15 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
             route_ms,
             layer_ms,
             path,
-            wa.tokens,
+            n_tokens,
         ));
     }
     progress.finish();
+    if rows.is_empty() {
+        return Err(CliError::Usage(
+            "none of the routers can run on this input (see the notes above)".into(),
+        ));
+    }
     let report = CompareReport {
         workload: WorkloadReport {
             kind: w.source.clone(),

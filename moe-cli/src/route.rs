@@ -16,10 +16,11 @@ pub(crate) struct RouteArgs {
     router: String,
     #[command(flatten)]
     workload: WorkloadArgs,
-    /// Also print each token's assignments (expert, weight, choice rank).
-    #[arg(long = "tokens")]
+    /// Also print each token's assignments (expert, weight, choice rank). (`--tokens` is an older spelling; the
+    /// token count is `-t/--num-tokens`.)
+    #[arg(long = "per-token", alias = "tokens")]
     per_token: bool,
-    /// With `--tokens`, print at most this many tokens (0 = all).
+    /// With `--per-token`, print at most this many tokens (0 = all).
     #[arg(long, default_value_t = 32)]
     limit: usize,
     /// Output format.
@@ -56,9 +57,18 @@ struct RouteReport {
 }
 
 pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliError> {
+    if !a.router.is_empty() && a.router.chars().all(|c| c.is_ascii_digit()) {
+        return Err(CliError::Usage(format!(
+            "{:?} is not a router: the token count is -t/--num-tokens {0} (--per-token, once spelled --tokens, prints each token)",
+            a.router
+        )));
+    }
     let c = parse_one(&a.router, registry, "route")?;
     let wa = &a.workload;
     let w = wa.generate()?;
+    if let Some(note) = crate::workload::structure_note(&c.options, &w) {
+        eprintln!("note: {}: {note}", c.label);
+    }
     let router = registry
         .create(&c.name, &c.args(w.d_model(), wa.experts, wa.top_k, wa.seed))
         .map_err(c.error_mapper(registry))?;
