@@ -204,6 +204,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
     let input = w.input(wa.mode());
     let progress = crate::progress::Progress::new(choices.len() as u64);
     let mut rows = Vec::with_capacity(choices.len());
+    let mut plot_rows: Vec<(String, Vec<usize>)> = Vec::new();
     for c in &choices {
         progress.step(&c.label);
         if let Some(note) = crate::workload::structure_note(&c.options, &w) {
@@ -249,6 +250,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
             layer_ms = Some(ms);
             path = Some(format!("{:?}", out.router_path).to_lowercase());
         }
+        if a.plot.is_some() {
+            plot_rows.push((c.label.clone(), plan.expert_counts()));
+        }
         rows.push(compare_row(
             &c.label,
             router.is_causal(),
@@ -285,11 +289,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         rows,
     };
     if let Some(path) = &a.plot {
-        let rows: Vec<(String, Vec<usize>)> = report
-            .rows
-            .iter()
-            .filter_map(|r| r.loads.clone().map(|l| (r.router.clone(), l)))
-            .collect();
+        let rows = plot_rows;
         let w = &report.workload;
         let title = format!(
             "tokens per expert: T = {}, d = {}, E = {}, k = {}, skew {}",

@@ -163,11 +163,11 @@ where
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Usage(msg)) => {
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", output::escape_control(&msg));
             ExitCode::from(EXIT_USAGE)
         }
         Err(CliError::Other(e)) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::escape_control(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

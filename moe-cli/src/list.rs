@@ -9,7 +9,7 @@ use crate::output::Format;
 
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
-    /// Output format (`table` or `json`).
+    /// Output format (`table`, `json`, or one table of routers, options, backends and presets as `csv` / `markdown`).
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
 }
@@ -103,6 +103,57 @@ pub(crate) fn run(registry: &RouterRegistry, a: &ListArgs) -> Result<(), CliErro
             "{}",
             serde_json::to_string_pretty(&r).map_err(|e| CliError::Other(e.into()))?
         );
+        return Ok(());
+    }
+    if matches!(a.format, Format::Csv | Format::Markdown) {
+        // One table, so that CSV stays one CSV document: a row per router option, backend and preset.
+        let mut t = crate::output::Table::new(&["kind", "name", "option", "default", "detail"]);
+        for RouterInfo {
+            entry: r,
+            causality,
+        } in &routers
+        {
+            t.push(vec![
+                "router".into(),
+                r.name.to_string(),
+                String::new(),
+                String::new(),
+                format!("[{causality}] {}", r.description),
+            ]);
+            for o in &r.options {
+                t.push(vec![
+                    "router option".into(),
+                    r.name.to_string(),
+                    o.name.to_string(),
+                    o.default.to_string(),
+                    format!("{} [{}]", o.doc, o.values.join(" | ")),
+                ]);
+            }
+        }
+        for b in &backends {
+            let state = if b.available {
+                "available"
+            } else {
+                "unavailable"
+            };
+            t.push(vec![
+                "backend".into(),
+                b.name.to_string(),
+                String::new(),
+                String::new(),
+                format!("{state}, {}", b.detail),
+            ]);
+        }
+        for p in presets() {
+            t.push(vec![
+                "preset".into(),
+                p.name.to_string(),
+                String::new(),
+                String::new(),
+                p.kind.to_string(),
+            ]);
+        }
+        print!("{}", t.render(a.format));
         return Ok(());
     }
     println!("routers:");

@@ -50,7 +50,14 @@ impl Table {
                 s
             }
             Format::Markdown => {
-                let mut s = format!("| {} |\n", self.headers.join(" | "));
+                let mut s = format!(
+                    "| {} |\n",
+                    self.headers
+                        .iter()
+                        .map(|h| escape_control(h).replace('|', "\\|"))
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                );
                 s.push_str(&format!(
                     "|{}\n",
                     self.headers.iter().map(|_| " --- |").collect::<String>()
@@ -59,7 +66,7 @@ impl Table {
                     s.push_str(&format!(
                         "| {} |\n",
                         r.iter()
-                            .map(|c| c.replace('|', "\\|"))
+                            .map(|c| escape_control(c).replace('|', "\\|"))
                             .collect::<Vec<_>>()
                             .join(" | ")
                     ));
@@ -67,46 +74,75 @@ impl Table {
                 s
             }
             Format::Table | Format::Json => {
-                let n = self.headers.len();
-                let mut w: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
-                for r in &self.rows {
-                    for (i, c) in r.iter().enumerate().take(n) {
-                        w[i] = w[i].max(c.chars().count());
-                    }
-                }
-                let line = |cells: &[String], s: &mut String| {
-                    for (i, c) in cells.iter().enumerate().take(n) {
-                        let pad = w[i] - c.chars().count();
-                        let numeric = i > 0
-                            && c.chars()
-                                .next()
-                                .is_some_and(|ch| ch.is_ascii_digit() || ch == '-');
-                        if i > 0 {
-                            s.push_str("  ");
-                        }
-                        if numeric {
-                            s.push_str(&" ".repeat(pad));
-                            s.push_str(c);
-                        } else {
-                            s.push_str(c);
-                            if i + 1 < n {
-                                s.push_str(&" ".repeat(pad));
-                            }
-                        }
-                    }
-                    s.push('\n');
+                let escaped = Table {
+                    headers: self.headers.iter().map(|h| escape_control(h)).collect(),
+                    rows: self
+                        .rows
+                        .iter()
+                        .map(|r| r.iter().map(|c| escape_control(c)).collect())
+                        .collect(),
                 };
-                let mut s = String::new();
-                line(&self.headers, &mut s);
-                let rule: Vec<String> = w.iter().map(|&x| "-".repeat(x)).collect();
-                line(&rule, &mut s);
-                for r in &self.rows {
-                    line(r, &mut s);
-                }
-                s
+                escaped.render_aligned()
             }
         }
     }
+
+    /// The aligned terminal form.
+    fn render_aligned(&self) -> String {
+        let n = self.headers.len();
+        let mut w: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate().take(n) {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+        let line = |cells: &[String], s: &mut String| {
+            for (i, c) in cells.iter().enumerate().take(n) {
+                let pad = w[i] - c.chars().count();
+                let numeric = i > 0
+                    && c.chars()
+                        .next()
+                        .is_some_and(|ch| ch.is_ascii_digit() || ch == '-');
+                if i > 0 {
+                    s.push_str("  ");
+                }
+                if numeric {
+                    s.push_str(&" ".repeat(pad));
+                    s.push_str(c);
+                } else {
+                    s.push_str(c);
+                    if i + 1 < n {
+                        s.push_str(&" ".repeat(pad));
+                    }
+                }
+            }
+            s.push('\n');
+        };
+        let mut s = String::new();
+        line(&self.headers, &mut s);
+        let rule: Vec<String> = w.iter().map(|&x| "-".repeat(x)).collect();
+        line(&rule, &mut s);
+        for r in &self.rows {
+            line(r, &mut s);
+        }
+        s
+    }
+}
+
+/// `s` with control characters written as escapes (`\n`, `\t`, `\u{1b}`), for names and labels read from
+/// files and printed on one line.
+pub(crate) fn escape_control(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn csv_field(s: &str) -> String {

@@ -2,11 +2,31 @@
 
 use std::fmt::Write as _;
 
+/// Most bars drawn per row; above this many experts, consecutive experts are grouped into one bar showing their
+/// mean load, so the chart stays readable for any E.
+pub(crate) const MAX_BARS: usize = 256;
+
+/// Groups `loads` into at most [`MAX_BARS`] bars of `group` consecutive experts each, as mean loads (rounded).
+fn group_loads(loads: &[usize], group: usize) -> Vec<usize> {
+    loads
+        .chunks(group.max(1))
+        .map(|c| (c.iter().sum::<usize>() as f64 / c.len() as f64).round() as usize)
+        .collect()
+}
+
 /// Renders one bar row per `(label, loads)`; bars are scaled to the largest load of all rows, and a dashed line
-/// marks each row's mean (perfect balance).
+/// marks each row's mean (perfect balance). Above [`MAX_BARS`] experts a bar is the mean of a group of experts.
 pub(crate) fn load_svg(title: &str, rows: &[(String, Vec<usize>)]) -> String {
-    let (left, bar_w, row_h, top) = (230.0f64, 14.0f64, 90.0f64, 40.0f64);
+    let n_experts = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    let group = n_experts.div_ceil(MAX_BARS).max(1);
+    let grouped: Vec<(String, Vec<usize>)> = rows
+        .iter()
+        .map(|(l, loads)| (l.clone(), group_loads(loads, group)))
+        .collect();
+    let rows = grouped.as_slice();
     let e = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    let bar_w = (900.0 / e.max(1) as f64).clamp(3.0, 14.0);
+    let (left, row_h, top) = (230.0f64, 90.0f64, 40.0f64);
     let max = rows
         .iter()
         .flat_map(|r| r.1.iter().copied())
@@ -38,10 +58,19 @@ pub(crate) fn load_svg(title: &str, rows: &[(String, Vec<usize>)]) -> String {
             let h = (row_h - 25.0) * c as f64 / max;
             let _ = writeln!(
                 s,
-                r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="#4878a8"><title>expert {j}: {c}</title></rect>"##,
+                r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="#4878a8"><title>{}: {c}</title></rect>"##,
                 left + bar_w * j as f64,
                 base - h,
-                bar_w - 2.0
+                (bar_w - 1.0).max(1.0),
+                if group == 1 {
+                    format!("expert {j}")
+                } else {
+                    format!(
+                        "experts {}..{} (mean)",
+                        j * group,
+                        ((j + 1) * group).min(n_experts) - 1
+                    )
+                }
             );
         }
         if !loads.is_empty() {
@@ -61,16 +90,22 @@ pub(crate) fn load_svg(title: &str, rows: &[(String, Vec<usize>)]) -> String {
     }
     let _ = writeln!(
         s,
-        r#"<text x="{left:.0}" y="{:.0}" fill="gray">experts 0..{} (bar height: tokens; dashed: mean load)</text>"#,
+        r#"<text x="{left:.0}" y="{:.0}" fill="gray">experts 0..{}{} (bar height: tokens; dashed: mean load)</text>"#,
         height - 10.0,
-        e.saturating_sub(1)
+        n_experts.saturating_sub(1),
+        if group > 1 {
+            format!(", {group} experts per bar")
+        } else {
+            String::new()
+        }
     );
     s.push_str("</svg>\n");
     s
 }
 
 fn escape(t: &str) -> String {
-    t.replace('&', "&amp;")
+    crate::output::escape_control(t)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }

@@ -63,6 +63,11 @@ pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliErr
             a.router
         )));
     }
+    if a.per_token && a.format == Format::Csv {
+        return Err(CliError::Usage(
+            "--per-token with --format csv would write two tables in one CSV; use --format json or markdown, or leave out --per-token".into(),
+        ));
+    }
     let c = parse_one(&a.router, registry, "route")?;
     let wa = &a.workload;
     let w = wa.generate()?;

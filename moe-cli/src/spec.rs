@@ -104,7 +104,66 @@ struct ConfigEntry {
     name: String,
     label: Option<String>,
     #[serde(default)]
-    options: Map<String, Value>,
+    options: toml::Table,
+}
+
+/// Largest router config file read (1 MiB).
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a text file the user names: a regular file, at most `cap` bytes, UTF-8; errors name the file.
+pub(crate) fn read_text_capped(path: &std::path::Path, cap: u64) -> Result<String, CliError> {
+    use std::io::Read;
+    let shown = crate::output::escape_control(&path.display().to_string());
+    let meta = std::fs::metadata(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {shown}: {e}")))?;
+    if !meta.is_file() {
+        return Err(CliError::Usage(format!(
+            "{shown} is not a regular file (a directory, device or pipe)"
+        )));
+    }
+    if meta.len() > cap {
+        return Err(CliError::Usage(format!(
+            "{shown} is {} bytes, over the limit of {cap} bytes",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(cap + 1).read_to_string(&mut text))
+        .map_err(|e| CliError::Usage(format!("cannot read {shown}: {e}")))?;
+    if text.len() as u64 > cap {
+        return Err(CliError::Usage(format!(
+            "{shown} is over the limit of {cap} bytes"
+        )));
+    }
+    Ok(text)
+}
+
+/// A TOML option value as JSON; non-finite floats (`nan`, `inf`) are refused as on the command line, naming the
+/// option.
+fn toml_to_json(key: &str, v: toml::Value) -> Result<Value, String> {
+    Ok(match v {
+        toml::Value::String(s) => Value::String(s),
+        toml::Value::Integer(i) => Value::from(i),
+        toml::Value::Float(f) => {
+            if !f.is_finite() {
+                return Err(format!("option {key} = {f}: must be a finite number"));
+            }
+            Value::from(f)
+        }
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(a) => Value::Array(
+            a.into_iter()
+                .map(|x| toml_to_json(key, x))
+                .collect::<Result<_, _>>()?,
+        ),
+        toml::Value::Table(t) => Value::Object(
+            t.into_iter()
+                .map(|(k, x)| toml_to_json(&format!("{key}.{k}"), x).map(|j| (k, j)))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
 }
 
 /// Reads router choices from a TOML file.
@@ -112,8 +171,7 @@ pub(crate) fn parse_config_file(
     path: &std::path::Path,
     registry: &RouterRegistry,
 ) -> Result<Vec<RouterChoice>, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    let text = read_text_capped(path, MAX_CONFIG_BYTES)?;
     let file: ConfigFile = toml::from_str(&text).map_err(|e| {
         CliError::Usage(format!(
             "{} is not a router config file: {}",
@@ -138,12 +196,19 @@ pub(crate) fn parse_config_file(
                     registry.names().join(", ")
                 )));
             }
+            let options: Map<String, Value> = r
+                .options
+                .into_iter()
+                .map(|(k, v)| toml_to_json(&k, v).map(|j| (k, j)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| {
+                    CliError::Usage(format!("{}: router {}: {e}", path.display(), r.name))
+                })?;
             let label = r.label.unwrap_or_else(|| {
-                if r.options.is_empty() {
+                if options.is_empty() {
                     r.name.clone()
                 } else {
-                    let o: Vec<String> = r
-                        .options
+                    let o: Vec<String> = options
                         .iter()
                         .map(|(k, v)| format!("{k}={}", show(v)))
                         .collect();
@@ -153,7 +218,7 @@ pub(crate) fn parse_config_file(
             Ok(RouterChoice {
                 name: r.name,
                 label,
-                options: r.options,
+                options,
             })
         })
         .collect()

@@ -234,3 +234,189 @@ fn f07_per_token_time_uses_file_tokens() {
     let lus = row["layer_us_per_token"].as_f64().expect("layer us");
     assert!((lus - lms * 1e3 / 64.0).abs() <= 1e-9 * (1.0 + lus));
 }
+
+/// F-06: text and `.npy` inputs must be regular files; `/dev/zero` is refused at once.
+#[test]
+fn f06_unbounded_reads_refused() {
+    let o = moe(&["compare", "--config", "/dev/zero", "-t", "64", "--no-layer"]);
+    usage_error(&o, &["/dev/zero", "not a regular file"]);
+    let d = scratch("f06");
+    let link = d.join("zero.npy");
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("/dev/zero", &link).expect("symlink");
+        let o = moe(&["route", "--input", &link.to_string_lossy()]);
+        usage_error(&o, &["zero.npy", "not a regular file"]);
+    }
+}
+
+/// F-08: TOML `nan` / `inf` / `-inf` option values are refused as on the command line.
+#[test]
+fn f08_toml_non_finite_refused() {
+    let d = scratch("f08");
+    for v in ["nan", "inf", "-inf"] {
+        let p = d.join(format!("cf_{v}.toml"));
+        std::fs::write(
+            &p,
+            format!("[[router]]\nname = \"switch-top1\"\noptions = {{ capacity_factor = {v} }}\n"),
+        )
+        .expect("write");
+        let o = moe(&[
+            "compare",
+            "--config",
+            &p.to_string_lossy(),
+            "-t",
+            "256",
+            "--no-layer",
+        ]);
+        usage_error(&o, &["capacity_factor", "finite"]);
+    }
+}
+
+/// F-09: a header numpy refuses (an extra key holding a fake descr) is refused; F-26: messages say what is wrong;
+/// F-20: width 0 names the file and tensor; f64 overflow of f32 is reported as such.
+#[test]
+fn f09_f20_f26_npy_reader_messages() {
+    let d = scratch("npy");
+    let fake = npy(
+        &d,
+        "fake_descr.npy",
+        "{'note': \"'descr': '<f4', 'fortran_order': False, 'shape': (8, 4)\", 'descr': '<i4', 'fortran_order': False, 'shape': (8, 4), }",
+        &[0u8; 128],
+    );
+    let o = moe(&["route", "--input", &fake]);
+    usage_error(&o, &["fake_descr.npy", "exactly the keys"]);
+    let magic = d.join("magic_only.npy");
+    std::fs::write(&magic, b"\x93NUMPY").expect("write");
+    let o = moe(&["route", "--input", &magic.to_string_lossy()]);
+    usage_error(&o, &["magic_only.npy", "truncated", "version"]);
+    let structured = npy(
+        &d,
+        "structured.npy",
+        "{'descr': [('a', '<f4'), ('b', '<f4')], 'fortran_order': False, 'shape': (8, 2), }",
+        &[0u8; 64],
+    );
+    let o = moe(&["route", "--input", &structured]);
+    usage_error(&o, &["structured.npy", "structured dtype"]);
+    for shape in ["(8, 0)", "(1000000000000, 0)"] {
+        let z = npy(
+            &d,
+            "zero_d.npy",
+            &format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"),
+            &[],
+        );
+        let o = moe(&["route", "--input", &z]);
+        usage_error(&o, &["zero_d.npy", "array", "width d is 0"]);
+    }
+    let big: Vec<u8> = [1e300f64, 0.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let f = npy(
+        &d,
+        "big.npy",
+        "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2), }",
+        &big,
+    );
+    let o = moe(&["route", "--input", &f]);
+    usage_error(&o, &["big.npy", "overflows float32"]);
+}
+
+/// F-17: `list` supports every format it accepts (CSV is one CSV table); `route --per-token --format csv` is
+/// refused rather than writing two tables.
+#[test]
+fn f17_formats_supported_or_refused() {
+    let o = moe(&["list", "--format", "markdown"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.lines().all(|l| l.starts_with('|')), "{out}");
+    let o = moe(&["list", "--format", "csv"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("kind,name,option,default,detail\n"),
+        "{out}"
+    );
+    assert!(!out.contains("\n\n"), "{out}");
+    let o = moe(&[
+        "route",
+        "-t",
+        "8",
+        "-d",
+        "4",
+        "--per-token",
+        "--format",
+        "csv",
+    ]);
+    usage_error(&o, &["--per-token", "csv"]);
+}
+
+/// F-18: `--plot` draws more than 64 experts (grouped bars above 256).
+#[test]
+fn f18_plot_any_e() {
+    let d = scratch("f18");
+    for e in ["128", "1000"] {
+        let p = d.join(format!("e{e}.svg"));
+        let o = moe(&[
+            "compare",
+            "-e",
+            e,
+            "-t",
+            "512",
+            "-d",
+            "8",
+            "--no-layer",
+            "--routers",
+            "softmax-topk",
+            "--plot",
+            &p.to_string_lossy(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let svg = std::fs::read_to_string(&p).expect("svg");
+        let bars = svg.matches("<rect").count() - 1;
+        assert!(
+            bars >= 128.min(e.parse().expect("e")) && bars <= 256,
+            "{bars} bars for E = {e}"
+        );
+    }
+}
+
+/// F-28: a newline (and `|`) in a TOML label is escaped in markdown and table output, quoted in CSV.
+#[test]
+fn f28_labels_escaped_everywhere() {
+    let d = scratch("f28");
+    let p = d.join("label.toml");
+    std::fs::write(
+        &p,
+        "[[router]]\nname = \"hash\"\nlabel = \"a|b\\nnew,line\"\n",
+    )
+    .expect("write");
+    let cfg = p.to_string_lossy().into_owned();
+    let o = moe(&[
+        "compare",
+        "--config",
+        &cfg,
+        "-t",
+        "64",
+        "--no-layer",
+        "--format",
+        "markdown",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.contains("a\\|b\\nnew,line"), "{out}");
+    let o = moe(&[
+        "compare",
+        "--config",
+        &cfg,
+        "-t",
+        "64",
+        "--no-layer",
+        "--format",
+        "csv",
+    ]);
+    assert!(stdout(&o).contains("\"a|b\nnew,line\""), "{}", stdout(&o));
+    let o = moe(&["compare", "--config", &cfg, "-t", "64", "--no-layer"]);
+    assert!(stdout(&o).contains("a|b\\nnew,line"), "{}", stdout(&o));
+}

@@ -823,4 +823,93 @@ mod tests {
         assert!(parse_npy(p, b"not numpy at all").is_err());
         assert!(parse_npy(p, b"\x93NUMPY\x01\x00\xff\xff").is_err());
     }
+
+    #[test]
+    fn npy_header_is_a_real_dict() {
+        let p = Path::new("h.npy");
+        let fake = npy_raw(
+            "{'note': \"'descr': '<f4', 'fortran_order': False, 'shape': (2, 2)\", 'descr': '<i4', 'fortran_order': False, 'shape': (2, 2), }",
+            &[0u8; 16],
+        );
+        let e = parse_npy(p, &fake).expect_err("extra key");
+        assert!(e.to_string().contains("exactly the keys"), "{e}");
+        let dup = npy_raw(
+            "{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (1, 1), }",
+            &[0u8; 4],
+        );
+        assert!(
+            parse_npy(p, &dup)
+                .expect_err("dup")
+                .to_string()
+                .contains("twice")
+        );
+        let e = parse_npy(p, b"\x93NUMPY").expect_err("magic only");
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let e = parse_npy(p, b"\x93NUMP").expect_err("short");
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let e = parse_npy(p, b"PK\x03\x04 zip").expect_err("not npy");
+        assert!(e.to_string().contains("magic"), "{e}");
+    }
+
+    #[test]
+    fn npy_fortran_order_is_honoured() {
+        // [[1, 2, 3], [4, 5, 6]] stored column-major: 1 4 2 5 3 6.
+        let vals: Vec<u8> = [1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let b = npy_raw(
+            "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }",
+            &vals,
+        );
+        let a = parse_npy(Path::new("f.npy"), &b).expect("fortran");
+        assert_eq!(a, ndarray::array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+        let be: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_be_bytes()).collect();
+        let b = npy_raw(
+            "{'descr': '>f4', 'fortran_order': False, 'shape': (1, 2)}",
+            &be,
+        );
+        assert_eq!(
+            parse_npy(Path::new("b.npy"), &b).expect("big endian"),
+            ndarray::array![[1.0f32, 2.0]]
+        );
+    }
+
+    #[test]
+    fn npy_width_zero_and_f64_overflow_are_named() {
+        let p = Path::new("z.npy");
+        let e = parse_npy(p, &npy("<f4", "(1000000000000, 0)", &[])).expect_err("d = 0");
+        let m = e.to_string();
+        assert!(
+            m.contains("z.npy") && m.contains("array") && m.contains("width d is 0"),
+            "{m}"
+        );
+        let big: Vec<u8> = [1e300f64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let e = parse_npy(p, &npy("<f8", "(1, 1)", &big)).expect_err("overflow");
+        assert!(e.to_string().contains("overflows float32"), "{e}");
+    }
+
+    #[test]
+    fn batch_file_keeps_its_sequences() {
+        let f = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../moe-cli/tests/fixtures/cases/switch-input-batch/b2s8.safetensors");
+        let h = load_hidden(&f).expect("b2s8");
+        assert_eq!(h.hidden.dim(), (16, 16));
+        assert_eq!(h.seq_lens, Some(vec![8, 8]));
+        assert_eq!(h.padding, None);
+        assert_eq!(h.n_real_tokens(), 16);
+    }
+
+    fn npy_raw(dict: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = dict.to_string();
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        b.extend_from_slice(h.as_bytes());
+        b.extend_from_slice(data);
+        b
+    }
 }
