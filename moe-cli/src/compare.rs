@@ -164,29 +164,8 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         None => parse_routers(&a.routers, registry)?,
     };
     let wa = &a.workload;
-    let mut extra = crate::workload::MemoryEstimate::default();
-    if !a.no_layer && wa.input.is_none() {
-        let (e, d, f) = (wa.experts as u128, wa.d_model as u128, a.ffn as u128);
-        extra.add("expert weights 3·E·d·f", 3 * e * d * f, 1).add(
-            "layer outputs T·d",
-            wa.tokens as u128 * d,
-            2,
-        );
-    }
-    let w = wa.generate_with(&extra)?;
+    let w = generate_checked(a)?;
     let (n_tokens, d_model) = (w.n_tokens(), w.d_model());
-    if !a.no_layer && wa.input.is_some() {
-        let (e, d, f, t) = (
-            wa.experts as u128,
-            d_model as u128,
-            a.ffn as u128,
-            n_tokens as u128,
-        );
-        let mut m = crate::workload::routing_estimate(n_tokens, d_model, wa.experts);
-        m.add("expert weights 3·E·d·f", 3 * e * d * f, 1)
-            .add("layer outputs T·d", t * d, 2);
-        m.check()?;
-    }
     // The default set skips the routers this input cannot run (hash without token ids, peer with a non-square
     // E) with a note; a router asked for by name fails the command instead.
     let skip_unrunnable = a.config.is_none() && a.routers.trim() == "all";
@@ -289,17 +268,55 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         rows,
     };
     if let Some(path) = &a.plot {
-        let rows = plot_rows;
-        let w = &report.workload;
-        let title = format!(
-            "tokens per expert: T = {}, d = {}, E = {}, k = {}, skew {}",
-            w.tokens, w.d_model, w.experts, w.top_k, w.skew
-        );
-        std::fs::write(path, crate::plot::load_svg(&title, &rows))
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        write_plot(path, &report.workload, plot_rows)?;
     }
     print(&report, a.format)
+}
+
+/// Generates or reads the workload after checking the memory estimate of the whole run (routing, and the expert
+/// weights and outputs of the full layer unless `--no-layer`).
+fn generate_checked(a: &CompareArgs) -> Result<crate::workload::Tokens, CliError> {
+    let wa = &a.workload;
+    let mut extra = crate::workload::MemoryEstimate::default();
+    if !a.no_layer && wa.input.is_none() {
+        let (e, d, f) = (wa.experts as u128, wa.d_model as u128, a.ffn as u128);
+        extra.add("expert weights 3·E·d·f", 3 * e * d * f, 1).add(
+            "layer outputs T·d",
+            wa.tokens as u128 * d,
+            2,
+        );
+    }
+    let w = wa.generate_with(&extra)?;
+    let (n_tokens, d_model) = (w.n_tokens(), w.d_model());
+    if !a.no_layer && wa.input.is_some() {
+        let (e, d, f, t) = (
+            wa.experts as u128,
+            d_model as u128,
+            a.ffn as u128,
+            n_tokens as u128,
+        );
+        let mut m = crate::workload::routing_estimate(n_tokens, d_model, wa.experts);
+        m.add("expert weights 3·E·d·f", 3 * e * d * f, 1)
+            .add("layer outputs T·d", t * d, 2);
+        m.check()?;
+    }
+    Ok(w)
+}
+
+/// Writes the `--plot` SVG of each router's load per expert.
+fn write_plot(
+    path: &std::path::Path,
+    w: &WorkloadReport,
+    rows: Vec<(String, Vec<usize>)>,
+) -> Result<(), CliError> {
+    let title = format!(
+        "tokens per expert: T = {}, d = {}, E = {}, k = {}, skew {}",
+        w.tokens, w.d_model, w.experts, w.top_k, w.skew
+    );
+    std::fs::write(path, crate::plot::load_svg(&title, &rows))
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 /// One router's row from its plan and timings (`tokens` = T, for the per-token times).

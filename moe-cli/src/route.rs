@@ -56,7 +56,8 @@ struct RouteReport {
     tokens: Option<Vec<TokenRow>>,
 }
 
-pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliError> {
+/// Refuses flag combinations before any work: a number where the router goes, `--per-token` with CSV.
+fn check_args(a: &RouteArgs) -> Result<(), CliError> {
     if !a.router.is_empty() && a.router.chars().all(|c| c.is_ascii_digit()) {
         return Err(CliError::Usage(format!(
             "{:?} is not a router: the token count is -t/--num-tokens {0} (--per-token, once spelled --tokens, prints each token)",
@@ -68,6 +69,11 @@ pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliErr
             "--per-token with --format csv would write two tables in one CSV; use --format json or markdown, or leave out --per-token".into(),
         ));
     }
+    Ok(())
+}
+
+pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliError> {
+    check_args(a)?;
     let c = parse_one(&a.router, registry, "route")?;
     let wa = &a.workload;
     let w = wa.generate()?;

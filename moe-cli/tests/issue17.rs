@@ -46,7 +46,7 @@ fn scratch(name: &str) -> PathBuf {
 /// A `.npy` file with the raw header text `dict` and `data`.
 fn npy(dir: &Path, name: &str, dict: &str, data: &[u8]) -> String {
     let mut h = dict.as_bytes().to_vec();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(b' ');
     }
     h.push(b'\n');

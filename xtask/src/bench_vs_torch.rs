@@ -52,6 +52,9 @@ struct Opts {
     python: String,
 }
 
+/// Usage of `cargo xtask bench-vs-torch`.
+pub(crate) const USAGE: &str = "usage: cargo xtask bench-vs-torch [--threads N] [--rounds N] [--repeats N] [--python PATH]\n\ntimes our CPU backend (the release moe binary under CARGO_TARGET_DIR, default target/) and PyTorch's HF blocks side by side; needs python3 with torch (MOE_PYTHON or --python)";
+
 fn parse(args: &[String]) -> Result<Opts> {
     let mut o = Opts {
         threads: 2,
@@ -71,9 +74,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--rounds" => o.rounds = val("--rounds")?.parse()?,
             "--repeats" => o.repeats = val("--repeats")?.parse()?,
             "--python" => o.python = val("--python")?,
-            other => bail!(
-                "unknown option {other}\nusage: cargo xtask bench-vs-torch [--threads N] [--rounds N] [--repeats N] [--python PATH]"
-            ),
+            other => bail!("unknown option {other}\n{USAGE}"),
         }
     }
     if o.threads == 0 || o.rounds == 0 || o.repeats == 0 {
@@ -141,7 +142,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     if !st.success() {
         bail!("cargo build failed");
     }
-    let moe = root.join("target/release/moe");
+    let moe = crate::target_dir(root).join("release/moe");
     let mut child = Command::new(&o.python)
         .arg(root.join("scripts/bench_vs_torch.py"))
         .args(["--serve", "--threads", &o.threads.to_string()])

@@ -17,8 +17,53 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
-fn main() -> Result<()> {
+const USAGE: &str = "usage: cargo xtask <task> [--help]\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)";
+
+/// Whether `args` ask for help (`--help`, `-h`).
+fn wants_help(args: &[String]) -> bool {
+    args.iter().any(|a| a == "--help" || a == "-h")
+}
+
+/// Runs the task; errors print as one `error:` line (no backtrace), exit 1; usage errors exit 2.
+fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let help = |text: &str| {
+        println!("{text}");
+        std::process::ExitCode::SUCCESS
+    };
+    let result = match args.first().map(String::as_str) {
+        Some("--help" | "-h" | "help") => return help(USAGE),
+        Some("ci") if wants_help(&args[1..]) => {
+            return help(
+                "usage: cargo xtask ci\n\nruns rustfmt, clippy, rustdoc, tidy and the tests, as CI does",
+            );
+        }
+        Some("tidy") if wants_help(&args[1..]) => {
+            return help(
+                "usage: cargo xtask tidy\n\nchecks the house rules: a //! line opening every .rs file, function and file lengths, reasons on #[allow]",
+            );
+        }
+        Some("bench-vs-torch") if wants_help(&args[1..]) => return help(bench_vs_torch::USAGE),
+        Some("ci") | Some("tidy") | Some("bench-vs-torch") => run_task(&args),
+        Some(other) => {
+            eprintln!("error: unknown task {other:?}\n{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+        None => {
+            eprintln!("error: no task given\n{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(args: &[String]) -> Result<()> {
     let sh = Shell::new()?;
     let root = project_root();
     sh.change_dir(&root);
@@ -26,12 +71,15 @@ fn main() -> Result<()> {
         Some("ci") => ci(&sh, &root),
         Some("tidy") => tidy::run(&root),
         Some("bench-vs-torch") => bench_vs_torch::run(&root, &args[1..]),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <task>\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)"
-            );
-            bail!("no task given")
-        }
+        _ => bail!("no task given"),
+    }
+}
+
+/// The cargo target directory: `CARGO_TARGET_DIR` (relative to `root` when relative), else `root/target`.
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(PathBuf::from(d)),
+        _ => root.join("target"),
     }
 }
 
