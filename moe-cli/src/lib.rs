@@ -89,6 +89,7 @@ impl From<moe_core::MoeError> for CliError {
             | E::UnknownRouter { .. }
             | E::TopK { .. }
             | E::TooLarge { .. }
+            | E::NonFinite { .. }
             | E::MissingInput { .. } => CliError::Usage(e.to_string()),
             other => CliError::Other(other.into()),
         }

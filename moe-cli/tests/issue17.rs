@@ -420,3 +420,17 @@ fn f28_labels_escaped_everywhere() {
     let o = moe(&["compare", "--config", &cfg, "-t", "64", "--no-layer"]);
     assert!(stdout(&o).contains("a|b\\nnew,line"), "{}", stdout(&o));
 }
+
+/// F-19: a NaN in the hidden states is bad input: exit 2, one line naming the token.
+#[test]
+fn f19_non_finite_input_exits_2() {
+    let d = scratch("f19");
+    let f = npy(
+        &d,
+        "nan.npy",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2), }",
+        &f32s([0.0, 1.0, 2.0, f32::NAN, 4.0, 5.0, 6.0, 7.0]),
+    );
+    let o = moe(&["route", "--input", &f]);
+    usage_error(&o, &["NaN", "token 1"]);
+}
