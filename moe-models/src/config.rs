@@ -68,6 +68,16 @@ pub struct MoeConfig {
     pub batch_prioritized: bool,
     /// NLLB: normalise the two weights before capacity drops them.
     pub normalize_before_dropping: bool,
+    /// Qwen2-MoE: the shared expert's width (`shared_expert_intermediate_size`); `Some(0)` means no shared expert
+    /// (and `qwen3_moe`); `Some(_)` requires the shared expert and its gate; `None` (not stated) loads them when
+    /// present.
+    pub shared_expert_size: Option<usize>,
+    /// DeepSeek-V3: `n_shared_experts`; `Some(0)` means none, `Some(_)` requires them, `None` loads them when
+    /// present.
+    pub n_shared_experts: Option<usize>,
+    /// Switch / NLLB: whether the router classifier has a bias (`router_bias`); `Some(true)` requires it,
+    /// `Some(false)` ignores a bias tensor (transformers builds no bias), `None` loads it when present.
+    pub router_bias: Option<bool>,
 }
 
 impl MoeConfig {
@@ -88,6 +98,9 @@ impl MoeConfig {
             token_dropout: 0.0,
             batch_prioritized: false,
             normalize_before_dropping: false,
+            shared_expert_size: None,
+            n_shared_experts: None,
+            router_bias: None,
         }
     }
 
@@ -118,13 +131,67 @@ impl MoeConfig {
             })?;
         let preset = family.preset();
         let mut c = MoeConfig::new(family, 0, preset.fixed_top_k.unwrap_or(0));
-        for field in preset.config {
+        for field in preset.config_for(model_type) {
             let value = match hf.first_of(field.hf) {
                 Some((name, v)) => FieldValue::read(v, field.sets, name, file)?,
                 None => FieldValue::from_default(field.default),
             };
             let name = field.hf.first().copied().unwrap_or_default();
             c.apply(field.sets, value, name, file)?;
+        }
+        Ok(c)
+    }
+
+    /// Converts a golden-fixture manifest case's `routing` object (case `case` of `file`) for `model_type`. Only
+    /// the settings the family's config table reads are taken, each under its manifest key
+    /// ([`manifest_keys`]); the others are ignored, as transformers ignores them (a Mixtral case's
+    /// `norm_topk_prob`). A missing or `null` key leaves the setting unset (the builder's rule applies), except
+    /// `num_experts` and a family's `top_k`, which are required. Under `capacity` a string is the generator's
+    /// description of a rule (NLLB), not a count, and is skipped.
+    ///
+    /// # Errors
+    /// [`LoadError::UnknownFamily`]; [`LoadError::Config`] naming `cases[NAME].routing.KEY` for a missing
+    /// required key or a value of the wrong type (`expected a non-negative integer, found a string "2"`).
+    pub fn from_manifest_routing(
+        model_type: &str,
+        routing: &serde_json::Value,
+        file: &Path,
+        case: &str,
+    ) -> Result<Self, LoadError> {
+        let family =
+            Family::from_model_type(model_type).ok_or_else(|| LoadError::UnknownFamily {
+                file: file.to_path_buf(),
+                model_type: model_type.to_string(),
+                known: Family::ALL.map(Family::model_type).join(", "),
+            })?;
+        let preset = family.preset();
+        let mut c = MoeConfig::new(family, 0, preset.fixed_top_k.unwrap_or(0));
+        for field in preset.config_for(model_type) {
+            let keys = manifest_keys(field.sets);
+            let found = keys
+                .iter()
+                .find_map(|k| routing.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
+            let found = found.filter(|(k, v)| !(*k == "capacity" && v.is_string()));
+            let key = keys.first().copied().unwrap_or_default();
+            let value = match found {
+                Some((k, v)) => {
+                    FieldValue::read(v, field.sets, &format!("cases[{case}].routing.{k}"), file)?
+                }
+                None if matches!(field.sets, Setting::NExperts | Setting::TopK) => {
+                    return Err(LoadError::config(
+                        file,
+                        format!("cases[{case}].routing.{key}"),
+                        "missing",
+                    ));
+                }
+                None => FieldValue::Unset,
+            };
+            c.apply(
+                field.sets,
+                value,
+                &format!("cases[{case}].routing.{key}"),
+                file,
+            )?;
         }
         Ok(c)
     }
@@ -153,6 +220,9 @@ impl MoeConfig {
             (Setting::TokenDropout, V::Float(v)) => self.token_dropout = v as f32,
             (Setting::BatchPrioritized, V::Bool(v)) => self.batch_prioritized = v,
             (Setting::NormalizeBeforeDropping, V::Bool(v)) => self.normalize_before_dropping = v,
+            (Setting::SharedExpertSize, V::Int(v)) => self.shared_expert_size = Some(v),
+            (Setting::NSharedExperts, V::Int(v)) => self.n_shared_experts = Some(v),
+            (Setting::RouterBias, V::Bool(v)) => self.router_bias = Some(v),
             (Setting::SecondExpertPolicy, V::Str(p)) => {
                 if p != "all" {
                     return Err(LoadError::config(
@@ -177,6 +247,42 @@ impl MoeConfig {
     /// (`model.layers.3.block_sparse_moe.`; [`Preset::layer_prefix`](crate::Preset::layer_prefix)).
     pub fn layer_prefix(&self, layer: usize) -> String {
         self.family.preset().layer_prefix(layer)
+    }
+}
+
+/// The keys of a golden-fixture manifest's `routing` object that give `setting`, in order of precedence.
+pub fn manifest_keys(setting: Setting) -> &'static [&'static str] {
+    use Setting as S;
+    match setting {
+        S::NExperts => &["num_experts"],
+        S::TopK => &["top_k"],
+        S::Renormalize => &["norm_topk_prob"],
+        S::NGroup => &["n_group"],
+        S::TopkGroup => &["topk_group"],
+        S::RoutedScaling => &["routed_scaling_factor"],
+        S::SwigluLimit => &["swiglu_limit"],
+        S::SwigluAlpha => &["swiglu_alpha"],
+        S::ExpertCapacity => &["expert_capacity", "capacity"],
+        S::CapacityFraction => &["moe_eval_capacity_token_fraction"],
+        S::TokenDropout => &["moe_token_dropout"],
+        S::BatchPrioritized => &["batch_prioritized_routing"],
+        S::NormalizeBeforeDropping => &["normalize_router_prob_before_dropping"],
+        S::SecondExpertPolicy => &["second_expert_policy"],
+        S::SharedExpertSize => &["shared_expert_intermediate_size"],
+        S::NSharedExperts => &["n_shared_experts"],
+        S::RouterBias => &["router_bias"],
+    }
+}
+
+/// `a string`, `a number`, ... for messages.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a bool",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -209,9 +315,21 @@ impl FieldValue {
         file: &Path,
     ) -> Result<Self, LoadError> {
         use Setting as S;
-        let bad = |want: &str| LoadError::config(file, name, format!("expected {want}, found {v}"));
+        let bad = |want: &str| {
+            LoadError::config(
+                file,
+                name,
+                format!("expected {want}, found {} {v}", json_kind(v)),
+            )
+        };
         Ok(match setting {
-            S::NExperts | S::TopK | S::NGroup | S::TopkGroup | S::ExpertCapacity => {
+            S::NExperts
+            | S::TopK
+            | S::NGroup
+            | S::TopkGroup
+            | S::ExpertCapacity
+            | S::SharedExpertSize
+            | S::NSharedExperts => {
                 let n = v.as_u64().ok_or_else(|| bad("a non-negative integer"))?;
                 FieldValue::Int(usize::try_from(n).map_err(|_| bad("a smaller integer"))?)
             }
@@ -220,7 +338,7 @@ impl FieldValue {
             | S::SwigluAlpha
             | S::CapacityFraction
             | S::TokenDropout => FieldValue::Float(v.as_f64().ok_or_else(|| bad("a number"))?),
-            S::Renormalize | S::BatchPrioritized | S::NormalizeBeforeDropping => {
+            S::Renormalize | S::BatchPrioritized | S::NormalizeBeforeDropping | S::RouterBias => {
                 FieldValue::Bool(v.as_bool().ok_or_else(|| bad("true or false"))?)
             }
             S::SecondExpertPolicy => {

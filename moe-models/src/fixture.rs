@@ -11,7 +11,7 @@ use ndarray::Array2;
 use crate::checkpoint::{Checkpoint, read_json};
 use crate::config::MoeConfig;
 use crate::error::LoadError;
-use crate::presets::{Family, build_layer};
+use crate::presets::build_layer;
 
 /// `manifest.json`: the part the loader reads.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -58,59 +58,14 @@ impl ManifestCase {
     }
 }
 
-/// The preset config of a manifest case, from its `routing` object. Unlike `config.json`, a missing or `null`
-/// field here leaves the setting unset (the builder's own rule applies), as the fixture generator writes `null`
-/// for what a block does not have.
+/// The preset config of a manifest case, from its `routing` object ([`MoeConfig::from_manifest_routing`]: the
+/// family's settings only, each type-checked; a missing or `null` field leaves the setting unset).
 ///
 /// # Errors
-/// [`LoadError::UnknownFamily`], [`LoadError::Config`] for a missing `num_experts` / `top_k`.
+/// [`LoadError::UnknownFamily`], [`LoadError::Config`] for a missing `num_experts` / `top_k` or a field of the
+/// wrong type.
 pub fn case_config(case: &ManifestCase, manifest: &Path) -> Result<MoeConfig, LoadError> {
-    let model_type = case.model_type();
-    let family = Family::from_model_type(model_type).ok_or_else(|| LoadError::UnknownFamily {
-        file: manifest.to_path_buf(),
-        model_type: model_type.to_string(),
-        known: Family::ALL.map(Family::model_type).join(", "),
-    })?;
-    let r = &case.routing;
-    let usize_of = |k: &str| {
-        r.get(k)
-            .and_then(serde_json::Value::as_u64)
-            .map(|v| v as usize)
-    };
-    let f32_of = |k: &str| {
-        r.get(k)
-            .and_then(serde_json::Value::as_f64)
-            .map(|v| v as f32)
-    };
-    let bool_of = |k: &str| r.get(k).and_then(serde_json::Value::as_bool);
-    let field = |k: &str| {
-        usize_of(k).ok_or_else(|| {
-            LoadError::config(
-                manifest,
-                format!("cases[{}].routing.{k}", case.name),
-                "missing",
-            )
-        })
-    };
-    let mut c = MoeConfig::new(family, field("num_experts")?, field("top_k")?);
-    c.renormalize = bool_of("norm_topk_prob");
-    c.n_group = usize_of("n_group");
-    c.topk_group = usize_of("topk_group");
-    c.routed_scaling_factor = f32_of("routed_scaling_factor");
-    if let Some(v) = f32_of("swiglu_limit") {
-        c.swiglu_limit = v;
-    }
-    if let Some(v) = f32_of("swiglu_alpha") {
-        c.swiglu_alpha = v;
-    }
-    c.expert_capacity = usize_of("capacity").or(usize_of("expert_capacity"));
-    c.capacity_fraction = r
-        .get("moe_eval_capacity_token_fraction")
-        .and_then(serde_json::Value::as_f64);
-    c.token_dropout = f32_of("moe_token_dropout").unwrap_or(0.0);
-    c.batch_prioritized = bool_of("batch_prioritized_routing").unwrap_or(false);
-    c.normalize_before_dropping = bool_of("normalize_router_prob_before_dropping").unwrap_or(false);
-    Ok(c)
+    MoeConfig::from_manifest_routing(case.model_type(), &case.routing, manifest, &case.name)
 }
 
 /// One case, loaded: its file, config, layer and input.
