@@ -444,10 +444,20 @@ impl<'a> Weights<'a> {
     ///
     /// # Errors
     /// [`LoadError::MissingTensor`], [`LoadError::Dtype`], [`LoadError::Shape`] naming the expected and found
-    /// shapes.
+    /// shapes (also for an axis of size 0: a layer parameter never has one).
     pub fn get(&self, name: &str, expected: &[Option<usize>]) -> Result<Tensor, LoadError> {
         let full = self.full(name);
         let shape = self.ckpt.shape(&full)?;
+        if shape.contains(&0) {
+            // A layer parameter of zero width (d = 0, f = 0, E = 0) holds no bytes whatever its other axes say:
+            // refused before any size is taken from it.
+            return Err(LoadError::Shape {
+                file: self.ckpt.file_of(&full).to_path_buf(),
+                tensor: full,
+                expected: "every axis at least 1".into(),
+                found: shape,
+            });
+        }
         let ok = shape.len() == expected.len()
             && shape
                 .iter()

@@ -139,6 +139,7 @@ impl MoeConfig {
             let name = field.hf.first().copied().unwrap_or_default();
             c.apply(field.sets, value, name, file)?;
         }
+        c.validate(file)?;
         Ok(c)
     }
 
@@ -194,6 +195,58 @@ impl MoeConfig {
             )?;
         }
         Ok(c)
+    }
+
+    /// Checks the settings against each other, as loading needs them: `E ≥ 1`, `1 ≤ k ≤ E`, groups that divide
+    /// `E` with `1 ≤ topk_group ≤ n_group`, and every number finite as an `f32`. `moe inspect` and loading run the
+    /// same check.
+    ///
+    /// # Errors
+    /// [`LoadError::Config`] naming the setting (by its project name) and the cause.
+    pub fn validate(&self, file: &Path) -> Result<(), LoadError> {
+        let err = |field: &str, reason: String| Err(LoadError::config(file, field, reason));
+        if self.n_experts == 0 {
+            return err("num_experts", "0 experts".into());
+        }
+        if self.top_k == 0 || self.top_k > self.n_experts {
+            return err(
+                "num_experts_per_tok",
+                format!(
+                    "k = {} is outside 1..={} (the expert count)",
+                    self.top_k, self.n_experts
+                ),
+            );
+        }
+        if let Some(g) = self.n_group {
+            if g == 0 || self.n_experts % g != 0 {
+                return err(
+                    "n_group",
+                    format!("{g} groups do not divide {} experts", self.n_experts),
+                );
+            }
+            if let Some(t) = self.topk_group.filter(|&t| t == 0 || t > g) {
+                return err("topk_group", format!("{t} is outside 1..={g} (n_group)"));
+            }
+        }
+        let floats = [
+            (
+                "routed_scaling_factor",
+                self.routed_scaling_factor.map(f64::from),
+            ),
+            ("swiglu_limit", Some(f64::from(self.swiglu_limit))),
+            ("swiglu_alpha", Some(f64::from(self.swiglu_alpha))),
+            (
+                "moe_eval_capacity_token_fraction",
+                self.capacity_fraction.map(|v| v as f32 as f64),
+            ),
+            ("moe_token_dropout", Some(f64::from(self.token_dropout))),
+        ];
+        for (name, v) in floats {
+            if let Some(v) = v.filter(|v| !v.is_finite()) {
+                return err(name, format!("{v} is not a finite f32"));
+            }
+        }
+        Ok(())
     }
 
     /// Sets `setting` to `value` (read from field `name` of `file`).

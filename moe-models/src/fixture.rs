@@ -92,8 +92,8 @@ impl FixtureCase {
     /// else from `ref.input`'s shape `[B, S, d]`, else `B = 1`.
     ///
     /// # Errors
-    /// [`LoadError`] when the file or its tensors cannot be read, the preset cannot be built, or `ref.input` does
-    /// not hold `B · S · d` values.
+    /// [`LoadError`] when the file or its tensors cannot be read, the preset cannot be built, `B · S` overflows
+    /// ([`LoadError::Config`]), or `ref.input` does not hold `B · S · d` values.
     pub fn load(dir: &Path, case: &ManifestCase) -> Result<Self, LoadError> {
         let path = dir.join(&case.file);
         let config = case_config(case, &dir.join("manifest.json"))?;
@@ -106,7 +106,24 @@ impl FixtureCase {
             (_, _, [b, s, _]) => (*b, *s),
             _ => (1, input.data.len() / d.max(1)),
         };
-        let x = Array2::from_shape_vec((b * s, d), input.data).map_err(|_| LoadError::Shape {
+        // `B · S` is read from the file: checked, and it must be the number of rows `ref.input` holds, so the
+        // sequence lengths `[S; B]` are bounded by the file too.
+        let t = b.checked_mul(s).ok_or_else(|| {
+            LoadError::config(
+                dir.join("manifest.json"),
+                format!("cases[{}].batch × seq_len", case.name),
+                format!("{b} × {s} overflows"),
+            )
+        })?;
+        if t.checked_mul(d) != Some(input.data.len()) {
+            return Err(LoadError::Shape {
+                file: path.clone(),
+                tensor: "ref.input".into(),
+                expected: format!("[{b}, {s}, {d}]"),
+                found: input.shape.clone(),
+            });
+        }
+        let x = Array2::from_shape_vec((t, d), input.data).map_err(|_| LoadError::Shape {
             file: path.clone(),
             tensor: "ref.input".into(),
             expected: format!("[{b}, {s}, {d}]"),

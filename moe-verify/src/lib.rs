@@ -100,7 +100,8 @@ pub struct CaseReport {
     pub quantities: Vec<Quantity>,
     /// References in the file that the verifier does not compare (with the reason).
     pub skipped: Vec<String>,
-    /// Why the case could not run, if it could not.
+    /// Why the case failed: it could not run, it has nothing to compare, or which quantities are out of
+    /// tolerance; `None` when it passed.
     pub error: Option<String>,
     /// Whether the case ran and every quantity passed.
     pub passed: bool,
@@ -130,13 +131,20 @@ pub fn open_backend(name: &str) -> Result<Box<dyn Backend>, BackendError> {
 /// its error (and fails); the others still run.
 ///
 /// # Errors
-/// [`LoadError`] when the manifest cannot be read or parsed.
+/// [`LoadError`] when the manifest cannot be read or parsed, or lists no case ([`LoadError::Config`]).
 pub fn verify_dir(
     dir: impl AsRef<Path>,
     backend: &dyn Backend,
 ) -> Result<Vec<CaseReport>, LoadError> {
     let dir = dir.as_ref();
     let manifest = Manifest::read(dir)?;
+    if manifest.cases.is_empty() {
+        return Err(LoadError::config(
+            dir.join("manifest.json"),
+            "cases",
+            "the list is empty: there is nothing to verify",
+        ));
+    }
     Ok(manifest
         .cases
         .iter()
@@ -146,7 +154,7 @@ pub fn verify_dir(
                 family: c.model_type().to_string(),
                 file: dir.join(&c.file),
                 backend: backend.name().to_string(),
-                tokens: c.batch.unwrap_or(0) * c.seq_len.unwrap_or(0),
+                tokens: c.batch.unwrap_or(0).saturating_mul(c.seq_len.unwrap_or(0)),
                 quantities: Vec::new(),
                 skipped: Vec::new(),
                 error: Some(e.to_string()),
@@ -173,6 +181,23 @@ pub fn verify_case(
         run.check(&mut rep, &name)?;
     }
     let passed = rep.quantities.iter().all(|q| q.passed) && !rep.quantities.is_empty();
+    // A case that fails says why: nothing to compare, or which quantities are out of tolerance.
+    let error = if rep.quantities.is_empty() {
+        Some(format!(
+            "{} holds no reference the verifier compares (ref.output, ref.router_logits, ...)",
+            fx.path.display()
+        ))
+    } else if passed {
+        None
+    } else {
+        let bad: Vec<&str> = rep
+            .quantities
+            .iter()
+            .filter(|q| !q.passed)
+            .map(|q| q.name.as_str())
+            .collect();
+        Some(format!("out of tolerance: {}", bad.join(", ")))
+    };
     Ok(CaseReport {
         name: case.name.clone(),
         family: fx.config.family.model_type().to_string(),
@@ -181,7 +206,7 @@ pub fn verify_case(
         tokens: fx.n_tokens(),
         quantities: rep.quantities,
         skipped: rep.skipped,
-        error: None,
+        error,
         passed,
     })
 }
