@@ -218,7 +218,7 @@ impl MoeConfig {
             );
         }
         if let Some(g) = self.n_group {
-            if g == 0 || self.n_experts % g != 0 {
+            if g == 0 || !self.n_experts.is_multiple_of(g) {
                 return err(
                     "n_group",
                     format!("{g} groups do not divide {} experts", self.n_experts),

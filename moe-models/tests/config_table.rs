@@ -210,6 +210,11 @@ fn every_row_takes_transformers_default_and_refuses_wrong_types() {
             }
             // Aliases: the first name wins when several are given, as in transformers.
             if let [first, second] = names[..] {
+                // Small expert counts need a k and groups that fit them.
+                let mut base = base.clone();
+                base["num_experts_per_tok"] = json!(1);
+                base["n_group"] = json!(1);
+                base["topk_group"] = json!(1);
                 let mut v = base.clone();
                 v[first] = json!(4);
                 v[second] = json!(6);
