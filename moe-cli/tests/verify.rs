@@ -261,7 +261,9 @@ fn f01_batch_times_seq_len_overflow_is_a_clear_error() {
         );
         let o = moe(&["verify", dir.to_str().expect("utf-8")]);
         let out = stdout(&o) + &stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "{out}");
+        // Bad input: exit 2, one line naming the manifest field.
+        assert_eq!(o.status.code(), Some(2), "{out}");
+        assert!(out.contains("batch × seq_len"), "{out}");
         assert!(
             out.contains("overflows") || out.contains("ref.input"),
             "{out}"
@@ -407,4 +409,129 @@ fn f22_wrong_type_is_not_reported_missing() {
         out.contains("num_experts: expected a non-negative integer, found a number -8"),
         "{out}"
     );
+}
+
+/// A copy of the mixtral fixture case in a fresh directory, with its manifest entry (and its `bytes`, `sha256`).
+fn mixtral_copy(name: &str) -> (std::path::PathBuf, serde_json::Value) {
+    let dir = case_dir(name);
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{FIXTURES}/manifest.json")).expect("manifest"),
+    )
+    .expect("json");
+    let case = m["cases"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "mixtral"))
+        .expect("mixtral case")
+        .clone();
+    std::fs::copy(
+        format!("{FIXTURES}/mixtral.safetensors"),
+        dir.join("mixtral.safetensors"),
+    )
+    .expect("copy");
+    (dir, case)
+}
+
+#[test]
+fn f14_manifest_sha256_and_bytes_are_checked() {
+    // As recorded: passes (the fixture manifest carries both fields).
+    let (dir, case) = mixtral_copy("f14-ok");
+    assert!(
+        case["sha256"].is_string() && case["bytes"].is_u64(),
+        "{case}"
+    );
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [case.clone()]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    // A byte appended: the size differs.
+    let p = dir.join("mixtral.safetensors");
+    let mut b = std::fs::read(&p).expect("read");
+    b.push(0);
+    std::fs::write(&p, &b).expect("write");
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("mixtral.safetensors: bytes is"),
+        "{}",
+        stderr(&o)
+    );
+    // Same size, one value changed: the digest differs.
+    b.pop();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    std::fs::write(&p, &b).expect("write");
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("mixtral.safetensors: sha256 is"), "{err}");
+    assert!(err.contains(case["sha256"].as_str().expect("sha")), "{err}");
+    // A malformed digest is named as such.
+    let mut bad = case.clone();
+    bad["sha256"] = serde_json::json!("xyz");
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [bad]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cases[mixtral].sha256: expected 64 hex digits"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn manifest_case_files_stay_in_their_directory() {
+    let (dir, case) = mixtral_copy("case-confined");
+    let outside = dir.join("..").join(format!(
+        "moe-cli-outside-{}.safetensors",
+        std::process::id()
+    ));
+    std::fs::copy(dir.join("mixtral.safetensors"), &outside).expect("copy");
+    let abs = outside.canonicalize().expect("abs");
+    let mut files = vec![
+        ("../mixtral.safetensors".to_string(), "contains `..`"),
+        (abs.to_str().expect("utf-8").to_string(), "absolute path"),
+    ];
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&abs, dir.join("link.safetensors")).expect("symlink");
+        files.push(("link.safetensors".to_string(), "resolves to"));
+    }
+    for (file, why) in files {
+        let mut c = case.clone();
+        c["file"] = serde_json::json!(file);
+        c.as_object_mut().expect("object").remove("sha256");
+        c.as_object_mut().expect("object").remove("bytes");
+        write_json(
+            &dir.join("manifest.json"),
+            &serde_json::json!({"cases": [c]}),
+        );
+        let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{file}: {}{err}", stdout(&o));
+        assert!(
+            err.contains("manifest.json") && err.contains(why),
+            "{file}: {err}"
+        );
+    }
+    // A case file that is a directory says so.
+    let mut c = case.clone();
+    c["file"] = serde_json::json!("sub");
+    std::fs::create_dir_all(dir.join("sub")).expect("dir");
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [c]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is a directory, not a regular file"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_file(&outside);
 }

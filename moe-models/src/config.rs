@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use crate::checkpoint::read_json;
 use crate::error::LoadError;
+use crate::files::read_json;
 use crate::presets::{Family, HfDefault, Setting};
 
 /// An HF `config.json`, as read: its fields by HF name. Each family's

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use moe_core::MoeLayer;
 use ndarray::Array2;
 
-use crate::checkpoint::{Checkpoint, read_json};
+use crate::checkpoint::Checkpoint;
 use crate::config::MoeConfig;
 use crate::error::LoadError;
+use crate::files::{confined_path, read_json, require_regular, sha256_hex};
 use crate::presets::build_layer;
 
 /// `manifest.json`: the part the loader reads.
@@ -49,12 +50,75 @@ pub struct ManifestCase {
     /// The routing config.
     #[serde(default)]
     pub routing: serde_json::Value,
+    /// The case file's size in bytes, checked when present.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    /// The case file's SHA-256 digest (64 hex digits), checked when present.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 impl ManifestCase {
     /// The case's HF `model_type` (`model_family`, else the name).
     pub fn model_type(&self) -> &str {
         self.model_family.as_deref().unwrap_or(&self.name)
+    }
+
+    /// `batch × seq_len` when the manifest gives both (`None` otherwise).
+    ///
+    /// # Errors
+    /// [`LoadError::Config`] naming the case when the product overflows.
+    pub fn n_tokens(&self, manifest: &Path) -> Result<Option<usize>, LoadError> {
+        match (self.batch, self.seq_len) {
+            (Some(b), Some(s)) => b.checked_mul(s).map(Some).ok_or_else(|| {
+                LoadError::config(
+                    manifest,
+                    format!("cases[{}].batch × seq_len", self.name),
+                    format!("{b} × {s} overflows"),
+                )
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    /// The case file `dir/file`, checked: confined to `dir` ([`confined_path`]: no `..`, no absolute path, no
+    /// symlink leading out), a regular file, and of the manifest's `bytes` and `sha256` when it records them.
+    ///
+    /// # Errors
+    /// [`LoadError::OutsideDir`], [`LoadError::Io`] (missing, unreadable), [`LoadError::NotRegular`],
+    /// [`LoadError::Integrity`] for a size or digest that differs, [`LoadError::Config`] for a `sha256` that is
+    /// not 64 hex digits.
+    pub fn checked_path(&self, dir: &Path) -> Result<PathBuf, LoadError> {
+        let manifest = dir.join("manifest.json");
+        let path = confined_path(dir, &self.file, &manifest)?;
+        let len = require_regular(&path)?.len();
+        let integrity = |field: &str, expected: String, found: String| LoadError::Integrity {
+            file: path.clone(),
+            manifest: manifest.clone(),
+            field: field.into(),
+            expected,
+            found,
+        };
+        if let Some(want) = self.bytes
+            && want != len
+        {
+            return Err(integrity("bytes", want.to_string(), len.to_string()));
+        }
+        if let Some(want) = &self.sha256 {
+            let want = want.to_ascii_lowercase();
+            if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(LoadError::config(
+                    &manifest,
+                    format!("cases[{}].sha256", self.name),
+                    format!("expected 64 hex digits, found {:?}", self.sha256),
+                ));
+            }
+            let found = sha256_hex(&path)?;
+            if found != want {
+                return Err(integrity("sha256", want, found));
+            }
+        }
+        Ok(path)
     }
 }
 
@@ -92,11 +156,12 @@ impl FixtureCase {
     /// else from `ref.input`'s shape `[B, S, d]`, else `B = 1`.
     ///
     /// # Errors
-    /// [`LoadError`] when the file or its tensors cannot be read, the preset cannot be built, `B · S` overflows
+    /// [`LoadError`] when the case file is refused ([`ManifestCase::checked_path`]), the file or its tensors cannot
+    /// be read, the preset cannot be built, `B · S` overflows
     /// ([`LoadError::Config`]), or `ref.input` does not hold `B · S · d` values.
     pub fn load(dir: &Path, case: &ManifestCase) -> Result<Self, LoadError> {
-        let path = dir.join(&case.file);
         let config = case_config(case, &dir.join("manifest.json"))?;
+        let path = case.checked_path(dir)?;
         let checkpoint = Checkpoint::open(&path)?;
         let layer = build_layer(&config, &checkpoint.weights(""))?;
         let input = checkpoint.tensor("ref.input")?;

@@ -131,7 +131,10 @@ pub fn open_backend(name: &str) -> Result<Box<dyn Backend>, BackendError> {
 /// its error (and fails); the others still run.
 ///
 /// # Errors
-/// [`LoadError`] when the manifest cannot be read or parsed, or lists no case ([`LoadError::Config`]).
+/// [`LoadError`] when the manifest cannot be read or parsed, lists no case or a case whose `batch × seq_len`
+/// overflows ([`LoadError::Config`]), or a case
+/// file is refused ([`moe_models::fixture::ManifestCase::checked_path`]: outside the directory, not a regular
+/// file, a size or SHA-256 other than the manifest records).
 pub fn verify_dir(
     dir: impl AsRef<Path>,
     backend: &dyn Backend,
@@ -144,6 +147,18 @@ pub fn verify_dir(
             "cases",
             "the list is empty: there is nothing to verify",
         ));
+    }
+    // The manifest is checked before any case runs: `batch × seq_len` fits, and each case file is confined to the
+    // directory, a regular file, and of the recorded `bytes` and `sha256`. A fixture set that fails this is bad
+    // input, not a failing case (a missing case file is reported by its case, which fails).
+    for c in &manifest.cases {
+        c.n_tokens(&dir.join("manifest.json"))?;
+        match c.checked_path(dir) {
+            Err(LoadError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            other => {
+                other?;
+            }
+        }
     }
     Ok(manifest
         .cases
