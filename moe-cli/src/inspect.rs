@@ -18,7 +18,8 @@ pub(crate) struct InspectArgs {
 }
 
 pub(crate) fn run(a: &InspectArgs) -> Result<(), CliError> {
-    let ins = moe_models::inspect::inspect(&a.path).map_err(|e| CliError::Other(e.into()))?;
+    // Every `LoadError` is about the file the user named (unreadable, malformed, impossible config): exit 2.
+    let ins = moe_models::inspect::inspect(&a.path).map_err(|e| CliError::Usage(e.to_string()))?;
     if a.format == Format::Json {
         println!(
             "{}",

@@ -27,7 +27,8 @@ pub(crate) fn run(a: &VerifyArgs) -> Result<(), CliError> {
     let backend =
         moe_verify::open_backend(&a.backend).map_err(|e| CliError::Usage(e.to_string()))?;
     let reports =
-        moe_verify::verify_dir(&a.dir, backend.as_ref()).map_err(|e| CliError::Other(e.into()))?;
+        // A manifest that cannot be read, parsed or lists no case is bad input: exit 2.
+        moe_verify::verify_dir(&a.dir, backend.as_ref()).map_err(|e| CliError::Usage(e.to_string()))?;
     if a.format == Format::Json {
         println!(
             "{}",
@@ -67,16 +68,21 @@ fn print_table(reports: &[CaseReport], format: Format) {
     ]);
     for r in reports {
         let quantities = match &r.error {
-            Some(e) => format!("error: {e}"),
-            None => r
-                .quantities
-                .iter()
-                .map(|q| match q.measure {
-                    Measure::RelErr => format!("{}={:.1e}", q.name, q.value),
-                    Measure::Mismatches => format!("{}={} mismatches", q.name, q.value),
-                })
-                .collect::<Vec<_>>()
-                .join(" "),
+            Some(e) if r.quantities.is_empty() => format!("error: {e}"),
+            _ => {
+                r.quantities
+                    .iter()
+                    .map(|q| match q.measure {
+                        Measure::RelErr => format!("{}={:.1e}", q.name, q.value),
+                        Measure::Mismatches => format!("{}={} mismatches", q.name, q.value),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + &r.error
+                        .as_ref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+            }
         };
         t.push(vec![
             r.name.clone(),

@@ -185,3 +185,353 @@ fn verify_on_cuda_passes_or_reports_unavailability() {
         other => panic!("exit {other:?}\n{out}{err}"),
     }
 }
+
+// ---- issue 17: the reliability cases of `moe verify` / `moe inspect`, built here (see /work/shared/cases).
+
+/// A safetensors file of F32 tensors `(name, shape, values)`; `values` empty writes a header-only tensor.
+fn safetensors(tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
+    let mut hdr = serde_json::Map::new();
+    let mut blob = Vec::new();
+    for (name, shape, vals) in tensors {
+        let start = blob.len();
+        for v in vals {
+            blob.extend_from_slice(&v.to_le_bytes());
+        }
+        hdr.insert(
+            (*name).to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, blob.len()]}),
+        );
+    }
+    let mut h = serde_json::to_vec(&hdr).expect("header");
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&blob);
+    out
+}
+
+fn case_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-cli-i17-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+fn write_json(path: &std::path::Path, v: &serde_json::Value) {
+    std::fs::write(path, serde_json::to_vec(v).expect("json")).expect("write");
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A tiny Mixtral case (E 2, d 2, f 1) with `tokens` rows of `ref.input`.
+fn tiny_mixtral(tokens: u64, extra_refs: bool) -> Vec<u8> {
+    let mut t = vec![
+        ("gate.weight", vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]),
+        ("experts.gate_up_proj", vec![2, 2, 2], vec![0.1; 8]),
+        ("experts.down_proj", vec![2, 2, 1], vec![0.1; 4]),
+        (
+            "ref.input",
+            vec![1, tokens, 2],
+            (0..tokens * 2).map(|i| (i % 7) as f32).collect(),
+        ),
+    ];
+    if extra_refs {
+        t.push((
+            "ref.router_logits",
+            vec![tokens, 2],
+            (0..tokens * 2).map(|i| (i % 7) as f32).collect(),
+        ));
+    }
+    safetensors(&t)
+}
+
+#[test]
+fn f01_batch_times_seq_len_overflow_is_a_clear_error() {
+    let dir = case_dir("f01");
+    std::fs::write(dir.join("mixtral.safetensors"), tiny_mixtral(32, true)).expect("write");
+    for batch in [(1u64 << 63) + 1, (1u64 << 59) + 1] {
+        write_json(
+            &dir.join("manifest.json"),
+            &serde_json::json!({"cases": [{"name": "mixtral", "file": "mixtral.safetensors",
+                "batch": batch, "seq_len": 32, "routing": {"num_experts": 2, "top_k": 1}}]}),
+        );
+        let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+        let out = stdout(&o) + &stderr(&o);
+        // Bad input: exit 2, one line naming the manifest field.
+        assert_eq!(o.status.code(), Some(2), "{out}");
+        assert!(out.contains("batch × seq_len"), "{out}");
+        assert!(
+            out.contains("overflows") || out.contains("ref.input"),
+            "{out}"
+        );
+        assert!(!out.contains("panicked"), "{out}");
+    }
+}
+
+#[test]
+fn f02_zero_width_and_huge_per_expert_tensors_are_refused() {
+    let dir = case_dir("f02");
+    let z = |name: &'static str, shape: Vec<u64>| (name, shape, Vec::new());
+    let f = 1u64 << 62;
+    std::fs::write(
+        dir.join("mixtral.safetensors"),
+        safetensors(&[
+            z("gate.weight", vec![8, 0]),
+            z("experts.0.w1.weight", vec![f, 0]),
+            z("experts.0.w3.weight", vec![f, 0]),
+            z("experts.0.w2.weight", vec![0, f]),
+        ]),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("switch.safetensors"),
+        safetensors(&[
+            z("router.classifier.weight", vec![8, 0]),
+            z("experts.expert_0.wi.weight", vec![f, 0]),
+            z("experts.expert_0.wo.weight", vec![0, f]),
+        ]),
+    )
+    .expect("write");
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [
+            {"name": "mixtral", "file": "mixtral.safetensors", "routing": {"num_experts": 8, "top_k": 2}},
+            {"name": "switch_transformers", "file": "switch.safetensors",
+             "routing": {"num_experts": 8, "top_k": 1, "capacity": 4}}]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    let out = stdout(&o) + &stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    assert!(
+        out.contains("gate.weight") && out.contains("every axis at least 1"),
+        "{out}"
+    );
+    assert!(out.contains("router.classifier.weight"), "{out}");
+}
+
+#[test]
+fn f15_inspect_validates_the_config_as_loading_does() {
+    let base = serde_json::json!({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        c
+    };
+    let cases = [
+        (
+            "topk0",
+            with("num_experts_per_tok", serde_json::json!(0)),
+            "num_experts_per_tok",
+        ),
+        (
+            "topk9",
+            with("num_experts_per_tok", serde_json::json!(9)),
+            "num_experts_per_tok",
+        ),
+        (
+            "scaling_inf",
+            serde_json::json!({"model_type": "deepseek_v3", "n_routed_experts": 8, "n_group": 1,
+                "topk_group": 1, "routed_scaling_factor": 1e39}),
+            "routed_scaling_factor",
+        ),
+    ];
+    for (name, cfg, field) in cases {
+        let dir = case_dir(&format!("f15-{name}"));
+        std::fs::write(
+            dir.join("model.safetensors"),
+            safetensors(&[("gate.weight", vec![8, 4], vec![0.1; 32])]),
+        )
+        .expect("write");
+        write_json(&dir.join("config.json"), &cfg);
+        let o = moe(&["inspect", dir.to_str().expect("utf-8")]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {}{err}", stdout(&o));
+        assert!(err.contains(field), "{name}: {err}");
+    }
+}
+
+#[test]
+fn f19_inspect_bad_file_exits_2() {
+    let dir = case_dir("f19");
+    let mut b = safetensors(&[("hidden_states", vec![8, 4], vec![0.5; 32])]);
+    b.truncate(b.len() - 5);
+    let p = dir.join("trunc.safetensors");
+    std::fs::write(&p, b).expect("write");
+    let o = moe(&["inspect", p.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("trunc.safetensors"), "{}", stderr(&o));
+}
+
+#[test]
+fn f21_empty_case_list_is_an_error_and_a_failing_case_says_why() {
+    let dir = case_dir("f21-empty");
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": []}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("empty"), "{}", stderr(&o));
+    let dir = case_dir("f21-norefs");
+    std::fs::write(dir.join("mixtral.safetensors"), tiny_mixtral(4, false)).expect("write");
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [{"name": "mixtral", "file": "mixtral.safetensors",
+            "routing": {"num_experts": 2, "top_k": 1}}]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("no reference"), "{}", stdout(&o));
+}
+
+#[test]
+fn f22_wrong_type_is_not_reported_missing() {
+    let dir = case_dir("f22");
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [
+            {"name": "mixtral", "file": "x.safetensors", "routing": {"num_experts": 8, "top_k": "2"}},
+            {"name": "olmoe", "file": "y.safetensors", "routing": {"num_experts": -8, "top_k": 2}}]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    let out = stdout(&o);
+    assert!(!out.contains("missing"), "{out}");
+    assert!(
+        out.contains("top_k: expected a non-negative integer, found a string"),
+        "{out}"
+    );
+    assert!(
+        out.contains("num_experts: expected a non-negative integer, found a number -8"),
+        "{out}"
+    );
+}
+
+/// A copy of the mixtral fixture case in a fresh directory, with its manifest entry (and its `bytes`, `sha256`).
+fn mixtral_copy(name: &str) -> (std::path::PathBuf, serde_json::Value) {
+    let dir = case_dir(name);
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{FIXTURES}/manifest.json")).expect("manifest"),
+    )
+    .expect("json");
+    let case = m["cases"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "mixtral"))
+        .expect("mixtral case")
+        .clone();
+    std::fs::copy(
+        format!("{FIXTURES}/mixtral.safetensors"),
+        dir.join("mixtral.safetensors"),
+    )
+    .expect("copy");
+    (dir, case)
+}
+
+#[test]
+fn f14_manifest_sha256_and_bytes_are_checked() {
+    // As recorded: passes (the fixture manifest carries both fields).
+    let (dir, case) = mixtral_copy("f14-ok");
+    assert!(
+        case["sha256"].is_string() && case["bytes"].is_u64(),
+        "{case}"
+    );
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [case.clone()]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    // A byte appended: the size differs.
+    let p = dir.join("mixtral.safetensors");
+    let mut b = std::fs::read(&p).expect("read");
+    b.push(0);
+    std::fs::write(&p, &b).expect("write");
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("mixtral.safetensors: bytes is"),
+        "{}",
+        stderr(&o)
+    );
+    // Same size, one value changed: the digest differs.
+    b.pop();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    std::fs::write(&p, &b).expect("write");
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("mixtral.safetensors: sha256 is"), "{err}");
+    assert!(err.contains(case["sha256"].as_str().expect("sha")), "{err}");
+    // A malformed digest is named as such.
+    let mut bad = case.clone();
+    bad["sha256"] = serde_json::json!("xyz");
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [bad]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cases[mixtral].sha256: expected 64 hex digits"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn manifest_case_files_stay_in_their_directory() {
+    let (dir, case) = mixtral_copy("case-confined");
+    let outside = dir.join("..").join(format!(
+        "moe-cli-outside-{}.safetensors",
+        std::process::id()
+    ));
+    std::fs::copy(dir.join("mixtral.safetensors"), &outside).expect("copy");
+    let abs = outside.canonicalize().expect("abs");
+    let mut files = vec![
+        ("../mixtral.safetensors".to_string(), "contains `..`"),
+        (abs.to_str().expect("utf-8").to_string(), "absolute path"),
+    ];
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&abs, dir.join("link.safetensors")).expect("symlink");
+        files.push(("link.safetensors".to_string(), "resolves to"));
+    }
+    for (file, why) in files {
+        let mut c = case.clone();
+        c["file"] = serde_json::json!(file);
+        c.as_object_mut().expect("object").remove("sha256");
+        c.as_object_mut().expect("object").remove("bytes");
+        write_json(
+            &dir.join("manifest.json"),
+            &serde_json::json!({"cases": [c]}),
+        );
+        let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{file}: {}{err}", stdout(&o));
+        assert!(
+            err.contains("manifest.json") && err.contains(why),
+            "{file}: {err}"
+        );
+    }
+    // A case file that is a directory says so.
+    let mut c = case.clone();
+    c["file"] = serde_json::json!("sub");
+    std::fs::create_dir_all(dir.join("sub")).expect("dir");
+    write_json(
+        &dir.join("manifest.json"),
+        &serde_json::json!({"cases": [c]}),
+    );
+    let o = moe(&["verify", dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is a directory, not a regular file"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_file(&outside);
+}

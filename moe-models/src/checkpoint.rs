@@ -11,6 +11,7 @@ use ndarray::{Array1, Array2, Array3};
 use safetensors::tensor::{Dtype, TensorInfo};
 
 use crate::error::LoadError;
+use crate::files::{confined_path, first_duplicate_key, read_json, require_regular};
 
 /// The file name of a sharded checkpoint's index.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -66,12 +67,7 @@ fn map_file(path: &Path) -> Result<Mmap, LoadError> {
 }
 
 fn open_shard(path: &Path) -> Result<Shard, LoadError> {
-    let len = std::fs::metadata(path)
-        .map_err(|source| LoadError::Io {
-            file: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let len = require_regular(path)?.len();
     if len < 8 {
         return Err(LoadError::Truncated {
             file: path.to_path_buf(),
@@ -102,6 +98,15 @@ fn open_shard(path: &Path) -> Result<Shard, LoadError> {
                 source,
             },
         })?;
+    // The crate's header map keeps the last of two definitions of a name: refused instead (bytes `8..8 + n` are
+    // the header the crate just parsed).
+    if let Some(key) = map.get(8..8 + n).and_then(first_duplicate_key) {
+        return Err(LoadError::Duplicate {
+            file: path.to_path_buf(),
+            key,
+            place: "safetensors header".into(),
+        });
+    }
     let tensors = meta
         .tensors()
         .into_iter()
@@ -122,18 +127,6 @@ struct Index {
     weight_map: BTreeMap<String, String>,
 }
 
-/// Reads and parses a JSON file.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
-        file: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_slice(&bytes).map_err(|source| LoadError::Json {
-        file: path.to_path_buf(),
-        source,
-    })
-}
-
 impl Checkpoint {
     /// Opens a checkpoint: a `.safetensors` file, a `model.safetensors.index.json` (its shards are read from the
     /// same directory), or a directory holding either (the index wins).
@@ -141,13 +134,17 @@ impl Checkpoint {
     /// The files are memory-mapped: they must not be modified while the checkpoint is open.
     ///
     /// # Errors
-    /// [`LoadError::Io`], [`LoadError::Truncated`], [`LoadError::HeaderPastEnd`], [`LoadError::Header`] for a bad
-    /// file; [`LoadError::Json`] for a bad index; [`LoadError::MissingShard`] when the index names a missing file.
+    /// [`LoadError::Io`], [`LoadError::NotRegular`], [`LoadError::Truncated`], [`LoadError::HeaderPastEnd`],
+    /// [`LoadError::Header`] for a bad file; [`LoadError::Duplicate`] for a tensor defined twice in a header or a
+    /// repeated key in the index; [`LoadError::Json`] or [`LoadError::TooLarge`] for a bad index;
+    /// [`LoadError::OutsideDir`] when the index names a shard outside its directory (`..`, an absolute path, a
+    /// symlink resolving elsewhere: not opened); [`LoadError::MissingShard`] when it names a missing file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LoadError> {
         let path = path.as_ref();
         if path.is_dir() {
             let index = path.join(INDEX_FILE);
-            if index.is_file() {
+            // Anything at the index's name is the index: one that is not a regular file is an error, not skipped.
+            if index.symlink_metadata().is_ok() {
                 return Self::open_index(&index);
             }
             return Self::open_files(path, &[path.join(SINGLE_FILE)]);
@@ -169,8 +166,9 @@ impl Checkpoint {
             let i = match shard_of.get(shard.as_str()) {
                 Some(&i) => i,
                 None => {
-                    let p = dir.join(shard);
-                    if !p.is_file() {
+                    // Confined to the index's directory before anything is opened.
+                    let p = confined_path(dir, shard, index_path)?;
+                    if p.symlink_metadata().is_err() {
                         return Err(LoadError::MissingShard {
                             index: index_path.to_path_buf(),
                             shard: shard.clone(),
@@ -444,10 +442,20 @@ impl<'a> Weights<'a> {
     ///
     /// # Errors
     /// [`LoadError::MissingTensor`], [`LoadError::Dtype`], [`LoadError::Shape`] naming the expected and found
-    /// shapes.
+    /// shapes (also for an axis of size 0: a layer parameter never has one).
     pub fn get(&self, name: &str, expected: &[Option<usize>]) -> Result<Tensor, LoadError> {
         let full = self.full(name);
         let shape = self.ckpt.shape(&full)?;
+        if shape.contains(&0) {
+            // A layer parameter of zero width (d = 0, f = 0, E = 0) holds no bytes whatever its other axes say:
+            // refused before any size is taken from it.
+            return Err(LoadError::Shape {
+                file: self.ckpt.file_of(&full).to_path_buf(),
+                tensor: full,
+                expected: "every axis at least 1".into(),
+                found: shape,
+            });
+        }
         let ok = shape.len() == expected.len()
             && shape
                 .iter()

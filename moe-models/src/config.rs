@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use crate::checkpoint::read_json;
 use crate::error::LoadError;
+use crate::files::read_json;
 use crate::presets::{Family, HfDefault, Setting};
 
 /// An HF `config.json`, as read: its fields by HF name. Each family's
@@ -68,6 +68,16 @@ pub struct MoeConfig {
     pub batch_prioritized: bool,
     /// NLLB: normalise the two weights before capacity drops them.
     pub normalize_before_dropping: bool,
+    /// Qwen2-MoE: the shared expert's width (`shared_expert_intermediate_size`); `Some(0)` means no shared expert
+    /// (and `qwen3_moe`); `Some(_)` requires the shared expert and its gate; `None` (not stated) loads them when
+    /// present.
+    pub shared_expert_size: Option<usize>,
+    /// DeepSeek-V3: `n_shared_experts`; `Some(0)` means none, `Some(_)` requires them, `None` loads them when
+    /// present.
+    pub n_shared_experts: Option<usize>,
+    /// Switch / NLLB: whether the router classifier has a bias (`router_bias`); `Some(true)` requires it,
+    /// `Some(false)` ignores a bias tensor (transformers builds no bias), `None` loads it when present.
+    pub router_bias: Option<bool>,
 }
 
 impl MoeConfig {
@@ -88,6 +98,9 @@ impl MoeConfig {
             token_dropout: 0.0,
             batch_prioritized: false,
             normalize_before_dropping: false,
+            shared_expert_size: None,
+            n_shared_experts: None,
+            router_bias: None,
         }
     }
 
@@ -118,7 +131,7 @@ impl MoeConfig {
             })?;
         let preset = family.preset();
         let mut c = MoeConfig::new(family, 0, preset.fixed_top_k.unwrap_or(0));
-        for field in preset.config {
+        for field in preset.config_for(model_type) {
             let value = match hf.first_of(field.hf) {
                 Some((name, v)) => FieldValue::read(v, field.sets, name, file)?,
                 None => FieldValue::from_default(field.default),
@@ -126,7 +139,114 @@ impl MoeConfig {
             let name = field.hf.first().copied().unwrap_or_default();
             c.apply(field.sets, value, name, file)?;
         }
+        c.validate(file)?;
         Ok(c)
+    }
+
+    /// Converts a golden-fixture manifest case's `routing` object (case `case` of `file`) for `model_type`. Only
+    /// the settings the family's config table reads are taken, each under its manifest key
+    /// ([`manifest_keys`]); the others are ignored, as transformers ignores them (a Mixtral case's
+    /// `norm_topk_prob`). A missing or `null` key leaves the setting unset (the builder's rule applies), except
+    /// `num_experts` and a family's `top_k`, which are required. Under `capacity` a string is the generator's
+    /// description of a rule (NLLB), not a count, and is skipped.
+    ///
+    /// # Errors
+    /// [`LoadError::UnknownFamily`]; [`LoadError::Config`] naming `cases[NAME].routing.KEY` for a missing
+    /// required key or a value of the wrong type (`expected a non-negative integer, found a string "2"`).
+    pub fn from_manifest_routing(
+        model_type: &str,
+        routing: &serde_json::Value,
+        file: &Path,
+        case: &str,
+    ) -> Result<Self, LoadError> {
+        let family =
+            Family::from_model_type(model_type).ok_or_else(|| LoadError::UnknownFamily {
+                file: file.to_path_buf(),
+                model_type: model_type.to_string(),
+                known: Family::ALL.map(Family::model_type).join(", "),
+            })?;
+        let preset = family.preset();
+        let mut c = MoeConfig::new(family, 0, preset.fixed_top_k.unwrap_or(0));
+        for field in preset.config_for(model_type) {
+            let keys = manifest_keys(field.sets);
+            let found = keys
+                .iter()
+                .find_map(|k| routing.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
+            let found = found.filter(|(k, v)| !(*k == "capacity" && v.is_string()));
+            let key = keys.first().copied().unwrap_or_default();
+            let value = match found {
+                Some((k, v)) => {
+                    FieldValue::read(v, field.sets, &format!("cases[{case}].routing.{k}"), file)?
+                }
+                None if matches!(field.sets, Setting::NExperts | Setting::TopK) => {
+                    return Err(LoadError::config(
+                        file,
+                        format!("cases[{case}].routing.{key}"),
+                        "missing",
+                    ));
+                }
+                None => FieldValue::Unset,
+            };
+            c.apply(
+                field.sets,
+                value,
+                &format!("cases[{case}].routing.{key}"),
+                file,
+            )?;
+        }
+        Ok(c)
+    }
+
+    /// Checks the settings against each other, as loading needs them: `E ≥ 1`, `1 ≤ k ≤ E`, groups that divide
+    /// `E` with `1 ≤ topk_group ≤ n_group`, and every number finite as an `f32`. `moe inspect` and loading run the
+    /// same check.
+    ///
+    /// # Errors
+    /// [`LoadError::Config`] naming the setting (by its project name) and the cause.
+    pub fn validate(&self, file: &Path) -> Result<(), LoadError> {
+        let err = |field: &str, reason: String| Err(LoadError::config(file, field, reason));
+        if self.n_experts == 0 {
+            return err("num_experts", "0 experts".into());
+        }
+        if self.top_k == 0 || self.top_k > self.n_experts {
+            return err(
+                "num_experts_per_tok",
+                format!(
+                    "k = {} is outside 1..={} (the expert count)",
+                    self.top_k, self.n_experts
+                ),
+            );
+        }
+        if let Some(g) = self.n_group {
+            if g == 0 || !self.n_experts.is_multiple_of(g) {
+                return err(
+                    "n_group",
+                    format!("{g} groups do not divide {} experts", self.n_experts),
+                );
+            }
+            if let Some(t) = self.topk_group.filter(|&t| t == 0 || t > g) {
+                return err("topk_group", format!("{t} is outside 1..={g} (n_group)"));
+            }
+        }
+        let floats = [
+            (
+                "routed_scaling_factor",
+                self.routed_scaling_factor.map(f64::from),
+            ),
+            ("swiglu_limit", Some(f64::from(self.swiglu_limit))),
+            ("swiglu_alpha", Some(f64::from(self.swiglu_alpha))),
+            (
+                "moe_eval_capacity_token_fraction",
+                self.capacity_fraction.map(|v| v as f32 as f64),
+            ),
+            ("moe_token_dropout", Some(f64::from(self.token_dropout))),
+        ];
+        for (name, v) in floats {
+            if let Some(v) = v.filter(|v| !v.is_finite()) {
+                return err(name, format!("{v} is not a finite f32"));
+            }
+        }
+        Ok(())
     }
 
     /// Sets `setting` to `value` (read from field `name` of `file`).
@@ -153,6 +273,9 @@ impl MoeConfig {
             (Setting::TokenDropout, V::Float(v)) => self.token_dropout = v as f32,
             (Setting::BatchPrioritized, V::Bool(v)) => self.batch_prioritized = v,
             (Setting::NormalizeBeforeDropping, V::Bool(v)) => self.normalize_before_dropping = v,
+            (Setting::SharedExpertSize, V::Int(v)) => self.shared_expert_size = Some(v),
+            (Setting::NSharedExperts, V::Int(v)) => self.n_shared_experts = Some(v),
+            (Setting::RouterBias, V::Bool(v)) => self.router_bias = Some(v),
             (Setting::SecondExpertPolicy, V::Str(p)) => {
                 if p != "all" {
                     return Err(LoadError::config(
@@ -177,6 +300,42 @@ impl MoeConfig {
     /// (`model.layers.3.block_sparse_moe.`; [`Preset::layer_prefix`](crate::Preset::layer_prefix)).
     pub fn layer_prefix(&self, layer: usize) -> String {
         self.family.preset().layer_prefix(layer)
+    }
+}
+
+/// The keys of a golden-fixture manifest's `routing` object that give `setting`, in order of precedence.
+pub fn manifest_keys(setting: Setting) -> &'static [&'static str] {
+    use Setting as S;
+    match setting {
+        S::NExperts => &["num_experts"],
+        S::TopK => &["top_k"],
+        S::Renormalize => &["norm_topk_prob"],
+        S::NGroup => &["n_group"],
+        S::TopkGroup => &["topk_group"],
+        S::RoutedScaling => &["routed_scaling_factor"],
+        S::SwigluLimit => &["swiglu_limit"],
+        S::SwigluAlpha => &["swiglu_alpha"],
+        S::ExpertCapacity => &["expert_capacity", "capacity"],
+        S::CapacityFraction => &["moe_eval_capacity_token_fraction"],
+        S::TokenDropout => &["moe_token_dropout"],
+        S::BatchPrioritized => &["batch_prioritized_routing"],
+        S::NormalizeBeforeDropping => &["normalize_router_prob_before_dropping"],
+        S::SecondExpertPolicy => &["second_expert_policy"],
+        S::SharedExpertSize => &["shared_expert_intermediate_size"],
+        S::NSharedExperts => &["n_shared_experts"],
+        S::RouterBias => &["router_bias"],
+    }
+}
+
+/// `a string`, `a number`, ... for messages.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a bool",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -209,9 +368,21 @@ impl FieldValue {
         file: &Path,
     ) -> Result<Self, LoadError> {
         use Setting as S;
-        let bad = |want: &str| LoadError::config(file, name, format!("expected {want}, found {v}"));
+        let bad = |want: &str| {
+            LoadError::config(
+                file,
+                name,
+                format!("expected {want}, found {} {v}", json_kind(v)),
+            )
+        };
         Ok(match setting {
-            S::NExperts | S::TopK | S::NGroup | S::TopkGroup | S::ExpertCapacity => {
+            S::NExperts
+            | S::TopK
+            | S::NGroup
+            | S::TopkGroup
+            | S::ExpertCapacity
+            | S::SharedExpertSize
+            | S::NSharedExperts => {
                 let n = v.as_u64().ok_or_else(|| bad("a non-negative integer"))?;
                 FieldValue::Int(usize::try_from(n).map_err(|_| bad("a smaller integer"))?)
             }
@@ -220,7 +391,7 @@ impl FieldValue {
             | S::SwigluAlpha
             | S::CapacityFraction
             | S::TokenDropout => FieldValue::Float(v.as_f64().ok_or_else(|| bad("a number"))?),
-            S::Renormalize | S::BatchPrioritized | S::NormalizeBeforeDropping => {
+            S::Renormalize | S::BatchPrioritized | S::NormalizeBeforeDropping | S::RouterBias => {
                 FieldValue::Bool(v.as_bool().ok_or_else(|| bad("true or false"))?)
             }
             S::SecondExpertPolicy => {

@@ -100,6 +100,62 @@ pub enum LoadError {
         /// One tensor the index places in that shard.
         tensor: String,
     },
+    /// A name is defined more than once: a tensor in a safetensors header, or a key of a JSON object (config,
+    /// index, manifest). Parsers keep the last definition silently; the loader refuses to guess.
+    #[error("{file}: {key:?} is defined more than once in the {place}")]
+    Duplicate {
+        /// The file.
+        file: PathBuf,
+        /// The repeated name (a nested JSON key as `outer.inner`).
+        key: String,
+        /// Where: `safetensors header` or `JSON`.
+        place: String,
+    },
+    /// A file name read from a file (a shard in an index, a case file in a manifest) points outside the directory
+    /// it must stay in: `..`, an absolute path, or a symlink resolving elsewhere. The file is not opened.
+    #[error("{file}: {name:?} is refused: {reason}")]
+    OutsideDir {
+        /// The file that names it (index or manifest).
+        file: PathBuf,
+        /// The name as written there.
+        name: String,
+        /// Why: `it contains ..`, `it is an absolute path`, `it resolves outside ...`.
+        reason: String,
+    },
+    /// A path that must be a regular file is something else (a directory, a device, a FIFO, a socket).
+    #[error("{file} is {what}, not a regular file")]
+    NotRegular {
+        /// The path.
+        file: PathBuf,
+        /// What it is: `a directory`, `a character device`.
+        what: String,
+    },
+    /// A file is larger than the cap for its kind (text inputs are read whole, so they are capped).
+    #[error("{file} is {size} bytes, more than the {limit}-byte limit for {what}")]
+    TooLarge {
+        /// The file.
+        file: PathBuf,
+        /// Its size in bytes (at least; a file growing while read is stopped at the limit).
+        size: u64,
+        /// The limit in bytes.
+        limit: u64,
+        /// What kind of file: `a JSON file`.
+        what: String,
+    },
+    /// A file does not match the size or SHA-256 digest its manifest records for it.
+    #[error("{file}: {field} is {expected} in {manifest}, the file has {found}")]
+    Integrity {
+        /// The checked file.
+        file: PathBuf,
+        /// The manifest that records the value.
+        manifest: PathBuf,
+        /// The field: `bytes` or `sha256`.
+        field: String,
+        /// The recorded value.
+        expected: String,
+        /// The file's value.
+        found: String,
+    },
     /// A JSON file (config, index, manifest) is not valid JSON or does not have the expected structure.
     #[error("{file}: bad JSON: {source}")]
     Json {

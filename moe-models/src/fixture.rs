@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use moe_core::MoeLayer;
 use ndarray::Array2;
 
-use crate::checkpoint::{Checkpoint, read_json};
+use crate::checkpoint::Checkpoint;
 use crate::config::MoeConfig;
 use crate::error::LoadError;
-use crate::presets::{Family, build_layer};
+use crate::files::{confined_path, read_json, require_regular, sha256_hex};
+use crate::presets::build_layer;
 
 /// `manifest.json`: the part the loader reads.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -49,6 +50,12 @@ pub struct ManifestCase {
     /// The routing config.
     #[serde(default)]
     pub routing: serde_json::Value,
+    /// The case file's size in bytes, checked when present.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    /// The case file's SHA-256 digest (64 hex digits), checked when present.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 impl ManifestCase {
@@ -56,61 +63,73 @@ impl ManifestCase {
     pub fn model_type(&self) -> &str {
         self.model_family.as_deref().unwrap_or(&self.name)
     }
+
+    /// `batch × seq_len` when the manifest gives both (`None` otherwise).
+    ///
+    /// # Errors
+    /// [`LoadError::Config`] naming the case when the product overflows.
+    pub fn n_tokens(&self, manifest: &Path) -> Result<Option<usize>, LoadError> {
+        match (self.batch, self.seq_len) {
+            (Some(b), Some(s)) => b.checked_mul(s).map(Some).ok_or_else(|| {
+                LoadError::config(
+                    manifest,
+                    format!("cases[{}].batch × seq_len", self.name),
+                    format!("{b} × {s} overflows"),
+                )
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    /// The case file `dir/file`, checked: confined to `dir` ([`confined_path`]: no `..`, no absolute path, no
+    /// symlink leading out), a regular file, and of the manifest's `bytes` and `sha256` when it records them.
+    ///
+    /// # Errors
+    /// [`LoadError::OutsideDir`], [`LoadError::Io`] (missing, unreadable), [`LoadError::NotRegular`],
+    /// [`LoadError::Integrity`] for a size or digest that differs, [`LoadError::Config`] for a `sha256` that is
+    /// not 64 hex digits.
+    pub fn checked_path(&self, dir: &Path) -> Result<PathBuf, LoadError> {
+        let manifest = dir.join("manifest.json");
+        let path = confined_path(dir, &self.file, &manifest)?;
+        let len = require_regular(&path)?.len();
+        let integrity = |field: &str, expected: String, found: String| LoadError::Integrity {
+            file: path.clone(),
+            manifest: manifest.clone(),
+            field: field.into(),
+            expected,
+            found,
+        };
+        if let Some(want) = self.bytes
+            && want != len
+        {
+            return Err(integrity("bytes", want.to_string(), len.to_string()));
+        }
+        if let Some(want) = &self.sha256 {
+            let want = want.to_ascii_lowercase();
+            if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(LoadError::config(
+                    &manifest,
+                    format!("cases[{}].sha256", self.name),
+                    format!("expected 64 hex digits, found {:?}", self.sha256),
+                ));
+            }
+            let found = sha256_hex(&path)?;
+            if found != want {
+                return Err(integrity("sha256", want, found));
+            }
+        }
+        Ok(path)
+    }
 }
 
-/// The preset config of a manifest case, from its `routing` object. Unlike `config.json`, a missing or `null`
-/// field here leaves the setting unset (the builder's own rule applies), as the fixture generator writes `null`
-/// for what a block does not have.
+/// The preset config of a manifest case, from its `routing` object ([`MoeConfig::from_manifest_routing`]: the
+/// family's settings only, each type-checked; a missing or `null` field leaves the setting unset).
 ///
 /// # Errors
-/// [`LoadError::UnknownFamily`], [`LoadError::Config`] for a missing `num_experts` / `top_k`.
+/// [`LoadError::UnknownFamily`], [`LoadError::Config`] for a missing `num_experts` / `top_k` or a field of the
+/// wrong type.
 pub fn case_config(case: &ManifestCase, manifest: &Path) -> Result<MoeConfig, LoadError> {
-    let model_type = case.model_type();
-    let family = Family::from_model_type(model_type).ok_or_else(|| LoadError::UnknownFamily {
-        file: manifest.to_path_buf(),
-        model_type: model_type.to_string(),
-        known: Family::ALL.map(Family::model_type).join(", "),
-    })?;
-    let r = &case.routing;
-    let usize_of = |k: &str| {
-        r.get(k)
-            .and_then(serde_json::Value::as_u64)
-            .map(|v| v as usize)
-    };
-    let f32_of = |k: &str| {
-        r.get(k)
-            .and_then(serde_json::Value::as_f64)
-            .map(|v| v as f32)
-    };
-    let bool_of = |k: &str| r.get(k).and_then(serde_json::Value::as_bool);
-    let field = |k: &str| {
-        usize_of(k).ok_or_else(|| {
-            LoadError::config(
-                manifest,
-                format!("cases[{}].routing.{k}", case.name),
-                "missing",
-            )
-        })
-    };
-    let mut c = MoeConfig::new(family, field("num_experts")?, field("top_k")?);
-    c.renormalize = bool_of("norm_topk_prob");
-    c.n_group = usize_of("n_group");
-    c.topk_group = usize_of("topk_group");
-    c.routed_scaling_factor = f32_of("routed_scaling_factor");
-    if let Some(v) = f32_of("swiglu_limit") {
-        c.swiglu_limit = v;
-    }
-    if let Some(v) = f32_of("swiglu_alpha") {
-        c.swiglu_alpha = v;
-    }
-    c.expert_capacity = usize_of("capacity").or(usize_of("expert_capacity"));
-    c.capacity_fraction = r
-        .get("moe_eval_capacity_token_fraction")
-        .and_then(serde_json::Value::as_f64);
-    c.token_dropout = f32_of("moe_token_dropout").unwrap_or(0.0);
-    c.batch_prioritized = bool_of("batch_prioritized_routing").unwrap_or(false);
-    c.normalize_before_dropping = bool_of("normalize_router_prob_before_dropping").unwrap_or(false);
-    Ok(c)
+    MoeConfig::from_manifest_routing(case.model_type(), &case.routing, manifest, &case.name)
 }
 
 /// One case, loaded: its file, config, layer and input.
@@ -137,11 +156,12 @@ impl FixtureCase {
     /// else from `ref.input`'s shape `[B, S, d]`, else `B = 1`.
     ///
     /// # Errors
-    /// [`LoadError`] when the file or its tensors cannot be read, the preset cannot be built, or `ref.input` does
-    /// not hold `B · S · d` values.
+    /// [`LoadError`] when the case file is refused ([`ManifestCase::checked_path`]), the file or its tensors cannot
+    /// be read, the preset cannot be built, `B · S` overflows
+    /// ([`LoadError::Config`]), or `ref.input` does not hold `B · S · d` values.
     pub fn load(dir: &Path, case: &ManifestCase) -> Result<Self, LoadError> {
-        let path = dir.join(&case.file);
         let config = case_config(case, &dir.join("manifest.json"))?;
+        let path = case.checked_path(dir)?;
         let checkpoint = Checkpoint::open(&path)?;
         let layer = build_layer(&config, &checkpoint.weights(""))?;
         let input = checkpoint.tensor("ref.input")?;
@@ -151,7 +171,24 @@ impl FixtureCase {
             (_, _, [b, s, _]) => (*b, *s),
             _ => (1, input.data.len() / d.max(1)),
         };
-        let x = Array2::from_shape_vec((b * s, d), input.data).map_err(|_| LoadError::Shape {
+        // `B · S` is read from the file: checked, and it must be the number of rows `ref.input` holds, so the
+        // sequence lengths `[S; B]` are bounded by the file too.
+        let t = b.checked_mul(s).ok_or_else(|| {
+            LoadError::config(
+                dir.join("manifest.json"),
+                format!("cases[{}].batch × seq_len", case.name),
+                format!("{b} × {s} overflows"),
+            )
+        })?;
+        if t.checked_mul(d) != Some(input.data.len()) {
+            return Err(LoadError::Shape {
+                file: path.clone(),
+                tensor: "ref.input".into(),
+                expected: format!("[{b}, {s}, {d}]"),
+                found: input.shape.clone(),
+            });
+        }
+        let x = Array2::from_shape_vec((t, d), input.data).map_err(|_| LoadError::Shape {
             file: path.clone(),
             tensor: "ref.input".into(),
             expected: format!("[{b}, {s}, {d}]"),

@@ -34,6 +34,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod fixture;
 pub mod hidden;
 pub mod inspect;

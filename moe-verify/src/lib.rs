@@ -100,7 +100,8 @@ pub struct CaseReport {
     pub quantities: Vec<Quantity>,
     /// References in the file that the verifier does not compare (with the reason).
     pub skipped: Vec<String>,
-    /// Why the case could not run, if it could not.
+    /// Why the case failed: it could not run, it has nothing to compare, or which quantities are out of
+    /// tolerance; `None` when it passed.
     pub error: Option<String>,
     /// Whether the case ran and every quantity passed.
     pub passed: bool,
@@ -130,13 +131,35 @@ pub fn open_backend(name: &str) -> Result<Box<dyn Backend>, BackendError> {
 /// its error (and fails); the others still run.
 ///
 /// # Errors
-/// [`LoadError`] when the manifest cannot be read or parsed.
+/// [`LoadError`] when the manifest cannot be read or parsed, lists no case or a case whose `batch × seq_len`
+/// overflows ([`LoadError::Config`]), or a case
+/// file is refused ([`moe_models::fixture::ManifestCase::checked_path`]: outside the directory, not a regular
+/// file, a size or SHA-256 other than the manifest records).
 pub fn verify_dir(
     dir: impl AsRef<Path>,
     backend: &dyn Backend,
 ) -> Result<Vec<CaseReport>, LoadError> {
     let dir = dir.as_ref();
     let manifest = Manifest::read(dir)?;
+    if manifest.cases.is_empty() {
+        return Err(LoadError::config(
+            dir.join("manifest.json"),
+            "cases",
+            "the list is empty: there is nothing to verify",
+        ));
+    }
+    // The manifest is checked before any case runs: `batch × seq_len` fits, and each case file is confined to the
+    // directory, a regular file, and of the recorded `bytes` and `sha256`. A fixture set that fails this is bad
+    // input, not a failing case (a missing case file is reported by its case, which fails).
+    for c in &manifest.cases {
+        c.n_tokens(&dir.join("manifest.json"))?;
+        match c.checked_path(dir) {
+            Err(LoadError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            other => {
+                other?;
+            }
+        }
+    }
     Ok(manifest
         .cases
         .iter()
@@ -146,7 +169,7 @@ pub fn verify_dir(
                 family: c.model_type().to_string(),
                 file: dir.join(&c.file),
                 backend: backend.name().to_string(),
-                tokens: c.batch.unwrap_or(0) * c.seq_len.unwrap_or(0),
+                tokens: c.batch.unwrap_or(0).saturating_mul(c.seq_len.unwrap_or(0)),
                 quantities: Vec::new(),
                 skipped: Vec::new(),
                 error: Some(e.to_string()),
@@ -173,6 +196,23 @@ pub fn verify_case(
         run.check(&mut rep, &name)?;
     }
     let passed = rep.quantities.iter().all(|q| q.passed) && !rep.quantities.is_empty();
+    // A case that fails says why: nothing to compare, or which quantities are out of tolerance.
+    let error = if rep.quantities.is_empty() {
+        Some(format!(
+            "{} holds no reference the verifier compares (ref.output, ref.router_logits, ...)",
+            fx.path.display()
+        ))
+    } else if passed {
+        None
+    } else {
+        let bad: Vec<&str> = rep
+            .quantities
+            .iter()
+            .filter(|q| !q.passed)
+            .map(|q| q.name.as_str())
+            .collect();
+        Some(format!("out of tolerance: {}", bad.join(", ")))
+    };
     Ok(CaseReport {
         name: case.name.clone(),
         family: fx.config.family.model_type().to_string(),
@@ -181,7 +221,7 @@ pub fn verify_case(
         tokens: fx.n_tokens(),
         quantities: rep.quantities,
         skipped: rep.skipped,
-        error: None,
+        error,
         passed,
     })
 }

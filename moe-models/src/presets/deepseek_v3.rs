@@ -31,7 +31,7 @@ pub const PRESET: Preset = Preset {
     fixed_top_k: None,
     config: &[
         ConfigField::new(
-            &["n_routed_experts", "num_local_experts"],
+            &["num_local_experts", "n_routed_experts"],
             Setting::NExperts,
             HfDefault::Int(256),
         ),
@@ -44,18 +44,20 @@ pub const PRESET: Preset = Preset {
             Setting::RoutedScaling,
             HfDefault::Float(2.5),
         ),
+        ConfigField::new(&["n_shared_experts"], Setting::NSharedExperts, HfDefault::Int(1)),
     ],
+    config_variants: &[],
     tensors: &[
         TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
-        TensorSpec::new(BIAS, "[E]", "router.correction_bias", Presence::Optional),
+        TensorSpec::new(BIAS, "[E]", "router.correction_bias", Presence::Required),
         TensorSpec::new(FUSED.0, "[E, 2f, d]", "experts.gate_up", Presence::Fused),
         TensorSpec::new(FUSED.1, "[E, d, f]", "experts.down", Presence::Fused),
         TensorSpec::new("experts.{e}.gate_proj.weight", "[f, d]", "experts.gate_up", Presence::Hub),
         TensorSpec::new("experts.{e}.up_proj.weight", "[f, d]", "experts.gate_up", Presence::Hub),
         TensorSpec::new("experts.{e}.down_proj.weight", "[d, f]", "experts.down", Presence::Hub),
-        TensorSpec::new("shared_experts.gate_proj.weight", "[fs, d]", "shared.gate_up", Presence::Optional),
-        TensorSpec::new("shared_experts.up_proj.weight", "[fs, d]", "shared.gate_up", Presence::Optional),
-        TensorSpec::new("shared_experts.down_proj.weight", "[d, fs]", "shared.down", Presence::Optional),
+        TensorSpec::new("shared_experts.gate_proj.weight", "[fs, d]", "shared.gate_up", Presence::Conditional),
+        TensorSpec::new("shared_experts.up_proj.weight", "[fs, d]", "shared.gate_up", Presence::Conditional),
+        TensorSpec::new("shared_experts.down_proj.weight", "[d, fs]", "shared.down", Presence::Conditional),
     ],
     build,
     inspect: InspectView {
@@ -88,11 +90,15 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     }
     .build(gate, cfg.top_k)
     .map_err(l.err())?;
-    if let Some(bias) = l.optional_vec("router.correction_bias", BIAS, Some(e))? {
-        router = router.with_correction_bias(bias).map_err(l.err())?;
-    }
+    // A buffer of `DeepseekV3TopkRouter`, always in the state dict.
+    let bias = l.vec("router.correction_bias", BIAS, Some(e))?;
+    router = router.with_correction_bias(bias).map_err(l.err())?;
     let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
-    if !l.contains(&format!("{SHARED}.gate_proj.weight")) {
+    let has_shared = match cfg.n_shared_experts {
+        Some(n) => n > 0,
+        None => l.contains(&format!("{SHARED}.gate_proj.weight")),
+    };
+    if !has_shared {
         return Ok(l.finish(layer));
     }
     let sbank = l.shared_swiglu(SHARED, d)?;

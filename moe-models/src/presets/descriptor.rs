@@ -29,8 +29,13 @@ pub struct Preset {
     /// Experts per token when the family fixes it (Switch 1, NLLB 2); otherwise `num_experts_per_tok` or its
     /// equal in [`Preset::config`].
     pub fixed_top_k: Option<usize>,
-    /// The `config.json` fields the family reads, each with transformers' default for a missing field.
+    /// The `config.json` fields the family reads, each with transformers' default for a missing field: the
+    /// fields of the transformers config class of [`Preset::model_type`] that the block's code reads, as of
+    /// transformers 5.23.0. Every other key of `config.json` is ignored, as that class ignores it.
     pub config: &'static [ConfigField],
+    /// The tables of the family's other `model_type`s, whose config classes differ (`qwen3_moe`:
+    /// `Qwen3MoeConfig`, other defaults and no shared expert); [`Preset::config_for`] picks one.
+    pub config_variants: &'static [(&'static str, &'static [ConfigField])],
     /// The tensors the family loads, under the block prefix, with their shapes on disk and the layer parameter
     /// each one fills.
     pub tensors: &'static [TensorSpec],
@@ -46,6 +51,14 @@ impl Preset {
         self.model_types.first().copied().unwrap_or("")
     }
 
+    /// The config table of `model_type`: its entry of [`Preset::config_variants`], else [`Preset::config`].
+    pub fn config_for(&self, model_type: &str) -> &'static [ConfigField] {
+        self.config_variants
+            .iter()
+            .find(|(m, _)| *m == model_type)
+            .map_or(self.config, |(_, c)| c)
+    }
+
     /// The block prefix of layer `layer` ([`Preset::layer_prefix`] with `{layer}` replaced).
     pub fn layer_prefix(&self, layer: usize) -> String {
         self.layer_prefix.replace("{layer}", &layer.to_string())
@@ -55,8 +68,9 @@ impl Preset {
 /// A `config.json` field a family reads.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ConfigField {
-    /// The HF names tried, in order; the first is the one transformers writes, the others the aliases of its
-    /// config class's `attribute_map`.
+    /// The HF names tried, in order: the attribute and its `attribute_map` aliases, in the precedence
+    /// transformers 5.23.0 gives them when `config.json` holds several (the first wins; checked per class).
+    /// Empty for a setting the config class fixes (Qwen3-MoE's absent shared expert): the default always applies.
     pub hf: &'static [&'static str],
     /// The setting of [`MoeConfig`] it gives.
     pub sets: Setting,
@@ -97,6 +111,12 @@ pub enum Setting {
     NormalizeBeforeDropping,
     /// NLLB's `second_expert_policy` (string): checked, only `all` (the eval behaviour) is supported.
     SecondExpertPolicy,
+    /// [`MoeConfig::shared_expert_size`] (integer; Qwen2-MoE's `shared_expert_intermediate_size`, 0 = none).
+    SharedExpertSize,
+    /// [`MoeConfig::n_shared_experts`] (integer; DeepSeek-V3, 0 = none).
+    NSharedExperts,
+    /// [`MoeConfig::router_bias`] (bool; Switch and NLLB: whether the router classifier has a bias).
+    RouterBias,
 }
 
 /// transformers' default of a [`ConfigField`].
@@ -128,8 +148,12 @@ impl ConfigField {
 pub enum Presence {
     /// Always.
     Required,
-    /// When the checkpoint has it (a bias, shared experts).
+    /// When the checkpoint has it (a bias the block may or may not have).
     Optional,
+    /// Required when the config says the block has the part (a shared expert unless
+    /// `shared_expert_intermediate_size = 0` or `qwen3_moe`, a router bias with `router_bias = true`); not read
+    /// when it says the part is absent.
+    Conditional,
     /// transformers v5's fused names, tried first.
     Fused,
     /// The Hub's names (per-expert tensors, or a family's original module names), when the fused ones are absent.

@@ -35,7 +35,7 @@ pub const PRESET: Preset = Preset {
     fixed_top_k: None,
     config: &[
         ConfigField::new(
-            &["num_local_experts", "num_experts"],
+            &["num_experts", "num_local_experts"],
             Setting::NExperts,
             HfDefault::Int(128),
         ),
@@ -43,6 +43,7 @@ pub const PRESET: Preset = Preset {
         ConfigField::new(&["swiglu_limit"], Setting::SwigluLimit, HfDefault::Float(7.0)),
         ConfigField::new(&["swiglu_alpha"], Setting::SwigluAlpha, HfDefault::Float(1.702)),
     ],
+    config_variants: &[],
     tensors: &[
         TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
         TensorSpec::new(GATE_BIAS, "[E]", "router.gate_bias", Presence::Required),

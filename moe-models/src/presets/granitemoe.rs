@@ -30,6 +30,7 @@ pub const PRESET: Preset = Preset {
         ConfigField::new(&["num_local_experts"], Setting::NExperts, HfDefault::Int(8)),
         ConfigField::new(&["num_experts_per_tok"], Setting::TopK, HfDefault::Int(2)),
     ],
+    config_variants: &[],
     tensors: &[
         TensorSpec::new("router.weight", "[E, d]", "router.gate", Presence::Fused),
         TensorSpec::new("router.layer.weight", "[E, d]", "router.gate", Presence::Hub),

@@ -32,6 +32,7 @@ pub const PRESET: Preset = Preset {
         ConfigField::new(&["num_local_experts"], Setting::NExperts, HfDefault::Int(8)),
         ConfigField::new(&["num_experts_per_tok"], Setting::TopK, HfDefault::Int(2)),
     ],
+    config_variants: &[],
     tensors: &[
         TensorSpec::new("router.layer.weight", "[E, d]", "router.gate", Presence::Hub),
         TensorSpec::new("router.weight", "[E, d]", "router.gate", Presence::Fused),
@@ -39,7 +40,7 @@ pub const PRESET: Preset = Preset {
         TensorSpec::new("output_linear.weight", "[E, d, f]", "experts.down", Presence::Hub),
         TensorSpec::new("experts.gate_up_proj", "[E, 2f, d]", "experts.gate_up", Presence::Fused),
         TensorSpec::new("experts.down_proj", "[E, d, f]", "experts.down", Presence::Fused),
-        TensorSpec::new(BIAS, "[d]", "output_bias", Presence::Optional),
+        TensorSpec::new(BIAS, "[d]", "output_bias", Presence::Required),
     ],
     build,
     inspect: InspectView {
@@ -60,8 +61,8 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     let bank = l.fused_swiglu(GATE_UP, DOWN, cfg.n_experts, d)?;
     let router = l.topk_router(TopKPreset::Granite, gate, cfg.top_k, None)?;
     let mut layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
-    if let Some(bias) = l.optional_vec("output_bias", BIAS, Some(d))? {
-        layer = layer.with_output_bias(bias).map_err(l.err())?;
-    }
+    // `JetMoeMoE.bias` is a parameter of every block.
+    let bias = l.vec("output_bias", BIAS, Some(d))?;
+    layer = layer.with_output_bias(bias).map_err(l.err())?;
     Ok(l.finish(layer))
 }

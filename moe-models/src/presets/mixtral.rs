@@ -31,11 +31,16 @@ pub const PRESET: Preset = Preset {
     layer_prefix: "model.layers.{layer}.block_sparse_moe.",
     fixed_top_k: None,
     config: &[
-        ConfigField::new(&["num_local_experts"], Setting::NExperts, HfDefault::Int(8)),
+        // `MixtralConfig` (transformers 5.23.0). It has no `norm_topk_prob`: the block always renormalises, and
+        // a `norm_topk_prob` key in `config.json` is ignored, as transformers ignores it.
+        ConfigField::new(
+            &["num_experts", "num_local_experts"],
+            Setting::NExperts,
+            HfDefault::Int(8),
+        ),
         ConfigField::new(&["num_experts_per_tok"], Setting::TopK, HfDefault::Int(2)),
-        // Not a `MixtralConfig` field: the block always renormalises unless a config says otherwise.
-        ConfigField::new(&["norm_topk_prob"], Setting::Renormalize, HfDefault::Unset),
     ],
+    config_variants: &[],
     tensors: &[
         TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
         TensorSpec::new(FUSED.0, "[E, 2f, d]", "experts.gate_up", Presence::Fused),
@@ -61,6 +66,7 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     let gate = l.gate(&[GATE], cfg.n_experts)?;
     let d = gate.ncols();
     let bank = l.swiglu(FUSED, HUB, cfg.n_experts, d)?;
+    // `MoeConfig::renormalize` is never set from a config for Mixtral; a library caller may still set it.
     let router = l.topk_router(TopKPreset::Mixtral, gate, cfg.top_k, cfg.renormalize)?;
     let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
     Ok(l.finish(layer))

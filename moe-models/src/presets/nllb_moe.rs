@@ -45,6 +45,7 @@ pub const PRESET: Preset = Preset {
     config: &[
         ConfigField::new(&["num_experts"], Setting::NExperts, HfDefault::Int(128)),
         ConfigField::new(&["expert_capacity"], Setting::ExpertCapacity, HfDefault::Int(64)),
+        ConfigField::new(&["router_bias"], Setting::RouterBias, HfDefault::Bool(false)),
         ConfigField::new(
             &["moe_eval_capacity_token_fraction"],
             Setting::CapacityFraction,
@@ -67,9 +68,10 @@ pub const PRESET: Preset = Preset {
             HfDefault::Str("all"),
         ),
     ],
+    config_variants: &[],
     tensors: &[
         TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
-        TensorSpec::new(GATE_BIAS, "[E]", "router.gate_bias", Presence::Optional),
+        TensorSpec::new(GATE_BIAS, "[E]", "router.gate_bias", Presence::Conditional),
         TensorSpec::new("experts.expert_{e}.fc1.weight", "[f, d]", "experts.w1", Presence::Required),
         TensorSpec::new("experts.expert_{e}.fc1.bias", "[f]", "experts.b1", Presence::Required),
         TensorSpec::new("experts.expert_{e}.fc2.weight", "[d, f]", "experts.w2", Presence::Required),
@@ -296,7 +298,12 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     let mut l = Loader::new(w, PRESET.model_type());
     let gate = l.mat("router.gate", GATE, Some(cfg.n_experts), None)?;
     let d = gate.ncols();
-    let bias = l.optional_vec("router.gate_bias", GATE_BIAS, Some(cfg.n_experts))?;
+    // `router_bias` decides whether the classifier has a bias (`nn.Linear(..., bias=config.router_bias)`).
+    let bias = match cfg.router_bias {
+        Some(true) => Some(l.vec("router.gate_bias", GATE_BIAS, Some(cfg.n_experts))?),
+        Some(false) => None,
+        None => l.optional_vec("router.gate_bias", GATE_BIAS, Some(cfg.n_experts))?,
+    };
     let capacity = match (cfg.capacity_fraction, cfg.expert_capacity) {
         (Some(f), _) if f > 0.0 => Capacity::Fraction(f),
         (_, Some(c)) => Capacity::Fixed(c),

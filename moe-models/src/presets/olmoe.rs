@@ -26,13 +26,14 @@ pub const PRESET: Preset = Preset {
     fixed_top_k: None,
     config: &[
         ConfigField::new(
-            &["num_experts", "num_local_experts"],
+            &["num_local_experts", "num_experts"],
             Setting::NExperts,
             HfDefault::Int(64),
         ),
         ConfigField::new(&["num_experts_per_tok"], Setting::TopK, HfDefault::Int(8)),
         ConfigField::new(&["norm_topk_prob"], Setting::Renormalize, HfDefault::Bool(false)),
     ],
+    config_variants: &[],
     tensors: &[
         TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
         TensorSpec::new(FUSED.0, "[E, 2f, d]", "experts.gate_up", Presence::Fused),

@@ -190,6 +190,21 @@ impl<'w, 'a> Loader<'w, 'a> {
             w.first_of(&[fused_gate_up, first.as_str()])?;
         }
         let f = w.get2(&first, None, Some(d))?.nrows();
+        // `f · d` values are in the file; `E · 2f · d` is checked before the bank is allocated.
+        if n_experts
+            .checked_mul(f)
+            .and_then(|v| v.checked_mul(2))
+            .and_then(|v| v.checked_mul(d))
+            .and_then(|v| v.checked_mul(4))
+            .is_none_or(|b| b > isize::MAX as usize)
+        {
+            return Err(LoadError::Shape {
+                file: w.checkpoint().file_of(&w.full(&first)).to_path_buf(),
+                tensor: w.full(&first),
+                expected: format!("a bank of {n_experts} experts that fits in memory"),
+                found: vec![f, d],
+            });
+        }
         let mut gate_up = Array3::<f32>::zeros((n_experts, 2 * f, d));
         let mut down = Array3::<f32>::zeros((n_experts, d, f));
         for e in 0..n_experts {

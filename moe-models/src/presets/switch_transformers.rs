@@ -41,10 +41,12 @@ pub const PRESET: Preset = Preset {
     config: &[
         ConfigField::new(&["num_experts"], Setting::NExperts, HfDefault::Int(8)),
         ConfigField::new(&["expert_capacity"], Setting::ExpertCapacity, HfDefault::Int(64)),
+        ConfigField::new(&["router_bias"], Setting::RouterBias, HfDefault::Bool(false)),
     ],
+    config_variants: &[],
     tensors: &[
         TensorSpec::new(GATE, "[E, d]", "router.gate", Presence::Required),
-        TensorSpec::new(GATE_BIAS, "[E]", "router.gate_bias", Presence::Optional),
+        TensorSpec::new(GATE_BIAS, "[E]", "router.gate_bias", Presence::Conditional),
         TensorSpec::new("experts.expert_{e}.wi.weight", "[f, d]", "experts.w1", Presence::Required),
         TensorSpec::new("experts.expert_{e}.wo.weight", "[d, f]", "experts.w2", Presence::Required),
     ],
@@ -64,7 +66,12 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     let mut l = Loader::new(w, PRESET.model_type());
     let gate = l.mat("router.gate", GATE, Some(cfg.n_experts), None)?;
     let d = gate.ncols();
-    let bias = l.optional_vec("router.gate_bias", GATE_BIAS, Some(cfg.n_experts))?;
+    // `router_bias` decides whether the classifier has a bias (`nn.Linear(..., bias=config.router_bias)`).
+    let bias = match cfg.router_bias {
+        Some(true) => Some(l.vec("router.gate_bias", GATE_BIAS, Some(cfg.n_experts))?),
+        Some(false) => None,
+        None => l.optional_vec("router.gate_bias", GATE_BIAS, Some(cfg.n_experts))?,
+    };
     let capacity = cfg
         .expert_capacity
         .ok_or_else(|| l.config_err("expert_capacity", "missing"))?;

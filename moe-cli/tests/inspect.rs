@@ -1,0 +1,209 @@
+//! End-to-end tests of `moe inspect` (and of the checkpoint loader through `moe route --input`) on hostile or
+//! careless checkpoints: the reliability cases of issue 17 (/work/shared/cases/reliability, built here), each
+//! checked for exit 2 and a one-line message naming the file and the cause.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn moe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .output()
+        .expect("the moe binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh temporary directory for one test.
+fn case_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-cli-inspect-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+/// A safetensors file from a raw header (padded to 8 bytes) and data.
+fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.as_bytes().to_vec();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out
+}
+
+/// A safetensors file of F32 tensors `(name, shape, values)`.
+fn safetensors(tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
+    let mut hdr = serde_json::Map::new();
+    let mut blob = Vec::new();
+    for (name, shape, vals) in tensors {
+        let start = blob.len();
+        for v in vals {
+            blob.extend_from_slice(&v.to_le_bytes());
+        }
+        hdr.insert(
+            (*name).to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, blob.len()]}),
+        );
+    }
+    raw_safetensors(&serde_json::to_string(&hdr).expect("header"), &blob)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Asserts exit 2, one error line containing every one of `needles`, and no panic.
+fn refused(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{}{err}", stdout(o));
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in {err}");
+    }
+}
+
+/// F-12: a header defining "hidden_states" twice ([8, 4], then [4, 8]) was accepted, the last one winning.
+#[test]
+fn f12_duplicate_tensor_in_a_header_is_refused() {
+    let dir = case_dir("f12");
+    let data: Vec<u8> = (0..32)
+        .flat_map(|i| ((i % 5) as f32 - 2.0).to_le_bytes())
+        .collect();
+    let p = dir.join("dup_key.safetensors");
+    std::fs::write(
+        &p,
+        raw_safetensors(
+            r#"{"hidden_states":{"dtype":"F32","shape":[8,4],"data_offsets":[0,128]},"hidden_states":{"dtype":"F32","shape":[4,8],"data_offsets":[0,128]}}"#,
+            &data,
+        ),
+    )
+    .expect("write");
+    for args in [vec!["route", "--input", s(&p)], vec!["inspect", s(&p)]] {
+        let o = moe(&args);
+        refused(
+            &o,
+            &[
+                "dup_key.safetensors",
+                "\"hidden_states\" is defined more than once",
+            ],
+        );
+    }
+}
+
+/// The index of a sharded checkpoint: `gate.weight` in `a.safetensors`, `experts.down_proj` in `shard`.
+fn sharded(dir: &Path, shard: &str) {
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(
+        dir.join("a.safetensors"),
+        safetensors(&[("gate.weight", vec![2, 2], vec![1.0, 0.0, 0.0, 1.0])]),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": {"gate.weight": "a.safetensors", "experts.down_proj": shard}})
+            .to_string(),
+    )
+    .expect("write");
+}
+
+/// F-13: shard names escaping the checkpoint directory (`..`, absolute, a symlink out) are refused before the
+/// file is opened: nothing of it is printed.
+#[test]
+fn f13_index_shards_stay_in_their_directory() {
+    let base = case_dir("f13");
+    // A file outside the checkpoint directory whose first bytes would show in a header-length message.
+    let secret = base.join("secret.txt");
+    std::fs::write(&secret, b"root:x:0:0:root:/root:/bin/bash\n").expect("write");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "dotdot",
+            "../../../../../../../../etc/passwd".into(),
+            "contains `..`",
+        ),
+        ("dotdot2", "../secret.txt".into(), "contains `..`"),
+        ("absolute", s(&secret).to_string(), "absolute path"),
+    ];
+    for (name, shard, why) in &cases {
+        let d = base.join(name).join("ckpt");
+        sharded(&d, shard);
+        let o = moe(&["inspect", s(&d)]);
+        refused(&o, &["model.safetensors.index.json", why, "is refused"]);
+        assert!(!stderr(&o).contains("header length"), "{}", stderr(&o));
+    }
+    #[cfg(unix)]
+    {
+        let d = base.join("symlink").join("ckpt");
+        sharded(&d, "b.safetensors");
+        std::os::unix::fs::symlink(&secret, d.join("b.safetensors")).expect("symlink");
+        let o = moe(&["inspect", s(&d)]);
+        refused(&o, &["\"b.safetensors\" is refused", "resolves to"]);
+        assert!(!stderr(&o).contains("header length"), "{}", stderr(&o));
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// F-23: a shard that is a directory or a device, an index that is not a regular file: say what it is.
+#[test]
+fn f23_non_regular_shards_and_index_say_what_they_are() {
+    let base = case_dir("f23");
+    let d = base.join("dir_shard");
+    sharded(&d, "b.safetensors");
+    std::fs::create_dir_all(d.join("b.safetensors")).expect("dir");
+    refused(
+        &moe(&["inspect", s(&d)]),
+        &["b.safetensors is a directory, not a regular file"],
+    );
+    #[cfg(unix)]
+    {
+        let d = base.join("dev_shard");
+        sharded(&d, "b.safetensors");
+        std::os::unix::fs::symlink("/dev/zero", d.join("b.safetensors")).expect("symlink");
+        // /dev/zero is outside the directory: refused before anything is read from it.
+        refused(&moe(&["inspect", s(&d)]), &["b.safetensors", "is refused"]);
+        let d = base.join("dev_index");
+        std::fs::create_dir_all(&d).expect("dir");
+        std::os::unix::fs::symlink("/dev/null", d.join("model.safetensors.index.json"))
+            .expect("symlink");
+        refused(
+            &moe(&["inspect", s(&d)]),
+            &["model.safetensors.index.json is a character device, not a regular file"],
+        );
+        refused(
+            &moe(&["inspect", "/dev/null"]),
+            &["/dev/null is a character device, not a regular file"],
+        );
+    }
+    let d = base.join("dir_index");
+    std::fs::create_dir_all(d.join("model.safetensors.index.json")).expect("dir");
+    refused(
+        &moe(&["inspect", s(&d)]),
+        &["model.safetensors.index.json is a directory, not a regular file"],
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// An index repeating a key (the same tensor mapped twice) is refused, as a header repeating a tensor is.
+#[test]
+fn index_with_a_repeated_tensor_is_refused() {
+    let d = case_dir("dup-index");
+    sharded(&d, "a.safetensors");
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"gate.weight": "a.safetensors", "gate.weight": "b.safetensors"}}"#,
+    )
+    .expect("write");
+    refused(
+        &moe(&["inspect", s(&d)]),
+        &["\"weight_map.gate.weight\" is defined more than once in the JSON"],
+    );
+}
