@@ -197,17 +197,20 @@ pub fn open_with(
     }
 }
 
-/// Each backend name with `Ok(device)` if it can run here or `Err(reason)` if not.
+/// Each backend name with `Ok(device)` if it can run here or `Err(reason)` if not (the reason alone, without the
+/// backend's name).
 pub fn availability() -> Vec<(&'static str, Result<String, String>)> {
+    // The reason alone: the caller already names the backend and says it is unavailable.
+    let why = |e: BackendError| match e {
+        BackendError::Unavailable { reason, .. } => reason,
+        other => other.to_string(),
+    };
     BackendKind::ALL
         .iter()
         .map(|&(name, _)| {
             let r = BackendKind::parse(name)
-                .map_err(|e| e.to_string())
-                .and_then(|k| match open(k) {
-                    Ok(b) => Ok(b.capabilities().device),
-                    Err(e) => Err(e.to_string()),
-                });
+                .map_err(why)
+                .and_then(|k| open(k).map(|b| b.capabilities().device).map_err(why));
             (name, r)
         })
         .collect()

@@ -111,7 +111,8 @@ struct BenchRow {
     median_ms: f64,
     min_ms: f64,
     tokens_per_s: f64,
-    /// `2 · T · k · 3 · d · f / time` (router and activation not counted).
+    /// `2 · slots · 3 · d · f / time`, slots = the kept assignments of the plan (`T · k` for top-k without drops);
+    /// router and activation not counted.
     gflops: f64,
     /// Distinct experts that received tokens.
     experts_hit: usize,
@@ -182,7 +183,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     let mut rows = Vec::new();
     let mut clock = "host wall clock";
     for &t in &a.tokens {
-        let (row, device_clock) = time_row(resident.as_mut(), a, t, (d, f, k), dtype.bytes())?;
+        let (row, device_clock) = time_row(resident.as_mut(), a, t, (d, f), dtype.bytes())?;
         if device_clock {
             clock = "device events";
         }
@@ -276,7 +277,7 @@ fn time_row(
     resident: &mut dyn DeviceLayer,
     a: &BenchArgs,
     t: usize,
-    (d, f, k): (usize, usize, usize),
+    (d, f): (usize, usize),
     weight_bytes: usize,
 ) -> Result<(BenchRow, bool), CliError> {
     let w = WorkloadConfig {
@@ -291,6 +292,8 @@ fn time_row(
     let input = RouterInput::new(w.hidden.view()).with_token_ids(&w.token_ids);
     let warm = resident.forward(&input)?;
     let experts_hit = warm.routing.active_experts().len();
+    // Kept assignments: T·k for top-k without drops, fewer or more for capacity, expert choice or PEER.
+    let slots = warm.routing.n_slots();
     drop(warm);
     let device = resident.device_times(&input, a.repeats as usize)?;
     let device_clock = device.is_some();
@@ -309,7 +312,7 @@ fn time_row(
     };
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
-    let flops = 2.0 * t as f64 * k as f64 * 3.0 * d as f64 * f as f64;
+    let flops = 2.0 * slots as f64 * 3.0 * d as f64 * f as f64;
     let bytes = experts_hit as f64 * 3.0 * d as f64 * f as f64 * weight_bytes as f64;
     let row = BenchRow {
         tokens: t,

@@ -417,9 +417,14 @@ fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
     }
     if format == Format::Table {
         let w = &r.workload;
+        let layer = if w.backend == "none" {
+            "layer: not run (--no-layer)".to_string()
+        } else {
+            format!("layer: SwiGLU f = {} on {}", w.ffn, w.backend)
+        };
         println!(
-            "workload: {} tokens, d = {}, E = {}, k = {}, Zipf skew {}, seed {}, {}; layer: SwiGLU f = {} on {}",
-            w.tokens, w.d_model, w.experts, w.top_k, w.skew, w.seed, w.mode, w.ffn, w.backend
+            "workload: {} tokens, d = {}, E = {}, k = {}, Zipf skew {}, seed {}, {}; {layer}",
+            w.tokens, w.d_model, w.experts, w.top_k, w.skew, w.seed, w.mode
         );
         println!();
     }

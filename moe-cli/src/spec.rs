@@ -14,7 +14,8 @@ pub(crate) struct RouterChoice {
 }
 
 /// Parses `--routers`. Commas separate routers; a piece with `=` and no `:` continues the previous router's
-/// options, so `switch-top1:capacity_factor=1.25,drop=probability,hash` is two routers.
+/// options, so `switch-top1:capacity_factor=1.25,drop=probability,hash` is two routers. Commas inside brackets,
+/// braces or double quotes belong to the value (`hash:table=balanced,counts=[1,2,3]`).
 pub(crate) fn parse_routers(
     text: &str,
     registry: &RouterRegistry,
@@ -31,7 +32,11 @@ pub(crate) fn parse_routers(
             .collect());
     }
     let mut out: Vec<RouterChoice> = Vec::new();
-    for piece in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for piece in split_top_level(text)?
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let (name, opt) = match piece.split_once(':') {
             Some((n, o)) => (Some(n.trim()), Some(o.trim())),
             None if piece.contains('=') => (None, Some(piece)),
@@ -74,6 +79,36 @@ pub(crate) fn parse_routers(
             registry.names().join(", ")
         )));
     }
+    Ok(out)
+}
+
+/// `text` split at the commas outside `[...]`, `{...}` and `"..."` (a JSON value's own commas stay in it).
+///
+/// # Errors
+/// [`CliError::Usage`] for an unclosed bracket, brace or quote.
+fn split_top_level(text: &str) -> Result<Vec<&str>, CliError> {
+    let (mut out, mut depth, mut quoted, mut escaped, mut start) =
+        (Vec::new(), 0usize, false, false, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '[' | '{' if !quoted => depth += 1,
+            ']' | '}' if !quoted => depth = depth.saturating_sub(1),
+            ',' if !quoted && depth == 0 => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if quoted || depth != 0 {
+        return Err(CliError::Usage(format!(
+            "router list {text:?} has an unclosed bracket, brace or quote"
+        )));
+    }
+    out.push(&text[start..]);
     Ok(out)
 }
 
@@ -299,6 +334,24 @@ mod tests {
         ));
         assert!(matches!(
             parse_routers("k=1", &reg),
+            Err(CliError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn list_values_keep_their_commas() {
+        let reg = moe_routers::builtin();
+        let c =
+            parse_routers("hash:table=balanced,counts=[1,2,3],softmax-topk", &reg).expect("parse");
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            c[0].options.get("counts"),
+            Some(&serde_json::json!([1, 2, 3]))
+        );
+        assert_eq!(c[0].label, "hash:table=balanced,counts=[1,2,3]");
+        assert_eq!(c[1].name, "softmax-topk");
+        assert!(matches!(
+            parse_routers("hash:counts=[1,2", &reg),
             Err(CliError::Usage(_))
         ));
     }

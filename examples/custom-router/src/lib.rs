@@ -32,6 +32,7 @@ pub struct GreedyBalanced {
     gate: Array2<f32>,
     k: usize,
     capacity_factor: f64,
+    cfg: GreedyBalancedConfig,
 }
 
 impl Router for GreedyBalanced {
@@ -45,7 +46,8 @@ impl Router for GreedyBalanced {
         Some(self.gate.ncols())
     }
     fn is_causal(&self) -> bool {
-        GreedyBalancedConfig::default().is_causal()
+        // The one source of causality: the config this router was built from.
+        self.cfg.is_causal()
     }
     fn params(&self) -> Vec<Param<'_>> {
         vec![Param::new("gate", self.gate.view())]
@@ -105,6 +107,7 @@ fn factory(args: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
         gate,
         k: args.top_k,
         capacity_factor,
+        cfg,
     }))
 }
 
