@@ -32,18 +32,16 @@ pub(crate) fn run(a: &InspectArgs) -> Result<(), CliError> {
         Some(f) => println!("family: {}", f.model_type()),
         None => println!("family: unknown"),
     }
-    match &ins.config {
-        Some(c) => println!(
-            "config: experts {}, top-k {}, renormalize {:?}, groups {:?}/{:?}, scaling {:?}, capacity {:?}",
-            c.n_experts,
-            c.top_k,
-            c.renormalize,
-            c.n_group,
-            c.topk_group,
-            c.routed_scaling_factor,
-            c.expert_capacity.map(|v| v as f64).or(c.capacity_fraction)
-        ),
-        None => println!("config: none (no config.json next to the checkpoint)"),
+    if ins.config.is_some() {
+        // The values the preset builds with, defaults resolved (Mixtral: renormalize true).
+        let values: Vec<String> = ins
+            .effective
+            .iter()
+            .map(|e| format!("{} {}", e.name, e.value))
+            .collect();
+        println!("config: {}", values.join(", "));
+    } else {
+        println!("config: none (no config.json next to the checkpoint)");
     }
     println!(
         "tensors: {}, MoE blocks: {}",
