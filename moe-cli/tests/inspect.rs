@@ -70,6 +70,32 @@ fn refused(o: &Output, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "{n:?} not in {err}");
     }
+    no_repeated_cause(&err);
+}
+
+/// Asserts that no `: `-separated part of an error line is printed twice (a cause repeated by its chain).
+fn no_repeated_cause(err: &str) {
+    let parts: Vec<&str> = err.trim_end().split(": ").map(str::trim).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(
+            !parts.iter().skip(i + 1).any(|q| q == p),
+            "cause repeated: {err}"
+        );
+    }
+}
+
+/// An unreadable path: the OS's reason once, after the path.
+#[test]
+fn io_errors_print_their_cause_once() {
+    let d = case_dir("io-once");
+    let o = moe(&["inspect", s(&d.join("absent.safetensors"))]);
+    refused(&o, &["absent.safetensors", "No such file or directory"]);
+    assert_eq!(
+        stderr(&o).matches("No such file").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// F-12: a header defining "hidden_states" twice ([8, 4], then [4, 8]) was accepted, the last one winning.
