@@ -338,3 +338,33 @@ fn f19_inspect_bad_input_exits_2() {
         &["absent.safetensors"],
     );
 }
+
+/// An index named without a directory (`moe inspect model.safetensors.index.json` inside the checkpoint): its
+/// shards are found next to it, in the current directory.
+#[test]
+fn index_in_the_current_directory() {
+    let d = case_dir("cwd-index");
+    sharded(&d, "a.safetensors");
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": {"gate.weight": "a.safetensors"}}).to_string(),
+    )
+    .expect("write");
+    let o = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["inspect", "model.safetensors.index.json"])
+        .current_dir(&d)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("gate.weight F32 [2, 2]"),
+        "{}",
+        stdout(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["inspect", "a.safetensors"])
+        .current_dir(&d)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
