@@ -368,3 +368,58 @@ fn index_in_the_current_directory() {
         .expect("runs");
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf");
+
+/// F-17: every format `moe inspect` and `moe verify` accept is honoured; CSV output holds CSV lines only.
+#[test]
+fn f17_every_accepted_format_is_honoured() {
+    let file = format!("{FIXTURES}/mixtral.safetensors");
+    let o = moe(&["inspect", &file, "--format", "csv"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"block,tensor,dtype,shape"), "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines.contains(&",gate.weight,F32,\"[8, 64]\""), "{out}");
+    let o = moe(&["inspect", &file, "--format", "markdown"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("- **family**: mixtral"), "{out}");
+    assert!(out.contains("| block | tensor | dtype | shape |"), "{out}");
+    assert!(out.contains("|  | gate.weight | F32 | [8, 64] |"), "{out}");
+    let o = moe(&["verify", FIXTURES, "--format", "csv"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 10, "header + 9 cases only:\n{out}");
+    assert!(lines.iter().all(|l| l.contains(',')), "{out}");
+    assert!(!out.contains("tolerance:"), "{out}");
+    let o = moe(&["verify", FIXTURES, "--format", "markdown"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("| case | family |"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// Tensor names from a file are printed with control characters escaped.
+#[test]
+fn inspect_escapes_control_characters_in_names() {
+    let d = case_dir("esc");
+    let p = d.join("x.safetensors");
+    std::fs::write(
+        &p,
+        safetensors(&[
+            ("gate.weight\n\u{1b}[2J", vec![2, 2], vec![0.0; 4]),
+            ("gate.weight", vec![2, 2], vec![0.0; 4]),
+        ]),
+    )
+    .expect("write");
+    let o = moe(&["inspect", s(&p)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    assert!(out.contains("gate.weight\\n\\u{1b}[2J"), "{out}");
+}

@@ -196,8 +196,8 @@ impl LoadError {
 }
 
 /// `s` with control characters escaped (`\n`, `\u{1b}`), nothing else changed: a name read from a file cannot
-/// break the line or drive the terminal.
-pub(crate) fn esc(s: &str) -> String {
+/// break the line or drive the terminal. Used by every [`LoadError`] message and by `moe inspect`.
+pub fn esc(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_control() {
