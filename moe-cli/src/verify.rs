@@ -18,7 +18,7 @@ pub(crate) struct VerifyArgs {
     /// host (see `moe-verify`).
     #[arg(long, default_value = "cpu")]
     backend: String,
-    /// Output format (`table` or `json`).
+    /// Output format: `table`, `json`, `csv` (the case table alone) or `markdown`.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
 }
@@ -34,8 +34,14 @@ pub(crate) fn run(a: &VerifyArgs) -> Result<(), CliError> {
             "{}",
             serde_json::to_string_pretty(&reports).map_err(|e| CliError::Other(e.into()))?
         );
+    } else if a.format == Format::Csv {
+        // CSV: the case table alone, so that every line is CSV.
+        print_table(&reports, a.format);
     } else {
         print_table(&reports, a.format);
+        if a.format == Format::Markdown {
+            println!();
+        }
         println!(
             "tolerance: max|ours - ref| / max|ref| <= {:e}; discrete quantities must match exactly",
             moe_verify::TOLERANCE

@@ -70,6 +70,32 @@ fn refused(o: &Output, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "{n:?} not in {err}");
     }
+    no_repeated_cause(&err);
+}
+
+/// Asserts that no `: `-separated part of an error line is printed twice (a cause repeated by its chain).
+fn no_repeated_cause(err: &str) {
+    let parts: Vec<&str> = err.trim_end().split(": ").map(str::trim).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(
+            !parts.iter().skip(i + 1).any(|q| q == p),
+            "cause repeated: {err}"
+        );
+    }
+}
+
+/// An unreadable path: the OS's reason once, after the path.
+#[test]
+fn io_errors_print_their_cause_once() {
+    let d = case_dir("io-once");
+    let o = moe(&["inspect", s(&d.join("absent.safetensors"))]);
+    refused(&o, &["absent.safetensors", "No such file or directory"]);
+    assert_eq!(
+        stderr(&o).matches("No such file").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// F-12: a header defining "hidden_states" twice ([8, 4], then [4, 8]) was accepted, the last one winning.
@@ -206,4 +232,194 @@ fn index_with_a_repeated_tensor_is_refused() {
         &moe(&["inspect", s(&d)]),
         &["\"weight_map.gate.weight\" is defined more than once in the JSON"],
     );
+}
+
+/// A directory with `config.json` and a `model.safetensors` holding an `[8, 4]` `gate.weight`.
+fn with_config(name: &str, cfg: &serde_json::Value) -> PathBuf {
+    let d = case_dir(name);
+    std::fs::write(
+        d.join("model.safetensors"),
+        safetensors(&[("gate.weight", vec![8, 4], vec![0.1; 32])]),
+    )
+    .expect("write");
+    std::fs::write(d.join("config.json"), cfg.to_string()).expect("write");
+    d
+}
+
+/// F-15: the config is checked as loading checks it, including the expert count against the router tensor.
+#[test]
+fn f15_expert_count_is_checked_against_the_gate() {
+    let d = with_config(
+        "f15-e",
+        &serde_json::json!({"model_type": "mixtral", "num_local_experts": 1_000_000_000_000u64,
+            "num_experts_per_tok": 2}),
+    );
+    refused(
+        &moe(&["inspect", s(&d)]),
+        &[
+            "config.json",
+            "num_local_experts",
+            "1000000000000 experts",
+            "gate.weight has shape [8, 4]",
+        ],
+    );
+    let d = with_config(
+        "f15-dropout",
+        &serde_json::json!({"model_type": "nllb_moe", "num_experts": 8, "moe_token_dropout": 1.5}),
+    );
+    refused(
+        &moe(&["inspect", s(&d)]),
+        &["moe_token_dropout", "outside [0, 1)"],
+    );
+    // A negative capacity fraction is what transformers takes as "off": said so, with the capacity used.
+    let d = with_config(
+        "f15-frac",
+        &serde_json::json!({"model_type": "nllb_moe", "num_experts": 8,
+            "moe_eval_capacity_token_fraction": -1.0}),
+    );
+    let o = moe(&["inspect", s(&d)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("capacity 64 per expert (fraction -1 ≤ 0 is off"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// `moe inspect` prints the values the preset builds with, defaults resolved: Mixtral renormalises whatever the
+/// config says (MixtralConfig has no `norm_topk_prob`).
+#[test]
+fn inspect_prints_resolved_values() {
+    let d = with_config(
+        "resolved",
+        &serde_json::json!({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2,
+            "norm_topk_prob": false}),
+    );
+    let o = moe(&["inspect", s(&d)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("config: experts 8, top_k 2, score softmax, order score_then_top_k, renormalize true, scaling 1"),
+        "{out}"
+    );
+    let o = moe(&["inspect", s(&d), "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    let eff = v["effective"].as_array().expect("effective values");
+    assert!(
+        eff.iter()
+            .any(|e| e["name"] == "renormalize" && e["value"] == "true"),
+        "{v}"
+    );
+}
+
+/// F-19: a truncated file, a config that is not JSON, a config that is a directory: all bad input, exit 2.
+#[test]
+fn f19_inspect_bad_input_exits_2() {
+    let d = case_dir("f19");
+    let mut b = safetensors(&[("hidden_states", vec![8, 4], vec![0.5; 32])]);
+    b.truncate(b.len() - 5);
+    let p = d.join("trunc.safetensors");
+    std::fs::write(&p, b).expect("write");
+    refused(
+        &moe(&["inspect", s(&p)]),
+        &["trunc.safetensors", "truncated"],
+    );
+    let d = with_config("f19-cfg", &serde_json::json!({}));
+    std::fs::write(d.join("config.json"), "{not json").expect("write");
+    refused(&moe(&["inspect", s(&d)]), &["config.json", "bad JSON"]);
+    std::fs::remove_file(d.join("config.json")).expect("rm");
+    std::fs::create_dir(d.join("config.json")).expect("mkdir");
+    refused(
+        &moe(&["inspect", s(&d)]),
+        &["config.json is a directory, not a regular file"],
+    );
+    refused(
+        &moe(&["inspect", s(&d.join("absent.safetensors"))]),
+        &["absent.safetensors"],
+    );
+}
+
+/// An index named without a directory (`moe inspect model.safetensors.index.json` inside the checkpoint): its
+/// shards are found next to it, in the current directory.
+#[test]
+fn index_in_the_current_directory() {
+    let d = case_dir("cwd-index");
+    sharded(&d, "a.safetensors");
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": {"gate.weight": "a.safetensors"}}).to_string(),
+    )
+    .expect("write");
+    let o = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["inspect", "model.safetensors.index.json"])
+        .current_dir(&d)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("gate.weight F32 [2, 2]"),
+        "{}",
+        stdout(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["inspect", "a.safetensors"])
+        .current_dir(&d)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf");
+
+/// F-17: every format `moe inspect` and `moe verify` accept is honoured; CSV output holds CSV lines only.
+#[test]
+fn f17_every_accepted_format_is_honoured() {
+    let file = format!("{FIXTURES}/mixtral.safetensors");
+    let o = moe(&["inspect", &file, "--format", "csv"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"block,tensor,dtype,shape"), "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines.contains(&",gate.weight,F32,\"[8, 64]\""), "{out}");
+    let o = moe(&["inspect", &file, "--format", "markdown"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("- **family**: mixtral"), "{out}");
+    assert!(out.contains("| block | tensor | dtype | shape |"), "{out}");
+    assert!(out.contains("|  | gate.weight | F32 | [8, 64] |"), "{out}");
+    let o = moe(&["verify", FIXTURES, "--format", "csv"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 10, "header + 9 cases only:\n{out}");
+    assert!(lines.iter().all(|l| l.contains(',')), "{out}");
+    assert!(!out.contains("tolerance:"), "{out}");
+    let o = moe(&["verify", FIXTURES, "--format", "markdown"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("| case | family |"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// Tensor names from a file are printed with control characters escaped.
+#[test]
+fn inspect_escapes_control_characters_in_names() {
+    let d = case_dir("esc");
+    let p = d.join("x.safetensors");
+    std::fs::write(
+        &p,
+        safetensors(&[
+            ("gate.weight\n\u{1b}[2J", vec![2, 2], vec![0.0; 4]),
+            ("gate.weight", vec![2, 2], vec![0.0; 4]),
+        ]),
+    )
+    .expect("write");
+    let o = moe(&["inspect", s(&p)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    assert!(out.contains("gate.weight\\n\\u{1b}[2J"), "{out}");
 }

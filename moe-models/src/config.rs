@@ -198,7 +198,7 @@ impl MoeConfig {
     }
 
     /// Checks the settings against each other, as loading needs them: `E ≥ 1`, `1 ≤ k ≤ E`, groups that divide
-    /// `E` with `1 ≤ topk_group ≤ n_group`, and every number finite as an `f32`. `moe inspect` and loading run the
+    /// `E` with `1 ≤ topk_group ≤ n_group`, every number finite as an `f32`, and NLLB's token dropout in `[0, 1)`. `moe inspect` and loading run the
     /// same check.
     ///
     /// # Errors
@@ -245,6 +245,13 @@ impl MoeConfig {
             if let Some(v) = v.filter(|v| !v.is_finite()) {
                 return err(name, format!("{v} is not a finite f32"));
             }
+        }
+        // NLLB scales its eval output by `1 − p`: the builder refuses `p` outside `[0, 1)`, so does this.
+        if self.family == Family::NllbMoe && !(0.0..1.0).contains(&self.token_dropout) {
+            return err(
+                "moe_token_dropout",
+                format!("{} is outside [0, 1)", self.token_dropout),
+            );
         }
         Ok(())
     }

@@ -1,17 +1,20 @@
 //! [`LoadError`], the one error type of the loader: every message names the file and, where there is one, the
-//! tensor, with the expected and the found shape or dtype.
+//! tensor, with the expected and the found shape or dtype. A message is one complete line that ends with its cause
+//! (the OS's, the parser's, the core's), and [`std::error::Error::source`] is `None`, so a report that walks the
+//! chain (`anyhow`'s `{:#}`) prints each cause once. Names read from files (tensors, shards, keys) and paths are
+//! printed with control characters escaped.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 use moe_core::MoeError;
-use thiserror::Error;
 
-/// Errors of loading a checkpoint, a config or a fixture directory, and of building a layer from them.
-#[derive(Debug, Error)]
+/// Errors of loading a checkpoint, a config or a fixture directory, and of building a layer from them. The
+/// `Display` message includes the cause; `source()` is `None` (see the module docs).
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum LoadError {
     /// The file cannot be opened or read.
-    #[error("cannot read {file}: {source}")]
     Io {
         /// The file.
         file: PathBuf,
@@ -19,7 +22,6 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// The file ends before its header length, its header or its tensor data.
-    #[error("{file} is truncated: {found} bytes, {what}")]
     Truncated {
         /// The file.
         file: PathBuf,
@@ -29,9 +31,6 @@ pub enum LoadError {
         what: String,
     },
     /// The 8-byte header length points past the end of the file.
-    #[error(
-        "{file}: header length {header_len} points past the end of the file ({file_len} bytes)"
-    )]
     HeaderPastEnd {
         /// The file.
         file: PathBuf,
@@ -41,7 +40,6 @@ pub enum LoadError {
         file_len: u64,
     },
     /// The safetensors header is not valid (bad JSON, bad offsets, bad UTF-8).
-    #[error("{file}: invalid safetensors header: {source}")]
     Header {
         /// The file.
         file: PathBuf,
@@ -49,7 +47,6 @@ pub enum LoadError {
         source: safetensors::SafeTensorError,
     },
     /// A tensor has a dtype the loader does not take here.
-    #[error("{file}: tensor {tensor} has dtype {found}, expected {expected}")]
     Dtype {
         /// The file.
         file: PathBuf,
@@ -61,7 +58,6 @@ pub enum LoadError {
         expected: String,
     },
     /// A tensor has the wrong shape: `expected experts.gate_up_proj [8, 256, 64], found [8, 64, 256]`.
-    #[error("{file}: expected {tensor} {expected}, found {found:?}")]
     Shape {
         /// The file.
         file: PathBuf,
@@ -73,7 +69,6 @@ pub enum LoadError {
         found: Vec<usize>,
     },
     /// A tensor the family needs is not in the checkpoint.
-    #[error("{file}: missing tensor {tensor}")]
     MissingTensor {
         /// The checkpoint (file, index or directory).
         file: PathBuf,
@@ -81,7 +76,6 @@ pub enum LoadError {
         tensor: String,
     },
     /// `config.json` names a `model_type` that is not one of the families.
-    #[error("{file}: unknown MoE family {model_type:?} (known: {known})")]
     UnknownFamily {
         /// The config file.
         file: PathBuf,
@@ -91,7 +85,6 @@ pub enum LoadError {
         known: String,
     },
     /// A sharded checkpoint's index names a shard file that does not exist.
-    #[error("{index}: shard {shard} (holding {tensor}) does not exist")]
     MissingShard {
         /// The index file.
         index: PathBuf,
@@ -102,7 +95,6 @@ pub enum LoadError {
     },
     /// A name is defined more than once: a tensor in a safetensors header, or a key of a JSON object (config,
     /// index, manifest). Parsers keep the last definition silently; the loader refuses to guess.
-    #[error("{file}: {key:?} is defined more than once in the {place}")]
     Duplicate {
         /// The file.
         file: PathBuf,
@@ -113,7 +105,6 @@ pub enum LoadError {
     },
     /// A file name read from a file (a shard in an index, a case file in a manifest) points outside the directory
     /// it must stay in: `..`, an absolute path, or a symlink resolving elsewhere. The file is not opened.
-    #[error("{file}: {name:?} is refused: {reason}")]
     OutsideDir {
         /// The file that names it (index or manifest).
         file: PathBuf,
@@ -123,7 +114,6 @@ pub enum LoadError {
         reason: String,
     },
     /// A path that must be a regular file is something else (a directory, a device, a FIFO, a socket).
-    #[error("{file} is {what}, not a regular file")]
     NotRegular {
         /// The path.
         file: PathBuf,
@@ -131,7 +121,6 @@ pub enum LoadError {
         what: String,
     },
     /// A file is larger than the cap for its kind (text inputs are read whole, so they are capped).
-    #[error("{file} is {size} bytes, more than the {limit}-byte limit for {what}")]
     TooLarge {
         /// The file.
         file: PathBuf,
@@ -143,7 +132,6 @@ pub enum LoadError {
         what: String,
     },
     /// A file does not match the size or SHA-256 digest its manifest records for it.
-    #[error("{file}: {field} is {expected} in {manifest}, the file has {found}")]
     Integrity {
         /// The checked file.
         file: PathBuf,
@@ -157,7 +145,6 @@ pub enum LoadError {
         found: String,
     },
     /// A JSON file (config, index, manifest) is not valid JSON or does not have the expected structure.
-    #[error("{file}: bad JSON: {source}")]
     Json {
         /// The file.
         file: PathBuf,
@@ -165,7 +152,6 @@ pub enum LoadError {
         source: serde_json::Error,
     },
     /// A config field is missing or has a value the family does not allow.
-    #[error("{file}: config field {field}: {reason}")]
     Config {
         /// The config (or manifest) file.
         file: PathBuf,
@@ -175,7 +161,6 @@ pub enum LoadError {
         reason: String,
     },
     /// The tensors loaded but moe-core rejected the layer built from them, or running it failed.
-    #[error("{file}: {context}: {source}")]
     Layer {
         /// The checkpoint or fixture file.
         file: PathBuf,
@@ -209,3 +194,146 @@ impl LoadError {
         }
     }
 }
+
+/// `s` with control characters escaped (`\n`, `\u{1b}`), nothing else changed: a name read from a file cannot
+/// break the line or drive the terminal. Used by every [`LoadError`] message and by `moe inspect`.
+pub fn esc(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// A path for a message, control characters escaped.
+fn p(path: &Path) -> String {
+    esc(&path.display().to_string())
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use LoadError as E;
+        match self {
+            E::Io { file, source } => write!(f, "cannot read {}: {source}", p(file)),
+            E::Truncated { file, found, what } => {
+                write!(f, "{} is truncated: {found} bytes, {}", p(file), esc(what))
+            }
+            E::HeaderPastEnd {
+                file,
+                header_len,
+                file_len,
+            } => write!(
+                f,
+                "{}: header length {header_len} points past the end of the file ({file_len} bytes)",
+                p(file)
+            ),
+            E::Header { file, source } => {
+                write!(f, "{}: invalid safetensors header: {source}", p(file))
+            }
+            E::Dtype {
+                file,
+                tensor,
+                found,
+                expected,
+            } => write!(
+                f,
+                "{}: tensor {} has dtype {}, expected {expected}",
+                p(file),
+                esc(tensor),
+                esc(found)
+            ),
+            E::Shape {
+                file,
+                tensor,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{}: expected {} {expected}, found {found:?}",
+                p(file),
+                esc(tensor)
+            ),
+            E::MissingTensor { file, tensor } => {
+                write!(f, "{}: missing tensor {}", p(file), esc(tensor))
+            }
+            E::UnknownFamily {
+                file,
+                model_type,
+                known,
+            } => write!(
+                f,
+                "{}: unknown MoE family {model_type:?} (known: {known})",
+                p(file)
+            ),
+            E::MissingShard {
+                index,
+                shard,
+                tensor,
+            } => write!(
+                f,
+                "{}: shard {} (holding {}) does not exist",
+                p(index),
+                esc(shard),
+                esc(tensor)
+            ),
+            E::Duplicate { file, key, place } => write!(
+                f,
+                "{}: {key:?} is defined more than once in the {place}",
+                p(file)
+            ),
+            E::OutsideDir { file, name, reason } => {
+                write!(f, "{}: {name:?} is refused: {}", p(file), esc(reason))
+            }
+            E::NotRegular { file, what } => {
+                write!(f, "{} is {what}, not a regular file", p(file))
+            }
+            E::TooLarge {
+                file,
+                size,
+                limit,
+                what,
+            } => write!(
+                f,
+                "{} is {size} bytes, more than the {limit}-byte limit for {what}",
+                p(file)
+            ),
+            E::Integrity {
+                file,
+                manifest,
+                field,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{}: {field} is {} in {}, the file has {found}",
+                p(file),
+                esc(expected),
+                p(manifest)
+            ),
+            E::Json { file, source } => write!(f, "{}: bad JSON: {source}", p(file)),
+            E::Config {
+                file,
+                field,
+                reason,
+            } => write!(
+                f,
+                "{}: config field {}: {}",
+                p(file),
+                esc(field),
+                esc(reason)
+            ),
+            E::Layer {
+                file,
+                context,
+                source,
+            } => write!(f, "{}: {}: {source}", p(file), esc(context)),
+        }
+    }
+}
+
+/// The message already ends with the cause; `source()` is `None` so that chains print it once.
+impl std::error::Error for LoadError {}

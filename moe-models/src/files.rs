@@ -230,6 +230,12 @@ pub fn confined_path(dir: &Path, name: &str, listing: &Path) -> Result<PathBuf, 
         }
     }
     let joined = dir.join(name);
+    // `Path::new("a.json").parent()` is `""`: the current directory.
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     let Ok(resolved) = joined.canonicalize() else {
         // Missing (or a dangling link): nothing to open; the caller says it does not exist.
         return Ok(joined);

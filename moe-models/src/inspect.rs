@@ -4,10 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
+use moe_routers::TopKPreset;
+
 use crate::checkpoint::Checkpoint;
-use crate::config::MoeConfig;
+use crate::config::{HfConfig, MoeConfig};
 use crate::error::LoadError;
-use crate::presets::Family;
+use crate::files::read_json;
+use crate::presets::{Family, Setting};
 
 /// Router tensor names that mark an MoE block (every family's
 /// [`InspectView::router`](crate::presets::InspectView::router), longest first); the block prefix is what precedes
@@ -51,10 +54,183 @@ pub struct Inspection {
     pub family: Option<Family>,
     /// The MoE config, when a `config.json` was found.
     pub config: Option<MoeConfig>,
+    /// The values the preset will build with, defaults resolved ([`effective`]); empty without a config.
+    pub effective: Vec<Effective>,
     /// Total number of tensors.
     pub n_tensors: usize,
     /// The MoE blocks, in name order.
     pub blocks: Vec<BlockInfo>,
+}
+
+/// One value the preset will use, with its default resolved: `renormalize` `true` for Mixtral.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Effective {
+    /// The setting, by the project's name (`top_k`, `renormalize`, `scaling`).
+    pub name: &'static str,
+    /// Its value as the builder takes it (`true`, `2.5`, `score_then_top_k`, `none`).
+    pub value: String,
+}
+
+/// The routing values the family's builder uses for `cfg`, each default resolved as the builder resolves it
+/// (the softmax top-k families through their [`TopKPreset`]; a test builds every fixture and checks these against
+/// the router it gets).
+pub fn effective(cfg: &MoeConfig) -> Vec<Effective> {
+    let mut v = vec![
+        ("experts", cfg.n_experts.to_string()),
+        ("top_k", cfg.top_k.to_string()),
+    ];
+    // What `SoftmaxTopKConfig::build` takes for a preset, with the builder's overrides.
+    let topk = |preset: TopKPreset, renormalize: Option<bool>, scaling: Option<f32>| {
+        let base = preset.config();
+        vec![
+            ("score", snake(base.score.unwrap_or_default())),
+            ("order", snake(base.order.unwrap_or_default())),
+            (
+                "renormalize",
+                renormalize.or(base.renormalize).unwrap_or(true).to_string(),
+            ),
+            (
+                "scaling",
+                scaling.or(base.scaling).unwrap_or(1.0).to_string(),
+            ),
+        ]
+    };
+    let optional = |v: Option<usize>, what: &str| match v {
+        Some(0) => "none".to_string(),
+        Some(n) => format!("{n} ({what} required)"),
+        None => "loaded when present".to_string(),
+    };
+    let bias = |b: Option<bool>| match b {
+        Some(true) => "required".to_string(),
+        Some(false) => "none".to_string(),
+        None => "loaded when present".to_string(),
+    };
+    match cfg.family {
+        Family::Mixtral => v.extend(topk(TopKPreset::Mixtral, cfg.renormalize, None)),
+        Family::Olmoe => v.extend(topk(
+            TopKPreset::Olmoe,
+            Some(cfg.renormalize.unwrap_or(false)),
+            None,
+        )),
+        Family::Qwen2Moe => {
+            v.extend(topk(
+                TopKPreset::Qwen2Moe,
+                Some(cfg.renormalize.unwrap_or(false)),
+                None,
+            ));
+            v.push((
+                "shared_expert",
+                optional(cfg.shared_expert_size, "the shared expert and its gate"),
+            ));
+        }
+        Family::GraniteMoe | Family::JetMoe => v.extend(topk(TopKPreset::Granite, None, None)),
+        Family::GptOss => {
+            v.extend(topk(TopKPreset::Granite, None, None));
+            v.push(("swiglu_limit", cfg.swiglu_limit.to_string()));
+            v.push(("swiglu_alpha", cfg.swiglu_alpha.to_string()));
+        }
+        Family::DeepseekV3 => {
+            v.extend(topk(
+                TopKPreset::DeepseekV3,
+                Some(cfg.renormalize.unwrap_or(true)),
+                Some(cfg.routed_scaling_factor.unwrap_or(1.0)),
+            ));
+            let g = cfg.n_group.unwrap_or(1);
+            v.push(("n_group", g.to_string()));
+            v.push(("topk_group", cfg.topk_group.unwrap_or(g).to_string()));
+            v.push((
+                "shared_experts",
+                optional(cfg.n_shared_experts, "the shared experts"),
+            ));
+        }
+        Family::SwitchTransformers => {
+            v.push((
+                "capacity",
+                cfg.expert_capacity
+                    .map_or("missing: loading fails".into(), |c| {
+                        format!("{c} per expert per sequence")
+                    }),
+            ));
+            v.push(("router_bias", bias(cfg.router_bias)));
+        }
+        Family::NllbMoe => {
+            let capacity = match (cfg.capacity_fraction, cfg.expert_capacity) {
+                (Some(f), _) if f > 0.0 => format!("ceil({f} × tokens) per expert"),
+                (f, Some(c)) => format!(
+                    "{c} per expert{}",
+                    f.map(|f| format!(" (fraction {f} ≤ 0 is off, as in transformers)"))
+                        .unwrap_or_default()
+                ),
+                _ => "missing: loading fails".into(),
+            };
+            v.push(("capacity", capacity));
+            v.push(("token_dropout", cfg.token_dropout.to_string()));
+            v.push(("batch_prioritized", cfg.batch_prioritized.to_string()));
+            v.push((
+                "normalize_before_dropping",
+                cfg.normalize_before_dropping.to_string(),
+            ));
+            v.push(("router_bias", bias(cfg.router_bias)));
+        }
+    }
+    v.into_iter()
+        .map(|(name, value)| Effective { name, value })
+        .collect()
+}
+
+/// A serde enum's snake_case name (`score_then_top_k`).
+fn snake<T: serde::Serialize>(v: T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
+
+/// Checks each block's router tensor against the config's expert count: `E` is its first axis, so a config
+/// claiming more (or fewer) experts than the checkpoint holds is refused before anything is sized by it.
+fn check_experts(
+    ckpt: &Checkpoint,
+    cfg: &MoeConfig,
+    hf: &HfConfig,
+    cfg_path: &Path,
+    blocks: &[BlockInfo],
+) -> Result<(), LoadError> {
+    let preset = cfg.family.preset();
+    // The field as `config.json` spells it (the alias read), else the class's own name.
+    let names = preset
+        .config_for(hf.model_type().unwrap_or_default())
+        .iter()
+        .find(|f| f.sets == Setting::NExperts)
+        .map(|f| f.hf)
+        .unwrap_or_default();
+    let field = hf
+        .first_of(names)
+        .map(|(n, _)| n)
+        .or(names.first().copied())
+        .unwrap_or("num_experts");
+    for b in blocks {
+        let Some(router) = preset
+            .inspect
+            .router
+            .iter()
+            .map(|r| format!("{}{r}", b.prefix))
+            .find(|n| ckpt.contains(n))
+        else {
+            continue;
+        };
+        let shape = ckpt.shape(&router)?;
+        if shape.first() != Some(&cfg.n_experts) {
+            return Err(LoadError::config(
+                cfg_path,
+                field,
+                format!(
+                    "{} experts, but the router tensor {router} has shape {shape:?}",
+                    cfg.n_experts
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Guesses the family of a block from its tensor names (unprefixed): the family of highest
@@ -72,7 +248,9 @@ pub fn detect_family<'a>(names: impl IntoIterator<Item = &'a str> + Clone) -> Op
 /// the family and config.
 ///
 /// # Errors
-/// The [`LoadError`]s of [`Checkpoint::open`] and [`MoeConfig::from_file`].
+/// The [`LoadError`]s of [`Checkpoint::open`] and [`MoeConfig::from_file`] (the config validated as loading
+/// validates it); [`LoadError::Config`] naming the expert-count field when a block's router tensor does not have
+/// that many rows.
 pub fn inspect(path: impl AsRef<Path>) -> Result<Inspection, LoadError> {
     let path = path.as_ref();
     let ckpt = Checkpoint::open(path)?;
@@ -82,10 +260,15 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<Inspection, LoadError> {
         path.parent().unwrap_or(Path::new(".")).to_path_buf()
     };
     let cfg_path = dir.join("config.json");
-    let config = if cfg_path.is_file() {
-        Some(MoeConfig::from_file(&cfg_path)?)
+    // Anything at `config.json` is read (a directory or device there is an error, not skipped).
+    let hf: Option<HfConfig> = if cfg_path.symlink_metadata().is_ok() {
+        Some(read_json(&cfg_path)?)
     } else {
         None
+    };
+    let config = match &hf {
+        Some(hf) => Some(MoeConfig::from_hf(hf, &cfg_path)?),
+        None => None,
     };
     let routers = router_names();
     let mut prefixes: Vec<String> = ckpt
@@ -125,6 +308,9 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<Inspection, LoadError> {
         }
         blocks.push(BlockInfo { prefix, tensors });
     }
+    if let (Some(c), Some(hf)) = (&config, &hf) {
+        check_experts(&ckpt, c, hf, &cfg_path, &blocks)?;
+    }
     let family = config.as_ref().map(|c| c.family).or_else(|| {
         blocks
             .first()
@@ -133,6 +319,7 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<Inspection, LoadError> {
     Ok(Inspection {
         path: path.to_path_buf(),
         family,
+        effective: config.as_ref().map(effective).unwrap_or_default(),
         config,
         n_tensors: ckpt.names().count(),
         blocks,
