@@ -30,8 +30,8 @@ macro_rules! families {
         $(pub mod $module;)*
 
         /// A Hugging Face MoE family: one line of the table in [`crate::presets`].
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-        #[serde(rename_all = "snake_case")]
+        /// Serialised as its canonical `model_type` (`jetmoe`), the name `moe list` and `moe inspect` print.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[non_exhaustive]
         pub enum Family {
             $($(#[doc = $doc])* $variant,)*
@@ -70,6 +70,12 @@ families! {
     JetMoe => jetmoe,
     /// `GptOssMLP`.
     GptOss => gpt_oss,
+}
+
+impl serde::Serialize for Family {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.model_type())
+    }
 }
 
 impl Family {
