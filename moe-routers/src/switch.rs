@@ -463,15 +463,21 @@ fn losses(
     (lb, z, real.len())
 }
 
-/// `(argmax, max)` of a row; ties go to the lower index.
-fn argmax(row: ArrayView1<'_, f32>) -> (usize, f32) {
-    let mut best = (0usize, f32::NEG_INFINITY);
-    for (j, &p) in row.iter().enumerate() {
-        if p > best.1 {
-            best = (j, p);
+/// `(argmax, max)` of a probability row by the exact-arithmetic order ([`kit::rank_cmp`]): the larger probability,
+/// then the larger logit (`logits`, the same row's raw logits: softmax underflow or rounding never ties distinct
+/// logits), then the lower index.
+fn argmax(row: ArrayView1<'_, f32>, logits: ArrayView1<'_, f32>) -> (usize, f32) {
+    let mut best: Option<(usize, f32, f32)> = None;
+    for (j, (&p, &l)) in row.iter().zip(logits.iter()).enumerate() {
+        let better = match best {
+            None => true,
+            Some((_, bp, bl)) => p > bp || (p == bp && l > bl),
+        };
+        if better {
+            best = Some((j, p, l));
         }
     }
-    best
+    best.map_or((0, f32::NEG_INFINITY), |(j, p, _)| (j, p))
 }
 
 /// `[start, end)` ranges of consecutive sequences of the given lengths.
@@ -570,10 +576,11 @@ impl Router for SwitchTop1 {
         let probs = softmax_rows(&logits);
         let choices: Vec<Option<Choice>> = probs
             .outer_iter()
+            .zip(logits.outer_iter())
             .enumerate()
-            .map(|(token, row)| {
+            .map(|(token, (row, lrow))| {
                 (!input.is_padding(token)).then(|| {
-                    let (expert, weight) = argmax(row);
+                    let (expert, weight) = argmax(row, lrow);
                     Choice {
                         token,
                         expert,
@@ -851,6 +858,18 @@ mod tests {
             ..hf_eval
         };
         assert!(router(random, 3).spec().is_none());
+    }
+
+    #[test]
+    fn rounded_probabilities_rank_by_the_logit() {
+        // Logits [0, 1e-8]: e^{-1e-8} is exactly 1.0 in f32, so both probabilities are 0.5; the larger logit has
+        // the larger exact probability: expert 1.
+        let x = array![[0.0f32, 1e-8], [1e-8, 0.0]];
+        let r = router(SwitchTop1Config::hf_switch(4), 2);
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        let t = plan.per_token();
+        assert_eq!((t[0][0].0, t[1][0].0), (1, 0));
+        assert_eq!(t[0][0].1, 0.5);
     }
 
     #[test]
