@@ -155,7 +155,8 @@ fn topk(
     e: usize,
 ) -> Result<(), MoeError> {
     let ng = spec.groups.map_or(0, |g| g.n_group);
-    let gscore = enc.storage("group_scores", (c.t * ng.max(1) * 4) as u64)?;
+    // Two f32 per (token, group): the group's score and its tie-break key.
+    let gscore = enc.storage("group_scores", (c.t * ng.max(1) * 2 * 4) as u64)?;
     let params = TopKParams {
         t: c.t as u32,
         e: e as u32,

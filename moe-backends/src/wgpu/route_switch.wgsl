@@ -32,11 +32,14 @@ fn route_switch(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var j = 1u; j < E; j++) { m = max(m, r_logits[base + j]); }
     var s = 0.0;
     for (var j = 0u; j < E; j++) { s += exp(r_logits[base + j] - m); }
+    // Argmax by the exact-arithmetic order (kit::rank_cmp): probability, then the logit, then the lower index.
     var best = -1.0;
+    var bl = 0.0;
     var bj = 0u;
     for (var j = 0u; j < E; j++) {
-        let p = exp(r_logits[base + j] - m) / s;
-        if (p > best) { best = p; bj = j; }
+        let l = r_logits[base + j];
+        let p = exp(l - m) / s;
+        if (p > best || (p == best && l > bl)) { best = p; bl = l; bj = j; }
     }
     a_expert[t] = bj;
     a_weight[t] = best;
