@@ -43,7 +43,8 @@ moe_core::router_options! {
         score: ScoreFn = ScoreFn::Softmax,
         /// Score all experts then take the top k, or take the top k of the logits then softmax over the k.
         order: TopKOrder = TopKOrder::ScoreThenTopK,
-        /// Renormalise the k weights to sum 1.
+        /// Renormalise the k weights to sum 1 (score_then_top_k). With top_k_then_softmax the softmax over the k
+        /// already sums to 1: `true` is accepted, `false` refused (a preset's `false` is overridden by the order).
         renormalize: bool = true,
         /// Routed scaling factor, applied after renormalisation.
         scaling: f32 = 1.0,
@@ -140,13 +141,23 @@ impl SoftmaxTopKConfig {
                 ));
             }
         };
+        let top_k_then_softmax = c.order() == TopKOrder::TopKThenSoftmax;
+        if top_k_then_softmax && self.renormalize == Some(false) {
+            return Err(MoeError::config(
+                "renormalize",
+                false,
+                "has no effect with order = top_k_then_softmax (the softmax over the k weights already sums to 1); \
+                 leave it unset or use order = score_then_top_k",
+            ));
+        }
         let spec = TopKSpec {
             gate,
             gate_bias: None,
             k: c.k.unwrap_or(default_k),
             score: c.score(),
             order: c.order(),
-            renormalize: c.renormalize(),
+            // A preset's `renormalize = false` is overridden by an explicit top_k_then_softmax order.
+            renormalize: c.renormalize() || top_k_then_softmax,
             scaling: c.scaling(),
             groups,
             correction_bias: c.correction_bias().then(|| Array1::zeros(e)),
@@ -163,7 +174,7 @@ impl SoftmaxTopK {
     ///
     /// # Errors
     /// [`MoeError::TopK`] for `k = 0` or `k > E`; [`MoeError::InvalidConfig`] for a non-finite gate, scaling or
-    /// bias, `top_k_then_softmax` with a non-softmax score, groups that do not divide `E`, `topk_group` outside
+    /// bias, `top_k_then_softmax` with a non-softmax score or without renormalisation (it would be ignored), groups that do not divide `E`, `topk_group` outside
     /// `1..=n_group`, or fewer than `k` experts in the kept groups; [`MoeError::Shape`] for bias lengths.
     pub fn new(spec: TopKSpec) -> Result<Self, MoeError> {
         kit::check_gate("gate.weight", &spec.gate)?;
@@ -186,6 +197,13 @@ impl SoftmaxTopK {
                 "order",
                 "top_k_then_softmax",
                 "needs score = softmax",
+            ));
+        }
+        if spec.order == TopKOrder::TopKThenSoftmax && !spec.renormalize {
+            return Err(MoeError::config(
+                "renormalize",
+                false,
+                "has no effect with order = top_k_then_softmax (the softmax over the k weights already sums to 1)",
             ));
         }
         for (name, b) in [

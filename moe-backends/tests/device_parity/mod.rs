@@ -706,9 +706,24 @@ pub fn saturated_ties_rank_by_the_logit(b: &Device<'_>) {
         score: Some(moe_core::ScoreFn::SqrtSoftplus),
         ..Default::default()
     };
-    let under = ndarray::array![[0.0f32, -200.0, -150.0, -300.0], [-300.0, -150.0, -200.0, 0.0]];
-    let cases: Vec<(SoftmaxTopKConfig, usize, Option<Array1<f32>>, Array2<f32>, Vec<Vec<usize>>)> = vec![
-        (ds, 1, None, saturated.clone(), vec![vec![1], vec![3], vec![0]]),
+    let under = ndarray::array![
+        [0.0f32, -200.0, -150.0, -300.0],
+        [-300.0, -150.0, -200.0, 0.0]
+    ];
+    let cases: Vec<(
+        SoftmaxTopKConfig,
+        usize,
+        Option<Array1<f32>>,
+        Array2<f32>,
+        Vec<Vec<usize>>,
+    )> = vec![
+        (
+            ds,
+            1,
+            None,
+            saturated.clone(),
+            vec![vec![1], vec![3], vec![0]],
+        ),
         (
             grouped,
             1,
