@@ -87,6 +87,8 @@ pub fn top_k_ranked(score: &[f32], key: &[f32], k: usize) -> Vec<usize> {
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);
+        // The result holds k indices, not the E of the scratch: a router keeping one per token stays O(T·k).
+        idx.shrink_to_fit();
     }
     idx.sort_unstable_by(cmp);
     idx

@@ -2,6 +2,12 @@
 //! (score then top-k, or top-k of logits then softmax), renormalisation, routed scaling factor, group-limited
 //! selection with top-2-sum group scores, a selection-only correction bias and its aux-loss-free update rule.
 //! Presets: `mixtral`, `qwen2_moe`, `olmoe`, `granite`, `deepseek_v3`.
+//!
+//! Ranking: every top-k (experts, groups) uses the exact-arithmetic order of [`kit::rank_cmp`]: the selection value
+//! (score, plus the correction bias when set), then the raw logit, then the lower id, so distinct logits never tie
+//! through f32 saturation. Memory: routing holds one `[T, E]` buffer, the logits (the balance loss softmaxes them
+//! in place), plus per-thread `[E]` scratch rows and `O(T·k)` choices; when the plan keeps the logits
+//! (`E <= KEEP_LOGITS_MAX_EXPERTS`) one more `[T_real, E]` buffer holds the probabilities of the balance loss.
 
 use ndarray::{Array1, Array2, ArrayView1};
 use rayon::prelude::*;

@@ -59,6 +59,11 @@
 //! no jitter, and a backend running it in training would silently skip it) and a drop policy other than `random`
 //! (the spec carries no seed), and no gate bias (the spec has no bias field). Every other configuration takes the
 //! host path.
+//!
+//! Ranking: the argmax is by probability, then the raw logit, then the lower id ([`kit::rank_cmp`]). Memory:
+//! routing holds one `[T, E]` buffer, the logits (probabilities per token in a scratch row; the losses work on the
+//! logits in place), plus one `[T_real, E]` copy when the plan keeps the logits (`E <= KEEP_LOGITS_MAX_EXPERTS`).
+//! The `probability` drop order compares probabilities across tokens, ties to the lower token.
 
 use std::cmp::Reverse;
 
@@ -408,9 +413,8 @@ impl SwitchTop1 {
     }
 }
 
-/// Row-wise softmax of `[T, E]` logits, parallel over rows (each row is computed the same way on any thread count).
-fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
-    let mut p = logits.as_standard_layout().into_owned();
+/// Row-wise softmax in place (`[T, E]`), parallel over rows, each row by [`kit::softmax_in_place`].
+fn softmax_rows_in_place(p: &mut ndarray::ArrayViewMut2<'_, f32>) {
     let e = p.ncols().max(1);
     if let Some(s) = p.as_slice_mut() {
         s.par_chunks_mut(e).for_each(kit::softmax_in_place);
@@ -421,18 +425,21 @@ fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
             row.assign(&ArrayView1::from(&v));
         }
     }
-    p
 }
 
 /// The losses over the real tokens: the load-balancing loss per sequence (`seqs`) with pre-capacity counts, and the
 /// z-loss. Returns `(load balance, z, number of real tokens)`.
+///
+/// Memory: one `[T_real, E]` work buffer. When the logits are kept (`keep`), it is a copy of their real rows;
+/// otherwise the real rows are moved to the front of `logits` and the work is done there in place (the logits are
+/// then spent). The z-loss is taken on the work rows first, then they are softmaxed in place for the balance loss.
 fn losses(
-    probs: &Array2<f32>,
-    logits: &Array2<f32>,
+    logits: &mut Array2<f32>,
+    keep: bool,
     choices: &[Option<Choice>],
     seqs: &[(usize, usize)],
 ) -> (f32, f32, usize) {
-    let (t, e) = probs.dim();
+    let (t, e) = logits.dim();
     let mut real = Vec::with_capacity(t);
     let mut seq_lens = Vec::with_capacity(seqs.len());
     let mut counts_per_seq = Vec::with_capacity(seqs.len());
@@ -453,14 +460,24 @@ fn losses(
     let lb = |p: ArrayView2<'_, f32>| {
         loss::load_balance_grouped(p, &seq_lens, &counts_per_seq, 1, LbNorm::HfSwitch)
     };
-    let (lb, z) = if real.len() == t {
-        (lb(probs.view()), loss::z_loss(logits.view()))
+    let n = real.len();
+    let mut copy;
+    let mut work = if keep {
+        copy = logits.select(Axis(0), &real);
+        copy.view_mut()
     } else {
-        let p = probs.select(Axis(0), &real);
-        let l = logits.select(Axis(0), &real);
-        (lb(p.view()), loss::z_loss(l.view()))
+        for (r, &i) in real.iter().enumerate() {
+            if r != i {
+                let (mut dst, src) =
+                    logits.multi_slice_mut((ndarray::s![r, ..], ndarray::s![i, ..]));
+                dst.assign(&src);
+            }
+        }
+        logits.slice_mut(ndarray::s![..n, ..])
     };
-    (lb, z, real.len())
+    let z = loss::z_loss(work.view());
+    softmax_rows_in_place(&mut work);
+    (lb(work.view()), z, n)
 }
 
 /// `(argmax, max)` of a probability row by the exact-arithmetic order ([`kit::rank_cmp`]): the larger probability,
@@ -572,15 +589,17 @@ impl Router for SwitchTop1 {
             _ => None,
         };
         let hidden = jittered.as_ref().map_or(input.hidden, |j| j.view());
-        let logits = kit::gate_logits(hidden, self.gate.view(), self.gate_bias.as_ref())?;
-        let probs = softmax_rows(&logits);
-        let choices: Vec<Option<Choice>> = probs
-            .outer_iter()
-            .zip(logits.outer_iter())
-            .enumerate()
-            .map(|(token, (row, lrow))| {
+        let mut logits = kit::gate_logits(hidden, self.gate.view(), self.gate_bias.as_ref())?;
+        // Each token's probabilities in a per-thread scratch row: routing holds one [T, E] buffer, the logits.
+        let choices: Vec<Option<Choice>> = (0..t)
+            .into_par_iter()
+            .map_init(Vec::new, |scratch: &mut Vec<f32>, token| {
                 (!input.is_padding(token)).then(|| {
-                    let (expert, weight) = argmax(row, lrow);
+                    let lrow = logits.row(token);
+                    scratch.clear();
+                    scratch.extend(lrow.iter().copied());
+                    kit::softmax_in_place(scratch);
+                    let (expert, weight) = argmax(ArrayView1::from(&scratch[..]), lrow);
                     Choice {
                         token,
                         expert,
@@ -601,7 +620,8 @@ impl Router for SwitchTop1 {
             Mode::Eval => EVAL_DROP_SEED,
         };
         let (kept, dropped) = self.apply_capacity(&choices, &groups, drop_seed);
-        let (lb, z, n_real) = losses(&probs, &logits, &choices, &seqs);
+        let keep_logits = e <= KEEP_LOGITS_MAX_EXPERTS;
+        let (lb, z, n_real) = losses(&mut logits, keep_logits, &choices, &seqs);
         let mut routing = Routing::new(t, e, n_real, kept, dropped)?;
         routing.push_aux(AuxLoss {
             kind: AuxLossKind::LoadBalance(LbNorm::HfSwitch),
@@ -613,7 +633,7 @@ impl Router for SwitchTop1 {
             value: z,
             coefficient: self.z_coefficient,
         });
-        if e <= KEEP_LOGITS_MAX_EXPERTS {
+        if keep_logits {
             routing.set_logits(logits);
         }
         Ok(routing)
