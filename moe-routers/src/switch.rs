@@ -4,7 +4,7 @@
 //! # Routing
 //! `l = x · W_gᵀ + b` (`[T, E]`, f32; the gate bias `b` is optional, see [`SwitchTop1::with_gate_bias`], as HF
 //! `router_bias = true`), `p = softmax(l)`; each real (non-padding) token goes to `argmax p` (ties to the
-//! lower expert id) with weight `p_max`, not renormalised. Each expert then keeps at most `C` tokens of every
+//! larger logit, then the lower expert id) with weight `p_max`, not renormalised. Each expert then keeps at most `C` tokens of every
 //! capacity group (one group per sequence with `per_sequence = true`, as HF Switch; otherwise the whole batch). A
 //! dropped token keeps no expert: it is listed in [`Routing::dropped`] with the weight it would have had, and its
 //! MoE output is 0 (the residual carries it; transformers v4 returned `p · x` instead).

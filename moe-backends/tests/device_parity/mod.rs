@@ -671,6 +671,15 @@ fn ranked_experts(r: &Routing) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// One saturated-ties case: options, k, correction bias, hidden rows `[T, 4]` (identity gate), ranked experts.
+type SaturatedCase = (
+    SoftmaxTopKConfig,
+    usize,
+    Option<Array1<f32>>,
+    Array2<f32>,
+    Vec<Vec<usize>>,
+);
+
 /// The exact-arithmetic ranking order on the device as on the CPU (score, then logit, then lower id): rows whose
 /// distinct logits share one f32 score. DeepSeek-V3's saturated sigmoid rows of case `fidelity/sigmoid-saturation`
 /// (identity gate, k 1: experts 1, 3, 0), the same with groups of 2 whose group scores tie too, sigmoid and
@@ -710,13 +719,7 @@ pub fn saturated_ties_rank_by_the_logit(b: &Device<'_>) {
         [0.0f32, -200.0, -150.0, -300.0],
         [-300.0, -150.0, -200.0, 0.0]
     ];
-    let cases: Vec<(
-        SoftmaxTopKConfig,
-        usize,
-        Option<Array1<f32>>,
-        Array2<f32>,
-        Vec<Vec<usize>>,
-    )> = vec![
+    let cases: Vec<SaturatedCase> = vec![
         (
             ds,
             1,
