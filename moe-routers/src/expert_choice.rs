@@ -154,16 +154,24 @@ impl Router for ExpertChoice {
         let logits = kit::gate_logits(input.hidden, self.gate.view(), None)?;
         let real: Vec<usize> = (0..t).filter(|&i| !input.is_padding(i)).collect();
         // S over experts, one row per real token, in f32 as every reference computes router probabilities, and
-        // each row's log-sum-exp: `l − lse` is the exact-arithmetic tie-break key of probabilities compared across
-        // tokens (strictly increasing in the true probability; it never underflows as the f32 probability does).
-        let scores: Vec<(Vec<f32>, f32)> = real
+        // each row's `lse = m + log1p(r)` (m the row maximum, r = Σ e^{l_j − m} over all but its first maximum):
+        // `(l − m) − log1p(r)`, the log-probability, is the exact-arithmetic tie-break key of probabilities compared
+        // across tokens. It is strictly increasing in the true probability, never underflows as the f32
+        // probability does, and keeps saturated rows apart (p = 1.0 in f32 for both, r = e^-20 vs e^-30).
+        let scores: Vec<(Vec<f32>, f32, f32)> = real
             .par_iter()
             .map(|&i| {
                 let mut row = logits.row(i).to_vec();
-                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let sum: f32 = row.iter().map(|&l| (l - m).exp()).sum();
+                let top = kit::argmax_ranked(&row, &row).unwrap_or(0);
+                let m = row.get(top).copied().unwrap_or(0.0);
+                let r: f32 = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != top)
+                    .map(|(_, &l)| (l - m).exp())
+                    .sum();
                 kit::softmax_in_place(&mut row);
-                (row, m + sum.ln())
+                (row, m, r.ln_1p())
             })
             .collect();
         let cap = self.capacity(real.len());
@@ -175,13 +183,15 @@ impl Router for ExpertChoice {
             .map(|ex| {
                 let column: Vec<f32> = scores
                     .iter()
-                    .map(|(row, _)| row.get(ex).copied().unwrap_or(0.0))
+                    .map(|(row, ..)| row.get(ex).copied().unwrap_or(0.0))
                     .collect();
                 let key: Vec<f32> = real
                     .iter()
                     .zip(&scores)
-                    .map(|(&i, (_, lse))| {
-                        logits.get((i, ex)).map_or(f32::NEG_INFINITY, |l| l - lse)
+                    .map(|(&i, (_, m, log1p_r))| {
+                        logits
+                            .get((i, ex))
+                            .map_or(f32::NEG_INFINITY, |l| (l - m) - log1p_r)
                     })
                     .collect();
                 kit::top_k_ranked(&column, &key, cap)
@@ -192,7 +202,7 @@ impl Router for ExpertChoice {
             for &j in p {
                 if let (Some(list), Some(&w)) = (
                     per_token.get_mut(j),
-                    scores.get(j).and_then(|(row, _)| row.get(ex)),
+                    scores.get(j).and_then(|(row, ..)| row.get(ex)),
                 ) {
                     list.push((ex as u32, w));
                 }
@@ -295,6 +305,19 @@ mod tests {
         let mut p = [-200.0f32, 0.0];
         kit::softmax_in_place(&mut p);
         assert_eq!(p[0], 0.0);
+        // Saturated: expert 0's probabilities 1 / (1 + e^-20) and 1 / (1 + e^-30) are both exactly 1.0 in f32; the
+        // second is larger (c = 0.5: C = 1): expert 0 takes token 1, expert 1 token 0 (e^-20 > e^-30).
+        let r = eye_router(2, 0.5);
+        let x = array![[0.0f32, -20.0], [0.0, -30.0]];
+        let mut p = [0.0f32, -20.0];
+        kit::softmax_in_place(&mut p);
+        assert_eq!(p[0], 1.0);
+        let t = r
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token();
+        assert_eq!(t[0].iter().map(|a| a.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(t[1].iter().map(|a| a.0).collect::<Vec<_>>(), vec![0]);
     }
 
     #[test]
