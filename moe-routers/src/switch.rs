@@ -63,7 +63,8 @@
 //! Ranking: the argmax is by probability, then the raw logit, then the lower id ([`kit::rank_cmp`]). Memory:
 //! routing holds one `[T, E]` buffer, the logits (probabilities per token in a scratch row; the losses work on the
 //! logits in place), plus one `[T_real, E]` copy when the plan keeps the logits (`E <= KEEP_LOGITS_MAX_EXPERTS`).
-//! The `probability` drop order compares probabilities across tokens, ties to the lower token.
+//! The `probability` drop orders compare probabilities across tokens, then `Σ_{j ≠ e} e^{l_j − l_max}` (smaller
+//! first: the larger exact probability), then the lower token.
 
 use std::cmp::Reverse;
 
@@ -165,12 +166,15 @@ pub struct SwitchTop1 {
     z_coefficient: f32,
 }
 
-/// The routing choice of one real token: its index, expert and `p_max`.
+/// The routing choice of one real token: its index, expert and `p_max`, and `rest = Σ_{j ≠ expert} e^{l_j − l_max}`
+/// (so `p_max = 1 / (1 + rest)` exactly): the tie-break key of probabilities compared across tokens, which keeps
+/// saturated rows apart (`p_max` is 1.0 in f32 for both when every other logit is ~17 below).
 #[derive(Debug, Clone, Copy)]
 struct Choice {
     token: usize,
     expert: usize,
     weight: f32,
+    rest: f32,
 }
 
 impl SwitchTop1Config {
@@ -403,7 +407,13 @@ impl SwitchTop1 {
         match self.drop {
             DropPolicy::Position => {}
             DropPolicy::Probability | DropPolicy::BatchPrioritized => {
-                choices.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.token.cmp(&b.token)));
+                // Exact-arithmetic order: p_max, then the smaller rest (the larger exact p_max), then the token.
+                choices.sort_by(|a, b| {
+                    b.weight
+                        .total_cmp(&a.weight)
+                        .then(a.rest.total_cmp(&b.rest))
+                        .then(a.token.cmp(&b.token))
+                });
             }
             DropPolicy::Random => {
                 let rng = CounterRng::new(seed, DROP_STREAM);
@@ -411,6 +421,16 @@ impl SwitchTop1 {
             }
         }
     }
+}
+
+/// `Σ_{j ≠ e} e^{l_j − l_e}` of a logits row, in index order (the wgpu kernel sums the same way).
+fn rest_of(row: ArrayView1<'_, f32>, e: usize) -> f32 {
+    let m = row.get(e).copied().unwrap_or(0.0);
+    row.iter()
+        .enumerate()
+        .filter(|&(j, _)| j != e)
+        .map(|(_, &l)| (l - m).exp())
+        .sum()
 }
 
 /// Row-wise softmax in place (`[T, E]`), parallel over rows, each row by [`kit::softmax_in_place`].
@@ -604,6 +624,7 @@ impl Router for SwitchTop1 {
                         token,
                         expert,
                         weight,
+                        rest: rest_of(lrow, expert),
                     }
                 })
             })
@@ -890,6 +911,25 @@ mod tests {
         let t = plan.per_token();
         assert_eq!((t[0][0].0, t[1][0].0), (1, 0));
         assert_eq!(t[0][0].1, 0.5);
+    }
+
+    #[test]
+    fn saturated_probabilities_drop_by_the_exact_order() {
+        // Capacity 1 by probability: p_max is 1.0 in f32 for both tokens; exactly, 1 / (1 + 3 e^-30) of token 1
+        // is larger than 1 / (1 + 3 e^-20) of token 0, so token 0 is dropped (it used to be token 1, the later).
+        let x = array![[20.0f32, 0.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0]];
+        let r = router(
+            SwitchTop1Config {
+                jitter: Some(0.0),
+                drop: Some(DropPolicy::Probability),
+                ..SwitchTop1Config::hf_switch(1)
+            },
+            4,
+        );
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        assert_eq!(plan.per_token()[1][0].1, 1.0);
+        let dropped: Vec<u32> = plan.dropped().iter().map(|a| a.token).collect();
+        assert_eq!(dropped, vec![0]);
     }
 
     #[test]

@@ -232,7 +232,9 @@ fn switch(
     let mut bufs = vec![(1, c.logits.clone()), (3, pad.clone())];
     bufs.extend(choices());
     enc.push(&p.route_switch, &params, bufs, (rx, ry, 1));
+    // switch_capacity reads the logits too: equal f32 probabilities are ordered by the exact ones.
     let mut bufs = choices();
+    bufs.push((1, c.logits.clone()));
     bufs.push((8, groups));
     enc.push(&p.switch_capacity, &params, bufs, (rx, ry, 1));
     Ok(())

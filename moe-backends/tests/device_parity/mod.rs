@@ -765,4 +765,19 @@ pub fn saturated_ties_rank_by_the_logit(b: &Device<'_>) {
     let x = ndarray::array![[0.0f32, 1e-8, 0.0, 0.0], [0.0, 0.0, 1e-8, 0.0]];
     let got = check_on(b, layer, &RouterInput::new(x.view()), b.switch_path).expect("ran");
     assert_eq!(ranked_experts(&got.routing), vec![vec![1], vec![2]]);
+    // Switch capacity 1 by probability: both p_max are 1.0 in f32 (every other logit 20 and 30 below); the exact
+    // p_max = 1 / (1 + 3 e^-30) of token 1 is the larger, so token 0 is dropped.
+    let router = SwitchTop1Config {
+        jitter: Some(0.0),
+        drop: Some(moe_core::DropPolicy::Probability),
+        ..SwitchTop1Config::hf_switch(1)
+    }
+    .build(eye())
+    .expect("router");
+    let layer = MoeLayer::new(Box::new(router), bank(711)).expect("layer");
+    let x = ndarray::array![[20.0f32, 0.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0]];
+    let got = check_on(b, layer, &RouterInput::new(x.view()), b.switch_path).expect("ran");
+    assert_eq!(ranked_experts(&got.routing), vec![vec![], vec![0]]);
+    assert_eq!(got.routing.dropped().len(), 1);
+    assert_eq!(got.routing.dropped()[0].token, 0);
 }
