@@ -1,6 +1,7 @@
-//! Routing memory is O(T·E) once (issue 17, F-05): softmax-topk and Switch hold one `[T, E]` buffer (the logits)
-//! when the plan does not keep them (`E > KEEP_LOGITS_MAX_EXPERTS`), and one more (the probabilities of the
-//! balance loss) when it does. Measured with a counting global allocator: the peak of live bytes during `route`,
+//! Routing memory is O(T·E) once (issue 17, F-05): softmax-topk, Switch and noisy top-k hold one `[T, E]` buffer
+//! (the logits) when the plan does not keep them (`E > KEEP_LOGITS_MAX_EXPERTS`), and softmax-topk and Switch one
+//! more (the probabilities of the balance loss) when it does. (Expert choice holds two: the logits and the
+//! probabilities every expert's column is chosen from.) Measured with a counting global allocator: the peak of live bytes during `route`,
 //! above what was live before, in units of `T · E · 4` bytes.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -13,7 +14,7 @@ struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
-/// One measurement at a time (the test harness runs tests on several threads).
+/// One measurement at a time.
 static ONE: Mutex<()> = Mutex::new(());
 
 // SAFETY: forwards every call to the system allocator unchanged; only counts bytes.
@@ -41,6 +42,11 @@ static GLOBAL: Counting = Counting;
 /// Peak bytes above the start while routing `t` tokens through registry router `name` with `e` experts, in units
 /// of `T · E · 4`.
 fn peak_units(name: &str, options: &[(&str, &str)], t: usize, e: usize) -> f64 {
+    peak_units_in(name, options, t, e, false)
+}
+
+/// [`peak_units`] in eval or in training.
+fn peak_units_in(name: &str, options: &[(&str, &str)], t: usize, e: usize, train: bool) -> f64 {
     let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
     let d = 4;
     let mut args = RouterArgs::new(d, e, 2, 0);
@@ -50,7 +56,14 @@ fn peak_units(name: &str, options: &[(&str, &str)], t: usize, e: usize) -> f64 {
     let router = moe_routers::builtin().create(name, &args).expect("router");
     let x = SeqRng::new(1, 2).normal_matrix(t, d, 1.0);
     let pad: Vec<bool> = (0..t).map(|i| i % 5 == 4).collect();
-    let input = RouterInput::new(x.view()).with_padding(&pad);
+    let mode = if train {
+        moe_core::Mode::Train { seed: 1 }
+    } else {
+        moe_core::Mode::Eval
+    };
+    let input = RouterInput::new(x.view())
+        .with_padding(&pad)
+        .with_mode(mode);
     let start = LIVE.load(Ordering::SeqCst);
     PEAK.store(start, Ordering::SeqCst);
     let plan = router.route(&input).expect("route");
@@ -59,7 +72,14 @@ fn peak_units(name: &str, options: &[(&str, &str)], t: usize, e: usize) -> f64 {
     peak as f64 / (t * e * 4) as f64
 }
 
+/// One test, so that no other test thread allocates while a peak is measured.
 #[test]
+fn routing_holds_one_t_by_e_buffer() {
+    softmax_topk_holds_one_t_by_e_buffer();
+    switch_holds_one_t_by_e_buffer();
+    noisy_topk_holds_one_t_by_e_buffer();
+}
+
 fn softmax_topk_holds_one_t_by_e_buffer() {
     // Not kept: the logits only (the balance loss softmaxes them in place). Kept: logits + probabilities.
     let big = KEEP_LOGITS_MAX_EXPERTS * 2;
@@ -73,7 +93,6 @@ fn softmax_topk_holds_one_t_by_e_buffer() {
     assert!(u <= 2.25, "{u}");
 }
 
-#[test]
 fn switch_holds_one_t_by_e_buffer() {
     let big = KEEP_LOGITS_MAX_EXPERTS * 2;
     let u = peak_units("switch-top1", &[], 128, big);
@@ -82,4 +101,14 @@ fn switch_holds_one_t_by_e_buffer() {
     let u = peak_units("switch-top1", &[], 512, 1024);
     println!("switch-top1 E = 1024 (logits kept): peak {u:.3} x T*E*4");
     assert!(u <= 2.25, "{u}");
+}
+
+fn noisy_topk_holds_one_t_by_e_buffer() {
+    // The clean logits; the noise, noisy logits and f64 load estimates live for 64 tokens at a time.
+    let big = KEEP_LOGITS_MAX_EXPERTS * 2;
+    for train in [false, true] {
+        let u = peak_units_in("noisy-topk", &[], 1024, big, train);
+        println!("noisy-topk E = {big} train = {train}: peak {u:.3} x T*E*4");
+        assert!(u <= 1.6, "{u}");
+    }
 }
