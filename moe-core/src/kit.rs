@@ -1,6 +1,7 @@
 //! The router kit: what a plugin router needs to be as good as a built-in, written once and used by every built-in
-//! router. Seeded gate init ([`init_gate`], [`GATE_STREAM`]), the linear gate ([`gate_logits`]), top-k with the
-//! documented tie order ([`top_k`]), the score functions ([`softmax_in_place`], [`sigmoid`], [`softplus`],
+//! router. Seeded gate init ([`init_gate`], [`GATE_STREAM`]), the linear gate ([`gate_logits`]), top-k and argmax
+//! in the exact-arithmetic order (score, then logit, then lower id: [`rank_cmp`], [`top_k_ranked`],
+//! [`argmax_ranked`], [`top_k`]), the score functions ([`softmax_in_place`], [`sigmoid`], [`softplus`],
 //! [`sqrt_softplus`]), input and parameter checks ([`check_input`], [`check_gate`], [`check_dense_experts`]) and the
 //! limits every router shares ([`MAX_DENSE_EXPERTS`], [`KEEP_LOGITS_MAX_EXPERTS`]).
 //!
