@@ -1,6 +1,7 @@
 //! The router kit: what a plugin router needs to be as good as a built-in, written once and used by every built-in
-//! router. Seeded gate init ([`init_gate`], [`GATE_STREAM`]), the linear gate ([`gate_logits`]), top-k with the
-//! documented tie order ([`top_k`]), the score functions ([`softmax_in_place`], [`sigmoid`], [`softplus`],
+//! router. Seeded gate init ([`init_gate`], [`GATE_STREAM`]), the linear gate ([`gate_logits`]), top-k and argmax
+//! in the exact-arithmetic order (score, then logit, then lower id: [`rank_cmp`], [`top_k_ranked`],
+//! [`argmax_ranked`], [`top_k`]), the score functions ([`softmax_in_place`], [`sigmoid`], [`softplus`],
 //! [`sqrt_softplus`]), input and parameter checks ([`check_input`], [`check_gate`], [`check_dense_experts`]) and the
 //! limits every router shares ([`MAX_DENSE_EXPERTS`], [`KEEP_LOGITS_MAX_EXPERTS`]).
 //!
@@ -44,24 +45,60 @@ pub fn gate_logits(
     Ok(l)
 }
 
-/// Indices of the `k` largest values (`values` is one row, `[E]`), in descending value order. The tie order is
-/// the documented one of every router (docs/ROUTERS.md §1, "Ties"): equal values go to the lower index, so a
-/// selection never depends on the thread count or the sort algorithm. Values are compared with
-/// [`f32::total_cmp`], so the order is total: `-inf` ranks below every number, NaN (which routers never pass: their
-/// inputs are checked) above `+inf`. `k` is clamped to the length. `O(E)` selection plus `O(k log k)` sort.
+/// Indices of the `k` largest values (`values` is one row, `[E]`), in descending value order, ties to the lower
+/// index: [`top_k_ranked`] with the values as their own tie-break key. Use it where the values are the raw logits
+/// (or anything that does not saturate); where a score function of the logits is ranked, use [`top_k_ranked`] with
+/// the logits as the key. `k` is clamped to the length. `O(E)` selection plus `O(k log k)` sort.
 pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
-    let k = k.min(values.len());
+    top_k_ranked(values, values, k)
+}
+
+/// The exact-arithmetic ranking order of every top-k and argmax (docs/ROUTERS.md §1, "Ties"): `a` ranks before `b`
+/// when its f32 `score` is larger, or the scores are equal and its `key` (the raw logit) is larger, or both are
+/// equal and its index is lower. Returns [`Ordering::Less`](std::cmp::Ordering::Less) when `a` ranks first.
+///
+/// Why the second key: the score functions are strictly increasing in the logit, but f32 saturates them (sigmoid is
+/// exactly 1.0 above about 16.7, softmax underflows to 0 about 104 below the row's maximum, sqrt-softplus rounds
+/// alike), so two distinct logits can share one f32 score. The logit breaks that tie as exact arithmetic would, and
+/// the index breaks the remaining ties, so a selection never depends on the thread count, the sort algorithm or
+/// the backend. The key must be strictly increasing where the score is (the logit for softmax / sigmoid /
+/// sqrt-softplus of one row; the log-probability `l − logsumexp(l)` when scores of different rows are compared);
+/// with an additive per-expert bias the score is `s + b` and the key stays the logit (exact when the biases are
+/// equal, a deterministic tie-break otherwise). Values are compared with [`f32::total_cmp`]: `-inf` ranks below
+/// every number, NaN (which routers never pass: their inputs are checked) above `+inf`. Indices outside either
+/// slice rank as `-inf` would.
+pub fn rank_cmp(score: &[f32], key: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
+    let s = |i: usize| score.get(i).copied().unwrap_or(f32::NEG_INFINITY);
+    let l = |i: usize| key.get(i).copied().unwrap_or(f32::NEG_INFINITY);
+    s(b).total_cmp(&s(a))
+        .then(l(b).total_cmp(&l(a)))
+        .then(a.cmp(&b))
+}
+
+/// Indices of the `k` best entries of one row by the exact-arithmetic order [`rank_cmp`] (`score` and `key` are
+/// `[E]`: the selection score and the raw logit), best first. `k` is clamped to the length of `score`. `O(E)`
+/// selection plus `O(k log k)` sort; the result depends only on the values, never on the algorithm.
+pub fn top_k_ranked(score: &[f32], key: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(score.len());
     if k == 0 {
         return Vec::new();
     }
-    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
-    let mut idx: Vec<usize> = (0..values.len()).collect();
+    let cmp = |a: &usize, b: &usize| rank_cmp(score, key, *a, *b);
+    let mut idx: Vec<usize> = (0..score.len()).collect();
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);
+        // The result holds k indices, not the E of the scratch: a router keeping one per token stays O(T·k).
+        idx.shrink_to_fit();
     }
     idx.sort_unstable_by(cmp);
     idx
+}
+
+/// The best index of one row by [`rank_cmp`] (`None` for an empty row): the argmax of `score`, ties broken by the
+/// larger `key`, then the lower index.
+pub fn argmax_ranked(score: &[f32], key: &[f32]) -> Option<usize> {
+    (0..score.len()).min_by(|&a, &b| rank_cmp(score, key, a, b))
 }
 
 /// In-place softmax of one row (`[E]` or `[k]`): `p_i = e^{l_i − m} / Σ_j e^{l_j − m}` with `m = max_j l_j`, in
@@ -202,6 +239,36 @@ mod tests {
         let v = [2.0f32, 1.0, 2.0, 1.0, 2.0, 1.0];
         assert_eq!(top_k(&v, 4), vec![0, 2, 4, 1]);
         assert!(top_k(&v, 0).is_empty());
+    }
+
+    #[test]
+    fn ranking_breaks_saturated_ties_by_the_logit() {
+        // DeepSeek-V3's saturation rows (case fidelity/sigmoid-saturation): sigmoid is exactly 1.0 for both large
+        // logits, the logit decides: experts 1, 3, 0.
+        for (row, best) in [
+            ([18.0f32, 20.0, 0.0, 0.0], 1),
+            ([17.0, 0.0, 0.0, 25.0], 3),
+            ([25.0, 0.0, 0.0, 17.0], 0),
+        ] {
+            let s: Vec<f32> = row.iter().map(|&l| sigmoid(l)).collect();
+            assert_eq!(
+                s.iter().filter(|&&v| v == 1.0).count(),
+                2,
+                "{row:?} saturates"
+            );
+            assert_eq!(top_k_ranked(&s, &row, 1), vec![best]);
+            assert_eq!(argmax_ranked(&s, &row), Some(best));
+            assert_eq!(top_k_ranked(&s, &row, 4)[0], best);
+        }
+        // Softmax underflow: both far entries are exactly 0, the larger logit ranks first.
+        let mut p = [0.0f32, -200.0, -150.0];
+        let l = p;
+        softmax_in_place(&mut p);
+        assert_eq!((p[1], p[2]), (0.0, 0.0));
+        assert_eq!(top_k_ranked(&p, &l, 3), vec![0, 2, 1]);
+        // Equal score and key: the lower index; an empty row has no argmax.
+        assert_eq!(top_k_ranked(&[1.0, 1.0], &[2.0, 2.0], 2), vec![0, 1]);
+        assert_eq!(argmax_ranked(&[], &[]), None);
     }
 
     #[test]

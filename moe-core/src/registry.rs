@@ -358,6 +358,12 @@ impl RouterEntry {
             .collect())
     }
 
+    /// The axes of [`RouterEntry::option_grid`]: each finite-valued option (enum or bool) not set in `base`, with
+    /// its values as JSON, in grid order (the first varies fastest).
+    pub fn option_axes(&self, base: &RouterArgs) -> Vec<(&'static str, Vec<Value>)> {
+        self.grid_axes(base)
+    }
+
     /// The finite-valued options not set in `base`, with their values as JSON (grid order: the first varies fastest).
     fn grid_axes(&self, base: &RouterArgs) -> Vec<(&'static str, Vec<Value>)> {
         self.options

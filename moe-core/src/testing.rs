@@ -272,6 +272,127 @@ pub fn check_registered(
     Ok(check)
 }
 
+/// What [`check_options_take_effect`] went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionAudit {
+    /// Option combinations enumerated.
+    pub combinations: usize,
+    /// Combinations the factory accepted.
+    pub built: usize,
+    /// (option, combination of the others) lines on which at least two values built and were compared.
+    pub compared: usize,
+}
+
+/// A plan's observable result as text: each token's (expert, weight, rank), the dropped assignments and the
+/// auxiliary losses with their coefficients. Two plans with equal fingerprints route identically.
+pub fn routing_fingerprint(r: &crate::routing::Routing) -> String {
+    let mut dropped: Vec<(u32, u32)> = r.dropped().iter().map(|a| (a.token, a.expert)).collect();
+    dropped.sort_unstable();
+    format!("{:?} / {dropped:?} / {:?}", r.per_token(), r.aux_losses())
+}
+
+/// The option audit of registry entry `name` ("no silently ignored option"): over every combination of its
+/// finite-valued options ([`RouterEntry::option_axes`](crate::registry::RouterEntry::option_axes), each also unset)
+/// and of the `numeric` values given (each also unset), not counting the options `args` sets or `exempt` names,
+/// each combination is built and observed with `observe` (which routes the inputs the caller chose and returns
+/// their [`routing_fingerprint`]s, plus whatever else the options may change, such as the parameter names). Then
+/// for each option and each combination of the others: when two or more of its values build (its explicit values;
+/// for a numeric option also unset, the default), they must not all be observed the same, or the option is silently
+/// ignored there and that combination should be refused. Refusals must be [`MoeError::InvalidConfig`] or
+/// [`MoeError::TopK`]; `numeric` values should differ from their defaults.
+///
+/// # Errors
+/// A description of the first option found ignored (naming the option, its values and the other options), of an
+/// unexpected error, or of a grid over [`MAX_OPTION_GRID`](crate::registry::MAX_OPTION_GRID) combinations.
+pub fn check_options_take_effect(
+    registry: &RouterRegistry,
+    name: &str,
+    args: &RouterArgs,
+    numeric: &[(&'static str, Vec<serde_json::Value>)],
+    exempt: &[&str],
+    observe: &dyn Fn(&dyn Router) -> Result<String, MoeError>,
+) -> Result<OptionAudit, String> {
+    let entry = registry
+        .get(name)
+        .ok_or_else(|| format!("{name} is not registered"))?;
+    let mut axes: Vec<(&'static str, Vec<serde_json::Value>, bool)> = entry
+        .option_axes(args)
+        .into_iter()
+        .map(|(n, v)| (n, v, false))
+        .collect();
+    axes.extend(
+        numeric
+            .iter()
+            .filter(|(n, _)| !args.options.contains_key(*n))
+            .map(|(n, v)| (*n, v.clone(), true)),
+    );
+    axes.retain(|(n, ..)| !exempt.contains(n));
+    let size = axes
+        .iter()
+        .try_fold(1usize, |n, (_, v, _)| n.checked_mul(v.len() + 1))
+        .filter(|&n| n <= crate::registry::MAX_OPTION_GRID)
+        .ok_or_else(|| format!("{name}: the option grid is too large"))?;
+    let combo = |mut i: usize| {
+        let mut a = args.clone();
+        for (n, values, _) in &axes {
+            let digit = i % (values.len() + 1);
+            i /= values.len() + 1;
+            if let Some(v) = digit.checked_sub(1).and_then(|j| values.get(j)) {
+                a.options.insert((*n).to_string(), v.clone());
+            }
+        }
+        a
+    };
+    let mut seen: Vec<Option<String>> = Vec::with_capacity(size);
+    for i in 0..size {
+        let a = combo(i);
+        let opts = serde_json::Value::Object(a.options.clone());
+        seen.push(match registry.create(name, &a) {
+            Ok(r) => Some(
+                observe(r.as_ref()).map_err(|e| format!("{name} {opts}: built but failed: {e}"))?,
+            ),
+            Err(MoeError::InvalidConfig { .. } | MoeError::TopK { .. }) => None,
+            Err(e) => return Err(format!("{name} {opts}: {e}")),
+        });
+    }
+    let mut audit = OptionAudit {
+        combinations: size,
+        built: seen.iter().flatten().count(),
+        compared: 0,
+    };
+    let mut stride = 1usize;
+    for (n, values, numeric) in &axes {
+        let radix = values.len() + 1;
+        for i in (0..size).filter(|i| (i / stride).is_multiple_of(radix)) {
+            let first = usize::from(!*numeric);
+            let built: Vec<(usize, &String)> = (first..radix)
+                .filter_map(|d| seen.get(i + d * stride)?.as_ref().map(|f| (d, f)))
+                .collect();
+            if built.len() < 2 {
+                continue;
+            }
+            audit.compared += 1;
+            if built.iter().all(|(_, f)| *f == built[0].1) {
+                let shown: Vec<String> = built
+                    .iter()
+                    .map(|(d, _)| {
+                        d.checked_sub(1)
+                            .and_then(|j| values.get(j))
+                            .map_or("unset".into(), |v| v.to_string())
+                    })
+                    .collect();
+                let others = serde_json::Value::Object(combo(i).options);
+                return Err(format!(
+                    "{name}: option {n} is ignored with {others}: values {} all route the same and none is refused",
+                    shown.join(", ")
+                ));
+            }
+        }
+        stride *= radix;
+    }
+    Ok(audit)
+}
+
 /// A router that returns the same plan for every input (of the right width): lets a backend test control exactly
 /// which experts get which tokens, including experts with none. It has no [`RouterSpec`](crate::router::RouterSpec),
 /// so backends run it on the host path.

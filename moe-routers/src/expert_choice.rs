@@ -153,26 +153,48 @@ impl Router for ExpertChoice {
         }
         let logits = kit::gate_logits(input.hidden, self.gate.view(), None)?;
         let real: Vec<usize> = (0..t).filter(|&i| !input.is_padding(i)).collect();
-        // S over experts, one row per real token, in f32 as every reference computes router probabilities.
-        let scores: Vec<Vec<f32>> = real
+        // S over experts, one row per real token, in f32 as every reference computes router probabilities, and
+        // each row's `lse = m + log1p(r)` (m the row maximum, r = Σ e^{l_j − m} over all but its first maximum):
+        // `(l − m) − log1p(r)`, the log-probability, is the exact-arithmetic tie-break key of probabilities compared
+        // across tokens. It is strictly increasing in the true probability, never underflows as the f32
+        // probability does, and keeps saturated rows apart (p = 1.0 in f32 for both, r = e^-20 vs e^-30).
+        let scores: Vec<(Vec<f32>, f32, f32)> = real
             .par_iter()
             .map(|&i| {
                 let mut row = logits.row(i).to_vec();
+                let top = kit::argmax_ranked(&row, &row).unwrap_or(0);
+                let m = row.get(top).copied().unwrap_or(0.0);
+                let r: f32 = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != top)
+                    .map(|(_, &l)| (l - m).exp())
+                    .sum();
                 kit::softmax_in_place(&mut row);
-                row
+                (row, m, r.ln_1p())
             })
             .collect();
         let cap = self.capacity(real.len());
-        // Each expert's top C of its column (positions into `real`, which is ascending, so ties go to the lower
-        // token index). Experts are independent: the same picks on any thread count.
+        // Each expert's top C of its column by the exact-arithmetic order (probability, log-probability, then the
+        // position into `real`, which is ascending, so ties go to the lower token index). Experts are independent:
+        // the same picks on any thread count.
         let picks: Vec<Vec<usize>> = (0..e)
             .into_par_iter()
             .map(|ex| {
                 let column: Vec<f32> = scores
                     .iter()
-                    .map(|row| row.get(ex).copied().unwrap_or(0.0))
+                    .map(|(row, ..)| row.get(ex).copied().unwrap_or(0.0))
                     .collect();
-                kit::top_k(&column, cap)
+                let key: Vec<f32> = real
+                    .iter()
+                    .zip(&scores)
+                    .map(|(&i, (_, m, log1p_r))| {
+                        logits
+                            .get((i, ex))
+                            .map_or(f32::NEG_INFINITY, |l| (l - m) - log1p_r)
+                    })
+                    .collect();
+                kit::top_k_ranked(&column, &key, cap)
             })
             .collect();
         let mut per_token: Vec<Vec<(u32, f32)>> = vec![Vec::new(); real.len()];
@@ -180,7 +202,7 @@ impl Router for ExpertChoice {
             for &j in p {
                 if let (Some(list), Some(&w)) = (
                     per_token.get_mut(j),
-                    scores.get(j).and_then(|row| row.get(ex)),
+                    scores.get(j).and_then(|(row, ..)| row.get(ex)),
                 ) {
                     list.push((ex as u32, w));
                 }
@@ -188,7 +210,14 @@ impl Router for ExpertChoice {
         }
         let mut kept = Vec::with_capacity(cap.saturating_mul(e));
         for (list, &token) in per_token.iter_mut().zip(&real) {
-            list.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            // A token's experts in rank order: probability, then the logit, then the lower id.
+            let lrow = logits.row(token);
+            let l = |ex: u32| lrow.get(ex as usize).copied().unwrap_or(f32::NEG_INFINITY);
+            list.sort_by(|a, b| {
+                b.1.total_cmp(&a.1)
+                    .then(l(b.0).total_cmp(&l(a.0)))
+                    .then(a.0.cmp(&b.0))
+            });
             for (rank, &(expert, weight)) in list.iter().enumerate() {
                 kept.push(Assignment {
                     token: token as u32,
@@ -260,6 +289,35 @@ mod tests {
         assert!((t[2][0].1 - 0.75).abs() < 1e-6);
         assert!(plan.aux_losses().is_empty());
         assert_eq!(plan.logits(), Some(&x));
+    }
+
+    #[test]
+    fn underflowed_probabilities_rank_by_the_log_probability() {
+        // E = 2, c = 1, T = 2: C = 1. Expert 1's probabilities e^{-200} and e^{-150} are both exactly 0 in f32;
+        // the exact order (log-probability -150 above -200) gives expert 1 token 1.
+        let r = eye_router(2, 1.0);
+        let x = array![[0.0f32, -200.0], [0.0, -150.0]];
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        let t = plan.per_token();
+        assert_eq!(t[1].iter().map(|a| a.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(t[0].iter().map(|a| a.0).collect::<Vec<_>>(), vec![0]);
+        // Without the tie-break key both would go to the lower token.
+        let mut p = [-200.0f32, 0.0];
+        kit::softmax_in_place(&mut p);
+        assert_eq!(p[0], 0.0);
+        // Saturated: expert 0's probabilities 1 / (1 + e^-20) and 1 / (1 + e^-30) are both exactly 1.0 in f32; the
+        // second is larger (c = 0.5: C = 1): expert 0 takes token 1, expert 1 token 0 (e^-20 > e^-30).
+        let r = eye_router(2, 0.5);
+        let x = array![[0.0f32, -20.0], [0.0, -30.0]];
+        let mut p = [0.0f32, -20.0];
+        kit::softmax_in_place(&mut p);
+        assert_eq!(p[0], 1.0);
+        let t = r
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token();
+        assert_eq!(t[0].iter().map(|a| a.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(t[1].iter().map(|a| a.0).collect::<Vec<_>>(), vec![0]);
     }
 
     #[test]

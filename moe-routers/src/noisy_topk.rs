@@ -213,29 +213,66 @@ impl NoisyTopK {
     /// Clean logits `[T, E]` and every token's gates, in token order. Tokens are independent and their noise is
     /// counter-based, so the result is the same on any thread count.
     fn forward(&self, input: &RouterInput<'_>) -> Result<(Array2<f32>, Vec<TokenGates>), MoeError> {
+        let clean = self.clean_logits(input)?;
+        let tokens = self.gates(input, &clean, 0..input.n_tokens(), true)?;
+        Ok((clean, tokens))
+    }
+
+    /// The checked clean logits `[T, E]` of `input`.
+    fn clean_logits(&self, input: &RouterInput<'_>) -> Result<Array2<f32>, MoeError> {
         let e = self.n_experts();
         kit::check_input(input, self.d_model(), e, self.k)?;
-        let t = input.n_tokens();
-        check_size(t, e)?;
-        let clean = kit::gate_logits(input.hidden, self.gate.view(), None)?;
+        check_size(input.n_tokens(), e)?;
+        kit::gate_logits(input.hidden, self.gate.view(), None)
+    }
+
+    /// The gates of tokens `rows` (their noise logits computed for these rows only, so routing in blocks holds
+    /// `O(block · E)` of them); `keep_noisy = false` drops each token's noisy row once its choice is made.
+    fn gates(
+        &self,
+        input: &RouterInput<'_>,
+        clean: &Array2<f32>,
+        rows: std::ops::Range<usize>,
+        keep_noisy: bool,
+    ) -> Result<Vec<TokenGates>, MoeError> {
+        let start = rows.start;
         let noise = match input.mode {
             Mode::Eval => None,
             Mode::Train { seed } => {
-                let raw = input.hidden.dot(&self.noise.t());
-                check_finite("noise logits", raw.view())?;
+                let raw = input
+                    .hidden
+                    .slice(ndarray::s![rows.clone(), ..])
+                    .dot(&self.noise.t());
+                check_finite("noise logits", raw.view()).map_err(|e| match e {
+                    MoeError::NonFinite {
+                        tensor,
+                        token,
+                        column,
+                        value,
+                    } => MoeError::NonFinite {
+                        tensor,
+                        token: token + start,
+                        column,
+                        value,
+                    },
+                    e => e,
+                })?;
                 Some((raw, CounterRng::new(seed, NOISE_STREAM)))
             }
         };
-        let results: Vec<Result<TokenGates, MoeError>> = (0..t)
+        let results: Vec<Result<TokenGates, MoeError>> = rows
             .into_par_iter()
             .map(|i| {
-                let raw = noise.as_ref().map(|(raw, rng)| (raw.row(i), rng));
-                self.route_token(i, clean.row(i), raw)
+                let raw = noise.as_ref().map(|(raw, rng)| (raw.row(i - start), rng));
+                let mut g = self.route_token(i, clean.row(i), raw)?;
+                if !keep_noisy {
+                    g.noisy = Vec::new();
+                }
+                Ok(g)
             })
             .collect();
         // The first error in token order, whatever the thread count.
-        let tokens = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        Ok((clean, tokens))
+        results.into_iter().collect()
     }
 
     /// One token: noisy logits, KeepTopK, softmax, and in training the smooth load estimate.
@@ -285,6 +322,9 @@ impl NoisyTopK {
         })
     }
 }
+
+/// Tokens whose per-token rows (noise, noisy logits, load estimates) [`Router::route`] holds at once.
+const ROUTE_BLOCK: usize = 64;
 
 /// Checks that `T · E` stays below [`MAX_SCORE_VALUES`].
 fn check_size(t: usize, e: usize) -> Result<(), MoeError> {
@@ -378,14 +418,23 @@ impl Router for NoisyTopK {
         ]
     }
 
+    /// Memory: one `[T, E]` buffer, the clean logits; the noise logits, noisy logits and training load estimates
+    /// (f64) live for a block of [`ROUTE_BLOCK`] tokens at a time, and the loss sums run in token order as before.
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
-        let (clean, tokens) = self.forward(input)?;
+        let clean = self.clean_logits(input)?;
         let (t, e) = clean.dim();
         let mut kept = Vec::with_capacity(t.saturating_mul(self.k));
         let mut importance = vec![0.0f64; e];
         let mut load = vec![0.0f64; e];
         let mut n_real = 0usize;
-        for (i, g) in tokens.iter().enumerate() {
+        let mut tokens = Vec::new();
+        for i in 0..t {
+            if i % ROUTE_BLOCK == 0 {
+                tokens = self.gates(input, &clean, i..(i + ROUTE_BLOCK).min(t), false)?;
+            }
+            let Some(g) = tokens.get(i % ROUTE_BLOCK) else {
+                continue;
+            };
             if input.is_padding(i) {
                 continue;
             }

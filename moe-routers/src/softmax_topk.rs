@@ -2,6 +2,12 @@
 //! (score then top-k, or top-k of logits then softmax), renormalisation, routed scaling factor, group-limited
 //! selection with top-2-sum group scores, a selection-only correction bias and its aux-loss-free update rule.
 //! Presets: `mixtral`, `qwen2_moe`, `olmoe`, `granite`, `deepseek_v3`.
+//!
+//! Ranking: every top-k (experts, groups) uses the exact-arithmetic order of [`kit::rank_cmp`]: the selection value
+//! (score, plus the correction bias when set), then the raw logit, then the lower id, so distinct logits never tie
+//! through f32 saturation. Memory: routing holds one `[T, E]` buffer, the logits (the balance loss softmaxes them
+//! in place), plus per-thread `[E]` scratch rows and `O(T·k)` choices; when the plan keeps the logits
+//! (`E <= KEEP_LOGITS_MAX_EXPERTS`) one more `[T_real, E]` buffer holds the probabilities of the balance loss.
 
 use ndarray::{Array1, Array2, ArrayView1};
 use rayon::prelude::*;
@@ -43,7 +49,8 @@ moe_core::router_options! {
         score: ScoreFn = ScoreFn::Softmax,
         /// Score all experts then take the top k, or take the top k of the logits then softmax over the k.
         order: TopKOrder = TopKOrder::ScoreThenTopK,
-        /// Renormalise the k weights to sum 1.
+        /// Renormalise the k weights to sum 1 (score_then_top_k). With top_k_then_softmax the softmax over the k
+        /// already sums to 1: `true` is accepted, `false` refused (a preset's `false` is overridden by the order).
         renormalize: bool = true,
         /// Routed scaling factor, applied after renormalisation.
         scaling: f32 = 1.0,
@@ -140,13 +147,23 @@ impl SoftmaxTopKConfig {
                 ));
             }
         };
+        let top_k_then_softmax = c.order() == TopKOrder::TopKThenSoftmax;
+        if top_k_then_softmax && self.renormalize == Some(false) {
+            return Err(MoeError::config(
+                "renormalize",
+                false,
+                "has no effect with order = top_k_then_softmax (the softmax over the k weights already sums to 1); \
+                 leave it unset or use order = score_then_top_k",
+            ));
+        }
         let spec = TopKSpec {
             gate,
             gate_bias: None,
             k: c.k.unwrap_or(default_k),
             score: c.score(),
             order: c.order(),
-            renormalize: c.renormalize(),
+            // A preset's `renormalize = false` is overridden by an explicit top_k_then_softmax order.
+            renormalize: c.renormalize() || top_k_then_softmax,
             scaling: c.scaling(),
             groups,
             correction_bias: c.correction_bias().then(|| Array1::zeros(e)),
@@ -163,7 +180,7 @@ impl SoftmaxTopK {
     ///
     /// # Errors
     /// [`MoeError::TopK`] for `k = 0` or `k > E`; [`MoeError::InvalidConfig`] for a non-finite gate, scaling or
-    /// bias, `top_k_then_softmax` with a non-softmax score, groups that do not divide `E`, `topk_group` outside
+    /// bias, `top_k_then_softmax` with a non-softmax score or without renormalisation (it would be ignored), groups that do not divide `E`, `topk_group` outside
     /// `1..=n_group`, or fewer than `k` experts in the kept groups; [`MoeError::Shape`] for bias lengths.
     pub fn new(spec: TopKSpec) -> Result<Self, MoeError> {
         kit::check_gate("gate.weight", &spec.gate)?;
@@ -186,6 +203,13 @@ impl SoftmaxTopK {
                 "order",
                 "top_k_then_softmax",
                 "needs score = softmax",
+            ));
+        }
+        if spec.order == TopKOrder::TopKThenSoftmax && !spec.renormalize {
+            return Err(MoeError::config(
+                "renormalize",
+                false,
+                "has no effect with order = top_k_then_softmax (the softmax over the k weights already sums to 1)",
             ));
         }
         for (name, b) in [
@@ -312,49 +336,52 @@ impl SoftmaxTopK {
         Ok(())
     }
 
-    /// The experts and weights of one token, from its logits row (`[E]`), in selection order.
+    /// The experts and weights of one token, from its logits row (`[E]`), in selection order. `sel` and
+    /// `scores` are per-thread scratch rows (`[E]` each, reused across tokens). Ranking is the exact-arithmetic
+    /// order of [`kit::rank_cmp`]: the selection value (the score, or the logit for `top_k_then_softmax`, plus the
+    /// correction bias when set), then the raw logit, then the lower id.
     fn route_token(
         &self,
         logits: ArrayView1<'_, f32>,
-        scratch: &mut Vec<f32>,
+        (sel, scores): &mut (Vec<f32>, Vec<f32>),
     ) -> (Vec<usize>, Vec<f32>) {
         let s = &self.spec;
-        let e = logits.len();
-        scratch.clear();
+        let key: Vec<f32>;
+        let key: &[f32] = match logits.as_slice() {
+            Some(row) => row,
+            None => {
+                key = logits.to_vec();
+                &key
+            }
+        };
+        scores.clear();
+        scores.extend_from_slice(key);
+        if s.order == TopKOrder::ScoreThenTopK {
+            match s.score {
+                ScoreFn::Softmax => kit::softmax_in_place(scores),
+                ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = kit::sigmoid(*v)),
+                ScoreFn::SqrtSoftplus => {
+                    scores.iter_mut().for_each(|v| *v = kit::sqrt_softplus(*v))
+                }
+            }
+        }
+        sel.clear();
+        sel.extend_from_slice(scores);
+        if let Some(b) = &s.correction_bias {
+            for (v, bb) in sel.iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+        let idx = select(sel, key, s.groups, s.k);
+        let mut w: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
         match s.order {
             TopKOrder::TopKThenSoftmax => {
-                scratch.extend(logits.iter().copied());
-                if let Some(b) = &s.correction_bias {
-                    for (v, bb) in scratch.iter_mut().zip(b) {
-                        *v += bb;
-                    }
-                }
-                let idx = select(scratch, s.groups, s.k);
-                let mut w: Vec<f32> = idx.iter().map(|&i| logits[i]).collect();
                 kit::softmax_in_place(&mut w);
                 for v in &mut w {
                     *v *= s.scaling;
                 }
-                (idx, w)
             }
             TopKOrder::ScoreThenTopK => {
-                let mut scores: Vec<f32> = logits.to_vec();
-                match s.score {
-                    ScoreFn::Softmax => kit::softmax_in_place(&mut scores),
-                    ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = kit::sigmoid(*v)),
-                    ScoreFn::SqrtSoftplus => {
-                        scores.iter_mut().for_each(|v| *v = kit::sqrt_softplus(*v))
-                    }
-                }
-                scratch.extend(scores.iter().copied());
-                if let Some(b) = &s.correction_bias {
-                    for (v, bb) in scratch.iter_mut().zip(b) {
-                        *v += bb;
-                    }
-                }
-                debug_assert_eq!(scratch.len(), e);
-                let idx = select(scratch, s.groups, s.k);
-                let mut w: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
                 if s.renormalize {
                     let sum: f32 = w.iter().sum::<f32>() + 1e-20;
                     for v in &mut w {
@@ -366,22 +393,31 @@ impl SoftmaxTopK {
                         *v *= s.scaling;
                     }
                 }
-                (idx, w)
             }
         }
+        (idx, w)
     }
 }
 
-/// Top-k of `sel` after group-limited masking: each group's score is the sum of its top-2 values (top-1 for groups
-/// of one); only the `topk_group` best groups (ties to the lower group) stay eligible; masked experts get `-inf`.
-fn select(sel: &mut [f32], groups: Option<GroupLimit>, k: usize) -> Vec<usize> {
+/// Top-k of `sel` (`[E]`, the selection values) with `key` (`[E]`, the raw logits) as the exact-arithmetic
+/// tie-break ([`kit::rank_cmp`]), after group-limited masking: each group's score is the sum of its top-2
+/// selection values (top-1 for groups of one), its key the sum of those experts' logits; only the `topk_group`
+/// best groups by (score, key, lower group) stay eligible; masked experts get `-inf`.
+fn select(sel: &mut [f32], key: &[f32], groups: Option<GroupLimit>, k: usize) -> Vec<usize> {
     if let Some(g) = groups {
         let size = sel.len() / g.n_group;
-        let group_scores: Vec<f32> = sel
+        let (group_scores, group_keys): (Vec<f32>, Vec<f32>) = sel
             .chunks(size)
-            .map(|c| kit::top_k(c, 2).iter().map(|&i| c[i]).sum())
-            .collect();
-        let keep = kit::top_k(&group_scores, g.topk_group);
+            .zip(key.chunks(size))
+            .map(|(c, l)| {
+                let top = kit::top_k_ranked(c, l, 2);
+                (
+                    top.iter().map(|&i| c[i]).sum::<f32>(),
+                    top.iter().map(|&i| l[i]).sum::<f32>(),
+                )
+            })
+            .unzip();
+        let keep = kit::top_k_ranked(&group_scores, &group_keys, g.topk_group);
         let mut kept = vec![false; g.n_group];
         for i in keep {
             kept[i] = true;
@@ -392,7 +428,7 @@ fn select(sel: &mut [f32], groups: Option<GroupLimit>, k: usize) -> Vec<usize> {
             }
         }
     }
-    kit::top_k(sel, k)
+    kit::top_k_ranked(sel, key, k)
 }
 
 impl Router for SoftmaxTopK {
@@ -456,7 +492,7 @@ impl Router for SoftmaxTopK {
         let e = self.n_experts();
         kit::check_input(input, self.d_model(), e, self.spec.k)?;
         let t = input.n_tokens();
-        let logits = kit::gate_logits(
+        let mut logits = kit::gate_logits(
             input.hidden,
             self.spec.gate.view(),
             self.spec.gate_bias.as_ref(),
@@ -464,7 +500,7 @@ impl Router for SoftmaxTopK {
         // Tokens are independent: parallel over rows, each row computed the same way on any thread count.
         let per_token: Vec<Option<(Vec<usize>, Vec<f32>)>> = (0..t)
             .into_par_iter()
-            .map_init(Vec::new, |scratch, i| {
+            .map_init(<(Vec<f32>, Vec<f32>)>::default, |scratch, i| {
                 (!input.is_padding(i)).then(|| self.route_token(logits.row(i), scratch))
             })
             .collect();
@@ -485,23 +521,61 @@ impl Router for SoftmaxTopK {
             }
         }
         let mut routing = Routing::new(t, e, real.len(), kept, Vec::new())?;
-        // Load-balancing loss over the real tokens, with probabilities softmax(logits) as every reference uses.
-        let mut probs = logits.select(ndarray::Axis(0), &real);
-        for mut row in probs.outer_iter_mut() {
-            if let Some(r) = row.as_slice_mut() {
-                kit::softmax_in_place(r);
-            }
-        }
-        let lb = loss::load_balance(probs.view(), &counts, self.spec.k, self.lb_norm);
+        let keep_logits = e <= KEEP_LOGITS_MAX_EXPERTS;
+        let lb = self.balance_loss(&mut logits, &real, &counts, keep_logits);
         routing.push_aux(AuxLoss {
             kind: AuxLossKind::LoadBalance(self.lb_norm),
             value: lb,
             coefficient: self.aux_coefficient,
         });
-        if e <= KEEP_LOGITS_MAX_EXPERTS {
+        if keep_logits {
             routing.set_logits(logits);
         }
         Ok(routing)
+    }
+}
+
+impl SoftmaxTopK {
+    /// The load-balancing loss over the real tokens, with probabilities `softmax(logits)` as every reference uses.
+    /// When the logits are not kept (`keep = false`) the probabilities are computed in place in `logits` (real rows
+    /// moved to the front first), so routing holds one `[T, E]` buffer; when they are kept, one copy of the real
+    /// rows holds the probabilities (two `[T, E]` buffers, `E <= KEEP_LOGITS_MAX_EXPERTS`).
+    fn balance_loss(
+        &self,
+        logits: &mut Array2<f32>,
+        real: &[usize],
+        counts: &[usize],
+        keep: bool,
+    ) -> f32 {
+        if keep {
+            let mut probs = logits.select(ndarray::Axis(0), real);
+            softmax_rows(&mut probs);
+            return loss::load_balance(probs.view(), counts, self.spec.k, self.lb_norm);
+        }
+        for (r, &i) in real.iter().enumerate() {
+            if r != i {
+                let (mut dst, src) =
+                    logits.multi_slice_mut((ndarray::s![r, ..], ndarray::s![i, ..]));
+                dst.assign(&src);
+            }
+        }
+        let mut probs = logits.slice_mut(ndarray::s![..real.len(), ..]);
+        softmax_rows(&mut probs);
+        loss::load_balance(probs.view(), counts, self.spec.k, self.lb_norm)
+    }
+}
+
+/// Row-wise softmax in place (`[T, E]`).
+fn softmax_rows<S: ndarray::DataMut<Elem = f32>>(m: &mut ndarray::ArrayBase<S, ndarray::Ix2>) {
+    for mut row in m.outer_iter_mut() {
+        match row.as_slice_mut() {
+            Some(r) => kit::softmax_in_place(r),
+            None => {
+                let mut v = row.to_vec();
+                kit::softmax_in_place(&mut v);
+                row.assign(&ArrayView1::from(&v[..]));
+            }
+        }
     }
 }
 
@@ -699,5 +773,70 @@ mod tests {
         assert_eq!(plan.n_slots(), 2);
         assert_eq!(plan.n_real_tokens(), 1);
         assert!(plan.per_token()[1].is_empty());
+    }
+
+    /// The rows of case `fidelity/sigmoid-saturation` (DeepSeek-V3, identity gate, k 1): f32 sigmoid is exactly
+    /// 1.0 for both large logits of each row; the larger logit has the larger exact score, so experts 1, 3, 0.
+    fn saturated_rows() -> Array2<f32> {
+        array![
+            [18.0f32, 20.0, 0.0, 0.0],
+            [17.0, 0.0, 0.0, 25.0],
+            [25.0, 0.0, 0.0, 17.0]
+        ]
+    }
+
+    fn top1(r: &SoftmaxTopK, x: &Array2<f32>) -> Vec<usize> {
+        r.route(&RouterInput::new(x.view()))
+            .expect("route")
+            .per_token()
+            .iter()
+            .map(|t| t[0].0)
+            .collect()
+    }
+
+    #[test]
+    fn sigmoid_saturation_ranks_by_the_logit() {
+        let x = saturated_rows();
+        assert_eq!(kit::sigmoid(18.0), 1.0);
+        let ds = SoftmaxTopKConfig {
+            n_group: Some(1),
+            topk_group: Some(1),
+            ..TopKPreset::DeepseekV3.config()
+        };
+        assert_eq!(top1(&router(eye(4), ds.clone(), 1), &x), vec![1, 3, 0]);
+        // With groups of 2 (the group scores tie at 2.0 as well, the group key decides) and equal biases.
+        let grouped = SoftmaxTopKConfig {
+            n_group: Some(2),
+            topk_group: Some(1),
+            ..ds.clone()
+        };
+        let r = router(eye(4), grouped, 1)
+            .with_correction_bias(array![0.1f32, 0.1, 0.1, 0.1])
+            .expect("bias");
+        assert_eq!(top1(&r, &x), vec![1, 3, 0]);
+        // sigmoid and sqrt-softplus underflow: every score of these rows is exactly 0, the logit decides.
+        let low = array![
+            [-300.0f32, -200.0, -400.0, -500.0],
+            [-500.0, -400.0, -300.0, -200.0]
+        ];
+        assert_eq!(
+            (kit::sigmoid(-200.0), kit::sqrt_softplus(-200.0)),
+            (0.0, 0.0)
+        );
+        for score in [ScoreFn::Sigmoid, ScoreFn::SqrtSoftplus] {
+            let cfg = SoftmaxTopKConfig {
+                score: Some(score),
+                ..Default::default()
+            };
+            assert_eq!(top1(&router(eye(4), cfg, 1), &low), vec![1, 3], "{score:?}");
+        }
+        let under = array![[0.0f32, -200.0, -150.0, -300.0]];
+        let r = router(eye(4), TopKPreset::Qwen2Moe.config(), 3);
+        let t = r
+            .route(&RouterInput::new(under.view()))
+            .expect("route")
+            .per_token();
+        let got: Vec<usize> = t[0].iter().map(|a| a.0).collect();
+        assert_eq!(got, vec![0, 2, 1]);
     }
 }

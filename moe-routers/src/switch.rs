@@ -4,7 +4,7 @@
 //! # Routing
 //! `l = x · W_gᵀ + b` (`[T, E]`, f32; the gate bias `b` is optional, see [`SwitchTop1::with_gate_bias`], as HF
 //! `router_bias = true`), `p = softmax(l)`; each real (non-padding) token goes to `argmax p` (ties to the
-//! lower expert id) with weight `p_max`, not renormalised. Each expert then keeps at most `C` tokens of every
+//! larger logit, then the lower expert id) with weight `p_max`, not renormalised. Each expert then keeps at most `C` tokens of every
 //! capacity group (one group per sequence with `per_sequence = true`, as HF Switch; otherwise the whole batch). A
 //! dropped token keeps no expert: it is listed in [`Routing::dropped`] with the weight it would have had, and its
 //! MoE output is 0 (the residual carries it; transformers v4 returned `p · x` instead).
@@ -59,6 +59,12 @@
 //! no jitter, and a backend running it in training would silently skip it) and a drop policy other than `random`
 //! (the spec carries no seed), and no gate bias (the spec has no bias field). Every other configuration takes the
 //! host path.
+//!
+//! Ranking: the argmax is by probability, then the raw logit, then the lower id ([`kit::rank_cmp`]). Memory:
+//! routing holds one `[T, E]` buffer, the logits (probabilities per token in a scratch row; the losses work on the
+//! logits in place), plus one `[T_real, E]` copy when the plan keeps the logits (`E <= KEEP_LOGITS_MAX_EXPERTS`).
+//! The `probability` drop orders compare probabilities across tokens, then `Σ_{j ≠ e} e^{l_j − l_max}` (smaller
+//! first: the larger exact probability), then the lower token.
 
 use std::cmp::Reverse;
 
@@ -160,12 +166,15 @@ pub struct SwitchTop1 {
     z_coefficient: f32,
 }
 
-/// The routing choice of one real token: its index, expert and `p_max`.
+/// The routing choice of one real token: its index, expert and `p_max`, and `rest = Σ_{j ≠ expert} e^{l_j − l_max}`
+/// (so `p_max = 1 / (1 + rest)` exactly): the tie-break key of probabilities compared across tokens, which keeps
+/// saturated rows apart (`p_max` is 1.0 in f32 for both when every other logit is ~17 below).
 #[derive(Debug, Clone, Copy)]
 struct Choice {
     token: usize,
     expert: usize,
     weight: f32,
+    rest: f32,
 }
 
 impl SwitchTop1Config {
@@ -398,7 +407,13 @@ impl SwitchTop1 {
         match self.drop {
             DropPolicy::Position => {}
             DropPolicy::Probability | DropPolicy::BatchPrioritized => {
-                choices.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.token.cmp(&b.token)));
+                // Exact-arithmetic order: p_max, then the smaller rest (the larger exact p_max), then the token.
+                choices.sort_by(|a, b| {
+                    b.weight
+                        .total_cmp(&a.weight)
+                        .then(a.rest.total_cmp(&b.rest))
+                        .then(a.token.cmp(&b.token))
+                });
             }
             DropPolicy::Random => {
                 let rng = CounterRng::new(seed, DROP_STREAM);
@@ -408,9 +423,18 @@ impl SwitchTop1 {
     }
 }
 
-/// Row-wise softmax of `[T, E]` logits, parallel over rows (each row is computed the same way on any thread count).
-fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
-    let mut p = logits.as_standard_layout().into_owned();
+/// `Σ_{j ≠ e} e^{l_j − l_e}` of a logits row, in index order (the wgpu kernel sums the same way).
+fn rest_of(row: ArrayView1<'_, f32>, e: usize) -> f32 {
+    let m = row.get(e).copied().unwrap_or(0.0);
+    row.iter()
+        .enumerate()
+        .filter(|&(j, _)| j != e)
+        .map(|(_, &l)| (l - m).exp())
+        .sum()
+}
+
+/// Row-wise softmax in place (`[T, E]`), parallel over rows, each row by [`kit::softmax_in_place`].
+fn softmax_rows_in_place(p: &mut ndarray::ArrayViewMut2<'_, f32>) {
     let e = p.ncols().max(1);
     if let Some(s) = p.as_slice_mut() {
         s.par_chunks_mut(e).for_each(kit::softmax_in_place);
@@ -421,18 +445,21 @@ fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
             row.assign(&ArrayView1::from(&v));
         }
     }
-    p
 }
 
 /// The losses over the real tokens: the load-balancing loss per sequence (`seqs`) with pre-capacity counts, and the
 /// z-loss. Returns `(load balance, z, number of real tokens)`.
+///
+/// Memory: one `[T_real, E]` work buffer. When the logits are kept (`keep`), it is a copy of their real rows;
+/// otherwise the real rows are moved to the front of `logits` and the work is done there in place (the logits are
+/// then spent). The z-loss is taken on the work rows first, then they are softmaxed in place for the balance loss.
 fn losses(
-    probs: &Array2<f32>,
-    logits: &Array2<f32>,
+    logits: &mut Array2<f32>,
+    keep: bool,
     choices: &[Option<Choice>],
     seqs: &[(usize, usize)],
 ) -> (f32, f32, usize) {
-    let (t, e) = probs.dim();
+    let (t, e) = logits.dim();
     let mut real = Vec::with_capacity(t);
     let mut seq_lens = Vec::with_capacity(seqs.len());
     let mut counts_per_seq = Vec::with_capacity(seqs.len());
@@ -453,25 +480,41 @@ fn losses(
     let lb = |p: ArrayView2<'_, f32>| {
         loss::load_balance_grouped(p, &seq_lens, &counts_per_seq, 1, LbNorm::HfSwitch)
     };
-    let (lb, z) = if real.len() == t {
-        (lb(probs.view()), loss::z_loss(logits.view()))
+    let n = real.len();
+    let mut copy;
+    let mut work = if keep {
+        copy = logits.select(Axis(0), &real);
+        copy.view_mut()
     } else {
-        let p = probs.select(Axis(0), &real);
-        let l = logits.select(Axis(0), &real);
-        (lb(p.view()), loss::z_loss(l.view()))
+        for (r, &i) in real.iter().enumerate() {
+            if r != i {
+                let (mut dst, src) =
+                    logits.multi_slice_mut((ndarray::s![r, ..], ndarray::s![i, ..]));
+                dst.assign(&src);
+            }
+        }
+        logits.slice_mut(ndarray::s![..n, ..])
     };
-    (lb, z, real.len())
+    let z = loss::z_loss(work.view());
+    softmax_rows_in_place(&mut work);
+    (lb(work.view()), z, n)
 }
 
-/// `(argmax, max)` of a row; ties go to the lower index.
-fn argmax(row: ArrayView1<'_, f32>) -> (usize, f32) {
-    let mut best = (0usize, f32::NEG_INFINITY);
-    for (j, &p) in row.iter().enumerate() {
-        if p > best.1 {
-            best = (j, p);
+/// `(argmax, max)` of a probability row by the exact-arithmetic order ([`kit::rank_cmp`]): the larger probability,
+/// then the larger logit (`logits`, the same row's raw logits: softmax underflow or rounding never ties distinct
+/// logits), then the lower index.
+fn argmax(row: ArrayView1<'_, f32>, logits: ArrayView1<'_, f32>) -> (usize, f32) {
+    let mut best: Option<(usize, f32, f32)> = None;
+    for (j, (&p, &l)) in row.iter().zip(logits.iter()).enumerate() {
+        let better = match best {
+            None => true,
+            Some((_, bp, bl)) => p > bp || (p == bp && l > bl),
+        };
+        if better {
+            best = Some((j, p, l));
         }
     }
-    best
+    best.map_or((0, f32::NEG_INFINITY), |(j, p, _)| (j, p))
 }
 
 /// `[start, end)` ranges of consecutive sequences of the given lengths.
@@ -566,18 +609,22 @@ impl Router for SwitchTop1 {
             _ => None,
         };
         let hidden = jittered.as_ref().map_or(input.hidden, |j| j.view());
-        let logits = kit::gate_logits(hidden, self.gate.view(), self.gate_bias.as_ref())?;
-        let probs = softmax_rows(&logits);
-        let choices: Vec<Option<Choice>> = probs
-            .outer_iter()
-            .enumerate()
-            .map(|(token, row)| {
+        let mut logits = kit::gate_logits(hidden, self.gate.view(), self.gate_bias.as_ref())?;
+        // Each token's probabilities in a per-thread scratch row: routing holds one [T, E] buffer, the logits.
+        let choices: Vec<Option<Choice>> = (0..t)
+            .into_par_iter()
+            .map_init(Vec::new, |scratch: &mut Vec<f32>, token| {
                 (!input.is_padding(token)).then(|| {
-                    let (expert, weight) = argmax(row);
+                    let lrow = logits.row(token);
+                    scratch.clear();
+                    scratch.extend(lrow.iter().copied());
+                    kit::softmax_in_place(scratch);
+                    let (expert, weight) = argmax(ArrayView1::from(&scratch[..]), lrow);
                     Choice {
                         token,
                         expert,
                         weight,
+                        rest: rest_of(lrow, expert),
                     }
                 })
             })
@@ -594,7 +641,8 @@ impl Router for SwitchTop1 {
             Mode::Eval => EVAL_DROP_SEED,
         };
         let (kept, dropped) = self.apply_capacity(&choices, &groups, drop_seed);
-        let (lb, z, n_real) = losses(&probs, &logits, &choices, &seqs);
+        let keep_logits = e <= KEEP_LOGITS_MAX_EXPERTS;
+        let (lb, z, n_real) = losses(&mut logits, keep_logits, &choices, &seqs);
         let mut routing = Routing::new(t, e, n_real, kept, dropped)?;
         routing.push_aux(AuxLoss {
             kind: AuxLossKind::LoadBalance(LbNorm::HfSwitch),
@@ -606,7 +654,7 @@ impl Router for SwitchTop1 {
             value: z,
             coefficient: self.z_coefficient,
         });
-        if e <= KEEP_LOGITS_MAX_EXPERTS {
+        if keep_logits {
             routing.set_logits(logits);
         }
         Ok(routing)
@@ -851,6 +899,37 @@ mod tests {
             ..hf_eval
         };
         assert!(router(random, 3).spec().is_none());
+    }
+
+    #[test]
+    fn rounded_probabilities_rank_by_the_logit() {
+        // Logits [0, 1e-8]: e^{-1e-8} is exactly 1.0 in f32, so both probabilities are 0.5; the larger logit has
+        // the larger exact probability: expert 1.
+        let x = array![[0.0f32, 1e-8], [1e-8, 0.0]];
+        let r = router(SwitchTop1Config::hf_switch(4), 2);
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        let t = plan.per_token();
+        assert_eq!((t[0][0].0, t[1][0].0), (1, 0));
+        assert_eq!(t[0][0].1, 0.5);
+    }
+
+    #[test]
+    fn saturated_probabilities_drop_by_the_exact_order() {
+        // Capacity 1 by probability: p_max is 1.0 in f32 for both tokens; exactly, 1 / (1 + 3 e^-30) of token 1
+        // is larger than 1 / (1 + 3 e^-20) of token 0, so token 0 is dropped (it used to be token 1, the later).
+        let x = array![[20.0f32, 0.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0]];
+        let r = router(
+            SwitchTop1Config {
+                jitter: Some(0.0),
+                drop: Some(DropPolicy::Probability),
+                ..SwitchTop1Config::hf_switch(1)
+            },
+            4,
+        );
+        let plan = r.route(&RouterInput::new(x.view())).expect("route");
+        assert_eq!(plan.per_token()[1][0].1, 1.0);
+        let dropped: Vec<u32> = plan.dropped().iter().map(|a| a.token).collect();
+        assert_eq!(dropped, vec![0]);
     }
 
     #[test]

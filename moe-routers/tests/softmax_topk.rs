@@ -32,11 +32,21 @@ proptest! {
         let max_k = if use_groups { topk_group * per_group } else { e };
         let k = 1 + ((max_k - 1) as f64 * kf) as usize;
         let mut rng = SeqRng::new(seed, 0);
+        // renormalize = false has no effect after top_k_then_softmax (the k softmaxed weights sum to 1): that
+        // combination is refused (issue 17, "no silently ignored option"), so it is drawn as unset there.
+        let ignored = order == TopKOrder::TopKThenSoftmax && !renorm;
+        let refused = SoftmaxTopKConfig {
+            order: Some(order),
+            renormalize: Some(renorm),
+            ..Default::default()
+        }
+        .build(ndarray::Array2::eye(e), 1);
+        prop_assert_eq!(refused.is_err(), ignored);
         let cfg = SoftmaxTopKConfig {
             k: Some(k),
             score: Some(score),
             order: Some(order),
-            renormalize: Some(renorm),
+            renormalize: (!ignored).then_some(renorm),
             scaling: Some(scaling),
             n_group: use_groups.then_some(groups),
             topk_group: use_groups.then_some(topk_group),

@@ -365,8 +365,9 @@ MMA_KERNEL(gemm_mma_f16_2, WF16, 2)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Routing: token-choice top-k, one thread per token. Selection values are written once per token to `sel`
-// ([T, E] scratch), then k passes pick the best remaining (descending value, ties to the lower index), as the CPU
-// router does.
+// ([T, E] scratch), then k passes pick the best remaining in the exact-arithmetic order of the CPU router
+// (kit::rank_cmp): descending value, then descending logit (distinct logits never tie through f32 saturation), then
+// the lower index.
 
 __device__ __forceinline__ float softplusf_(float x) {
     if (x > 20.0f) return x;
@@ -380,8 +381,13 @@ __device__ __forceinline__ float score_value(float l, u32 score, float m, float 
     return sqrtf(softplusf_(l));
 }
 
-// Whether (v, j) comes after (pv, pj) in the selection order.
-__device__ __forceinline__ bool after(float v, u32 j, float pv, u32 pj) { return v < pv || (v == pv && j > pj); }
+// Whether (v, l, j) comes after (pv, pl, pj) in the selection order.
+__device__ __forceinline__ bool after(float v, float l, u32 j, float pv, float pl, u32 pj) {
+    return v < pv || (v == pv && (l < pl || (l == pl && j > pj)));
+}
+
+// Whether (v, l) beats (bv, bl) for a later index (scans run in ascending index: equal pairs keep the first).
+__device__ __forceinline__ bool beats(float v, float l, float bv, float bl) { return v > bv || (v == bv && l > bl); }
 
 // score: 0 softmax, 1 sigmoid, 2 sqrt-softplus. order: 0 score then top-k, 1 top-k of logits then softmax.
 extern "C" __global__ void route_topk(const float* __restrict__ logits, const float* __restrict__ corr,
@@ -413,56 +419,66 @@ extern "C" __global__ void route_topk(const float* __restrict__ logits, const fl
         if (corr) v += corr[j];
         sel[base + j] = v;
     }
-    // Group-limited selection: a group's score is the sum of its top-2 selection values; the tg best groups
-    // (ties to the lower group) are eligible.
+    // Group-limited selection: a group's score is the sum of its top-2 selection values (ranked as above), its key
+    // the sum of their logits; the tg best groups by (score, key, lower group) are eligible.
     const u32 gsize = ng > 0 ? E / ng : E;
     float gsc[MAXG];
-    float thr_v = 0.0f;
+    float gkey[MAXG];
+    float thr_v = 0.0f, thr_l = 0.0f;
     u32 thr_i = 0;
     if (ng > 0) {
         for (u32 gi = 0; gi < ng; gi++) {
-            float b1 = -3.402823e38f, b2 = -3.402823e38f;
+            float b1 = -3.402823e38f, l1 = -3.402823e38f, b2 = -3.402823e38f, l2 = -3.402823e38f;
             for (u32 j = gi * gsize; j < (gi + 1) * gsize; j++) {
                 const float v = sel[base + j];
-                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+                const float l = logits[base + j];
+                if (beats(v, l, b1, l1)) {
+                    b2 = b1; l2 = l1; b1 = v; l1 = l;
+                } else if (beats(v, l, b2, l2)) {
+                    b2 = v; l2 = l;
+                }
             }
             gsc[gi] = gsize > 1 ? b1 + b2 : b1;
+            gkey[gi] = gsize > 1 ? l1 + l2 : l1;
         }
-        float pv = 0.0f;
+        float pv = 0.0f, pl = 0.0f;
         u32 pj = NONE;
         for (u32 r = 0; r < tg; r++) {
-            float bv = 0.0f;
+            float bv = 0.0f, bl = 0.0f;
             u32 bj = NONE;
             for (u32 gi = 0; gi < ng; gi++) {
-                const float v = gsc[gi];
-                if (pj != NONE && !after(v, gi, pv, pj)) continue;
-                if (bj == NONE || v > bv) { bv = v; bj = gi; }
+                const float v = gsc[gi], l = gkey[gi];
+                if (pj != NONE && !after(v, l, gi, pv, pl, pj)) continue;
+                if (bj == NONE || beats(v, l, bv, bl)) { bv = v; bl = l; bj = gi; }
             }
             pv = bv;
+            pl = bl;
             pj = bj;
         }
         thr_v = pv;
+        thr_l = pl;
         thr_i = pj;
     }
     u32 ids[MAXK];
     float ws[MAXK];
-    float pv = 0.0f;
+    float pv = 0.0f, pl = 0.0f;
     u32 pj = NONE;
     for (u32 r = 0; r < k; r++) {
-        float bv = 0.0f;
+        float bv = 0.0f, bl = 0.0f;
         u32 bj = NONE;
         for (u32 j = 0; j < E; j++) {
             if (ng > 0) {
                 const u32 gi = j / gsize;
-                const float gv = gsc[gi];
-                if (!(gv > thr_v || (gv == thr_v && gi <= thr_i))) continue;
+                if (after(gsc[gi], gkey[gi], gi, thr_v, thr_l, thr_i)) continue;
             }
             const float v = sel[base + j];
-            if (pj != NONE && !after(v, j, pv, pj)) continue;
-            if (bj == NONE || v > bv) { bv = v; bj = j; }
+            const float l = logits[base + j];
+            if (pj != NONE && !after(v, l, j, pv, pl, pj)) continue;
+            if (bj == NONE || beats(v, l, bv, bl)) { bv = v; bl = l; bj = j; }
         }
         ids[r] = bj;
         pv = bv;
+        pl = bl;
         pj = bj;
     }
     if (order == 1) {

@@ -155,7 +155,8 @@ fn topk(
     e: usize,
 ) -> Result<(), MoeError> {
     let ng = spec.groups.map_or(0, |g| g.n_group);
-    let gscore = enc.storage("group_scores", (c.t * ng.max(1) * 4) as u64)?;
+    // Two f32 per (token, group): the group's score and its tie-break key.
+    let gscore = enc.storage("group_scores", (c.t * ng.max(1) * 2 * 4) as u64)?;
     let params = TopKParams {
         t: c.t as u32,
         e: e as u32,
@@ -231,7 +232,9 @@ fn switch(
     let mut bufs = vec![(1, c.logits.clone()), (3, pad.clone())];
     bufs.extend(choices());
     enc.push(&p.route_switch, &params, bufs, (rx, ry, 1));
+    // switch_capacity reads the logits too: equal f32 probabilities are ordered by the exact ones.
     let mut bufs = choices();
+    bufs.push((1, c.logits.clone()));
     bufs.push((8, groups));
     enc.push(&p.switch_capacity, &params, bufs, (rx, ry, 1));
     Ok(())

@@ -32,14 +32,29 @@ fn route_switch(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var j = 1u; j < E; j++) { m = max(m, r_logits[base + j]); }
     var s = 0.0;
     for (var j = 0u; j < E; j++) { s += exp(r_logits[base + j] - m); }
+    // Argmax by the exact-arithmetic order (kit::rank_cmp): probability, then the logit, then the lower index.
     var best = -1.0;
+    var bl = 0.0;
     var bj = 0u;
     for (var j = 0u; j < E; j++) {
-        let p = exp(r_logits[base + j] - m) / s;
-        if (p > best) { best = p; bj = j; }
+        let l = r_logits[base + j];
+        let p = exp(l - m) / s;
+        if (p > best || (p == best && l > bl)) { best = p; bl = l; bj = j; }
     }
     a_expert[t] = bj;
     a_weight[t] = best;
+}
+
+// Σ_{j != e} e^{l_j - l_e} of token t's row, in index order (as the CPU router): p_max = 1 / (1 + rest) exactly, so
+// a smaller rest is the larger probability where the f32 probabilities tie (saturation).
+fn rest_of(t: u32, e: u32) -> f32 {
+    let E = P.e;
+    let m = r_logits[t * E + e];
+    var r = 0.0;
+    for (var j = 0u; j < E; j++) {
+        if (j != e) { r += exp(r_logits[t * E + j] - m); }
+    }
+    return r;
 }
 
 @compute @workgroup_size(64, 1, 1)
@@ -59,10 +74,15 @@ fn switch_capacity(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     for (var q = gs; q < ge; q++) {
         if (q == t || a_expert[q] != e) { continue; }
         let wq = a_weight[q];
-        if (q < t) {
-            if (wq >= w || !by_weight) { ahead++; }
+        if (!by_weight) {
+            ahead++;
         } else if (wq > w) {
             ahead++;
+        } else if (wq == w) {
+            // Equal f32 probabilities: the smaller rest, then the lower token (the CPU router's order).
+            let rq = rest_of(q, e);
+            let rt = rest_of(t, e);
+            if (rq < rt || (rq == rt && q < t)) { ahead++; }
         }
     }
     if (ahead >= cap) { a_info[t] = a_info[t] | DROPPED; }

@@ -21,6 +21,7 @@ struct TopKParams {
 @group(0) @binding(0) var<uniform> P: TopKParams;
 
 @group(0) @binding(2) var<storage, read> r_corr: array<f32>;
+// r_gscore[2 (t ng + g)]: group g's score (sum of its top-2 selection values), [.. + 1]: its key (their logits' sum).
 @group(0) @binding(7) var<storage, read_write> r_gscore: array<f32>;
 
 const MAXK: u32 = 32u;
@@ -35,9 +36,15 @@ fn softplus(x: f32) -> f32 {
     return log(u) * y / (u - 1.0);
 }
 
-// Whether (v, j) comes after (pv, pj) in the selection order (descending value, then ascending index).
-fn after(v: f32, j: u32, pv: f32, pj: u32) -> bool {
-    return v < pv || (v == pv && j > pj);
+// Whether (v, l, j) comes after (pv, pl, pj) in the exact-arithmetic selection order (kit::rank_cmp): descending
+// selection value, then descending logit (distinct logits never tie through f32 saturation), then ascending index.
+fn after(v: f32, l: f32, j: u32, pv: f32, pl: f32, pj: u32) -> bool {
+    return v < pv || (v == pv && (l < pl || (l == pl && j > pj)));
+}
+
+// Whether (v, l) beats (bv, bl) for a later index (the scans run in ascending index, so equal pairs keep the first).
+fn beats(v: f32, l: f32, bv: f32, bl: f32) -> bool {
+    return v > bv || (v == bv && l > bl);
 }
 
 fn score_value(l: f32, score: u32, m: f32, s: f32) -> f32 {
@@ -89,59 +96,80 @@ fn route_topk(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         for (var j = 1u; j < E; j++) { m = max(m, r_logits[base + j]); }
         for (var j = 0u; j < E; j++) { s += exp(r_logits[base + j] - m); }
     }
-    // Group scores: the sum of the top-2 selection values of each contiguous group.
+    // Group scores: the sum of the top-2 selection values of each contiguous group (ranked by value, logit, index),
+    // and the sum of their logits as the group's tie-break key.
     let gsize = select(E, E / max(ng, 1u), ng > 0u);
     var thr_v = 0.0;
+    var thr_l = 0.0;
     var thr_i = 0u;
     if (ng > 0u) {
         for (var g = 0u; g < ng; g++) {
             var b1 = -3.402823e38;
+            var l1 = -3.402823e38;
             var b2 = -3.402823e38;
+            var l2 = -3.402823e38;
             for (var j = g * gsize; j < (g + 1u) * gsize; j++) {
                 let v = sel_value(base, j, score, order, m, s, has_corr);
-                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+                let l = r_logits[base + j];
+                if (beats(v, l, b1, l1)) {
+                    b2 = b1; l2 = l1; b1 = v; l1 = l;
+                } else if (beats(v, l, b2, l2)) {
+                    b2 = v; l2 = l;
+                }
             }
             var gs = b1;
-            if (gsize > 1u) { gs = b1 + b2; }
-            r_gscore[t * ng + g] = gs;
+            var gl = l1;
+            if (gsize > 1u) { gs = b1 + b2; gl = l1 + l2; }
+            r_gscore[2u * (t * ng + g)] = gs;
+            r_gscore[2u * (t * ng + g) + 1u] = gl;
         }
-        // The tg-th best group (ties to the lower group) is the threshold of the kept groups.
+        // The tg-th best group (by score, key, lower group) is the threshold of the kept groups.
         var pv = 0.0;
+        var pl = 0.0;
         var pj = NONE;
         for (var r = 0u; r < tg; r++) {
             var bv = 0.0;
+            var bl = 0.0;
             var bj = NONE;
             for (var g = 0u; g < ng; g++) {
-                let v = r_gscore[t * ng + g];
-                if (pj != NONE && !after(v, g, pv, pj)) { continue; }
-                if (bj == NONE || v > bv) { bv = v; bj = g; }
+                let v = r_gscore[2u * (t * ng + g)];
+                let l = r_gscore[2u * (t * ng + g) + 1u];
+                if (pj != NONE && !after(v, l, g, pv, pl, pj)) { continue; }
+                if (bj == NONE || beats(v, l, bv, bl)) { bv = v; bl = l; bj = g; }
             }
             pv = bv;
+            pl = bl;
             pj = bj;
         }
         thr_v = pv;
+        thr_l = pl;
         thr_i = pj;
     }
     // Top-k of the selection values over the kept groups, in selection order.
     var ids: array<u32, MAXK>;
     var ws: array<f32, MAXK>;
     var pv = 0.0;
+    var pl = 0.0;
     var pj = NONE;
     for (var r = 0u; r < k; r++) {
         var bv = 0.0;
+        var bl = 0.0;
         var bj = NONE;
         for (var j = 0u; j < E; j++) {
             if (ng > 0u) {
                 let gi = j / gsize;
-                let gv = r_gscore[t * ng + gi];
-                if (!(gv > thr_v || (gv == thr_v && gi <= thr_i))) { continue; }
+                let gv = r_gscore[2u * (t * ng + gi)];
+                let gl = r_gscore[2u * (t * ng + gi) + 1u];
+                if (after(gv, gl, gi, thr_v, thr_l, thr_i)) { continue; }
             }
             let v = sel_value(base, j, score, order, m, s, has_corr);
-            if (pj != NONE && !after(v, j, pv, pj)) { continue; }
-            if (bj == NONE || v > bv) { bv = v; bj = j; }
+            let l = r_logits[base + j];
+            if (pj != NONE && !after(v, l, j, pv, pl, pj)) { continue; }
+            if (bj == NONE || beats(v, l, bv, bl)) { bv = v; bl = l; bj = j; }
         }
         ids[r] = bj;
         pv = bv;
+        pl = bl;
         pj = bj;
     }
     // Weights.

@@ -40,7 +40,7 @@ macro_rules! shared_cases {
             group_limited_sigmoid_with_correction_bias, mlp_banks_every_activation,
             gpt_oss_bank_with_gate_bias, shared_experts_scale_and_bias, switch_capacity_drops,
             host_path_routers, errors_empty_input_and_reuse, activations_match_f64_reference,
-            set_router_keeps_the_bank);
+            set_router_keeps_the_bank, saturated_ties_rank_by_the_logit);
     };
     (@each $backend:ident, $device:ident, $($case:ident),*) => {
         $(#[test]
@@ -661,4 +661,123 @@ pub fn set_router_keeps_the_bank(b: &Device<'_>) {
         assert_eq!(dev.layer().router().name(), first.name());
         compare_tol(&before, &dev.forward(&input).expect("forward"), 0.0);
     }
+}
+
+/// The experts of each token in rank order.
+fn ranked_experts(r: &Routing) -> Vec<Vec<usize>> {
+    r.per_token()
+        .iter()
+        .map(|t| t.iter().map(|a| a.0).collect())
+        .collect()
+}
+
+/// One saturated-ties case: options, k, correction bias, hidden rows `[T, 4]` (identity gate), ranked experts.
+type SaturatedCase = (
+    SoftmaxTopKConfig,
+    usize,
+    Option<Array1<f32>>,
+    Array2<f32>,
+    Vec<Vec<usize>>,
+);
+
+/// The exact-arithmetic ranking order on the device as on the CPU (score, then logit, then lower id): rows whose
+/// distinct logits share one f32 score. DeepSeek-V3's saturated sigmoid rows of case `fidelity/sigmoid-saturation`
+/// (identity gate, k 1: experts 1, 3, 0), the same with groups of 2 whose group scores tie too, sigmoid and
+/// sqrt-softplus underflow, softmax underflow with k 3, and Switch's argmax of probabilities rounded equal.
+pub fn saturated_ties_rank_by_the_logit(b: &Device<'_>) {
+    let (e, d) = (4, 4);
+    let eye = || Array2::<f32>::eye(e);
+    let bank = |seed: u64| swiglu(&mut rng(seed), e, d, 8, Activation::Silu);
+    let saturated = ndarray::array![
+        [18.0f32, 20.0, 0.0, 0.0],
+        [17.0, 0.0, 0.0, 25.0],
+        [25.0, 0.0, 0.0, 17.0]
+    ];
+    let ds = SoftmaxTopKConfig {
+        n_group: Some(1),
+        topk_group: Some(1),
+        ..TopKPreset::DeepseekV3.config()
+    };
+    let grouped = SoftmaxTopKConfig {
+        n_group: Some(2),
+        topk_group: Some(1),
+        ..ds.clone()
+    };
+    let low = ndarray::array![
+        [-300.0f32, -200.0, -400.0, -500.0],
+        [-500.0, -400.0, -300.0, -200.0]
+    ];
+    let sigmoid = SoftmaxTopKConfig {
+        score: Some(moe_core::ScoreFn::Sigmoid),
+        ..Default::default()
+    };
+    let sqrt_softplus = SoftmaxTopKConfig {
+        score: Some(moe_core::ScoreFn::SqrtSoftplus),
+        ..Default::default()
+    };
+    let under = ndarray::array![
+        [0.0f32, -200.0, -150.0, -300.0],
+        [-300.0, -150.0, -200.0, 0.0]
+    ];
+    let cases: Vec<SaturatedCase> = vec![
+        (
+            ds,
+            1,
+            None,
+            saturated.clone(),
+            vec![vec![1], vec![3], vec![0]],
+        ),
+        (
+            grouped,
+            1,
+            Some(Array1::from_elem(e, 0.1)),
+            saturated,
+            vec![vec![1], vec![3], vec![0]],
+        ),
+        (sigmoid, 1, None, low.clone(), vec![vec![1], vec![3]]),
+        (sqrt_softplus, 1, None, low, vec![vec![1], vec![3]]),
+        (
+            TopKPreset::Qwen2Moe.config(),
+            3,
+            None,
+            under,
+            vec![vec![0, 2, 1], vec![3, 1, 2]],
+        ),
+    ];
+    for (i, (cfg, k, bias, x, want)) in cases.into_iter().enumerate() {
+        let mut router = cfg.build(eye(), k).expect("router");
+        if let Some(bias) = bias {
+            router = router.with_correction_bias(bias).expect("bias");
+        }
+        let layer = MoeLayer::new(Box::new(router), bank(700 + i as u64)).expect("layer");
+        let got = check_on(b, layer, &RouterInput::new(x.view()), RouterPath::Native).expect("ran");
+        assert_eq!(ranked_experts(&got.routing), want, "case {i}");
+    }
+    // Switch: e^{-1e-8} is 1.0 in f32, both probabilities round to 0.5 (or differ in the last bit on a device);
+    // the larger logit wins either way.
+    let router = SwitchTop1Config {
+        jitter: Some(0.0),
+        ..SwitchTop1Config::hf_switch(4)
+    }
+    .build(eye())
+    .expect("router");
+    let layer = MoeLayer::new(Box::new(router), bank(710)).expect("layer");
+    let x = ndarray::array![[0.0f32, 1e-8, 0.0, 0.0], [0.0, 0.0, 1e-8, 0.0]];
+    let got = check_on(b, layer, &RouterInput::new(x.view()), b.switch_path).expect("ran");
+    assert_eq!(ranked_experts(&got.routing), vec![vec![1], vec![2]]);
+    // Switch capacity 1 by probability: both p_max are 1.0 in f32 (every other logit 20 and 30 below); the exact
+    // p_max = 1 / (1 + 3 e^-30) of token 1 is the larger, so token 0 is dropped.
+    let router = SwitchTop1Config {
+        jitter: Some(0.0),
+        drop: Some(moe_core::DropPolicy::Probability),
+        ..SwitchTop1Config::hf_switch(1)
+    }
+    .build(eye())
+    .expect("router");
+    let layer = MoeLayer::new(Box::new(router), bank(711)).expect("layer");
+    let x = ndarray::array![[20.0f32, 0.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0]];
+    let got = check_on(b, layer, &RouterInput::new(x.view()), b.switch_path).expect("ran");
+    assert_eq!(ranked_experts(&got.routing), vec![vec![], vec![0]]);
+    assert_eq!(got.routing.dropped().len(), 1);
+    assert_eq!(got.routing.dropped()[0].token, 0);
 }

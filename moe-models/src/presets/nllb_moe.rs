@@ -201,10 +201,11 @@ impl Router for NllbTop2 {
             }
             let mut p = lrow.to_vec();
             kit::softmax_in_place(&mut p);
-            let Some(&e1) = kit::top_k(&p, 1).first() else {
+            let mut masked = lrow.to_vec();
+            // Top-1 by probability, ties (softmax underflow or rounding) broken by the logit, then the lower id.
+            let Some(e1) = kit::argmax_ranked(&p, &masked) else {
                 continue;
             };
-            let mut masked = lrow.to_vec();
             if let Some(v) = masked.get_mut(e1) {
                 *v = f32::NEG_INFINITY;
             }
