@@ -160,6 +160,16 @@ pub enum LoadError {
         /// What is wrong.
         reason: String,
     },
+    /// A hidden-states input file (`.npy`, safetensors) whose contents are not what the reader takes: the header,
+    /// the dtype, the shape.
+    Input {
+        /// The input file.
+        file: PathBuf,
+        /// The part that is wrong (`npy header`, `hidden_states`).
+        part: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The tensors loaded but moe-core rejected the layer built from them, or running it failed.
     Layer {
         /// The checkpoint or fixture file.
@@ -326,6 +336,9 @@ impl fmt::Display for LoadError {
                 esc(field),
                 esc(reason)
             ),
+            E::Input { file, part, reason } => {
+                write!(f, "{}: {}: {}", p(file), esc(part), esc(reason))
+            }
             E::Layer {
                 file,
                 context,

@@ -85,10 +85,10 @@ pub fn load_hidden(path: impl AsRef<Path>) -> Result<HiddenStates, LoadError> {
     load_safetensors(path)
 }
 
-fn cfg_err(path: &Path, field: &str, reason: impl Into<String>) -> LoadError {
-    LoadError::Config {
+fn input_err(path: &Path, part: &str, reason: impl Into<String>) -> LoadError {
+    LoadError::Input {
         file: path.to_path_buf(),
-        field: field.into(),
+        part: part.into(),
         reason: reason.into(),
     }
 }
@@ -112,7 +112,7 @@ fn hidden_dims(
         }
     };
     if d == 0 {
-        return Err(cfg_err(
+        return Err(input_err(
             path,
             tensor,
             format!("hidden width d is 0 (shape {shape:?}); hidden states need d >= 1"),
@@ -120,7 +120,7 @@ fn hidden_dims(
     }
     let values = b as u128 * s as u128 * d as u128;
     if values > MAX_HIDDEN_VALUES {
-        return Err(cfg_err(
+        return Err(input_err(
             path,
             tensor,
             format!(
@@ -208,7 +208,7 @@ fn load_safetensors(path: &Path) -> Result<HiddenStates, LoadError> {
                 .enumerate()
                 .map(|(i, &v)| {
                     u32::try_from(v).map_err(|_| {
-                        cfg_err(
+                        input_err(
                             path,
                             &format!("{n}[{i}]"),
                             format!("token id {v} is outside 0..2^32"),
@@ -224,7 +224,7 @@ fn load_safetensors(path: &Path) -> Result<HiddenStates, LoadError> {
             let p = padding.get_or_insert_with(|| vec![false; rows]);
             for (i, &v) in vals.iter().enumerate() {
                 if v != 0 && v != 1 {
-                    return Err(cfg_err(
+                    return Err(input_err(
                         path,
                         &format!("{n}[{i}]"),
                         format!("mask value {v} is not 0 or 1"),
@@ -273,7 +273,7 @@ fn read_seq_lens(
             let mut out = Vec::with_capacity(vals.len());
             for (i, &v) in vals.iter().enumerate() {
                 if v < 1 || v > max {
-                    return Err(cfg_err(
+                    return Err(input_err(
                         path,
                         &format!("{n}[{i}]"),
                         format!("sequence length {v} is outside 1..={max}"),
@@ -300,7 +300,7 @@ fn read_seq_lens(
         Some((n, lens)) => {
             let sum: usize = lens.iter().sum();
             if sum != rows {
-                return Err(cfg_err(
+                return Err(input_err(
                     path,
                     &n,
                     format!(
@@ -314,7 +314,7 @@ fn read_seq_lens(
 }
 
 fn npy_err(path: &Path, reason: impl Into<String>) -> LoadError {
-    cfg_err(path, "npy header", reason)
+    input_err(path, "npy header", reason)
 }
 
 /// A parsed `.npy` header.
@@ -546,7 +546,7 @@ fn decode_npy(path: &Path, h: &NpyHeader, data: &[u8]) -> Result<Array2<f32>, Lo
             };
             let f = v as f32;
             if v.is_finite() && !f.is_finite() {
-                return Err(cfg_err(
+                return Err(input_err(
                     path,
                     &format!("array element {i}"),
                     format!(
