@@ -1,21 +1,10 @@
 //! End-to-end tests of the `moe` binary: every subcommand and format, and the errors users see.
 
-use std::process::{Command, Output};
+mod common;
 
-fn moe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe"))
-        .args(args)
-        .output()
-        .expect("the moe binary runs")
-}
+use common::{moe, stderr, stdout};
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Command;
 
 #[test]
 fn help_and_version() {

@@ -2,23 +2,12 @@
 //! careless checkpoints: the reliability cases of issue 17 (/work/shared/cases/reliability, built here), each
 //! checked for exit 2 and a one-line message naming the file and the cause.
 
+mod common;
+
+use common::{moe, stderr, stdout};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn moe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe"))
-        .args(args)
-        .output()
-        .expect("the moe binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// A fresh temporary directory for one test.
 fn case_dir(name: &str) -> PathBuf {

@@ -1,23 +1,12 @@
 //! End-to-end tests of issue 17's CLI cases (shared cases `fidelity/switch-input-batch` and `reliability/F-*`):
 //! each checks the exit code and the message or the right value.
 
+mod common;
+
+use common::{moe, stderr, stdout};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn moe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe"))
-        .args(args)
-        .output()
-        .expect("the moe binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Output;
 
 /// Exit code 2 with exactly one `error:` line on stderr containing every one of `needles`.
 fn usage_error(o: &Output, needles: &[&str]) {

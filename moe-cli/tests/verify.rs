@@ -1,19 +1,10 @@
 //! End-to-end tests of `moe verify` and `moe inspect` on the HF golden fixtures.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{moe, stderr, stdout};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf");
-
-fn moe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe"))
-        .args(args)
-        .output()
-        .expect("the moe binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 #[test]
 fn verify_table_passes_every_case() {
@@ -221,10 +212,6 @@ fn case_dir(name: &str) -> std::path::PathBuf {
 
 fn write_json(path: &std::path::Path, v: &serde_json::Value) {
     std::fs::write(path, serde_json::to_vec(v).expect("json")).expect("write");
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// A tiny Mixtral case (E 2, d 2, f 1) with `tokens` rows of `ref.input`.

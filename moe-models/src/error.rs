@@ -290,6 +290,40 @@ impl fmt::Display for LoadError {
                 esc(shard),
                 esc(tensor)
             ),
+            E::Duplicate { .. }
+            | E::OutsideDir { .. }
+            | E::NotRegular { .. }
+            | E::TooLarge { .. }
+            | E::Integrity { .. } => self.fmt_file_rule(f),
+            E::Json { file, source } => write!(f, "{}: bad JSON: {source}", p(file)),
+            E::Config {
+                file,
+                field,
+                reason,
+            } => write!(
+                f,
+                "{}: config field {}: {}",
+                p(file),
+                esc(field),
+                esc(reason)
+            ),
+            E::Input { file, part, reason } => {
+                write!(f, "{}: {}: {}", p(file), esc(part), esc(reason))
+            }
+            E::Layer {
+                file,
+                context,
+                source,
+            } => write!(f, "{}: {}: {source}", p(file), esc(context)),
+        }
+    }
+}
+
+impl LoadError {
+    /// The messages of the file rules (duplicates, confinement, regular files, size caps, integrity).
+    fn fmt_file_rule(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use LoadError as E;
+        match self {
             E::Duplicate { file, key, place } => write!(
                 f,
                 "{}: {key:?} is defined more than once in the {place}",
@@ -324,26 +358,8 @@ impl fmt::Display for LoadError {
                 esc(expected),
                 p(manifest)
             ),
-            E::Json { file, source } => write!(f, "{}: bad JSON: {source}", p(file)),
-            E::Config {
-                file,
-                field,
-                reason,
-            } => write!(
-                f,
-                "{}: config field {}: {}",
-                p(file),
-                esc(field),
-                esc(reason)
-            ),
-            E::Input { file, part, reason } => {
-                write!(f, "{}: {}: {}", p(file), esc(part), esc(reason))
-            }
-            E::Layer {
-                file,
-                context,
-                source,
-            } => write!(f, "{}: {}: {source}", p(file), esc(context)),
+            // Only the variants above are sent here (see `fmt`).
+            _ => Ok(()),
         }
     }
 }
