@@ -419,7 +419,7 @@ impl Router for NoisyTopK {
     }
 
     /// Memory: one `[T, E]` buffer, the clean logits; the noise logits, noisy logits and training load estimates
-    /// (f64) live for a block of [`ROUTE_BLOCK`] tokens at a time, and the loss sums run in token order as before.
+    /// (f64) live for a block of 64 tokens (`ROUTE_BLOCK`) at a time, and the loss sums run in token order as before.
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
         let clean = self.clean_logits(input)?;
         let (t, e) = clean.dim();
