@@ -40,6 +40,57 @@ use moe_core::RouterRegistry;
 
 pub use compare::{CompareReport, CompareRow, WorkloadReport};
 
+/// Entry points for the fuzz targets in `fuzz/` (not a stable API): the parsers of `--routers` text and of
+/// `--config` TOML files, as the commands call them, without touching the file system.
+#[doc(hidden)]
+pub mod fuzzing {
+    use moe_core::{RouterArgs, RouterRegistry};
+
+    fn finish(
+        choices: Result<Vec<crate::spec::RouterChoice>, crate::CliError>,
+        dims: (usize, usize, usize, u64),
+    ) -> Result<Vec<(String, RouterArgs)>, String> {
+        let (d, e, k, seed) = dims;
+        match choices {
+            Ok(cs) => Ok(cs
+                .into_iter()
+                .map(|c| {
+                    let args = c.args(d, e, k, seed);
+                    (c.name, args)
+                })
+                .collect()),
+            Err(crate::CliError::Usage(m)) => Err(m),
+            Err(crate::CliError::Other(e)) => Err(format!("{e:#}")),
+        }
+    }
+
+    /// Parses `--routers` text (`name[:key=value,...][,name...]` or `all`) against `registry`: each router's name
+    /// and its factory arguments for `dims = (d_model, n_experts, top_k, seed)`, or the usage error's message.
+    ///
+    /// # Errors
+    /// The message of the usage error the CLI would print (unknown router, `key` without `=value`, no router).
+    pub fn parse_router_list(
+        text: &str,
+        registry: &RouterRegistry,
+        dims: (usize, usize, usize, u64),
+    ) -> Result<Vec<(String, RouterArgs)>, String> {
+        finish(crate::spec::parse_routers(text, registry), dims)
+    }
+
+    /// Parses the text of a `--config` TOML router file against `registry`, as [`parse_router_list`] does.
+    ///
+    /// # Errors
+    /// The message of the usage error the CLI would print (bad TOML, unknown key or router, non-finite value).
+    pub fn parse_router_config(
+        text: &str,
+        registry: &RouterRegistry,
+        dims: (usize, usize, usize, u64),
+    ) -> Result<Vec<(String, RouterArgs)>, String> {
+        let path = std::path::Path::new("routers.toml");
+        finish(crate::spec::parse_config_text(text, path, registry), dims)
+    }
+}
+
 /// Exit code for usage errors (bad flags, unknown routers, bad option values).
 pub const EXIT_USAGE: u8 = 2;
 

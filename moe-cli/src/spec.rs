@@ -207,7 +207,16 @@ pub(crate) fn parse_config_file(
     registry: &RouterRegistry,
 ) -> Result<Vec<RouterChoice>, CliError> {
     let text = read_text_capped(path, MAX_CONFIG_BYTES)?;
-    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+    parse_config_text(&text, path, registry)
+}
+
+/// Router choices from the text of a TOML router config file; `path` names it in errors.
+pub(crate) fn parse_config_text(
+    text: &str,
+    path: &std::path::Path,
+    registry: &RouterRegistry,
+) -> Result<Vec<RouterChoice>, CliError> {
+    let file: ConfigFile = toml::from_str(text).map_err(|e| {
         CliError::Usage(format!(
             "{} is not a router config file: {}",
             path.display(),

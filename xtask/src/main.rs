@@ -6,10 +6,13 @@
 //!   `-D warnings`, the whole workspace's tests (unit, integration, doc) with the device features on, the default
 //!   `moe compare` and a small `moe bench --backend wgpu` as smoke tests, `moe list` with the cuda backend built
 //!   (it must name why it cannot run here), and `cargo bench --no-run`.
+//! - `fuzz`: builds and runs the cargo-fuzz targets of `fuzz/` for a time budget each (see [`fuzz`]); `ci` runs
+//!   its `--smoke` when cargo-fuzz and a toolchain that builds it are present, and says why when it skips.
 //! - `bench-vs-torch`: our CPU backend against PyTorch's Hugging Face blocks, in one run on this machine (see
 //!   [`bench_vs_torch`]); a benchmark, not part of CI.
 
 mod bench_vs_torch;
+mod fuzz;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
-const USAGE: &str = "usage: cargo xtask <task> [--help]\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)";
+const USAGE: &str = "usage: cargo xtask <task> [--help]\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  fuzz            run the cargo-fuzz targets (--time SECS, --target NAME, --smoke)\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)";
 
 /// Whether `args` ask for help (`--help`, `-h`).
 fn wants_help(args: &[String]) -> bool {
@@ -44,7 +47,8 @@ fn main() -> std::process::ExitCode {
             );
         }
         Some("bench-vs-torch") if wants_help(&args[1..]) => return help(bench_vs_torch::USAGE),
-        Some("ci") | Some("tidy") | Some("bench-vs-torch") => run_task(&args),
+        Some("fuzz") if wants_help(&args[1..]) => return help(fuzz::USAGE),
+        Some("ci") | Some("tidy") | Some("bench-vs-torch") | Some("fuzz") => run_task(&args),
         Some(other) => {
             eprintln!("error: unknown task {other:?}\n{USAGE}");
             return std::process::ExitCode::from(2);
@@ -71,6 +75,7 @@ fn run_task(args: &[String]) -> Result<()> {
         Some("ci") => ci(&sh, &root),
         Some("tidy") => tidy::run(&root),
         Some("bench-vs-torch") => bench_vs_torch::run(&root, &args[1..]),
+        Some("fuzz") => fuzz::run(&root, &args[1..]),
         _ => bail!("no task given"),
     }
 }
@@ -172,6 +177,8 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     cmd!(sh, "cargo bench --workspace --locked --no-run")
         .run()
         .context("benches do not build")?;
+    step("fuzz smoke (each target briefly, when cargo-fuzz and a toolchain for it are here)");
+    fuzz::ci_smoke(root)?;
     println!("\nxtask ci: all checks passed");
     Ok(())
 }
