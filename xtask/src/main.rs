@@ -82,7 +82,12 @@ fn run_task(args: &[String]) -> Result<()> {
 
 /// The cargo target directory: `CARGO_TARGET_DIR` (relative to `root` when relative), else `root/target`.
 pub(crate) fn target_dir(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
+    target_dir_from(root, std::env::var_os("CARGO_TARGET_DIR"))
+}
+
+/// [`target_dir`] for a given value of `CARGO_TARGET_DIR`.
+fn target_dir_from(root: &Path, var: Option<std::ffi::OsString>) -> PathBuf {
+    match var {
         Some(d) if !d.is_empty() => root.join(PathBuf::from(d)),
         _ => root.join("target"),
     }
@@ -181,4 +186,38 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     fuzz::ci_smoke(root)?;
     println!("\nxtask ci: all checks passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_is_asked_for_anywhere_in_the_arguments() {
+        assert!(wants_help(&[
+            "--rounds".into(),
+            "3".into(),
+            "--help".into()
+        ]));
+        assert!(wants_help(&["-h".into()]));
+        assert!(!wants_help(&["--threads".into(), "2".into()]));
+    }
+
+    #[test]
+    fn cargo_target_dir_is_respected() {
+        let root = Path::new("/repo");
+        assert_eq!(target_dir_from(root, None), PathBuf::from("/repo/target"));
+        assert_eq!(
+            target_dir_from(root, Some("".into())),
+            PathBuf::from("/repo/target")
+        );
+        assert_eq!(
+            target_dir_from(root, Some("/tmp/t".into())),
+            PathBuf::from("/tmp/t")
+        );
+        assert_eq!(
+            target_dir_from(root, Some("out".into())),
+            PathBuf::from("/repo/out")
+        );
+    }
 }
