@@ -4,47 +4,10 @@
 
 mod common;
 
-use common::{moe, stderr, stdout};
+use common::{moe, raw_safetensors, safetensors, scratch, stderr, stdout};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-/// A fresh temporary directory for one test.
-fn case_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-cli-inspect-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
-}
-
-/// A safetensors file from a raw header (padded to 8 bytes) and data.
-fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut h = header.as_bytes().to_vec();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&h);
-    out.extend_from_slice(data);
-    out
-}
-
-/// A safetensors file of F32 tensors `(name, shape, values)`.
-fn safetensors(tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
-    let mut hdr = serde_json::Map::new();
-    let mut blob = Vec::new();
-    for (name, shape, vals) in tensors {
-        let start = blob.len();
-        for v in vals {
-            blob.extend_from_slice(&v.to_le_bytes());
-        }
-        hdr.insert(
-            (*name).to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, blob.len()]}),
-        );
-    }
-    raw_safetensors(&serde_json::to_string(&hdr).expect("header"), &blob)
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -76,7 +39,7 @@ fn no_repeated_cause(err: &str) {
 /// An unreadable path: the OS's reason once, after the path.
 #[test]
 fn io_errors_print_their_cause_once() {
-    let d = case_dir("io-once");
+    let d = scratch("io-once");
     let o = moe(&["inspect", s(&d.join("absent.safetensors"))]);
     refused(&o, &["absent.safetensors", "No such file or directory"]);
     assert_eq!(
@@ -90,7 +53,7 @@ fn io_errors_print_their_cause_once() {
 /// F-12: a header defining "hidden_states" twice ([8, 4], then [4, 8]) was accepted, the last one winning.
 #[test]
 fn f12_duplicate_tensor_in_a_header_is_refused() {
-    let dir = case_dir("f12");
+    let dir = scratch("f12");
     let data: Vec<u8> = (0..32)
         .flat_map(|i| ((i % 5) as f32 - 2.0).to_le_bytes())
         .collect();
@@ -135,7 +98,7 @@ fn sharded(dir: &Path, shard: &str) {
 /// file is opened: nothing of it is printed.
 #[test]
 fn f13_index_shards_stay_in_their_directory() {
-    let base = case_dir("f13");
+    let base = scratch("f13");
     // A file outside the checkpoint directory whose first bytes would show in a header-length message.
     let secret = base.join("secret.txt");
     std::fs::write(&secret, b"root:x:0:0:root:/root:/bin/bash\n").expect("write");
@@ -170,7 +133,7 @@ fn f13_index_shards_stay_in_their_directory() {
 /// F-23: a shard that is a directory or a device, an index that is not a regular file: say what it is.
 #[test]
 fn f23_non_regular_shards_and_index_say_what_they_are() {
-    let base = case_dir("f23");
+    let base = scratch("f23");
     let d = base.join("dir_shard");
     sharded(&d, "b.safetensors");
     std::fs::create_dir_all(d.join("b.safetensors")).expect("dir");
@@ -210,7 +173,7 @@ fn f23_non_regular_shards_and_index_say_what_they_are() {
 /// An index repeating a key (the same tensor mapped twice) is refused, as a header repeating a tensor is.
 #[test]
 fn index_with_a_repeated_tensor_is_refused() {
-    let d = case_dir("dup-index");
+    let d = scratch("dup-index");
     sharded(&d, "a.safetensors");
     std::fs::write(
         d.join("model.safetensors.index.json"),
@@ -225,7 +188,7 @@ fn index_with_a_repeated_tensor_is_refused() {
 
 /// A directory with `config.json` and a `model.safetensors` holding an `[8, 4]` `gate.weight`.
 fn with_config(name: &str, cfg: &serde_json::Value) -> PathBuf {
-    let d = case_dir(name);
+    let d = scratch(name);
     std::fs::write(
         d.join("model.safetensors"),
         safetensors(&[("gate.weight", vec![8, 4], vec![0.1; 32])]),
@@ -304,7 +267,7 @@ fn inspect_prints_resolved_values() {
 /// F-19: a truncated file, a config that is not JSON, a config that is a directory: all bad input, exit 2.
 #[test]
 fn f19_inspect_bad_input_exits_2() {
-    let d = case_dir("f19");
+    let d = scratch("f19");
     let mut b = safetensors(&[("hidden_states", vec![8, 4], vec![0.5; 32])]);
     b.truncate(b.len() - 5);
     let p = d.join("trunc.safetensors");
@@ -332,7 +295,7 @@ fn f19_inspect_bad_input_exits_2() {
 /// shards are found next to it, in the current directory.
 #[test]
 fn index_in_the_current_directory() {
-    let d = case_dir("cwd-index");
+    let d = scratch("cwd-index");
     sharded(&d, "a.safetensors");
     std::fs::write(
         d.join("model.safetensors.index.json"),
@@ -396,7 +359,7 @@ fn f17_every_accepted_format_is_honoured() {
 /// Tensor names from a file are printed with control characters escaped.
 #[test]
 fn inspect_escapes_control_characters_in_names() {
-    let d = case_dir("esc");
+    let d = scratch("esc");
     let p = d.join("x.safetensors");
     std::fs::write(
         &p,

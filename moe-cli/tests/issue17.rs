@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{moe, stderr, stdout};
+use common::{moe, scratch, stderr, stdout};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 /// Exit code 2 with exactly one `error:` line on stderr containing every one of `needles`.
@@ -22,14 +22,6 @@ fn usage_error(o: &Output, needles: &[&str]) {
     for n in needles {
         assert!(lines[0].contains(n), "{n:?} not in {err}");
     }
-}
-
-/// A fresh scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moe-issue17-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
 }
 
 /// A `.npy` file with the raw header text `dict` and `data`.

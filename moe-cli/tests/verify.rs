@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{moe, stderr, stdout};
+use common::{moe, safetensors, scratch, stderr, stdout};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf");
 
@@ -179,37 +179,6 @@ fn verify_on_cuda_passes_or_reports_unavailability() {
 
 // ---- issue 17: the reliability cases of `moe verify` / `moe inspect`, built here (see /work/shared/cases).
 
-/// A safetensors file of F32 tensors `(name, shape, values)`; `values` empty writes a header-only tensor.
-fn safetensors(tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
-    let mut hdr = serde_json::Map::new();
-    let mut blob = Vec::new();
-    for (name, shape, vals) in tensors {
-        let start = blob.len();
-        for v in vals {
-            blob.extend_from_slice(&v.to_le_bytes());
-        }
-        hdr.insert(
-            (*name).to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, blob.len()]}),
-        );
-    }
-    let mut h = serde_json::to_vec(&hdr).expect("header");
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&blob);
-    out
-}
-
-fn case_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-cli-i17-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
-}
-
 fn write_json(path: &std::path::Path, v: &serde_json::Value) {
     std::fs::write(path, serde_json::to_vec(v).expect("json")).expect("write");
 }
@@ -238,7 +207,7 @@ fn tiny_mixtral(tokens: u64, extra_refs: bool) -> Vec<u8> {
 
 #[test]
 fn f01_batch_times_seq_len_overflow_is_a_clear_error() {
-    let dir = case_dir("f01");
+    let dir = scratch("f01");
     std::fs::write(dir.join("mixtral.safetensors"), tiny_mixtral(32, true)).expect("write");
     for batch in [(1u64 << 63) + 1, (1u64 << 59) + 1] {
         write_json(
@@ -261,7 +230,7 @@ fn f01_batch_times_seq_len_overflow_is_a_clear_error() {
 
 #[test]
 fn f02_zero_width_and_huge_per_expert_tensors_are_refused() {
-    let dir = case_dir("f02");
+    let dir = scratch("f02");
     let z = |name: &'static str, shape: Vec<u64>| (name, shape, Vec::new());
     let f = 1u64 << 62;
     std::fs::write(
@@ -328,7 +297,7 @@ fn f15_inspect_validates_the_config_as_loading_does() {
         ),
     ];
     for (name, cfg, field) in cases {
-        let dir = case_dir(&format!("f15-{name}"));
+        let dir = scratch(&format!("f15-{name}"));
         std::fs::write(
             dir.join("model.safetensors"),
             safetensors(&[("gate.weight", vec![8, 4], vec![0.1; 32])]),
@@ -344,7 +313,7 @@ fn f15_inspect_validates_the_config_as_loading_does() {
 
 #[test]
 fn f19_inspect_bad_file_exits_2() {
-    let dir = case_dir("f19");
+    let dir = scratch("f19");
     let mut b = safetensors(&[("hidden_states", vec![8, 4], vec![0.5; 32])]);
     b.truncate(b.len() - 5);
     let p = dir.join("trunc.safetensors");
@@ -356,7 +325,7 @@ fn f19_inspect_bad_file_exits_2() {
 
 #[test]
 fn f21_empty_case_list_is_an_error_and_a_failing_case_says_why() {
-    let dir = case_dir("f21-empty");
+    let dir = scratch("f21-empty");
     write_json(
         &dir.join("manifest.json"),
         &serde_json::json!({"cases": []}),
@@ -364,7 +333,7 @@ fn f21_empty_case_list_is_an_error_and_a_failing_case_says_why() {
     let o = moe(&["verify", dir.to_str().expect("utf-8")]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("empty"), "{}", stderr(&o));
-    let dir = case_dir("f21-norefs");
+    let dir = scratch("f21-norefs");
     std::fs::write(dir.join("mixtral.safetensors"), tiny_mixtral(4, false)).expect("write");
     write_json(
         &dir.join("manifest.json"),
@@ -378,7 +347,7 @@ fn f21_empty_case_list_is_an_error_and_a_failing_case_says_why() {
 
 #[test]
 fn f22_wrong_type_is_not_reported_missing() {
-    let dir = case_dir("f22");
+    let dir = scratch("f22");
     write_json(
         &dir.join("manifest.json"),
         &serde_json::json!({"cases": [
@@ -400,7 +369,7 @@ fn f22_wrong_type_is_not_reported_missing() {
 
 /// A copy of the mixtral fixture case in a fresh directory, with its manifest entry (and its `bytes`, `sha256`).
 fn mixtral_copy(name: &str) -> (std::path::PathBuf, serde_json::Value) {
-    let dir = case_dir(name);
+    let dir = scratch(name);
     let m: serde_json::Value = serde_json::from_slice(
         &std::fs::read(format!("{FIXTURES}/manifest.json")).expect("manifest"),
     )

@@ -5,6 +5,7 @@
     reason = "each test file uses its own subset of these helpers"
 )]
 
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// Runs the `moe` binary built for this test run with `args`.
@@ -23,4 +24,42 @@ pub fn stdout(o: &Output) -> String {
 /// Its standard error, as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh scratch directory for one test (`name` unique within the test binary; the process id keeps binaries
+/// and runs apart).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A safetensors file from a raw header (padded with spaces to a multiple of 8 bytes) and data.
+pub fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.as_bytes().to_vec();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out
+}
+
+/// A safetensors file of F32 tensors `(name, shape, values)`; empty `values` write a header-only tensor.
+pub fn safetensors(tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
+    let mut hdr = serde_json::Map::new();
+    let mut blob = Vec::new();
+    for (name, shape, vals) in tensors {
+        let start = blob.len();
+        for v in vals {
+            blob.extend_from_slice(&v.to_le_bytes());
+        }
+        hdr.insert(
+            (*name).to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, blob.len()]}),
+        );
+    }
+    raw_safetensors(&serde_json::to_string(&hdr).expect("header"), &blob)
 }
