@@ -12,7 +12,8 @@ pub(crate) const NONE: u32 = u32::MAX;
 /// Flag in a choice's info word: capacity dropped it.
 pub(crate) const DROPPED: u32 = 0x1_0000;
 
-/// The plan of the native routers from the read-back per-token results.
+/// The plan of the native routers from the read-back per-token results, with the read-back logits `[T, E]`
+/// attached (checked finite) when the device kept them.
 pub(crate) fn native_routing(
     t: usize,
     e: usize,
@@ -21,6 +22,7 @@ pub(crate) fn native_routing(
     experts: &[u32],
     weights: &[f32],
     info: &[u32],
+    logits: Option<Vec<f32>>,
 ) -> Result<Routing, MoeError> {
     if experts.len() != t * k || weights.len() != t * k || info.len() != t * k {
         return Err(MoeError::Backend {
@@ -53,7 +55,16 @@ pub(crate) fn native_routing(
             }
         }
     }
-    Routing::new(t, e, real, kept, dropped)
+    let mut routing = Routing::new(t, e, real, kept, dropped)?;
+    if let Some(l) = logits {
+        let l = ndarray::Array2::from_shape_vec((t, e), l).map_err(|err| MoeError::Backend {
+            backend: "device".into(),
+            reason: format!("logits read-back: {err}"),
+        })?;
+        moe_core::check_finite("router logits", l.view())?;
+        routing.set_logits(l);
+    }
+    Ok(routing)
 }
 
 /// Checks `input`'s width against `layer`; on the host path (`native` false) routes it with the layer's router

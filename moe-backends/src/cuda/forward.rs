@@ -401,14 +401,12 @@ fn read_routing(
     let experts = gpu.read(need(&w.a_expert)?, t * k)?;
     let weights = gpu.read(need(&w.a_weight)?, t * k)?;
     let info = gpu.read(need(&w.a_info)?, t * k)?;
-    let mut routing = native_routing(t, e, k, input, &experts, &weights, &info)?;
-    if e <= KEEP_LOGITS_MAX_EXPERTS {
-        let l = Array2::from_shape_vec((t, e), gpu.read(need(&w.logits)?, t * e)?)
-            .map_err(|e| err(format!("logits: {e}")))?;
-        moe_core::check_finite("router logits", l.view())?;
-        routing.set_logits(l);
-    }
-    Ok(routing)
+    let logits = if e <= KEEP_LOGITS_MAX_EXPERTS {
+        Some(gpu.read(need(&w.logits)?, t * e)?)
+    } else {
+        None
+    };
+    native_routing(t, e, k, input, &experts, &weights, &info, logits)
 }
 
 impl DeviceLayer for CudaLayer {

@@ -206,15 +206,8 @@ fn decode_routing(
     let experts: Vec<u32> = data.get(1).map(|b| words(b).collect()).unwrap_or_default();
     let weights = data.get(2).map(|b| f32s(b)).unwrap_or_default();
     let info: Vec<u32> = data.get(3).map(|b| words(b).collect()).unwrap_or_default();
-    let mut routing = native_routing(c.t, e, c.k, input, &experts, &weights, &info)?;
-    if keep_logits {
-        let l = data.get(4).map(|b| f32s(b)).unwrap_or_default();
-        let l = Array2::from_shape_vec((c.t, e), l)
-            .map_err(|e| err(format!("logits read-back: {e}")))?;
-        moe_core::check_finite("router logits", l.view())?;
-        routing.set_logits(l);
-    }
-    Ok(routing)
+    let logits = keep_logits.then(|| data.get(4).map(|b| f32s(b)).unwrap_or_default());
+    native_routing(c.t, e, c.k, input, &experts, &weights, &info, logits)
 }
 
 impl DeviceLayer for WgpuLayer {
