@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 
 use crate::error::MoeError;
+use crate::grad::{Grad, LayerGrads};
+use crate::params::ParamMut;
 use crate::layer::MoeLayer;
 use crate::router::{Router, RouterInput};
 use crate::routing::Routing;
@@ -91,6 +93,53 @@ pub trait DeviceLayer: Send {
     /// parameters.
     fn set_router(&mut self, router: Box<dyn Router>) -> Result<(), MoeError>;
 
+    /// A training forward: as [`DeviceLayer::forward`], and keeps what [`DeviceLayer::backward`] needs (the
+    /// input, the plan, the experts' inputs and pre-activations). The mode of `input` (eval or train with a seed)
+    /// is the router's as always; noise and jitter are on in train mode. The default returns
+    /// [`MoeError::Unsupported`] naming the backend.
+    ///
+    /// # Errors
+    /// As [`DeviceLayer::forward`]; [`MoeError::Unsupported`] on a backend without training.
+    fn forward_train(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+        let _ = input;
+        Err(unsupported(self.layer(), "training (forward_train and backward)"))
+    }
+
+    /// The backward of the last [`DeviceLayer::forward_train`]: for the loss
+    /// `L = Σ (output ⊙ d_output) + Σ_i d_aux[i] · aux_i`, returns `dL/dx` `[T, d]` and the gradient of every
+    /// trainable parameter (named as in [`MoeLayer::params`]). `d_output` is `[T, d]`; `d_aux` has one entry per
+    /// auxiliary loss of the forward's plan ([`Routing::aux_coefficients`] trains with the routers' own
+    /// coefficients; zeros leave them out).
+    ///
+    /// # Errors
+    /// [`MoeError::Order`] without a training forward before it; [`MoeError::Shape`] naming `d_output` or `d_aux`;
+    /// [`MoeError::NonFinite`] naming `d_output` and the token; [`MoeError::Unsupported`] naming the router when it
+    /// has no backward, or the backend.
+    fn backward(
+        &mut self,
+        d_output: ArrayView2<'_, f32>,
+        d_aux: &[f32],
+    ) -> Result<LayerGrads, MoeError> {
+        let _ = (d_output, d_aux);
+        Err(unsupported(self.layer(), "training (forward_train and backward)"))
+    }
+
+    /// Applies `update(param, grad)` to every parameter of the resident layer that `grads` names
+    /// ([`grad::apply_update`](crate::grad::apply_update)), keeping the resident copy in step. The default returns
+    /// [`MoeError::Unsupported`].
+    ///
+    /// # Errors
+    /// As [`grad::apply_update`](crate::grad::apply_update); [`MoeError::Unsupported`] on a backend without
+    /// training.
+    fn apply_update(
+        &mut self,
+        grads: &[Grad],
+        update: &mut dyn FnMut(&mut ParamMut<'_>, &Grad) -> Result<(), MoeError>,
+    ) -> Result<(), MoeError> {
+        let _ = (grads, update);
+        Err(unsupported(self.layer(), "training (parameter updates)"))
+    }
+
     /// Times `repeats` forwards of `input` by the device's own clock, in milliseconds each, with the input copied
     /// to the device once beforehand and the output left there (CUDA events on a GPU). `Ok(None)`, the default,
     /// means the backend has no device clock: time [`DeviceLayer::forward`] on the host instead.
@@ -104,5 +153,14 @@ pub trait DeviceLayer: Send {
     ) -> Result<Option<Vec<f64>>, MoeError> {
         let _ = (input, repeats);
         Ok(None)
+    }
+}
+
+/// The error of a training call on a backend that has none (backends override the training calls with an error
+/// naming themselves; this default cannot know the name).
+fn unsupported(layer: &MoeLayer, feature: &str) -> MoeError {
+    MoeError::Unsupported {
+        owner: format!("this backend (layer of {} experts)", layer.experts().kind()),
+        feature: feature.into(),
     }
 }

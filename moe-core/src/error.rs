@@ -95,6 +95,23 @@ pub enum MoeError {
         /// What happened.
         reason: String,
     },
+    /// Something this router, expert bank or backend does not do yet (a router without a backward, training
+    /// on a GPU backend): `router noisy-topk does not support backward yet`.
+    #[error("{owner} does not support {feature} yet")]
+    Unsupported {
+        /// Who lacks it: `router my-router`, `backend wgpu`, `custom experts`.
+        owner: String,
+        /// What is missing: `backward`, `training`.
+        feature: String,
+    },
+    /// A call out of order: `backward` without a training forward before it.
+    #[error("{call} needs {before} first")]
+    Order {
+        /// The call that came too early: `backward`.
+        call: String,
+        /// What must come first: `a training forward (forward_train)`.
+        before: String,
+    },
     /// Two parts of a layer disagree (router and bank expert counts, widths).
     #[error("{what}: {left} = {left_value} but {right} = {right_value}")]
     Mismatch {

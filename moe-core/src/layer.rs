@@ -8,6 +8,7 @@ use ndarray::Array1;
 
 use crate::error::MoeError;
 use crate::expert::{ExpertBank, SharedExperts};
+use crate::grad::Grad;
 use crate::params::{Param, ParamMut};
 use crate::router::{Router, RouterInput};
 use crate::routing::Routing;
@@ -197,6 +198,37 @@ impl MoeLayer {
             out.push(p);
         }
         out
+    }
+
+    /// Names an owner's gradients as [`MoeLayer::params`] names its parameters: `owner` is `router`, `experts` or
+    /// `shared` (each gradient's name becomes `owner.name`), or empty for the layer's own (`output_bias`); the
+    /// checkpoint name is attached where a preset recorded one.
+    pub fn name_grads(&self, owner: &str, grads: Vec<Grad>) -> Vec<Grad> {
+        grads
+            .into_iter()
+            .map(|g| {
+                let name = if owner.is_empty() {
+                    g.name
+                } else {
+                    format!("{owner}.{}", g.name)
+                };
+                let hf_name = self.hf_names.get(&name).cloned();
+                Grad { name, hf_name, ..g }
+            })
+            .collect()
+    }
+
+    /// Applies `update(param, grad)` to every parameter `grads` names ([`crate::grad::apply_update`] over
+    /// [`MoeLayer::params_mut`]; a bank shared with another layer is copied first).
+    ///
+    /// # Errors
+    /// As [`crate::grad::apply_update`]: unknown or frozen names, wrong shapes, the callback's errors.
+    pub fn apply_update(
+        &mut self,
+        grads: &[Grad],
+        update: &mut dyn FnMut(&mut ParamMut<'_>, &Grad) -> Result<(), MoeError>,
+    ) -> Result<(), MoeError> {
+        crate::grad::apply_update(self.params_mut(), grads, update)
     }
 
     /// The routed-part scale (1 unless set).

@@ -8,7 +8,12 @@
 //!   assignments, aux losses with their normalisation named, optional logits) and its [`Diagnostics`].
 //! - [`RouterSpec`]: the optional device-executable description of a built-in router.
 //! - [`Expert`] and [`ExpertBank`]: custom experts and the standard families (SwiGLU, GPT-OSS, MLP, PEER).
-//! - [`Backend`] / [`DeviceLayer`]: upload a [`MoeLayer`] once, run forwards on it.
+//! - [`Backend`] / [`DeviceLayer`]: upload a [`MoeLayer`] once, run forwards on it; train on it
+//!   ([`DeviceLayer::forward_train`], [`DeviceLayer::backward`] returning [`LayerGrads`],
+//!   [`DeviceLayer::apply_update`]).
+//! - [`grad`]: gradients named as the parameter views ([`Grad`], dense or sparse rows), the router backward's
+//!   input and output ([`RouterBackward`], [`RouterGrads`]; [`Router::backward`]) and the optimizer-facing
+//!   [`grad::apply_update`].
 //! - [`RouterRegistry`]: routers by name from serde options; [`router_options!`] declares a router's options once
 //!   (serde config, defaults, the docs `moe list` prints) and [`RouterConfig::is_causal`] its causality.
 //! - [`kit`]: the router kit, what a plugin needs to be as good as a built-in (seeded gate init, the linear gate,
@@ -75,6 +80,7 @@ extern crate self as moe_core;
 pub mod backend;
 pub mod error;
 pub mod expert;
+pub mod grad;
 pub mod kit;
 pub mod layer;
 pub mod loss;
@@ -95,6 +101,7 @@ pub use error::{MoeError, check_finite};
 pub use expert::{
     Activation, Expert, ExpertBank, GptOssBank, MlpBank, PeerBank, SharedExperts, SwiGluBank,
 };
+pub use grad::{Grad, GradValue, LayerGrads, RouterBackward, RouterGrads};
 pub use kit::KEEP_LOGITS_MAX_EXPERTS;
 pub use layer::MoeLayer;
 pub use loss::{AuxLoss, AuxLossKind, LbNorm};

@@ -4,6 +4,7 @@
 use ndarray::{Array1, Array2, ArrayView2};
 
 use crate::error::{MoeError, check_finite};
+use crate::grad::{RouterBackward, RouterGrads};
 use crate::params::{Param, ParamMut};
 use crate::routing::Routing;
 
@@ -183,6 +184,42 @@ pub trait Router: dyn_clone::DynClone + Send + Sync + std::fmt::Debug {
     /// Mutable views of the same parameters, in the same order as [`Router::params`].
     fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
         Vec::new()
+    }
+
+    /// The backward of [`Router::route`]: given the forward's input and plan, `dL/dw` for every kept assignment and
+    /// `dL/d(aux)` for every auxiliary loss of the plan ([`RouterBackward`]), returns `dL/d(hidden)` `[T, d]` and
+    /// the gradients of the router's trainable parameters, named as in [`Router::params`].
+    ///
+    /// The gradient reaches the router only through the kept weights and the auxiliary losses; which experts were
+    /// chosen, capacity and drops get none. A router may recompute what its forward computed (logits, scores,
+    /// seeded noise: the input carries the mode and seed), so it keeps no state between the two calls.
+    /// [`kit`](crate::kit) has the backward of the common pieces (linear gate, score functions, top-k weights,
+    /// renormalisation, scaling, the losses), and [`testing::check_router_grad`](crate::testing::check_router_grad)
+    /// checks a backward against finite differences.
+    ///
+    /// The default returns [`MoeError::Unsupported`] naming the router, so a router without a backward still runs
+    /// forward.
+    ///
+    /// # Errors
+    /// [`MoeError::Unsupported`] (the default); [`RouterBackward::validate`]'s errors for inconsistent lengths or
+    /// non-finite gradients.
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        let _ = grad;
+        Err(MoeError::Unsupported {
+            owner: format!("router {}", self.name()),
+            feature: "backward".into(),
+        })
+    }
+
+    /// The once-per-step update of state learned without gradients (the aux-loss-free correction bias of
+    /// DeepSeek-V3 and Megatron: `b_e += rate · sign(mean_load − load_e)` from the loads of `routing`). Returns
+    /// whether the router has such state; the default has none and returns `Ok(false)`.
+    ///
+    /// # Errors
+    /// [`MoeError::Mismatch`] for a plan of another `E`; [`MoeError::InvalidConfig`] for a non-finite rate.
+    fn update_bias(&mut self, routing: &Routing, rate: f32) -> Result<bool, MoeError> {
+        let _ = (routing, rate);
+        Ok(false)
     }
 }
 

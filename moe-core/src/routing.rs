@@ -233,6 +233,12 @@ impl Routing {
         &self.aux
     }
 
+    /// The coefficient of every auxiliary loss, in the order of [`Routing::aux_losses`]: the `d_aux` of a
+    /// backward that trains with the routers' own coefficients.
+    pub fn aux_coefficients(&self) -> Vec<f32> {
+        self.aux.iter().map(|a| a.coefficient).collect()
+    }
+
     /// Router logits `[T, E]`, if the router kept them.
     pub fn logits(&self) -> Option<&Array2<f32>> {
         self.logits.as_ref()

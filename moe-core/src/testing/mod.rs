@@ -1,6 +1,12 @@
 //! The router conformance suite (feature `testing`): checks any [`Router`] against the contract, so plugin authors
 //! test their router the same way the built-ins are tested. [`check_router`] checks one router instance,
 //! [`check_registered`] a registry entry over every combination of its finite-valued options.
+//! [`check_router_grad`] and [`check_layer_grad`] check a backward against central finite differences (method and
+//! tolerance in their module docs).
+
+mod grad;
+
+pub use grad::{ATOL, GradReport, RTOL, check_layer_grad, check_router_grad};
 
 use ndarray::Array2;
 
