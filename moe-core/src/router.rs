@@ -211,14 +211,22 @@ pub trait Router: dyn_clone::DynClone + Send + Sync + std::fmt::Debug {
         })
     }
 
-    /// The once-per-step update of state learned without gradients (the aux-loss-free correction bias of
-    /// DeepSeek-V3 and Megatron: `b_e += rate · sign(mean_load − load_e)` from the loads of `routing`). Returns
-    /// whether the router has such state; the default has none and returns `Ok(false)`.
+    /// The once-per-step update of state learned without gradients, after the step's forward: the aux-loss-free
+    /// correction bias of DeepSeek-V3 and Megatron (`b_e += bias_rate · sign(mean_load − load_e)` from the loads of
+    /// `routing`; Wang et al. 2024, docs/ROUTERS.md) and running statistics (PEER's query BatchNorm running mean and
+    /// variance, from the batch of `input` with PyTorch's momentum). An explicit call, once per training step, with
+    /// the input and plan of that step's forward; such state is frozen for the optimizer and gets no gradient.
+    /// Returns whether the router has such state; the default has none and returns `Ok(false)`.
     ///
     /// # Errors
-    /// [`MoeError::Mismatch`] for a plan of another `E`; [`MoeError::InvalidConfig`] for a non-finite rate.
-    fn update_bias(&mut self, routing: &Routing, rate: f32) -> Result<bool, MoeError> {
-        let _ = (routing, rate);
+    /// [`MoeError::Mismatch`] for a plan of another `E` or `T`; [`MoeError::InvalidConfig`] for a non-finite rate.
+    fn update_state(
+        &mut self,
+        input: &RouterInput<'_>,
+        routing: &Routing,
+        bias_rate: f32,
+    ) -> Result<bool, MoeError> {
+        let _ = (input, routing, bias_rate);
         Ok(false)
     }
 }

@@ -400,7 +400,8 @@ pub fn check_options_take_effect(
 }
 
 /// A router that returns the same plan for every input (of the right width): lets a backend test control exactly
-/// which experts get which tokens, including experts with none. It has no [`RouterSpec`](crate::router::RouterSpec),
+/// which experts get which tokens, including experts with none. Its weights do not depend on the input, so its
+/// backward is exact and trivial (`d_hidden = 0`, no parameters): layer gradient checks of the experts use it. It has no [`RouterSpec`](crate::router::RouterSpec),
 /// so backends run it on the host path.
 #[derive(Clone, Debug)]
 pub struct FixedPlan {
@@ -431,6 +432,16 @@ impl Router for FixedPlan {
             self.kept.clone(),
             Vec::new(),
         )
+    }
+    fn backward(
+        &self,
+        grad: &crate::grad::RouterBackward<'_, '_>,
+    ) -> Result<crate::grad::RouterGrads, MoeError> {
+        grad.validate()?;
+        Ok(crate::grad::RouterGrads {
+            d_hidden: Array2::zeros(grad.input.hidden.dim()),
+            params: Vec::new(),
+        })
     }
 }
 
