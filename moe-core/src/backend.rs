@@ -7,8 +7,8 @@ use ndarray::{Array2, ArrayView2};
 
 use crate::error::MoeError;
 use crate::grad::{Grad, LayerGrads};
-use crate::params::ParamMut;
 use crate::layer::MoeLayer;
+use crate::params::ParamMut;
 use crate::router::{Router, RouterInput};
 use crate::routing::Routing;
 
@@ -102,14 +102,19 @@ pub trait DeviceLayer: Send {
     /// As [`DeviceLayer::forward`]; [`MoeError::Unsupported`] on a backend without training.
     fn forward_train(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         let _ = input;
-        Err(unsupported(self.layer(), "training (forward_train and backward)"))
+        Err(unsupported(
+            self.layer(),
+            "training (forward_train and backward)",
+        ))
     }
 
     /// The backward of the last [`DeviceLayer::forward_train`]: for the loss
     /// `L = Σ (output ⊙ d_output) + Σ_i d_aux[i] · aux_i`, returns `dL/dx` `[T, d]` and the gradient of every
     /// trainable parameter (named as in [`MoeLayer::params`]). `d_output` is `[T, d]`; `d_aux` has one entry per
     /// auxiliary loss of the forward's plan ([`Routing::aux_coefficients`] trains with the routers' own
-    /// coefficients; zeros leave them out).
+    /// coefficients; zeros leave them out). The training forward's state is kept until the next one, so several
+    /// backwards (of different losses) may follow one training forward, each returning the same gradients for the
+    /// same arguments.
     ///
     /// # Errors
     /// [`MoeError::Order`] without a training forward before it; [`MoeError::Shape`] naming `d_output` or `d_aux`;
@@ -121,7 +126,10 @@ pub trait DeviceLayer: Send {
         d_aux: &[f32],
     ) -> Result<LayerGrads, MoeError> {
         let _ = (d_output, d_aux);
-        Err(unsupported(self.layer(), "training (forward_train and backward)"))
+        Err(unsupported(
+            self.layer(),
+            "training (forward_train and backward)",
+        ))
     }
 
     /// Applies `update(param, grad)` to every parameter of the resident layer that `grads` names

@@ -298,7 +298,10 @@ pub fn sgd(lr: f32) -> impl FnMut(&mut ParamMut<'_>, &Grad) -> Result<(), MoeErr
 
 /// `Σ_i a_i · b_i` over two views of one shape, in f64 (for checks and reports).
 pub fn dot(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> f64 {
-    a.iter().zip(b.iter()).map(|(&x, &y)| x as f64 * y as f64).sum()
+    a.iter()
+        .zip(b.iter())
+        .map(|(&x, &y)| x as f64 * y as f64)
+        .sum()
 }
 
 /// Sums the rows of `a` (`[T, n]`) into `[n]` in ascending row order (bias gradients).
@@ -364,7 +367,11 @@ mod tests {
         assert!(apply_update(vec![], &unknown, &mut sgd(1.0)).is_err());
         let wrong = vec![Grad::dense("w", array![1.0f32])];
         assert!(matches!(
-            apply_update(vec![ParamMut::new("w", w.view_mut())], &wrong, &mut sgd(1.0)),
+            apply_update(
+                vec![ParamMut::new("w", w.view_mut())],
+                &wrong,
+                &mut sgd(1.0)
+            ),
             Err(MoeError::Shape { .. })
         ));
     }

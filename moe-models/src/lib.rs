@@ -17,7 +17,8 @@
 //! leading axis `E` (`model.layers.1.block_sparse_moe.experts.{e}.w2.weight`); ` + ` between names for tensors
 //! joined along each expert's rows, in order (`experts.{e}.w1.weight + experts.{e}.w3.weight`, gate rows then up
 //! rows); one-expert shared banks and Qwen2-MoE's `shared_expert_gate.weight` `[1, d]` (the layer's `[d]`) differ
-//! from the checkpoint only by leading axes of size 1.
+//! from the checkpoint only by leading axes of size 1. [`hf_names::split_by_hf_name`] inverts that assembly (a
+//! gradient back into the checkpoint's tensors).
 //!
 //! ```no_run
 //! use moe_models::{Checkpoint, MoeConfig, build_layer};
@@ -36,6 +37,7 @@ pub mod config;
 pub mod error;
 pub mod files;
 pub mod fixture;
+pub mod hf_names;
 pub mod hidden;
 pub mod inspect;
 pub mod presets;

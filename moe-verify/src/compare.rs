@@ -33,7 +33,8 @@ impl<'a> Compare<'a> {
         self.skipped.push(format!("{name} ({why})"));
     }
 
-    fn push(&mut self, name: &str, measure: Measure, value: f64, on: Side) {
+    /// Records a measured quantity (passing by [`Measure`]'s rule).
+    pub(crate) fn measured(&mut self, name: &str, measure: Measure, value: f64, on: Side) {
         let passed = match measure {
             Measure::RelErr => value <= TOLERANCE,
             Measure::Mismatches => value == 0.0,
@@ -64,7 +65,7 @@ impl<'a> Compare<'a> {
             });
         }
         let v = rel_err(ours.iter().copied(), &r.data);
-        self.push(name, Measure::RelErr, v, on);
+        self.measured(name, Measure::RelErr, v, on);
         Ok(())
     }
 
@@ -77,7 +78,7 @@ impl<'a> Compare<'a> {
         } else {
             reference.iter().zip(ours).filter(|(a, b)| a != b).count()
         };
-        self.push(name, Measure::Mismatches, n as f64, on);
+        self.measured(name, Measure::Mismatches, n as f64, on);
         Ok(())
     }
 
@@ -113,10 +114,10 @@ impl<'a> Compare<'a> {
         if idx.len() != self.t * k {
             mismatched = mismatched.max(1);
         }
-        self.push("topk_indices", Measure::Mismatches, mismatched as f64, on);
+        self.measured("topk_indices", Measure::Mismatches, mismatched as f64, on);
         if weights.is_some() {
             let v = rel_err(our_w.into_iter(), &ref_w);
-            self.push("topk_weights", Measure::RelErr, v, on);
+            self.measured("topk_weights", Measure::RelErr, v, on);
         }
         Ok(())
     }
@@ -125,7 +126,7 @@ impl<'a> Compare<'a> {
     pub(crate) fn scalar(&mut self, name: &str, value: f32, on: Side) -> Result<(), LoadError> {
         let r = self.ckpt.tensor(&format!("ref.{name}"))?;
         let v = rel_err(std::iter::once(value), &r.data);
-        self.push(name, Measure::RelErr, v, on);
+        self.measured(name, Measure::RelErr, v, on);
         Ok(())
     }
 }

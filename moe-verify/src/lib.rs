@@ -17,6 +17,11 @@
 //!   expert), `shared_expert_gate_logit` (`x · w`), and the aux losses a backend's native routing does not compute
 //!   (the layer's router run by [`MoeLayer::route`](moe_core::MoeLayer::route)).
 //!
+//! - Gradients (`ref.grad.*`, `ref.grad_lb.*`, `ref.grad_z.*`, tests/fixtures/hf-grad): a training forward and
+//!   a backward on the backend for each loss the file has gradients of (the output loss with `ref.cotangent`, the
+//!   load-balancing loss alone, the z-loss alone), every parameter gradient split into the checkpoint's tensors by
+//!   the names the preset recorded; a backend without training has them skipped with its reason.
+//!
 //! ## Measures
 //! Continuous quantities report the relative error
 //! `rel = max_i |ours_i − ref_i| / max(max_i |ref_i|, 1e-30)` and pass when `rel ≤ 1e-5` ([`TOLERANCE`]).
@@ -32,6 +37,7 @@
 //! ```
 
 mod compare;
+mod grad;
 mod run;
 
 use std::path::{Path, PathBuf};
@@ -195,6 +201,7 @@ pub fn verify_case(
     for name in fx.reference_names() {
         run.check(&mut rep, &name)?;
     }
+    grad::check(&fx, &case.name, backend, &mut rep)?;
     let passed = rep.quantities.iter().all(|q| q.passed) && !rep.quantities.is_empty();
     // A case that fails says why: nothing to compare, or which quantities are out of tolerance.
     let error = if rep.quantities.is_empty() {

@@ -217,7 +217,10 @@ mod tests {
             let want = fd(|v| 1.0 / (1.0 + (-v).exp()), l as f64);
             assert!((sigmoid_backward(s, 1.0) as f64 - want).abs() < 1e-6);
             let want = fd(|v| (1.0 + v.exp()).ln().sqrt(), l as f64);
-            assert!((sqrt_softplus_backward(l, 1.0) as f64 - want).abs() < 1e-5, "{l}");
+            assert!(
+                (sqrt_softplus_backward(l, 1.0) as f64 - want).abs() < 1e-5,
+                "{l}"
+            );
             assert!(sqrt_softplus(l) > 0.0);
         }
         // softmax: d/dl of Σ c_i p_i.
@@ -233,7 +236,10 @@ mod tests {
                 r[i] = v;
                 let m = r.iter().cloned().fold(f64::MIN, f64::max);
                 let s: f64 = r.iter().map(|x| (x - m).exp()).sum();
-                r.iter().zip(&c).map(|(x, &ci)| ci as f64 * (x - m).exp() / s).sum()
+                r.iter()
+                    .zip(&c)
+                    .map(|(x, &ci)| ci as f64 * (x - m).exp() / s)
+                    .sum()
             };
             assert!((dl[i] as f64 - fd(f, l[i] as f64)).abs() < 1e-5, "{i}");
         }
@@ -250,7 +256,10 @@ mod tests {
                 let mut rr: Vec<f64> = r.iter().map(|&x| x as f64).collect();
                 rr[j] = v;
                 let s: f64 = rr.iter().sum();
-                rr.iter().zip(&c).map(|(x, &ci)| 2.5 * ci as f64 * x / s).sum()
+                rr.iter()
+                    .zip(&c)
+                    .map(|(x, &ci)| 2.5 * ci as f64 * x / s)
+                    .sum()
             };
             assert!((d[j] as f64 - fd(f, r[j] as f64)).abs() < 1e-4, "{j}");
         }

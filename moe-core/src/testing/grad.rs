@@ -71,7 +71,12 @@ fn pick(analytic: &[f32], rng: &mut SeqRng) -> Vec<usize> {
         return (0..n).collect();
     }
     let mut idx: Vec<usize> = (0..n).collect();
-    idx.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        analytic[b]
+            .abs()
+            .total_cmp(&analytic[a].abs())
+            .then(a.cmp(&b))
+    });
     let mut out: Vec<usize> = idx[..PER_TENSOR / 2].to_vec();
     while out.len() < PER_TENSOR {
         let i = rng.below(n as u64) as usize;
@@ -88,8 +93,7 @@ fn same_plan(a: &Routing, b: &Routing) -> bool {
         && a.offsets() == b.offsets()
         && a.slot_tokens() == b.slot_tokens()
         && a.dropped().len() == b.dropped().len()
-        && a
-            .dropped()
+        && a.dropped()
             .iter()
             .zip(b.dropped())
             .all(|(x, y)| (x.token, x.expert) == (y.token, y.expert))
@@ -112,9 +116,7 @@ fn check_tensor(
             value.len()
         ));
     }
-    let scale = analytic
-        .iter()
-        .fold(1.0f64, |m, &v| m.max(v.abs() as f64));
+    let scale = analytic.iter().fold(1.0f64, |m, &v| m.max(v.abs() as f64));
     let picks = pick(analytic, rng);
     let mut skipped = 0;
     for &i in &picks {
@@ -305,7 +307,11 @@ pub fn check_layer_grad(
     input: &RouterInput<'_>,
     seed: u64,
 ) -> Result<GradReport, String> {
-    let what = format!("layer ({} / {})", layer.router().name(), layer.experts().kind());
+    let what = format!(
+        "layer ({} / {})",
+        layer.router().name(),
+        layer.experts().kind()
+    );
     let mut dev = backend
         .upload(std::sync::Arc::new(layer.clone()))
         .map_err(|e| format!("{what}: upload failed: {e}"))?;
@@ -314,8 +320,8 @@ pub fn check_layer_grad(
         .map_err(|e| format!("{what}: forward_train failed: {e}"))?;
     let mut rng = SeqRng::new(seed, 0x6AE);
     let (t, d) = out.output.dim();
-    let cot = Array2::from_shape_vec((t, d), coefficients(&mut rng, t * d))
-        .map_err(|e| e.to_string())?;
+    let cot =
+        Array2::from_shape_vec((t, d), coefficients(&mut rng, t * d)).map_err(|e| e.to_string())?;
     let a = coefficients(&mut rng, out.routing.aux_losses().len());
     let grads = dev
         .backward(cot.view(), &a)
@@ -372,9 +378,14 @@ pub fn check_layer_grad(
         &mut report,
         &mut eval_x,
     )?;
-    check_layer_params(&what, layer, &grads, &mut rng, &mut report, &mut |l: &MoeLayer| {
-        loss(l, input)
-    })?;
+    check_layer_params(
+        &what,
+        layer,
+        &grads,
+        &mut rng,
+        &mut report,
+        &mut |l: &MoeLayer| loss(l, input),
+    )?;
     Ok(report)
 }
 
@@ -437,7 +448,10 @@ fn check_layer_params(
         .iter()
         .find(|g| !params.iter().any(|p| p.name == g.name))
     {
-        return Err(format!("{what}: gradient {} names no parameter", extra.name));
+        return Err(format!(
+            "{what}: gradient {} names no parameter",
+            extra.name
+        ));
     }
     Ok(())
 }
