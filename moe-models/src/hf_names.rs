@@ -42,7 +42,7 @@ pub fn split_by_hf_name(
         ));
     }
     let n = value.shape()[axis];
-    if n % parts.len() != 0 {
+    if !n.is_multiple_of(parts.len()) {
         return Err(format!(
             "{hf_name}: axis {axis} of {:?} does not divide into {} parts",
             value.shape(),
