@@ -25,9 +25,12 @@ use ndarray::Array2;
 use crate::compare::Compare;
 use crate::{Measure, Side};
 
+/// Picks the aux loss a gradient reference differentiates.
+type AuxPick = fn(&AuxLossKind) -> bool;
+
 /// The losses a fixture may hold gradients of: reference prefix, and the aux loss it differentiates (`None`:
 /// the output loss).
-const LOSSES: [(&str, Option<fn(&AuxLossKind) -> bool>); 3] = [
+const LOSSES: [(&str, Option<AuxPick>); 3] = [
     ("grad", None),
     (
         "grad_lb",
@@ -86,7 +89,7 @@ pub(crate) fn check(
 fn backward(
     fx: &FixtureCase,
     backend: &dyn Backend,
-    aux: Option<fn(&AuxLossKind) -> bool>,
+    aux: Option<AuxPick>,
 ) -> Result<LayerGrads, MoeError> {
     let seq_lens = fx.seq_lens();
     let input = moe_core::RouterInput::new(fx.input.view()).with_seq_lens(&seq_lens);
