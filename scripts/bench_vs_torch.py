@@ -5,6 +5,10 @@ Rows are the CPU shapes of PERFORMANCE.md: `MixtralSparseMoeBlock` (Mixtral-like
 (OLMoE-like), f32, inference mode, `torch.set_num_threads(N)`, each with transformers' `eager` and `grouped_mm`
 experts implementations. Also measures the sgemm peak (`torch.mm` on (2048x1024)@(1024x3584)).
 
+With `--backward` (or the request `{"op": "block_train", ...}`) each row times one training step instead: the
+forward with autograd on (parameters and input requiring grad), `L = sum(output * cotangent)`, and
+`L.backward()` — forward plus backward through transformers' own block, gradients set to None between runs.
+
 Two ways to run it:
   python3 scripts/bench_vs_torch.py --threads 2            # one pass over every row, a table
   python3 scripts/bench_vs_torch.py --threads 2 --serve    # a worker: one JSON request per stdin line,
@@ -91,6 +95,38 @@ def time_block(kind, d, ffn, e, k, t, repeats):
     return out
 
 
+def time_block_train(kind, d, ffn, e, k, t, repeats):
+    """Forward + backward (autograd through the HF block) medians in ms per experts implementation."""
+    block, cfg = make_block(kind, d, ffn, e, k)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, t, d, generator=gen).requires_grad_(True)
+    cot = torch.randn(1, t, d, generator=gen)
+    for p in block.parameters():
+        p.requires_grad_(True)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        out = block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        (out * cot).sum().backward()
+
+    res = {}
+    with torch.enable_grad():
+        for impl in IMPLS:
+            cfg._experts_implementation = impl
+            try:
+                res[impl] = median_ms(step, repeats)
+            except Exception as err:  # an implementation without a backward in this torch build
+                res[impl] = None
+                res[impl + "_error"] = str(err).splitlines()[0][:200]
+    cfg._experts_implementation = "eager"
+    block.zero_grad(set_to_none=True)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    return res
+
+
 def time_sgemm(repeats):
     a = torch.randn(2048, 1024)
     b = torch.randn(1024, 3584)
@@ -109,8 +145,9 @@ def serve(args):
             reps = int(req.get("repeats", args.repeats))
             if req["op"] == "sgemm":
                 ans = time_sgemm(reps)
-            elif req["op"] == "block":
-                ans = time_block(req["block"], req["d"], req["ffn"], req["e"], req["k"], req["t"], reps)
+            elif req["op"] in ("block", "block_train"):
+                timer = time_block if req["op"] == "block" else time_block_train
+                ans = timer(req["block"], req["d"], req["ffn"], req["e"], req["k"], req["t"], reps)
             elif req["op"] == "info":
                 ans = {}
             else:
@@ -128,6 +165,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--serve", action="store_true", help="answer JSON requests on stdin, one per line")
+    p.add_argument("--backward", action="store_true", help="time forward + backward (autograd) instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.serve:
@@ -141,9 +179,10 @@ def main():
     print("| block | d | ffn | E | k | T | eager ms | grouped_mm ms | best GFLOP/s |")
     print("| --- | --: | --: | --: | --: | --: | --: | --: | --: |")
     for kind, d, ffn, e, k, t in ROWS:
-        r = time_block(kind, d, ffn, e, k, t, args.repeats)
+        timer = time_block_train if args.backward else time_block
+        r = timer(kind, d, ffn, e, k, t, args.repeats)
         best = min(v for v in (r["eager"], r["grouped_mm"]) if v is not None)
-        gf = 2 * t * k * 3 * d * ffn / best / 1e6
+        gf = (3 if args.backward else 1) * 2 * t * k * 3 * d * ffn / best / 1e6
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
         print(f"| {kind} | {d} | {ffn} | {e} | {k} | {t} | {fmt(r['eager'])} | {fmt(r['grouped_mm'])} | {gf:.1f} |")
 
