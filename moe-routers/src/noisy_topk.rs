@@ -727,7 +727,7 @@ impl Router for NoisyTopK {
     /// `input.mode`, in the same blocks of tokens). Per real token: the kept weights `softmax(H_kept)` get `dL/dw`
     /// of their slot plus `dL/d importance_e` of their expert ([`kit::cv_squared_backward`]); in training the smooth
     /// load `P(x, e) = Φ((l_e − threshold_e) / σ_e)` gets `dL/d load_e` and passes it to the clean logit, to `σ` and
-    /// to the noisy logit the threshold was read from ([`smooth_load_backward`]); the noisy logits
+    /// to the noisy logit the threshold was read from (`smooth_load_backward`); the noisy logits
     /// `H = l + ε ⊙ σ` pass to `l` and, through `σ = softplus(x · W_noiseᵀ) + noise_epsilon`, to `W_noise` (`ε` are
     /// constants, redrawn from the seed). Then the two linear maps: `dx = dl · W_g + d raw · W_noise`,
     /// `dW_g = dlᵀ · x`, `dW_noise = d rawᵀ · x`. In eval there is no noise and the load is a count of gates, so

@@ -1032,7 +1032,7 @@ impl Router for Peer {
     /// Per real token and head, the weights of the `k` retrieved scores (softmax, or ReLU with
     /// `non_competing_scores`) give `dL/d score_j`; a score `q₁·c_a + q₂·c'_b` passes `ds_j · c_a`, `ds_j · c'_b`
     /// to the query halves and `ds_j · q₁`, `ds_j · q₂` to rows `a` and `b` of the head's sub-key tables. Then the
-    /// query BatchNorm, if any ([`Peer::batchnorm_backward`]: in training through the batch statistics), and the
+    /// query BatchNorm, if any (`Peer::batchnorm_backward`: in training through the batch statistics), and the
     /// projection: `dx = dq · W_q`, `dW_q = dqᵀ · x`. The retrieval (which experts) gets no gradient; padding rows
     /// get 0. `O(h·k·d_key)` per token after the retrieval, nothing `O(N)`; the sub-key gradients are dense
     /// (`h·n·d_key` values, `O(√N)`). Heads run in parallel, each summing its tokens in order: the same bits on
