@@ -6,8 +6,8 @@ use rayon::prelude::*;
 
 use moe_core::kit::{self, GATE_STREAM};
 use moe_core::{
-    Assignment, KEEP_LOGITS_MAX_EXPERTS, MoeError, Param, ParamMut, Router, RouterArgs,
-    RouterConfig, RouterEntry, RouterInput, RouterRegistry, Routing,
+    Assignment, Grad, KEEP_LOGITS_MAX_EXPERTS, MoeError, Param, ParamMut, Router, RouterArgs,
+    RouterBackward, RouterConfig, RouterEntry, RouterGrads, RouterInput, RouterRegistry, Routing,
 };
 
 /// Largest `T · E` a single call accepts: the router holds a few `[T, E]` f32 tables.
@@ -232,6 +232,64 @@ impl Router for ExpertChoice {
             routing.set_logits(logits);
         }
         Ok(routing)
+    }
+
+    /// The exact backward of [`Router::route`]. The weight of a kept (token `t`, expert `e`) is `S[t, e]`, the
+    /// softmax over all `E` experts of token `t`'s logits `l = x · W_gᵀ`, so with `dS[t, e] = dL/dw` of that slot
+    /// (a pair holds at most one slot; 0 for pairs not taken): `dl_t = S_t ⊙ (dS_t − ⟨S_t, dS_t⟩)` over the whole
+    /// row ([`kit::softmax_backward`]), then the gate's backward ([`kit::gate_backward`]): `dx = dl · W_g`,
+    /// `dW_g = dlᵀ · x`. Which tokens each expert took gets no gradient (selection is not differentiable), there
+    /// is no auxiliary loss, and padding rows get 0. Rows are independent, so the result is the same on any
+    /// thread count.
+    ///
+    /// # Errors
+    /// [`RouterBackward::validate`]'s errors; [`MoeError::Mismatch`] for a plan of another `E`; the input errors
+    /// of [`Router::route`].
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        grad.validate()?;
+        let input = grad.input;
+        input.validate(self.d_model())?;
+        let (t, e) = (input.n_tokens(), self.n_experts());
+        if grad.routing.n_experts() != e {
+            return Err(MoeError::mismatch(
+                "expert-choice backward",
+                "plan experts",
+                grad.routing.n_experts(),
+                "router experts",
+                e,
+            ));
+        }
+        let logits = kit::gate_logits(input.hidden, self.gate.view(), None)?;
+        let mut d_scores = Array2::<f32>::zeros((t, e));
+        for g in grad.routing.groups() {
+            for (j, &token) in g.tokens.iter().enumerate() {
+                let dw = grad.d_weights.get(g.slot_start + j).copied().unwrap_or(0.0);
+                if let Some(v) = d_scores.get_mut((token as usize, g.expert)) {
+                    *v += dw;
+                }
+            }
+        }
+        let mut d_logits = vec![0.0f32; t * e];
+        d_logits
+            .par_chunks_mut(e.max(1))
+            .enumerate()
+            .for_each(|(i, out)| {
+                let ds = d_scores.row(i);
+                if ds.iter().all(|&v| v == 0.0) {
+                    return;
+                }
+                let mut s = logits.row(i).to_vec();
+                kit::softmax_in_place(&mut s);
+                kit::softmax_backward(&s, &ds.to_vec(), out);
+            });
+        let d_logits = Array2::from_shape_vec((t, e), d_logits).map_err(|_| {
+            MoeError::shape("expert-choice d_logits", format!("[{t}, {e}]"), &[t * e])
+        })?;
+        let g = kit::gate_backward(input.hidden, self.gate.view(), d_logits.view())?;
+        Ok(RouterGrads {
+            d_hidden: g.d_x,
+            params: vec![Grad::dense("gate", g.d_gate)],
+        })
     }
 }
 

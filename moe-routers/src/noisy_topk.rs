@@ -8,9 +8,9 @@ use moe_core::kit::{self, GATE_STREAM};
 use moe_core::math::normal_cdf;
 use moe_core::rng::CounterRng;
 use moe_core::{
-    Assignment, AuxLoss, AuxLossKind, KEEP_LOGITS_MAX_EXPERTS, Mode, MoeError, Param, ParamMut,
-    Router, RouterArgs, RouterConfig, RouterEntry, RouterInput, RouterRegistry, Routing,
-    check_finite, loss,
+    Assignment, AuxLoss, AuxLossKind, Grad, KEEP_LOGITS_MAX_EXPERTS, Mode, MoeError, Param,
+    ParamMut, Router, RouterArgs, RouterBackward, RouterConfig, RouterEntry, RouterGrads,
+    RouterInput, RouterRegistry, Routing, check_finite, loss,
 };
 
 /// Largest `T · E` a single call accepts: the router holds a few `[T, E]` f32 tables.
@@ -235,30 +235,54 @@ impl NoisyTopK {
         rows: std::ops::Range<usize>,
         keep_noisy: bool,
     ) -> Result<Vec<TokenGates>, MoeError> {
+        let raw = self.noise_logits(input, rows.clone())?;
+        self.gates_with(input, clean, rows, raw.as_ref(), keep_noisy)
+    }
+
+    /// The raw noise logits `x · W_noiseᵀ` of tokens `rows` (`[rows, E]`) in training, `None` in eval.
+    fn noise_logits(
+        &self,
+        input: &RouterInput<'_>,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Option<Array2<f32>>, MoeError> {
         let start = rows.start;
-        let noise = match input.mode {
-            Mode::Eval => None,
-            Mode::Train { seed } => {
-                let raw = input
-                    .hidden
-                    .slice(ndarray::s![rows.clone(), ..])
-                    .dot(&self.noise.t());
-                check_finite("noise logits", raw.view()).map_err(|e| match e {
-                    MoeError::NonFinite {
-                        tensor,
-                        token,
-                        column,
-                        value,
-                    } => MoeError::NonFinite {
-                        tensor,
-                        token: token + start,
-                        column,
-                        value,
-                    },
-                    e => e,
-                })?;
-                Some((raw, CounterRng::new(seed, NOISE_STREAM)))
-            }
+        let Mode::Train { .. } = input.mode else {
+            return Ok(None);
+        };
+        let raw = input
+            .hidden
+            .slice(ndarray::s![rows, ..])
+            .dot(&self.noise.t());
+        check_finite("noise logits", raw.view()).map_err(|e| match e {
+            MoeError::NonFinite {
+                tensor,
+                token,
+                column,
+                value,
+            } => MoeError::NonFinite {
+                tensor,
+                token: token + start,
+                column,
+                value,
+            },
+            e => e,
+        })?;
+        Ok(Some(raw))
+    }
+
+    /// [`NoisyTopK::gates`] from the raw noise logits of `rows` ([`NoisyTopK::noise_logits`]).
+    fn gates_with(
+        &self,
+        input: &RouterInput<'_>,
+        clean: &Array2<f32>,
+        rows: std::ops::Range<usize>,
+        raw: Option<&Array2<f32>>,
+        keep_noisy: bool,
+    ) -> Result<Vec<TokenGates>, MoeError> {
+        let start = rows.start;
+        let noise = match (input.mode, raw) {
+            (Mode::Train { seed }, Some(raw)) => Some((raw, CounterRng::new(seed, NOISE_STREAM))),
+            _ => None,
         };
         let results: Vec<Result<TokenGates, MoeError>> = rows
             .into_par_iter()
@@ -385,6 +409,236 @@ fn smooth_load(
         .collect()
 }
 
+/// `φ(z)`, the standard normal density: the derivative of [`normal_cdf`].
+fn normal_pdf(z: f64) -> f64 {
+    (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt()
+}
+
+/// What the backward reads from the plan ([`NoisyTopK::plan_gradients`]).
+struct PlanGrads {
+    /// `dL/dw` of (token `t`, rank `j`) at `t · k + j`, `[T · k]`.
+    d_w: Vec<f32>,
+    /// The plan's expert of (token, rank), `u32::MAX` where it has none, `[T · k]`.
+    plan_expert: Vec<u32>,
+    /// `Σ_t G(x_t)` `[E]`, summed as the forward summed it.
+    importance: Vec<f64>,
+}
+
+/// What every token's backward shares: the plan's gradients per (token, rank) and the losses' gradients per expert.
+struct BackwardCtx<'a> {
+    /// `dL/dw` of the slot of (token `t`, rank `j`) at `t · k + j` (0 where the plan has none).
+    d_w: &'a [f32],
+    /// The plan's expert at (token, rank), `u32::MAX` where it has none.
+    plan_expert: &'a [u32],
+    /// `dL/d importance_e` `[E]`.
+    d_importance: &'a [f64],
+    /// `dL/d load_e` `[E]`, in training (the eval load is a count of gates, a constant).
+    d_load: Option<&'a [f64]>,
+    /// The training noise generator, in training.
+    rng: Option<CounterRng>,
+}
+
+impl NoisyTopK {
+    /// From the plan: `dL/dw` and the expert of every (token, rank) `[T · k]`, and the importance `Σ_t G(x_t)`
+    /// `[E]` summed in token order per expert, as the forward summed it.
+    fn plan_gradients(
+        &self,
+        grad: &RouterBackward<'_, '_>,
+        t: usize,
+        e: usize,
+    ) -> Result<PlanGrads, MoeError> {
+        let k = self.k;
+        let mut d_w = vec![0.0f32; t * k];
+        let mut plan_expert = vec![u32::MAX; t * k];
+        let mut importance = vec![0.0f64; e];
+        let ranks = grad.routing.slot_ranks();
+        for g in grad.routing.groups() {
+            for (j, (&token, &w)) in g.tokens.iter().zip(g.weights).enumerate() {
+                let s = g.slot_start + j;
+                let rank = ranks.get(s).map_or(usize::MAX, |&r| usize::from(r));
+                if rank >= k {
+                    return Err(MoeError::config(
+                        "noisy-topk backward: plan rank",
+                        rank,
+                        format!("must be < k = {k} (the plan was not routed by this router)"),
+                    ));
+                }
+                let at = token as usize * k + rank;
+                if let (Some(dw), Some(pe), Some(&g_s)) = (
+                    d_w.get_mut(at),
+                    plan_expert.get_mut(at),
+                    grad.d_weights.get(s),
+                ) {
+                    *dw = g_s;
+                    *pe = g.expert as u32;
+                }
+                if let Some(imp) = importance.get_mut(g.expert) {
+                    *imp += f64::from(w);
+                }
+            }
+        }
+        Ok(PlanGrads {
+            d_w,
+            plan_expert,
+            importance,
+        })
+    }
+
+    /// One real token's backward into its rows of `dL/dl` (clean logits) and `dL/d raw` (noise logits, training
+    /// only), both `[E]`. The noisy logits `H = l + ε ⊙ σ` (`H = l` in eval) get the softmax backward of the kept
+    /// weights (`dL/dw` of the slot plus `dL/d importance` of its expert) and, in training, the thresholds'
+    /// share of the load backward; then `dl += dH`, `dσ += dH ⊙ ε` and `d raw = dσ ⊙ sigmoid(raw)` (the
+    /// derivative of softplus).
+    fn token_backward(
+        &self,
+        token: usize,
+        clean: ArrayView1<'_, f32>,
+        g: &TokenGates,
+        raw: Option<ArrayView1<'_, f32>>,
+        ctx: &BackwardCtx<'_>,
+        d_l: &mut [f32],
+        d_raw: &mut [f32],
+    ) -> Result<(), MoeError> {
+        let (e, k) = (clean.len(), self.k);
+        let mut d_h = vec![0.0f64; e];
+        let mut dw = Vec::with_capacity(k);
+        for (j, &ex) in g.experts.iter().enumerate() {
+            let plan = ctx
+                .plan_expert
+                .get(token * k + j)
+                .copied()
+                .unwrap_or(u32::MAX);
+            if plan as usize != ex {
+                return Err(MoeError::mismatch(
+                    format!(
+                        "noisy-topk backward, token {token} rank {j} (the plan must come from this router, input \
+                         and mode)"
+                    ),
+                    "plan expert",
+                    plan as usize,
+                    "recomputed expert",
+                    ex,
+                ));
+            }
+            let d_imp = ctx.d_importance.get(ex).copied().unwrap_or(0.0) as f32;
+            dw.push(ctx.d_w.get(token * k + j).copied().unwrap_or(0.0) + d_imp);
+        }
+        let mut d_kept = vec![0.0f32; g.experts.len()];
+        kit::softmax_backward(&g.weights, &dw, &mut d_kept);
+        for (&ex, &v) in g.experts.iter().zip(&d_kept) {
+            d_h[ex] += f64::from(v);
+        }
+        let (Some(raw), Some(rng)) = (raw, ctx.rng.as_ref()) else {
+            for (o, &v) in d_l.iter_mut().zip(&d_h) {
+                *o = v as f32;
+            }
+            return Ok(());
+        };
+        let sigma: Vec<f32> = raw
+            .iter()
+            .map(|&v| kit::softplus(v) + self.noise_epsilon)
+            .collect();
+        let mut d_clean = vec![0.0f64; e];
+        let mut d_sigma = vec![0.0f64; e];
+        if let Some(d_load) = ctx.d_load {
+            let mut parts = LoadGrads {
+                d_clean: &mut d_clean,
+                d_noisy: &mut d_h,
+                d_sigma: &mut d_sigma,
+            };
+            smooth_load_backward(clean, &g.noisy, &sigma, k, d_load, &mut parts);
+        }
+        let base = token as u64 * e as u64;
+        for ex in 0..e {
+            let eps = rng.normal_at(base + ex as u64) as f32;
+            let dl = d_clean[ex] + d_h[ex];
+            let ds = d_sigma[ex] + d_h[ex] * f64::from(eps);
+            d_l[ex] = dl as f32;
+            d_raw[ex] = (ds * f64::from(kit::sigmoid(raw[ex]))) as f32;
+        }
+        Ok(())
+    }
+}
+
+impl NoisyTopK {
+    /// The two linear maps' backward from `dL/dl` and `dL/d raw` (`[T · E]` each, row-major): `dx`, `dW_g` and
+    /// `dW_noise` (zeros in eval, where the noise matrix is not used).
+    fn linear_backward(
+        &self,
+        input: &RouterInput<'_>,
+        t: usize,
+        d_l: Vec<f32>,
+        d_raw: Vec<f32>,
+    ) -> Result<RouterGrads, MoeError> {
+        let e = self.n_experts();
+        let shape = |v: Vec<f32>, name: &str| {
+            Array2::from_shape_vec((t, e), v)
+                .map_err(|_| MoeError::shape(name, format!("[{t}, {e}]"), &[t]))
+        };
+        let g = kit::gate_backward(
+            input.hidden,
+            self.gate.view(),
+            shape(d_l, "d_logits")?.view(),
+        )?;
+        let mut d_x = g.d_x;
+        let d_noise = match input.mode {
+            Mode::Eval => Array2::zeros(self.noise.dim()),
+            Mode::Train { .. } => {
+                let d_raw = shape(d_raw, "d_noise_logits")?;
+                let n = kit::gate_backward(input.hidden, self.noise.view(), d_raw.view())?;
+                d_x += &n.d_x;
+                n.d_gate
+            }
+        };
+        Ok(RouterGrads {
+            d_hidden: d_x,
+            params: vec![Grad::dense("gate", g.d_gate), Grad::dense("noise", d_noise)],
+        })
+    }
+}
+
+/// Accumulators of one token's load backward, `[E]` each.
+struct LoadGrads<'a> {
+    /// `dL/dl` (clean logits).
+    d_clean: &'a mut [f64],
+    /// `dL/dH` (noisy logits: the thresholds).
+    d_noisy: &'a mut [f64],
+    /// `dL/dσ`.
+    d_sigma: &'a mut [f64],
+}
+
+/// The backward of [`smooth_load`] for one token, given `dL/dP(x, e)` `[E]`: with `z_e = (l_e − threshold_e) /
+/// σ_e` and `dz_e = dP_e · φ(z_e)`: `dl_e += dz_e / σ_e`, `dσ_e −= dz_e · z_e / σ_e`, and the threshold (the noisy
+/// logit it was read from, the (k+1)-th or the k-th largest) gets `−dz_e / σ_e`, as in Shazeer's reference, where
+/// the thresholds are gathered from the differentiable top-k values. With `k = E` the estimate is the constant 1.
+fn smooth_load_backward(
+    clean: ArrayView1<'_, f32>,
+    noisy: &[f32],
+    sigma: &[f32],
+    k: usize,
+    d_load: &[f64],
+    out: &mut LoadGrads<'_>,
+) {
+    let top = kit::top_k(noisy, k + 1);
+    let (Some(&kth), Some(&next)) = (k.checked_sub(1).and_then(|i| top.get(i)), top.get(k)) else {
+        return;
+    };
+    let e = clean.len();
+    let mut is_in = vec![false; e];
+    for &j in top.iter().take(k) {
+        is_in[j] = true;
+    }
+    for ex in 0..e {
+        let at = if is_in[ex] { next } else { kth };
+        let s = f64::from(sigma[ex]);
+        let z = (f64::from(clean[ex]) - f64::from(noisy[at])) / s;
+        let dz = d_load.get(ex).copied().unwrap_or(0.0) * normal_pdf(z) / s;
+        out.d_clean[ex] += dz;
+        out.d_noisy[at] -= dz;
+        out.d_sigma[ex] -= dz * z;
+    }
+}
+
 impl Router for NoisyTopK {
     fn name(&self) -> &str {
         "noisy-topk"
@@ -467,6 +721,96 @@ impl Router for NoisyTopK {
             routing.set_logits(clean);
         }
         Ok(routing)
+    }
+
+    /// The exact backward of [`Router::route`], recomputing the forward (clean logits, the seeded noise of
+    /// `input.mode`, in the same blocks of tokens). Per real token: the kept weights `softmax(H_kept)` get `dL/dw`
+    /// of their slot plus `dL/d importance_e` of their expert ([`kit::cv_squared_backward`]); in training the smooth
+    /// load `P(x, e) = Φ((l_e − threshold_e) / σ_e)` gets `dL/d load_e` and passes it to the clean logit, to `σ` and
+    /// to the noisy logit the threshold was read from (`smooth_load_backward`); the noisy logits
+    /// `H = l + ε ⊙ σ` pass to `l` and, through `σ = softplus(x · W_noiseᵀ) + noise_epsilon`, to `W_noise` (`ε` are
+    /// constants, redrawn from the seed). Then the two linear maps: `dx = dl · W_g + d raw · W_noise`,
+    /// `dW_g = dlᵀ · x`, `dW_noise = d rawᵀ · x`. In eval there is no noise and the load is a count of gates, so
+    /// `W_noise` gets zeros. Padding rows get 0 and are out of both losses, as in the forward. Which experts were
+    /// kept gets no gradient. Tokens are independent: the same bits on any thread count.
+    ///
+    /// # Errors
+    /// [`RouterBackward::validate`]'s errors; [`MoeError::Mismatch`] for a plan of another `E` or one whose experts
+    /// differ from the recomputed ones (a plan routed from another input, mode or router); the input errors of
+    /// [`Router::route`].
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        grad.validate()?;
+        let input = grad.input;
+        let clean = self.clean_logits(input)?;
+        let (t, e) = clean.dim();
+        if grad.routing.n_experts() != e {
+            return Err(MoeError::mismatch(
+                "noisy-topk backward",
+                "plan experts",
+                grad.routing.n_experts(),
+                "router experts",
+                e,
+            ));
+        }
+        let PlanGrads {
+            d_w,
+            plan_expert,
+            importance,
+        } = self.plan_gradients(grad, t, e)?;
+        let d_importance = kit::cv_squared_backward(
+            ArrayView1::from(&importance[..]),
+            grad.d_aux_of(AuxLossKind::Importance),
+        );
+        let mut raws = Vec::with_capacity(t.div_ceil(ROUTE_BLOCK));
+        let mut tokens = Vec::with_capacity(t);
+        for start in (0..t).step_by(ROUTE_BLOCK) {
+            let rows = start..(start + ROUTE_BLOCK).min(t);
+            let raw = self.noise_logits(input, rows.clone())?;
+            tokens.extend(self.gates_with(input, &clean, rows, raw.as_ref(), true)?);
+            raws.push(raw);
+        }
+        let (rng, d_load) = match input.mode {
+            Mode::Eval => (None, None),
+            Mode::Train { seed } => {
+                let mut load = vec![0.0f64; e];
+                for (i, g) in tokens.iter().enumerate() {
+                    if !input.is_padding(i) {
+                        token_load(g, &mut load);
+                    }
+                }
+                let d = kit::cv_squared_backward(
+                    ArrayView1::from(&load[..]),
+                    grad.d_aux_of(AuxLossKind::SmoothLoad),
+                );
+                (Some(CounterRng::new(seed, NOISE_STREAM)), Some(d.to_vec()))
+            }
+        };
+        let ctx = BackwardCtx {
+            d_w: &d_w,
+            plan_expert: &plan_expert,
+            d_importance: d_importance.as_slice().unwrap_or(&[]),
+            d_load: d_load.as_deref(),
+            rng,
+        };
+        let mut d_l = vec![0.0f32; t * e];
+        let mut d_raw = vec![0.0f32; t * e];
+        let results: Vec<Result<(), MoeError>> = d_l
+            .par_chunks_mut(e)
+            .zip(d_raw.par_chunks_mut(e))
+            .enumerate()
+            .map(|(i, (dl, dr))| match tokens.get(i) {
+                Some(g) if !input.is_padding(i) => {
+                    let raw = raws
+                        .get(i / ROUTE_BLOCK)
+                        .and_then(|r| r.as_ref())
+                        .map(|r| r.row(i % ROUTE_BLOCK));
+                    self.token_backward(i, clean.row(i), g, raw, &ctx, dl, dr)
+                }
+                _ => Ok(()),
+            })
+            .collect();
+        results.into_iter().collect::<Result<Vec<()>, MoeError>>()?;
+        self.linear_backward(input, t, d_l, d_raw)
     }
 }
 

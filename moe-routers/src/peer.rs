@@ -20,10 +20,18 @@
 //! Each (token, head) gives `k` assignments `{ token, expert: a·n + b, weight, rank: head·k + j }`, `j` in
 //! descending score order; two heads may retrieve the same expert, which then holds two slots of that token.
 //!
-//! Query BatchNorm (an ablation in the paper that improves expert usage) is offered in eval form only:
-//! `q ← (q − running_mean) / sqrt(running_var + eps) · weight + bias` per query feature, in both modes; with the
-//! default statistics (0, 1, 1, 0, eps 1e-5) it is `q / sqrt(1 + 1e-5)`, the identity up to that factor. Batch
-//! statistics for training are not implemented.
+//! Query BatchNorm (an ablation in the paper that improves expert usage), as PyTorch's `BatchNorm1d` over the
+//! `h·2·d_key` query features: in [`Mode::Eval`] `q ← (q − running_mean) / sqrt(running_var + eps) · weight + bias`
+//! (with the default statistics 0, 1, 1, 0, eps 1e-5 it is `q / sqrt(1 + 1e-5)`); in [`Mode::Train`] the batch
+//! statistics of the non-padding tokens' queries replace the running ones (mean and biased variance, PyTorch's
+//! training mode; padding tokens are left out of the statistics, as out of every loss), so a token's routing then
+//! depends on the rest of the batch and the router is not causal. The running statistics are frozen state
+//! updated by the explicit once-per-step [`Router::update_state`] (momentum, unbiased variance, PyTorch's
+//! convention); `weight` and `bias` are trainable.
+//!
+//! The backward ([`Router::backward`]) differentiates the weights (softmax or ReLU of the retrieved scores) to the
+//! queries and the two sub-key rows of every retrieved expert, then the BatchNorm (in training through the batch
+//! statistics) and the query projection: `O(h·k·d_key)` per token after the retrieval it recomputes, never `O(N)`.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, s};
@@ -32,8 +40,9 @@ use rayon::prelude::*;
 use moe_core::kit;
 use moe_core::rng::SeqRng;
 use moe_core::{
-    Activation, Assignment, MoeError, Param, ParamMut, Router, RouterArgs, RouterConfig,
-    RouterEntry, RouterInput, RouterRegistry, Routing, check_finite,
+    Activation, Assignment, Grad, Mode, MoeError, Param, ParamMut, Router, RouterArgs,
+    RouterBackward, RouterConfig, RouterEntry, RouterGrads, RouterInput, RouterRegistry, Routing,
+    check_finite,
 };
 
 /// Random stream of the query projections in registry factories.
@@ -79,7 +88,8 @@ moe_core::router_options! {
         d_key: usize,
         /// ReLU(score) weights instead of the softmax over the k (PEER-pytorch >= 0.1.11 is this with k = 1).
         non_competing_scores: bool = false,
-        /// Eval-form BatchNorm on the queries, from running statistics 0 / 1 and affine 1 / 0: q / sqrt(1 + 1e-5).
+        /// BatchNorm on the queries (running statistics 0 / 1, affine 1 / 0, momentum 0.1): batch statistics in
+        /// training (then not causal), the running ones in eval (q / sqrt(1 + 1e-5) until updated).
         query_batchnorm: bool = false,
         /// Activation of the experts, for building the matching PeerBank; routing does not use it.
         ///
@@ -90,9 +100,11 @@ moe_core::router_options! {
 }
 
 impl RouterConfig for PeerConfig {
-    /// Always causal: each token's query retrieves its experts from fixed keys; other tokens play no part.
+    /// Causal without query BatchNorm: each token's query retrieves its experts from fixed keys; other tokens play
+    /// no part. With it, training mode normalises the queries with the batch statistics, so every token's routing
+    /// depends on the whole batch: not causal.
     fn is_causal(&self) -> bool {
-        true
+        !self.query_batchnorm()
     }
 }
 
@@ -175,8 +187,10 @@ fn check_sizes(d: usize, n: usize, heads: usize, d_key: usize) -> Result<(), Moe
     Ok(())
 }
 
-/// Eval-form BatchNorm over the `h·2·d_key` query features (head-major, `q₁` then `q₂` within a head), as PyTorch's
-/// `BatchNorm1d` in eval mode: `(q − running_mean) / sqrt(running_var + eps) · weight + bias`.
+/// BatchNorm over the `h·2·d_key` query features (head-major, `q₁` then `q₂` within a head), as PyTorch's
+/// `BatchNorm1d`: in eval `(q − running_mean) / sqrt(running_var + eps) · weight + bias`; in training the mean
+/// and biased variance of the batch (its non-padding tokens) replace the running statistics, which
+/// [`Router::update_state`] moves towards the batch's mean and unbiased variance by `momentum`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueryBatchNorm {
     /// Running mean `[h·2·d_key]`.
@@ -189,6 +203,9 @@ pub struct QueryBatchNorm {
     pub bias: Array1<f32>,
     /// Variance epsilon, `> 0` (PyTorch: 1e-5).
     pub eps: f32,
+    /// Momentum of the running statistics, in `[0, 1]` (PyTorch: 0.1): `running ← (1 − momentum) · running +
+    /// momentum · batch`.
+    pub momentum: f32,
 }
 
 impl QueryBatchNorm {
@@ -200,6 +217,7 @@ impl QueryBatchNorm {
             weight: Array1::ones(features),
             bias: Array1::zeros(features),
             eps: 1e-5,
+            momentum: 0.1,
         }
     }
 
@@ -228,6 +246,13 @@ impl QueryBatchNorm {
                 "query_batchnorm.eps",
                 self.eps,
                 "must be finite and > 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(MoeError::config(
+                "query_batchnorm.momentum",
+                self.momentum,
+                "must be in [0, 1]",
             ));
         }
         if let Some((i, v)) = self.running_var.iter().enumerate().find(|(_, v)| **v < 0.0) {
@@ -281,9 +306,45 @@ pub struct Peer {
     keys_2: Array3<f32>,
     non_competing: bool,
     batchnorm: Option<QueryBatchNorm>,
-    /// `batchnorm` folded to `q · scale + shift`.
-    bn_affine: Option<(Array1<f32>, Array1<f32>)>,
     activation: Activation,
+}
+
+/// The query normalisation of one call, folded to `q · scale + shift` per feature (`[h·2·d_key]` each).
+#[derive(Debug, Clone)]
+struct QueryNorm {
+    scale: Array1<f32>,
+    shift: Array1<f32>,
+    /// In training, the batch statistics the fold was made from: per feature the mean and the biased variance of
+    /// the non-padding tokens' queries (f64).
+    batch: Option<(Array1<f64>, Array1<f64>)>,
+}
+
+/// Per feature, the mean and the biased variance of the rows of `q` (`[T, F]`) that are not padding, in f64 and
+/// token order (two passes), and their number.
+fn batch_stats(q: &Array2<f32>, input: &RouterInput<'_>) -> (Array1<f64>, Array1<f64>, usize) {
+    let f = q.ncols();
+    let mut mean = Array1::<f64>::zeros(f);
+    let mut n = 0usize;
+    for (t, row) in q.outer_iter().enumerate() {
+        if !input.is_padding(t) {
+            n += 1;
+            mean.zip_mut_with(&row, |m, &v| *m += f64::from(v));
+        }
+    }
+    if n == 0 {
+        return (mean, Array1::zeros(f), 0);
+    }
+    mean /= n as f64;
+    let mut var = Array1::<f64>::zeros(f);
+    for (t, row) in q.outer_iter().enumerate() {
+        if !input.is_padding(t) {
+            for ((v, &x), &m) in var.iter_mut().zip(&row).zip(&mean) {
+                *v += (f64::from(x) - m) * (f64::from(x) - m);
+            }
+        }
+    }
+    var /= n as f64;
+    (mean, var, n)
 }
 
 /// `floor(sqrt(e))`, exact for every `usize`.
@@ -576,7 +637,6 @@ impl Peer {
             keys_2: keys_2.as_standard_layout().into_owned(),
             non_competing: false,
             batchnorm: None,
-            bn_affine: None,
             activation: Activation::Gelu,
         })
     }
@@ -587,13 +647,14 @@ impl Peer {
         self
     }
 
-    /// Applies eval-form BatchNorm to the queries.
+    /// Applies BatchNorm to the queries (see [`QueryBatchNorm`]): running statistics in eval, batch statistics in
+    /// training. The router is then not causal ([`Router::is_causal`]).
     ///
     /// # Errors
     /// [`MoeError::Shape`] for statistics that are not `[h·2·d_key]`; [`MoeError::InvalidConfig`] for non-finite
-    /// values, a negative variance or `eps <= 0`.
+    /// values, a negative variance, `eps <= 0` or a momentum outside `[0, 1]`.
     pub fn with_query_batchnorm(mut self, bn: QueryBatchNorm) -> Result<Self, MoeError> {
-        self.bn_affine = Some(bn.fold(self.heads * 2 * self.d_key)?);
+        bn.fold(self.heads * 2 * self.d_key)?;
         self.batchnorm = Some(bn);
         Ok(self)
     }
@@ -644,9 +705,10 @@ impl Peer {
         self.activation
     }
 
-    /// Product-key retrieval for hidden states `[T, d]`: per token and head, the top `k` experts and scores.
-    /// Parallel over (block of 256 tokens, head) units fixed by `T` alone, so the result is the same on any thread
-    /// count.
+    /// Product-key retrieval for hidden states `[T, d]`: per token and head, the top `k` experts and scores, with
+    /// the query BatchNorm (if any) in its eval form (running statistics; [`Router::route`] in training uses the
+    /// batch's). Parallel over (block of 256 tokens, head) units fixed by `T` alone, so the result is the same on
+    /// any thread count.
     ///
     /// # Errors
     /// [`MoeError::Shape`] for a wrong width; [`MoeError::NonFinite`] for a non-finite input (naming the token) or
@@ -661,13 +723,76 @@ impl Peer {
             ));
         }
         check_finite("hidden", hidden)?;
-        self.retrieve_checked(hidden)
+        let norm = self.query_norm(&RouterInput::new(hidden), None)?;
+        self.retrieve_checked(hidden, norm.as_ref())
+    }
+
+    /// The query projections `x · W_qᵀ` of every token and head, before any BatchNorm: `[T, h·2·d_key]`.
+    fn project(&self, hidden: ArrayView2<'_, f32>) -> Array2<f32> {
+        hidden.dot(&self.query.t())
+    }
+
+    /// The query normalisation for `input` (`None` without BatchNorm): the running statistics in eval (or when
+    /// every token is padding), in training the batch statistics of the non-padding tokens' projections `q_pre`
+    /// (`[T, h·2·d_key]`, computed here when not given). The fold is `scale = weight / sqrt(var + eps)`,
+    /// `shift = bias − mean · scale`.
+    fn query_norm(
+        &self,
+        input: &RouterInput<'_>,
+        q_pre: Option<&Array2<f32>>,
+    ) -> Result<Option<QueryNorm>, MoeError> {
+        let Some(bn) = &self.batchnorm else {
+            return Ok(None);
+        };
+        let (scale, shift) = bn.fold(self.heads * 2 * self.d_key)?;
+        let n_real = (0..input.n_tokens())
+            .filter(|&t| !input.is_padding(t))
+            .count();
+        if matches!(input.mode, Mode::Eval) || n_real == 0 {
+            return Ok(Some(QueryNorm {
+                scale,
+                shift,
+                batch: None,
+            }));
+        }
+        let owned;
+        let q = match q_pre {
+            Some(q) => q,
+            None => {
+                owned = self.project(input.hidden);
+                &owned
+            }
+        };
+        let (mean, var, _) = batch_stats(q, input);
+        let eps = f64::from(bn.eps);
+        let scale64: Vec<f64> = var
+            .iter()
+            .zip(&bn.weight)
+            .map(|(&v, &w)| f64::from(w) / (v + eps).sqrt())
+            .collect();
+        let scale = scale64.iter().map(|&x| x as f32).collect();
+        let shift = bn
+            .bias
+            .iter()
+            .zip(&mean)
+            .zip(&scale64)
+            .map(|((&b, &m), &s)| (f64::from(b) - m * s) as f32)
+            .collect();
+        Ok(Some(QueryNorm {
+            scale,
+            shift,
+            batch: Some((mean, var)),
+        }))
     }
 
     /// [`Peer::retrieve`] on an input already checked for width and finiteness. Work units are (block of
     /// [`BLOCK_TOKENS`] tokens, head): blocks are large enough to amortise packing each head's `W_q` and sub-keys
     /// for the matrix products, and heads give parallel work even for one block.
-    fn retrieve_checked(&self, hidden: ArrayView2<'_, f32>) -> Result<PeerRetrieval, MoeError> {
+    fn retrieve_checked(
+        &self,
+        hidden: ArrayView2<'_, f32>,
+        norm: Option<&QueryNorm>,
+    ) -> Result<PeerRetrieval, MoeError> {
         let (t, h, k) = (hidden.nrows(), self.heads, self.k);
         let units: Vec<(usize, usize)> = (0..t.div_ceil(BLOCK_TOKENS))
             .flat_map(|b| (0..h).map(move |head| (b, head)))
@@ -677,7 +802,7 @@ impl Peer {
             .map(|&(b, head)| {
                 let start = b * BLOCK_TOKENS;
                 let end = (start + BLOCK_TOKENS).min(t);
-                self.retrieve_unit(hidden.slice(s![start..end, ..]), start, head)
+                self.retrieve_unit(hidden.slice(s![start..end, ..]), start, head, norm)
             })
             .collect();
         let mut experts = vec![0u32; t * h * k];
@@ -711,13 +836,14 @@ impl Peer {
         x: ArrayView2<'_, f32>,
         first: usize,
         head: usize,
+        norm: Option<&QueryNorm>,
     ) -> Result<Vec<(f32, u32)>, MoeError> {
         let (b, n, dk, k, p) = (x.nrows(), self.n, self.d_key, self.k, self.product_key_topk);
         let rows = head * 2 * dk..(head + 1) * 2 * dk;
         let mut q = x.dot(&self.query.slice(s![rows.clone(), ..]).t());
-        if let Some((scale, shift)) = &self.bn_affine {
-            q *= &scale.slice(s![rows.clone()]);
-            q += &shift.slice(s![rows]);
+        if let Some(norm) = norm {
+            q *= &norm.scale.slice(s![rows.clone()]);
+            q += &norm.shift.slice(s![rows]);
         }
         let mut s1 = vec![0f32; b * n];
         let mut s2 = vec![0f32; b * n];
@@ -803,47 +929,68 @@ impl Router for Peer {
         Some(self.d)
     }
 
-    /// [`PeerConfig::is_causal`]: always `true`.
+    /// [`PeerConfig::is_causal`]: `true` without query BatchNorm; with it the training mode's batch statistics
+    /// make every token's routing depend on the whole batch.
     fn is_causal(&self) -> bool {
-        PeerConfig::default().is_causal()
+        self.batchnorm.is_none()
     }
 
     /// `query`: the query projections `W_q`, `[h, 2·d_key, d]` (head `i`'s rows `0..d_key` give `q₁`, the rest
     /// `q₂`, as [`PeerWeights::query`]); `keys_1`: the sub-keys `C`, `[h, n, d_key]`; `keys_2`: the sub-keys `C'`,
-    /// `[h, n, d_key]`. The eval-form query BatchNorm is not listed: it is folded into an affine map at
-    /// construction, and its running statistics are not learned by gradient.
+    /// `[h, n, d_key]`. With query BatchNorm also `query_batchnorm.weight` and `query_batchnorm.bias`
+    /// (`[h·2·d_key]`, trainable) and `query_batchnorm.running_mean` and `query_batchnorm.running_var` (frozen:
+    /// moved by [`Router::update_state`], never by a gradient), PyTorch's `BatchNorm1d` names.
     fn params(&self) -> Vec<Param<'_>> {
         let shape = (self.heads, 2 * self.d_key, self.d);
         // The query is stored `[h·2·d_key, d]` in standard layout (`Peer::new`), so the reshape always succeeds.
         let query = self.query.view().into_shape_with_order(shape).ok();
-        query
+        let mut out: Vec<Param<'_>> = query
             .map(|q| Param::new("query", q))
             .into_iter()
             .chain([
                 Param::new("keys_1", self.keys_1.view()),
                 Param::new("keys_2", self.keys_2.view()),
             ])
-            .collect()
+            .collect();
+        if let Some(bn) = &self.batchnorm {
+            out.extend([
+                Param::new("query_batchnorm.weight", bn.weight.view()),
+                Param::new("query_batchnorm.bias", bn.bias.view()),
+                Param::new("query_batchnorm.running_mean", bn.running_mean.view()).frozen(),
+                Param::new("query_batchnorm.running_var", bn.running_var.view()).frozen(),
+            ]);
+        }
+        out
     }
 
     fn params_mut(&mut self) -> Vec<ParamMut<'_>> {
         let shape = (self.heads, 2 * self.d_key, self.d);
         let query = self.query.view_mut().into_shape_with_order(shape).ok();
-        query
+        let mut out: Vec<ParamMut<'_>> = query
             .map(|q| ParamMut::new("query", q))
             .into_iter()
             .chain([
                 ParamMut::new("keys_1", self.keys_1.view_mut()),
                 ParamMut::new("keys_2", self.keys_2.view_mut()),
             ])
-            .collect()
+            .collect();
+        if let Some(bn) = &mut self.batchnorm {
+            out.extend([
+                ParamMut::new("query_batchnorm.weight", bn.weight.view_mut()),
+                ParamMut::new("query_batchnorm.bias", bn.bias.view_mut()),
+                ParamMut::new("query_batchnorm.running_mean", bn.running_mean.view_mut()).frozen(),
+                ParamMut::new("query_batchnorm.running_var", bn.running_var.view_mut()).frozen(),
+            ]);
+        }
+        out
     }
 
     fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
         let e = self.n_experts();
         kit::check_input(input, Some(self.d), e, self.k)?;
         let t = input.n_tokens();
-        let found = self.retrieve_checked(input.hidden)?;
+        let norm = self.query_norm(input, None)?;
+        let found = self.retrieve_checked(input.hidden, norm.as_ref())?;
         let (Some(experts), Some(scores)) = (found.experts.as_slice(), found.scores.as_slice())
         else {
             return Err(MoeError::shape(
@@ -879,6 +1026,323 @@ impl Router for Peer {
             }
         }
         Routing::new(t, e, real, kept, Vec::new())
+    }
+
+    /// The exact backward of [`Router::route`], recomputing the forward (projection, normalisation, retrieval).
+    /// Per real token and head, the weights of the `k` retrieved scores (softmax, or ReLU with
+    /// `non_competing_scores`) give `dL/d score_j`; a score `q₁·c_a + q₂·c'_b` passes `ds_j · c_a`, `ds_j · c'_b`
+    /// to the query halves and `ds_j · q₁`, `ds_j · q₂` to rows `a` and `b` of the head's sub-key tables. Then the
+    /// query BatchNorm, if any (`Peer::batchnorm_backward`: in training through the batch statistics), and the
+    /// projection: `dx = dq · W_q`, `dW_q = dqᵀ · x`. The retrieval (which experts) gets no gradient; padding rows
+    /// get 0. `O(h·k·d_key)` per token after the retrieval, nothing `O(N)`; the sub-key gradients are dense
+    /// (`h·n·d_key` values, `O(√N)`). Heads run in parallel, each summing its tokens in order: the same bits on
+    /// any thread count.
+    ///
+    /// # Errors
+    /// [`RouterBackward::validate`]'s errors; [`MoeError::Mismatch`] for a plan of another `E` or whose experts
+    /// differ from the recomputed retrieval (a plan routed from another input, mode or router); the errors of
+    /// [`Router::route`].
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        grad.validate()?;
+        let input = grad.input;
+        let e = self.n_experts();
+        kit::check_input(input, Some(self.d), e, self.k)?;
+        if grad.routing.n_experts() != e {
+            return Err(MoeError::mismatch(
+                "peer backward",
+                "plan experts",
+                grad.routing.n_experts(),
+                "router experts",
+                e,
+            ));
+        }
+        let t = input.n_tokens();
+        let q_pre = self.project(input.hidden);
+        let norm = self.query_norm(input, Some(&q_pre))?;
+        let found = self.retrieve_checked(input.hidden, norm.as_ref())?;
+        let q = match &norm {
+            Some(n) => &q_pre * &n.scale + &n.shift,
+            None => q_pre.clone(),
+        };
+        let slots = self.plan_slots(grad, t)?;
+        let heads: Vec<Result<HeadGrads, MoeError>> = (0..self.heads)
+            .into_par_iter()
+            .map(|head| self.head_backward(head, input, &found, &q, &slots))
+            .collect();
+        let f = 2 * self.d_key;
+        let mut d_q = Array2::<f32>::zeros((t, self.heads * f));
+        let mut d_keys_1 = Array3::<f32>::zeros(self.keys_1.dim());
+        let mut d_keys_2 = Array3::<f32>::zeros(self.keys_2.dim());
+        for (head, g) in heads.into_iter().enumerate() {
+            let g = g?;
+            d_q.slice_mut(s![.., head * f..(head + 1) * f])
+                .assign(&g.d_q);
+            d_keys_1.index_axis_mut(Axis(0), head).assign(&g.d_keys_1);
+            d_keys_2.index_axis_mut(Axis(0), head).assign(&g.d_keys_2);
+        }
+        let (d_pre, bn) = self.batchnorm_backward(input, &q_pre, norm.as_ref(), d_q);
+        let d_hidden = d_pre.dot(&self.query);
+        let d_query = d_pre
+            .t()
+            .dot(&input.hidden)
+            .into_shape_with_order((self.heads, f, self.d))
+            .map_err(|_| {
+                MoeError::shape(
+                    "peer d_query",
+                    format!("[{}, {f}, {}]", self.heads, self.d),
+                    &[],
+                )
+            })?;
+        let mut params = vec![
+            Grad::dense("query", d_query),
+            Grad::dense("keys_1", d_keys_1),
+            Grad::dense("keys_2", d_keys_2),
+        ];
+        if let Some((d_weight, d_bias)) = bn {
+            params.push(Grad::dense("query_batchnorm.weight", d_weight));
+            params.push(Grad::dense("query_batchnorm.bias", d_bias));
+        }
+        Ok(RouterGrads { d_hidden, params })
+    }
+
+    /// Moves the query BatchNorm's running statistics towards the batch's, as PyTorch's `BatchNorm1d` does in a
+    /// training forward: `running_mean ← (1 − m) · running_mean + m · mean`, `running_var ← (1 − m) ·
+    /// running_var + m · var_unbiased` (`m` the momentum, the statistics over the non-padding tokens' query
+    /// projections of `input`, the variance with `n − 1`). Returns `false` (and changes nothing) without query
+    /// BatchNorm. `bias_rate` is not used. Call it once per training step, with that step's input and plan.
+    ///
+    /// # Errors
+    /// [`MoeError::Mismatch`] for a plan of another `T` or `E`; the input errors of [`Router::route`];
+    /// [`MoeError::InvalidConfig`] for fewer than 2 non-padding tokens (the unbiased variance is undefined;
+    /// PyTorch refuses to train BatchNorm on one value per channel too) or invalid statistics.
+    fn update_state(
+        &mut self,
+        input: &RouterInput<'_>,
+        routing: &Routing,
+        bias_rate: f32,
+    ) -> Result<bool, MoeError> {
+        let _ = bias_rate;
+        if self.batchnorm.is_none() {
+            return Ok(false);
+        }
+        kit::check_input(input, Some(self.d), self.n_experts(), self.k)?;
+        for (what, plan, want) in [
+            ("tokens", routing.n_tokens(), input.n_tokens()),
+            ("experts", routing.n_experts(), self.n_experts()),
+        ] {
+            if plan != want {
+                return Err(MoeError::mismatch(
+                    "peer update_state",
+                    format!("plan {what}"),
+                    plan,
+                    format!("router {what}"),
+                    want,
+                ));
+            }
+        }
+        let q_pre = self.project(input.hidden);
+        let (mean, var, n) = batch_stats(&q_pre, input);
+        let features = self.heads * 2 * self.d_key;
+        let Some(bn) = self.batchnorm.as_mut() else {
+            return Ok(false);
+        };
+        bn.fold(features)?;
+        if n < 2 {
+            return Err(MoeError::config(
+                "query_batchnorm",
+                format!("{n} non-padding tokens"),
+                "updating the running statistics needs at least 2 (the unbiased variance divides by n - 1)",
+            ));
+        }
+        let m = f64::from(bn.momentum);
+        let unbias = n as f64 / (n - 1) as f64;
+        let step = |r: &mut f32, batch: f64| *r = ((1.0 - m) * f64::from(*r) + m * batch) as f32;
+        for (r, &b) in bn.running_mean.iter_mut().zip(&mean) {
+            step(r, b);
+        }
+        for (r, &v) in bn.running_var.iter_mut().zip(&var) {
+            step(r, v * unbias);
+        }
+        Ok(true)
+    }
+}
+
+/// The gradients of the query BatchNorm's `weight` and `bias`, `[h·2·d_key]` each.
+type BatchNormGrads = (Array1<f32>, Array1<f32>);
+
+/// One head's share of the backward.
+struct HeadGrads {
+    /// `dL/dq` of the head's query features (after BatchNorm), `[T, 2·d_key]`.
+    d_q: Array2<f32>,
+    /// `[n, d_key]`.
+    d_keys_1: Array2<f32>,
+    /// `[n, d_key]`.
+    d_keys_2: Array2<f32>,
+}
+
+/// The plan's slots by (token, head, j): `dL/dw` and the expert, each `[T · h · k]` (expert `u32::MAX` where the
+/// plan has none).
+struct PlanSlots {
+    d_w: Vec<f32>,
+    expert: Vec<u32>,
+}
+
+impl Peer {
+    /// Reads the plan's slots into [`PlanSlots`] (rank `head·k + j`).
+    fn plan_slots(&self, grad: &RouterBackward<'_, '_>, t: usize) -> Result<PlanSlots, MoeError> {
+        let hk = self.heads * self.k;
+        let mut d_w = vec![0.0f32; t * hk];
+        let mut expert = vec![u32::MAX; t * hk];
+        let ranks = grad.routing.slot_ranks();
+        for g in grad.routing.groups() {
+            for (j, &token) in g.tokens.iter().enumerate() {
+                let s = g.slot_start + j;
+                let rank = ranks.get(s).map_or(usize::MAX, |&r| usize::from(r));
+                if rank >= hk {
+                    return Err(MoeError::config(
+                        "peer backward: plan rank",
+                        rank,
+                        format!(
+                            "must be < heads·k = {hk} (the plan was not routed by this router)"
+                        ),
+                    ));
+                }
+                let at = token as usize * hk + rank;
+                if let (Some(dw), Some(ex), Some(&v)) =
+                    (d_w.get_mut(at), expert.get_mut(at), grad.d_weights.get(s))
+                {
+                    *dw = v;
+                    *ex = g.expert as u32;
+                }
+            }
+        }
+        Ok(PlanSlots { d_w, expert })
+    }
+
+    /// Head `head`'s backward from its retrieved experts and scores to its query features and sub-keys (see
+    /// [`Router::backward`]), tokens in order.
+    fn head_backward(
+        &self,
+        head: usize,
+        input: &RouterInput<'_>,
+        found: &PeerRetrieval,
+        q: &Array2<f32>,
+        slots: &PlanSlots,
+    ) -> Result<HeadGrads, MoeError> {
+        let (t, n, dk, k, h) = (input.n_tokens(), self.n, self.d_key, self.k, self.heads);
+        let mut d_q = Array2::<f32>::zeros((t, 2 * dk));
+        let mut d_keys_1 = Array2::<f32>::zeros((n, dk));
+        let mut d_keys_2 = Array2::<f32>::zeros((n, dk));
+        let keys_1 = self.keys_1.index_axis(Axis(0), head);
+        let keys_2 = self.keys_2.index_axis(Axis(0), head);
+        let (Some(experts), Some(scores)) = (found.experts.as_slice(), found.scores.as_slice())
+        else {
+            return Err(MoeError::shape(
+                "peer retrieval",
+                "standard layout [T, h, k]",
+                found.experts.shape(),
+            ));
+        };
+        let (mut w, mut d_s) = (Vec::with_capacity(k), vec![0.0f32; k]);
+        for token in (0..t).filter(|&i| !input.is_padding(i)) {
+            let at = (token * h + head) * k;
+            let (ex, sc) = (&experts[at..at + k], &scores[at..at + k]);
+            let (pe, dw) = (&slots.expert[at..at + k], &slots.d_w[at..at + k]);
+            if let Some(j) = (0..k).find(|&j| pe[j] != ex[j]) {
+                return Err(MoeError::mismatch(
+                    format!(
+                        "peer backward, token {token} head {head} rank {j} (the plan must come from this \
+                         router, input and mode)"
+                    ),
+                    "plan expert",
+                    pe[j] as usize,
+                    "recomputed expert",
+                    ex[j] as usize,
+                ));
+            }
+            if self.non_competing {
+                for ((o, &g), &s) in d_s.iter_mut().zip(dw).zip(sc) {
+                    *o = if s > 0.0 { g } else { 0.0 };
+                }
+            } else {
+                self.head_weights(sc, &mut w);
+                kit::softmax_backward(&w, dw, &mut d_s);
+            }
+            let qrow = q.slice(s![token, head * 2 * dk..(head + 1) * 2 * dk]);
+            let (q1, q2) = (qrow.slice(s![..dk]), qrow.slice(s![dk..]));
+            for (&id, &g) in ex.iter().zip(&d_s) {
+                let (a, b) = (id as usize / n, id as usize % n);
+                d_q.slice_mut(s![token, ..dk]).scaled_add(g, &keys_1.row(a));
+                d_q.slice_mut(s![token, dk..]).scaled_add(g, &keys_2.row(b));
+                d_keys_1.row_mut(a).scaled_add(g, &q1);
+                d_keys_2.row_mut(b).scaled_add(g, &q2);
+            }
+        }
+        Ok(HeadGrads {
+            d_q,
+            d_keys_1,
+            d_keys_2,
+        })
+    }
+
+    /// The query BatchNorm's backward from `dL/dq` (after it) to `dL/dq_pre` (the projections, `[T, F]`), and the
+    /// gradients of its `weight` and `bias` (`None` without BatchNorm, when `d_q` passes through). With
+    /// `q̂ = (q_pre − μ) / sqrt(v + eps)` and `q = weight · q̂ + bias`: `d bias = Σ_t dq`, `d weight = Σ_t dq · q̂`
+    /// over the non-padding tokens; in eval (running `μ`, `v`) `dq_pre = dq · weight / sqrt(v + eps)`; in training
+    /// (the batch's `μ` and biased `v` over the `N` non-padding tokens, PyTorch's BatchNorm backward)
+    /// `dq_pre = (weight · dq − d bias · weight / N − q̂ · d weight · weight / N) / sqrt(v + eps)`, 0 on padding.
+    fn batchnorm_backward(
+        &self,
+        input: &RouterInput<'_>,
+        q_pre: &Array2<f32>,
+        norm: Option<&QueryNorm>,
+        d_q: Array2<f32>,
+    ) -> (Array2<f32>, Option<BatchNormGrads>) {
+        let (Some(bn), Some(norm)) = (&self.batchnorm, norm) else {
+            return (d_q, None);
+        };
+        let eps = f64::from(bn.eps);
+        let (mean, inv): (Vec<f64>, Vec<f64>) = match &norm.batch {
+            Some((m, v)) => (
+                m.to_vec(),
+                v.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect(),
+            ),
+            None => (
+                bn.running_mean.iter().map(|&m| f64::from(m)).collect(),
+                bn.running_var
+                    .iter()
+                    .map(|&v| 1.0 / (f64::from(v) + eps).sqrt())
+                    .collect(),
+            ),
+        };
+        let real: Vec<usize> = (0..input.n_tokens())
+            .filter(|&t| !input.is_padding(t))
+            .collect();
+        let f = q_pre.ncols();
+        let (mut d_weight, mut d_bias) = (vec![0.0f64; f], vec![0.0f64; f]);
+        let hat = |t: usize, c: usize| (f64::from(q_pre[[t, c]]) - mean[c]) * inv[c];
+        for &t in &real {
+            for c in 0..f {
+                let g = f64::from(d_q[[t, c]]);
+                d_bias[c] += g;
+                d_weight[c] += g * hat(t, c);
+            }
+        }
+        let mut d_pre = Array2::<f32>::zeros(q_pre.dim());
+        let nf = real.len().max(1) as f64;
+        for &t in &real {
+            for c in 0..f {
+                let w = f64::from(bn.weight[c]);
+                let g = f64::from(d_q[[t, c]]) * w;
+                let d = match norm.batch {
+                    None => g * inv[c],
+                    Some(_) => inv[c] * (g - w * d_bias[c] / nf - hat(t, c) * w * d_weight[c] / nf),
+                };
+                d_pre[[t, c]] = d as f32;
+            }
+        }
+        let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Array1<f32>>();
+        (d_pre, Some((to32(d_weight), to32(d_bias))))
     }
 }
 
@@ -1048,6 +1512,7 @@ mod tests {
             weight: array![2.0f32, 1.0],
             bias: array![0.0f32, 0.5],
             eps: 1.0,
+            momentum: 0.1,
         };
         let r = tiny(1).with_query_batchnorm(bn).expect("bn");
         let got = r.retrieve(array![[1.0f32, 2.0]].view()).expect("retrieve");
