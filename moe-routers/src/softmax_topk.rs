@@ -658,8 +658,11 @@ fn balance_backward(
         p.clear();
         p.extend(logits.row(t).iter().copied());
         kit::softmax_in_place(&mut p);
-        let dp: Vec<f32> = d_probs.row(r).to_vec();
-        kit::softmax_backward(&p, &dp, &mut dl);
+        let dp = d_probs.row(r);
+        match dp.as_slice() {
+            Some(dp) => kit::softmax_backward(&p, dp, &mut dl),
+            None => kit::softmax_backward(&p, &dp.to_vec(), &mut dl),
+        }
         d_logits
             .row_mut(t)
             .zip_mut_with(&ArrayView1::from(&dl[..]), |o, &g| *o += g);
@@ -683,13 +686,15 @@ impl SoftmaxTopK {
         let (mut scores, mut d_scores, mut d_row) =
             (vec![0.0f32; e], vec![0.0f32; e], vec![0.0f32; e]);
         let (mut raw, mut dw, mut d_raw) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut chosen, mut lrow) = (Vec::new(), vec![0.0f32; e]);
         for (t, w) in offsets.windows(2).enumerate() {
             let token_slots = slots.get(w[0]..w[1]).unwrap_or(&[]);
             if token_slots.is_empty() {
                 continue;
             }
             let l = logits.row(t);
-            let chosen: Vec<usize> = token_slots.iter().map(|&i| experts[i]).collect();
+            chosen.clear();
+            chosen.extend(token_slots.iter().map(|&i| experts[i]));
             dw.clear();
             dw.extend(token_slots.iter().map(|&i| d_weights[i]));
             d_raw.clear();
@@ -701,15 +706,16 @@ impl SoftmaxTopK {
                     raw.clear();
                     raw.extend(chosen.iter().map(|&j| l[j]));
                     kit::softmax_in_place(&mut raw);
-                    let scaled: Vec<f32> = dw.iter().map(|&g| s.scaling * g).collect();
-                    kit::softmax_backward(&raw, &scaled, &mut d_raw);
+                    dw.iter_mut().for_each(|g| *g *= s.scaling);
+                    kit::softmax_backward(&raw, &dw, &mut d_raw);
                     for (&j, &g) in chosen.iter().zip(&d_raw) {
                         out[j] += g;
                     }
                 }
                 TopKOrder::ScoreThenTopK => {
-                    scores.clear();
-                    scores.extend(l.iter().copied());
+                    lrow.clear();
+                    lrow.extend(l.iter().copied());
+                    scores.clone_from(&lrow);
                     match s.score {
                         ScoreFn::Softmax => kit::softmax_in_place(&mut scores),
                         ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = kit::sigmoid(*v)),
@@ -731,7 +737,6 @@ impl SoftmaxTopK {
                     for (&j, &g) in chosen.iter().zip(&d_raw) {
                         d_scores[j] += g;
                     }
-                    let lrow: Vec<f32> = l.to_vec();
                     kit::score_backward(s.score, &lrow, &scores, &d_scores, &mut d_row);
                     out.zip_mut_with(&ArrayView1::from(&d_row[..]), |o, &g| *o += g);
                 }

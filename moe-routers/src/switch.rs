@@ -772,8 +772,10 @@ fn losses_backward(
             for ((row, d_row), &tok) in probs.outer_iter().zip(d_probs.outer_iter()).zip(real) {
                 p.clear();
                 p.extend(row.iter().copied());
-                let dp: Vec<f32> = d_row.to_vec();
-                kit::softmax_backward(&p, &dp, &mut dl);
+                match d_row.as_slice() {
+                    Some(dp) => kit::softmax_backward(&p, dp, &mut dl),
+                    None => kit::softmax_backward(&p, &d_row.to_vec(), &mut dl),
+                }
                 d_logits
                     .row_mut(tok)
                     .zip_mut_with(&ArrayView1::from(&dl[..]), |o, &v| *o += v);
