@@ -25,7 +25,7 @@ fn router(table: usize, weights: bool, d: usize, e: usize, k: usize, seed: u64) 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(15), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(15), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn backward_matches_finite_differences(
