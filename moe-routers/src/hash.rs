@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::CounterRng;
 use moe_core::{
-    Assignment, MoeError, Param, ParamMut, Router, RouterArgs, RouterConfig, RouterEntry,
-    RouterInput, RouterRegistry, Routing,
+    Assignment, Grad, MoeError, Param, ParamMut, Router, RouterArgs, RouterBackward, RouterConfig,
+    RouterEntry, RouterGrads, RouterInput, RouterRegistry, Routing,
 };
 
 /// Random stream of the random hash table in registry factories (the gate uses [`GATE_STREAM`]).
@@ -455,6 +455,69 @@ impl Router for HashRouter {
             }
         }
         Routing::new(t, self.n_experts, real, kept, Vec::new())
+    }
+
+    /// The exact derivative of [`Router::route`]. The experts are a function of the token ids: no gradient.
+    /// - `weights = gate`: a token's weights are `softmax` over its chosen experts' logits `l_j = x · gate[e_j]`,
+    ///   so `dL/dl = softmax_backward(w, dw)` ([`kit::softmax_backward`]) and, through the gate
+    ///   ([`kit::gate_backward`]), `dL/dx` and `gate` (`[E, d]`; an expert no token chose has zero rows, and with
+    ///   `k = 1` the weight is the constant 1, so everything is 0);
+    /// - `weights = uniform`: the weights `1/k` are constants: `dL/dx = 0` and no parameter gradient (the router
+    ///   lists no parameter).
+    ///
+    /// # Errors
+    /// [`RouterBackward::validate`]'s errors; the input's errors as in [`Router::route`];
+    /// [`MoeError::Mismatch`] for a plan of another `E`.
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        grad.validate()?;
+        let (input, routing) = (grad.input, grad.routing);
+        kit::check_input(input, self.d_model(), self.n_experts, self.k)?;
+        if routing.n_experts() != self.n_experts {
+            return Err(MoeError::mismatch(
+                "hash backward",
+                "plan experts",
+                routing.n_experts(),
+                "router experts",
+                self.n_experts,
+            ));
+        }
+        let Some(gate) = &self.gate else {
+            return Ok(RouterGrads {
+                d_hidden: Array2::zeros(input.hidden.dim()),
+                params: Vec::new(),
+            });
+        };
+        let mut experts = vec![0usize; routing.n_slots()];
+        for g in routing.groups() {
+            experts[g.slot_start..g.slot_start + g.tokens.len()].fill(g.expert);
+        }
+        let (offsets, slots) = routing.token_slots();
+        let mut d_logits = Array2::<f32>::zeros((input.n_tokens(), self.n_experts));
+        let (mut w, mut dw, mut dl) = (Vec::new(), Vec::new(), Vec::new());
+        for (t, span) in offsets.windows(2).enumerate() {
+            let token_slots = slots.get(span[0]..span[1]).unwrap_or(&[]);
+            if token_slots.is_empty() {
+                continue;
+            }
+            let x = input.hidden.row(t);
+            // The forward's weights, recomputed: softmax over the chosen experts' logits.
+            w.clear();
+            w.extend(token_slots.iter().map(|&s| gate.row(experts[s]).dot(&x)));
+            kit::softmax_in_place(&mut w);
+            dw.clear();
+            dw.extend(token_slots.iter().map(|&s| grad.d_weights[s]));
+            dl.clear();
+            dl.resize(w.len(), 0.0);
+            kit::softmax_backward(&w, &dw, &mut dl);
+            for (&s, &g) in token_slots.iter().zip(&dl) {
+                d_logits[[t, experts[s]]] += g;
+            }
+        }
+        let g = kit::gate_backward(input.hidden, gate.view(), d_logits.view())?;
+        Ok(RouterGrads {
+            d_hidden: g.d_x,
+            params: vec![Grad::dense("gate", g.d_gate)],
+        })
     }
 }
 

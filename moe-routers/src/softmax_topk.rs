@@ -15,10 +15,15 @@ use serde::{Deserialize, Serialize};
 
 use moe_core::kit::{self, GATE_STREAM};
 use moe_core::{
-    Assignment, AuxLoss, AuxLossKind, GroupLimit, KEEP_LOGITS_MAX_EXPERTS, LbNorm, MoeError, Param,
-    ParamMut, Router, RouterArgs, RouterConfig, RouterEntry, RouterInput, RouterRegistry,
-    RouterSpec, Routing, ScoreFn, TopKOrder, TopKSpec, loss,
+    Assignment, AuxLoss, AuxLossKind, Grad, GroupLimit, KEEP_LOGITS_MAX_EXPERTS, LbNorm, MoeError,
+    Param, ParamMut, Router, RouterArgs, RouterBackward, RouterConfig, RouterEntry, RouterGrads,
+    RouterInput, RouterRegistry, RouterSpec, Routing, ScoreFn, TopKOrder, TopKSpec, loss,
 };
+
+/// The denominator guard of renormalisation, `w_i = r_i / (Σ_j r_j + RENORM_EPS)` (DeepSeek-V3's `1e-20`; below
+/// f32 resolution next to any sum of probabilities, so Mixtral's plain `r_i / Σ_j r_j` is reproduced too). The
+/// backward uses the same value.
+pub const RENORM_EPS: f32 = 1e-20;
 
 /// Named settings of real models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,7 +388,7 @@ impl SoftmaxTopK {
             }
             TopKOrder::ScoreThenTopK => {
                 if s.renormalize {
-                    let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+                    let sum: f32 = w.iter().sum::<f32>() + RENORM_EPS;
                     for v in &mut w {
                         *v /= sum;
                     }
@@ -532,6 +537,211 @@ impl Router for SoftmaxTopK {
             routing.set_logits(logits);
         }
         Ok(routing)
+    }
+
+    /// The exact derivative of [`Router::route`] (the module's forward, recomputed from `grad.input`):
+    /// - kept weights: `score_then_top_k` takes `dw` through the scaling and renormalisation
+    ///   ([`kit::renormalize_backward`] with [`RENORM_EPS`], as the forward divides) to the `k` chosen scores, then
+    ///   through the score function over the whole row ([`kit::score_backward`]: softmax over all `E`, or sigmoid /
+    ///   sqrt-softplus per expert); `top_k_then_softmax` through the scaling and the softmax over the `k` chosen
+    ///   logits;
+    /// - the load-balancing loss (its normalisation, real tokens only, counts constant) through `softmax(l)` of
+    ///   every real token ([`kit::load_balance_backward`]);
+    /// - the gate ([`kit::gate_backward`]): `dL/dx`, `gate` and, when set, `gate_bias` (GPT-OSS).
+    ///
+    /// Selection (top-k, groups, the correction bias) gets no gradient, and the correction bias, frozen, has none.
+    ///
+    /// # Errors
+    /// [`RouterBackward::validate`]'s errors; the input's errors as in [`Router::route`];
+    /// [`MoeError::Mismatch`] for a plan of another `E`.
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        grad.validate()?;
+        let (input, routing) = (grad.input, grad.routing);
+        let e = self.n_experts();
+        kit::check_input(input, self.d_model(), e, self.spec.k)?;
+        if routing.n_experts() != e {
+            return Err(MoeError::mismatch(
+                "softmax-topk backward",
+                "plan experts",
+                routing.n_experts(),
+                "router experts",
+                e,
+            ));
+        }
+        let logits = kit::gate_logits(
+            input.hidden,
+            self.spec.gate.view(),
+            self.spec.gate_bias.as_ref(),
+        )?;
+        let mut d_logits = Array2::<f32>::zeros(logits.dim());
+        self.weights_backward(&logits, routing, grad.d_weights, &mut d_logits);
+        let d_lb = grad.d_aux_of(AuxLossKind::LoadBalance(self.lb_norm));
+        if d_lb != 0.0 {
+            let real: Vec<usize> = (0..input.n_tokens())
+                .filter(|&t| !input.is_padding(t))
+                .collect();
+            let counts = routing.expert_counts();
+            balance_backward(
+                &logits,
+                &real,
+                &counts,
+                self.spec.k,
+                self.lb_norm,
+                d_lb,
+                &mut d_logits,
+            );
+        }
+        let g = kit::gate_backward(input.hidden, self.spec.gate.view(), d_logits.view())?;
+        let mut params = vec![Grad::dense("gate", g.d_gate)];
+        if self.spec.gate_bias.is_some() {
+            params.push(Grad::dense("gate_bias", g.d_bias));
+        }
+        Ok(RouterGrads {
+            d_hidden: g.d_x,
+            params,
+        })
+    }
+
+    /// The aux-loss-free step of the correction bias, [`SoftmaxTopK::update_bias`] with `rate = bias_rate`, when
+    /// the router has a correction bias (returns `Ok(true)`); a router without one is left unchanged (no bias is
+    /// created) and returns `Ok(false)`.
+    ///
+    /// # Errors
+    /// [`MoeError::Mismatch`] for a plan of another `T` or `E`; [`MoeError::InvalidConfig`] for a non-finite rate.
+    fn update_state(
+        &mut self,
+        input: &RouterInput<'_>,
+        routing: &Routing,
+        bias_rate: f32,
+    ) -> Result<bool, MoeError> {
+        if self.spec.correction_bias.is_none() {
+            return Ok(false);
+        }
+        if routing.n_tokens() != input.n_tokens() {
+            return Err(MoeError::mismatch(
+                "bias update",
+                "plan tokens",
+                routing.n_tokens(),
+                "input tokens",
+                input.n_tokens(),
+            ));
+        }
+        self.update_bias(routing, bias_rate)?;
+        Ok(true)
+    }
+}
+
+/// The expert of every slot of `routing` (slot order).
+fn slot_experts(routing: &Routing) -> Vec<usize> {
+    let mut out = vec![0usize; routing.n_slots()];
+    for g in routing.groups() {
+        out[g.slot_start..g.slot_start + g.tokens.len()].fill(g.expert);
+    }
+    out
+}
+
+/// Adds the gradient of the load-balancing loss (`d_value` times it) with respect to the logits of the `real` rows
+/// to `d_logits`: `dP` from [`kit::load_balance_backward`] (counts constant), through `softmax` of each row.
+fn balance_backward(
+    logits: &Array2<f32>,
+    real: &[usize],
+    counts: &[usize],
+    k: usize,
+    norm: LbNorm,
+    d_value: f32,
+    d_logits: &mut Array2<f32>,
+) {
+    let e = logits.ncols();
+    let d_probs = kit::load_balance_backward(real.len(), counts, e, k, norm, d_value);
+    let (mut p, mut dl) = (vec![0.0f32; e], vec![0.0f32; e]);
+    for (r, &t) in real.iter().enumerate() {
+        p.clear();
+        p.extend(logits.row(t).iter().copied());
+        kit::softmax_in_place(&mut p);
+        let dp = d_probs.row(r);
+        match dp.as_slice() {
+            Some(dp) => kit::softmax_backward(&p, dp, &mut dl),
+            None => kit::softmax_backward(&p, &dp.to_vec(), &mut dl),
+        }
+        d_logits
+            .row_mut(t)
+            .zip_mut_with(&ArrayView1::from(&dl[..]), |o, &g| *o += g);
+    }
+}
+
+impl SoftmaxTopK {
+    /// Adds `dL/d logits` of the kept weights to `d_logits` (`[T, E]`), token by token, from the recomputed
+    /// `logits` and the plan's chosen experts (see [`Router::backward`]).
+    fn weights_backward(
+        &self,
+        logits: &Array2<f32>,
+        routing: &Routing,
+        d_weights: &[f32],
+        d_logits: &mut Array2<f32>,
+    ) {
+        let s = &self.spec;
+        let e = logits.ncols();
+        let experts = slot_experts(routing);
+        let (offsets, slots) = routing.token_slots();
+        let (mut scores, mut d_scores, mut d_row) =
+            (vec![0.0f32; e], vec![0.0f32; e], vec![0.0f32; e]);
+        let (mut raw, mut dw, mut d_raw) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut chosen, mut lrow) = (Vec::new(), vec![0.0f32; e]);
+        for (t, w) in offsets.windows(2).enumerate() {
+            let token_slots = slots.get(w[0]..w[1]).unwrap_or(&[]);
+            if token_slots.is_empty() {
+                continue;
+            }
+            let l = logits.row(t);
+            chosen.clear();
+            chosen.extend(token_slots.iter().map(|&i| experts[i]));
+            dw.clear();
+            dw.extend(token_slots.iter().map(|&i| d_weights[i]));
+            d_raw.clear();
+            d_raw.resize(chosen.len(), 0.0);
+            let mut out = d_logits.row_mut(t);
+            match s.order {
+                TopKOrder::TopKThenSoftmax => {
+                    // w = scaling · softmax(l[chosen]).
+                    raw.clear();
+                    raw.extend(chosen.iter().map(|&j| l[j]));
+                    kit::softmax_in_place(&mut raw);
+                    dw.iter_mut().for_each(|g| *g *= s.scaling);
+                    kit::softmax_backward(&raw, &dw, &mut d_raw);
+                    for (&j, &g) in chosen.iter().zip(&d_raw) {
+                        out[j] += g;
+                    }
+                }
+                TopKOrder::ScoreThenTopK => {
+                    lrow.clear();
+                    lrow.extend(l.iter().copied());
+                    scores.clone_from(&lrow);
+                    match s.score {
+                        ScoreFn::Softmax => kit::softmax_in_place(&mut scores),
+                        ScoreFn::Sigmoid => scores.iter_mut().for_each(|v| *v = kit::sigmoid(*v)),
+                        ScoreFn::SqrtSoftplus => {
+                            scores.iter_mut().for_each(|v| *v = kit::sqrt_softplus(*v))
+                        }
+                    }
+                    raw.clear();
+                    raw.extend(chosen.iter().map(|&j| scores[j]));
+                    kit::renormalize_backward(
+                        &raw,
+                        &dw,
+                        s.renormalize,
+                        RENORM_EPS,
+                        s.scaling,
+                        &mut d_raw,
+                    );
+                    d_scores.fill(0.0);
+                    for (&j, &g) in chosen.iter().zip(&d_raw) {
+                        d_scores[j] += g;
+                    }
+                    kit::score_backward(s.score, &lrow, &scores, &d_scores, &mut d_row);
+                    out.zip_mut_with(&ArrayView1::from(&d_row[..]), |o, &g| *o += g);
+                }
+            }
+        }
     }
 }
 

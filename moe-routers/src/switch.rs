@@ -75,9 +75,9 @@ use serde::{Deserialize, Serialize};
 use moe_core::kit::{self, GATE_STREAM};
 use moe_core::rng::CounterRng;
 use moe_core::{
-    Assignment, AuxLoss, AuxLossKind, DropPolicy, KEEP_LOGITS_MAX_EXPERTS, LbNorm, Mode, MoeError,
-    Param, ParamMut, Router, RouterArgs, RouterConfig, RouterEntry, RouterInput, RouterRegistry,
-    RouterSpec, Routing, SwitchSpec, loss,
+    Assignment, AuxLoss, AuxLossKind, DropPolicy, Grad, KEEP_LOGITS_MAX_EXPERTS, LbNorm, Mode,
+    MoeError, Param, ParamMut, Router, RouterArgs, RouterBackward, RouterConfig, RouterEntry,
+    RouterGrads, RouterInput, RouterRegistry, RouterSpec, Routing, SwitchSpec, loss,
 };
 
 /// Random stream of the training jitter multipliers.
@@ -351,15 +351,21 @@ impl SwitchTop1 {
 
     /// The routing input in training: `x ⊙ U(1 − ε, 1 + ε)` with counter-based noise (module docs).
     fn jittered(&self, x: ArrayView2<'_, f32>, seed: u64) -> Array2<f32> {
-        let rng = CounterRng::new(seed, JITTER_STREAM);
-        let d = x.ncols() as u64;
-        let eps = f64::from(self.jitter);
-        let mut out = x.to_owned();
-        for ((t, j), v) in out.indexed_iter_mut() {
-            let u = rng.uniform_at(t as u64 * d + j as u64);
-            *v *= (1.0 - eps + 2.0 * eps * u) as f32;
-        }
+        let mut out = self.jitter_factors(x.nrows(), x.ncols(), seed);
+        out.zip_mut_with(&x, |m, &v| *m *= v);
         out
+    }
+
+    /// The jitter multipliers `(1 − ε + 2ε · u)` (`[T, d]`, f32) of step `seed`, `u = CounterRng::new(seed,
+    /// JITTER_STREAM).uniform_at(t · d + j)`: what the forward multiplies the routing input by, and the factor the
+    /// backward carries to `dL/dx`.
+    fn jitter_factors(&self, t: usize, d: usize, seed: u64) -> Array2<f32> {
+        let rng = CounterRng::new(seed, JITTER_STREAM);
+        let eps = f64::from(self.jitter);
+        Array2::from_shape_fn((t, d), |(i, j)| {
+            let u = rng.uniform_at(i as u64 * d as u64 + j as u64);
+            (1.0 - eps + 2.0 * eps * u) as f32
+        })
     }
 
     /// Capacity: each group's choices claim slots in the policy's order; an expert keeps at most `C` per group.
@@ -658,6 +664,130 @@ impl Router for SwitchTop1 {
             routing.set_logits(logits);
         }
         Ok(routing)
+    }
+
+    /// The exact derivative of [`Router::route`], recomputed from `grad.input` (same jitter from the same seed):
+    /// - a kept slot's weight `p_max = softmax(l)_e` takes `dw` through the softmax over all `E`
+    ///   ([`kit::softmax_backward`]); capacity and drops get none (a dropped token has no slot);
+    /// - `LoadBalance(HfSwitch)`: per sequence, through `softmax(l)` of its real tokens, with the pre-capacity
+    ///   counts constant ([`kit::load_balance_backward`]), divided by the number of sequences averaged;
+    /// - `RouterZ`: through `logsumexp` of every real token ([`kit::z_loss_backward`]);
+    /// - the gate ([`kit::gate_backward`]) on the routing input `x' = x ⊙ m`: `dL/dx = (dL/dx') ⊙ m` with the
+    ///   jitter multipliers `m` (1 in eval or with `jitter = 0`), `gate` `= d_lᵀ · x'`, and `gate_bias` when set.
+    ///
+    /// # Errors
+    /// [`RouterBackward::validate`]'s errors; the input's errors as in [`Router::route`];
+    /// [`MoeError::Mismatch`] for a plan of another `E`.
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        grad.validate()?;
+        let (input, routing) = (grad.input, grad.routing);
+        let e = self.n_experts();
+        kit::check_input(input, self.d_model(), e, 1)?;
+        if routing.n_experts() != e {
+            return Err(MoeError::mismatch(
+                "switch-top1 backward",
+                "plan experts",
+                routing.n_experts(),
+                "router experts",
+                e,
+            ));
+        }
+        let (t, d) = input.hidden.dim();
+        let factors = match input.mode {
+            Mode::Train { seed } if self.jitter > 0.0 => Some(self.jitter_factors(t, d, seed)),
+            _ => None,
+        };
+        let jittered = factors.as_ref().map(|m| m * &input.hidden);
+        let hidden = jittered.as_ref().map_or(input.hidden, |j| j.view());
+        let logits = kit::gate_logits(hidden, self.gate.view(), self.gate_bias.as_ref())?;
+        let mut d_logits = Array2::<f32>::zeros((t, e));
+        let mut p = vec![0.0f32; e];
+        let (mut dp, mut dl) = (vec![0.0f32; e], vec![0.0f32; e]);
+        for g in routing.groups() {
+            for (j, &tok) in g.tokens.iter().enumerate() {
+                let tok = tok as usize;
+                p.clear();
+                p.extend(logits.row(tok).iter().copied());
+                kit::softmax_in_place(&mut p);
+                dp.fill(0.0);
+                dp[g.expert] = grad.d_weights[g.slot_start + j];
+                kit::softmax_backward(&p, &dp, &mut dl);
+                d_logits
+                    .row_mut(tok)
+                    .zip_mut_with(&ArrayView1::from(&dl[..]), |o, &v| *o += v);
+            }
+        }
+        let d_lb = grad.d_aux_of(AuxLossKind::LoadBalance(LbNorm::HfSwitch));
+        let d_z = grad.d_aux_of(AuxLossKind::RouterZ);
+        losses_backward(input, &logits, d_lb, d_z, &mut d_logits);
+        let g = kit::gate_backward(hidden, self.gate.view(), d_logits.view())?;
+        let mut d_hidden = g.d_x;
+        if let Some(m) = &factors {
+            d_hidden *= m;
+        }
+        let mut params = vec![Grad::dense("gate", g.d_gate)];
+        if self.gate_bias.is_some() {
+            params.push(Grad::dense("gate_bias", g.d_bias));
+        }
+        Ok(RouterGrads { d_hidden, params })
+    }
+}
+
+/// Adds to `d_logits` (`[T, E]`) the gradients of the two losses of [`losses`] times `d_lb` and `d_z`, from the
+/// routing `logits`: the load-balancing loss per sequence of `input` (its real tokens; the pre-capacity argmax
+/// counts, recomputed as the forward chose them, constant), averaged over the sequences holding a real token; the
+/// z-loss over all real tokens.
+fn losses_backward(
+    input: &RouterInput<'_>,
+    logits: &Array2<f32>,
+    d_lb: f32,
+    d_z: f32,
+    d_logits: &mut Array2<f32>,
+) {
+    let e = logits.ncols();
+    let real_of = |(start, end): (usize, usize)| -> Vec<usize> {
+        (start..end).filter(|&t| !input.is_padding(t)).collect()
+    };
+    let seqs: Vec<Vec<usize>> = ranges(&input.sequences())
+        .into_iter()
+        .map(real_of)
+        .filter(|r| !r.is_empty())
+        .collect();
+    let mut p = vec![0.0f32; e];
+    let mut dl = vec![0.0f32; e];
+    if d_lb != 0.0 && !seqs.is_empty() {
+        let per_seq = d_lb / seqs.len() as f32;
+        for real in &seqs {
+            let mut probs = logits.select(Axis(0), real);
+            let mut counts = vec![0usize; e];
+            for (mut row, &tok) in probs.outer_iter_mut().zip(real) {
+                if let Some(r) = row.as_slice_mut() {
+                    kit::softmax_in_place(r);
+                    let (expert, _) = argmax(ArrayView1::from(&r[..]), logits.row(tok));
+                    counts[expert] += 1;
+                }
+            }
+            let d_probs =
+                kit::load_balance_backward(real.len(), &counts, e, 1, LbNorm::HfSwitch, per_seq);
+            for ((row, d_row), &tok) in probs.outer_iter().zip(d_probs.outer_iter()).zip(real) {
+                p.clear();
+                p.extend(row.iter().copied());
+                match d_row.as_slice() {
+                    Some(dp) => kit::softmax_backward(&p, dp, &mut dl),
+                    None => kit::softmax_backward(&p, &d_row.to_vec(), &mut dl),
+                }
+                d_logits
+                    .row_mut(tok)
+                    .zip_mut_with(&ArrayView1::from(&dl[..]), |o, &v| *o += v);
+            }
+        }
+    }
+    if d_z != 0.0 {
+        let real: Vec<usize> = seqs.concat();
+        let d_real = kit::z_loss_backward(logits.select(Axis(0), &real).view(), d_z);
+        for (d_row, &tok) in d_real.outer_iter().zip(&real) {
+            d_logits.row_mut(tok).zip_mut_with(&d_row, |o, &v| *o += v);
+        }
     }
 }
 

@@ -2,13 +2,14 @@
 //! order, takes its k best-scoring experts among those still under capacity `ceil(T·k/E · capacity_factor)`
 //! (`T` real tokens); weights are the softmax of the chosen logits; padding tokens get no expert. A token's
 //! experts depend only on earlier tokens (and on `T`), so it is causal. It needs `moe-core` alone: the router kit
-//! gives the seeded gate, the logits, top-k and softmax; `router_options!` declares the options once.
+//! gives the seeded gate, the logits, top-k and softmax, and their backward (so it trains); `router_options!`
+//! declares the options once.
 
 use moe_core::kit::{self, GATE_STREAM};
 use moe_core::ndarray::Array2;
 use moe_core::{
-    Assignment, MoeError, Param, ParamMut, Router, RouterArgs, RouterConfig, RouterEntry,
-    RouterInput, RouterRegistry, Routing,
+    Assignment, Grad, MoeError, Param, ParamMut, Router, RouterArgs, RouterBackward, RouterConfig,
+    RouterEntry, RouterGrads, RouterInput, RouterRegistry, Routing,
 };
 
 moe_core::router_options! {
@@ -83,6 +84,45 @@ impl Router for GreedyBalanced {
             }
         }
         Routing::new(t, e, real.len(), kept, Vec::new())
+    }
+    /// Back through the forward: each token's weights are the softmax of its chosen logits, the logits come from
+    /// the gate; which experts were chosen (capacity included) gets no gradient.
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        grad.validate()?;
+        let (input, plan, e) = (grad.input, grad.routing, self.n_experts());
+        kit::check_input(input, self.d_model(), e, self.k)?;
+        if plan.n_experts() != e {
+            return Err(MoeError::mismatch(
+                "backward",
+                "plan experts",
+                plan.n_experts(),
+                "E",
+                e,
+            ));
+        }
+        let logits = kit::gate_logits(input.hidden, self.gate.view(), None)?;
+        let mut expert = vec![0; plan.n_slots()];
+        for g in plan.groups() {
+            expert[g.slot_start..g.slot_start + g.tokens.len()].fill(g.expert);
+        }
+        let (offsets, slots) = plan.token_slots();
+        let mut d_logits = Array2::zeros(logits.dim());
+        for (t, span) in offsets.windows(2).enumerate() {
+            let slots = &slots[span[0]..span[1]];
+            let mut w: Vec<f32> = slots.iter().map(|&s| logits[[t, expert[s]]]).collect();
+            kit::softmax_in_place(&mut w);
+            let dw: Vec<f32> = slots.iter().map(|&s| grad.d_weights[s]).collect();
+            let mut dl = vec![0.0; w.len()];
+            kit::softmax_backward(&w, &dw, &mut dl);
+            for (&s, g) in slots.iter().zip(dl) {
+                d_logits[[t, expert[s]]] += g;
+            }
+        }
+        let g = kit::gate_backward(input.hidden, self.gate.view(), d_logits.view())?;
+        Ok(RouterGrads {
+            d_hidden: g.d_x,
+            params: vec![Grad::dense("gate", g.d_gate)],
+        })
     }
 }
 

@@ -17,8 +17,8 @@
 use ndarray::{Array1, Array2};
 
 use moe_core::{
-    Activation, Assignment, ExpertBank, KEEP_LOGITS_MAX_EXPERTS, MoeError, MoeLayer, Param,
-    ParamMut, Router, RouterInput, Routing, kit,
+    Activation, Assignment, ExpertBank, Grad, KEEP_LOGITS_MAX_EXPERTS, MoeError, MoeLayer, Param,
+    ParamMut, Router, RouterBackward, RouterGrads, RouterInput, Routing, kit,
 };
 
 use super::descriptor::{
@@ -164,6 +164,9 @@ impl NllbTop2 {
     }
 }
 
+/// One of a token's two assignments, for the backward: its expert and, when kept, `dL/dw` (`None`: dropped).
+type Choice = (usize, Option<f32>);
+
 /// `(a / s, b / s)` with `s = max(a + b, f32::EPSILON)` (HF's `normalize_router_probabilities`).
 fn normalize(a: f32, b: f32) -> (f32, f32) {
     let s = (a + b).max(f32::EPSILON);
@@ -271,6 +274,104 @@ impl Router for NllbTop2 {
             routing.set_logits(logits);
         }
         Ok(routing)
+    }
+
+    /// The exact derivative of [`Router::route`] (recomputed from `grad.input`): a token's kept weights
+    /// `w_i = a_i / max(a_1 + a_2, ε)` (`ε` = f32 epsilon, HF's clamp) with `a_i = p_{e_i}`, or `a_i = 0` (a
+    /// constant) for an assignment dropped before a normalisation after dropping; so
+    /// `dL/da_j = (dw_j − Σ_i dw_i · w_i) / s` (`dw_j / ε` where the clamp holds), a dropped assignment having
+    /// `dw = 0` (it is not in the plan), then through `p = softmax(l)` over all `E` ([`kit::softmax_backward`])
+    /// and the gate ([`kit::gate_backward`]): `dL/dx`, `gate`, and `gate_bias` when set. The choice of the two
+    /// experts, the capacity and the drops get none; the router emits no auxiliary loss. The output scale
+    /// `1 − moe_token_dropout` is the layer's, not the router's: it reaches `dL/dw` through the layer.
+    ///
+    /// # Errors
+    /// [`moe_core::RouterBackward::validate`]'s errors; the input's errors as in [`Router::route`];
+    /// [`MoeError::Mismatch`] for a plan of another `E`.
+    fn backward(&self, grad: &RouterBackward<'_, '_>) -> Result<RouterGrads, MoeError> {
+        grad.validate()?;
+        let (input, routing) = (grad.input, grad.routing);
+        let e = self.n_experts();
+        kit::check_input(input, self.d_model(), e, 2)?;
+        if routing.n_experts() != e {
+            return Err(MoeError::mismatch(
+                "hf-nllb-top2 backward",
+                "plan experts",
+                routing.n_experts(),
+                "router experts",
+                e,
+            ));
+        }
+        let t = input.n_tokens();
+        let logits = kit::gate_logits(input.hidden, self.gate.view(), self.bias.as_ref())?;
+        // Per token and rank (0: top-1, 1: top-2): the expert and, when kept, dL/dw.
+        let mut choice: Vec<[Option<Choice>; 2]> = vec![[None, None]; t];
+        let ranks = routing.slot_ranks();
+        for g in routing.groups() {
+            for (j, &tok) in g.tokens.iter().enumerate() {
+                let s = g.slot_start + j;
+                if let (Some(c), Some(&r)) = (choice.get_mut(tok as usize), ranks.get(s))
+                    && let Some(slot) = c.get_mut(usize::from(r))
+                {
+                    *slot = Some((g.expert, grad.d_weights.get(s).copied()));
+                }
+            }
+        }
+        for a in routing.dropped() {
+            if let Some(slot) = choice
+                .get_mut(a.token as usize)
+                .and_then(|c| c.get_mut(usize::from(a.rank)))
+            {
+                *slot = Some((a.expert as usize, None));
+            }
+        }
+        let mut d_logits = Array2::<f32>::zeros((t, e));
+        let (mut p, mut dp, mut dl) = (vec![0.0f32; e], vec![0.0f32; e], vec![0.0f32; e]);
+        for (tok, c) in choice.iter().enumerate() {
+            let [Some((e1, dw1)), Some((e2, dw2))] = *c else {
+                continue;
+            };
+            if dw1.is_none() && dw2.is_none() {
+                continue;
+            }
+            p.clear();
+            p.extend(logits.row(tok).iter().copied());
+            kit::softmax_in_place(&mut p);
+            // a_i: the probability, or the constant 0 of an assignment dropped before normalising.
+            let live = |dw: Option<f32>| self.normalize_before_dropping || dw.is_some();
+            let a = [e1, e2].map(|ex| p.get(ex).copied().unwrap_or(0.0));
+            let a = [
+                if live(dw1) { a[0] } else { 0.0 },
+                if live(dw2) { a[1] } else { 0.0 },
+            ];
+            let dw = [dw1.unwrap_or(0.0), dw2.unwrap_or(0.0)];
+            let raw = a[0] + a[1];
+            let s = raw.max(f32::EPSILON);
+            let dot = if raw >= f32::EPSILON {
+                (dw[0] * a[0] + dw[1] * a[1]) / s
+            } else {
+                0.0
+            };
+            dp.fill(0.0);
+            for ((&ex, &dwi), ok) in [e1, e2].iter().zip(&dw).zip([live(dw1), live(dw2)]) {
+                if ok && let Some(v) = dp.get_mut(ex) {
+                    *v += (dwi - dot) / s;
+                }
+            }
+            kit::softmax_backward(&p, &dp, &mut dl);
+            d_logits
+                .row_mut(tok)
+                .zip_mut_with(&ndarray::ArrayView1::from(&dl[..]), |o, &v| *o += v);
+        }
+        let g = kit::gate_backward(input.hidden, self.gate.view(), d_logits.view())?;
+        let mut params = vec![Grad::dense("gate", g.d_gate)];
+        if self.bias.is_some() {
+            params.push(Grad::dense("gate_bias", g.d_bias));
+        }
+        Ok(RouterGrads {
+            d_hidden: g.d_x,
+            params,
+        })
     }
 
     fn params(&self) -> Vec<Param<'_>> {
