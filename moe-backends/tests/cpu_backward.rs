@@ -448,3 +448,89 @@ fn an_sgd_step_lowers_the_loss() {
         assert!(after < before, "bank {kind}: loss {before} -> {after}");
     }
 }
+
+/// The same bank with every weight tensor in column-major order: the grouped path does not run it, so a layer
+/// uploaded while another holder keeps it (no re-layout at upload) takes the reference path.
+fn column_major(bank: &ExpertBank) -> ExpertBank {
+    use ndarray::ShapeBuilder;
+    let f3 = |a: &Array3<f32>| {
+        let mut o = Array3::<f32>::zeros(a.raw_dim().f());
+        o.assign(a);
+        o
+    };
+    match bank {
+        ExpertBank::SwiGlu(b) => ExpertBank::SwiGlu(
+            SwiGluBank::new(f3(b.gate_up()), f3(b.down()), b.act()).expect("bank"),
+        ),
+        ExpertBank::GptOss(b) => ExpertBank::GptOss(
+            GptOssBank::new(
+                f3(b.gate_up()),
+                b.gate_up_bias().clone(),
+                f3(b.down()),
+                b.down_bias().clone(),
+                b.alpha(),
+                b.limit(),
+            )
+            .expect("bank"),
+        ),
+        ExpertBank::Mlp(b) => ExpertBank::Mlp(
+            MlpBank::new(
+                f3(b.w1()),
+                b.b1().cloned(),
+                f3(b.w2()),
+                b.b2().cloned(),
+                b.act(),
+            )
+            .expect("bank"),
+        ),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn grouped_backward_agrees_with_the_reference_backward() {
+    let mut rng = SeqRng::new(21, 0);
+    for kind in 0u8..4 {
+        for act in ACTS {
+            let (l, x, cot) = big_layer(kind, act, &mut rng);
+            for kernels in [CpuKernels::Auto, CpuKernels::Portable] {
+                let backend = CpuBackend::with_threads(2).with_kernels(kernels);
+                let (y_fast, fast) = train_step(&backend, &l, &x, &cot);
+                let mut slow_layer = l.clone();
+                *slow_layer.experts_mut() = column_major(l.experts());
+                let slow_layer = Arc::new(slow_layer);
+                let keep = Arc::clone(&slow_layer);
+                let mut dev = backend.upload(slow_layer).expect("upload");
+                let y_ref = dev
+                    .forward_train(&RouterInput::new(x.view()))
+                    .expect("forward_train")
+                    .output;
+                let reference = dev.backward(cot.view(), &[]).expect("backward");
+                drop(keep);
+                let close = |what: &str,
+                             a: ndarray::ArrayViewD<'_, f32>,
+                             b: ndarray::ArrayViewD<'_, f32>| {
+                    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                    for (i, (&p, &q)) in a.iter().zip(b.iter()).enumerate() {
+                        assert!(
+                            (p - q).abs() <= 1e-4 * scale,
+                            "bank {kind} {act:?} {kernels:?} {what}[{i}]: {p} vs {q}"
+                        );
+                    }
+                };
+                close("output", y_fast.view().into_dyn(), y_ref.view().into_dyn());
+                close(
+                    "d_input",
+                    fast.d_input.view().into_dyn(),
+                    reference.d_input.view().into_dyn(),
+                );
+                assert_eq!(fast.params.len(), reference.params.len());
+                for (a, b) in fast.params.iter().zip(&reference.params) {
+                    assert_eq!(a.name, b.name);
+                    let (da, db) = (a.to_dense().expect("dense"), b.to_dense().expect("dense"));
+                    close(&a.name, da.view(), db.view());
+                }
+            }
+        }
+    }
+}

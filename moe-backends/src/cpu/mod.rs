@@ -17,9 +17,11 @@ mod combine;
 mod dot;
 mod experts;
 mod grouped;
+mod grouped_train;
 mod kernels;
 pub mod probe;
 mod train;
+mod train_fast;
 
 use std::sync::Arc;
 
@@ -147,6 +149,7 @@ impl Backend for CpuBackend {
             pool,
             ws: Workspace::default(),
             saved: train::Saved::default(),
+            tws: train_fast::TrainWorkspace::default(),
             fast,
             kernels: Kernels::new(self.kernels),
         }))
@@ -166,6 +169,8 @@ pub struct CpuLayer {
     ws: Workspace,
     /// What the last training forward kept for the backward.
     saved: train::Saved,
+    /// The grouped path's training buffers.
+    tws: train_fast::TrainWorkspace,
     /// The grouped fast path runs the routed bank (chosen once, at upload); otherwise the reference path.
     fast: bool,
     kernels: Kernels,
@@ -197,8 +202,13 @@ impl DeviceLayer for CpuLayer {
     }
 
     fn forward_train(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
-        let (layer, saved) = (&self.layer, &mut self.saved);
-        let run = |saved: &mut train::Saved| {
+        let (layer, saved, tws, kernels) =
+            (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
+        let fast = self.fast;
+        let run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
+            if fast {
+                return train_fast::forward_train(layer, input, saved, tws, kernels);
+            }
             saved.keep_input(input);
             let out = reference_forward(layer, input)?;
             saved.fast = false;
@@ -207,8 +217,8 @@ impl DeviceLayer for CpuLayer {
             Ok(out)
         };
         match &self.pool {
-            Some(pool) => pool.install(|| run(saved)),
-            None => run(saved),
+            Some(pool) => pool.install(|| run(saved, tws)),
+            None => run(saved, tws),
         }
     }
 
@@ -217,17 +227,22 @@ impl DeviceLayer for CpuLayer {
         d_output: ndarray::ArrayView2<'_, f32>,
         d_aux: &[f32],
     ) -> Result<LayerGrads, MoeError> {
-        let (layer, saved) = (&self.layer, &mut self.saved);
-        let run = |saved: &mut train::Saved| {
+        let (layer, saved, tws, kernels) =
+            (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
+        let run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
             train::check_backward(saved, d_output, d_aux)?;
             train::check_banks(layer)?;
             // A backward consumes its forward's state (as torch frees the graph).
             saved.ready = false;
-            reference_backward(layer, saved, d_output, d_aux)
+            if saved.fast {
+                train_fast::backward(layer, saved, tws, d_output, d_aux, kernels)
+            } else {
+                reference_backward(layer, saved, d_output, d_aux)
+            }
         };
         match &self.pool {
-            Some(pool) => pool.install(|| run(saved)),
-            None => run(saved),
+            Some(pool) => pool.install(|| run(saved, tws)),
+            None => run(saved, tws),
         }
     }
 
