@@ -71,7 +71,7 @@ thread_local! {
 }
 
 /// Columns per tile for the first (`hidden`) or second (`out`) product, from the largest group's row count.
-fn block_cols(max_rows: usize, hidden: bool) -> usize {
+pub(super) fn block_cols(max_rows: usize, hidden: bool) -> usize {
     match (max_rows <= SMALL_ROWS, max_rows <= 256, hidden) {
         (true, _, true) => 192,
         (true, _, false) => 96,
@@ -80,6 +80,23 @@ fn block_cols(max_rows: usize, hidden: bool) -> usize {
         (false, false, true) => MAX_BLOCK,
         (false, false, false) => 512,
     }
+}
+
+/// Grows every pool thread's scratch to the largest tile of a call whose largest group has `max_rows` rows, first:
+/// which thread runs which tile then never decides whether a later call allocates.
+pub(super) fn reserve_tiles(max_rows: usize) {
+    let reserve = max_rows * 2 * block_cols(max_rows, true);
+    let widest = block_cols(max_rows, true).max(block_cols(max_rows, false));
+    rayon::broadcast(|_| {
+        SCRATCH.with(|cell| {
+            let mut v = cell.borrow_mut();
+            if v.len() < reserve {
+                v.resize(reserve, 0.0);
+            }
+        });
+        // GPT-OSS's first product is 2 * block wide.
+        reserve_scratch(max_rows, 2 * widest);
+    });
 }
 
 /// Whether [`run_bank`] runs this bank (SwiGLU, GPT-OSS and MLP banks with weights in standard layout); others
@@ -121,20 +138,7 @@ pub(crate) fn run_bank(
     }
     let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let h = h.get_mut(rows * f);
-    let reserve = max_rows * 2 * block_cols(max_rows, true);
-    // Grow every pool thread's scratch to this call's largest tile first: which thread runs which tile then never
-    // decides whether a later forward allocates.
-    let widest = block_cols(max_rows, true).max(block_cols(max_rows, false));
-    rayon::broadcast(|_| {
-        SCRATCH.with(|cell| {
-            let mut v = cell.borrow_mut();
-            if v.len() < reserve {
-                v.resize(reserve, 0.0);
-            }
-        });
-        // GPT-OSS's first product is 2 * block wide.
-        reserve_scratch(max_rows, 2 * widest);
-    });
+    reserve_tiles(max_rows);
     // Phase 1: h = act(first product), tile by tile.
     par_tiles(
         h,
@@ -149,7 +153,25 @@ pub(crate) fn run_bank(
         },
     )?;
     // Phase 2: y = h · second product (+ bias).
-    let h: &[f32] = h;
+    down_phase(bank, experts, offsets, h, y, max_rows, kernels)
+}
+
+/// The second product of the grouped path: `y = h · W2ᵀ (+ bias)` for rows `h` (`[rows, f]`) grouped as in
+/// [`run_bank`], writing `y` (`[rows, d]`); `max_rows` is the largest group (it picks the column blocks).
+///
+/// # Errors
+/// [`MoeError::Backend`] for a bank kind this path does not run or inconsistent buffers.
+pub(super) fn down_phase(
+    bank: &ExpertBank,
+    experts: &[u32],
+    offsets: &[usize],
+    h: &[f32],
+    y: &mut [f32],
+    max_rows: usize,
+    kernels: Kernels,
+) -> Result<(), MoeError> {
+    let d = bank.d_model();
+    let f = bank.ffn();
     par_tiles(
         y,
         d,
@@ -250,7 +272,7 @@ fn hidden_tile(
 }
 
 /// Expert `e` of a 3-D weight tensor as a [`Weights`] operand with the given strides.
-fn expert_weights(
+pub(super) fn expert_weights(
     t: &ndarray::Array3<f32>,
     e: usize,
     col_stride: usize,
@@ -273,14 +295,14 @@ fn expert_weights(
 }
 
 /// Runs `f` on this thread's scratch of `len` values (grown beforehand by `run_bank`).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| {
         let mut v = cell.borrow_mut();
         f(grow(&mut v, len))
     })
 }
 
-fn unsupported(bank: &ExpertBank) -> MoeError {
+pub(super) fn unsupported(bank: &ExpertBank) -> MoeError {
     MoeError::Backend {
         backend: "cpu".into(),
         reason: format!("the grouped path does not run {} banks", bank.kind()),

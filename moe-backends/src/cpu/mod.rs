@@ -10,13 +10,18 @@
 //! [`reference_forward`] is the plain path (ndarray products per expert, fresh buffers) the fast path is tested
 //! against; banks the fast path does not run (PEER, custom experts) use the same per-expert code.
 
+mod activation;
+mod backward_ref;
 mod combine;
 #[cfg(target_arch = "x86_64")]
 mod dot;
 mod experts;
 mod grouped;
+mod grouped_train;
 mod kernels;
 pub mod probe;
+mod train;
+mod train_fast;
 
 use std::sync::Arc;
 
@@ -24,8 +29,8 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 use moe_core::{
-    Backend, Capabilities, DeviceLayer, LayerOutput, MoeError, MoeLayer, Router, RouterInput,
-    RouterPath, Routing,
+    Backend, Capabilities, DeviceLayer, Grad, LayerGrads, LayerOutput, MoeError, MoeLayer,
+    ParamMut, Router, RouterInput, RouterPath, Routing,
 };
 
 use grouped::Workspace;
@@ -143,6 +148,8 @@ impl Backend for CpuBackend {
             layer,
             pool,
             ws: Workspace::default(),
+            saved: train::Saved::default(),
+            tws: train_fast::TrainWorkspace::default(),
             fast,
             kernels: Kernels::new(self.kernels),
         }))
@@ -160,6 +167,10 @@ pub struct CpuLayer {
     layer: Arc<MoeLayer>,
     pool: Option<Arc<rayon::ThreadPool>>,
     ws: Workspace,
+    /// What the last training forward kept for the backward.
+    saved: train::Saved,
+    /// The grouped path's training buffers.
+    tws: train_fast::TrainWorkspace,
     /// The grouped fast path runs the routed bank (chosen once, at upload); otherwise the reference path.
     fast: bool,
     kernels: Kernels,
@@ -189,6 +200,103 @@ impl DeviceLayer for CpuLayer {
             None => run(ws),
         }
     }
+
+    fn forward_train(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+        let (layer, saved, tws, kernels) =
+            (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
+        let fast = self.fast;
+        let run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
+            if fast {
+                return train_fast::forward_train(layer, input, saved, tws, kernels);
+            }
+            saved.keep_input(input);
+            let out = reference_forward(layer, input)?;
+            saved.fast = false;
+            saved.routing = Some(out.routing.clone());
+            saved.ready = true;
+            Ok(out)
+        };
+        match &self.pool {
+            Some(pool) => pool.install(|| run(saved, tws)),
+            None => run(saved, tws),
+        }
+    }
+
+    fn backward(
+        &mut self,
+        d_output: ndarray::ArrayView2<'_, f32>,
+        d_aux: &[f32],
+    ) -> Result<LayerGrads, MoeError> {
+        let (layer, saved, tws, kernels) =
+            (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
+        let run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
+            train::check_backward(saved, d_output, d_aux)?;
+            train::check_banks(layer)?;
+            // A backward consumes its forward's state (as torch frees the graph).
+            saved.ready = false;
+            if saved.fast {
+                train_fast::backward(layer, saved, tws, d_output, d_aux, kernels)
+            } else {
+                reference_backward(layer, saved, d_output, d_aux)
+            }
+        };
+        match &self.pool {
+            Some(pool) => pool.install(|| run(saved, tws)),
+            None => run(saved, tws),
+        }
+    }
+
+    fn apply_update(
+        &mut self,
+        grads: &[Grad],
+        update: &mut dyn FnMut(&mut ParamMut<'_>, &Grad) -> Result<(), MoeError>,
+    ) -> Result<(), MoeError> {
+        // Copies the layer first if another holder shares it (its banks are copied only when shared too).
+        let layer = Arc::make_mut(&mut self.layer);
+        layer.apply_update(grads, update)?;
+        layer.align_weights(64);
+        Ok(())
+    }
+}
+
+/// The reference backward of the last training forward (`saved`): the routed experts per expert on recomputed
+/// intermediates, the shared experts, then [`train::finish_backward`].
+fn reference_backward(
+    layer: &MoeLayer,
+    saved: &train::Saved,
+    d_output: ndarray::ArrayView2<'_, f32>,
+    d_aux: &[f32],
+) -> Result<LayerGrads, MoeError> {
+    let routing = saved
+        .routing
+        .as_ref()
+        .ok_or_else(|| internal("no saved plan"))?;
+    let input = saved.input()?;
+    let x = input.hidden;
+    let (d_weights, slot_dx, expert_grads) = train::routed_reference(layer, x, routing, d_output)?;
+    let mut d_input = Array2::<f32>::zeros(x.raw_dim());
+    let (offsets, slots) = routing.token_slots();
+    let dx = slot_dx
+        .as_slice()
+        .ok_or_else(|| internal("slot gradients are not contiguous"))?;
+    train::scatter_slots(&mut d_input, &offsets, &slots, dx)?;
+    let shared_grads = match layer.shared() {
+        Some(shared) => train::shared_reference(shared, x, d_output, &mut d_input)?,
+        None => Vec::new(),
+    };
+    train::finish_backward(
+        layer,
+        saved,
+        routing,
+        d_output,
+        d_aux,
+        train::Parts {
+            d_weights: &d_weights,
+            d_input,
+            expert_grads,
+            shared_grads,
+        },
+    )
 }
 
 /// One fast forward of `layer` on `input`, reusing `ws` (the routed bank is one [`grouped::supports`] runs).
