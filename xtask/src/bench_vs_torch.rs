@@ -4,6 +4,10 @@
 //! PyTorch runs as a worker (`scripts/bench_vs_torch.py --serve`) that answers one JSON request per line, so its
 //! import cost is paid once; ours runs as `moe bench --format json` per shape. Each round times every shape on both
 //! sides, alternating which goes first; the table reports medians over rounds of the per-round medians.
+//!
+//! With `--backward`, rows with `T >= 512` also time a training step: ours `moe bench --backward` (`forward_train`
+//! then `backward`), PyTorch's the forward with autograd on and `sum(output * cotangent).backward()` through the
+//! same HF block (eager and grouped_mm), side by side in the same rounds.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -50,10 +54,14 @@ struct Opts {
     rounds: usize,
     repeats: usize,
     python: String,
+    backward: bool,
 }
 
+/// Rows from this many tokens up also time a training step under `--backward`.
+const TRAIN_MIN_TOKENS: usize = 512;
+
 /// Usage of `cargo xtask bench-vs-torch`.
-pub(crate) const USAGE: &str = "usage: cargo xtask bench-vs-torch [--threads N] [--rounds N] [--repeats N] [--python PATH]\n\ntimes our CPU backend (the release moe binary under CARGO_TARGET_DIR, default target/) and PyTorch's HF blocks side by side; needs python3 with torch (MOE_PYTHON or --python)";
+pub(crate) const USAGE: &str = "usage: cargo xtask bench-vs-torch [--threads N] [--rounds N] [--repeats N] [--python PATH] [--backward]\n\ntimes our CPU backend (the release moe binary under CARGO_TARGET_DIR, default target/) and PyTorch's HF blocks side by side; needs python3 with torch (MOE_PYTHON or --python); --backward adds forward+backward rows (T >= 512) against PyTorch autograd";
 
 fn parse(args: &[String]) -> Result<Opts> {
     let mut o = Opts {
@@ -61,6 +69,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         rounds: 3,
         repeats: 5,
         python: std::env::var("MOE_PYTHON").unwrap_or_else(|_| "python3".into()),
+        backward: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -74,6 +83,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--rounds" => o.rounds = val("--rounds")?.parse()?,
             "--repeats" => o.repeats = val("--repeats")?.parse()?,
             "--python" => o.python = val("--python")?,
+            "--backward" => o.backward = true,
             other => bail!("unknown option {other}\n{USAGE}"),
         }
     }
@@ -165,6 +175,12 @@ struct Measured {
     eager: Vec<Vec<f64>>,
     grouped: Vec<Vec<f64>>,
     hit: Vec<u64>,
+    /// Training steps (forward + backward), per row; empty without `--backward`.
+    ours_train: Vec<Vec<f64>>,
+    /// Ours: the backward alone over the forward (`backward_over_forward` of `moe bench --backward`).
+    ours_bwd_ratio: Vec<Vec<f64>>,
+    eager_train: Vec<Vec<f64>>,
+    grouped_train: Vec<Vec<f64>>,
     sgemm: Vec<f64>,
     bandwidth: Vec<f64>,
 }
@@ -182,6 +198,10 @@ fn measure(o: &Opts, moe: &Path, torch: &mut Torch) -> Result<Measured> {
         eager: vec![Vec::new(); rows.len()],
         grouped: vec![Vec::new(); rows.len()],
         hit: vec![0u64; rows.len()],
+        ours_train: vec![Vec::new(); rows.len()],
+        ours_bwd_ratio: vec![Vec::new(); rows.len()],
+        eager_train: vec![Vec::new(); rows.len()],
+        grouped_train: vec![Vec::new(); rows.len()],
         sgemm: Vec::new(),
         bandwidth: Vec::new(),
         rows: Vec::new(),
@@ -207,6 +227,15 @@ fn measure(o: &Opts, moe: &Path, torch: &mut Torch) -> Result<Measured> {
                         )?;
                         m.eager[ri].push(v["eager"].as_f64().unwrap_or(f64::NAN));
                         m.grouped[ri].push(v["grouped_mm"].as_f64().unwrap_or(f64::NAN));
+                        if o.backward && t >= TRAIN_MIN_TOKENS {
+                            let v = torch.ask(
+                                json!({"op": "block_train", "block": s.block, "d": s.d, "ffn": s.ffn,
+                                "e": s.e, "k": s.k, "t": t, "repeats": o.repeats}),
+                            )?;
+                            m.eager_train[ri].push(v["eager"].as_f64().unwrap_or(f64::NAN));
+                            m.grouped_train[ri]
+                                .push(v["grouped_mm"].as_f64().unwrap_or(f64::NAN));
+                        }
                     }
                 } else {
                     let ts: Vec<String> = s.tokens.iter().map(|t| t.to_string()).collect();
@@ -216,6 +245,9 @@ fn measure(o: &Opts, moe: &Path, torch: &mut Torch) -> Result<Measured> {
                         .args(["--repeats", &o.repeats.to_string(), "-t", &ts.join(",")]);
                     if si == 0 {
                         cmd.arg("--bandwidth");
+                    }
+                    if o.backward {
+                        cmd.arg("--backward");
                     }
                     let p = cmd.output()?;
                     if !p.status.success() {
@@ -230,6 +262,12 @@ fn measure(o: &Opts, moe: &Path, torch: &mut Torch) -> Result<Measured> {
                         if let Some(ri) = rows.iter().position(|&(a, b)| a == si && b == t) {
                             m.ours[ri].push(r["median_ms"].as_f64().unwrap_or(f64::NAN));
                             m.hit[ri] = r["experts_hit"].as_u64().unwrap_or(0);
+                            if o.backward && t >= TRAIN_MIN_TOKENS {
+                                m.ours_train[ri]
+                                    .push(r["train_step_median_ms"].as_f64().unwrap_or(f64::NAN));
+                                m.ours_bwd_ratio[ri]
+                                    .push(r["backward_over_forward"].as_f64().unwrap_or(f64::NAN));
+                            }
                         }
                     }
                 }
@@ -295,14 +333,52 @@ fn report(root: &Path, o: &Opts, versions: &str, m: &Measured) -> Result<()> {
             "ratio": best / our, "gflops": gf, "peak_fraction": gf / peak, "weights_gb_per_s": gbs,
             "bandwidth_fraction": gbs / bw, "rounds": {"ours": ours[ri], "eager": eager[ri], "grouped_mm": grouped[ri]}}));
     }
+    let train = if o.backward { train_table(m) } else { Vec::new() };
     let path = root.join("target/bench-vs-torch.json");
     std::fs::write(
         &path,
         serde_json::to_string_pretty(
             &json!({"torch": versions, "threads": o.threads, "rounds": o.rounds,
-            "repeats": o.repeats, "sgemm_gflops": sgemm, "bandwidth_gb_per_s": bandwidth, "rows": report}),
+            "repeats": o.repeats, "sgemm_gflops": sgemm, "bandwidth_gb_per_s": bandwidth, "rows": report, "train_rows": train}),
         )?,
     )?;
     println!("\n(all figures: {})", path.display());
     Ok(())
+}
+
+/// Prints the forward+backward table (`--backward`) and returns its rows for the JSON file.
+fn train_table(m: &Measured) -> Vec<Value> {
+    println!();
+    println!(
+        "Training step (forward + backward; ours: forward_train + backward, PyTorch: autograd through the HF block)"
+    );
+    println!(
+        "| block | T | ours fwd ms | ours fwd+bwd ms | eager fwd+bwd ms | grouped_mm fwd+bwd ms | ratio (torch best / ours) | ours bwd / fwd |"
+    );
+    println!("| --- | --: | --: | --: | --: | --: | --: | --: |");
+    let mut out = Vec::new();
+    for (ri, &(si, t)) in m.rows.iter().enumerate() {
+        if t < TRAIN_MIN_TOKENS {
+            continue;
+        }
+        let s = &SHAPES[si];
+        let fwd = median(m.ours[ri].clone()).unwrap_or(f64::NAN);
+        let our = median(m.ours_train[ri].clone()).unwrap_or(f64::NAN);
+        let ea = median(m.eager_train[ri].clone());
+        let gr = median(m.grouped_train[ri].clone());
+        let best = [ea, gr].into_iter().flatten().fold(f64::INFINITY, f64::min);
+        let bwd = median(m.ours_bwd_ratio[ri].clone()).unwrap_or(f64::NAN);
+        let f = |v: Option<f64>| v.map_or("n/a".into(), |x| format!("{x:.1}"));
+        println!(
+            "| {} | {t} | {fwd:.1} | {our:.1} | {} | {} | {:.2} | {bwd:.2} |",
+            s.bench,
+            f(ea),
+            f(gr),
+            best / our,
+        );
+        out.push(json!({"shape": s.bench, "tokens": t, "ours_forward_ms": fwd, "ours_train_ms": our,
+            "eager_train_ms": ea, "grouped_mm_train_ms": gr, "ratio": best / our, "ours_backward_over_forward": bwd,
+            "rounds": {"ours": m.ours_train[ri], "eager": m.eager_train[ri], "grouped_mm": m.grouped_train[ri]}}));
+    }
+    out
 }
