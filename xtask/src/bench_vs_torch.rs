@@ -233,8 +233,7 @@ fn measure(o: &Opts, moe: &Path, torch: &mut Torch) -> Result<Measured> {
                                 "e": s.e, "k": s.k, "t": t, "repeats": o.repeats}),
                             )?;
                             m.eager_train[ri].push(v["eager"].as_f64().unwrap_or(f64::NAN));
-                            m.grouped_train[ri]
-                                .push(v["grouped_mm"].as_f64().unwrap_or(f64::NAN));
+                            m.grouped_train[ri].push(v["grouped_mm"].as_f64().unwrap_or(f64::NAN));
                         }
                     }
                 } else {
@@ -333,7 +332,11 @@ fn report(root: &Path, o: &Opts, versions: &str, m: &Measured) -> Result<()> {
             "ratio": best / our, "gflops": gf, "peak_fraction": gf / peak, "weights_gb_per_s": gbs,
             "bandwidth_fraction": gbs / bw, "rounds": {"ours": ours[ri], "eager": eager[ri], "grouped_mm": grouped[ri]}}));
     }
-    let train = if o.backward { train_table(m) } else { Vec::new() };
+    let train = if o.backward {
+        train_table(m)
+    } else {
+        Vec::new()
+    };
     let path = root.join("target/bench-vs-torch.json");
     std::fs::write(
         &path,
