@@ -99,6 +99,11 @@ impl MoeLayer {
         self.router.as_ref()
     }
 
+    /// A copy of the router (to update its state and give it back with `DeviceLayer::set_router`).
+    pub fn router_box(&self) -> Box<dyn Router> {
+        self.router.clone()
+    }
+
     /// The router, mutably (for training-time updates such as the aux-loss-free bias).
     pub fn router_mut(&mut self) -> &mut Box<dyn Router> {
         &mut self.router
