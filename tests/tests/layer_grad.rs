@@ -205,3 +205,66 @@ fn backward_is_bit_identical_on_one_and_two_threads_with_a_real_router() {
     };
     assert_eq!(run(1), run(2));
 }
+
+/// The README's training snippet: forward_train, backward with the routers' own coefficients, an SGD step, and the
+/// correction bias's once-per-step update on the resident layer through `set_router`.
+#[test]
+fn readme_training_step() {
+    use moe_core::grad;
+    use serde_json::json;
+    let l = layer(
+        "softmax-topk",
+        8,
+        2,
+        &[
+            ("score", json!("sigmoid")),
+            ("correction_bias", json!(true)),
+        ],
+    );
+    let mut resident = CpuBackend::new().upload(Arc::new(l)).expect("upload");
+    let x = hidden(3);
+    let d_output = SeqRng::new(4, 4).normal_matrix(T, D, 1.0);
+    let input = RouterInput::new(x.view()).with_mode(Mode::Train { seed: 1 });
+    let out = resident.forward_train(&input).expect("forward_train");
+    let d_aux = out.routing.aux_coefficients();
+    let grads = resident
+        .backward(d_output.view(), &d_aux)
+        .expect("backward");
+    assert_eq!(grads.d_input.dim(), (T, D));
+    let names: Vec<&str> = grads.params.iter().map(|g| g.name.as_str()).collect();
+    assert!(names.contains(&"router.gate") && names.contains(&"experts.gate_up"));
+    assert!(!names.iter().any(|n| n.contains("correction")), "{names:?}");
+    let loss = |dev: &mut Box<dyn moe_core::DeviceLayer>| -> f64 {
+        let o = dev.forward(&input).expect("forward");
+        o.output
+            .iter()
+            .zip(d_output.iter())
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum()
+    };
+    let before = loss(&mut resident);
+    resident
+        .apply_update(&grads.params, &mut grad::sgd(1e-3))
+        .expect("update");
+    assert!(
+        loss(&mut resident) < before,
+        "an SGD step along -grad lowers the loss"
+    );
+    let bias_of = |dev: &Box<dyn moe_core::DeviceLayer>| -> Vec<f32> {
+        dev.layer()
+            .params()
+            .into_iter()
+            .find(|p| p.name.contains("correction"))
+            .map(|p| p.value.iter().copied().collect())
+            .expect("correction bias listed")
+    };
+    let b0 = bias_of(&resident);
+    let mut router = resident.layer().router_box();
+    assert!(
+        router
+            .update_state(&input, &out.routing, 1e-3)
+            .expect("update_state")
+    );
+    resident.set_router(router).expect("set_router");
+    assert_ne!(bias_of(&resident), b0, "the correction bias moved");
+}
