@@ -94,7 +94,7 @@ pub trait DeviceLayer: Send {
     fn set_router(&mut self, router: Box<dyn Router>) -> Result<(), MoeError>;
 
     /// A training forward: as [`DeviceLayer::forward`], and keeps what [`DeviceLayer::backward`] needs (the
-    /// input, the plan, the experts' inputs and pre-activations). The mode of `input` (eval or train with a seed)
+    /// input, the plan, the experts' inputs and pre-activations) until that backward. The mode of `input` (eval or train with a seed)
     /// is the router's as always; noise and jitter are on in train mode. The default returns
     /// [`MoeError::Unsupported`] naming the backend.
     ///
@@ -112,9 +112,9 @@ pub trait DeviceLayer: Send {
     /// `L = Σ (output ⊙ d_output) + Σ_i d_aux[i] · aux_i`, returns `dL/dx` `[T, d]` and the gradient of every
     /// trainable parameter (named as in [`MoeLayer::params`]). `d_output` is `[T, d]`; `d_aux` has one entry per
     /// auxiliary loss of the forward's plan ([`Routing::aux_coefficients`] trains with the routers' own
-    /// coefficients; zeros leave them out). The training forward's state is kept until the next one, so several
-    /// backwards (of different losses) may follow one training forward, each returning the same gradients for the
-    /// same arguments.
+    /// coefficients; zeros leave them out). A backward consumes its training forward's state (as torch frees the
+    /// graph; the CPU backend overwrites the saved pre-activations with their gradients), so each backward follows
+    /// its own training forward.
     ///
     /// # Errors
     /// [`MoeError::Order`] without a training forward before it; [`MoeError::Shape`] naming `d_output` or `d_aux`;

@@ -111,7 +111,12 @@ fn library_api_on_mixtral() {
         .expect("reference");
     let err = verify::rel_err(pieces[0].1.iter().copied(), &reference.data);
     assert!(err <= TOLERANCE, "router.gate: {err:e}");
-    // Backward twice after one training forward gives the same gradients (the state is kept until the next one).
-    let again = dev.backward(cot.view(), &zeros).expect("second backward");
-    assert_eq!(again, grads);
+    // A backward consumes its training forward: a second one is refused, naming what must come first; another
+    // training forward gives the same gradients again.
+    assert!(matches!(
+        dev.backward(cot.view(), &zeros),
+        Err(moe_core::MoeError::Order { .. })
+    ));
+    dev.forward_train(&input).expect("forward again");
+    assert_eq!(dev.backward(cot.view(), &zeros).expect("backward again"), grads);
 }
