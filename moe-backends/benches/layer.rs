@@ -1,15 +1,22 @@
 //! Criterion benches of the CPU layer at PERFORMANCE.md's CPU shapes (`cargo bench -p moe-backends --bench layer`):
 //! the full forward (gate, routing, grouped experts, combine) and, beside it, the gate projection plus routing
-//! alone, so the share of the experts is visible. Threads: all cores, or `MOE_BENCH_THREADS`.
+//! alone, so the share of the experts is visible; and the training step: `forward_train` + `backward`, and the
+//! backward alone (timed around `backward` only, each after an untimed `forward_train`), to compare with the
+//! forward (the target: backward at most 2.2 x the forward at T >= 512). Where the router has no backward
+//! yet, the training rows run the same plan through `FixedPlan` (whose backward is free), so they time the
+//! experts, the combine and the shared parts. Threads: all cores, or `MOE_BENCH_THREADS`. `MOE_BENCH_FILTER_T`
+//! (comma-separated) keeps only those token counts.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 use moe_backends::cpu::CpuBackend;
+use moe_core::testing::FixedPlan;
 use moe_core::{
-    Backend, MoeLayer, RouterArgs, RouterInput, WorkloadConfig, workload::random_swiglu_bank,
+    Assignment, Backend, DeviceLayer, MoeError, MoeLayer, RouterArgs, RouterInput, WorkloadConfig,
+    workload::random_swiglu_bank,
 };
 
 /// A benchmark shape: name, d, ffn, E, k, token counts.
@@ -25,6 +32,60 @@ fn threads() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn kept_tokens() -> Option<Vec<usize>> {
+    std::env::var("MOE_BENCH_FILTER_T")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+}
+
+/// A resident copy of `layer` whose training step runs: the layer itself when its router has a backward, else the
+/// same experts behind a [`FixedPlan`] of the router's plan for `input`.
+fn trainable(
+    backend: &CpuBackend,
+    layer: &Arc<MoeLayer>,
+    input: &RouterInput<'_>,
+) -> Box<dyn DeviceLayer> {
+    let mut dev = backend
+        .upload(layer.clone())
+        .unwrap_or_else(|err| panic!("{err}"));
+    let out = dev
+        .forward_train(input)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let d_output = ndarray::Array2::<f32>::ones(input.hidden.dim());
+    match dev.backward(d_output.view(), &out.routing.aux_coefficients()) {
+        Ok(_) => dev,
+        Err(MoeError::Unsupported { .. }) => {
+            let kept = out
+                .routing
+                .groups()
+                .flat_map(|g| {
+                    g.tokens
+                        .iter()
+                        .zip(g.weights)
+                        .map(move |(&token, &weight)| Assignment {
+                            token,
+                            expert: g.expert as u32,
+                            weight,
+                            rank: 0,
+                        })
+                })
+                .collect();
+            let fixed = FixedPlan {
+                n_experts: layer.n_experts(),
+                d_model: layer.d_model(),
+                kept,
+            };
+            let mut l = (**layer).clone();
+            l.set_router(Box::new(fixed))
+                .unwrap_or_else(|err| panic!("{err}"));
+            backend
+                .upload(Arc::new(l))
+                .unwrap_or_else(|err| panic!("{err}"))
+        }
+        Err(err) => panic!("{err}"),
+    }
 }
 
 fn layer(c: &mut Criterion) {
@@ -43,7 +104,11 @@ fn layer(c: &mut Criterion) {
         g.sample_size(10)
             .warm_up_time(Duration::from_secs(1))
             .measurement_time(Duration::from_secs(5));
+        let keep = kept_tokens();
         for &t in tokens {
+            if keep.as_ref().is_some_and(|k| !k.contains(&t)) {
+                continue;
+            }
             let w = WorkloadConfig {
                 tokens: t,
                 d_model: d,
@@ -68,6 +133,41 @@ fn layer(c: &mut Criterion) {
                         .router()
                         .route(input)
                         .unwrap_or_else(|err| panic!("{err}"))
+                })
+            });
+            let backend = CpuBackend::with_threads(threads);
+            let mut train = trainable(&backend, &layer, &input);
+            let d_output = ndarray::Array2::<f32>::ones((t, d));
+            g.bench_with_input(
+                BenchmarkId::new("forward_train+backward", t),
+                &input,
+                |b, input| {
+                    b.iter(|| {
+                        let out = train
+                            .forward_train(input)
+                            .unwrap_or_else(|err| panic!("{err}"));
+                        train
+                            .backward(d_output.view(), &out.routing.aux_coefficients())
+                            .unwrap_or_else(|err| panic!("{err}"))
+                    })
+                },
+            );
+            g.bench_with_input(BenchmarkId::new("backward", t), &input, |b, input| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let out = train
+                            .forward_train(input)
+                            .unwrap_or_else(|err| panic!("{err}"));
+                        let d_aux = out.routing.aux_coefficients();
+                        let t0 = Instant::now();
+                        let grads = train
+                            .backward(d_output.view(), &d_aux)
+                            .unwrap_or_else(|err| panic!("{err}"));
+                        total += t0.elapsed();
+                        drop(grads);
+                    }
+                    total
                 })
             });
         }

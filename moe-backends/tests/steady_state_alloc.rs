@@ -6,14 +6,24 @@
 //! - wherever the `gemm` crate runs (more rows per expert, or any row count on the portable kernels; gemm allocates
 //!   its packing buffers inside every call, and its API has no way to reuse them): nothing as large as half of our
 //!   hidden workspace is allocated, so no workspace was.
+//!
+//! The training step (`forward_train` then `backward`, after three warm-up steps) is checked the same way, on the
+//! grouped path with a shared expert behind its gate and a `FixedPlan` router (whose backward is exact and only
+//! allocates its `d_hidden`): the largest single allocation of the step must stay below half of the routed
+//! hidden workspace (`rows · f` f32). The shapes make every returned tensor (output, `d_input`, `d_hidden`, every
+//! gradient, the plan) and gemm's own per-call packing buffers smaller than that bound (asserted), while each
+//! workspace the step reuses (routed `X`, `P`, `H`, `Y`, `dY`, shared `P`, `H`) is at least that large, so a
+//! workspace allocated again in the steady state fails the test.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use moe_backends::cpu::{CpuBackend, CpuKernels};
+use moe_core::testing::FixedPlan;
 use moe_core::{
-    Backend, MoeLayer, RouterArgs, RouterInput, WorkloadConfig, workload::random_swiglu_bank,
+    Assignment, Backend, MoeLayer, RouterArgs, RouterInput, SharedExperts, WorkloadConfig,
+    workload::random_swiglu_bank,
 };
 
 struct Counting;
@@ -22,6 +32,8 @@ static ON: AtomicBool = AtomicBool::new(false);
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 static BYTES: AtomicUsize = AtomicUsize::new(0);
 static COUNT: AtomicUsize = AtomicUsize::new(0);
+/// The counters are global: the tests of this file take turns.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 // SAFETY: forwards to the system allocator unchanged; only counts.
 #[allow(
@@ -116,11 +128,112 @@ fn check(t: usize, d: usize, f: usize, e: usize, k: usize, few_rows: bool, kerne
 
 #[test]
 fn steady_state_forward_allocates_only_its_result() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     // Groups of about 24 rows (dot kernel where the CPU has AVX-512), about 200 (transposed gemm) and 600 (gemm),
     // on the portable kernels (every CPU) and on the automatic choice (AVX-512 where present).
     for kernels in [CpuKernels::Portable, CpuKernels::Auto] {
         check(96, 64, 256, 8, 2, true, kernels);
         check(200, 64, 2048, 2, 2, false, kernels);
         check(600, 64, 2048, 1, 1, false, kernels);
+    }
+}
+
+/// One steady-state training step; `t · k` routed rows, `e` experts, a shared expert of width `fs` with a gate.
+fn check_training(
+    t: usize,
+    d: usize,
+    f: usize,
+    fs: usize,
+    e: usize,
+    k: usize,
+    kernels: CpuKernels,
+) {
+    LARGEST.store(0, Ordering::SeqCst);
+    BYTES.store(0, Ordering::SeqCst);
+    COUNT.store(0, Ordering::SeqCst);
+    let kept = (0..t)
+        .flat_map(|tok| {
+            (0..k).map(move |r| Assignment {
+                token: tok as u32,
+                expert: ((tok + r) % e) as u32,
+                weight: 0.5,
+                rank: r as u16,
+            })
+        })
+        .collect();
+    let router = FixedPlan {
+        n_experts: e,
+        d_model: d,
+        kept,
+    };
+    let bank = random_swiglu_bank(e, d, f, 0).unwrap_or_else(|err| panic!("{err}"));
+    let shared_bank = random_swiglu_bank(1, d, fs, 1).unwrap_or_else(|err| panic!("{err}"));
+    let shared = SharedExperts::new(shared_bank, Some(ndarray::Array1::from_elem(d, 0.1)))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let layer = MoeLayer::new(Box::new(router), bank)
+        .and_then(|l| l.with_shared(shared))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let mut resident = CpuBackend::with_threads(2)
+        .with_kernels(kernels)
+        .upload(Arc::new(layer))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let w = WorkloadConfig {
+        tokens: t,
+        d_model: d,
+        ..Default::default()
+    }
+    .generate()
+    .unwrap_or_else(|err| panic!("{err}"));
+    let input = RouterInput::new(w.hidden.view());
+    let d_output = ndarray::Array2::<f32>::ones((t, d));
+    for _ in 0..3 {
+        resident
+            .forward_train(&input)
+            .and_then(|_| resident.backward(d_output.view(), &[]))
+            .unwrap_or_else(|err| panic!("{err}"));
+    }
+    ON.store(true, Ordering::SeqCst);
+    let out = resident.forward_train(&input);
+    let grads = resident.backward(d_output.view(), &[]);
+    ON.store(false, Ordering::SeqCst);
+    let (out, grads) = (
+        out.unwrap_or_else(|err| panic!("{err}")),
+        grads.unwrap_or_else(|err| panic!("{err}")),
+    );
+    let hidden_workspace = out.routing.n_slots() * f * 4;
+    let bound = hidden_workspace / 2;
+    let returned = grads
+        .params
+        .iter()
+        .map(|g| g.shape().iter().product::<usize>() * 4)
+        .chain([t * d * 4])
+        .max()
+        .unwrap_or(0);
+    let (largest, bytes, count) = (
+        LARGEST.load(Ordering::SeqCst),
+        BYTES.load(Ordering::SeqCst),
+        COUNT.load(Ordering::SeqCst),
+    );
+    println!(
+        "steady-state training step ({kernels:?}): {count} allocations, {bytes} bytes, largest {largest} (largest returned tensor {returned}, hidden workspace {hidden_workspace}, shared pre-activations {})",
+        t * 2 * fs * 4
+    );
+    assert!(
+        returned < bound && t * 2 * fs * 4 >= bound,
+        "the test shape must make a workspace allocation visible"
+    );
+    assert!(
+        largest < bound,
+        "a training step allocated {largest} bytes at once: a workspace (>= {bound} bytes) was reallocated"
+    );
+}
+
+#[test]
+fn steady_state_training_step_allocates_only_its_results() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    for kernels in [CpuKernels::Portable, CpuKernels::Auto] {
+        // Groups of 1000 rows (gemm) and of 600 rows.
+        check_training(1000, 32, 1024, 512, 2, 2, kernels);
+        check_training(600, 64, 2048, 1024, 1, 1, kernels);
     }
 }

@@ -1,6 +1,9 @@
 //! `moe bench`: full-layer forward throughput on a backend over a range of T, as tokens/s, GFLOP/s and GB/s of
 //! expert weights (PERFORMANCE.md conventions), median of repeated runs. Backends with a device clock (CUDA) are
 //! timed by it, with the input already on the device; the others by the host's wall clock around `forward`.
+//! `--backward` also times a training step (`forward_train` then `backward`, host wall clock) and the backward
+//! alone, and reports the backward's time over the forward's; a backend or router without training exits with its
+//! `Unsupported` error (exit code 2).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -99,6 +102,10 @@ pub(crate) struct BenchArgs {
     /// weight-streaming rows against (backends with a bandwidth probe: cpu).
     #[arg(long)]
     bandwidth: bool,
+    /// Also time the training step: `forward_train` + `backward` (with the routers' own aux-loss coefficients),
+    /// and the backward alone, reported beside the forward with the ratio backward / forward (cpu backend).
+    #[arg(long)]
+    backward: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -118,6 +125,15 @@ struct BenchRow {
     experts_hit: usize,
     /// `experts_hit · 3 · d · f · bytes per weight / time`.
     weight_gb_per_s: f64,
+    /// With `--backward`: median of `forward_train` + `backward`, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    train_step_median_ms: Option<f64>,
+    /// With `--backward`: median of `backward` alone, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backward_median_ms: Option<f64>,
+    /// With `--backward`: `backward_median_ms / median_ms` (the target: at most 2.2 at T >= 512).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backward_over_forward: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -314,6 +330,12 @@ fn time_row(
     let med = times[times.len() / 2];
     let flops = 2.0 * slots as f64 * 3.0 * d as f64 * f as f64;
     let bytes = experts_hit as f64 * 3.0 * d as f64 * f as f64 * weight_bytes as f64;
+    let (train_step_median_ms, backward_median_ms) = if a.backward {
+        let (step, back) = time_training(resident, &input, a.repeats as usize)?;
+        (Some(step * 1e3), Some(back * 1e3))
+    } else {
+        (None, None)
+    };
     let row = BenchRow {
         tokens: t,
         median_ms: med * 1e3,
@@ -322,8 +344,48 @@ fn time_row(
         gflops: flops / med / 1e9,
         experts_hit,
         weight_gb_per_s: bytes / med / 1e9,
+        train_step_median_ms,
+        backward_median_ms,
+        backward_over_forward: backward_median_ms.map(|b| b / (med * 1e3)),
     };
     Ok((row, device_clock))
+}
+
+/// Medians in seconds of `repeats` training steps (`forward_train` + `backward`) and of the backward alone, after
+/// one warm-up step. A backend or router without training is a usage error (exit code 2) with its message.
+fn time_training(
+    resident: &mut dyn DeviceLayer,
+    input: &RouterInput<'_>,
+    repeats: usize,
+) -> Result<(f64, f64), CliError> {
+    let unsupported = |e: moe_core::MoeError| match e {
+        moe_core::MoeError::Unsupported { .. } => CliError::Usage(format!("--backward: {e}")),
+        other => other.into(),
+    };
+    let d_output = ndarray::Array2::<f32>::ones(input.hidden.dim());
+    let mut step = || -> Result<(f64, f64), CliError> {
+        let t0 = Instant::now();
+        let out = resident.forward_train(input).map_err(unsupported)?;
+        let d_aux = out.routing.aux_coefficients();
+        drop(out);
+        let t1 = Instant::now();
+        let grads = resident
+            .backward(d_output.view(), &d_aux)
+            .map_err(unsupported)?;
+        let end = Instant::now();
+        drop(grads);
+        Ok(((end - t0).as_secs_f64(), (end - t1).as_secs_f64()))
+    };
+    step()?;
+    let (mut steps, mut backs) = (Vec::with_capacity(repeats), Vec::with_capacity(repeats));
+    for _ in 0..repeats {
+        let (s, b) = step()?;
+        steps.push(s);
+        backs.push(b);
+    }
+    steps.sort_by(f64::total_cmp);
+    backs.sort_by(f64::total_cmp);
+    Ok((steps[steps.len() / 2], backs[backs.len() / 2]))
 }
 
 /// Prints the report in `a.format`.
@@ -354,7 +416,7 @@ fn print_report(report: &BenchReport, a: &BenchArgs) -> Result<(), CliError> {
         }
         println!();
     }
-    let mut t = Table::new(&[
+    let mut head = vec![
         "T",
         "median ms",
         "min ms",
@@ -362,9 +424,13 @@ fn print_report(report: &BenchReport, a: &BenchArgs) -> Result<(), CliError> {
         "GFLOP/s",
         "experts hit",
         "weights GB/s",
-    ]);
+    ];
+    if a.backward {
+        head.extend(["train step ms", "backward ms", "backward/forward"]);
+    }
+    let mut t = Table::new(&head);
     for r in &report.rows {
-        t.push(vec![
+        let mut row = vec![
             r.tokens.to_string(),
             format!("{:.3}", r.median_ms),
             format!("{:.3}", r.min_ms),
@@ -372,7 +438,17 @@ fn print_report(report: &BenchReport, a: &BenchArgs) -> Result<(), CliError> {
             format!("{:.1}", r.gflops),
             r.experts_hit.to_string(),
             format!("{:.2}", r.weight_gb_per_s),
-        ]);
+        ];
+        if a.backward {
+            let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+            row.extend([
+                ms(r.train_step_median_ms),
+                ms(r.backward_median_ms),
+                r.backward_over_forward
+                    .map_or("-".into(), |v| format!("{v:.2}")),
+            ]);
+        }
+        t.push(row);
     }
     print!("{}", t.render(a.format));
     Ok(())

@@ -144,6 +144,9 @@ pub(crate) fn check_banks(layer: &MoeLayer) -> Result<(), MoeError> {
     Ok(())
 }
 
+/// What [`routed_reference`] returns: `d weight` per slot, `dx` per slot (`[slots, d]`), the bank's gradients.
+pub(crate) type RoutedGrads = (Vec<f32>, Array2<f32>, Vec<Grad>);
+
 /// The reference backward of the routed experts: per active expert, its rows gathered, `dY = s · w · dy_t`, the
 /// expert's backward ([`expert_backward`]); `d weight` per slot from the recomputed expert outputs. Returns the
 /// per-slot `d weight`, `dx` per slot (`[slots, d]`) and the bank's gradients.
@@ -155,7 +158,7 @@ pub(crate) fn routed_reference(
     x: ArrayView2<'_, f32>,
     routing: &Routing,
     d_output: ArrayView2<'_, f32>,
-) -> Result<(Vec<f32>, Array2<f32>, Vec<Grad>), MoeError> {
+) -> Result<RoutedGrads, MoeError> {
     let d = x.ncols();
     let scale = layer.output_scale();
     let mut d_weights = vec![0.0f32; routing.n_slots()];
