@@ -1,5 +1,5 @@
 //! `moe bench --backward`: the training step and the backward timed beside the forward, with the ratio; a backend
-//! or router without training exits with code 2 and its `Unsupported` message.
+//! without training exits with code 2 and its `Unsupported` message.
 
 mod common;
 
@@ -25,38 +25,28 @@ const SMALL: &[&str] = &[
 ];
 
 #[test]
-fn backward_rows_or_the_routers_unsupported_error() {
+fn backward_rows_with_both_medians_and_the_ratio() {
     let mut args = SMALL.to_vec();
     args.extend(["--format", "json"]);
     let o = moe(&args);
-    if o.status.success() {
-        // The router has a backward: both medians and the ratio in every row.
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-        let rows = v["rows"].as_array().expect("rows");
-        assert_eq!(rows.len(), 2);
-        for r in rows {
-            let fwd = r["median_ms"].as_f64().expect("forward ms");
-            let step = r["train_step_median_ms"].as_f64().expect("train step ms");
-            let back = r["backward_median_ms"].as_f64().expect("backward ms");
-            let ratio = r["backward_over_forward"].as_f64().expect("ratio");
-            assert!(fwd > 0.0 && step >= back && back > 0.0);
-            assert!((ratio - back / fwd).abs() <= 1e-9 * ratio.max(1.0));
-        }
-        let mut args = SMALL.to_vec();
-        args.extend(["--format", "table"]);
-        let o = moe(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let out = String::from_utf8_lossy(&o.stdout).to_string();
-        assert!(out.contains("backward/forward"), "{out}");
-    } else {
-        // The router (softmax-topk) has no backward in this build: a usage error naming it.
-        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-        let err = stderr(&o);
-        assert!(
-            err.contains("softmax-topk") && err.contains("backward"),
-            "{err}"
-        );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let fwd = r["median_ms"].as_f64().expect("forward ms");
+        let step = r["train_step_median_ms"].as_f64().expect("train step ms");
+        let back = r["backward_median_ms"].as_f64().expect("backward ms");
+        let ratio = r["backward_over_forward"].as_f64().expect("ratio");
+        assert!(fwd > 0.0 && step >= back && back > 0.0);
+        assert!((ratio - back / fwd).abs() <= 1e-9 * ratio.max(1.0));
     }
+    let mut args = SMALL.to_vec();
+    args.extend(["--format", "table"]);
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("backward/forward"), "{out}");
 }
 
 #[test]

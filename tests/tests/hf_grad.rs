@@ -118,5 +118,8 @@ fn library_api_on_mixtral() {
         Err(moe_core::MoeError::Order { .. })
     ));
     dev.forward_train(&input).expect("forward again");
-    assert_eq!(dev.backward(cot.view(), &zeros).expect("backward again"), grads);
+    assert_eq!(
+        dev.backward(cot.view(), &zeros).expect("backward again"),
+        grads
+    );
 }
