@@ -2,9 +2,8 @@
 //! the full forward (gate, routing, grouped experts, combine) and, beside it, the gate projection plus routing
 //! alone, so the share of the experts is visible; and the training step: `forward_train` + `backward`, and the
 //! backward alone (timed around `backward` only, each after an untimed `forward_train`), to compare with the
-//! forward (the target: backward at most 2.2 x the forward at T >= 512). Where the router has no backward
-//! yet, the training rows run the same plan through `FixedPlan` (whose backward is free), so they time the
-//! experts, the combine and the shared parts. Threads: all cores, or `MOE_BENCH_THREADS`. `MOE_BENCH_FILTER_T`
+//! forward (the target: backward at most 2.2 x the forward at T >= 512), with the router's own backward and
+//! the gradients handed back from step to step (`backward_into`), as a training loop does. Threads: all cores, or `MOE_BENCH_THREADS`. `MOE_BENCH_FILTER_T`
 //! (comma-separated) keeps only those token counts.
 
 use std::sync::Arc;
@@ -13,9 +12,8 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 use moe_backends::cpu::CpuBackend;
-use moe_core::testing::FixedPlan;
 use moe_core::{
-    Assignment, Backend, DeviceLayer, MoeError, MoeLayer, RouterArgs, RouterInput, WorkloadConfig,
+    Backend, LayerGrads, MoeLayer, RouterArgs, RouterInput, WorkloadConfig,
     workload::random_swiglu_bank,
 };
 
@@ -38,54 +36,6 @@ fn kept_tokens() -> Option<Vec<usize>> {
     std::env::var("MOE_BENCH_FILTER_T")
         .ok()
         .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
-}
-
-/// A resident copy of `layer` whose training step runs: the layer itself when its router has a backward, else the
-/// same experts behind a [`FixedPlan`] of the router's plan for `input`.
-fn trainable(
-    backend: &CpuBackend,
-    layer: &Arc<MoeLayer>,
-    input: &RouterInput<'_>,
-) -> Box<dyn DeviceLayer> {
-    let mut dev = backend
-        .upload(layer.clone())
-        .unwrap_or_else(|err| panic!("{err}"));
-    let out = dev
-        .forward_train(input)
-        .unwrap_or_else(|err| panic!("{err}"));
-    let d_output = ndarray::Array2::<f32>::ones(input.hidden.dim());
-    match dev.backward(d_output.view(), &out.routing.aux_coefficients()) {
-        Ok(_) => dev,
-        Err(MoeError::Unsupported { .. }) => {
-            let kept = out
-                .routing
-                .groups()
-                .flat_map(|g| {
-                    g.tokens
-                        .iter()
-                        .zip(g.weights)
-                        .map(move |(&token, &weight)| Assignment {
-                            token,
-                            expert: g.expert as u32,
-                            weight,
-                            rank: 0,
-                        })
-                })
-                .collect();
-            let fixed = FixedPlan {
-                n_experts: layer.n_experts(),
-                d_model: layer.d_model(),
-                kept,
-            };
-            let mut l = (**layer).clone();
-            l.set_router(Box::new(fixed))
-                .unwrap_or_else(|err| panic!("{err}"));
-            backend
-                .upload(Arc::new(l))
-                .unwrap_or_else(|err| panic!("{err}"))
-        }
-        Err(err) => panic!("{err}"),
-    }
 }
 
 fn layer(c: &mut Criterion) {
@@ -136,8 +86,11 @@ fn layer(c: &mut Criterion) {
                 })
             });
             let backend = CpuBackend::with_threads(threads);
-            let mut train = trainable(&backend, &layer, &input);
+            let mut train = backend
+                .upload(layer.clone())
+                .unwrap_or_else(|err| panic!("{err}"));
             let d_output = ndarray::Array2::<f32>::ones((t, d));
+            let mut grads = LayerGrads::empty();
             g.bench_with_input(
                 BenchmarkId::new("forward_train+backward", t),
                 &input,
@@ -147,7 +100,11 @@ fn layer(c: &mut Criterion) {
                             .forward_train(input)
                             .unwrap_or_else(|err| panic!("{err}"));
                         train
-                            .backward(d_output.view(), &out.routing.aux_coefficients())
+                            .backward_into(
+                                d_output.view(),
+                                &out.routing.aux_coefficients(),
+                                &mut grads,
+                            )
                             .unwrap_or_else(|err| panic!("{err}"))
                     })
                 },
@@ -161,11 +118,10 @@ fn layer(c: &mut Criterion) {
                             .unwrap_or_else(|err| panic!("{err}"));
                         let d_aux = out.routing.aux_coefficients();
                         let t0 = Instant::now();
-                        let grads = train
-                            .backward(d_output.view(), &d_aux)
+                        train
+                            .backward_into(d_output.view(), &d_aux, &mut grads)
                             .unwrap_or_else(|err| panic!("{err}"));
                         total += t0.elapsed();
-                        drop(grads);
                     }
                     total
                 })

@@ -351,8 +351,8 @@ fn time_row(
     Ok((row, device_clock))
 }
 
-/// Medians in seconds of `repeats` training steps (`forward_train` + `backward`) and of the backward alone, after
-/// one warm-up step. A backend or router without training is a usage error (exit code 2) with its message.
+/// Medians in seconds of `repeats` training steps (`forward_train` + `backward_into`, the gradients reused from
+/// step to step) and of the backward alone, after one warm-up step. A backend or router without training is a usage error (exit code 2) with its message.
 fn time_training(
     resident: &mut dyn DeviceLayer,
     input: &RouterInput<'_>,
@@ -363,17 +363,19 @@ fn time_training(
         other => other.into(),
     };
     let d_output = ndarray::Array2::<f32>::ones(input.hidden.dim());
+    // The gradients of one step are handed back to the next (as a training loop does), so a steady step does not
+    // allocate them.
+    let mut grads = moe_core::LayerGrads::empty();
     let mut step = || -> Result<(f64, f64), CliError> {
         let t0 = Instant::now();
         let out = resident.forward_train(input).map_err(unsupported)?;
         let d_aux = out.routing.aux_coefficients();
         drop(out);
         let t1 = Instant::now();
-        let grads = resident
-            .backward(d_output.view(), &d_aux)
+        resident
+            .backward_into(d_output.view(), &d_aux, &mut grads)
             .map_err(unsupported)?;
         let end = Instant::now();
-        drop(grads);
         Ok(((end - t0).as_secs_f64(), (end - t1).as_secs_f64()))
     };
     step()?;

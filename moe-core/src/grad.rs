@@ -246,6 +246,15 @@ pub struct LayerGrads {
 }
 
 impl LayerGrads {
+    /// No gradients yet: the buffer a training loop hands to
+    /// [`DeviceLayer::backward_into`](crate::backend::DeviceLayer::backward_into) on its first step.
+    pub fn empty() -> Self {
+        LayerGrads {
+            d_input: Array2::zeros((0, 0)),
+            params: Vec::new(),
+        }
+    }
+
     /// The gradient of parameter `name` (`experts.down`).
     pub fn get(&self, name: &str) -> Option<&Grad> {
         self.params.iter().find(|g| g.name == name)

@@ -234,7 +234,7 @@ fn readme_training_step() {
     let names: Vec<&str> = grads.params.iter().map(|g| g.name.as_str()).collect();
     assert!(names.contains(&"router.gate") && names.contains(&"experts.gate_up"));
     assert!(!names.iter().any(|n| n.contains("correction")), "{names:?}");
-    let loss = |dev: &mut Box<dyn moe_core::DeviceLayer>| -> f64 {
+    let loss = |dev: &mut dyn moe_core::DeviceLayer| -> f64 {
         let o = dev.forward(&input).expect("forward");
         o.output
             .iter()
@@ -242,15 +242,15 @@ fn readme_training_step() {
             .map(|(&a, &b)| a as f64 * b as f64)
             .sum()
     };
-    let before = loss(&mut resident);
+    let before = loss(resident.as_mut());
     resident
         .apply_update(&grads.params, &mut grad::sgd(1e-3))
         .expect("update");
     assert!(
-        loss(&mut resident) < before,
+        loss(resident.as_mut()) < before,
         "an SGD step along -grad lowers the loss"
     );
-    let bias_of = |dev: &Box<dyn moe_core::DeviceLayer>| -> Vec<f32> {
+    let bias_of = |dev: &dyn moe_core::DeviceLayer| -> Vec<f32> {
         dev.layer()
             .params()
             .into_iter()
@@ -258,7 +258,7 @@ fn readme_training_step() {
             .map(|p| p.value.iter().copied().collect())
             .expect("correction bias listed")
     };
-    let b0 = bias_of(&resident);
+    let b0 = bias_of(resident.as_ref());
     let mut router = resident.layer().router_box();
     assert!(
         router
@@ -266,5 +266,38 @@ fn readme_training_step() {
             .expect("update_state")
     );
     resident.set_router(router).expect("set_router");
-    assert_ne!(bias_of(&resident), b0, "the correction bias moved");
+    assert_ne!(bias_of(resident.as_ref()), b0, "the correction bias moved");
+}
+
+/// `backward_into` gives the gradients `backward` gives, and on the grouped path reuses the expert gradient tensors
+/// it is handed (the same allocation comes back), so a training loop allocates them once.
+#[test]
+fn backward_into_reuses_the_expert_gradients() {
+    let l = Arc::new(layer("softmax-topk", 8, 2, &[]));
+    let x = hidden(2);
+    let cot = SeqRng::new(5, 3).normal_matrix(T, D, 1.0);
+    let input = RouterInput::new(x.view());
+    let mut dev = CpuBackend::new().upload(Arc::clone(&l)).expect("upload");
+    let out = dev.forward_train(&input).expect("forward");
+    let d_aux = out.routing.aux_coefficients();
+    let fresh = dev.backward(cot.view(), &d_aux).expect("backward");
+    let mut grads = moe_core::LayerGrads::empty();
+    let ptr = |g: &moe_core::LayerGrads| match &g.get("experts.gate_up").expect("gate_up").value {
+        moe_core::GradValue::Dense(a) => a.as_ptr(),
+        other => panic!("dense expected, got {other:?}"),
+    };
+    dev.forward_train(&input).expect("forward");
+    dev.backward_into(cot.view(), &d_aux, &mut grads)
+        .expect("backward_into");
+    assert_eq!(grads, fresh);
+    let first = ptr(&grads);
+    dev.forward_train(&input).expect("forward");
+    dev.backward_into(cot.view(), &d_aux, &mut grads)
+        .expect("backward_into");
+    assert_eq!(grads, fresh);
+    assert_eq!(
+        ptr(&grads),
+        first,
+        "the expert gradient was allocated again"
+    );
 }

@@ -86,6 +86,51 @@ impl BankGrads {
         })
     }
 
+    /// Gradients for a dense bank built from `recycle` (a previous step's gradients, named with `prefix`, such as
+    /// `experts.`) where a dense tensor of the same name and shape is there, zeros otherwise; the values are left
+    /// as they were, for a path that overwrites every one of them (the grouped backward does). PEER and custom
+    /// experts get [`BankGrads::zeros`].
+    ///
+    /// # Errors
+    /// As [`BankGrads::zeros`].
+    pub(crate) fn reuse(
+        bank: &ExpertBank,
+        recycle: &mut Vec<Grad>,
+        prefix: &str,
+    ) -> Result<Self, MoeError> {
+        // Fresh zeros of a large tensor cost nothing until written (the allocator maps zero pages lazily), so the
+        // ones a recycled tensor replaces are never touched.
+        let mut g = BankGrads::zeros(bank, &[])?;
+        if let BankGrads::Dense {
+            kind,
+            w1,
+            b1,
+            w2,
+            b2,
+        } = &mut g
+        {
+            let names = Self::names(kind);
+            take3(recycle, &format!("{prefix}{}", names[0]), w1);
+            take3(recycle, &format!("{prefix}{}", names[2]), w2);
+            if let Some(b) = b1 {
+                take2(recycle, &format!("{prefix}{}", names[1]), b);
+            }
+            if let Some(b) = b2 {
+                take2(recycle, &format!("{prefix}{}", names[3]), b);
+            }
+        }
+        Ok(g)
+    }
+
+    /// The names of a dense bank's tensors: first projection, its bias, second projection, its bias.
+    fn names(kind: &str) -> [&'static str; 4] {
+        match kind {
+            "swiglu" => ["gate_up", "", "down", ""],
+            "gpt_oss" => ["gate_up", "gate_up_bias", "down", "down_bias"],
+            _ => ["w1", "b1", "w2", "b2"],
+        }
+    }
+
     /// The gradients named as [`ExpertBank::params`] names the tensors, in that order.
     pub(crate) fn into_grads(self) -> Vec<Grad> {
         match self {
@@ -96,11 +141,7 @@ impl BankGrads {
                 w2,
                 b2,
             } => {
-                let names = match kind {
-                    "swiglu" => ["gate_up", "", "down", ""],
-                    "gpt_oss" => ["gate_up", "gate_up_bias", "down", "down_bias"],
-                    _ => ["w1", "b1", "w2", "b2"],
-                };
+                let names = Self::names(kind);
                 let mut out = vec![Grad::dense(names[0], w1)];
                 out.extend(b1.map(|b| Grad::dense(names[1], b)));
                 out.push(Grad::dense(names[2], w2));
@@ -125,6 +166,36 @@ impl BankGrads {
                 vec![sparse("u", du), sparse("v", dv)]
             }
         }
+    }
+}
+
+/// Moves the dense gradient `name` of `recycle` into `out` when its shape is `out`'s.
+fn take3(recycle: &mut Vec<Grad>, name: &str, out: &mut Array3<f32>) {
+    if let Some(a) = take(recycle, name, out.shape())
+        && let Ok(a) = a.into_dimensionality::<ndarray::Ix3>()
+    {
+        *out = a;
+    }
+}
+
+/// As [`take3`] for a 2-D gradient.
+fn take2(recycle: &mut Vec<Grad>, name: &str, out: &mut Array2<f32>) {
+    if let Some(a) = take(recycle, name, out.shape())
+        && let Ok(a) = a.into_dimensionality::<ndarray::Ix2>()
+    {
+        *out = a;
+    }
+}
+
+/// Removes and returns the dense, standard-layout gradient `name` of shape `shape` from `recycle`.
+fn take(recycle: &mut Vec<Grad>, name: &str, shape: &[usize]) -> Option<ndarray::ArrayD<f32>> {
+    let i = recycle.iter().position(|g| {
+        g.name == name
+            && matches!(&g.value, GradValue::Dense(a) if a.shape() == shape && a.is_standard_layout())
+    })?;
+    match recycle.swap_remove(i).value {
+        GradValue::Dense(a) => Some(a),
+        GradValue::Rows { .. } => None,
     }
 }
 

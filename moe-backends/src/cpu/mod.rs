@@ -176,6 +176,34 @@ pub struct CpuLayer {
     kernels: Kernels,
 }
 
+impl CpuLayer {
+    /// The backward, reusing the dense expert gradients of `recycle` (a previous step's) on the grouped path.
+    fn backward_recycling(
+        &mut self,
+        d_output: ndarray::ArrayView2<'_, f32>,
+        d_aux: &[f32],
+        mut recycle: Vec<moe_core::Grad>,
+    ) -> Result<LayerGrads, MoeError> {
+        let (layer, saved, tws, kernels) =
+            (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
+        let mut run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
+            train::check_backward(saved, d_output, d_aux)?;
+            train::check_banks(layer)?;
+            // A backward consumes its forward's state (as torch frees the graph).
+            saved.ready = false;
+            if saved.fast {
+                train_fast::backward(layer, saved, tws, d_output, d_aux, kernels, &mut recycle)
+            } else {
+                reference_backward(layer, saved, d_output, d_aux)
+            }
+        };
+        match &self.pool {
+            Some(pool) => pool.install(|| run(saved, tws)),
+            None => run(saved, tws),
+        }
+    }
+}
+
 impl DeviceLayer for CpuLayer {
     fn layer(&self) -> &MoeLayer {
         &self.layer
@@ -227,22 +255,22 @@ impl DeviceLayer for CpuLayer {
         d_output: ndarray::ArrayView2<'_, f32>,
         d_aux: &[f32],
     ) -> Result<LayerGrads, MoeError> {
-        let (layer, saved, tws, kernels) =
-            (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
-        let run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
-            train::check_backward(saved, d_output, d_aux)?;
-            train::check_banks(layer)?;
-            // A backward consumes its forward's state (as torch frees the graph).
-            saved.ready = false;
-            if saved.fast {
-                train_fast::backward(layer, saved, tws, d_output, d_aux, kernels)
-            } else {
-                reference_backward(layer, saved, d_output, d_aux)
+        self.backward_recycling(d_output, d_aux, Vec::new())
+    }
+
+    fn backward_into(
+        &mut self,
+        d_output: ndarray::ArrayView2<'_, f32>,
+        d_aux: &[f32],
+        grads: &mut LayerGrads,
+    ) -> Result<(), MoeError> {
+        let recycle = std::mem::take(&mut grads.params);
+        match self.backward_recycling(d_output, d_aux, recycle) {
+            Ok(g) => {
+                *grads = g;
+                Ok(())
             }
-        };
-        match &self.pool {
-            Some(pool) => pool.install(|| run(saved, tws)),
-            None => run(saved, tws),
+            Err(e) => Err(e),
         }
     }
 

@@ -99,7 +99,9 @@ pub(crate) fn forward_train(
     Ok(finish(layer, output, routing))
 }
 
-/// The backward of [`forward_train`] (checks done by the caller).
+/// The backward of [`forward_train`] (checks done by the caller). Dense expert gradients of `recycle` (a previous
+/// step's, named as the layer names them) are reused where their shapes fit: the grouped kernels overwrite every
+/// value, so a training loop that hands them back allocates its gradients once.
 ///
 /// # Errors
 /// As [`moe_core::DeviceLayer::backward`].
@@ -110,6 +112,7 @@ pub(crate) fn backward(
     d_output: ArrayView2<'_, f32>,
     d_aux: &[f32],
     kernels: Kernels,
+    recycle: &mut Vec<moe_core::Grad>,
 ) -> Result<LayerGrads, MoeError> {
     let routing = saved
         .routing
@@ -146,7 +149,7 @@ pub(crate) fn backward(
             let w = scale * weights[s];
             row.iter_mut().zip(g).for_each(|(o, &v)| *o = w * v);
         });
-    let mut expert_grads = BankGrads::zeros(layer.experts(), &[])?;
+    let mut expert_grads = BankGrads::reuse(layer.experts(), recycle, "experts.")?;
     let f = layer.experts().ffn();
     let pw = if matches!(layer.experts(), moe_core::ExpertBank::Mlp(_)) {
         f
@@ -175,7 +178,7 @@ pub(crate) fn backward(
         &ws.token_slots,
         r.y.get(rows * d),
     )?;
-    let shared_grads = shared_backward(layer, saved, ws, d_output, &mut d_input, kernels)?;
+    let shared_grads = shared_backward(layer, saved, ws, d_output, &mut d_input, kernels, recycle)?;
     finish_backward(
         layer,
         saved,
@@ -199,6 +202,7 @@ fn shared_backward(
     d_output: ArrayView2<'_, f32>,
     d_input: &mut Array2<f32>,
     kernels: Kernels,
+    recycle: &mut Vec<moe_core::Grad>,
 ) -> Result<Vec<moe_core::Grad>, MoeError> {
     let Some(shared) = layer.shared() else {
         return Ok(Vec::new());
@@ -212,7 +216,7 @@ fn shared_backward(
     let sy =
         ArrayView2::from_shape((t, d), s.y.get(t * d)).map_err(|e| internal(&e.to_string()))?;
     let d_gate = shared_gate_backward(shared, x, sy, d_output, s.dy.get_mut(t * d), d_input);
-    let mut grads = BankGrads::zeros(shared.bank(), &[0])?;
+    let mut grads = BankGrads::reuse(shared.bank(), recycle, "shared.")?;
     let f = shared.bank().ffn();
     let pw = if matches!(shared.bank(), moe_core::ExpertBank::Mlp(_)) {
         f
