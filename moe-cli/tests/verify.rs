@@ -45,6 +45,42 @@ fn verify_json_is_typed() {
     }
 }
 
+/// The gradient fixtures: every case passes on the CPU with its gradients compared (output loss, and the
+/// load-balancing and z-losses where the file has them), none skipped.
+#[test]
+fn verify_gradient_fixtures_compares_every_gradient() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf-grad");
+    let o = moe(&["verify", dir, "--format", "json"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    let cases = v.as_array().expect("array of cases");
+    assert_eq!(cases.len(), 9);
+    for c in cases {
+        assert_eq!(c["passed"], true, "{c}");
+        let names: Vec<&str> = c["quantities"]
+            .as_array()
+            .expect("quantities")
+            .iter()
+            .filter_map(|q| q["name"].as_str())
+            .collect();
+        assert!(names.contains(&"grad.input"), "{c}");
+        let skipped = c["skipped"].to_string();
+        assert!(
+            !skipped.contains("grad"),
+            "a gradient was skipped: {skipped}"
+        );
+    }
+    let switch = cases
+        .iter()
+        .find(|c| c["name"] == "switch_transformers")
+        .expect("switch case");
+    let names = switch["quantities"].to_string();
+    assert!(
+        names.contains("grad_z.input") && names.contains("grad_lb.input"),
+        "{names}"
+    );
+}
+
 #[test]
 fn verify_fails_with_exit_1_on_a_broken_case() {
     let dir = std::env::temp_dir().join(format!("moe-cli-verify-{}", std::process::id()));
