@@ -13,7 +13,9 @@
 //! hidden workspace (`rows · f` f32). The shapes make every returned tensor (output, `d_input`, `d_hidden`, every
 //! gradient, the plan) and gemm's own per-call packing buffers smaller than that bound (asserted), while each
 //! workspace the step reuses (routed `X`, `P`, `H`, `Y`, `dY`, shared `P`, `H`) is at least that large, so a
-//! workspace allocated again in the steady state fails the test.
+//! workspace allocated again in the steady state fails the test. With `backward_into` (the gradients handed back,
+//! as a training loop does) the expert gradients are not allocated again either: the step's largest allocation is
+//! then its `d_input` `[T, d]` (24,576 bytes here) where a fresh backward allocates 2 MB.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -236,4 +238,77 @@ fn steady_state_training_step_allocates_only_its_results() {
         check_training(1000, 32, 1024, 512, 2, 2, kernels);
         check_training(600, 64, 2048, 1024, 1, 1, kernels);
     }
+}
+
+/// With `backward_into` (the gradients handed back each step, as a training loop does), a steady training step does
+/// not allocate the expert gradients again: its largest allocation stays below the smallest expert weight gradient,
+/// which the same step with `backward` (fresh gradients) does allocate (asserted, so the check can fail).
+#[test]
+fn steady_state_backward_into_reuses_the_gradients() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let (t, d, f, e, k) = (96, 64, 1024, 4, 2);
+    let kept = (0..t)
+        .flat_map(|tok| {
+            (0..k).map(move |r| Assignment {
+                token: tok as u32,
+                expert: ((tok + r) % e) as u32,
+                weight: 0.5,
+                rank: r as u16,
+            })
+        })
+        .collect();
+    let router = FixedPlan {
+        n_experts: e,
+        d_model: d,
+        kept,
+    };
+    let bank = random_swiglu_bank(e, d, f, 0).unwrap_or_else(|err| panic!("{err}"));
+    let layer = MoeLayer::new(Box::new(router), bank).unwrap_or_else(|err| panic!("{err}"));
+    let mut resident = CpuBackend::with_threads(2)
+        .upload(Arc::new(layer))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let w = WorkloadConfig {
+        tokens: t,
+        d_model: d,
+        ..Default::default()
+    }
+    .generate()
+    .unwrap_or_else(|err| panic!("{err}"));
+    let input = RouterInput::new(w.hidden.view());
+    let d_output = ndarray::Array2::<f32>::ones((t, d));
+    let mut grads = moe_core::LayerGrads::empty();
+    let mut step = |reuse: bool, grads: &mut moe_core::LayerGrads| {
+        LARGEST.store(0, Ordering::SeqCst);
+        ON.store(true, Ordering::SeqCst);
+        let r = resident.forward_train(&input).and_then(|_| {
+            if reuse {
+                resident.backward_into(d_output.view(), &[], grads)
+            } else {
+                resident.backward(d_output.view(), &[]).map(|g| *grads = g)
+            }
+        });
+        ON.store(false, Ordering::SeqCst);
+        r.unwrap_or_else(|err| panic!("{err}"));
+        LARGEST.load(Ordering::SeqCst)
+    };
+    for _ in 0..3 {
+        step(true, &mut grads);
+    }
+    let reused = step(true, &mut grads);
+    // The smallest expert weight gradient: down [E, d, f].
+    let expert_grad = e * d * f * 4;
+    let mut fresh_grads = moe_core::LayerGrads::empty();
+    let fresh = step(false, &mut fresh_grads);
+    println!(
+        "training step: largest allocation {reused} bytes with backward_into, {fresh} with backward (expert gradient {expert_grad})"
+    );
+    assert!(
+        fresh >= expert_grad,
+        "the fresh backward must allocate the gradients ({fresh} bytes)"
+    );
+    assert!(
+        reused < expert_grad,
+        "backward_into allocated {reused} bytes at once: an expert gradient was allocated again"
+    );
+    assert_eq!(grads, fresh_grads);
 }

@@ -98,28 +98,33 @@ impl BankGrads {
         recycle: &mut Vec<Grad>,
         prefix: &str,
     ) -> Result<Self, MoeError> {
-        // Fresh zeros of a large tensor cost nothing until written (the allocator maps zero pages lazily), so the
-        // ones a recycled tensor replaces are never touched.
-        let mut g = BankGrads::zeros(bank, &[])?;
-        if let BankGrads::Dense {
+        let (kind, w1, b1, w2, b2) = match bank {
+            ExpertBank::SwiGlu(b) => ("swiglu", b.gate_up().dim(), None, b.down().dim(), None),
+            ExpertBank::GptOss(b) => (
+                "gpt_oss",
+                b.gate_up().dim(),
+                Some(b.gate_up_bias().dim()),
+                b.down().dim(),
+                Some(b.down_bias().dim()),
+            ),
+            ExpertBank::Mlp(b) => (
+                "mlp",
+                b.w1().dim(),
+                b.b1().map(|a| a.dim()),
+                b.w2().dim(),
+                b.b2().map(|a| a.dim()),
+            ),
+            _ => return BankGrads::zeros(bank, &[]),
+        };
+        let names = Self::names(kind);
+        let name = |i: usize| format!("{prefix}{}", names[i]);
+        Ok(BankGrads::Dense {
             kind,
-            w1,
-            b1,
-            w2,
-            b2,
-        } = &mut g
-        {
-            let names = Self::names(kind);
-            take3(recycle, &format!("{prefix}{}", names[0]), w1);
-            take3(recycle, &format!("{prefix}{}", names[2]), w2);
-            if let Some(b) = b1 {
-                take2(recycle, &format!("{prefix}{}", names[1]), b);
-            }
-            if let Some(b) = b2 {
-                take2(recycle, &format!("{prefix}{}", names[3]), b);
-            }
-        }
-        Ok(g)
+            w1: take3(recycle, &name(0), w1),
+            b1: b1.map(|sh| take2(recycle, &name(1), sh)),
+            w2: take3(recycle, &name(2), w2),
+            b2: b2.map(|sh| take2(recycle, &name(3), sh)),
+        })
     }
 
     /// The names of a dense bank's tensors: first projection, its bias, second projection, its bias.
@@ -169,22 +174,18 @@ impl BankGrads {
     }
 }
 
-/// Moves the dense gradient `name` of `recycle` into `out` when its shape is `out`'s.
-fn take3(recycle: &mut Vec<Grad>, name: &str, out: &mut Array3<f32>) {
-    if let Some(a) = take(recycle, name, out.shape())
-        && let Ok(a) = a.into_dimensionality::<ndarray::Ix3>()
-    {
-        *out = a;
-    }
+/// The dense gradient `name` of shape `shape` taken from `recycle`, or zeros of that shape.
+fn take3(recycle: &mut Vec<Grad>, name: &str, shape: (usize, usize, usize)) -> Array3<f32> {
+    take(recycle, name, &[shape.0, shape.1, shape.2])
+        .and_then(|a| a.into_dimensionality::<ndarray::Ix3>().ok())
+        .unwrap_or_else(|| Array3::zeros(shape))
 }
 
 /// As [`take3`] for a 2-D gradient.
-fn take2(recycle: &mut Vec<Grad>, name: &str, out: &mut Array2<f32>) {
-    if let Some(a) = take(recycle, name, out.shape())
-        && let Ok(a) = a.into_dimensionality::<ndarray::Ix2>()
-    {
-        *out = a;
-    }
+fn take2(recycle: &mut Vec<Grad>, name: &str, shape: (usize, usize)) -> Array2<f32> {
+    take(recycle, name, &[shape.0, shape.1])
+        .and_then(|a| a.into_dimensionality::<ndarray::Ix2>().ok())
+        .unwrap_or_else(|| Array2::zeros(shape))
 }
 
 /// Removes and returns the dense, standard-layout gradient `name` of shape `shape` from `recycle`.
