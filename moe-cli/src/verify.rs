@@ -63,6 +63,9 @@ pub(crate) fn run(a: &VerifyArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Cases with more quantities than this list only the failing ones in the table (all are in `--format json`).
+const MAX_LISTED: usize = 12;
+
 fn print_table(reports: &[CaseReport], format: Format) {
     let mut t = Table::new(&[
         "case",
@@ -76,18 +79,43 @@ fn print_table(reports: &[CaseReport], format: Format) {
         let quantities = match &r.error {
             Some(e) if r.quantities.is_empty() => format!("error: {e}"),
             _ => {
-                r.quantities
+                // Many quantities (a gradient fixture compares dozens): a count and the failing ones; the JSON
+                // output has them all.
+                let shown: Vec<&moe_verify::Quantity> = if r.quantities.len() > MAX_LISTED {
+                    r.quantities.iter().filter(|q| !q.passed).collect()
+                } else {
+                    r.quantities.iter().collect()
+                };
+                let mut text = shown
                     .iter()
                     .map(|q| match q.measure {
                         Measure::RelErr => format!("{}={:.1e}", q.name, q.value),
                         Measure::Mismatches => format!("{}={} mismatches", q.name, q.value),
                     })
                     .collect::<Vec<_>>()
-                    .join(" ")
-                    + &r.error
-                        .as_ref()
-                        .map(|e| format!(" ({e})"))
-                        .unwrap_or_default()
+                    .join(" ");
+                if r.quantities.len() > MAX_LISTED {
+                    let grads = r
+                        .quantities
+                        .iter()
+                        .filter(|q| q.name.starts_with("grad"))
+                        .count();
+                    let summary = format!(
+                        "{} quantities ({grads} gradients), {} within tolerance",
+                        r.quantities.len(),
+                        r.quantities.iter().filter(|q| q.passed).count()
+                    );
+                    text = if text.is_empty() {
+                        summary
+                    } else {
+                        format!("{summary}; {text}")
+                    };
+                }
+                text + &r
+                    .error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
             }
         };
         t.push(vec![
