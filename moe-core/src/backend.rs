@@ -165,6 +165,27 @@ pub trait DeviceLayer: Send {
         Err(unsupported(self.layer(), "training (parameter updates)"))
     }
 
+    /// The once-per-step update of the resident router's state learned without gradient
+    /// ([`Router::update_state`]: a correction bias, running statistics) from the step's input and plan; returns
+    /// whether the router has such state. The default updates a copy of the router and puts it back with
+    /// [`DeviceLayer::set_router`] (the experts stay resident).
+    ///
+    /// # Errors
+    /// As [`Router::update_state`] and [`DeviceLayer::set_router`].
+    fn update_state(
+        &mut self,
+        input: &RouterInput<'_>,
+        routing: &Routing,
+        bias_rate: f32,
+    ) -> Result<bool, MoeError> {
+        let mut router = self.layer().router_box();
+        if !router.update_state(input, routing, bias_rate)? {
+            return Ok(false);
+        }
+        self.set_router(router)?;
+        Ok(true)
+    }
+
     /// Times `repeats` forwards of `input` by the device's own clock, in milliseconds each, with the input copied
     /// to the device once beforehand and the output left there (CUDA events on a GPU). `Ok(None)`, the default,
     /// means the backend has no device clock: time [`DeviceLayer::forward`] on the host instead.

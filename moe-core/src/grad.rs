@@ -13,7 +13,8 @@
 //! - [`LayerGrads`]: what [`DeviceLayer::backward`](crate::backend::DeviceLayer::backward) returns: `dL/dx` `[T, d]`
 //!   and a gradient for every trainable parameter of the layer.
 //! - [`apply_update`]: the optimizer-facing walk that pairs every gradient with the mutable view of its parameter
-//!   (shapes checked, frozen state refused), on which `moe train`'s AdamW and [`sgd`] are written.
+//!   (shapes checked, frozen state refused): any optimizer is a closure on it ([`sgd`] is one; AdamW is a closure
+//!   that keeps its moments by parameter name).
 
 use ndarray::{Array2, ArrayD, ArrayViewD, ArrayViewMutD, Axis, IxDyn};
 
@@ -158,7 +159,9 @@ pub struct RouterBackward<'a, 'x> {
     pub input: &'a RouterInput<'x>,
     /// The plan the router returned for `input`.
     pub routing: &'a Routing,
-    /// `dL/dw_s` for every slot `s` of `routing` (slot order: [`Routing::slot_weights`]).
+    /// `dL/dw_s` for every slot `s` of `routing`, in the plan's slot order: expert-major (the slots of expert
+    /// `active_experts()[g]` are `offsets()[g]..offsets()[g + 1]`, ascending token within an expert), as
+    /// [`Routing::slot_tokens`], [`Routing::slot_experts`] and [`Routing::slot_weights`] list them.
     pub d_weights: &'a [f32],
     /// `dL/d(aux_i)` for every auxiliary loss of `routing`, in the order of [`Routing::aux_losses`]: the
     /// coefficient each loss enters the training loss with ([`Routing::aux_coefficients`] for the routers' own;

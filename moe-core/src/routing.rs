@@ -195,6 +195,17 @@ impl Routing {
         &self.offsets
     }
 
+    /// Expert of each slot (slots are expert-major: the slots of `active_experts()[g]` are
+    /// `offsets()[g]..offsets()[g + 1]`), for a backward that needs each slot's expert.
+    pub fn slot_experts(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.slot_token.len());
+        for (g, &e) in self.active.iter().enumerate() {
+            let n = self.offsets[g + 1] - self.offsets[g];
+            out.extend(std::iter::repeat_n(e, n));
+        }
+        out
+    }
+
     /// Token of each slot.
     pub fn slot_tokens(&self) -> &[u32] {
         &self.slot_token

@@ -207,7 +207,7 @@ fn backward_is_bit_identical_on_one_and_two_threads_with_a_real_router() {
 }
 
 /// The README's training snippet: forward_train, backward with the routers' own coefficients, an SGD step, and the
-/// correction bias's once-per-step update on the resident layer through `set_router`.
+/// correction bias's once-per-step update on the resident layer (`DeviceLayer::update_state`).
 #[test]
 fn readme_training_step() {
     use moe_core::grad;

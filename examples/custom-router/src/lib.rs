@@ -101,21 +101,21 @@ impl Router for GreedyBalanced {
             ));
         }
         let logits = kit::gate_logits(input.hidden, self.gate.view(), None)?;
-        let mut expert = vec![0; plan.n_slots()];
-        for g in plan.groups() {
-            expert[g.slot_start..g.slot_start + g.tokens.len()].fill(g.expert);
-        }
+        let expert = plan.slot_experts();
         let (offsets, slots) = plan.token_slots();
         let mut d_logits = Array2::zeros(logits.dim());
         for (t, span) in offsets.windows(2).enumerate() {
             let slots = &slots[span[0]..span[1]];
-            let mut w: Vec<f32> = slots.iter().map(|&s| logits[[t, expert[s]]]).collect();
+            let mut w: Vec<f32> = slots
+                .iter()
+                .map(|&s| logits[[t, expert[s] as usize]])
+                .collect();
             kit::softmax_in_place(&mut w);
             let dw: Vec<f32> = slots.iter().map(|&s| grad.d_weights[s]).collect();
             let mut dl = vec![0.0; w.len()];
             kit::softmax_backward(&w, &dw, &mut dl);
             for (&s, g) in slots.iter().zip(dl) {
-                d_logits[[t, expert[s]]] += g;
+                d_logits[[t, expert[s] as usize]] += g;
             }
         }
         let g = kit::gate_backward(input.hidden, self.gate.view(), d_logits.view())?;
