@@ -102,8 +102,11 @@ pub(crate) struct BenchArgs {
     /// weight-streaming rows against (backends with a bandwidth probe: cpu).
     #[arg(long)]
     bandwidth: bool,
-    /// Also time the training step: `forward_train` + `backward` (with the routers' own aux-loss coefficients),
-    /// and the backward alone, reported beside the forward with the ratio backward / forward (cpu backend).
+    /// Also time the training step: `forward_train` + `backward_into` (the input's mode, `d_output` = ones, the
+    /// routers' own aux-loss coefficients, gradients reused from step to step as a training loop does), and the
+    /// backward alone, reported beside the forward with the ratio backward / forward (cpu backend). The backward
+    /// does twice the forward's products, so about 2 is the floor; this project's target is at most 2.2 at
+    /// T >= 512.
     #[arg(long)]
     backward: bool,
     /// Output format.

@@ -18,7 +18,7 @@
 //!   (serde config, defaults, the docs `moe list` prints) and [`RouterConfig::is_causal`] its causality.
 //! - [`kit`]: the router kit, what a plugin needs to be as good as a built-in (seeded gate init, the linear gate,
 //!   top-k with the documented tie order, softmax / sigmoid / sqrt-softplus, input checks,
-//!   [`KEEP_LOGITS_MAX_EXPERTS`]); every built-in router uses it.
+//!   [`KEEP_LOGITS_MAX_EXPERTS`]) and the backward of each piece (so a router trains); every built-in router uses it.
 //! - [`MoeError`]: one error type whose messages name the tensor and the expected and found shapes.
 //!
 //! Shapes use one alphabet: `T` tokens, `d` hidden, `E` experts, `k` per token, `f` expert FFN width. Formulas

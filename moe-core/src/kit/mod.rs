@@ -4,7 +4,8 @@
 //! [`argmax_ranked`], [`top_k`]), the score functions ([`softmax_in_place`], [`sigmoid`], [`softplus`],
 //! [`sqrt_softplus`]), input and parameter checks ([`check_input`], [`check_gate`], [`check_dense_experts`]) and the
 //! limits every router shares ([`MAX_DENSE_EXPERTS`], [`KEEP_LOGITS_MAX_EXPERTS`]); and the backward of each piece
-//! ([`gate_backward`], [`score_backward`], [`renormalize_backward`], [`load_balance_backward`],
+//! ([`gate_backward`], [`softmax_backward`], [`sigmoid_backward`], [`sqrt_softplus_backward`], [`score_backward`],
+//! [`renormalize_backward`], [`load_balance_backward`],
 //! [`z_loss_backward`], [`cv_squared_backward`]) for a router's [`Router::backward`](crate::router::Router::backward).
 //!
 //! Shapes: `T` tokens, `d` hidden, `E` experts, `k` per token. The formulas are those of docs/ROUTERS.md, cited per
