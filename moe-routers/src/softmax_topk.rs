@@ -69,7 +69,9 @@ moe_core::router_options! {
         correction_bias: bool = false,
         /// Normalisation of the reported load-balancing loss.
         lb_norm: LbNorm = LbNorm::HfTopK,
-        /// Coefficient reported with the load-balancing loss.
+        /// Coefficient reported with the load-balancing loss (what `Routing::aux_coefficients` trains with). The
+        /// presets take transformers' `router_aux_loss_coef` defaults: mixtral, qwen2_moe, granite 0.001, olmoe
+        /// 0.01, deepseek_v3 0 (its block has no aux loss: the correction bias balances it).
         aux_coefficient: f32 = 1e-2,
     }
 }
@@ -101,18 +103,25 @@ impl TopKPreset {
                 score: Some(ScoreFn::Softmax),
                 order: Some(TopKOrder::ScoreThenTopK),
                 renormalize: Some(true),
+                aux_coefficient: Some(1e-3),
                 ..base
             },
             TopKPreset::Qwen2Moe | TopKPreset::Olmoe => SoftmaxTopKConfig {
                 score: Some(ScoreFn::Softmax),
                 order: Some(TopKOrder::ScoreThenTopK),
                 renormalize: Some(false),
+                aux_coefficient: Some(if self == TopKPreset::Olmoe {
+                    1e-2
+                } else {
+                    1e-3
+                }),
                 ..base
             },
             TopKPreset::Granite => SoftmaxTopKConfig {
                 score: Some(ScoreFn::Softmax),
                 order: Some(TopKOrder::TopKThenSoftmax),
                 renormalize: Some(true),
+                aux_coefficient: Some(1e-3),
                 ..base
             },
             TopKPreset::DeepseekV3 => SoftmaxTopKConfig {
@@ -123,6 +132,7 @@ impl TopKPreset {
                 n_group: Some(8),
                 topk_group: Some(4),
                 correction_bias: Some(true),
+                aux_coefficient: Some(0.0),
                 ..base
             },
         }
@@ -285,6 +295,23 @@ impl SoftmaxTopK {
     pub fn with_gate_bias(mut self, bias: Array1<f32>) -> Result<Self, MoeError> {
         self.spec.gate_bias = Some(bias);
         self.revalidated()
+    }
+
+    /// Sets the coefficient reported with the load-balancing loss (JetMoE's `aux_loss_coef` is 0.01 where the
+    /// Granite preset it routes with has 0.001).
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] for a negative or non-finite coefficient.
+    pub fn with_aux_coefficient(mut self, coefficient: f32) -> Result<Self, MoeError> {
+        if !(coefficient.is_finite() && coefficient >= 0.0) {
+            return Err(MoeError::config(
+                "aux_coefficient",
+                coefficient,
+                "must be finite and >= 0",
+            ));
+        }
+        self.aux_coefficient = coefficient;
+        Ok(self)
     }
 
     /// Sets the selection-only correction bias `[E]` (DeepSeek-V3 `e_score_correction_bias`).

@@ -123,3 +123,33 @@ fn library_api_on_mixtral() {
         grads
     );
 }
+
+/// The presets report their load-balancing loss with transformers' default coefficient (`router_aux_loss_coef`,
+/// JetMoE's `aux_loss_coef`; DeepSeek-V3's block has none: 0), which `Routing::aux_coefficients` trains with.
+#[test]
+fn presets_report_transformers_aux_coefficients() {
+    let m = manifest();
+    for (name, want) in [
+        ("mixtral", 1e-3f32),
+        ("qwen2_moe", 1e-3),
+        ("olmoe", 1e-2),
+        ("granitemoe", 1e-3),
+        ("jetmoe", 1e-2),
+        ("gpt_oss", 1e-3),
+        ("deepseek_v3", 0.0),
+    ] {
+        let case = m.cases.iter().find(|c| c.name == name).expect("case");
+        let fx = FixtureCase::load(&fixtures(), case).expect("case loads");
+        let plan = fx
+            .layer
+            .route(&RouterInput::new(fx.input.view()))
+            .expect("routes");
+        let lb: Vec<f32> = plan
+            .aux_losses()
+            .iter()
+            .filter(|a| matches!(a.kind, moe_core::AuxLossKind::LoadBalance(_)))
+            .map(|a| a.coefficient)
+            .collect();
+        assert_eq!(lb, vec![want], "{name}");
+    }
+}

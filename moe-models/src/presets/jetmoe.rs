@@ -59,7 +59,11 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     let gate = l.gate(GATE, cfg.n_experts)?;
     let d = gate.ncols();
     let bank = l.fused_swiglu(GATE_UP, DOWN, cfg.n_experts, d)?;
-    let router = l.topk_router(TopKPreset::Granite, gate, cfg.top_k, None)?;
+    // JetMoeConfig's `aux_loss_coef` default is 0.01 (Granite's `router_aux_loss_coef` is 0.001).
+    let router = l
+        .topk_router(TopKPreset::Granite, gate, cfg.top_k, None)?
+        .with_aux_coefficient(1e-2)
+        .map_err(l.err())?;
     let mut layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
     // `JetMoeMoE.bias` is a parameter of every block.
     let bias = l.vec("output_bias", BIAS, Some(d))?;
