@@ -129,12 +129,3 @@ pub(crate) fn row_meta(routing: &Routing, bm: usize) -> Result<Vec<u32>, MoeErro
     }
     Ok(meta)
 }
-
-/// The error of a training call on a device backend (`backend` is `wgpu` or `cuda`): training runs on the CPU
-/// backend only, for now.
-pub(crate) fn training_unsupported(backend: &str, what: &str) -> MoeError {
-    MoeError::Unsupported {
-        owner: format!("backend {backend}"),
-        feature: format!("training ({what}; use the cpu backend)"),
-    }
-}

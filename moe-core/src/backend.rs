@@ -78,6 +78,12 @@ pub trait DeviceLayer: Send {
     /// The layer this was uploaded from.
     fn layer(&self) -> &MoeLayer;
 
+    /// The name of the backend the layer is resident on (`cpu`, `wgpu`, `cuda`), for messages; the default says
+    /// only that it is a backend.
+    fn backend(&self) -> &str {
+        "this backend"
+    }
+
     /// Runs the layer on `input` (`[T, d]`), returning `[T, d]` and the plan.
     ///
     /// # Errors
@@ -102,10 +108,7 @@ pub trait DeviceLayer: Send {
     /// As [`DeviceLayer::forward`]; [`MoeError::Unsupported`] on a backend without training.
     fn forward_train(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         let _ = input;
-        Err(unsupported(
-            self.layer(),
-            "training (forward_train and backward)",
-        ))
+        Err(unsupported(self.backend(), "forward_train and backward"))
     }
 
     /// The backward of the last [`DeviceLayer::forward_train`]: for the loss
@@ -126,10 +129,7 @@ pub trait DeviceLayer: Send {
         d_aux: &[f32],
     ) -> Result<LayerGrads, MoeError> {
         let _ = (d_output, d_aux);
-        Err(unsupported(
-            self.layer(),
-            "training (forward_train and backward)",
-        ))
+        Err(unsupported(self.backend(), "forward_train and backward"))
     }
 
     /// [`DeviceLayer::backward`] writing into `grads`, whose tensors (a previous step's result, after the optimizer
@@ -162,7 +162,7 @@ pub trait DeviceLayer: Send {
         update: &mut dyn FnMut(&mut ParamMut<'_>, &Grad) -> Result<(), MoeError>,
     ) -> Result<(), MoeError> {
         let _ = (grads, update);
-        Err(unsupported(self.layer(), "training (parameter updates)"))
+        Err(unsupported(self.backend(), "parameter updates"))
     }
 
     /// The once-per-step update of the resident router's state learned without gradient
@@ -202,11 +202,77 @@ pub trait DeviceLayer: Send {
     }
 }
 
-/// The error of a training call on a backend that has none (backends override the training calls with an error
-/// naming themselves; this default cannot know the name).
-fn unsupported(layer: &MoeLayer, feature: &str) -> MoeError {
+/// The error of a training call on a backend that has none: `backend wgpu does not support training
+/// (forward_train and backward; the cpu backend trains) yet`.
+fn unsupported(backend: &str, what: &str) -> MoeError {
     MoeError::Unsupported {
-        owner: format!("this backend (layer of {} experts)", layer.experts().kind()),
-        feature: feature.into(),
+        owner: format!("backend {backend}"),
+        feature: format!("training ({what}; the cpu backend trains)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FixedPlan;
+    use crate::workload::random_swiglu_bank;
+
+    /// A resident layer that only forwards: the training defaults name its backend.
+    struct ForwardOnly(MoeLayer);
+
+    impl DeviceLayer for ForwardOnly {
+        fn layer(&self) -> &MoeLayer {
+            &self.0
+        }
+        fn backend(&self) -> &str {
+            "mock"
+        }
+        fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+            let routing = self.0.route(input)?;
+            Ok(LayerOutput {
+                output: Array2::zeros(input.hidden.dim()),
+                routing,
+                router_path: RouterPath::Host,
+            })
+        }
+        fn set_router(&mut self, router: Box<dyn Router>) -> Result<(), MoeError> {
+            self.0.set_router(router)
+        }
+    }
+
+    #[test]
+    fn training_defaults_name_the_backend_and_update_state_goes_through_set_router() {
+        let bank = random_swiglu_bank(2, 4, 3, 0).unwrap_or_else(|e| panic!("{e}"));
+        let router = FixedPlan {
+            n_experts: 2,
+            d_model: 4,
+            kept: Vec::new(),
+        };
+        let mut dev =
+            ForwardOnly(MoeLayer::new(Box::new(router), bank).unwrap_or_else(|e| panic!("{e}")));
+        let x = Array2::<f32>::zeros((3, 4));
+        let input = RouterInput::new(x.view());
+        let want = |e: MoeError| match e {
+            MoeError::Unsupported { owner, .. } => assert_eq!(owner, "backend mock"),
+            other => panic!("{other:?}"),
+        };
+        want(
+            dev.forward_train(&input)
+                .err()
+                .unwrap_or_else(|| panic!("trained")),
+        );
+        want(
+            dev.backward(x.view(), &[])
+                .err()
+                .unwrap_or_else(|| panic!("trained")),
+        );
+        want(
+            dev.apply_update(&[], &mut |_, _| Ok(()))
+                .err()
+                .unwrap_or_else(|| panic!("updated")),
+        );
+        let out = dev.forward(&input).unwrap_or_else(|e| panic!("{e}"));
+        // FixedPlan has no state learned without gradient.
+        assert_eq!(dev.update_state(&input, &out.routing, 0.1), Ok(false));
     }
 }

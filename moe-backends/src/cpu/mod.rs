@@ -209,6 +209,10 @@ impl DeviceLayer for CpuLayer {
         &self.layer
     }
 
+    fn backend(&self) -> &str {
+        "cpu"
+    }
+
     fn set_router(&mut self, router: Box<dyn Router>) -> Result<(), MoeError> {
         // The layer's banks sit behind their own `Arc`s, so a shared layer is copied without its weights.
         Arc::make_mut(&mut self.layer).set_router(router)

@@ -20,7 +20,7 @@ use super::grouped::bank_products;
 use super::route::{Choices, Route, route_native};
 use super::sort::{all_rows, host_plan, sort_native};
 use super::upload::DeviceBank;
-use crate::native::{check_or_route, native_routing, training_unsupported};
+use crate::native::{check_or_route, native_routing};
 
 /// A layer resident on the wgpu backend.
 #[derive(Debug)]
@@ -215,31 +215,14 @@ impl DeviceLayer for WgpuLayer {
         &self.layer
     }
 
+    /// Training is not on this backend yet: the core's defaults of `forward_train`, `backward` and
+    /// `apply_update` return `MoeError::Unsupported` naming it.
+    fn backend(&self) -> &str {
+        "wgpu"
+    }
+
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         self.forward_impl(input)
-    }
-
-    fn forward_train(&mut self, _input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
-        Err(training_unsupported("wgpu", "forward_train and backward"))
-    }
-
-    fn backward(
-        &mut self,
-        _d_output: ndarray::ArrayView2<'_, f32>,
-        _d_aux: &[f32],
-    ) -> Result<moe_core::LayerGrads, MoeError> {
-        Err(training_unsupported("wgpu", "forward_train and backward"))
-    }
-
-    fn apply_update(
-        &mut self,
-        _grads: &[moe_core::Grad],
-        _update: &mut dyn FnMut(
-            &mut moe_core::ParamMut<'_>,
-            &moe_core::Grad,
-        ) -> Result<(), MoeError>,
-    ) -> Result<(), MoeError> {
-        Err(training_unsupported("wgpu", "parameter updates"))
     }
 
     /// Checks that `router` fits the layer, uploads its device state (gate, biases, spec) and keeps the experts.
