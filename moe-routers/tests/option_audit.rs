@@ -88,8 +88,10 @@ fn softmax_topk_options_take_effect_or_are_refused() {
 
 #[test]
 fn each_softmax_topk_preset_takes_effect() {
-    // Alone, each preset routes differently from every other, except qwen2_moe and olmoe, two names of the same
-    // routing (softmax, top-k, no renormalisation); and the other options, set explicitly, override a preset.
+    // Alone, each preset is observed differently from every other. qwen2_moe and olmoe route alike (softmax,
+    // top-k, no renormalisation: the same choices and weights) and differ only in the coefficient of their
+    // load-balancing loss (transformers' defaults: 0.001 and 0.01); the other options, set explicitly, override a
+    // preset.
     let reg = moe_routers::builtin();
     let presets = ["mixtral", "qwen2_moe", "olmoe", "granite", "deepseek_v3"];
     let seen: Vec<String> = presets
@@ -101,16 +103,24 @@ fn each_softmax_topk_preset_takes_effect() {
         .collect();
     for i in 0..presets.len() {
         for j in i + 1..presets.len() {
-            let alias = (presets[i], presets[j]) == ("qwen2_moe", "olmoe");
-            assert_eq!(
-                seen[i] == seen[j],
-                alias,
-                "{} vs {}",
-                presets[i],
-                presets[j]
-            );
+            assert_ne!(seen[i], seen[j], "{} vs {}", presets[i], presets[j]);
         }
     }
+    let plan = |p: &str| {
+        let a = RouterArgs::new(12, 16, 2, 0).with_option("preset", p);
+        let x = SeqRng::new(5, 1).normal_matrix(24, 12, 3.0);
+        reg.create("softmax-topk", &a)
+            .expect("preset")
+            .route(&RouterInput::new(x.view()))
+            .expect("route")
+    };
+    let (qwen, olmoe) = (plan("qwen2_moe"), plan("olmoe"));
+    assert_eq!(qwen.per_token(), olmoe.per_token());
+    let coefficients = |r: &moe_core::Routing| r.aux_coefficients();
+    assert_eq!(
+        (coefficients(&qwen), coefficients(&olmoe)),
+        (vec![1e-3], vec![1e-2])
+    );
 }
 
 #[test]
