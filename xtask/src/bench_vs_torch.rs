@@ -117,13 +117,19 @@ impl Torch {
     }
 }
 
+/// The median of the finite values (the mean of the middle two for an even count), `None` when there are none.
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return None;
     }
     v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 /// Runs the comparison and prints the table.
@@ -384,4 +390,17 @@ fn train_table(m: &Measured) -> Vec<Value> {
             "rounds": {"ours": m.ours_train[ri], "eager": m.eager_train[ri], "grouped_mm": m.grouped_train[ri]}}));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![636.8, 348.0]), Some(492.4));
+        assert_eq!(median(vec![f64::NAN, 1.0]), Some(1.0));
+        assert_eq!(median(vec![]), None);
+    }
 }
