@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use moe_core::{LayerGrads, LayerOutput, MoeError, MoeLayer, RouterInput};
 
+use super::activation::Act;
 use super::backward_ref::BankGrads;
 use super::grouped::supports;
 use super::grouped_train::{BankBufs, GradIndex, Rows, backward_bank, train_bank};
@@ -151,11 +152,7 @@ pub(crate) fn backward(
         });
     let mut expert_grads = BankGrads::reuse(layer.experts(), recycle, "experts.")?;
     let f = layer.experts().ffn();
-    let pw = if matches!(layer.experts(), moe_core::ExpertBank::Mlp(_)) {
-        f
-    } else {
-        2 * f
-    };
+    let pw = Act::of(layer.experts()).map_or(2 * f, |a| a.width(f));
     backward_bank(
         layer.experts(),
         routing.active_experts(),
@@ -218,11 +215,7 @@ fn shared_backward(
     let d_gate = shared_gate_backward(shared, x, sy, d_output, s.dy.get_mut(t * d), d_input);
     let mut grads = BankGrads::reuse(shared.bank(), recycle, "shared.")?;
     let f = shared.bank().ffn();
-    let pw = if matches!(shared.bank(), moe_core::ExpertBank::Mlp(_)) {
-        f
-    } else {
-        2 * f
-    };
+    let pw = Act::of(shared.bank()).map_or(2 * f, |a| a.width(f));
     backward_bank(
         shared.bank(),
         &[0],
