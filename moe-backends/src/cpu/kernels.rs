@@ -401,6 +401,23 @@ where
     })
 }
 
+/// The elements a view addresses as one slice starting at its first element (views with non-negative strides
+/// over one allocation: standard, transposed, sliced).
+pub(crate) fn view_slice<'a>(v: &ndarray::ArrayView2<'a, f32>) -> Option<&'a [f32]> {
+    let (r, c) = v.dim();
+    if r == 0 || c == 0 {
+        return Some(&[]);
+    }
+    let (rs, cs) = (v.strides()[0], v.strides()[1]);
+    if rs < 0 || cs < 0 {
+        return None;
+    }
+    let len = (r - 1) * rs as usize + (c - 1) * cs as usize + 1;
+    // SAFETY: the view addresses elements ptr + i·rs + j·cs for i < r, j < c, all inside its allocation with
+    // non-negative strides, so [ptr, ptr + len) is inside it and lives as long as the view's data ('a).
+    Some(unsafe { std::slice::from_raw_parts(v.as_ptr(), len) })
+}
+
 /// A raw pointer that may cross threads; only [`par_tiles`] uses it, to build disjoint tiles.
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);

@@ -13,6 +13,7 @@
 mod activation;
 mod backward_ref;
 mod combine;
+pub mod dense;
 #[cfg(target_arch = "x86_64")]
 mod dot;
 mod experts;

@@ -1,0 +1,1 @@
+//! Hand-written forward and backward of the non-MoE parts (in progress).
