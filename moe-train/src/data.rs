@@ -83,7 +83,14 @@ pub struct Batch {
 }
 
 /// `B` windows of `bytes` at offsets drawn from `(seed, stream)` at indices `first · B + b`.
-fn windows(bytes: &[u8], seed: u64, stream: u64, first: u64, batch: usize, context: usize) -> Batch {
+fn windows(
+    bytes: &[u8],
+    seed: u64,
+    stream: u64,
+    first: u64,
+    batch: usize,
+    context: usize,
+) -> Batch {
     let rng = CounterRng::new(seed, stream);
     let span = (bytes.len() - context) as u64; // offsets 0..=len - C - 1
     let mut inputs = Vec::with_capacity(batch * context);
@@ -104,7 +111,14 @@ fn windows(bytes: &[u8], seed: u64, stream: u64, first: u64, batch: usize, conte
 
 /// Training batch `step` (0-based) of a run with `seed`.
 pub fn train_batch(corpus: &Corpus, seed: u64, step: usize, batch: usize, context: usize) -> Batch {
-    windows(corpus.train(), seed, BATCH_STREAM, step as u64, batch, context)
+    windows(
+        corpus.train(),
+        seed,
+        BATCH_STREAM,
+        step as u64,
+        batch,
+        context,
+    )
 }
 
 /// The fixed validation set: `n` batches.
@@ -133,7 +147,10 @@ mod tests {
         let b = train_batch(&c, 3, 5, 4, 16);
         assert_eq!(b.inputs.len(), 64);
         for s in 0..4 {
-            assert_eq!(&b.inputs[s * 16 + 1..s * 16 + 16], &b.targets[s * 16..s * 16 + 15]);
+            assert_eq!(
+                &b.inputs[s * 16 + 1..s * 16 + 16],
+                &b.targets[s * 16..s * 16 + 15]
+            );
         }
         assert_eq!(b, train_batch(&c, 3, 5, 4, 16));
         assert_ne!(b, train_batch(&c, 3, 6, 4, 16));

@@ -17,6 +17,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dense;
 pub mod error;
 pub mod model;
 pub mod ops;

@@ -66,15 +66,22 @@ pub fn matmul_nt(
         col_stride: b_rs,
         k_stride: b_cs,
     };
-    par_tiles(c_data, n, &offsets, n, COL_BLOCK, |g, col0, mut tile: Tile<'_>| {
-        let row0 = offsets[g];
-        let a_tile = Strided {
-            data: &a_data[row0 * a_rs..],
-            rs: a_rs,
-            cs: a_cs,
-        };
-        tile.matmul_strided(a_tile, k, w, col0)
-    })
+    par_tiles(
+        c_data,
+        n,
+        &offsets,
+        n,
+        COL_BLOCK,
+        |g, col0, mut tile: Tile<'_>| {
+            let row0 = offsets[g];
+            let a_tile = Strided {
+                data: &a_data[row0 * a_rs..],
+                rs: a_rs,
+                cs: a_cs,
+            };
+            tile.matmul_strided(a_tile, k, w, col0)
+        },
+    )
 }
 
 #[cfg(test)]
@@ -100,7 +107,13 @@ mod tests {
     #[test]
     fn agrees_with_a_naive_product_for_every_layout() {
         let mut rng = SeqRng::new(1, 0);
-        for (m, n, k) in [(1, 1, 1), (3, 5, 7), (70, 130, 33), (129, 257, 64), (5, 0, 3)] {
+        for (m, n, k) in [
+            (1, 1, 1),
+            (3, 5, 7),
+            (70, 130, 33),
+            (129, 257, 64),
+            (5, 0, 3),
+        ] {
             let a = rng.normal_matrix(m, k, 1.0);
             let b = rng.normal_matrix(n, k, 1.0);
             let at = a.t().to_owned(); // [k, m]
