@@ -439,7 +439,7 @@ impl Lm {
         step: usize,
     ) -> Result<StepStats, TrainError> {
         let (stats, d_aux) = self.forward(batch, Some(seed), aux, step)?;
-        self.backward(&d_aux)?;
+        self.backward(&d_aux, step)?;
         Ok(stats)
     }
 
@@ -512,9 +512,10 @@ impl Lm {
                     None => Mode::Eval,
                 });
             let out = match seed {
-                Some(_) => self.ffn[l].forward_train(&input)?,
-                None => self.ffn[l].forward(&input)?,
-            };
+                Some(_) => self.ffn[l].forward_train(&input),
+                None => self.ffn[l].forward(&input),
+            }
+            .map_err(|e| non_finite_at(e, step, l))?;
             if !ops::all_finite(out.output.view()) {
                 return Err(TrainError::NonFinite {
                     step,
@@ -564,7 +565,7 @@ impl Lm {
     }
 
     /// The backward of the last training forward (its cross-entropy gradient is in the logits buffer).
-    fn backward(&mut self, d_aux: &[Vec<f32>]) -> Result<(), TrainError> {
+    fn backward(&mut self, d_aux: &[Vec<f32>], step: usize) -> Result<(), TrainError> {
         let cfg = &self.cfg;
         let ws = &mut self.ws;
         let (p, g) = (&self.params, &mut self.grads);
@@ -594,7 +595,9 @@ impl Lm {
         for l in (0..cfg.n_layers).rev() {
             let (b, pb, gb) = (&ws.blocks[l], &p.blocks[l], &mut g.blocks[l]);
             let grads = &mut self.ffn_grads[l];
-            self.ffn[l].backward_into(ws.dx.view(), &d_aux[l], grads)?;
+            self.ffn[l]
+                .backward_into(ws.dx.view(), &d_aux[l], grads)
+                .map_err(|e| non_finite_at(e, step, l))?;
             ops::rmsnorm_backward(
                 ws.dx.view_mut(),
                 gb.ffn_norm.view_mut(),
@@ -710,6 +713,18 @@ impl Lm {
             self.ffn[l].update_state(&input, &routing, bias_rate)?;
         }
         Ok(())
+    }
+}
+
+/// A non-finite value an MoE layer refused becomes [`TrainError::NonFinite`] naming the step and the layer.
+fn non_finite_at(e: MoeError, step: usize, layer: usize) -> TrainError {
+    match e {
+        MoeError::NonFinite { .. } => TrainError::NonFinite {
+            step,
+            layer: Some(layer),
+            what: format!("value in the MoE layer ({e})"),
+        },
+        other => other.into(),
     }
 }
 

@@ -77,8 +77,9 @@ impl RunReport {
     }
 }
 
-/// Progress of a run, for a progress bar: called after every training step and every evaluation.
-pub trait Progress {
+/// Progress of a run, for a progress bar: called after every training step and every evaluation (from the
+/// thread that runs the training loop, inside its pool, hence `Send`).
+pub trait Progress: Send {
     /// Step `step` (1-based) of `total` finished with training loss `loss`.
     fn step(&mut self, step: usize, total: usize, loss: f64);
     /// An evaluation at `step` gave `val_loss`.
