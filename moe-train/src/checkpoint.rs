@@ -76,8 +76,16 @@ pub fn save(path: &Path, lm: &Lm, opt: &AdamW, meta: &Meta) -> Result<(), TrainE
         .map(|(n, a)| (n, a.shape().to_vec(), le_bytes(&a)))
         .collect();
     for (name, m) in opt.moments() {
-        owned.push((format!("adamw.m.{name}"), m.m.shape().to_vec(), le_bytes(&m.m.view())));
-        owned.push((format!("adamw.v.{name}"), m.v.shape().to_vec(), le_bytes(&m.v.view())));
+        owned.push((
+            format!("adamw.m.{name}"),
+            m.m.shape().to_vec(),
+            le_bytes(&m.m.view()),
+        ));
+        owned.push((
+            format!("adamw.v.{name}"),
+            m.v.shape().to_vec(),
+            le_bytes(&m.v.view()),
+        ));
     }
     let views = owned
         .iter()
@@ -139,8 +147,12 @@ fn header(path: &Path, st_meta: &Option<HashMap<String, String>>) -> Result<Head
         .as_ref()
         .ok_or_else(|| bad(path, "no metadata: not a moe-train checkpoint"))?;
     let get = |k: &str| {
-        m.get(k)
-            .ok_or_else(|| bad(path, format!("metadata has no `{k}`: not a moe-train checkpoint")))
+        m.get(k).ok_or_else(|| {
+            bad(
+                path,
+                format!("metadata has no `{k}`: not a moe-train checkpoint"),
+            )
+        })
     };
     let format = get("format")?;
     if format != FORMAT {
@@ -207,7 +219,10 @@ fn tensor(
         .tensor(name)
         .map_err(|_| bad(path, format!("tensor `{name}` is missing")))?;
     if t.dtype() != Dtype::F32 {
-        return Err(bad(path, format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
+        return Err(bad(
+            path,
+            format!("tensor `{name}` is {:?}, expected F32", t.dtype()),
+        ));
     }
     if t.shape() != shape {
         return Err(bad(
@@ -223,7 +238,8 @@ fn tensor(
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    ArrayD::from_shape_vec(IxDyn(shape), vals).map_err(|e| bad(path, format!("tensor `{name}`: {e}")))
+    ArrayD::from_shape_vec(IxDyn(shape), vals)
+        .map_err(|e| bad(path, format!("tensor `{name}`: {e}")))
 }
 
 /// Loads a checkpoint for a run of `model`: the model with the saved weights (its MoE layers uploaded), the
@@ -243,22 +259,15 @@ pub fn load(
     let (_, md) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e.to_string()))?;
     let h = header(path, md.metadata())?;
     if &h.meta.model != model {
-        return Err(bad(path, format!("a checkpoint of another model: {}", diff(&h.meta.model, model))));
+        return Err(bad(
+            path,
+            format!(
+                "a checkpoint of another model: {}",
+                diff(&h.meta.model, model)
+            ),
+        ));
     }
-    let load_layer = |(l, layer): (usize, &mut MoeLayer)| -> Result<(), TrainError> {
-        for p in layer.params_mut() {
-            let name = format!("blocks.{l}.ffn.{}", p.name);
-            let shape = p.value.shape().to_vec();
-            let mut value = p.value;
-            value.assign(&tensor(path, &st, &name, &shape)?);
-        }
-        Ok(())
-    };
-    let mut lm = Lm::build(registry, model, h.meta.train.seed, load_layer)?;
-    for (name, mut value) in lm.params.named_mut() {
-        let shape = value.shape().to_vec();
-        value.assign(&tensor(path, &st, &name, &shape)?);
-    }
+    let lm = weights(path, &st, registry, model, h.meta.train.seed)?;
     let mut moments = BTreeMap::new();
     for (name, value) in lm.named_params() {
         let m_name = format!("adamw.m.{name}");
@@ -277,6 +286,48 @@ pub fn load(
     let mut opt = opt;
     opt.restore(h.adamw_steps, moments);
     Ok((lm, opt, h.meta))
+}
+
+/// A model of configuration `model` with every parameter read from `st` (each tensor by its name, shapes checked).
+fn weights(
+    path: &Path,
+    st: &SafeTensors<'_>,
+    registry: &RouterRegistry,
+    model: &LmConfig,
+    seed: u64,
+) -> Result<Lm, TrainError> {
+    let load_layer = |(l, layer): (usize, &mut MoeLayer)| -> Result<(), TrainError> {
+        for p in layer.params_mut() {
+            let name = format!("blocks.{l}.ffn.{}", p.name);
+            let shape = p.value.shape().to_vec();
+            let mut value = p.value;
+            value.assign(&tensor(path, st, &name, &shape)?);
+        }
+        Ok(())
+    };
+    let mut lm = Lm::build(registry, model, seed, load_layer)?;
+    for (name, mut value) in lm.params.named_mut() {
+        let shape = value.shape().to_vec();
+        value.assign(&tensor(path, st, &name, &shape)?);
+    }
+    Ok(lm)
+}
+
+/// A model of configuration `model` with the weights of a safetensors file of parameters by name (a checkpoint,
+/// or the `init.safetensors` of a PyTorch reference directory); no metadata is needed. `seed` seeds what the file
+/// does not hold (a router's noise has no tensor).
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] for a missing tensor or one of another shape or dtype; [`TrainError::Io`].
+pub fn load_weights(
+    path: &Path,
+    registry: &RouterRegistry,
+    model: &LmConfig,
+    seed: u64,
+) -> Result<Lm, TrainError> {
+    let bytes = read_bytes(path)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, e.to_string()))?;
+    weights(path, &st, registry, model, seed)
 }
 
 /// The fields of two model configurations that differ, in words.

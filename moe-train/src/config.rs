@@ -163,7 +163,7 @@ impl LmConfig {
         check("experts", self.ffn.experts, 1, 1 << 16)?;
         check("top_k", self.ffn.top_k, 1, self.ffn.experts.max(1))?;
         check("expert_width", self.ffn.expert_width, 1, 1 << 16)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(MoeError::config(
                 "heads",
                 self.n_heads.to_string(),

@@ -22,6 +22,7 @@ pub mod error;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod reference;
 pub mod report;
 pub mod teacher;
 pub mod trainer;

@@ -104,7 +104,10 @@ impl DenseParams {
             ("pos_emb".to_string(), self.pos_emb.view().into_dyn()),
         ];
         for (l, b) in self.blocks.iter().enumerate() {
-            out.push((format!("blocks.{l}.attn_norm"), b.attn_norm.view().into_dyn()));
+            out.push((
+                format!("blocks.{l}.attn_norm"),
+                b.attn_norm.view().into_dyn(),
+            ));
             out.push((format!("blocks.{l}.attn.qkv"), b.qkv.view().into_dyn()));
             out.push((format!("blocks.{l}.attn.proj"), b.proj.view().into_dyn()));
             out.push((format!("blocks.{l}.ffn_norm"), b.ffn_norm.view().into_dyn()));
@@ -120,10 +123,19 @@ impl DenseParams {
             ("pos_emb".to_string(), self.pos_emb.view_mut().into_dyn()),
         ];
         for (l, b) in self.blocks.iter_mut().enumerate() {
-            out.push((format!("blocks.{l}.attn_norm"), b.attn_norm.view_mut().into_dyn()));
+            out.push((
+                format!("blocks.{l}.attn_norm"),
+                b.attn_norm.view_mut().into_dyn(),
+            ));
             out.push((format!("blocks.{l}.attn.qkv"), b.qkv.view_mut().into_dyn()));
-            out.push((format!("blocks.{l}.attn.proj"), b.proj.view_mut().into_dyn()));
-            out.push((format!("blocks.{l}.ffn_norm"), b.ffn_norm.view_mut().into_dyn()));
+            out.push((
+                format!("blocks.{l}.attn.proj"),
+                b.proj.view_mut().into_dyn(),
+            ));
+            out.push((
+                format!("blocks.{l}.ffn_norm"),
+                b.ffn_norm.view_mut().into_dyn(),
+            ));
         }
         out.push(("norm".to_string(), self.norm.view_mut().into_dyn()));
         out
@@ -309,7 +321,13 @@ fn make_bank(cfg: &LmConfig, seed: u64, l: usize) -> Result<ExpertBank, MoeError
         SeqRng::new(seed, stream(l, j))
             .normal_matrix(e * rows, cols, std)
             .into_shape_with_order((e, rows, cols))
-            .map_err(|err| MoeError::shape("experts", format!("[{e}, {rows}, {cols}]"), &[err.to_string().len()]))
+            .map_err(|err| {
+                MoeError::shape(
+                    "experts",
+                    format!("[{e}, {rows}, {cols}]"),
+                    &[err.to_string().len()],
+                )
+            })
     };
     Ok(match ffn.bank {
         BankKind::Mlp => ExpertBank::Mlp(MlpBank::new(
@@ -496,12 +514,30 @@ impl Lm {
             let p = &self.params.blocks[l];
             let (done, rest) = ws.blocks.split_at_mut(l + 1);
             let b = &mut done[l];
-            ops::rmsnorm(b.a.view_mut(), &mut b.inv1, b.x_in.view(), p.attn_norm.view(), cfg.norm_eps);
+            ops::rmsnorm(
+                b.a.view_mut(),
+                &mut b.inv1,
+                b.x_in.view(),
+                p.attn_norm.view(),
+                cfg.norm_eps,
+            );
             ops::linear(b.qkv.view_mut(), b.a.view(), p.qkv.view())?;
-            ops::attention(b.o.view_mut(), &mut b.probs, &mut ws.scratch, b.qkv.view(), shape)?;
+            ops::attention(
+                b.o.view_mut(),
+                &mut b.probs,
+                &mut ws.scratch,
+                b.qkv.view(),
+                shape,
+            )?;
             ops::linear(b.x_mid.view_mut(), b.o.view(), p.proj.view())?;
             ops::add_assign(b.x_mid.view_mut(), b.x_in.view());
-            ops::rmsnorm(b.f.view_mut(), &mut b.inv2, b.x_mid.view(), p.ffn_norm.view(), cfg.norm_eps);
+            ops::rmsnorm(
+                b.f.view_mut(),
+                &mut b.inv2,
+                b.x_mid.view(),
+                p.ffn_norm.view(),
+                cfg.norm_eps,
+            );
             let input = RouterInput::new(b.f.view())
                 .with_token_ids(&ws.tokens)
                 .with_seq_lens(&ws.seq_lens)
@@ -543,8 +579,18 @@ impl Lm {
                 self.routings[l] = Some(out.routing);
             }
         }
-        ops::rmsnorm(ws.h.view_mut(), &mut ws.inv_f, ws.x_out.view(), self.params.norm.view(), cfg.norm_eps);
-        ops::linear(ws.logits.view_mut(), ws.h.view(), self.params.tok_emb.view())?;
+        ops::rmsnorm(
+            ws.h.view_mut(),
+            &mut ws.inv_f,
+            ws.x_out.view(),
+            self.params.norm.view(),
+            cfg.norm_eps,
+        );
+        ops::linear(
+            ws.logits.view_mut(),
+            ws.h.view(),
+            self.params.tok_emb.view(),
+        )?;
         stats.ce = ops::cross_entropy(ws.logits.view_mut(), &batch.targets, seed.is_some())?;
         if !stats.ce.is_finite() {
             let layer = ws
@@ -637,7 +683,12 @@ impl Lm {
                 &b.inv1,
             );
         }
-        ops::embed_backward(g.tok_emb.view_mut(), g.pos_emb.view_mut(), ws.dx.view(), &ws.tokens);
+        ops::embed_backward(
+            g.tok_emb.view_mut(),
+            g.pos_emb.view_mut(),
+            ws.dx.view(),
+            &ws.tokens,
+        );
         Ok(())
     }
 
@@ -689,7 +740,12 @@ impl Lm {
     ///
     /// # Errors
     /// As [`Lm::forward_backward`].
-    pub fn train_loss(&mut self, batch: &Batch, seed: u64, aux: AuxOverride) -> Result<StepStats, TrainError> {
+    pub fn train_loss(
+        &mut self,
+        batch: &Batch,
+        seed: u64,
+        aux: AuxOverride,
+    ) -> Result<StepStats, TrainError> {
         Ok(self.forward(batch, Some(seed), aux, 0)?.0)
     }
 

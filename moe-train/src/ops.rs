@@ -273,15 +273,32 @@ fn standard<'a>(
     name: &str,
 ) -> Result<&'a [f32], MoeError> {
     if a.dim() != (rows, cols) {
-        return Err(MoeError::shape(name, format!("[{rows}, {cols}]"), a.shape()));
+        return Err(MoeError::shape(
+            name,
+            format!("[{rows}, {cols}]"),
+            a.shape(),
+        ));
     }
     a.to_slice()
         .ok_or_else(|| MoeError::shape(name, "standard (row-major) layout", a.shape()))
 }
 
-/// `Σ a_i b_i` in index order.
+/// `Σ a_i b_i` with eight partial sums (lane `i mod 8`, so the compiler keeps them in one SIMD register), added
+/// in a fixed order at the end: the same value on every thread count and machine.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// `y += alpha · x`.
@@ -329,7 +346,9 @@ pub fn embed_backward(
     let c = d_pos_emb.nrows();
     d_pos_emb.fill(0.0);
     for (t, (row, &id)) in dx.rows().into_iter().zip(tokens).enumerate() {
-        d_tok_emb.row_mut(id as usize).zip_mut_with(&row, |a, &b| *a += b);
+        d_tok_emb
+            .row_mut(id as usize)
+            .zip_mut_with(&row, |a, &b| *a += b);
         d_pos_emb.row_mut(t % c).zip_mut_with(&row, |a, &b| *a += b);
     }
 }

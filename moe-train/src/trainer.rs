@@ -160,7 +160,12 @@ fn validate(run: &LmRun<'_>, corpus: &Corpus) -> Result<(), TrainError> {
         }
     }
     if !(o.beta1 < 1.0 && o.beta2 < 1.0) {
-        return Err(moe_core::MoeError::config("beta", format!("({}, {})", o.beta1, o.beta2), "below 1").into());
+        return Err(moe_core::MoeError::config(
+            "beta",
+            format!("({}, {})", o.beta1, o.beta2),
+            "below 1",
+        )
+        .into());
     }
     let need = run.model.context + 1;
     if corpus.train().len() <= need || corpus.val().len() <= need {
@@ -203,10 +208,12 @@ pub fn train_lm(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(run.threads)
         .build()
-        .map_err(|e| TrainError::Moe(moe_core::MoeError::Backend {
-            backend: "cpu".into(),
-            reason: format!("thread pool: {e}"),
-        }))?;
+        .map_err(|e| {
+            TrainError::Moe(moe_core::MoeError::Backend {
+                backend: "cpu".into(),
+                reason: format!("thread pool: {e}"),
+            })
+        })?;
     pool.install(|| train_in_pool(run, corpus, progress))
 }
 
@@ -222,29 +229,37 @@ fn train_in_pool(
     let (mut lm, mut opt, start, mut state) = match &run.resume {
         Some(path) => {
             let (lm, opt, meta) = checkpoint::load(path, run.registry, cfg, opt)?;
-            let state: RunState = serde_json::from_value(meta.state).map_err(|e| TrainError::Checkpoint {
-                path: path.clone(),
-                reason: format!("metadata `state`: {e}"),
-            })?;
+            let state: RunState =
+                serde_json::from_value(meta.state).map_err(|e| TrainError::Checkpoint {
+                    path: path.clone(),
+                    reason: format!("metadata `state`: {e}"),
+                })?;
             (lm, opt, meta.step, state)
         }
-        None => (Lm::new(run.registry, cfg, t.seed)?, opt, 0, RunState::default()),
+        None => (
+            Lm::new(run.registry, cfg, t.seed)?,
+            opt,
+            0,
+            RunState::default(),
+        ),
     };
     let dense = matches!(cfg.ffn.kind, FfnKind::Dense);
-    let aux = AuxOverride {
-        balance: t.aux_coef,
-        z: t.z_coef,
-    };
     let val = val_batches(corpus, t.seed, t.eval_batches, t.batch, cfg.context);
     let stop = run.stop_after.unwrap_or(t.steps).min(t.steps);
     let wall_before = state.wall_s;
     for step in start..stop {
         let batch = train_batch(corpus, t.seed, step, t.batch, cfg.context);
         let t0 = Instant::now();
-        let lr = train_step(&mut lm, &mut opt, &batch, run, step, aux, &mut state)?;
+        let out = self::step(&mut lm, &mut opt, &batch, t, &label, step)?;
+        state.record(&out.stats);
+        let lr = out.lr;
         state.train_s += t0.elapsed().as_secs_f64();
         let done = step + 1;
-        progress.step(done, t.steps, state.window_loss / state.window_steps.max(1) as f64);
+        progress.step(
+            done,
+            t.steps,
+            state.window_loss / state.window_steps.max(1) as f64,
+        );
         if done % t.eval_interval == 0 || done == t.steps {
             let v = eval(&mut lm, &val)?;
             state.point(done, lr, v, dense);
@@ -261,21 +276,40 @@ fn train_in_pool(
     Ok(report(&lm, &state, label, run, stop))
 }
 
-/// One optimizer step; returns its learning rate.
-fn train_step(
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    /// The loss terms and the routers' statistics of the step's forward.
+    pub stats: StepStats,
+    /// Its learning rate.
+    pub lr: f32,
+    /// The global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// One optimizer step of the loop on `batch` (0-based `step` of `train.steps`): the training forward and
+/// backward, the global gradient norm and its clip factor, AdamW at the scheduled learning rate, the routers'
+/// state updates. `label` names the run in errors.
+///
+/// # Errors
+/// [`TrainError::NonFinite`] naming the step and the layer or tensor; [`TrainError::Untrainable`] for a router
+/// without a backward; the MoE layers' errors.
+pub fn step(
     lm: &mut Lm,
     opt: &mut AdamW,
     batch: &Batch,
-    run: &LmRun<'_>,
+    train: &TrainConfig,
+    label: &str,
     step: usize,
-    aux: AuxOverride,
-    state: &mut RunState,
-) -> Result<f32, TrainError> {
-    let t = &run.train;
-    let seed = step_seed(t.seed, step);
+) -> Result<StepOutcome, TrainError> {
+    let seed = step_seed(train.seed, step);
+    let aux = AuxOverride {
+        balance: train.aux_coef,
+        z: train.z_coef,
+    };
     let stats = lm
         .forward_backward(batch, seed, aux, step + 1)
-        .map_err(|e| untrainable(e, &run.model.ffn.label()))?;
+        .map_err(|e| untrainable(e, label))?;
     let (norm_sq, bad) = lm.grad_norm_sq();
     if let Some(name) = bad {
         return Err(TrainError::NonFinite {
@@ -287,22 +321,30 @@ fn train_step(
             what: format!("gradient of {name}"),
         });
     }
-    let scale = clip_factor(norm_sq.sqrt(), t.optim.grad_clip);
-    let lr = lr_at(&t.optim, step, t.steps);
+    let grad_norm = norm_sq.sqrt();
+    let scale = clip_factor(grad_norm, train.optim.grad_clip);
+    let lr = lr_at(&train.optim, step, train.steps);
     opt.begin_step(lr);
     lm.apply_adamw(opt, scale)?;
-    lm.update_router_state(seed, t.bias_rate)?;
-    state.record(&stats);
-    Ok(lr)
+    lm.update_router_state(seed, train.bias_rate)?;
+    Ok(StepOutcome {
+        stats,
+        lr,
+        grad_norm,
+    })
 }
 
 /// A router without a backward becomes [`TrainError::Untrainable`] naming it.
 fn untrainable(e: TrainError, label: &str) -> TrainError {
     match e {
-        TrainError::Moe(moe_core::MoeError::Unsupported { owner, feature }) => TrainError::Untrainable {
-            router: label.to_string(),
-            reason: format!("{owner} has no {feature} (write `Router::backward` to train it; see docs/ROUTERS.md)"),
-        },
+        TrainError::Moe(moe_core::MoeError::Unsupported { owner, feature }) => {
+            TrainError::Untrainable {
+                router: label.to_string(),
+                reason: format!(
+                    "{owner} has no {feature} (write `Router::backward` to train it; see docs/ROUTERS.md)"
+                ),
+            }
+        }
         other => other,
     }
 }
@@ -347,10 +389,13 @@ fn report(lm: &Lm, s: &RunState, label: String, run: &LmRun<'_>, steps: usize) -
     let (active, total) = lm.param_counts();
     let tokens_per_step = run.train.batch * run.model.context;
     let last = s.curve.last();
-    let (best_val, best_step) = s
-        .curve
-        .iter()
-        .fold((f64::INFINITY, 0), |(b, bs), p| if p.val_loss < b { (p.val_loss, p.step) } else { (b, bs) });
+    let (best_val, best_step) = s.curve.iter().fold((f64::INFINITY, 0), |(b, bs), p| {
+        if p.val_loss < b {
+            (p.val_loss, p.step)
+        } else {
+            (b, bs)
+        }
+    });
     let n = s.steps.max(1) as f64;
     RunReport {
         label,
@@ -364,7 +409,11 @@ fn report(lm: &Lm, s: &RunState, label: String, run: &LmRun<'_>, steps: usize) -
         best_val_loss: best_val,
         best_step,
         final_train_loss: last.map_or(f64::NAN, |p| p.train_loss),
-        tokens_per_s: if s.train_s > 0.0 { (s.steps * tokens_per_step) as f64 / s.train_s } else { 0.0 },
+        tokens_per_s: if s.train_s > 0.0 {
+            (s.steps * tokens_per_step) as f64 / s.train_s
+        } else {
+            0.0
+        },
         wall_s: s.wall_s,
         load_cv: s.cv_sum / n,
         dropped_pct: 100.0 * s.dropped_sum / n,

@@ -28,7 +28,9 @@ fn config(kind: FfnKind, bank: BankKind) -> LmConfig {
 }
 
 fn corpus() -> Corpus {
-    let text = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. ".repeat(20);
+    let text =
+        "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
+            .repeat(20);
     Corpus::from_bytes("test", text.into_bytes(), 16).expect("corpus")
 }
 
@@ -45,17 +47,29 @@ fn check(cfg: &LmConfig, eps: f32) {
     }
     let batch = train_batch(&corpus(), 1, 0, 3, cfg.context);
     let aux = AuxOverride::default();
-    lm.forward_backward(&batch, 5, aux, 1).expect("forward_backward");
-    let grads: Vec<(String, ArrayD<f32>)> =
-        lm.grads.named().into_iter().map(|(n, g)| (n, g.to_owned())).collect();
+    lm.forward_backward(&batch, 5, aux, 1)
+        .expect("forward_backward");
+    let grads: Vec<(String, ArrayD<f32>)> = lm
+        .grads
+        .named()
+        .into_iter()
+        .map(|(n, g)| (n, g.to_owned()))
+        .collect();
     let mut rng = SeqRng::new(11, 0);
     for (name, g) in &grads {
         let gnorm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!(gnorm.is_finite() && gnorm > 0.0, "{name}: zero gradient");
         let random: ArrayD<f32> = g.mapv(|_| rng.normal() as f32);
         let rnorm = random.iter().map(|v| v * v).sum::<f32>().sqrt();
-        for (what, u) in [("own direction", g / gnorm), ("random direction", random / rnorm)] {
-            let analytic: f64 = g.iter().zip(&u).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+        for (what, u) in [
+            ("own direction", g / gnorm),
+            ("random direction", random / rnorm),
+        ] {
+            let analytic: f64 = g
+                .iter()
+                .zip(&u)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
             let mut at = |sign: f32| {
                 let mut saved = None;
                 for (n, mut p) in lm.params.named_mut() {
@@ -75,7 +89,10 @@ fn check(cfg: &LmConfig, eps: f32) {
             let fd = (at(1.0) - at(-1.0)) / (2.0 * f64::from(eps));
             let tol = 1e-2 * fd.abs().max(analytic.abs()) + 3e-4;
             eprintln!("{name} ({what}): analytic {analytic:.6e}, finite differences {fd:.6e}");
-            assert!((fd - analytic).abs() <= tol, "{name} ({what}): analytic {analytic} vs fd {fd}");
+            assert!(
+                (fd - analytic).abs() <= tol,
+                "{name} ({what}): analytic {analytic} vs fd {fd}"
+            );
         }
     }
 }

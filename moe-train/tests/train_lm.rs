@@ -2,15 +2,21 @@
 //! a resumed run continues the uninterrupted curve, and bad runs stop with clear errors.
 
 use moe_train::trainer::{LmRun, train_lm};
-use moe_train::{BankKind, Corpus, FfnConfig, FfnKind, LmConfig, NoProgress, OptimConfig, TrainConfig};
+use moe_train::{
+    BankKind, Corpus, FfnConfig, FfnKind, LmConfig, NoProgress, OptimConfig, TrainConfig,
+};
 
 /// Text with structure a tiny model learns within 50 steps.
 fn corpus() -> Corpus {
-    let words = ["the ", "cat ", "sat ", "on ", "mat ", "and ", "a ", "dog ", "ran ", "far ", "away. "];
+    let words = [
+        "the ", "cat ", "sat ", "on ", "mat ", "and ", "a ", "dog ", "ran ", "far ", "away. ",
+    ];
     let mut text = String::new();
     let mut x = 7u64;
     for _ in 0..6000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         text.push_str(words[(x >> 33) as usize % words.len()]);
     }
     Corpus::from_bytes("generated", text.into_bytes(), 64).expect("corpus")
@@ -58,7 +64,12 @@ fn train(steps: usize) -> TrainConfig {
     }
 }
 
-fn run<'a>(registry: &'a moe_core::RouterRegistry, kind: FfnKind, steps: usize, threads: usize) -> LmRun<'a> {
+fn run<'a>(
+    registry: &'a moe_core::RouterRegistry,
+    kind: FfnKind,
+    steps: usize,
+    threads: usize,
+) -> LmRun<'a> {
     LmRun {
         registry,
         model: model(kind),
@@ -82,7 +93,12 @@ fn fifty_steps_lower_the_loss_for_dense_and_moe() {
             r.label, r.final_val_loss, r.tokens_per_s, r.load_cv
         );
         assert_eq!(r.curve.len(), 5);
-        assert!(r.final_val_loss < 0.8 * first, "{}: {first} -> {}", r.label, r.final_val_loss);
+        assert!(
+            r.final_val_loss < 0.8 * first,
+            "{}: {first} -> {}",
+            r.label,
+            r.final_val_loss
+        );
         assert!(r.final_val_loss < 3.0, "{}: {}", r.label, r.final_val_loss);
         assert!(r.active_params <= r.total_params);
     }
@@ -93,10 +109,14 @@ fn curves_are_bit_identical_on_one_and_two_threads() {
     let registry = moe_routers::builtin();
     let c = corpus();
     for kind in [moe("softmax-topk"), moe("noisy-topk")] {
-        let a = train_lm(&run(&registry, kind.clone(), 20, 1), &c, &mut NoProgress).expect("1 thread");
+        let a =
+            train_lm(&run(&registry, kind.clone(), 20, 1), &c, &mut NoProgress).expect("1 thread");
         let b = train_lm(&run(&registry, kind, 20, 2), &c, &mut NoProgress).expect("2 threads");
         let bits = |r: &moe_train::RunReport| -> Vec<(u64, u64)> {
-            r.curve.iter().map(|p| (p.train_loss.to_bits(), p.val_loss.to_bits())).collect()
+            r.curve
+                .iter()
+                .map(|p| (p.train_loss.to_bits(), p.val_loss.to_bits()))
+                .collect()
         };
         assert_eq!(bits(&a), bits(&b), "{}", a.label);
     }
@@ -120,7 +140,10 @@ fn a_resumed_run_continues_the_uninterrupted_curve() {
     second.resume = Some(path.clone());
     let resumed = train_lm(&second, &c, &mut NoProgress).expect("resumed");
     let bits = |r: &moe_train::RunReport| -> Vec<(usize, u64, u64)> {
-        r.curve.iter().map(|p| (p.step, p.train_loss.to_bits(), p.val_loss.to_bits())).collect()
+        r.curve
+            .iter()
+            .map(|p| (p.step, p.train_loss.to_bits(), p.val_loss.to_bits()))
+            .collect()
     };
     assert_eq!(bits(&whole), bits(&resumed));
     // A checkpoint of another shape is refused with the field that differs.
@@ -128,7 +151,11 @@ fn a_resumed_run_continues_the_uninterrupted_curve() {
     other.model.d_model = 48;
     other.resume = Some(path);
     let e = train_lm(&other, &c, &mut NoProgress).expect_err("another shape");
-    assert!(e.to_string().contains("d_model is 32 in the checkpoint, 48 in this run"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("d_model is 32 in the checkpoint, 48 in this run"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -147,7 +174,12 @@ fn a_nan_stops_the_run_naming_the_step() {
 #[test]
 fn non_causal_routers_train_with_the_leak_stated() {
     let registry = moe_routers::builtin();
-    let r = train_lm(&run(&registry, moe("expert-choice"), 10, 2), &corpus(), &mut NoProgress).expect("train");
+    let r = train_lm(
+        &run(&registry, moe("expert-choice"), 10, 2),
+        &corpus(),
+        &mut NoProgress,
+    )
+    .expect("train");
     assert!(!r.causal);
     assert!(r.leak.as_deref().is_some_and(|l| l.contains("not causal")));
 }
