@@ -15,7 +15,7 @@ use std::sync::Arc;
 use moe_backends::cpu::CpuBackend;
 use moe_core::rng::{SeqRng, splitmix64};
 use moe_core::{
-    AuxLossKind, Backend, DeviceLayer, ExpertBank, LayerGrads, MlpBank, Mode, MoeError, MoeLayer,
+    AuxLossKind, Backend, DeviceLayer, ExpertBank, LayerGrads, MlpBank, Mode, MoeError, MoeLayer, PeerBank,
     Router, RouterArgs, RouterInput, RouterRegistry, Routing, SwiGluBank,
 };
 use ndarray::{Array1, Array2, Array3, ArrayViewD, ArrayViewMutD};
@@ -303,14 +303,66 @@ fn make_router(
                 splitmix64(seed ^ (l as u64 + 1)),
             );
             args.options = options.clone();
+            if let Some(p) = peer_shape(cfg) {
+                args.n_experts = p.n_experts;
+                for (key, v) in [("heads", p.heads), ("k", p.k)] {
+                    args.options.entry(key).or_insert_with(|| v.into());
+                }
+            }
             Ok(registry.create(router, &args)?)
         }
     }
 }
 
-/// The experts of block `l`: `E` experts of width `F` (dense: one of width `k · F`).
+/// How a PEER layer is sized in this model (PEER routes among `N = n²` singleton experts `e_i(x) = act(u_i · x)
+/// v_i`, He 2024): `n = round(√(E · F))`, so the layer holds about as many hidden units as the MoE layers'
+/// `E · F`; `h` heads, the smallest power of two with `h · n ≥ k · F`, each keeping `k · F / h` experts, so a
+/// token uses `k · F` hidden units, as the other routers' `k` experts of width `F` (equal active parameters for
+/// the MLP bank). Options the user gave (`peer:heads=8,k=16`) are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerShape {
+    /// `N = n²`.
+    pub n_experts: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Experts kept per head.
+    pub k: usize,
+}
+
+/// The PEER sizing of `cfg`, when its FFN is routed by `peer`.
+pub fn peer_shape(cfg: &LmConfig) -> Option<PeerShape> {
+    let ffn = &cfg.ffn;
+    match &ffn.kind {
+        FfnKind::Moe { router, options } if router == "peer" => {
+            let n = ((ffn.experts * ffn.expert_width) as f64).sqrt().round().max(1.0) as usize;
+            let active = ffn.top_k * ffn.expert_width;
+            let heads = options
+                .get("heads")
+                .and_then(|v| v.as_u64())
+                .map_or_else(|| active.div_ceil(n).next_power_of_two(), |h| h as usize)
+                .max(1);
+            Some(PeerShape {
+                n_experts: n * n,
+                heads,
+                k: (active / heads).clamp(1, n),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The experts of block `l`: `E` experts of width `F` (dense: one of width `k · F`; PEER: [`peer_shape`]).
 fn make_bank(cfg: &LmConfig, seed: u64, l: usize) -> Result<ExpertBank, MoeError> {
     let ffn = &cfg.ffn;
+    if let Some(p) = peer_shape(cfg) {
+        let out_std = INIT_STD / (2.0 * cfg.n_layers as f32).sqrt();
+        let d = cfg.d_model;
+        return Ok(ExpertBank::Peer(PeerBank::new(
+            SeqRng::new(seed, stream(l, 2)).normal_matrix(p.n_experts, d, INIT_STD),
+            SeqRng::new(seed, stream(l, 3)).normal_matrix(p.n_experts, d, out_std),
+            ffn.bank.activation(),
+        )?));
+    }
     let (e, f) = match ffn.kind {
         FfnKind::Dense => (1, ffn.top_k * ffn.expert_width),
         FfnKind::Moe { .. } => (ffn.experts, ffn.expert_width),
@@ -428,13 +480,18 @@ impl Lm {
         let dense: usize = self.params.named().iter().map(|(_, a)| a.len()).sum();
         let (mut active, mut total) = (dense, dense);
         let ffn = &self.cfg.ffn;
+        let per_token = match (&ffn.kind, peer_shape(&self.cfg)) {
+            (FfnKind::Dense, _) => 1,
+            (_, Some(p)) => p.heads * p.k,
+            _ => ffn.top_k,
+        };
         for layer in &self.ffn {
             let e = layer.layer().n_experts().max(1);
             for p in layer.layer().params() {
                 let n = p.value.len();
                 total += n;
                 active += if p.name.starts_with("experts.") {
-                    n / e * ffn.top_k.min(e)
+                    n / e * per_token.min(e)
                 } else {
                     n
                 };
