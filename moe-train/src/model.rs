@@ -1,4 +1,4 @@
-//! The decoder-only language model around MoE layers (docs/TRAINING.md has the whole contract):
+//! The decoder-only language model around MoE layers (`docs/TRAINING.md` has the whole contract):
 //!
 //! ```text
 //! x = tok_emb[inputs] + pos_emb[c]                                  [T, d], T = B · C
