@@ -189,7 +189,13 @@ pub fn top1_experts(routing: &Routing) -> Vec<u32> {
 }
 
 /// `[n, a, b]` normal weights with standard deviation `std`.
-fn normal3(rng: &mut SeqRng, n: usize, a: usize, b: usize, std: f32) -> Result<Array3<f32>, MoeError> {
+fn normal3(
+    rng: &mut SeqRng,
+    n: usize,
+    a: usize,
+    b: usize,
+    std: f32,
+) -> Result<Array3<f32>, MoeError> {
     rng.normal_matrix(n * a, b, std)
         .into_shape_with_order((n, a, b))
         .map_err(|e| MoeError::config("expert weights", format!("[{n}, {a}, {b}]"), e.to_string()))
@@ -248,7 +254,12 @@ impl Task {
         let mut rng = SeqRng::new(cfg.seed, TEACHER_STREAM);
         let mut centres = rng.normal_matrix(e, d, 1.0);
         for mut row in centres.rows_mut() {
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+            let norm = row
+                .iter()
+                .map(|v| v * v)
+                .sum::<f32>()
+                .sqrt()
+                .max(f32::MIN_POSITIVE);
             row.mapv_inplace(|v| v * (d as f32).sqrt() / norm);
         }
         let bank = make_bank(
@@ -257,7 +268,8 @@ impl Task {
             (e, f, d),
             (1.0 / (d as f32).sqrt(), cfg.gain / (f as f32).sqrt()),
         )?;
-        let router = moe_routers::builtin().create("softmax-topk", &RouterArgs::new(d, e, 1, cfg.seed))?;
+        let router =
+            moe_routers::builtin().create("softmax-topk", &RouterArgs::new(d, e, 1, cfg.seed))?;
         let mut layer = MoeLayer::new(router, bank)?;
         let gate = centres.mapv(|v| v / (d as f32).sqrt());
         for mut p in layer.params_mut() {
@@ -294,7 +306,9 @@ impl Task {
 
     /// The teacher's outputs and top-1 experts for `s`.
     fn targets(&mut self, s: &Samples) -> Result<(Array2<f32>, Vec<u32>), MoeError> {
-        let out = self.teacher.forward(&RouterInput::new(s.x.view()).with_token_ids(&s.ids))?;
+        let out = self
+            .teacher
+            .forward(&RouterInput::new(s.x.view()).with_token_ids(&s.ids))?;
         let top = top1_experts(&out.routing);
         Ok((out.output, top))
     }
@@ -323,10 +337,12 @@ fn build_student(
         FfnKind::Moe { router, options } => {
             let mut args = RouterArgs::new(d, ffn.experts, k, train.seed);
             args.options = options.clone();
-            let entry = registry.get(router).ok_or_else(|| MoeError::UnknownRouter {
-                name: router.clone(),
-                known: registry.names().join(", "),
-            })?;
+            let entry = registry
+                .get(router)
+                .ok_or_else(|| MoeError::UnknownRouter {
+                    name: router.clone(),
+                    known: registry.names().join(", "),
+                })?;
             let causal = entry.is_causal(&args)?;
             (registry.create(router, &args)?, causal, ffn.experts, f)
         }
@@ -489,10 +505,12 @@ fn train_step(
     }
     let scale = clip_factor(norm, train.optim.grad_clip);
     opt.begin_step(lr_at(&train.optim, step, train.steps));
+    student.layer.apply_update(&grads.params, &mut |p, g| {
+        opt.update_layer_param("", p, g, scale)
+    })?;
     student
         .layer
-        .apply_update(&grads.params, &mut |p, g| opt.update_layer_param("", p, g, scale))?;
-    student.layer.update_state(&input, &out.routing, train.bias_rate)?;
+        .update_state(&input, &out.routing, train.bias_rate)?;
     Ok((loss, out.routing))
 }
 
@@ -528,8 +546,15 @@ pub fn train_teacher(
         let s = task.samples(TRAIN_STREAM, (step * cfg.batch) as u64, cfg.batch);
         let (target, _) = task.targets(&s)?;
         let t0 = Instant::now();
-        let (loss, routing) = train_step(&mut student, &mut opt, &mut grads, &s, &target, (step, train))
-            .map_err(|e| untrainable(e, &student.label))?;
+        let (loss, routing) = train_step(
+            &mut student,
+            &mut opt,
+            &mut grads,
+            &s,
+            &target,
+            (step, train),
+        )
+        .map_err(|e| untrainable(e, &student.label))?;
         train_s += t0.elapsed().as_secs_f64();
         if let Some(l) = routing.logits() {
             let m = l.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -560,7 +585,11 @@ fn check(ffn: &FfnConfig, cfg: &TeacherConfig, train: &TrainConfig) -> Result<()
     cfg.validate()?;
     let sized = |name: &str, v: usize, max: usize| {
         if v == 0 || v > max {
-            Err(MoeError::config(name, v, format!("an integer in [1, {max}]")))
+            Err(MoeError::config(
+                name,
+                v,
+                format!("an integer in [1, {max}]"),
+            ))
         } else {
             Ok(())
         }
@@ -569,7 +598,8 @@ fn check(ffn: &FfnConfig, cfg: &TeacherConfig, train: &TrainConfig) -> Result<()
     sized("top_k", ffn.top_k, ffn.experts.max(1))?;
     sized("expert_width", ffn.expert_width, 1 << 16)?;
     sized("steps", train.steps, 1 << 30)?;
-    let values = cfg.d_model as u128 * ffn.expert_width as u128 * ffn.experts.max(ffn.top_k) as u128;
+    let values =
+        cfg.d_model as u128 * ffn.expert_width as u128 * ffn.experts.max(ffn.top_k) as u128;
     if values > 1 << 31 {
         return Err(MoeError::TooLarge {
             what: "teacher expert weights d · F · E".into(),
@@ -597,9 +627,8 @@ fn empty_report(student: &Student, train: &TrainConfig, cfg: &TeacherConfig) -> 
     RunReport {
         label: student.label.clone(),
         causal: student.causal,
-        leak: (!student.causal).then(|| {
-            "a sample's experts depend on the other samples of its batch".to_string()
-        }),
+        leak: (!student.causal)
+            .then(|| "a sample's experts depend on the other samples of its batch".to_string()),
         active_params: student.active_params,
         total_params: student.total_params,
         steps: train.steps,
@@ -637,7 +666,11 @@ fn close_interval(
         val_loss,
         load_cv: interval.cv / n,
         dropped_pct: interval.dropped / n,
-        load: if dense { Vec::new() } else { vec![interval.shares()] },
+        load: if dense {
+            Vec::new()
+        } else {
+            vec![interval.shares()]
+        },
     });
     report.final_val_loss = val_loss;
     report.final_train_loss = train_loss;
@@ -686,8 +719,12 @@ mod tests {
     #[test]
     fn ari_of_independent_partitions_is_near_zero_and_degenerate_cases_are_defined() {
         let rng = CounterRng::new(1, 2);
-        let a: Vec<u32> = (0..20_000).map(|i| (rng.u64_at(2 * i) % 8) as u32).collect();
-        let b: Vec<u32> = (0..20_000).map(|i| (rng.u64_at(2 * i + 1) % 8) as u32).collect();
+        let a: Vec<u32> = (0..20_000)
+            .map(|i| (rng.u64_at(2 * i) % 8) as u32)
+            .collect();
+        let b: Vec<u32> = (0..20_000)
+            .map(|i| (rng.u64_at(2 * i + 1) % 8) as u32)
+            .collect();
         assert!(adjusted_rand_index(&a, &b).abs() < 0.01);
         assert_eq!(adjusted_rand_index(&[], &[]), 1.0);
         assert_eq!(adjusted_rand_index(&[4], &[2]), 1.0);

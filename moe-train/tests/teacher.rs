@@ -46,7 +46,9 @@ fn train_cfg() -> TrainConfig {
         batch: 1,
         eval_interval: 50,
         eval_batches: 1,
-        seed: SEED.with(|c| c.get()).unwrap_or_else(|| env_or("T_SEED", 1)),
+        seed: SEED
+            .with(|c| c.get())
+            .unwrap_or_else(|| env_or("T_SEED", 1)),
         optim: OptimConfig {
             lr: env_or("T_LR", 1e-2),
             min_lr: env_or("T_LR", 1e-2) / 10.0,
@@ -63,7 +65,9 @@ fn run(router: &str, threads: usize) -> Result<RunReport, TrainError> {
     let cfg = TeacherConfig {
         noise: env_or("T_NOISE", TeacherConfig::default().noise),
         student_init: env_or("T_INIT", TeacherConfig::default().student_init),
-        seed: SEED.with(|c| c.get()).unwrap_or_else(|| env_or("T_TSEED", 0)),
+        seed: SEED
+            .with(|c| c.get())
+            .unwrap_or_else(|| env_or("T_TSEED", 0)),
         d_model: env_or("T_D", TeacherConfig::default().d_model),
         gain: env_or("T_GAIN", TeacherConfig::default().gain),
         batch: env_or("T_B", TeacherConfig::default().batch),
@@ -112,7 +116,11 @@ fn explore() {
             for s in 1..=seeds {
                 unsafe_set(s);
                 let rep = run(r, 2).expect("run");
-                aris.push(format!("{:.3}/{:.4}", rep.ari.unwrap_or(f64::NAN), rep.final_val_loss));
+                aris.push(format!(
+                    "{:.3}/{:.4}",
+                    rep.ari.unwrap_or(f64::NAN),
+                    rep.final_val_loss
+                ));
             }
             eprintln!("{r}: {}", aris.join(" "));
         }
