@@ -19,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod dense;
 pub mod error;
+pub mod fetch;
 pub mod model;
 pub mod ops;
 pub mod optim;
