@@ -182,8 +182,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// [`AdamW::update`] for an MoE layer's parameter from [`DeviceLayer::apply_update`]
-    /// (moe_core::DeviceLayer::apply_update): a sparse gradient is scattered into zeros first (AdamW then moves
+    /// [`AdamW::update`] for an MoE layer's parameter from
+    /// [`DeviceLayer::apply_update`](moe_core::DeviceLayer::apply_update): a sparse gradient is scattered into zeros first (AdamW then moves
     /// every row, as torch's dense AdamW does). Parameters of 2 or more axes decay.
     ///
     /// # Errors
