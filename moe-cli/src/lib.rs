@@ -117,7 +117,7 @@ enum Command {
     /// Show the family, MoE config and per-block tensors of a checkpoint.
     Inspect(inspect::InspectArgs),
     /// Train a small model per router plus the dense baseline and compare what they learn (loss, balance, cost).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
 }
 
 /// An error with the exit code it should produce.

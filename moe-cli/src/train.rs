@@ -9,7 +9,8 @@
 //! input ([`moe_train::TrainError::is_bad_input`]: an untrainable router named in `--routers`, a NaN at this
 //! learning rate, a checkpoint of another shape) and 1 when any was the machine's (a file that cannot be
 //! written). With the default `--routers all`, routers that cannot train this configuration (a plugin without a
-//! backward, options this shape does not allow) are rows with the reason and do not change the exit status.
+//! backward, options this shape does not allow) are rows with the reason and do not change the exit status,
+//! unless no run finished.
 //! When the command has one run only, its error is the command's error, printed alone.
 
 use std::path::{Path, PathBuf};
@@ -105,28 +106,28 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     bank: Option<String>,
     /// Peak learning rate (AdamW).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
     /// Learning rate at the end of the cosine decay.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_lr: Option<f32>,
     /// Linear warm-up steps.
     #[arg(long)]
     warmup: Option<usize>,
     /// Decoupled weight decay of matrices and embeddings.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f32>,
     /// Largest global gradient norm (0 disables clipping).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     grad_clip: Option<f32>,
     /// Replaces every router's load-balancing aux-loss coefficient [default: each router's own].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     aux_coef: Option<f32>,
     /// Replaces every router's z-loss coefficient [default: each router's own].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     z_coef: Option<f32>,
     /// Rate of the updates learned without gradient (DeepSeek-V3's correction bias).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     bias_rate: Option<f32>,
     /// Steps between validation passes (the last step is always evaluated).
     #[arg(long)]
@@ -158,6 +159,9 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     stop_after: Option<usize>,
 }
+
+/// Where a run saves its checkpoint and where it resumes from.
+type CheckpointPaths = (Option<PathBuf>, Option<PathBuf>);
 
 /// One run to do: its label (the dense baseline's is `dense`) and its FFN.
 #[derive(Debug, Clone)]
@@ -210,13 +214,25 @@ struct CorpusInfo {
     val_bytes: usize,
 }
 
+/// The configuration in the JSON document: `{"model": LmConfig, "train": TrainConfig}` (`charlm`; the model of
+/// the first router, every run has it with its own FFN, the dense baseline with FFN kind `dense`) or
+/// `{"ffn": FfnConfig, "teacher": TeacherConfig, "train": TrainConfig}` (`teacher`).
+#[derive(Debug, Serialize)]
+struct ConfigDoc<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a LmConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ffn: Option<&'a FfnConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    teacher: Option<&'a moe_train::teacher::TeacherConfig>,
+    train: &'a TrainConfig,
+}
+
 /// The `--format json` document.
 #[derive(Debug, Serialize)]
 struct TrainDoc<'a> {
     task: Task,
-    /// `{"model": LmConfig, "train": TrainConfig}` (`charlm`; the dense baseline has FFN kind `dense`) or
-    /// `{"ffn": FfnConfig, "teacher": TeacherConfig, "train": TrainConfig}` (`teacher`).
-    config: serde_json::Value,
+    config: ConfigDoc<'a>,
     corpus: Option<CorpusInfo>,
     cpu: String,
     threads: usize,
@@ -246,13 +262,12 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
             CliError::Other(anyhow::anyhow!("{}", f.error))
         });
     }
-    let config = match plan.task {
-        Task::Charlm => serde_json::json!({"model": plan.model, "train": plan.train}),
-        Task::Teacher => serde_json::json!({
-            "ffn": plan.model.ffn,
-            "teacher": moe_train::teacher::TeacherConfig::default(),
-            "train": plan.train,
-        }),
+    let teacher = (plan.task == Task::Teacher).then(moe_train::teacher::TeacherConfig::default);
+    let config = ConfigDoc {
+        model: (plan.task == Task::Charlm).then_some(&plan.model),
+        ffn: (plan.task == Task::Teacher).then_some(&plan.model.ffn),
+        teacher: teacher.as_ref(),
+        train: &plan.train,
     };
     let doc = TrainDoc {
         task: plan.task,
@@ -289,9 +304,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
 
 /// The command's result once every row is printed: see the module docs.
 fn exit_status(plan: &Plan, failed: &[&FailedRun]) -> Result<(), CliError> {
+    let none_finished = failed.len() == plan.runs.len();
     let counted: Vec<&&FailedRun> = failed
         .iter()
-        .filter(|f| !(plan.all && f.untrainable))
+        .filter(|f| none_finished || !(plan.all && f.untrainable))
         .collect();
     if counted.is_empty() {
         return Ok(());
@@ -357,7 +373,7 @@ fn model_config(a: &TrainArgs) -> Result<LmConfig, CliError> {
     check_range("--d-model", m.d_model, 1, MAX_WIDTH)?;
     check_range("--layers", m.n_layers, 1, MAX_LAYERS)?;
     check_range("--heads", m.n_heads, 1, MAX_HEADS.min(m.d_model))?;
-    if m.d_model % m.n_heads != 0 {
+    if !m.d_model.is_multiple_of(m.n_heads) {
         return Err(CliError::Usage(format!(
             "--heads must divide --d-model ({}), got {}",
             m.d_model, m.n_heads
@@ -384,7 +400,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
     check_range("--batch", t.batch, 1, MAX_BATCH)?;
     check_range("--eval-interval", t.eval_interval, 1, MAX_STEPS)?;
     check_range("--eval-batches", t.eval_batches, 1, MAX_EVAL_BATCHES)?;
-    check_range("--warmup", t.optim.warmup, 0, t.steps)?;
+    check_range("--warmup", t.optim.warmup, 0, MAX_STEPS)?;
     if let Some(n) = a.stop_after {
         check_range("--stop-after", n, 1, t.steps)?;
     }
@@ -440,8 +456,13 @@ fn plan(registry: &RouterRegistry, a: &TrainArgs) -> Result<Plan, CliError> {
     let train = train_config(a)?;
     let threads = threads(a)?;
     let dense_only = a.routers.trim() == "dense" && registry.get("dense").is_none();
+    if dense_only && a.no_dense {
+        return Err(CliError::Usage(
+            "nothing to train: --no-dense with --routers dense".into(),
+        ));
+    }
     let mut runs = Vec::new();
-    if !a.no_dense || dense_only {
+    if !a.no_dense {
         let ffn = FfnConfig {
             kind: FfnKind::Dense,
             ..model.ffn.clone()
@@ -466,11 +487,6 @@ fn plan(registry: &RouterRegistry, a: &TrainArgs) -> Result<Plan, CliError> {
             });
         }
     }
-    if runs.is_empty() {
-        return Err(CliError::Usage(
-            "nothing to train: --no-dense with --routers dense".into(),
-        ));
-    }
     for (i, r) in runs.iter().enumerate() {
         if runs[..i].iter().any(|q| q.label == r.label) {
             return Err(CliError::Usage(format!(
@@ -479,13 +495,12 @@ fn plan(registry: &RouterRegistry, a: &TrainArgs) -> Result<Plan, CliError> {
             )));
         }
     }
-    let first = runs
-        .iter()
-        .find(|r| r.ffn.kind != FfnKind::Dense)
-        .unwrap_or(&runs[0]);
-    let model = LmConfig {
-        ffn: first.ffn.clone(),
-        ..model
+    let model = match runs.iter().find(|r| r.ffn.kind != FfnKind::Dense) {
+        Some(first) => LmConfig {
+            ffn: first.ffn.clone(),
+            ..model
+        },
+        None => model,
     };
     Ok(Plan {
         task: a.task,
@@ -531,6 +546,12 @@ fn estimate(plan: &Plan) -> Result<(), CliError> {
 /// The corpus of the `charlm` task, checked to hold one window of context + 1 bytes in each part.
 fn load_corpus(name: &str, plan: &Plan) -> Result<Corpus, CliError> {
     let min_part = plan.model.context + 2;
+    if !matches!(name, "shakespeare" | "jargon" | "generated") && !Path::new(name).is_file() {
+        return Err(CliError::Usage(format!(
+            "--corpus {}: not a corpus name (shakespeare, jargon, generated) nor a readable file",
+            crate::output::escape_control(name)
+        )));
+    }
     let corpus = if name == "generated" {
         let bytes = moe_train::data::generated(plan.train.seed, GENERATED_BYTES);
         Corpus::from_bytes("generated", bytes, min_part)
@@ -561,10 +582,7 @@ pub(crate) fn sanitise(label: &str) -> String {
 
 /// The checkpoint paths of each run `(save, resume)`: `--save` creates its directory; `--resume` needs every
 /// run's file. Two labels with the same file name are refused.
-fn checkpoint_paths(
-    plan: &Plan,
-    a: &TrainArgs,
-) -> Result<Vec<(Option<PathBuf>, Option<PathBuf>)>, CliError> {
+fn checkpoint_paths(plan: &Plan, a: &TrainArgs) -> Result<Vec<CheckpointPaths>, CliError> {
     if plan.task == Task::Teacher && (a.save.is_some() || a.resume.is_some()) {
         return Err(CliError::Usage(
             "--save and --resume are for the charlm task (teacher runs take seconds)".into(),
@@ -613,7 +631,7 @@ fn run_all(
     registry: &RouterRegistry,
     plan: &Plan,
     corpus: Option<&Corpus>,
-    paths: &[(Option<PathBuf>, Option<PathBuf>)],
+    paths: &[CheckpointPaths],
     stop_after: Option<usize>,
 ) -> Vec<Outcome> {
     let per_run = stop_after.unwrap_or(plan.train.steps) as u64;
@@ -649,12 +667,15 @@ fn run_all(
         out.push(match result {
             Ok(r) => Outcome::Done(Box::new(r)),
             Err(e) => {
-                progress.println(&format!("{}: {e}", spec.label));
+                if plan.runs.len() > 1 {
+                    progress.println(&format!("{}: {e}", spec.label));
+                }
                 Outcome::Failed(FailedRun {
                     label: spec.label.clone(),
                     error: e.to_string(),
                     bad_input: e.is_bad_input(),
-                    untrainable: is_untrainable(&e),
+                    // The dense baseline is no router: its failure always counts.
+                    untrainable: spec.ffn.kind != FfnKind::Dense && is_untrainable(&e),
                 })
             }
         });
@@ -940,6 +961,68 @@ mod tests {
             "switch-top1_capacity_factor_1.0"
         );
         assert_eq!(sanitise("a/../b c"), "a_.._b_c");
+    }
+
+    fn report(label: &str, val: f64, causal: bool) -> RunReport {
+        RunReport {
+            label: label.into(),
+            causal,
+            leak: None,
+            active_params: 1000,
+            total_params: 2000,
+            steps: 20,
+            tokens_per_step: 64,
+            final_val_loss: val,
+            best_val_loss: val,
+            best_step: 20,
+            final_train_loss: val,
+            tokens_per_s: 1e4,
+            wall_s: 1.0,
+            load_cv: 0.1,
+            dropped_pct: 0.0,
+            dead_experts: 0,
+            max_router_logit: 1.0,
+            ari: None,
+            curve: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rows_compare_to_dense_and_failed_runs_keep_their_row() {
+        let dense = report("dense", 2.0, true);
+        let outcomes = vec![
+            Outcome::Done(Box::new(dense.clone())),
+            Outcome::Done(Box::new(report("softmax-topk", 1.9, true))),
+            Outcome::Done(Box::new(report("expert-choice", 2.1, false))),
+            Outcome::Failed(FailedRun {
+                label: "mine".into(),
+                error: "router mine cannot be trained: no backward".into(),
+                bad_input: true,
+                untrainable: true,
+            }),
+        ];
+        let t = table(Task::Charlm, &outcomes, Some(&dense));
+        assert_eq!(t.rows.len(), 4);
+        assert!(t.rows.iter().all(|r| r.len() == t.headers.len()));
+        assert_eq!(t.rows[1][5], "-0.1000");
+        assert_eq!(t.rows[0][13], "baseline");
+        assert!(t.rows[2][13].starts_with("not causal: "), "{:?}", t.rows[2]);
+        assert_eq!(
+            t.rows[3][13],
+            "failed: router mine cannot be trained: no backward"
+        );
+        let runs: Vec<&RunReport> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Done(r) => Some(r.as_ref()),
+                Outcome::Failed(_) => None,
+            })
+            .collect();
+        let v = verdict(Task::Charlm, &runs, &dense);
+        assert!(
+            v.contains("softmax-topk (-0.1000)") && !v.contains("expert-choice"),
+            "{v}"
+        );
     }
 
     #[test]
