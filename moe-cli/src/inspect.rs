@@ -23,11 +23,16 @@ pub(crate) struct InspectArgs {
 }
 
 pub(crate) fn run(a: &InspectArgs) -> Result<(), CliError> {
-    // A moe-train checkpoint is recognised from its header; anything else (including a file `read_info` refuses)
-    // goes to the Hugging Face reader, whose errors the user sees.
-    if a.path.is_file()
-        && let Ok(info) = moe_train::checkpoint::read_info(&a.path)
-    {
+    // A moe-train checkpoint is recognised from the `format` of its header's metadata alone (not by reading the
+    // whole file, which may be a large Hugging Face checkpoint); anything else goes to the Hugging Face reader.
+    if is_train_checkpoint(&a.path) {
+        let info = moe_train::checkpoint::read_info(&a.path).map_err(|e| {
+            if e.is_bad_input() {
+                CliError::Usage(e.to_string())
+            } else {
+                CliError::Other(e.into())
+            }
+        })?;
         return print_train_checkpoint(&info, a.format);
     }
     // Every `LoadError` is about the file the user named (unreadable, malformed, impossible config): exit 2.
@@ -107,6 +112,36 @@ fn print_text(ins: &Inspection) {
             println!("    {} {} {:?}", esc(&t.name), esc(&t.dtype), t.shape);
         }
     }
+}
+
+/// Largest safetensors header read to recognise a `moe train` checkpoint (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Whether `path` is a regular safetensors file whose header metadata has a `format` of `moe-train/...` (written
+/// by `moe train --save`). Reads the header alone; any failure means no.
+fn is_train_checkpoint(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let header = || -> Option<serde_json::Value> {
+        if !std::fs::metadata(path).ok()?.is_file() {
+            return None;
+        }
+        let mut f = std::fs::File::open(path).ok()?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).ok()?;
+        let n = u64::from_le_bytes(len);
+        if n > MAX_HEADER_BYTES {
+            return None;
+        }
+        let mut text = Vec::new();
+        f.take(n).read_to_end(&mut text).ok()?;
+        serde_json::from_slice(&text).ok()
+    };
+    header().is_some_and(|h| {
+        h.get("__metadata__")
+            .and_then(|m| m.get("format"))
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.starts_with("moe-train/"))
+    })
 }
 
 /// A `moe train` checkpoint, as `--format json` prints it.

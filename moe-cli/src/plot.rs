@@ -164,22 +164,21 @@ fn tick(v: f64, span: f64) -> String {
     }
 }
 
-/// Renders `panels` stacked, one line per series with a legend on the right, over the x axis `x_label`; a
-/// self-contained SVG in the style of [`load_svg`]. Each point carries a tooltip with its values.
+/// Renders `panels` stacked, one line per series with a legend on the right, over the x axis `x_label` (from 0 to
+/// the largest x, non-negative x expected); a self-contained SVG in the style of [`load_svg`]. Each point carries a tooltip with its values.
 pub(crate) fn curves_svg(title: &str, x_label: &str, panels: &[Panel]) -> String {
     let (left, plot_w, legend_w, panel_h, gap, top) =
         (80.0f64, 640.0f64, 260.0f64, 260.0f64, 70.0f64, 40.0f64);
     let width = left + plot_w + legend_w;
     let height = top + (panel_h + gap) * panels.len() as f64 + 10.0;
-    let (x_lo, x_hi) = {
-        let (lo, hi) = axis_range(
-            panels
-                .iter()
-                .flat_map(|p| p.series.iter())
-                .flat_map(|s| s.points.iter().map(|p| p.0)),
-        );
-        (lo.max(0.0), hi)
-    };
+    // The x axis starts at 0 (steps, samples) and ends at the last point.
+    let x_hi = panels
+        .iter()
+        .flat_map(|p| p.series.iter())
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let (x_lo, x_hi) = (0.0, if x_hi > 0.0 { x_hi } else { 1.0 });
     let mut s = String::new();
     let _ = writeln!(
         s,

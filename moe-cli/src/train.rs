@@ -19,6 +19,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use moe_core::{MoeError, RouterRegistry};
 use moe_train::config::{BankKind, FfnConfig, FfnKind, LmConfig, TrainConfig};
+use moe_train::teacher::TeacherConfig;
 use moe_train::{Corpus, RunReport, TrainError};
 use serde::Serialize;
 
@@ -68,17 +69,19 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     no_dense: bool,
     /// Text of the `charlm` task: `shakespeare` or `jargon` (fetched once with `--fetch-corpus NAME`), `generated`
-    /// (a small seeded synthetic text, for tests) or a path to a text file. Split 90 / 10, train / validation.
-    #[arg(long, default_value = "shakespeare", value_name = "NAME|PATH")]
-    corpus: String,
+    /// (a small seeded synthetic text, for tests) or a path to a text file. Split 90 / 10, train / validation
+    /// [default: shakespeare].
+    #[arg(long, value_name = "NAME|PATH")]
+    corpus: Option<String>,
     /// Install corpus NAME (`shakespeare`, `jargon`) into the cache ($MOE_CACHE_DIR, else
     /// $XDG_CACHE_HOME/moe-rs/corpora, else ~/.cache/moe-rs/corpora) and exit.
     #[arg(long, value_name = "NAME")]
     fetch_corpus: Option<String>,
-    /// Optimizer steps per run [default: the `charlm` configuration of moe-train; every unset size below too].
+    /// Optimizer steps per run [default: the `charlm` configuration of moe-train, `TrainConfig::default()`, and
+    /// its FFN; every unset size below too; the teacher task's width and batch: `TeacherConfig::default()`].
     #[arg(long)]
     steps: Option<usize>,
-    /// Sequences per batch B (tokens per step B · C).
+    /// Sequences per batch B (tokens per step B · C); teacher task: samples per step.
     #[arg(long)]
     batch: Option<usize>,
     /// Context C: tokens per sequence.
@@ -87,7 +90,7 @@ pub(crate) struct TrainArgs {
     /// Transformer blocks.
     #[arg(long)]
     layers: Option<usize>,
-    /// Model width d.
+    /// Model width d; teacher task: the width of the inputs and targets.
     #[arg(long)]
     d_model: Option<usize>,
     /// Attention heads (a divisor of d).
@@ -182,6 +185,8 @@ struct Plan {
     /// Whether the routers are the default set (`all`): those that cannot train this configuration do not change
     /// the exit status.
     all: bool,
+    /// The teacher task's data and teacher (task `teacher` only; `model` then carries the FFN alone).
+    teacher: Option<TeacherConfig>,
 }
 
 /// How one run ended.
@@ -224,7 +229,7 @@ struct ConfigDoc<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     ffn: Option<&'a FfnConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    teacher: Option<&'a moe_train::teacher::TeacherConfig>,
+    teacher: Option<&'a TeacherConfig>,
     train: &'a TrainConfig,
 }
 
@@ -250,7 +255,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
     let plan = plan(registry, a)?;
     estimate(&plan)?;
     let corpus = match plan.task {
-        Task::Charlm => Some(load_corpus(&a.corpus, &plan)?),
+        Task::Charlm => Some(load_corpus(
+            a.corpus.as_deref().unwrap_or("shakespeare"),
+            &plan,
+        )?),
         Task::Teacher => None,
     };
     let paths = checkpoint_paths(&plan, a)?;
@@ -262,11 +270,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
             CliError::Other(anyhow::anyhow!("{}", f.error))
         });
     }
-    let teacher = (plan.task == Task::Teacher).then(moe_train::teacher::TeacherConfig::default);
     let config = ConfigDoc {
         model: (plan.task == Task::Charlm).then_some(&plan.model),
         ffn: (plan.task == Task::Teacher).then_some(&plan.model.ffn),
-        teacher: teacher.as_ref(),
+        teacher: plan.teacher.as_ref(),
         train: &plan.train,
     };
     let doc = TrainDoc {
@@ -354,8 +361,8 @@ fn check_float(flag: &str, v: f32, min: f32) -> Result<f32, CliError> {
     Ok(v)
 }
 
-/// The model: moe-train's `charlm` defaults with the flags given.
-fn model_config(a: &TrainArgs) -> Result<LmConfig, CliError> {
+/// The FFN: moe-train's `charlm` defaults with the flags given.
+fn ffn_config(a: &TrainArgs) -> Result<FfnConfig, CliError> {
     let mut ffn = FfnConfig::charlm(FfnKind::Dense);
     if let Some(b) = &a.bank {
         ffn.bank = BankKind::parse(b).map_err(|_| {
@@ -365,6 +372,14 @@ fn model_config(a: &TrainArgs) -> Result<LmConfig, CliError> {
     ffn.experts = a.experts.unwrap_or(ffn.experts);
     ffn.top_k = a.top_k.unwrap_or(ffn.top_k);
     ffn.expert_width = a.expert_width.unwrap_or(ffn.expert_width);
+    check_range("--experts", ffn.experts, 1, MAX_EXPERTS)?;
+    check_range("--top-k", ffn.top_k, 1, ffn.experts)?;
+    check_range("--expert-width", ffn.expert_width, 1, MAX_EXPERTS)?;
+    Ok(ffn)
+}
+
+/// The model: moe-train's `charlm` defaults with the flags given.
+fn model_config(a: &TrainArgs, ffn: FfnConfig) -> Result<LmConfig, CliError> {
     let mut m = LmConfig::charlm(ffn);
     m.d_model = a.d_model.unwrap_or(m.d_model);
     m.n_layers = a.layers.unwrap_or(m.n_layers);
@@ -380,9 +395,6 @@ fn model_config(a: &TrainArgs) -> Result<LmConfig, CliError> {
         )));
     }
     check_range("--context", m.context, 1, MAX_WIDTH)?;
-    check_range("--experts", m.ffn.experts, 1, MAX_EXPERTS)?;
-    check_range("--top-k", m.ffn.top_k, 1, m.ffn.experts)?;
-    check_range("--expert-width", m.ffn.expert_width, 1, MAX_EXPERTS)?;
     m.validate()?;
     Ok(m)
 }
@@ -452,9 +464,24 @@ fn threads(a: &TrainArgs) -> Result<usize, CliError> {
 /// Resolves the flags into runs: the dense baseline first (unless `--no-dense`), then each router in the order
 /// of `--routers`.
 fn plan(registry: &RouterRegistry, a: &TrainArgs) -> Result<Plan, CliError> {
-    let model = model_config(a)?;
-    let train = train_config(a)?;
+    let ffn = ffn_config(a)?;
+    let mut train = train_config(a)?;
     let threads = threads(a)?;
+    let (model, teacher) = match a.task {
+        Task::Charlm => (model_config(a, ffn)?, None),
+        Task::Teacher => {
+            let t = teacher_config(a)?;
+            train.batch = t.batch;
+            // Only the FFN of this model is used: the student is one MoE layer of width `t.d_model`.
+            let holder = LmConfig {
+                d_model: t.d_model,
+                n_layers: 1,
+                n_heads: 1,
+                ..LmConfig::charlm(ffn)
+            };
+            (holder, Some(t))
+        }
+    };
     let dense_only = a.routers.trim() == "dense" && registry.get("dense").is_none();
     if dense_only && a.no_dense {
         return Err(CliError::Usage(
@@ -509,7 +536,35 @@ fn plan(registry: &RouterRegistry, a: &TrainArgs) -> Result<Plan, CliError> {
         train,
         threads,
         all: a.routers.trim() == "all",
+        teacher,
     })
+}
+
+/// The teacher task's configuration: moe-train's defaults with `--d-model` and `--batch`; the flags of the
+/// language model are refused.
+fn teacher_config(a: &TrainArgs) -> Result<TeacherConfig, CliError> {
+    let lm_only = [
+        ("--context", a.context.is_some()),
+        ("--layers", a.layers.is_some()),
+        ("--heads", a.heads.is_some()),
+        ("--corpus", a.corpus.is_some()),
+        ("--eval-batches", a.eval_batches.is_some()),
+        ("--save", a.save.is_some()),
+        ("--resume", a.resume.is_some()),
+        ("--stop-after", a.stop_after.is_some()),
+    ];
+    if let Some((flag, _)) = lm_only.iter().find(|(_, given)| *given) {
+        return Err(CliError::Usage(format!(
+            "{flag} applies to --task charlm only (the teacher task trains one MoE layer on generated samples)"
+        )));
+    }
+    let mut t = TeacherConfig::default();
+    t.d_model = a.d_model.unwrap_or(t.d_model);
+    t.batch = a.batch.unwrap_or(t.batch);
+    check_range("--d-model", t.d_model, 1, MAX_WIDTH)?;
+    check_range("--batch", t.batch, 1, MAX_BATCH)?;
+    t.validate()?;
+    Ok(t)
 }
 
 /// Checks the memory one run needs before anything is allocated: the parameters with their gradients and the
@@ -517,6 +572,9 @@ fn plan(registry: &RouterRegistry, a: &TrainArgs) -> Result<Plan, CliError> {
 /// 16 · T · d, the attention probabilities B · H · C², the experts' hidden activations 3 · T · k · F, the
 /// routing 4 · T · E; the logits 2 · T · V).
 fn estimate(plan: &Plan) -> Result<(), CliError> {
+    if let Some(t) = &plan.teacher {
+        return estimate_teacher(plan, t);
+    }
     let m = &plan.model;
     let f = &m.ffn;
     let (d, l, v, c) = (
@@ -540,6 +598,29 @@ fn estimate(plan: &Plan) -> Result<(), CliError> {
         .add("expert activations 3·T·k·F per block", l * t * k * w, 3)
         .add("routing 4·T·E per block", l * t * e, 4)
         .add("logits T·V", t * v, 2);
+    est.check()
+}
+
+/// The teacher task's memory: the teacher's and the student's experts (the student's with gradients and moments),
+/// a batch and the held-out set with their targets, and the experts' activations.
+fn estimate_teacher(plan: &Plan, t: &TeacherConfig) -> Result<(), CliError> {
+    let f = &plan.model.ffn;
+    let (d, e, k) = (t.d_model as u128, f.experts as u128, f.top_k as u128);
+    let expert = f.bank.expert_params(t.d_model, f.expert_width) as u128;
+    let samples = (t.batch + t.val_samples) as u128;
+    let mut est = MemoryEstimate::default();
+    est.add("teacher experts E·expert", e * expert, 1)
+        .add(
+            "student experts, gradients and moments",
+            e * expert + e * d,
+            4,
+        )
+        .add("samples and targets", samples * d, 4)
+        .add(
+            "expert activations 3·B·k·F",
+            samples * k * f.expert_width as u128,
+            3,
+        );
     est.check()
 }
 
@@ -583,11 +664,6 @@ pub(crate) fn sanitise(label: &str) -> String {
 /// The checkpoint paths of each run `(save, resume)`: `--save` creates its directory; `--resume` needs every
 /// run's file. Two labels with the same file name are refused.
 fn checkpoint_paths(plan: &Plan, a: &TrainArgs) -> Result<Vec<CheckpointPaths>, CliError> {
-    if plan.task == Task::Teacher && (a.save.is_some() || a.resume.is_some()) {
-        return Err(CliError::Usage(
-            "--save and --resume are for the charlm task (teacher runs take seconds)".into(),
-        ));
-    }
     let names: Vec<String> = plan
         .runs
         .iter()
@@ -658,7 +734,7 @@ fn run_all(
             _ => moe_train::teacher::train_teacher(
                 registry,
                 &spec.ffn,
-                &moe_train::teacher::TeacherConfig::default(),
+                plan.teacher.as_ref().unwrap_or(&TeacherConfig::default()),
                 &plan.train,
                 plan.threads,
                 &mut progress,
@@ -774,7 +850,10 @@ fn table(task: Task, outcomes: &[Outcome], dense: Option<&RunReport>) -> Table {
         };
         let second = match task {
             Task::Charlm => format!("{:.4}", r.final_val_bpb()),
-            Task::Teacher => r.ari.map_or("-".into(), |a| format!("{a:.3}")),
+            // Rounded before printing so that a tiny negative ARI shows as 0.000, not -0.000.
+            Task::Teacher => r.ari.map_or("-".into(), |a| {
+                format!("{:.3}", (a * 1e3).round() / 1e3 + 0.0)
+            }),
         };
         let vs = match dense {
             Some(d) if d.label != r.label => format!("{:+.4}", r.final_val_loss - d.final_val_loss),
@@ -811,6 +890,12 @@ fn header(doc: &TrainDoc<'_>, plan: &Plan) -> Vec<String> {
         )),
         None => lines.push("task teacher (student MoE layer vs a seeded teacher MoE)".into()),
     }
+    if let Some(tc) = &plan.teacher {
+        lines.push(format!(
+            "teacher: d {}, {} held-out samples, noise {}, seed {}",
+            tc.d_model, tc.val_samples, tc.noise, tc.seed
+        ));
+    }
     if plan.task == Task::Charlm {
         lines.push(format!(
             "model: d {}, {} layers, {} heads, context {}",
@@ -826,32 +911,49 @@ fn header(doc: &TrainDoc<'_>, plan: &Plan) -> Vec<String> {
         f.top_k * f.expert_width
     ));
     let o = &t.optim;
+    let eval = match plan.task {
+        Task::Charlm => format!(
+            "eval every {} steps on {} batches",
+            t.eval_interval, t.eval_batches
+        ),
+        Task::Teacher => format!("eval every {} steps", t.eval_interval),
+    };
     lines.push(format!(
-        "train: {} steps × batch {}, AdamW lr {} → {}, warm-up {}, weight decay {}, clip {}, eval every {} steps on {} batches, seed {}",
-        t.steps, t.batch, o.lr, o.min_lr, o.warmup, o.weight_decay, o.grad_clip, t.eval_interval, t.eval_batches, t.seed
+        "train: {} steps × batch {}, AdamW lr {} → {}, warm-up {}, weight decay {}, clip {}, {eval}, seed {}",
+        t.steps, t.batch, o.lr, o.min_lr, o.warmup, o.weight_decay, o.grad_clip, t.seed
     ));
     lines.push(format!("cpu: {}, {} threads", doc.cpu, doc.threads));
     lines
 }
 
-/// The line under the table: which routers beat dense at equal active parameters.
-fn verdict(task: Task, runs: &[&RunReport], dense: &RunReport) -> String {
+/// Active parameters within this fraction of the dense baseline's count as equal (the routers' own parameters,
+/// a gate of `E · d` per layer, are about 1 % of a small model).
+const EQUAL_ACTIVE: f64 = 0.05;
+
+/// The lines under the table: which routers beat dense at equal active parameters (within [`EQUAL_ACTIVE`]), and
+/// which had a lower loss with more active parameters (PEER's product keys, for example), said apart.
+fn verdict(task: Task, runs: &[&RunReport], dense: &RunReport) -> Vec<String> {
     let unit = match task {
         Task::Charlm => "nats/byte",
         Task::Teacher => "MSE",
     };
-    let better: Vec<String> = runs
+    let (mut equal, mut more) = (Vec::new(), Vec::new());
+    for r in runs
         .iter()
         .filter(|r| r.label != dense.label && r.final_val_loss < dense.final_val_loss)
-        .map(|r| {
-            format!(
-                "{} ({:+.4})",
-                r.label,
-                r.final_val_loss - dense.final_val_loss
-            )
-        })
-        .collect();
-    if better.is_empty() {
+    {
+        let ratio = r.active_params as f64 / dense.active_params.max(1) as f64;
+        let diff = r.final_val_loss - dense.final_val_loss;
+        if (ratio - 1.0).abs() <= EQUAL_ACTIVE {
+            equal.push(format!("{} ({diff:+.4})", r.label));
+        } else {
+            more.push(format!(
+                "{} ({diff:+.4} with {ratio:.2}× the active parameters)",
+                r.label
+            ));
+        }
+    }
+    let mut lines = vec![if equal.is_empty() {
         format!(
             "no router beat dense ({:.4} {unit}) at equal active parameters",
             dense.final_val_loss
@@ -860,9 +962,16 @@ fn verdict(task: Task, runs: &[&RunReport], dense: &RunReport) -> String {
         format!(
             "beat dense ({:.4} {unit}) at equal active parameters and steps: {}",
             dense.final_val_loss,
-            better.join(", ")
+            equal.join(", ")
         )
+    }];
+    if !more.is_empty() {
+        lines.push(format!(
+            "lower than dense, but not at equal active parameters: {}",
+            more.join(", ")
+        ));
     }
+    lines
 }
 
 fn print(
@@ -893,7 +1002,9 @@ fn print(
         && doc.runs.len() > 1
     {
         println!();
-        println!("{}", verdict(plan.task, &doc.runs, d));
+        for line in verdict(plan.task, &doc.runs, d) {
+            println!("{line}");
+        }
     }
     Ok(())
 }
@@ -1019,9 +1130,18 @@ mod tests {
             })
             .collect();
         let v = verdict(Task::Charlm, &runs, &dense);
+        assert_eq!(v.len(), 1, "{v:?}");
         assert!(
-            v.contains("softmax-topk (-0.1000)") && !v.contains("expert-choice"),
-            "{v}"
+            v[0].contains("softmax-topk (-0.1000)") && !v[0].contains("expert-choice"),
+            "{v:?}"
+        );
+        let mut big = report("peer", 1.5, true);
+        big.active_params = 3000;
+        let v = verdict(Task::Charlm, &[&dense, &big], &dense);
+        assert!(v[0].starts_with("no router beat dense"), "{v:?}");
+        assert!(
+            v[1].contains("peer (-0.5000 with 3.00× the active parameters)"),
+            "{v:?}"
         );
     }
 

@@ -354,6 +354,22 @@ fn bad_flags_exit_2_naming_the_flag() {
 }
 
 #[test]
+fn teacher_task_refuses_the_language_model_flags() {
+    for flag in [
+        "--context",
+        "--layers",
+        "--heads",
+        "--eval-batches",
+        "--stop-after",
+    ] {
+        let o = moe(&["train", "--task", "teacher", flag, "2"]);
+        refused(&o, &[flag, "applies to --task charlm only"]);
+    }
+    let o = moe(&["train", "--task", "teacher", "--corpus", "generated"]);
+    refused(&o, &["--corpus applies to --task charlm only"]);
+}
+
+#[test]
 fn resume_without_a_checkpoint_names_the_file() {
     let dir = scratch("train-resume-missing");
     let o = tiny(&["--routers", "softmax-topk", "--resume", s(&dir)]);
