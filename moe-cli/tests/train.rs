@@ -45,8 +45,9 @@ fn tiny_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args: Vec<&str> = TINY.to_vec();
     let mut i = 0;
     while i < extra.len() {
-        match args.iter().position(|a| *a == extra[i]) {
-            Some(at) if i + 1 < extra.len() => {
+        let known = extra[i].starts_with("--") && i + 1 < extra.len();
+        match args.iter().position(|a| *a == extra[i]).filter(|_| known) {
+            Some(at) => {
                 args[at + 1] = extra[i + 1];
                 i += 2;
             }
@@ -353,6 +354,51 @@ fn bad_flags_exit_2_naming_the_flag() {
     }
 }
 
+/// A NaN stops its run, naming the step and the layer in the run's row; the command exits 2 after printing.
+#[test]
+fn a_diverging_run_is_a_row_naming_step_and_layer() {
+    let o = tiny(&[
+        "--routers",
+        "softmax-topk",
+        "--no-dense",
+        "--lr",
+        "1e30",
+        "--min-lr",
+        "0",
+        "--warmup",
+        "0",
+        "--grad-clip",
+        "0",
+    ]);
+    // One run: its error is the command's.
+    refused(&o, &["non-finite", "at step", "in layer"]);
+    let o = tiny(&[
+        "--routers",
+        "softmax-topk",
+        "--lr",
+        "1e30",
+        "--min-lr",
+        "0",
+        "--warmup",
+        "0",
+        "--grad-clip",
+        "0",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let out = stdout(&o);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("softmax-topk,"))
+        .expect("a row for the run");
+    assert!(
+        row.contains("failed: non-finite") && row.contains("at step") && row.contains("in layer"),
+        "{row}"
+    );
+    assert!(stderr(&o).contains("2 of 2 runs failed"), "{}", stderr(&o));
+}
+
 #[test]
 fn teacher_task_refuses_the_language_model_flags() {
     for flag in [
@@ -393,4 +439,97 @@ fn missing_corpus_says_how_to_fetch_it() {
         .output()
         .expect("the moe binary runs");
     refused(&o, &["corpus shakespeare", "--fetch-corpus shakespeare"]);
+}
+
+/// A plugin router without a backward: token `i` takes expert `i mod E` with weight 1.
+mod no_backward {
+    use moe_core::{
+        Assignment, MoeError, Router, RouterArgs, RouterConfig, RouterEntry, RouterInput,
+        RouterRegistry, Routing,
+    };
+
+    moe_core::router_options! {
+        /// Options of `round-robin`.
+        pub struct RoundRobinConfig {
+            /// Unused.
+            unused: f64 = 1.0,
+        }
+    }
+
+    impl RouterConfig for RoundRobinConfig {
+        fn is_causal(&self) -> bool {
+            true
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    struct RoundRobin {
+        d: usize,
+        e: usize,
+    }
+
+    impl Router for RoundRobin {
+        fn name(&self) -> &str {
+            "round-robin"
+        }
+        fn n_experts(&self) -> usize {
+            self.e
+        }
+        fn d_model(&self) -> Option<usize> {
+            Some(self.d)
+        }
+        fn route(&self, input: &RouterInput<'_>) -> Result<Routing, MoeError> {
+            let t = input.n_tokens();
+            let kept = (0..t)
+                .map(|i| Assignment {
+                    token: i as u32,
+                    expert: (i % self.e) as u32,
+                    weight: 1.0,
+                    rank: 0,
+                })
+                .collect();
+            Routing::new(t, self.e, t, kept, Vec::new())
+        }
+    }
+
+    fn factory(a: &RouterArgs) -> Result<Box<dyn Router>, MoeError> {
+        Ok(Box::new(RoundRobin {
+            d: a.d_model,
+            e: a.n_experts,
+        }))
+    }
+
+    /// The built-in routers plus `round-robin`.
+    pub fn registry() -> RouterRegistry {
+        let mut reg = moe_routers::builtin();
+        reg.register(RouterEntry::new::<RoundRobinConfig>(
+            "round-robin",
+            "test plugin without a backward",
+            factory,
+        ))
+        .expect("registers");
+        reg
+    }
+}
+
+/// A plugin without a backward is a row with the reason: named in `--routers` next to another router, the other
+/// runs and the command exits 2; alone, its error is the command's (exit 2); in `all`, the command exits 0.
+#[test]
+fn a_router_without_backward_is_a_row_not_the_end() {
+    use std::process::ExitCode;
+    let run = |extra: &[&str]| {
+        let mut args = vec!["moe"];
+        args.extend(tiny_args(extra));
+        moe_cli::run_from(no_backward::registry(), args)
+    };
+    assert_eq!(
+        run(&["--routers", "round-robin,softmax-topk", "--format", "csv"]),
+        ExitCode::from(2)
+    );
+    assert_eq!(
+        run(&["--routers", "round-robin", "--no-dense", "--format", "csv"]),
+        ExitCode::from(2)
+    );
+    // In the default set (`all`), a router that cannot be trained is a row and the command succeeds.
+    assert_eq!(run(&["--format", "csv"]), ExitCode::SUCCESS);
 }
