@@ -248,7 +248,7 @@ struct TrainDoc<'a> {
 pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliError> {
     if let Some(name) = &a.fetch_corpus {
         let cache = moe_train::data::cache_dir();
-        let path = moe_train::data::fetch(name, &cache).map_err(train_error)?;
+        let path = moe_train::fetch::fetch(name, &cache).map_err(train_error)?;
         eprintln!("corpus {name} is installed at {}", path.display());
         return Ok(());
     }
@@ -626,25 +626,12 @@ fn estimate_teacher(plan: &Plan, t: &TeacherConfig) -> Result<(), CliError> {
 
 /// The corpus of the `charlm` task, checked to hold one window of context + 1 bytes in each part.
 fn load_corpus(name: &str, plan: &Plan) -> Result<Corpus, CliError> {
-    let min_part = plan.model.context + 2;
-    if !matches!(name, "shakespeare" | "jargon" | "generated") && !Path::new(name).is_file() {
-        return Err(CliError::Usage(format!(
-            "--corpus {}: not a corpus name (shakespeare, jargon, generated) nor a readable file",
-            crate::output::escape_control(name)
-        )));
-    }
-    let corpus = if name == "generated" {
+    let context = plan.model.context;
+    if name == "generated" {
         let bytes = moe_train::data::generated(plan.train.seed, GENERATED_BYTES);
-        Corpus::from_bytes("generated", bytes, min_part)
-    } else {
-        moe_train::data::load(name, &moe_train::data::cache_dir())
+        return Corpus::from_bytes("generated", bytes, context + 2).map_err(train_error);
     }
-    .map_err(train_error)?;
-    if corpus.train().len() < min_part || corpus.val().len() < min_part {
-        return Corpus::from_bytes(&corpus.name, corpus.bytes().to_vec(), min_part)
-            .map_err(train_error);
-    }
-    Ok(corpus)
+    moe_train::data::load(name, &moe_train::data::cache_dir(), context).map_err(train_error)
 }
 
 /// `label` as a file name: letters, digits, `.`, `-` and `_` kept, anything else `_`.
