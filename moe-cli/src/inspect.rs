@@ -169,8 +169,11 @@ fn print_train_checkpoint(
     info: &moe_train::checkpoint::CheckpointInfo,
     format: Format,
 ) -> Result<(), CliError> {
+    // Model parameters first, then the optimizer's moments (`adamw.*`), each by name.
+    let mut tensors: Vec<&(String, Vec<usize>)> = info.tensors.iter().collect();
+    tensors.sort_by_key(|(name, _)| (name.starts_with("adamw."), name.as_str()));
     let mut t = Table::new(&["tensor", "shape"]);
-    for (name, shape) in &info.tensors {
+    for (name, shape) in &tensors {
         t.push(vec![esc(name), format!("{shape:?}")]);
     }
     let (m, f, tr) = (&info.model, &info.model.ffn, &info.train);
@@ -222,8 +225,7 @@ fn print_train_checkpoint(
                 step: info.step,
                 model: &info.model,
                 train: &info.train,
-                tensors: info
-                    .tensors
+                tensors: tensors
                     .iter()
                     .map(|(name, shape)| TrainTensor { name, shape })
                     .collect(),
@@ -245,7 +247,7 @@ fn print_train_checkpoint(
             for (k, v) in &summary {
                 println!("{k}: {v}");
             }
-            for (name, shape) in &info.tensors {
+            for (name, shape) in &tensors {
                 println!("    {} {shape:?}", esc(name));
             }
         }

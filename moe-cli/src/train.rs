@@ -302,10 +302,11 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
             })
             .collect(),
     };
+    // The results first: a plot that cannot be written must not lose them.
+    print(&doc, &plan, &outcomes, a.format)?;
     if let Some(path) = &a.plot {
         write_plot(path, &plan, &doc.runs)?;
     }
-    print(&doc, &plan, &outcomes, a.format)?;
     exit_status(&plan, &doc.failed)
 }
 

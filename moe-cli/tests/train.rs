@@ -533,3 +533,15 @@ fn a_router_without_backward_is_a_row_not_the_end() {
     // In the default set (`all`), a router that cannot be trained is a row and the command succeeds.
     assert_eq!(run(&["--format", "csv"]), ExitCode::SUCCESS);
 }
+
+/// A file whose header says `moe-train/1` but lacks the rest is refused by the checkpoint reader, exit 2, naming
+/// the file and what is missing (not handed to the Hugging Face reader).
+#[test]
+fn inspect_refuses_a_broken_train_checkpoint() {
+    let dir = scratch("train-broken-ckpt");
+    let p = dir.join("broken.safetensors");
+    let header = r#"{"__metadata__":{"format":"moe-train/1"},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    std::fs::write(&p, common::raw_safetensors(header, &1f32.to_le_bytes())).expect("write");
+    let o = moe(&["inspect", s(&p)]);
+    refused(&o, &["broken.safetensors", "metadata has no"]);
+}
