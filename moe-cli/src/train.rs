@@ -57,6 +57,7 @@ pub(crate) enum Task {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = defaults_help())]
 pub(crate) struct TrainArgs {
     /// What the models learn.
     #[arg(long, value_enum, default_value_t = Task::Charlm)]
@@ -77,8 +78,8 @@ pub(crate) struct TrainArgs {
     /// $XDG_CACHE_HOME/moe-rs/corpora, else ~/.cache/moe-rs/corpora) and exit.
     #[arg(long, value_name = "NAME")]
     fetch_corpus: Option<String>,
-    /// Optimizer steps per run [default: the `charlm` configuration of moe-train, `TrainConfig::default()`, and
-    /// its FFN; every unset size below too; the teacher task's width and batch: `TeacherConfig::default()`].
+    /// Optimizer steps per run (the defaults of this and every size below: moe-train's charlm configuration,
+    /// listed at the end of `--help`).
     #[arg(long)]
     steps: Option<usize>,
     /// Sequences per batch B (tokens per step B · C); teacher task: samples per step.
@@ -165,6 +166,41 @@ pub(crate) struct TrainArgs {
 
 /// Where a run saves its checkpoint and where it resumes from.
 type CheckpointPaths = (Option<PathBuf>, Option<PathBuf>);
+
+/// The defaults of the size and optimizer flags, read from moe-train (`LmConfig::charlm`, `FfnConfig::charlm`,
+/// `TrainConfig::default()`, `TeacherConfig::default()`), for `--help`.
+fn defaults_help() -> String {
+    let m = LmConfig::charlm(FfnConfig::charlm(FfnKind::Dense));
+    let (f, t, tc) = (&m.ffn, TrainConfig::default(), TeacherConfig::default());
+    let o = &t.optim;
+    format!(
+        "Defaults (moe-train's charlm configuration): --steps {} --batch {} --context {} --layers {} --d-model {} \
+         --heads {} --experts {} -k {} --expert-width {} --bank {} --lr {} --min-lr {} --warmup {} --weight-decay {} \
+         --grad-clip {} --bias-rate {} --eval-interval {} --eval-batches {} --seed {}; task teacher: --d-model {} \
+         --batch {}.",
+        t.steps,
+        t.batch,
+        m.context,
+        m.n_layers,
+        m.d_model,
+        m.n_heads,
+        f.experts,
+        f.top_k,
+        f.expert_width,
+        f.bank.name(),
+        o.lr,
+        o.min_lr,
+        o.warmup,
+        o.weight_decay,
+        o.grad_clip,
+        t.bias_rate,
+        t.eval_interval,
+        t.eval_batches,
+        t.seed,
+        tc.d_model,
+        tc.batch
+    )
+}
 
 /// One run to do: its label (the dense baseline's is `dense`) and its FFN.
 #[derive(Debug, Clone)]

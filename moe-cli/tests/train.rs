@@ -545,3 +545,23 @@ fn inspect_refuses_a_broken_train_checkpoint() {
     let o = moe(&["inspect", s(&p)]);
     refused(&o, &["broken.safetensors", "metadata has no"]);
 }
+
+/// `--help` lists the defaults as moe-train defines them (one source of the numbers).
+#[test]
+fn help_lists_the_defaults_of_moe_train() {
+    let o = moe(&["train", "--help"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let t = moe_train::TrainConfig::default();
+    let ffn = moe_train::FfnConfig::charlm(moe_train::FfnKind::Dense);
+    let m = moe_train::LmConfig::charlm(ffn.clone());
+    for needle in [
+        format!("--steps {}", t.steps),
+        format!("--d-model {}", m.d_model),
+        format!("--experts {}", ffn.experts),
+        format!("--expert-width {}", ffn.expert_width),
+        "--fetch-corpus".to_string(),
+    ] {
+        assert!(out.contains(&needle), "{needle:?} missing from\n{out}");
+    }
+}
