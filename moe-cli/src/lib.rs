@@ -30,6 +30,7 @@ mod plot;
 mod progress;
 mod route;
 mod spec;
+mod train;
 mod verify;
 mod workload;
 
@@ -115,6 +116,8 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Show the family, MoE config and per-block tensors of a checkpoint.
     Inspect(inspect::InspectArgs),
+    /// Train a small model per router plus the dense baseline and compare what they learn (loss, balance, cost).
+    Train(Box<train::TrainArgs>),
 }
 
 /// An error with the exit code it should produce.
@@ -211,6 +214,7 @@ where
         Command::List(a) => list::run(&registry, &a),
         Command::Verify(a) => verify::run(&a),
         Command::Inspect(a) => inspect::run(&a),
+        Command::Train(a) => train::run(&registry, &a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -109,3 +109,220 @@ fn escape(t: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+/// Colours of the lines of [`curves_svg`] (matplotlib's `tab10`), reused in turn past ten series.
+const PALETTE: [&str; 10] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
+
+/// One line of a [`curves_svg`] panel: a label for the legend and its points `(x, y)`; non-finite points are
+/// left out.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel of a [`curves_svg`] chart: its title, the y axis' name and the lines, drawn over a shared x axis.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Panel {
+    pub title: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+/// The rounded range `[lo, hi]` of the finite `values`, padded 5 %; a flat or empty range is widened so the
+/// axis has a length.
+fn axis_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in values.filter(|v| v.is_finite()) {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        let pad = (hi.abs() * 0.05).max(0.5);
+        return (lo - pad, hi + pad);
+    }
+    let pad = (hi - lo) * 0.05;
+    (lo - pad, hi + pad)
+}
+
+/// A tick label: few digits, as the range needs.
+fn tick(v: f64, span: f64) -> String {
+    if span >= 50.0 {
+        format!("{v:.0}")
+    } else if span >= 5.0 {
+        format!("{v:.1}")
+    } else if span >= 0.5 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Renders `panels` stacked, one line per series with a legend on the right, over the x axis `x_label` (from 0 to
+/// the largest x, non-negative x expected); a self-contained SVG in the style of [`load_svg`]. Each point carries a tooltip with its values.
+pub(crate) fn curves_svg(title: &str, x_label: &str, panels: &[Panel]) -> String {
+    let (left, plot_w, legend_w, panel_h, gap, top) =
+        (80.0f64, 640.0f64, 260.0f64, 260.0f64, 70.0f64, 40.0f64);
+    let width = left + plot_w + legend_w;
+    let height = top + (panel_h + gap) * panels.len() as f64 + 10.0;
+    // The x axis starts at 0 (steps, samples) and ends at the last point.
+    let x_hi = panels
+        .iter()
+        .flat_map(|p| p.series.iter())
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let (x_lo, x_hi) = (0.0, if x_hi > 0.0 { x_hi } else { 1.0 });
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14">{}</text>"#,
+        escape(title)
+    );
+    for (i, panel) in panels.iter().enumerate() {
+        let y0 = top + (panel_h + gap) * i as f64 + 25.0;
+        draw_panel(&mut s, panel, (left, y0, plot_w, panel_h), (x_lo, x_hi));
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="gray">{}</text>"#,
+            left + plot_w / 2.0,
+            y0 + panel_h + 32.0,
+            escape(x_label)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Draws one panel in the box `(x, y, w, h)` with the shared x range.
+fn draw_panel(
+    s: &mut String,
+    panel: &Panel,
+    (bx, by, bw, bh): (f64, f64, f64, f64),
+    x: (f64, f64),
+) {
+    let (y_lo, y_hi) = axis_range(
+        panel
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1)),
+    );
+    let px = |v: f64| bx + bw * (v - x.0) / (x.1 - x.0);
+    let py = |v: f64| by + bh - bh * (v - y_lo) / (y_hi - y_lo);
+    let _ = writeln!(
+        s,
+        r#"<text x="{bx:.1}" y="{:.1}" font-size="13">{}</text>"#,
+        by - 8.0,
+        escape(&panel.title)
+    );
+    let _ = writeln!(
+        s,
+        r##"<rect x="{bx:.1}" y="{by:.1}" width="{bw:.1}" height="{bh:.1}" fill="none" stroke="#333"/>"##
+    );
+    for t in 0..=4 {
+        let f = f64::from(t) / 4.0;
+        let (yv, xv) = (y_lo + (y_hi - y_lo) * f, x.0 + (x.1 - x.0) * f);
+        let (yy, xx) = (py(yv), px(xv));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{bx:.1}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            bx + bw,
+            bx - 6.0,
+            yy + 4.0,
+            tick(yv, y_hi - y_lo)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            by + bh + 16.0,
+            tick(xv, x.1 - x.0)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate({:.1},{:.1}) rotate(-90)" text-anchor="middle" fill="gray">{}</text>"#,
+        bx - 55.0,
+        by + bh / 2.0,
+        escape(&panel.y_label)
+    );
+    for (j, series) in panel.series.iter().enumerate() {
+        let colour = PALETTE[j % PALETTE.len()];
+        let pts: Vec<(f64, f64)> = series
+            .points
+            .iter()
+            .copied()
+            .filter(|(a, b)| a.is_finite() && b.is_finite())
+            .collect();
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(a, b)| format!("{:.1},{:.1}", px(a), py(b)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
+            path.join(" ")
+        );
+        for &(a, b) in &pts {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{colour}"><title>{}: {a} → {b:.4}</title></circle>"#,
+                px(a),
+                py(b),
+                escape(&series.label)
+            );
+        }
+        let ly = by + 14.0 + 18.0 * j as f64;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            bx + bw + 15.0,
+            bx + bw + 40.0,
+            ly - 4.0,
+            ly - 4.0,
+            bx + bw + 46.0,
+            ly,
+            escape(&series.label)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curves_have_one_line_per_series_and_skip_non_finite_points() {
+        let panel = Panel {
+            title: "val <loss>".into(),
+            y_label: "nats".into(),
+            series: vec![
+                Series {
+                    label: "a&b".into(),
+                    points: vec![(0.0, 2.0), (10.0, f64::NAN), (20.0, 1.5)],
+                },
+                Series {
+                    label: "flat".into(),
+                    points: vec![(10.0, 1.0)],
+                },
+            ],
+        };
+        let svg = curves_svg("t", "step", &[panel.clone(), panel]);
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert_eq!(svg.matches("<circle").count(), 6);
+        assert!(svg.contains("a&amp;b") && svg.contains("val &lt;loss&gt;"));
+        assert!(!svg.contains("NaN"));
+        assert_eq!(axis_range(std::iter::empty()), (0.0, 1.0));
+        assert_eq!(axis_range([2.0].into_iter()), (1.5, 2.5));
+    }
+}

@@ -86,6 +86,18 @@ pub struct FfnConfig {
 }
 
 impl FfnConfig {
+    /// The default `charlm` FFN of kind `kind`: 8 MLP experts of width 256, top-2 (the MoE measurement;
+    /// the dense baseline is then one MLP of width 512, nanoGPT's `4 · d` at d = 128).
+    pub fn charlm(kind: FfnKind) -> Self {
+        FfnConfig {
+            kind,
+            bank: BankKind::Mlp,
+            experts: 8,
+            top_k: 2,
+            expert_width: 256,
+        }
+    }
+
     /// A label for tables: the router spec as typed, or `dense`.
     pub fn label(&self) -> String {
         match &self.kind {
