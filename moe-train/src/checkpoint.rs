@@ -34,8 +34,8 @@ pub struct CheckpointInfo {
     pub model: LmConfig,
     /// The loop.
     pub train: TrainConfig,
-    /// Tensors (name, shape), sorted by name: the model's parameters and the optimizer's moments
-    /// (`adamw.m.NAME`, `adamw.v.NAME`).
+    /// Tensors (name, shape): the model's parameters by name, then the optimizer's moments (`adamw.m.NAME`,
+    /// `adamw.v.NAME`) by name.
     pub tensors: Vec<(String, Vec<usize>)>,
 }
 
@@ -184,20 +184,64 @@ fn header(path: &Path, st_meta: &Option<HashMap<String, String>>) -> Result<Head
     })
 }
 
-/// Reads a checkpoint's header.
+/// Largest header `read_info` reads (safetensors' own limit is 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// The header of a safetensors file (its 8-byte length and the JSON), read without the tensors' data.
+fn read_header_bytes(path: &Path) -> Result<Vec<u8>, TrainError> {
+    use std::io::Read;
+    let io = |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(bad(path, "not a regular file"));
+    }
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad(path, "shorter than a safetensors header"))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER || n + 8 > meta.len() {
+        return Err(bad(
+            path,
+            format!("header length {n} does not fit the file"),
+        ));
+    }
+    let mut buf = len.to_vec();
+    buf.resize(8 + n as usize, 0);
+    f.read_exact(&mut buf[8..]).map_err(io)?;
+    Ok(buf)
+}
+
+/// Reads a checkpoint's header alone (not the tensors' data). Tensors are listed model parameters first, then
+/// the optimizer's moments, each group by name.
 ///
 /// # Errors
 /// [`TrainError::Checkpoint`] for a file that is not a moe-train checkpoint; [`TrainError::Io`].
 pub fn read_info(path: &Path) -> Result<CheckpointInfo, TrainError> {
-    let bytes = read_bytes(path)?;
-    let (_, md) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e.to_string()))?;
-    let h = header(path, md.metadata())?;
-    let mut tensors: Vec<(String, Vec<usize>)> = md
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.shape.clone()))
-        .collect();
-    tensors.sort();
+    let bytes = read_header_bytes(path)?;
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..])
+        .map_err(|e| bad(path, format!("header is not safetensors JSON: {e}")))?;
+    let metadata: Option<HashMap<String, String>> = match json.get("__metadata__") {
+        Some(m) => Some(
+            serde_json::from_value(m.clone())
+                .map_err(|e| bad(path, format!("header `__metadata__`: {e}")))?,
+        ),
+        None => None,
+    };
+    let h = header(path, &metadata)?;
+    let mut tensors = Vec::with_capacity(json.len());
+    for (name, t) in json.iter().filter(|(k, _)| *k != "__metadata__") {
+        let shape: Vec<usize> = t
+            .get("shape")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad(path, format!("tensor `{name}` has no shape")))?;
+        tensors.push((name.clone(), shape));
+    }
+    tensors
+        .sort_by(|a, b| (a.0.starts_with("adamw."), &a.0).cmp(&(b.0.starts_with("adamw."), &b.0)));
     Ok(CheckpointInfo {
         path: path.to_path_buf(),
         label: h.meta.label,

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use moe_backends::cpu::CpuBackend;
 use moe_core::rng::{SeqRng, splitmix64};
 use moe_core::{
-    AuxLossKind, Backend, DeviceLayer, ExpertBank, LayerGrads, MlpBank, Mode, MoeError, MoeLayer, PeerBank,
-    Router, RouterArgs, RouterInput, RouterRegistry, Routing, SwiGluBank,
+    AuxLossKind, Backend, DeviceLayer, ExpertBank, LayerGrads, MlpBank, Mode, MoeError, MoeLayer,
+    PeerBank, Router, RouterArgs, RouterInput, RouterRegistry, Routing, SwiGluBank,
 };
 use ndarray::{Array1, Array2, Array3, ArrayViewD, ArrayViewMutD};
 
@@ -334,7 +334,10 @@ pub fn peer_shape(cfg: &LmConfig) -> Option<PeerShape> {
     let ffn = &cfg.ffn;
     match &ffn.kind {
         FfnKind::Moe { router, options } if router == "peer" => {
-            let n = ((ffn.experts * ffn.expert_width) as f64).sqrt().round().max(1.0) as usize;
+            let n = ((ffn.experts * ffn.expert_width) as f64)
+                .sqrt()
+                .round()
+                .max(1.0) as usize;
             let active = ffn.top_k * ffn.expert_width;
             let heads = options
                 .get("heads")
@@ -568,33 +571,15 @@ impl Lm {
         };
         let mut d_aux = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
-            let p = &self.params.blocks[l];
             let (done, rest) = ws.blocks.split_at_mut(l + 1);
             let b = &mut done[l];
-            ops::rmsnorm(
-                b.a.view_mut(),
-                &mut b.inv1,
-                b.x_in.view(),
-                p.attn_norm.view(),
-                cfg.norm_eps,
-            );
-            ops::linear(b.qkv.view_mut(), b.a.view(), p.qkv.view())?;
-            ops::attention(
-                b.o.view_mut(),
-                &mut b.probs,
+            attention_half(
+                &self.params.blocks[l],
+                b,
                 &mut ws.scratch,
-                b.qkv.view(),
                 shape,
-            )?;
-            ops::linear(b.x_mid.view_mut(), b.o.view(), p.proj.view())?;
-            ops::add_assign(b.x_mid.view_mut(), b.x_in.view());
-            ops::rmsnorm(
-                b.f.view_mut(),
-                &mut b.inv2,
-                b.x_mid.view(),
-                p.ffn_norm.view(),
                 cfg.norm_eps,
-            );
+            )?;
             let input = RouterInput::new(b.f.view())
                 .with_token_ids(&ws.tokens)
                 .with_seq_lens(&ws.seq_lens)
@@ -636,33 +621,14 @@ impl Lm {
                 self.routings[l] = Some(out.routing);
             }
         }
-        ops::rmsnorm(
-            ws.h.view_mut(),
-            &mut ws.inv_f,
-            ws.x_out.view(),
-            self.params.norm.view(),
+        stats.ce = head_forward(
+            ws,
+            &self.params,
+            &batch.targets,
+            seed.is_some(),
             cfg.norm_eps,
-        );
-        ops::linear(
-            ws.logits.view_mut(),
-            ws.h.view(),
-            self.params.tok_emb.view(),
+            step,
         )?;
-        stats.ce = ops::cross_entropy(ws.logits.view_mut(), &batch.targets, seed.is_some())?;
-        if !stats.ce.is_finite() {
-            let layer = ws
-                .blocks
-                .iter()
-                .skip(1)
-                .map(|b| &b.x_in)
-                .chain(std::iter::once(&ws.x_out))
-                .position(|x| !ops::all_finite(x.view()));
-            return Err(TrainError::NonFinite {
-                step,
-                layer,
-                what: "loss".into(),
-            });
-        }
         debug_assert_eq!(ws.rows, t);
         Ok((stats, d_aux))
     }
@@ -827,6 +793,72 @@ impl Lm {
         }
         Ok(())
     }
+}
+
+/// A block's attention half and the FFN's input: `a = rmsnorm(x_in) ⊙ attn_norm`, `qkv`, attention,
+/// `x_mid = x_in + o · projᵀ`, `f = rmsnorm(x_mid) ⊙ ffn_norm`.
+fn attention_half(
+    p: &BlockParams,
+    b: &mut BlockActs,
+    scratch: &mut Vec<f32>,
+    shape: AttnShape,
+    eps: f32,
+) -> Result<(), TrainError> {
+    ops::rmsnorm(
+        b.a.view_mut(),
+        &mut b.inv1,
+        b.x_in.view(),
+        p.attn_norm.view(),
+        eps,
+    );
+    ops::linear(b.qkv.view_mut(), b.a.view(), p.qkv.view())?;
+    ops::attention(b.o.view_mut(), &mut b.probs, scratch, b.qkv.view(), shape)?;
+    ops::linear(b.x_mid.view_mut(), b.o.view(), p.proj.view())?;
+    ops::add_assign(b.x_mid.view_mut(), b.x_in.view());
+    ops::rmsnorm(
+        b.f.view_mut(),
+        &mut b.inv2,
+        b.x_mid.view(),
+        p.ffn_norm.view(),
+        eps,
+    );
+    Ok(())
+}
+
+/// The final norm, the tied head and the mean cross-entropy (its gradient left in `ws.logits` when `grad`); a
+/// non-finite loss names the first block whose output is not finite.
+fn head_forward(
+    ws: &mut Workspace,
+    p: &DenseParams,
+    targets: &[u32],
+    grad: bool,
+    eps: f32,
+    step: usize,
+) -> Result<f64, TrainError> {
+    ops::rmsnorm(
+        ws.h.view_mut(),
+        &mut ws.inv_f,
+        ws.x_out.view(),
+        p.norm.view(),
+        eps,
+    );
+    ops::linear(ws.logits.view_mut(), ws.h.view(), p.tok_emb.view())?;
+    let ce = ops::cross_entropy(ws.logits.view_mut(), targets, grad)?;
+    if !ce.is_finite() {
+        let layer = ws
+            .blocks
+            .iter()
+            .skip(1)
+            .map(|b| &b.x_in)
+            .chain(std::iter::once(&ws.x_out))
+            .position(|x| !ops::all_finite(x.view()));
+        return Err(TrainError::NonFinite {
+            step,
+            layer,
+            what: "loss".into(),
+        });
+    }
+    Ok(ce)
 }
 
 /// A non-finite value an MoE layer refused becomes [`TrainError::NonFinite`] naming the step and the layer.

@@ -187,10 +187,28 @@ fn non_causal_routers_train_with_the_leak_stated() {
 #[test]
 fn peer_is_sized_for_equal_active_parameters_and_trains() {
     let registry = moe_routers::builtin();
-    let r = train_lm(&run(&registry, moe("peer"), 10, 2), &corpus(), &mut NoProgress).expect("peer trains");
-    let dense = train_lm(&run(&registry, FfnKind::Dense, 10, 2), &corpus(), &mut NoProgress).expect("dense");
-    eprintln!("peer: active {} total {}; dense active {}", r.active_params, r.total_params, dense.active_params);
+    let r = train_lm(
+        &run(&registry, moe("peer"), 10, 2),
+        &corpus(),
+        &mut NoProgress,
+    )
+    .expect("peer trains");
+    let dense = train_lm(
+        &run(&registry, FfnKind::Dense, 10, 2),
+        &corpus(),
+        &mut NoProgress,
+    )
+    .expect("dense");
+    eprintln!(
+        "peer: active {} total {}; dense active {}",
+        r.active_params, r.total_params, dense.active_params
+    );
     // k · F = 64 hidden units per token in both; PEER's query projections and keys add router parameters.
-    assert!(r.active_params >= dense.active_params, "{} < {}", r.active_params, dense.active_params);
+    assert!(
+        r.active_params >= dense.active_params,
+        "{} < {}",
+        r.active_params,
+        dense.active_params
+    );
     assert!(r.final_val_loss.is_finite());
 }
