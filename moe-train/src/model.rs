@@ -283,93 +283,119 @@ impl std::fmt::Debug for Lm {
     }
 }
 
+/// How the FFN of every block is sized for its router, so that every router uses `k · F` hidden units per token
+/// (equal active parameters): the experts' count and width, the experts a token uses, and the router options the
+/// trainer sets where the user did not (docs/TRAINING.md, "Equal active parameters").
+///
+/// - dense: one expert of width `k · F`, taken by every token;
+/// - `switch-top1` (one expert per token by definition): `E` experts of width `k · F`;
+/// - `hash`: `k` (its own option, default 1) set to the model's `k`;
+/// - `expert-choice`: `capacity_factor` (tokens per expert `T · c / E`, so `c` experts per token on average) set
+///   to `k`;
+/// - `peer`: `N = n²` singleton experts with `n = round(√(E · F))` (about the hidden units of the others' layers),
+///   `h` heads (the smallest power of two with `h · n ≥ k · F`) keeping `k · F / h` experts each;
+/// - every other router (softmax-topk, noisy-topk, plugins): `E` experts of width `F`, `k` per token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FfnShape {
+    /// Experts per layer.
+    pub experts: usize,
+    /// Hidden width of one expert (1 for PEER's singletons).
+    pub width: usize,
+    /// Experts a token uses (on average for expert choice).
+    pub per_token: usize,
+    /// The router's options: the user's, plus those the sizing sets.
+    pub options: serde_json::Map<String, serde_json::Value>,
+    /// PEER's singleton experts, when the router is `peer`.
+    pub peer: bool,
+}
+
+/// The sizing of `cfg`'s FFN ([`FfnShape`]).
+pub fn ffn_shape(cfg: &LmConfig) -> FfnShape {
+    let ffn = &cfg.ffn;
+    let (k, f, e) = (ffn.top_k, ffn.expert_width, ffn.experts);
+    let shape = |experts, width, per_token, options| FfnShape {
+        experts,
+        width,
+        per_token,
+        options,
+        peer: false,
+    };
+    let (router, user) = match &ffn.kind {
+        FfnKind::Dense => return shape(1, k * f, 1, Default::default()),
+        FfnKind::Moe { router, options } => (router.as_str(), options.clone()),
+    };
+    let mut options = user;
+    let uint = |o: &serde_json::Map<String, serde_json::Value>, key: &str, default: usize| {
+        o.get(key).and_then(|v| v.as_u64()).map_or(default, |v| v as usize)
+    };
+    match router {
+        "switch-top1" => shape(e, k * f, 1, options),
+        "hash" => {
+            options.entry("k").or_insert_with(|| k.into());
+            let per = uint(&options, "k", k);
+            shape(e, f, per, options)
+        }
+        "expert-choice" => {
+            options.entry("capacity_factor").or_insert_with(|| (k as f64).into());
+            shape(e, f, k, options)
+        }
+        "peer" => {
+            let n = ((e * f) as f64).sqrt().round().max(1.0) as usize;
+            let active = k * f;
+            let heads = uint(&options, "heads", active.div_ceil(n).next_power_of_two()).max(1);
+            options.entry("heads").or_insert_with(|| heads.into());
+            options.entry("k").or_insert_with(|| (active / heads).clamp(1, n).into());
+            let per_head = uint(&options, "k", 1);
+            FfnShape {
+                experts: n * n,
+                width: 1,
+                per_token: heads * per_head,
+                options,
+                peer: true,
+            }
+        }
+        _ => shape(e, f, k, options),
+    }
+}
+
 /// The router of block `l` (dense: [`DenseRouter`]).
 fn make_router(
     registry: &RouterRegistry,
     cfg: &LmConfig,
+    shape: &FfnShape,
     seed: u64,
     l: usize,
 ) -> Result<Box<dyn Router>, TrainError> {
-    let ffn = &cfg.ffn;
-    match &ffn.kind {
+    match &cfg.ffn.kind {
         FfnKind::Dense => Ok(Box::new(DenseRouter {
             d_model: cfg.d_model,
         })),
-        FfnKind::Moe { router, options } => {
+        FfnKind::Moe { router, .. } => {
             let mut args = RouterArgs::new(
                 cfg.d_model,
-                ffn.experts,
-                ffn.top_k,
+                shape.experts,
+                cfg.ffn.top_k,
                 splitmix64(seed ^ (l as u64 + 1)),
             );
-            args.options = options.clone();
-            if let Some(p) = peer_shape(cfg) {
-                args.n_experts = p.n_experts;
-                for (key, v) in [("heads", p.heads), ("k", p.k)] {
-                    args.options.entry(key).or_insert_with(|| v.into());
-                }
-            }
+            args.options = shape.options.clone();
             Ok(registry.create(router, &args)?)
         }
     }
 }
 
-/// How a PEER layer is sized in this model (PEER routes among `N = n²` singleton experts `e_i(x) = act(u_i · x)
-/// v_i`, He 2024): `n = round(√(E · F))`, so the layer holds about as many hidden units as the MoE layers'
-/// `E · F`; `h` heads, the smallest power of two with `h · n ≥ k · F`, each keeping `k · F / h` experts, so a
-/// token uses `k · F` hidden units, as the other routers' `k` experts of width `F` (equal active parameters for
-/// the MLP bank). Options the user gave (`peer:heads=8,k=16`) are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerShape {
-    /// `N = n²`.
-    pub n_experts: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Experts kept per head.
-    pub k: usize,
-}
-
-/// The PEER sizing of `cfg`, when its FFN is routed by `peer`.
-pub fn peer_shape(cfg: &LmConfig) -> Option<PeerShape> {
+/// The experts of block `l` ([`FfnShape`]): `E` experts of the bank's kind, or PEER's singletons.
+fn make_bank(cfg: &LmConfig, shape: &FfnShape, seed: u64, l: usize) -> Result<ExpertBank, MoeError> {
     let ffn = &cfg.ffn;
-    match &ffn.kind {
-        FfnKind::Moe { router, options } if router == "peer" => {
-            let n = ((ffn.experts * ffn.expert_width) as f64)
-                .sqrt()
-                .round()
-                .max(1.0) as usize;
-            let active = ffn.top_k * ffn.expert_width;
-            let heads = options
-                .get("heads")
-                .and_then(|v| v.as_u64())
-                .map_or_else(|| active.div_ceil(n).next_power_of_two(), |h| h as usize)
-                .max(1);
-            Some(PeerShape {
-                n_experts: n * n,
-                heads,
-                k: (active / heads).clamp(1, n),
-            })
-        }
-        _ => None,
-    }
-}
-
-/// The experts of block `l`: `E` experts of width `F` (dense: one of width `k · F`; PEER: [`peer_shape`]).
-fn make_bank(cfg: &LmConfig, seed: u64, l: usize) -> Result<ExpertBank, MoeError> {
-    let ffn = &cfg.ffn;
-    if let Some(p) = peer_shape(cfg) {
+    if shape.peer {
         let out_std = INIT_STD / (2.0 * cfg.n_layers as f32).sqrt();
         let d = cfg.d_model;
         return Ok(ExpertBank::Peer(PeerBank::new(
-            SeqRng::new(seed, stream(l, 2)).normal_matrix(p.n_experts, d, INIT_STD),
-            SeqRng::new(seed, stream(l, 3)).normal_matrix(p.n_experts, d, out_std),
+            SeqRng::new(seed, stream(l, 2)).normal_matrix(shape.experts, d, INIT_STD),
+            SeqRng::new(seed, stream(l, 3)).normal_matrix(shape.experts, d, out_std),
             ffn.bank.activation(),
         )?));
     }
-    let (e, f) = match ffn.kind {
-        FfnKind::Dense => (1, ffn.top_k * ffn.expert_width),
-        FfnKind::Moe { .. } => (ffn.experts, ffn.expert_width),
-    };
+    let (e, f) = (shape.experts, shape.width);
     let d = cfg.d_model;
     let out_std = INIT_STD / (2.0 * cfg.n_layers as f32).sqrt();
     let a3 = |rows: usize, cols: usize, std: f32, j: u64| -> Result<Array3<f32>, MoeError> {
@@ -426,10 +452,11 @@ impl Lm {
         let backend = CpuBackend::new();
         let mut ffn = Vec::with_capacity(cfg.n_layers);
         let mut causal = true;
+        let shape = ffn_shape(cfg);
         for l in 0..cfg.n_layers {
-            let router = make_router(registry, cfg, seed, l)?;
+            let router = make_router(registry, cfg, &shape, seed, l)?;
             causal &= router.is_causal();
-            let mut layer = MoeLayer::new(router, make_bank(cfg, seed, l)?)?;
+            let mut layer = MoeLayer::new(router, make_bank(cfg, &shape, seed, l)?)?;
             edit((l, &mut layer))?;
             ffn.push(backend.upload(Arc::new(layer))?);
         }
@@ -482,12 +509,7 @@ impl Lm {
     pub fn param_counts(&self) -> (usize, usize) {
         let dense: usize = self.params.named().iter().map(|(_, a)| a.len()).sum();
         let (mut active, mut total) = (dense, dense);
-        let ffn = &self.cfg.ffn;
-        let per_token = match (&ffn.kind, peer_shape(&self.cfg)) {
-            (FfnKind::Dense, _) => 1,
-            (_, Some(p)) => p.heads * p.k,
-            _ => ffn.top_k,
-        };
+        let per_token = ffn_shape(&self.cfg).per_token;
         for layer in &self.ffn {
             let e = layer.layer().n_experts().max(1);
             for p in layer.layer().params() {
