@@ -30,8 +30,9 @@ Modes:
       is_causal, torch's RMSNorm, a dense-weighted MoE, transformers' Mixtral load-balancing formula, the AdamW
       update of moe-train/src/optim.rs written out), and that two runs are bit-identical.
   python3 scripts/train_reference.py --bench --router NAME --steps 60 --warmup 10 --threads 2 [--corpus PATH]
-      Times training steps of the same model (random init, random batches or windows of a byte file), only the
-      steps after the warm-up; prints one JSON line {"tokens_per_s", "step_ms_median", "steps", "threads",
+      Times training steps of the same model (random init, windows of a byte file or of the built-in text), only
+      the steps after the warm-up, with torch's own fast pieces (F.scaled_dot_product_attention, F.rms_norm;
+      `--contract-ops` for the written-out ones); prints one JSON line {"tokens_per_s", "step_ms_median", "steps", "threads",
       "router", ...}. Routers: dense, softmax-topk, switch-top1, noisy-topk, hash, expert-choice (the last four
       are close to moe-rs's defaults, not exact: the routing is a small part of a step). PEER is not implemented.
 
@@ -476,13 +477,15 @@ def make_optimizer(model, o):
                              foreach=False, fused=False)
 
 
-def train_step(model, opt, o, step, total, inputs, targets):
-    """One step: lr_at, zero grads, forward (train mode), backward, clip, AdamW. Returns the step's figures."""
+def train_step(model, opt, o, step, total, inputs, targets, fast=False):
+    """One step: lr_at, zero grads, forward (train mode), backward, clip, AdamW. Returns the step's figures.
+
+    `fast` runs torch's own fused pieces (SDPA attention, F.rms_norm): the same model, for the bench."""
     lr = lr_at(o, step, total)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    ce, aux, aux_layers = model(inputs, targets, train=True)
+    ce, aux, aux_layers = model(inputs, targets, train=True, alt=fast)
     loss = ce + aux
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -626,7 +629,7 @@ def bench(args):
     times, losses = [], []
     for s in range(t["steps"]):
         t0 = time.perf_counter()
-        r = train_step(model, opt, t["optim"], s, t["steps"], inputs[s], targets[s])
+        r = train_step(model, opt, t["optim"], s, t["steps"], inputs[s], targets[s], fast=not args.contract_ops)
         dt = time.perf_counter() - t0
         losses.append(r["loss"])
         if s >= args.warmup:
@@ -634,7 +637,8 @@ def bench(args):
     tokens = t["batch"] * m["context"] * len(times)
     print(json.dumps({"tokens_per_s": tokens / sum(times), "step_ms_median": 1e3 * statistics.median(times),
                       "steps": len(times), "warmup": args.warmup, "threads": torch.get_num_threads(),
-                      "router": args.router, "torch": torch.__version__, "loss_first": losses[0],
+                      "router": args.router, "torch": torch.__version__, "sdpa": not args.contract_ops,
+                      "loss_first": losses[0],
                       "loss_last": losses[-1]}))
 
 
@@ -815,6 +819,8 @@ def main():
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="bench: untimed first steps (not the lr warm-up)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--contract-ops", action="store_true",
+                   help="bench: the attention and RMSNorm as the contract writes them, not torch's SDPA / rms_norm")
     p.add_argument("--bank", default="mlp", choices=("mlp", "swiglu"))
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
