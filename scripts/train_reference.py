@@ -23,8 +23,9 @@ Modes:
       Writes the contract's small example config to DIR/config.json.
   python3 scripts/train_reference.py --dir DIR --init-random SEED [--corpus PATH]
       Writes DIR/init.safetensors and DIR/batches.safetensors for DIR/config.json (seeded, the contract's names,
-      shapes and inits; windows of a byte file, by default of a built-in text of English words): the script's own self-test input. The fixture
-      of the Rust tests is made by `cargo xtask train-ref-fixture` instead (weights and batches from moe-train).
+      shapes and inits; windows of a byte file, by default of a built-in text of English words): the script's
+      own self-test input. The fixture of the Rust tests is made by `cargo xtask train-ref-fixture` instead
+      (weights and batches from moe-train).
   python3 scripts/train_reference.py --self-test [--threads N]
       Checks the hand-written pieces against second implementations (F.scaled_dot_product_attention with
       is_causal, torch's RMSNorm, a dense-weighted MoE, transformers' Mixtral load-balancing formula, the AdamW
@@ -32,9 +33,10 @@ Modes:
   python3 scripts/train_reference.py --bench --router NAME --steps 60 --warmup 10 --threads 2 [--corpus PATH]
       Times training steps of the same model (random init, windows of a byte file or of the built-in text), only
       the steps after the warm-up, with torch's own fast pieces (F.scaled_dot_product_attention, F.rms_norm;
-      `--contract-ops` for the written-out ones); prints one JSON line {"tokens_per_s", "step_ms_median", "steps", "threads",
-      "router", ...}. Routers: dense, softmax-topk, switch-top1, noisy-topk, hash, expert-choice (the last four
-      are close to moe-rs's defaults, not exact: the routing is a small part of a step). PEER is not implemented.
+      `--contract-ops` for the written-out ones); prints one JSON line {"tokens_per_s", "step_ms_median",
+      "steps", "threads", "router", ...}. Routers: dense, softmax-topk, switch-top1, noisy-topk, hash,
+      expert-choice (the last four are close to moe-rs's defaults, not exact: the routing is a small part of a
+      step). PEER is not implemented.
 
 Needs `pip install torch safetensors` (CPU wheels are enough). Everything is float32.
 """
