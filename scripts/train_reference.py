@@ -637,7 +637,11 @@ def bench(args):
         if s >= args.warmup:
             times.append(dt)
     tokens = t["batch"] * m["context"] * len(times)
+    # tokens_per_s: over the timed steps' total time, as moe train reports it; the median-based rate resists
+    # the stalls of a busy machine.
+    per_step = t["batch"] * m["context"]
     print(json.dumps({"tokens_per_s": tokens / sum(times), "step_ms_median": 1e3 * statistics.median(times),
+                      "tokens_per_s_median_step": per_step / statistics.median(times),
                       "steps": len(times), "warmup": args.warmup, "threads": torch.get_num_threads(),
                       "router": args.router, "torch": torch.__version__, "sdpa": not args.contract_ops,
                       "loss_first": losses[0],
