@@ -180,7 +180,8 @@ fn generated_text(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// `tokens_per_s` of every run of a `moe train --format json` answer (`{"runs": [RunReport..]}`), by label.
+/// `tokens_per_s` of every run of a `moe train --format json` answer (`{"runs": [RunReport..]}`), by label; a run
+/// without one (a row that failed) is left out, and the caller names what is missing.
 fn ours_rates(stdout: &[u8]) -> Result<BTreeMap<String, f64>> {
     let v: Value = serde_json::from_slice(stdout).context("moe train did not print JSON")?;
     let runs = v["runs"]
@@ -189,10 +190,9 @@ fn ours_rates(stdout: &[u8]) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     for r in runs {
         let label = r["label"].as_str().context("a run without `label`")?;
-        let tps = r["tokens_per_s"]
-            .as_f64()
-            .with_context(|| format!("run {label} without `tokens_per_s`"))?;
-        out.insert(label.to_string(), tps);
+        if let Some(tps) = r["tokens_per_s"].as_f64() {
+            out.insert(label.to_string(), tps);
+        }
     }
     Ok(out)
 }
@@ -320,7 +320,7 @@ fn ours_round(o: &Opts, moe: &Path, corpus: &Path, rows: &mut Rows) -> Result<()
         let (a, b) = (full.get(r), head.get(r));
         let (Some(&a), Some(&b)) = (a, b) else {
             bail!(
-                "moe train printed no run labelled {r} (labels: {:?})",
+                "moe train printed no tokens/s for {r} (runs with one: {:?}); `moe train --routers {r}` says why",
                 full.keys()
             );
         };
@@ -522,7 +522,12 @@ mod tests {
         assert_eq!(m["dense"], 9000.5);
         assert_eq!(m["softmax-topk"], 7000.0);
         assert!(ours_rates(b"{}").is_err());
-        assert!(ours_rates(br#"{"runs": [{"label": "x"}]}"#).is_err());
+        assert!(ours_rates(b"not json").is_err());
+        assert!(
+            ours_rates(br#"{"runs": [{"label": "x", "error": "no backward"}]}"#)
+                .expect("a failed row is left out")
+                .is_empty()
+        );
     }
 
     #[test]
