@@ -118,7 +118,7 @@ impl Torch {
 }
 
 /// The median of the finite values (the mean of the middle two for an even count), `None` when there are none.
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return None;

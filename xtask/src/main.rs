@@ -10,7 +10,10 @@
 //!   its `--smoke` when cargo-fuzz and a toolchain that builds it are present, and says why when it skips.
 //! - `bench-vs-torch`: our CPU backend against PyTorch's Hugging Face blocks, in one run on this machine (see
 //!   [`bench_vs_torch`]); a benchmark, not part of CI.
+//! - `bench-train-vs-torch`: training tokens/s of `moe train` against the PyTorch reference of the same model
+//!   (`scripts/train_reference.py --bench`), on the same threads (see [`bench_train`]); a benchmark, not part of CI.
 
+mod bench_train;
 mod bench_vs_torch;
 mod fuzz;
 mod tidy;
@@ -20,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
-const USAGE: &str = "usage: cargo xtask <task> [--help]\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  fuzz            run the cargo-fuzz targets (--time SECS, --target NAME, --smoke)\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)";
+const USAGE: &str = "usage: cargo xtask <task> [--help]\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  fuzz            run the cargo-fuzz targets (--time SECS, --target NAME, --smoke)\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)\n  bench-train-vs-torch  training tokens/s of `moe train` and its PyTorch reference side by side (needs torch)";
 
 /// Whether `args` ask for help (`--help`, `-h`).
 fn wants_help(args: &[String]) -> bool {
@@ -47,8 +50,13 @@ fn main() -> std::process::ExitCode {
             );
         }
         Some("bench-vs-torch") if wants_help(&args[1..]) => return help(bench_vs_torch::USAGE),
+        Some("bench-train-vs-torch") if wants_help(&args[1..]) => return help(bench_train::USAGE),
         Some("fuzz") if wants_help(&args[1..]) => return help(fuzz::USAGE),
-        Some("ci") | Some("tidy") | Some("bench-vs-torch") | Some("fuzz") => run_task(&args),
+        Some("ci")
+        | Some("tidy")
+        | Some("bench-vs-torch")
+        | Some("bench-train-vs-torch")
+        | Some("fuzz") => run_task(&args),
         Some(other) => {
             eprintln!("error: unknown task {other:?}\n{USAGE}");
             return std::process::ExitCode::from(2);
@@ -75,6 +83,7 @@ fn run_task(args: &[String]) -> Result<()> {
         Some("ci") => ci(&sh, &root),
         Some("tidy") => tidy::run(&root),
         Some("bench-vs-torch") => bench_vs_torch::run(&root, &args[1..]),
+        Some("bench-train-vs-torch") => bench_train::run(&root, &args[1..]),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         _ => bail!("no task given"),
     }
