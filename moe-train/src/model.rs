@@ -326,7 +326,9 @@ pub fn ffn_shape(cfg: &LmConfig) -> FfnShape {
     };
     let mut options = user;
     let uint = |o: &serde_json::Map<String, serde_json::Value>, key: &str, default: usize| {
-        o.get(key).and_then(|v| v.as_u64()).map_or(default, |v| v as usize)
+        o.get(key)
+            .and_then(|v| v.as_u64())
+            .map_or(default, |v| v as usize)
     };
     match router {
         "switch-top1" => shape(e, k * f, 1, options),
@@ -336,7 +338,9 @@ pub fn ffn_shape(cfg: &LmConfig) -> FfnShape {
             shape(e, f, per, options)
         }
         "expert-choice" => {
-            options.entry("capacity_factor").or_insert_with(|| (k as f64).into());
+            options
+                .entry("capacity_factor")
+                .or_insert_with(|| (k as f64).into());
             shape(e, f, k, options)
         }
         "peer" => {
@@ -344,7 +348,9 @@ pub fn ffn_shape(cfg: &LmConfig) -> FfnShape {
             let active = k * f;
             let heads = uint(&options, "heads", active.div_ceil(n).next_power_of_two()).max(1);
             options.entry("heads").or_insert_with(|| heads.into());
-            options.entry("k").or_insert_with(|| (active / heads).clamp(1, n).into());
+            options
+                .entry("k")
+                .or_insert_with(|| (active / heads).clamp(1, n).into());
             let per_head = uint(&options, "k", 1);
             FfnShape {
                 experts: n * n,
@@ -384,7 +390,12 @@ fn make_router(
 }
 
 /// The experts of block `l` ([`FfnShape`]): `E` experts of the bank's kind, or PEER's singletons.
-fn make_bank(cfg: &LmConfig, shape: &FfnShape, seed: u64, l: usize) -> Result<ExpertBank, MoeError> {
+fn make_bank(
+    cfg: &LmConfig,
+    shape: &FfnShape,
+    seed: u64,
+    l: usize,
+) -> Result<ExpertBank, MoeError> {
     let ffn = &cfg.ffn;
     if shape.peer {
         let out_std = INIT_STD / (2.0 * cfg.n_layers as f32).sqrt();

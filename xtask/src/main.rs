@@ -12,6 +12,8 @@
 //!   [`bench_vs_torch`]); a benchmark, not part of CI.
 //! - `bench-train-vs-torch`: training tokens/s of `moe train` against the PyTorch reference of the same model
 //!   (`scripts/train_reference.py --bench`), on the same threads (see [`bench_train`]); a benchmark, not part of CI.
+//! - `train-ref-fixture`: regenerates `tests/fixtures/train-ref` (moe-train writes the configuration, initial
+//!   weights and batches; `scripts/train_reference.py` trains them in PyTorch when a python with torch is found).
 
 mod bench_train;
 mod bench_vs_torch;
@@ -23,7 +25,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
-const USAGE: &str = "usage: cargo xtask <task> [--help]\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  fuzz            run the cargo-fuzz targets (--time SECS, --target NAME, --smoke)\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)\n  bench-train-vs-torch  training tokens/s of `moe train` and its PyTorch reference side by side (needs torch)";
+const USAGE: &str = "usage: cargo xtask <task> [--help]\n\ntasks:\n  ci              run every check CI runs\n  tidy            house rules: //! lines, function and file lengths, reasons on allows\n  fuzz            run the cargo-fuzz targets (--time SECS, --target NAME, --smoke)\n  bench-vs-torch  time our CPU backend and PyTorch's HF blocks side by side (needs torch)\n  bench-train-vs-torch  training tokens/s of `moe train` and its PyTorch reference side by side (needs torch)\n  train-ref-fixture  regenerate tests/fixtures/train-ref (moe-train's inputs, then PyTorch's losses: needs torch)";
 
 /// Whether `args` ask for help (`--help`, `-h`).
 fn wants_help(args: &[String]) -> bool {
@@ -56,6 +58,7 @@ fn main() -> std::process::ExitCode {
         | Some("tidy")
         | Some("bench-vs-torch")
         | Some("bench-train-vs-torch")
+        | Some("train-ref-fixture")
         | Some("fuzz") => run_task(&args),
         Some(other) => {
             eprintln!("error: unknown task {other:?}\n{USAGE}");
@@ -84,9 +87,35 @@ fn run_task(args: &[String]) -> Result<()> {
         Some("tidy") => tidy::run(&root),
         Some("bench-vs-torch") => bench_vs_torch::run(&root, &args[1..]),
         Some("bench-train-vs-torch") => bench_train::run(&root, &args[1..]),
+        Some("train-ref-fixture") => train_ref_fixture(&sh, &root),
         Some("fuzz") => fuzz::run(&root, &args[1..]),
         _ => bail!("no task given"),
     }
+}
+
+/// Regenerates `tests/fixtures/train-ref/{dense,softmax-topk}`: our side writes `config.json`, `init.safetensors`
+/// and `batches.safetensors` (the `train_reference_inputs` example of moe-train), then the PyTorch script trains
+/// them on one thread (`$MOE_PYTHON`, else `python3`) and writes `reference.json` and `final.safetensors`.
+fn train_ref_fixture(sh: &Shell, root: &Path) -> Result<()> {
+    let python = std::env::var("MOE_PYTHON").unwrap_or_else(|_| "python3".into());
+    for ffn in ["dense", "softmax-topk"] {
+        let dir = root.join("tests/fixtures/train-ref").join(ffn);
+        cmd!(sh, "cargo run --release --locked -q -p moe-train --example train_reference_inputs -- {dir} {ffn} 20")
+            .run()
+            .with_context(|| format!("writing the inputs of {}", dir.display()))?;
+        cmd!(
+            sh,
+            "{python} scripts/train_reference.py --dir {dir} --threads 1"
+        )
+        .run()
+        .with_context(|| {
+            format!(
+                "PyTorch on {} (needs torch and safetensors: MOE_PYTHON=...)",
+                dir.display()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// The cargo target directory: `CARGO_TARGET_DIR` (relative to `root` when relative), else `root/target`.
