@@ -903,6 +903,69 @@ fn table(task: Task, outcomes: &[Outcome], dense: Option<&RunReport>) -> Table {
     t
 }
 
+/// The CSV rows: every figure unrounded, one column each (the table's cells are rounded and combined for
+/// reading). Losses are nats per byte (charlm) or MSE (teacher); empty cells where a run failed or a figure does
+/// not apply.
+fn csv_table(outcomes: &[Outcome], dense: Option<&RunReport>) -> Table {
+    let mut t = Table::new(&[
+        "run",
+        "final_val_loss",
+        "final_val_bits_per_byte",
+        "best_val_loss",
+        "best_step",
+        "final_train_loss",
+        "val_loss_minus_dense",
+        "tokens_per_s",
+        "wall_s",
+        "load_cv",
+        "dropped_pct",
+        "dead_experts",
+        "max_router_logit",
+        "active_params",
+        "total_params",
+        "ari",
+        "causal",
+        "note",
+    ]);
+    for o in outcomes {
+        let r = match o {
+            Outcome::Done(r) => r,
+            Outcome::Failed(f) => {
+                let mut row = vec![f.label.clone()];
+                row.extend(std::iter::repeat_n(String::new(), 16));
+                row.push(format!("failed: {}", f.error));
+                t.push(row);
+                continue;
+            }
+        };
+        let vs = match dense {
+            Some(d) if d.label != r.label => (r.final_val_loss - d.final_val_loss).to_string(),
+            _ => String::new(),
+        };
+        t.push(vec![
+            r.label.clone(),
+            r.final_val_loss.to_string(),
+            r.final_val_bpb().to_string(),
+            r.best_val_loss.to_string(),
+            r.best_step.to_string(),
+            r.final_train_loss.to_string(),
+            vs,
+            r.tokens_per_s.to_string(),
+            r.wall_s.to_string(),
+            r.load_cv.to_string(),
+            r.dropped_pct.to_string(),
+            r.dead_experts.to_string(),
+            r.max_router_logit.to_string(),
+            r.active_params.to_string(),
+            r.total_params.to_string(),
+            r.ari.map_or(String::new(), |a| a.to_string()),
+            r.causal.to_string(),
+            note(r),
+        ]);
+    }
+    t
+}
+
 /// The lines above the table: task, corpus, model, loop, machine.
 fn header(doc: &TrainDoc<'_>, plan: &Plan) -> Vec<String> {
     let (m, t, f) = (&plan.model, &plan.train, &plan.model.ffn);
@@ -1012,11 +1075,11 @@ fn print(
         return Ok(());
     }
     let dense = dense_of(&doc.runs);
-    let t = table(plan.task, outcomes, dense);
     if format == Format::Csv {
-        print!("{}", t.render(format));
+        print!("{}", csv_table(outcomes, dense).render(format));
         return Ok(());
     }
+    let t = table(plan.task, outcomes, dense);
     for line in header(doc, plan) {
         println!("{line}");
     }

@@ -127,10 +127,20 @@ fn tiny_run_prints_every_format() {
         3,
         "one header line and one line per run:\n{out}"
     );
-    assert!(lines[0].starts_with("run,val nats/B,val bits/B"), "{out}");
+    assert!(
+        lines[0].starts_with("run,final_val_loss,final_val_bits_per_byte,best_val_loss,best_step"),
+        "{out}"
+    );
     assert!(lines[1].starts_with("dense,") && lines[2].starts_with("softmax-topk,"));
     let cols = lines[0].split(',').count();
     assert!(lines.iter().all(|l| l.split(',').count() == cols), "{out}");
+    // Unrounded numbers, one per column: the loss reads back as the JSON's.
+    let loss: f64 = lines[2]
+        .split(',')
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("a number");
+    assert!(loss.is_finite() && loss > 0.0, "{out}");
 
     let o = tiny(&["--routers", "softmax-topk", "--format", "markdown"]);
     assert!(o.status.success(), "{}", stderr(&o));
