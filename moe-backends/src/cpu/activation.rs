@@ -334,6 +334,14 @@ mod tests {
         eprintln!("{}", std::hint::black_box(sum));
     }
 
+    /// Timing: the setup alone (the block), to subtract from the two timings.
+    #[test]
+    #[ignore = "a timing, run by hand under perf stat"]
+    fn bench_gelu_rows_setup() {
+        let (z, dh) = block();
+        eprintln!("{}", std::hint::black_box(z[7] + dh[11]));
+    }
+
     /// Timing: the same work with the former per-element f64 formulas.
     #[test]
     #[ignore = "a timing, run by hand under perf stat"]
