@@ -2,16 +2,15 @@
 
 use ndarray::{Array2, ArrayView2, Axis};
 
-use moe_core::{Activation, ExpertBank, MoeError, math};
+use moe_core::{Activation, ExpertBank, MoeError};
 
 /// Applies the activation in place.
 pub(super) fn activate(act: Activation, v: f32) -> f32 {
     match act {
         Activation::Silu => v / (1.0 + (-v).exp()),
         Activation::Relu => v.max(0.0),
-        Activation::Gelu => {
-            (0.5 * v as f64 * (1.0 + math::erf(v as f64 * std::f64::consts::FRAC_1_SQRT_2))) as f32
-        }
+        // f32, branch-free (the same function as the training path's, so forward and forward_train agree).
+        Activation::Gelu => super::activation::gelu(v),
         Activation::GeluTanh => {
             let c = (2.0f32 / std::f32::consts::PI).sqrt();
             0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())
