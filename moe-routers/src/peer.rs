@@ -498,6 +498,8 @@ fn better(x: (f32, u32), y: (f32, u32)) -> bool {
 }
 
 /// Offers `c` to `top`, the best `k` so far in rank order. `O(1)` when it does not enter, `O(k)` when it does.
+/// The tests' reference for [`top_of_row`] and [`best_sums`].
+#[cfg(test)]
 fn offer(top: &mut Vec<(f32, u32)>, k: usize, c: (f32, u32)) {
     if top.len() == k {
         match top.last() {
@@ -509,6 +511,66 @@ fn offer(top: &mut Vec<(f32, u32)>, k: usize, c: (f32, u32)) {
     }
     let at = top.partition_point(|&e| better(e, c));
     top.insert(at, c);
+}
+
+/// The rank order of [`better`] as an [`Ordering`](std::cmp::Ordering) (a total order on finite values with
+/// distinct ids).
+fn rank_cmp(x: &(f32, u32), y: &(f32, u32)) -> std::cmp::Ordering {
+    if better(*x, *y) {
+        std::cmp::Ordering::Less
+    } else if better(*y, *x) {
+        std::cmp::Ordering::Greater
+    } else {
+        std::cmp::Ordering::Equal
+    }
+}
+
+/// Keeps the best `p` of `c` (finite values, distinct ids) in rank order: a selection, then a sort of `p`.
+fn keep_best(c: &mut Vec<(f32, u32)>, p: usize) {
+    if p == 0 {
+        c.clear();
+        return;
+    }
+    if c.len() > p {
+        c.select_nth_unstable_by(p - 1, rank_cmp);
+        c.truncate(p);
+    }
+    c.sort_unstable_by(rank_cmp);
+}
+
+/// The best `k` of the sums `a_i + b_j` (ids `a_id · n + b_id`) in rank order into `best`, exactly, for two lists
+/// in rank order. `τ` = the largest `a_{r−1} + b_{⌈k/r⌉−1}` over `r`: the `r · ⌈k/r⌉ >= k` sums `i < r`,
+/// `j < ⌈k/r⌉` are each `>= τ` (f32 addition is monotone), so the k-th best is `>= τ` and every one of the best
+/// `k` is among the sums `>= τ`, which each row `i` yields as a prefix of `b`. Those candidates (about
+/// `k · ln k`) are then selected and sorted in the exact rank order.
+fn best_sums(a: &[(f32, u32)], b: &[(f32, u32)], k: usize, n: usize, best: &mut Vec<(f32, u32)>) {
+    best.clear();
+    if k == 0 || a.is_empty() || b.is_empty() {
+        return;
+    }
+    let mut tau = f32::NEG_INFINITY;
+    if a.len() * b.len() >= k {
+        for r in 1..=a.len().min(k) {
+            let c = k.div_ceil(r);
+            if c <= b.len() {
+                let v = a[r - 1].0 + b[c - 1].0;
+                tau = if v > tau { v } else { tau };
+            }
+        }
+    }
+    for &(va, ia) in a {
+        if va + b[0].0 < tau {
+            break;
+        }
+        for &(vb, ib) in b {
+            let v = va + vb;
+            if v < tau {
+                break;
+            }
+            best.push((v, ia * n as u32 + ib));
+        }
+    }
+    keep_best(best, k);
 }
 
 /// Number of strided groups [`top_of_row`] takes maxima over (at least `p` are used).
@@ -535,9 +597,8 @@ fn top_of_row(
     }
     let g = SCAN_GROUPS.max(p);
     if row.len() < 2 * g || p == 0 {
-        for (i, &v) in row.iter().enumerate() {
-            offer(top, p, (v, i as u32));
-        }
+        top.extend(row.iter().enumerate().map(|(i, &v)| (v, i as u32)));
+        keep_best(top, p);
         return Ok(());
     }
     lanes.clear();
@@ -558,16 +619,7 @@ fn top_of_row(
             top.push((v, i as u32));
         }
     }
-    top.sort_unstable_by(|&x, &y| {
-        if better(x, y) {
-            std::cmp::Ordering::Less
-        } else if better(y, x) {
-            std::cmp::Ordering::Greater
-        } else {
-            std::cmp::Ordering::Equal
-        }
-    });
-    top.truncate(p);
+    keep_best(top, p);
     Ok(())
 }
 
@@ -879,26 +931,7 @@ impl Peer {
                     });
                 }
             }
-            // The p² candidate sums; both lists are in descending order, so once a sum falls strictly below the
-            // current k-th best the rest of that row cannot enter.
-            best.clear();
-            // A row whose best sum is already below the k-th best ends the search too.
-            let below = |best: &Vec<(f32, u32)>, v: f32| {
-                best.len() == k && best.last().is_some_and(|l| v < l.0)
-            };
-            let b0 = top2.first().map_or(0.0, |x| x.0);
-            for &(va, a) in &top1 {
-                if below(&best, va + b0) {
-                    break;
-                }
-                for &(vb, bb) in &top2 {
-                    let c = (va + vb, a * n as u32 + bb);
-                    if below(&best, c.0) {
-                        break;
-                    }
-                    offer(&mut best, k, c);
-                }
-            }
+            best_sums(&top1, &top2, k, n, &mut best);
             found.extend_from_slice(&best);
         }
         Ok(found)
@@ -999,33 +1032,53 @@ impl Router for Peer {
                 found.experts.shape(),
             ));
         };
-        let k = self.k;
-        let mut kept = Vec::with_capacity(t * self.heads * k);
-        let mut real = 0usize;
-        let mut w = Vec::with_capacity(k);
-        for (token, (te, ts)) in experts
-            .chunks_exact(self.heads * k)
-            .zip(scores.chunks_exact(self.heads * k))
-            .enumerate()
-        {
-            if input.is_padding(token) {
-                continue;
+        let hk = self.heads * self.k;
+        // Slots per expert over the real tokens, then each slot placed at its expert's next free position
+        // (a counting sort): the plan's (expert, token, rank) order, which `Routing::new` then only checks.
+        let real_tokens = || (0..t).filter(|&i| !input.is_padding(i));
+        let mut next = vec![0usize; e + 1];
+        for token in real_tokens() {
+            for &x in &experts[token * hk..(token + 1) * hk] {
+                next[x as usize + 1] += 1;
             }
-            real += 1;
-            for (head, (he, hs)) in te.chunks_exact(k).zip(ts.chunks_exact(k)).enumerate() {
+        }
+        for i in 1..=e {
+            next[i] += next[i - 1];
+        }
+        let blank = Assignment {
+            token: 0,
+            expert: 0,
+            weight: 0.0,
+            rank: 0,
+        };
+        let mut kept = vec![blank; next[e]];
+        let mut w = Vec::with_capacity(self.k);
+        for token in real_tokens() {
+            let (te, ts) = (
+                &experts[token * hk..(token + 1) * hk],
+                &scores[token * hk..(token + 1) * hk],
+            );
+            for (head, (he, hs)) in te
+                .chunks_exact(self.k)
+                .zip(ts.chunks_exact(self.k))
+                .enumerate()
+            {
                 self.head_weights(hs, &mut w);
                 for (j, (&expert, &weight)) in he.iter().zip(&w).enumerate() {
-                    let rank = (head * k + j) as u16;
-                    kept.push(Assignment {
-                        token: token as u32,
-                        expert,
-                        weight,
-                        rank,
-                    });
+                    let at = &mut next[expert as usize];
+                    if let Some(slot) = kept.get_mut(*at) {
+                        *slot = Assignment {
+                            token: token as u32,
+                            expert,
+                            weight,
+                            rank: (head * self.k + j) as u16,
+                        };
+                    }
+                    *at += 1;
                 }
             }
         }
-        Routing::new(t, e, real, kept, Vec::new())
+        Routing::new(t, e, real_tokens().count(), kept, Vec::new())
     }
 
     /// The exact backward of [`Router::route`], recomputing the forward (projection, normalisation, retrieval).
@@ -1063,6 +1116,12 @@ impl Router for Peer {
         let q = match &norm {
             Some(n) => &q_pre * &n.scale + &n.shift,
             None => q_pre.clone(),
+        };
+        // Row slices in `head_backward`: the product's layout is ndarray's choice.
+        let q = if q.is_standard_layout() {
+            q
+        } else {
+            q.as_standard_layout().into_owned()
         };
         let slots = self.plan_slots(grad, t)?;
         let heads: Vec<Result<HeadGrads, MoeError>> = (0..self.heads)
@@ -1230,18 +1289,22 @@ impl Peer {
         slots: &PlanSlots,
     ) -> Result<HeadGrads, MoeError> {
         let (t, n, dk, k, h) = (input.n_tokens(), self.n, self.d_key, self.k, self.heads);
-        let mut d_q = Array2::<f32>::zeros((t, 2 * dk));
-        let mut d_keys_1 = Array2::<f32>::zeros((n, dk));
-        let mut d_keys_2 = Array2::<f32>::zeros((n, dk));
-        let keys_1 = self.keys_1.index_axis(Axis(0), head);
-        let keys_2 = self.keys_2.index_axis(Axis(0), head);
+        let mut d_q = vec![0.0f32; t * 2 * dk];
+        let mut d_keys_1 = vec![0.0f32; n * dk];
+        let mut d_keys_2 = vec![0.0f32; n * dk];
+        let layout = |what: &str, shape: &[usize]| MoeError::shape(what, "standard layout", shape);
         let (Some(experts), Some(scores)) = (found.experts.as_slice(), found.scores.as_slice())
         else {
-            return Err(MoeError::shape(
-                "peer retrieval",
-                "standard layout [T, h, k]",
-                found.experts.shape(),
-            ));
+            return Err(layout("peer retrieval", found.experts.shape()));
+        };
+        let (Some(keys_1), Some(keys_2)) = (
+            self.keys_1.index_axis(Axis(0), head).to_slice(),
+            self.keys_2.index_axis(Axis(0), head).to_slice(),
+        ) else {
+            return Err(layout("peer sub-keys", self.keys_1.shape()));
+        };
+        let Some(q) = q.as_slice() else {
+            return Err(layout("peer queries", q.shape()));
         };
         let (mut w, mut d_s) = (Vec::with_capacity(k), vec![0.0f32; k]);
         for token in (0..t).filter(|&i| !input.is_padding(i)) {
@@ -1268,20 +1331,30 @@ impl Peer {
                 self.head_weights(sc, &mut w);
                 kit::softmax_backward(&w, dw, &mut d_s);
             }
-            let qrow = q.slice(s![token, head * 2 * dk..(head + 1) * 2 * dk]);
-            let (q1, q2) = (qrow.slice(s![..dk]), qrow.slice(s![dk..]));
+            let qrow = &q[(token * h + head) * 2 * dk..(token * h + head + 1) * 2 * dk];
+            let (q1, q2) = qrow.split_at(dk);
+            let (dq1, dq2) = d_q[token * 2 * dk..(token + 1) * 2 * dk].split_at_mut(dk);
+            // As `scaled_add`: `o += g · v` per element.
+            let axpy = |o: &mut [f32], g: f32, v: &[f32]| {
+                o.iter_mut().zip(v).for_each(|(o, &v)| *o += g * v);
+            };
             for (&id, &g) in ex.iter().zip(&d_s) {
                 let (a, b) = (id as usize / n, id as usize % n);
-                d_q.slice_mut(s![token, ..dk]).scaled_add(g, &keys_1.row(a));
-                d_q.slice_mut(s![token, dk..]).scaled_add(g, &keys_2.row(b));
-                d_keys_1.row_mut(a).scaled_add(g, &q1);
-                d_keys_2.row_mut(b).scaled_add(g, &q2);
+                axpy(dq1, g, &keys_1[a * dk..(a + 1) * dk]);
+                axpy(dq2, g, &keys_2[b * dk..(b + 1) * dk]);
+                axpy(&mut d_keys_1[a * dk..(a + 1) * dk], g, q1);
+                axpy(&mut d_keys_2[b * dk..(b + 1) * dk], g, q2);
             }
         }
+        let shaped = |v: Vec<f32>, rows: usize, cols: usize| {
+            Array2::from_shape_vec((rows, cols), v).map_err(|_| {
+                MoeError::shape("peer head gradients", format!("[{rows}, {cols}]"), &[])
+            })
+        };
         Ok(HeadGrads {
-            d_q,
-            d_keys_1,
-            d_keys_2,
+            d_q: shaped(d_q, t, 2 * dk)?,
+            d_keys_1: shaped(d_keys_1, n, dk)?,
+            d_keys_2: shaped(d_keys_2, n, dk)?,
         })
     }
 
@@ -1577,6 +1650,51 @@ mod tests {
             proptest::prop_assert_eq!(
                 top.iter().map(|x| x.1).collect::<Vec<_>>(),
                 want.iter().map(|x| x.1).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 256,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5E5),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        #[test]
+        fn best_sums_equal_every_sum_offered(
+            levels in 1u32..6,
+            raw in proptest::collection::vec(0u32..1000, 2..120),
+            p in 1usize..40,
+            k in 1usize..80,
+            signed_zero in proptest::bool::ANY,
+        ) {
+            // Two halves of few distinct values (ties, -0 beside +0), each reduced to its top p as retrieval does;
+            // the reference offers all p² sums, in the retrieval's (row, column) order.
+            let half = raw.len() / 2;
+            let row: Vec<f32> = raw
+                .iter()
+                .map(|&r| {
+                    let v = ((r % levels) as f32 - 1.0) * 0.75;
+                    if signed_zero && v == 0.0 && r % 2 == 1 { -0.0 } else { v }
+                })
+                .collect();
+            let (r1, r2) = row.split_at(half);
+            let p = p.min(half);
+            let (a, b) = (reference_top(r1, p), reference_top(r2, p));
+            let k = k.min(a.len() * b.len());
+            let mut want = Vec::new();
+            for &(va, ia) in &a {
+                for &(vb, ib) in &b {
+                    offer(&mut want, k, (va + vb, ia * r2.len() as u32 + ib));
+                }
+            }
+            let mut got = Vec::new();
+            best_sums(&a, &b, k, r2.len(), &mut got);
+            proptest::prop_assert_eq!(
+                got.iter().map(|x| (x.0.to_bits(), x.1)).collect::<Vec<_>>(),
+                want.iter().map(|x| (x.0.to_bits(), x.1)).collect::<Vec<_>>()
             );
         }
     }

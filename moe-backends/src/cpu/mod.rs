@@ -20,6 +20,7 @@ mod experts;
 mod grouped;
 mod grouped_train;
 mod kernels;
+mod peer;
 pub mod probe;
 mod train;
 mod train_fast;
@@ -145,12 +146,14 @@ impl Backend for CpuBackend {
             None => None,
         };
         let fast = grouped::supports(layer.experts());
+        let peer = peer::supports(&layer).then(Box::default);
         Ok(Box::new(CpuLayer {
             layer,
             pool,
             ws: Workspace::default(),
             saved: train::Saved::default(),
             tws: train_fast::TrainWorkspace::default(),
+            peer,
             fast,
             kernels: Kernels::new(self.kernels),
         }))
@@ -172,6 +175,8 @@ pub struct CpuLayer {
     saved: train::Saved,
     /// The grouped path's training buffers.
     tws: train_fast::TrainWorkspace,
+    /// The PEER path's buffers when the routed bank is PEER (`cpu/peer.rs`).
+    peer: Option<Box<peer::PeerWorkspaces>>,
     /// The grouped fast path runs the routed bank (chosen once, at upload); otherwise the reference path.
     fast: bool,
     kernels: Kernels,
@@ -187,12 +192,15 @@ impl CpuLayer {
     ) -> Result<LayerGrads, MoeError> {
         let (layer, saved, tws, kernels) =
             (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
+        let mut pws = self.peer.as_deref_mut();
         let mut run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
             train::check_backward(saved, d_output, d_aux)?;
             train::check_banks(layer)?;
             // A backward consumes its forward's state (as torch frees the graph).
             saved.ready = false;
-            if saved.fast {
+            if let Some(p) = pws.as_deref_mut() {
+                peer::backward(layer, saved, &mut p.train, d_output, d_aux)
+            } else if saved.fast {
                 train_fast::backward(layer, saved, tws, d_output, d_aux, kernels, &mut recycle)
             } else {
                 reference_backward(layer, saved, d_output, d_aux)
@@ -221,8 +229,11 @@ impl DeviceLayer for CpuLayer {
 
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         let (layer, ws, kernels) = (&self.layer, &mut self.ws, self.kernels);
-        let run = |ws: &mut Workspace| {
-            if self.fast {
+        let mut pws = self.peer.as_deref_mut();
+        let mut run = |ws: &mut Workspace| {
+            if let Some(p) = pws.as_deref_mut() {
+                peer::forward(layer, input, &mut p.eval, false)
+            } else if self.fast {
                 forward(layer, input, ws, kernels)
             } else {
                 reference_forward(layer, input)
@@ -238,7 +249,11 @@ impl DeviceLayer for CpuLayer {
         let (layer, saved, tws, kernels) =
             (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
         let fast = self.fast;
-        let run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
+        let mut pws = self.peer.as_deref_mut();
+        let mut run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
+            if let Some(p) = pws.as_deref_mut() {
+                return peer::forward_train(layer, input, saved, &mut p.train);
+            }
             if fast {
                 return train_fast::forward_train(layer, input, saved, tws, kernels);
             }
