@@ -492,7 +492,8 @@ fn check_finite_3(name: &str, a: &Array3<f32>) -> Result<(), MoeError> {
     }
 }
 
-/// Whether `x` ranks before `y`: higher score, then lower id.
+/// Whether `x` ranks before `y`: higher score, then lower id (the order [`rank_key`] encodes).
+#[cfg(test)]
 fn better(x: (f32, u32), y: (f32, u32)) -> bool {
     x.0 > y.0 || (x.0 == y.0 && x.1 < y.1)
 }
@@ -515,6 +516,7 @@ fn offer(top: &mut Vec<(f32, u32)>, k: usize, c: (f32, u32)) {
 
 /// The rank order of [`better`] as an [`Ordering`](std::cmp::Ordering) (a total order on finite values with
 /// distinct ids).
+#[cfg(test)]
 fn rank_cmp(x: &(f32, u32), y: &(f32, u32)) -> std::cmp::Ordering {
     if better(*x, *y) {
         std::cmp::Ordering::Less
@@ -525,6 +527,21 @@ fn rank_cmp(x: &(f32, u32), y: &(f32, u32)) -> std::cmp::Ordering {
     }
 }
 
+/// The rank order (higher score, then lower id) as one integer, ascending = better, for finite values: the score
+/// mapped to an order-preserving `u32` (−0 and +0 alike, as `==` has them) and inverted, then the id. Sorting by
+/// it is a sort by that order without a branchy float comparison per step (a test checks it against the
+/// comparison).
+fn rank_key(x: &(f32, u32)) -> u64 {
+    let v = if x.0 == 0.0 { 0.0f32 } else { x.0 };
+    let bits = v.to_bits();
+    let ordered = if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    (u64::from(!ordered) << 32) | u64::from(x.1)
+}
+
 /// Keeps the best `p` of `c` (finite values, distinct ids) in rank order: a selection, then a sort of `p`.
 fn keep_best(c: &mut Vec<(f32, u32)>, p: usize) {
     if p == 0 {
@@ -532,10 +549,10 @@ fn keep_best(c: &mut Vec<(f32, u32)>, p: usize) {
         return;
     }
     if c.len() > p {
-        c.select_nth_unstable_by(p - 1, rank_cmp);
+        c.select_nth_unstable_by_key(p - 1, rank_key);
         c.truncate(p);
     }
-    c.sort_unstable_by(rank_cmp);
+    c.sort_unstable_by_key(rank_key);
 }
 
 /// The best `k` of the sums `a_i + b_j` (ids `a_id · n + b_id`) in rank order into `best`, exactly, for two lists
@@ -1663,6 +1680,14 @@ mod tests {
         })]
 
         #[test]
+        fn rank_key_orders_as_the_comparison(
+            a in -4i32..4, b in -4i32..4, ia in 0u32..5, ib in 0u32..5, za in proptest::bool::ANY,
+        ) {
+            let val = |v: i32, neg_zero: bool| if v == 0 && neg_zero { -0.0f32 } else { v as f32 * 0.5 };
+            let (x, y) = ((val(a, za), ia), (val(b, !za), ib));
+            proptest::prop_assert_eq!(rank_key(&x).cmp(&rank_key(&y)), rank_cmp(&x, &y));
+        }
+
         fn best_sums_equal_every_sum_offered(
             levels in 1u32..6,
             raw in proptest::collection::vec(0u32..1000, 2..120),

@@ -293,7 +293,8 @@ impl std::fmt::Debug for Lm {
 /// - `expert-choice`: `capacity_factor` (tokens per expert `T · c / E`, so `c` experts per token on average) set
 ///   to `k`;
 /// - `peer`: `N = n²` singleton experts with `n = round(√(E · F))` (about the hidden units of the others' layers),
-///   `h` heads (the smallest power of two with `h · n ≥ k · F`) keeping `k · F / h` experts each;
+///   `h` heads (the smallest power of two with `h · n ≥ k · F`) keeping `k · F / h` experts each, sub-keys of
+///   width `d_key = d / 8`;
 /// - every other router (softmax-topk, noisy-topk, plugins): `E` experts of width `F`, `k` per token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FfnShape {
@@ -351,6 +352,11 @@ pub fn ffn_shape(cfg: &LmConfig) -> FfnShape {
             options
                 .entry("k")
                 .or_insert_with(|| (active / heads).clamp(1, n).into());
+            // The query of a head is [2 · d_key]; the paper's d_key = 128 is for widths of 1024 and more: at
+            // d = 128 it would make the query projection (h · 2 · d_key · d) as large as the experts.
+            options
+                .entry("d_key")
+                .or_insert_with(|| (cfg.d_model / 8).max(4).into());
             let per_head = uint(&options, "k", 1);
             FfnShape {
                 experts: n * n,
