@@ -8,7 +8,7 @@
 //! ```
 //! The FFN of every block is an MoE layer resident on the CPU backend (`forward_train` / `backward_into`), routed
 //! by any registered router; the dense baseline is the same layer with one expert of width `k · F` that every
-//! token takes ([`DenseRouter`]). Everything else is [`ops`](crate::ops), by hand.
+//! token takes ([`DenseRouter`]). Everything else is `crate::ops`, by hand.
 
 use std::sync::Arc;
 
