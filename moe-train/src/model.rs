@@ -248,6 +248,14 @@ pub struct AuxOverride {
 }
 
 impl AuxOverride {
+    /// The overrides of a run ([`TrainConfig::aux_coef`](crate::TrainConfig::aux_coef), `z_coef`).
+    pub fn of(train: &crate::TrainConfig) -> Self {
+        AuxOverride {
+            balance: train.aux_coef,
+            z: train.z_coef,
+        }
+    }
+
     /// The coefficient of every aux loss of `routing`.
     pub fn coefficients(&self, routing: &Routing) -> Vec<f32> {
         routing

@@ -35,13 +35,14 @@ use serde::{Deserialize, Serialize};
 use moe_backends::cpu::CpuBackend;
 use moe_core::rng::{CounterRng, SeqRng};
 use moe_core::{
-    AuxLossKind, Backend, DeviceLayer, ExpertBank, LayerGrads, MlpBank, Mode, MoeError, MoeLayer,
-    Router, RouterArgs, RouterInput, RouterRegistry, Routing, SwiGluBank,
+    Backend, DeviceLayer, ExpertBank, LayerGrads, MlpBank, Mode, MoeError, MoeLayer, Router,
+    RouterArgs, RouterInput, RouterRegistry, Routing, SwiGluBank,
 };
 
 use crate::config::{BankKind, FfnConfig, FfnKind, TrainConfig};
 use crate::dense::DenseRouter;
 use crate::error::TrainError;
+use crate::model::AuxOverride;
 use crate::optim::{AdamW, clip_factor, lr_at, sum_sq};
 use crate::report::{CurvePoint, Progress, RunReport};
 
@@ -370,18 +371,6 @@ fn build_student(
     })
 }
 
-/// The coefficient of every aux loss of `routing`: the router's own, or the run's override by kind.
-fn aux_weights(routing: &Routing, train: &TrainConfig) -> Vec<f32> {
-    routing
-        .aux_losses()
-        .iter()
-        .map(|a| match a.kind {
-            AuxLossKind::RouterZ => train.z_coef.unwrap_or(a.coefficient),
-            _ => train.aux_coef.unwrap_or(a.coefficient),
-        })
-        .collect()
-}
-
 /// `mean((y − t)²)` and its gradient `2 (y − t) / n`.
 fn mse(y: ArrayView2<'_, f32>, t: ArrayView2<'_, f32>) -> (f64, Array2<f32>) {
     let n = y.len().max(1);
@@ -493,7 +482,7 @@ fn train_step(
             what: "loss".into(),
         });
     }
-    let d_aux = aux_weights(&out.routing, train);
+    let d_aux = AuxOverride::of(train).coefficients(&out.routing);
     student.layer.backward_into(d_out.view(), &d_aux, grads)?;
     let norm = grads.params.iter().map(sum_sq).sum::<f64>().sqrt();
     if !norm.is_finite() {
@@ -554,7 +543,7 @@ pub fn train_teacher(
             &target,
             (step, train),
         )
-        .map_err(|e| untrainable(e, &student.label))?;
+        .map_err(|e| crate::trainer::untrainable(e, &student.label))?;
         train_s += t0.elapsed().as_secs_f64();
         if let Some(l) = routing.logits() {
             let m = l.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -608,19 +597,6 @@ fn check(ffn: &FfnConfig, cfg: &TeacherConfig, train: &TrainConfig) -> Result<()
         });
     }
     Ok(())
-}
-
-/// A router without a backward is untrainable, said as such.
-fn untrainable(e: TrainError, label: &str) -> TrainError {
-    match e {
-        TrainError::Moe(MoeError::Unsupported { owner, feature }) if feature == "backward" => {
-            TrainError::Untrainable {
-                router: label.to_string(),
-                reason: format!("{owner} has no backward (Router::backward)"),
-            }
-        }
-        e => e,
-    }
 }
 
 fn empty_report(student: &Student, train: &TrainConfig, cfg: &TeacherConfig) -> RunReport {

@@ -303,10 +303,7 @@ pub fn step(
     step: usize,
 ) -> Result<StepOutcome, TrainError> {
     let seed = step_seed(train.seed, step);
-    let aux = AuxOverride {
-        balance: train.aux_coef,
-        z: train.z_coef,
-    };
+    let aux = AuxOverride::of(train);
     let stats = lm
         .forward_backward(batch, seed, aux, step + 1)
         .map_err(|e| untrainable(e, label))?;
@@ -335,7 +332,7 @@ pub fn step(
 }
 
 /// A router without a backward becomes [`TrainError::Untrainable`] naming it.
-fn untrainable(e: TrainError, label: &str) -> TrainError {
+pub(crate) fn untrainable(e: TrainError, label: &str) -> TrainError {
     match e {
         TrainError::Moe(moe_core::MoeError::Unsupported { owner, feature }) => {
             TrainError::Untrainable {
