@@ -814,6 +814,12 @@ fn params(n: usize) -> String {
 
 /// The note of a finished run: the dense baseline, or what a non-causal router leaks.
 fn note(r: &RunReport) -> String {
+    if r.curve.is_empty() && !r.final_val_loss.is_finite() {
+        return format!(
+            "stopped at step {} before the first evaluation (--eval-interval)",
+            r.steps
+        );
+    }
     if r.label == "dense" {
         return "baseline".into();
     }
@@ -879,16 +885,40 @@ fn table(task: Task, outcomes: &[Outcome], dense: Option<&RunReport>) -> Table {
                 format!("{:.3}", (a * 1e3).round() / 1e3 + 0.0)
             }),
         };
+        // A run stopped (`--stop-after`) before its first evaluation has no loss to show.
+        let loss = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.4}")
+            } else {
+                "-".into()
+            }
+        };
         let vs = match dense {
-            Some(d) if d.label != r.label => format!("{:+.4}", r.final_val_loss - d.final_val_loss),
+            Some(d) if d.label != r.label => {
+                let diff = r.final_val_loss - d.final_val_loss;
+                if diff.is_finite() {
+                    format!("{diff:+.4}")
+                } else {
+                    "-".into()
+                }
+            }
             _ => "-".into(),
+        };
+        let second = if r.final_val_loss.is_finite() {
+            second
+        } else {
+            "-".into()
         };
         t.push(vec![
             r.label.clone(),
-            format!("{:.4}", r.final_val_loss),
+            loss(r.final_val_loss),
             second,
-            format!("{:.4} ({})", r.best_val_loss, r.best_step),
-            format!("{:.4}", r.final_train_loss),
+            if r.best_val_loss.is_finite() {
+                format!("{:.4} ({})", r.best_val_loss, r.best_step)
+            } else {
+                "-".into()
+            },
+            loss(r.final_train_loss),
             vs,
             format!("{:.0}", r.tokens_per_s),
             format!("{:.1}", r.wall_s),
@@ -1031,11 +1061,17 @@ fn verdict(task: Task, runs: &[&RunReport], dense: &RunReport) -> Vec<String> {
     {
         let ratio = r.active_params as f64 / dense.active_params.max(1) as f64;
         let diff = r.final_val_loss - dense.final_val_loss;
+        // A router that is not causal sees later tokens: its lower loss is no win on its own.
+        let leak = if r.causal {
+            ""
+        } else {
+            ", not causal: optimistic"
+        };
         if (ratio - 1.0).abs() <= EQUAL_ACTIVE {
-            equal.push(format!("{} ({diff:+.4})", r.label));
+            equal.push(format!("{} ({diff:+.4}{leak})", r.label));
         } else {
             more.push(format!(
-                "{} ({diff:+.4} with {ratio:.2}× the active parameters)",
+                "{} ({diff:+.4} with {ratio:.2}× the active parameters{leak})",
                 r.label
             ));
         }
@@ -1087,6 +1123,7 @@ fn print(
     print!("{}", t.render(format));
     if let Some(d) = dense
         && doc.runs.len() > 1
+        && d.final_val_loss.is_finite()
     {
         println!();
         for line in verdict(plan.task, &doc.runs, d) {
@@ -1220,6 +1257,13 @@ mod tests {
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(
             v[0].contains("softmax-topk (-0.1000)") && !v[0].contains("expert-choice"),
+            "{v:?}"
+        );
+        // A router that is not causal and beats dense is said to be optimistic.
+        let leaky = report("expert-choice", 1.9, false);
+        let v = verdict(Task::Charlm, &[&dense, &leaky], &dense);
+        assert!(
+            v[0].contains("expert-choice (-0.1000, not causal: optimistic)"),
             "{v:?}"
         );
         let mut big = report("peer", 1.5, true);

@@ -376,17 +376,40 @@ pub fn load_weights(
 
 /// The fields of two model configurations that differ, in words.
 fn diff(saved: &LmConfig, run: &LmConfig) -> String {
-    let a = serde_json::to_value(saved).unwrap_or_default();
-    let b = serde_json::to_value(run).unwrap_or_default();
-    let mut out = Vec::new();
-    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
-        for (k, va) in a {
-            let vb = b.get(k).cloned().unwrap_or_default();
-            if *va != vb {
-                out.push(format!("{k} is {va} in the checkpoint, {vb} in this run"));
+    config_diff(saved, run)
+}
+
+/// The fields of two configurations that differ, in words (nested objects by their dotted path, e.g.
+/// `optim.lr is 0.001 in the checkpoint, 0.5 in this run`).
+pub(crate) fn config_diff<T: serde::Serialize>(saved: &T, run: &T) -> String {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a.as_object(), b.as_object()) {
+            // The FFN is one unit in words: its fields mean little apart.
+            (Some(ao), Some(bo)) if path != "ffn" => {
+                for (k, va) in ao {
+                    let vb = bo.get(k).cloned().unwrap_or_default();
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(&p, va, &vb, out);
+                }
             }
+            _ if a != b => out.push(format!("{path} is {a} in the checkpoint, {b} in this run")),
+            _ => {}
         }
     }
+    // Through the text (not `to_value`), so that an f32 reads as written (0.001, not 0.0010000000474974513).
+    let value = |v: &T| -> serde_json::Value {
+        serde_json::to_string(v)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    };
+    let (a, b) = (value(saved), value(run));
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
     if out.is_empty() {
         "the configurations differ".into()
     } else {

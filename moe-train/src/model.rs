@@ -374,7 +374,11 @@ pub fn ffn_shape(cfg: &LmConfig) -> FfnShape {
                 peer: true,
             }
         }
-        _ => shape(e, f, k, options),
+        // A router's own `k` option (softmax-topk, noisy-topk) wins over the model's k: count what it takes.
+        _ => {
+            let per = uint(&options, "k", k);
+            shape(e, f, per, options)
+        }
     }
 }
 

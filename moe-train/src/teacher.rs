@@ -473,7 +473,16 @@ fn train_step(
     let input = RouterInput::new(s.x.view())
         .with_token_ids(&s.ids)
         .with_mode(Mode::Train { seed });
-    let out = student.layer.forward_train(&input)?;
+    // A NaN or infinity the layer refuses names the step, like the loss and gradient checks below.
+    let at_step = |e: MoeError| match e {
+        MoeError::NonFinite { .. } => TrainError::NonFinite {
+            step: step + 1,
+            layer: Some(0),
+            what: format!("value in the MoE layer ({e})"),
+        },
+        other => other.into(),
+    };
+    let out = student.layer.forward_train(&input).map_err(at_step)?;
     let (loss, d_out) = mse(out.output.view(), target.view());
     if !loss.is_finite() {
         return Err(TrainError::NonFinite {
@@ -483,7 +492,10 @@ fn train_step(
         });
     }
     let d_aux = AuxOverride::of(train).coefficients(&out.routing);
-    student.layer.backward_into(d_out.view(), &d_aux, grads)?;
+    student
+        .layer
+        .backward_into(d_out.view(), &d_aux, grads)
+        .map_err(at_step)?;
     let norm = grads.params.iter().map(sum_sq).sum::<f64>().sqrt();
     if !norm.is_finite() {
         return Err(TrainError::NonFinite {

@@ -229,6 +229,17 @@ fn train_in_pool(
     let (mut lm, mut opt, start, mut state) = match &run.resume {
         Some(path) => {
             let (lm, opt, meta) = checkpoint::load(path, run.registry, cfg, opt)?;
+            // Another loop (steps, batch, seed, schedule) would not continue the saved curve: refuse it.
+            if meta.train != *t {
+                return Err(TrainError::Checkpoint {
+                    path: path.clone(),
+                    reason: format!(
+                        "saved by a run with another training configuration ({}); resume with the saved run's \
+                         flags (`moe inspect` shows them), or start a new run",
+                        checkpoint::config_diff(&meta.train, t)
+                    ),
+                });
+            }
             let state: RunState =
                 serde_json::from_value(meta.state).map_err(|e| TrainError::Checkpoint {
                     path: path.clone(),

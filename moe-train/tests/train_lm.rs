@@ -149,11 +149,21 @@ fn a_resumed_run_continues_the_uninterrupted_curve() {
     // A checkpoint of another shape is refused with the field that differs.
     let mut other = run(&registry, moe("softmax-topk"), 30, 1);
     other.model.d_model = 48;
-    other.resume = Some(path);
+    other.resume = Some(path.clone());
     let e = train_lm(&other, &c, &mut NoProgress).expect_err("another shape");
     assert!(
         e.to_string()
             .contains("d_model is 32 in the checkpoint, 48 in this run"),
+        "{e}"
+    );
+    // So is one of another loop: its batches and schedule would not continue the saved curve.
+    let mut other = run(&registry, moe("softmax-topk"), 30, 1);
+    other.train.batch += 1;
+    other.resume = Some(path.clone());
+    let e = train_lm(&other, &c, &mut NoProgress).expect_err("another loop");
+    assert!(
+        e.to_string()
+            .contains("another training configuration (batch is "),
         "{e}"
     );
     let _ = std::fs::remove_dir_all(dir);
@@ -211,4 +221,20 @@ fn peer_is_sized_for_equal_active_parameters_and_trains() {
         dense.active_params
     );
     assert!(r.final_val_loss.is_finite());
+}
+
+#[test]
+fn a_routers_own_k_counts_in_the_active_parameters() {
+    let mut options = serde_json::Map::new();
+    options.insert("k".into(), 3.into());
+    let mut m = model(moe("softmax-topk"));
+    m.ffn.kind = FfnKind::Moe {
+        router: "softmax-topk".into(),
+        options,
+    };
+    assert_eq!(moe_train::model::ffn_shape(&m).per_token, 3);
+    assert_eq!(
+        moe_train::model::ffn_shape(&model(moe("softmax-topk"))).per_token,
+        m.ffn.top_k
+    );
 }
