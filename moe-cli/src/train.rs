@@ -172,12 +172,17 @@ type CheckpointPaths = (Option<PathBuf>, Option<PathBuf>);
 fn defaults_help() -> String {
     let m = LmConfig::charlm(FfnConfig::charlm(FfnKind::Dense));
     let (f, t, tc) = (&m.ffn, TrainConfig::default(), TeacherConfig::default());
+    let (tf, tt) = (
+        moe_train::teacher::default_ffn(FfnKind::Dense),
+        moe_train::teacher::default_train(),
+    );
     let o = &t.optim;
     format!(
         "Defaults (moe-train's charlm configuration): --steps {} --batch {} --context {} --layers {} --d-model {} \
          --heads {} --experts {} -k {} --expert-width {} --bank {} --lr {} --min-lr {} --warmup {} --weight-decay {} \
          --grad-clip {} --bias-rate {} --eval-interval {} --eval-batches {} --seed {}; task teacher: --d-model {} \
-         --batch {}.",
+         --batch {} --steps {} --experts {} -k {} --expert-width {} --lr {} --min-lr {} --warmup {} --weight-decay {} \
+         --eval-interval {} --seed {}.",
         t.steps,
         t.batch,
         m.context,
@@ -198,7 +203,17 @@ fn defaults_help() -> String {
         t.eval_batches,
         t.seed,
         tc.d_model,
-        tc.batch
+        tc.batch,
+        tt.steps,
+        tf.experts,
+        tf.top_k,
+        tf.expert_width,
+        tt.optim.lr,
+        tt.optim.min_lr,
+        tt.optim.warmup,
+        tt.optim.weight_decay,
+        tt.eval_interval,
+        tt.seed,
     )
 }
 
@@ -298,7 +313,15 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
         Task::Teacher => None,
     };
     let paths = checkpoint_paths(&plan, a)?;
-    let outcomes = run_all(registry, &plan, corpus.as_ref(), &paths, a.stop_after);
+    let early = early_checks(registry, &plan)?;
+    let outcomes = run_all(
+        registry,
+        &plan,
+        corpus.as_ref(),
+        &paths,
+        a.stop_after,
+        early,
+    );
     if let [Outcome::Failed(f)] = outcomes.as_slice() {
         return Err(if f.bad_input {
             CliError::Usage(f.error.clone())
@@ -398,9 +421,12 @@ fn check_float(flag: &str, v: f32, min: f32) -> Result<f32, CliError> {
     Ok(v)
 }
 
-/// The FFN: moe-train's `charlm` defaults with the flags given.
+/// The FFN: moe-train's defaults of the task (`charlm`, or the teacher task's) with the flags given.
 fn ffn_config(a: &TrainArgs) -> Result<FfnConfig, CliError> {
-    let mut ffn = FfnConfig::charlm(FfnKind::Dense);
+    let mut ffn = match a.task {
+        Task::Charlm => FfnConfig::charlm(FfnKind::Dense),
+        Task::Teacher => moe_train::teacher::default_ffn(FfnKind::Dense),
+    };
     if let Some(b) = &a.bank {
         ffn.bank = BankKind::parse(b).map_err(|_| {
             CliError::Usage(format!("--bank must be one of: mlp, swiglu; got {b:?}"))
@@ -438,7 +464,10 @@ fn model_config(a: &TrainArgs, ffn: FfnConfig) -> Result<LmConfig, CliError> {
 
 /// The loop: moe-train's defaults with the flags given.
 fn train_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
-    let mut t = TrainConfig::default();
+    let mut t = match a.task {
+        Task::Charlm => TrainConfig::default(),
+        Task::Teacher => moe_train::teacher::default_train(),
+    };
     t.steps = a.steps.unwrap_or(t.steps);
     t.batch = a.batch.unwrap_or(t.batch);
     t.eval_interval = a.eval_interval.unwrap_or(t.eval_interval);
@@ -726,27 +755,62 @@ fn checkpoint_paths(plan: &Plan, a: &TrainArgs) -> Result<Vec<CheckpointPaths>, 
     Ok(out)
 }
 
-/// Trains every run in turn; a failed run is an outcome, not the end.
+/// Builds every run's router and experts once before the first run trains (`charlm`): with routers the user
+/// named, a bad one (an unknown option, experts that do not fit) is the command's error at once, before minutes
+/// of other runs; under `--routers all` it becomes that run's failed row. One entry per run.
+fn early_checks(
+    registry: &RouterRegistry,
+    plan: &Plan,
+) -> Result<Vec<Option<moe_train::TrainError>>, CliError> {
+    let mut out = Vec::with_capacity(plan.runs.len());
+    for spec in &plan.runs {
+        let err = match plan.task {
+            Task::Charlm => moe_train::model::check_ffn(
+                registry,
+                &LmConfig {
+                    ffn: spec.ffn.clone(),
+                    ..plan.model.clone()
+                },
+            )
+            .err(),
+            Task::Teacher => None,
+        };
+        if let Some(e) = &err
+            && !plan.all
+            && e.is_bad_input()
+        {
+            return Err(CliError::Usage(format!("{}: {e}", spec.label)));
+        }
+        out.push(err);
+    }
+    Ok(out)
+}
+
+/// Trains every run in turn; a failed run is an outcome, not the end. `early` holds the errors
+/// [`early_checks`] found (those runs do not train).
 fn run_all(
     registry: &RouterRegistry,
     plan: &Plan,
     corpus: Option<&Corpus>,
     paths: &[CheckpointPaths],
     stop_after: Option<usize>,
+    mut early: Vec<Option<moe_train::TrainError>>,
 ) -> Vec<Outcome> {
     let per_run = stop_after.unwrap_or(plan.train.steps) as u64;
     let mut progress = TrainProgress::new(per_run * plan.runs.len() as u64);
     let mut out = Vec::with_capacity(plan.runs.len());
+    let model = |spec: &RunSpec| LmConfig {
+        ffn: spec.ffn.clone(),
+        ..plan.model.clone()
+    };
     for (i, (spec, (save, resume))) in plan.runs.iter().zip(paths).enumerate() {
         progress.start_run(&spec.label, per_run * i as u64);
-        let result = match (plan.task, corpus) {
-            (Task::Charlm, Some(corpus)) => {
+        let result = match (plan.task, corpus, early[i].take()) {
+            (_, _, Some(e)) => Err(e),
+            (Task::Charlm, Some(corpus), None) => {
                 let run = moe_train::trainer::LmRun {
                     registry,
-                    model: LmConfig {
-                        ffn: spec.ffn.clone(),
-                        ..plan.model.clone()
-                    },
+                    model: model(spec),
                     train: plan.train.clone(),
                     threads: plan.threads,
                     save: save.clone(),
@@ -1043,9 +1107,9 @@ fn header(doc: &TrainDoc<'_>, plan: &Plan) -> Vec<String> {
     lines
 }
 
-/// Active parameters within this fraction of the dense baseline's count as equal (the routers' own parameters,
-/// a gate of `E · d` per layer, are about 1 % of a small model).
-const EQUAL_ACTIVE: f64 = 0.05;
+/// Active parameters outside the routers within this fraction of the dense baseline's count as equal (the sizing
+/// of `moe_train::model::ffn_shape` makes them equal; a user's option such as `softmax-topk:k=3` does not).
+const EQUAL_ACTIVE: f64 = 0.01;
 
 /// The lines under the table: which routers beat dense at equal active parameters (within [`EQUAL_ACTIVE`]), and
 /// which had a lower loss with more active parameters (PEER's product keys, for example), said apart.
@@ -1059,7 +1123,9 @@ fn verdict(task: Task, runs: &[&RunReport], dense: &RunReport) -> Vec<String> {
         .iter()
         .filter(|r| r.label != dense.label && r.final_val_loss < dense.final_val_loss)
     {
-        let ratio = r.active_params as f64 / dense.active_params.max(1) as f64;
+        // The experts a token uses (the routers' own parameters apart: a gate of E · d per layer is not FFN work).
+        let experts = |x: &RunReport| x.active_params.saturating_sub(x.router_params).max(1) as f64;
+        let ratio = experts(r) / experts(dense);
         let diff = r.final_val_loss - dense.final_val_loss;
         // A router that is not causal sees later tokens: its lower loss is no win on its own.
         let leak = if r.causal {
@@ -1204,6 +1270,7 @@ mod tests {
             causal,
             leak: None,
             active_params: 1000,
+            router_params: 0,
             total_params: 2000,
             steps: 20,
             tokens_per_step: 64,

@@ -575,3 +575,17 @@ fn help_lists_the_defaults_of_moe_train() {
         assert!(out.contains(&needle), "{needle:?} missing from\n{out}");
     }
 }
+
+#[test]
+fn a_bad_router_option_fails_before_any_run_trains() {
+    // 1,000,000 steps of dense would take hours: the error must come before the first run.
+    let started = std::time::Instant::now();
+    let o = tiny(&["--steps", "1000000", "--routers", "softmax-topk:bogus=1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown field `bogus`"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(started.elapsed().as_secs() < 30, "it trained first");
+}

@@ -382,6 +382,20 @@ pub fn ffn_shape(cfg: &LmConfig) -> FfnShape {
     }
 }
 
+/// Builds the first block's router and experts of `cfg` and drops them: an unknown router, an option it refuses
+/// or experts that do not fit it are found before any run trains (a list of runs fails early, not after the
+/// runs before it).
+///
+/// # Errors
+/// As [`Lm::new`].
+pub fn check_ffn(registry: &RouterRegistry, cfg: &LmConfig) -> Result<(), TrainError> {
+    cfg.validate()?;
+    let shape = ffn_shape(cfg);
+    let router = make_router(registry, cfg, &shape, 0, 0)?;
+    MoeLayer::new(router, make_bank(cfg, &shape, 0, 0)?)?;
+    Ok(())
+}
+
 /// The router of block `l` (dense: [`DenseRouter`]).
 fn make_router(
     registry: &RouterRegistry,
@@ -552,6 +566,21 @@ impl Lm {
             }
         }
         (active, total)
+    }
+
+    /// The routers' own parameters, summed over layers (part of both counts of [`Lm::param_counts`]).
+    pub fn router_param_count(&self) -> usize {
+        self.ffn
+            .iter()
+            .map(|l| {
+                l.layer()
+                    .router()
+                    .params()
+                    .iter()
+                    .map(|p| p.value.len())
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     /// The training forward and backward of one batch: returns the loss terms and the routers' statistics;

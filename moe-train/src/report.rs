@@ -39,6 +39,9 @@ pub struct RunReport {
     pub active_params: usize,
     /// All parameters.
     pub total_params: usize,
+    /// The routers' own parameters (gates, noise matrices, PEER's query projections and keys), counted in both
+    /// `active_params` and `total_params`: "equal active parameters" compares `active_params − router_params`.
+    pub router_params: usize,
     /// Steps trained.
     pub steps: usize,
     /// Tokens per step (`B · C`; samples per step for the teacher task).

@@ -322,6 +322,7 @@ struct Student {
     causal: bool,
     dense: bool,
     active_params: usize,
+    router_params: usize,
     total_params: usize,
 }
 
@@ -363,6 +364,7 @@ fn build_student(
     let active_experts = if dense { 1 } else { k.min(n) };
     Ok(Student {
         active_params: router_params + active_experts * per_expert,
+        router_params,
         total_params: router_params + n * per_expert,
         layer: backend(threads).upload(Arc::new(layer))?,
         label: ffn.label(),
@@ -515,6 +517,39 @@ fn train_step(
     Ok((loss, out.routing))
 }
 
+/// The student's default experts on the teacher task: 8 MLP experts of width 32, top-2 (`kind` is the caller's).
+pub fn default_ffn(kind: crate::config::FfnKind) -> FfnConfig {
+    FfnConfig {
+        kind,
+        bank: crate::config::BankKind::Mlp,
+        experts: 8,
+        top_k: 2,
+        expert_width: 32,
+    }
+}
+
+/// The default loop of the teacher task: 300 steps, AdamW 1e-2 → 1e-3 with 20 warm-up steps and no weight decay,
+/// evaluation every 50 steps, seed 1 (`batch` and `eval_batches` are unused: [`TeacherConfig`] sizes the
+/// samples). With [`TeacherConfig::default`] and [`default_ffn`] a `softmax-topk` student reaches ARI 0.998 in
+/// about a second (`moe-train/tests/teacher.rs`).
+pub fn default_train() -> TrainConfig {
+    TrainConfig {
+        steps: 300,
+        batch: 1,
+        eval_interval: 50,
+        eval_batches: 1,
+        seed: 1,
+        optim: crate::config::OptimConfig {
+            lr: 1e-2,
+            min_lr: 1e-3,
+            warmup: 20,
+            weight_decay: 0.0,
+            ..crate::config::OptimConfig::default()
+        },
+        ..TrainConfig::default()
+    }
+}
+
 /// Trains a student on the teacher task and reports it (see the module docs for the task). Samples per second
 /// count the training steps only (data generation, the teacher and evaluations excluded); `wall_s` is the whole
 /// run. Everything else in the report is a function of the configurations alone, the same on any thread count.
@@ -618,6 +653,7 @@ fn empty_report(student: &Student, train: &TrainConfig, cfg: &TeacherConfig) -> 
         leak: (!student.causal)
             .then(|| "a sample's experts depend on the other samples of its batch".to_string()),
         active_params: student.active_params,
+        router_params: student.router_params,
         total_params: student.total_params,
         steps: train.steps,
         tokens_per_step: cfg.batch,

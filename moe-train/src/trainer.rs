@@ -410,6 +410,7 @@ fn report(lm: &Lm, s: &RunState, label: String, run: &LmRun<'_>, steps: usize) -
         causal: lm.is_causal(),
         leak: leak_note(lm.is_causal()),
         active_params: active,
+        router_params: lm.router_param_count(),
         total_params: total,
         steps,
         tokens_per_step,
