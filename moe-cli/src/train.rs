@@ -1104,6 +1104,13 @@ fn header(doc: &TrainDoc<'_>, plan: &Plan) -> Vec<String> {
         t.steps, t.batch, o.lr, o.min_lr, o.warmup, o.weight_decay, o.grad_clip, t.seed
     ));
     lines.push(format!("cpu: {}, {} threads", doc.cpu, doc.threads));
+    if o.warmup >= t.steps {
+        lines.push(format!(
+            "note: the warm-up ({} steps) is not shorter than the run ({} steps): the learning rate never reaches \
+             --lr {} (set --warmup)",
+            o.warmup, t.steps, o.lr
+        ));
+    }
     lines
 }
 

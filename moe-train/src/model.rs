@@ -673,7 +673,7 @@ impl Lm {
                 Some(_) => self.ffn[l].forward_train(&input),
                 None => self.ffn[l].forward(&input),
             }
-            .map_err(|e| non_finite_at(e, step, l))?;
+            .map_err(|e| non_finite_at(e, step, l, "value in the FFN's forward"))?;
             if !ops::all_finite(out.output.view()) {
                 return Err(TrainError::NonFinite {
                     step,
@@ -746,7 +746,7 @@ impl Lm {
             let grads = &mut self.ffn_grads[l];
             self.ffn[l]
                 .backward_into(ws.dx.view(), &d_aux[l], grads)
-                .map_err(|e| non_finite_at(e, step, l))?;
+                .map_err(|e| non_finite_at(e, step, l, "gradient reaching the FFN"))?;
             ops::rmsnorm_backward(
                 ws.dx.view_mut(),
                 gb.ffn_norm.view_mut(),
@@ -941,13 +941,13 @@ fn head_forward(
     Ok(ce)
 }
 
-/// A non-finite value an MoE layer refused becomes [`TrainError::NonFinite`] naming the step and the layer.
-fn non_finite_at(e: MoeError, step: usize, layer: usize) -> TrainError {
+/// A non-finite value an MoE layer (or the dense baseline's) refused becomes [`TrainError::NonFinite`] naming the step and the layer.
+fn non_finite_at(e: MoeError, step: usize, layer: usize, what: &str) -> TrainError {
     match e {
         MoeError::NonFinite { .. } => TrainError::NonFinite {
             step,
             layer: Some(layer),
-            what: format!("value in the MoE layer ({e})"),
+            what: format!("{what} ({e})"),
         },
         other => other.into(),
     }

@@ -142,6 +142,9 @@ fn validate(run: &LmRun<'_>, corpus: &Corpus) -> Result<(), TrainError> {
     check("eval_interval", t.eval_interval, 1, usize::MAX)?;
     check("eval_batches", t.eval_batches, 1, 100_000)?;
     check("threads", run.threads, 1, 1024)?;
+    if let Some(n) = run.stop_after {
+        check("stop_after", n, 1, t.steps)?;
+    }
     let o = &t.optim;
     for (name, v) in [
         ("lr", o.lr),
