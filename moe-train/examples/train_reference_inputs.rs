@@ -41,6 +41,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eval_batches: 2,
         seed: 1,
         optim: OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
             warmup: 5,
             ..OptimConfig::default()
         },

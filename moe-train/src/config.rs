@@ -216,12 +216,14 @@ pub struct OptimConfig {
 }
 
 impl Default for OptimConfig {
-    /// nanoGPT's `shakespeare_char` settings: lr 1e-3 → 1e-4, 100 warm-up steps, β = (0.9, 0.99), weight decay 0.1,
-    /// clip 1.0.
+    /// nanoGPT's `shakespeare_char` settings (100 warm-up steps, β = (0.9, 0.99), weight decay 0.1, clip 1.0)
+    /// with twice its learning rate, 2e-3 → 2e-4: on the 42 plays, 2,000 steps, the same batches and validation
+    /// set, the dense baseline ends at 1.814 nats/byte with 2e-3 against 1.881 with nanoGPT's 1e-3 (our model has
+    /// RMSNorm and no biases).
     fn default() -> Self {
         OptimConfig {
-            lr: 1e-3,
-            min_lr: 1e-4,
+            lr: 2e-3,
+            min_lr: 2e-4,
             warmup: 100,
             beta1: 0.9,
             beta2: 0.99,

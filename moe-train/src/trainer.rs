@@ -258,7 +258,7 @@ fn train_in_pool(
         ),
     };
     let dense = matches!(cfg.ffn.kind, FfnKind::Dense);
-    let val = val_batches(corpus, t.seed, t.eval_batches, t.batch, cfg.context);
+    let val = val_batches(corpus, t.eval_batches, t.batch, cfg.context);
     let stop = run.stop_after.unwrap_or(t.steps).min(t.steps);
     let wall_before = state.wall_s;
     for step in start..stop {
