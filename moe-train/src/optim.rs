@@ -217,6 +217,8 @@ mod tests {
     #[test]
     fn schedule_warms_up_then_decays_to_min_lr() {
         let cfg = OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
             warmup: 10,
             ..OptimConfig::default()
         };
