@@ -312,7 +312,7 @@ fn bad_flags_exit_2_naming_the_flag() {
         (&["--lr", "0"], &["--lr must be > 0"]),
         (
             &["--min-lr", "1"],
-            &["--min-lr (1) must not exceed --lr (0.001)"],
+            &["--min-lr (1) must not exceed --lr (0.002)"],
         ),
         (
             &["--weight-decay", "-1"],
