@@ -91,19 +91,13 @@ fn dot(xs: &[f32], ys: &[f32]) -> f32 {
     sum
 }
 
-/// `act(z)` and `act'(z)`, bit-identical to [`activate`] and [`act_grad`]; exact GELU shares its `erf`.
+/// `act(z)` and `act'(z)`, bit-identical to [`activate`] and [`act_grad`]; exact GELU shares its `Φ(z)`.
 #[inline]
 fn act_both(act: Activation, z: f32) -> (f32, f32) {
     match act {
         Activation::Gelu => {
-            let x = f64::from(z);
-            let e = moe_core::math::erf(x * std::f64::consts::FRAC_1_SQRT_2);
-            // `0.5 · x · (1 + e)` as `activate` computes it; halving is exact, so `x · cdf` below is the same
-            // product as `act_grad`'s.
-            let h = (0.5 * x * (1.0 + e)) as f32;
-            let cdf = 0.5 * (1.0 + e);
-            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            (h, (cdf + x * pdf) as f32)
+            let (cdf, pdf) = moe_core::math::normal_cdf_pdf_f32(z);
+            (z * cdf, cdf + z * pdf)
         }
         _ => (activate(act, z), act_grad(act, z)),
     }
