@@ -254,21 +254,22 @@ class NoisyTopK(nn.Module):
 
 
 class Hash(nn.Module):
-    """Hash routing (approximate, for the bench): a fixed random table byte -> expert, k = 1, weight 1."""
+    """Hash routing (approximate, for the bench): a fixed random table byte -> expert h, experts (h + j) mod E for
+    j < k with weight 1/k (moe-train sizes hash with the model's k, as moe-rs's `hash:k=K`)."""
 
     exact = False
 
     def __init__(self, d, n_experts, k, options, aux_coef):
         super().__init__()
-        del d, k, options, aux_coef
+        del d, options, aux_coef
         g = torch.Generator().manual_seed(2)
         self.register_buffer("table", torch.randint(0, n_experts, (VOCAB,), generator=g))
-        self.n_experts = n_experts
+        self.n_experts, self.k = n_experts, k
 
     def forward(self, f, ids, train):
         del train
-        idx = self.table[ids][:, None]
-        return _per_expert(idx, torch.ones(idx.shape, dtype=f.dtype), self.n_experts), []
+        idx = (self.table[ids][:, None] + torch.arange(self.k)) % self.n_experts
+        return _per_expert(idx, torch.full(idx.shape, 1.0 / self.k, dtype=f.dtype), self.n_experts), []
 
 
 class ExpertChoice(nn.Module):
@@ -348,7 +349,9 @@ class Ffn(nn.Module):
                 raise ValueError(f"router {name!r} is not in the reference (have: {', '.join(ROUTERS)})")
             opts = kind.get("options") or {}
             self.router = ROUTERS[name](d, ffn["experts"], ffn["top_k"], opts, aux_coef)
-            self.experts = Experts(ffn["bank"], ffn["experts"], d, ffn["expert_width"])
+            # As moe-train's `ffn_shape`: one expert per token for switch-top1, so its experts are k·F wide.
+            width = ffn["expert_width"] * (ffn["top_k"] if name == "switch-top1" else 1)
+            self.experts = Experts(ffn["bank"], ffn["experts"], d, width)
 
     def forward(self, f, ids, train):
         if self.router is None:
