@@ -124,7 +124,7 @@ impl AttnShape {
 /// # Errors
 /// [`MoeError::Shape`] for a `qkv` that is not `[B · C, 3d]` in standard layout or a `probs` of another length.
 pub fn attention(
-    mut o: ArrayViewMut2<'_, f32>,
+    o: ArrayViewMut2<'_, f32>,
     probs: &mut [f32],
     scratch: &mut Vec<f32>,
     qkv: ArrayView2<'_, f32>,
@@ -177,20 +177,7 @@ pub fn attention(
             }
         });
     // Scatter the per-(sequence, head) outputs into o [T, d].
-    for (task, out) in scratch.chunks(c * hd).enumerate() {
-        let (b, h) = (task / s.heads, task % s.heads);
-        for i in 0..c {
-            let mut r = o.row_mut(b * c + i);
-            for (dst, &v) in r
-                .iter_mut()
-                .skip(h * hd)
-                .take(hd)
-                .zip(&out[i * hd..(i + 1) * hd])
-            {
-                *dst = v;
-            }
-        }
-    }
+    scatter_heads(o, scratch, s, 1);
     Ok(())
 }
 
@@ -201,7 +188,7 @@ pub fn attention(
 /// # Errors
 /// [`MoeError::Shape`] for operands of other shapes or not in standard layout.
 pub fn attention_backward(
-    mut d_qkv: ArrayViewMut2<'_, f32>,
+    d_qkv: ArrayViewMut2<'_, f32>,
     scratch: &mut Vec<f32>,
     d_o: ArrayView2<'_, f32>,
     probs: &[f32],
@@ -250,19 +237,28 @@ pub fn attention_backward(
                 }
             }
         });
-    for (task, g) in scratch.chunks(c * w).enumerate() {
+    scatter_heads(d_qkv, scratch, s, 3);
+    Ok(())
+}
+
+/// Copies per-(sequence, head) blocks `[C, parts · hd]` of `src` (task `b · H + h`) into `dst` `[T, parts · d]`:
+/// part `j` of head `h` goes to columns `j · d + h · hd ..` of the sequence's rows (attention's `o`: one part;
+/// its backward's `d_qkv`: three).
+fn scatter_heads(mut dst: ArrayViewMut2<'_, f32>, src: &[f32], s: AttnShape, parts: usize) {
+    let (c, hd, d) = (s.context, s.head_dim, s.d());
+    let w = parts * hd;
+    for (task, g) in src.chunks(c * w).enumerate() {
         let (b, h) = (task / s.heads, task % s.heads);
         for i in 0..c {
-            let mut r = d_qkv.row_mut(b * c + i);
-            for part in 0..3 {
-                let src = &g[i * w + part * hd..i * w + (part + 1) * hd];
-                for (dst, &v) in r.iter_mut().skip(part * d + h * hd).take(hd).zip(src) {
-                    *dst = v;
+            let mut r = dst.row_mut(b * c + i);
+            for part in 0..parts {
+                let from = &g[i * w + part * hd..i * w + (part + 1) * hd];
+                for (x, &v) in r.iter_mut().skip(part * d + h * hd).take(hd).zip(from) {
+                    *x = v;
                 }
             }
         }
     }
-    Ok(())
 }
 
 /// The values of `a` `[rows, cols]` in standard layout, or a shape error naming it.
