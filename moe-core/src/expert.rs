@@ -353,6 +353,10 @@ pub enum ExpertBank {
     Peer(PeerBank),
     /// Any experts implementing [`Expert`].
     Custom(Vec<Box<dyn Expert>>),
+    /// Experts living in an [`ExpertSource`](crate::store::ExpertSource) (host memory, a file on disk), at most
+    /// [`StoredBank::slots`](crate::store::StoredBank::slots) resident at once (`crate::store`). Holds no
+    /// weights: it lists no parameters and is not trained.
+    Stored(crate::store::StoredBank),
 }
 
 /// `a`, moved into a fresh allocation whose data starts at a multiple of `bytes` (values and shape unchanged), or
@@ -393,14 +397,14 @@ impl ExpertBank {
                 aligned(&mut b.w1, bytes);
                 aligned(&mut b.w2, bytes);
             }
-            ExpertBank::Peer(_) | ExpertBank::Custom(_) => {}
+            ExpertBank::Peer(_) | ExpertBank::Custom(_) | ExpertBank::Stored(_) => {}
         }
     }
 
     /// Named views of the bank's tensors, in a fixed order: SwiGLU `gate_up` `[E, 2f, d]`, `down` `[E, d, f]`;
     /// GPT-OSS `gate_up` `[E, d, 2f]`, `gate_up_bias` `[E, 2f]`, `down` `[E, f, d]`, `down_bias` `[E, d]`; MLP
     /// `w1` `[E, f, d]`, `b1` `[E, f]`, `w2` `[E, d, f]`, `b2` `[E, d]` (biases where present); PEER `u`, `v`
-    /// `[N, d]`. Custom experts list none.
+    /// `[N, d]`. Custom experts and stored banks list none.
     pub fn params(&self) -> Vec<Param<'_>> {
         match self {
             ExpertBank::SwiGlu(b) => vec![
@@ -425,7 +429,7 @@ impl ExpertBank {
                 v
             }
             ExpertBank::Peer(b) => vec![Param::new("u", b.u.view()), Param::new("v", b.v.view())],
-            ExpertBank::Custom(_) => Vec::new(),
+            ExpertBank::Custom(_) | ExpertBank::Stored(_) => Vec::new(),
         }
     }
 
@@ -457,7 +461,7 @@ impl ExpertBank {
                 ParamMut::new("u", b.u.view_mut()),
                 ParamMut::new("v", b.v.view_mut()),
             ],
-            ExpertBank::Custom(_) => Vec::new(),
+            ExpertBank::Custom(_) | ExpertBank::Stored(_) => Vec::new(),
         }
     }
 
@@ -469,6 +473,7 @@ impl ExpertBank {
             ExpertBank::Mlp(b) => b.w1.dim().0,
             ExpertBank::Peer(b) => b.u.nrows(),
             ExpertBank::Custom(v) => v.len(),
+            ExpertBank::Stored(s) => s.source().n_experts(),
         }
     }
 
@@ -480,6 +485,7 @@ impl ExpertBank {
             ExpertBank::Mlp(b) => b.w1.dim().2,
             ExpertBank::Peer(b) => b.u.ncols(),
             ExpertBank::Custom(v) => v.first().map(|e| e.d_model()).unwrap_or(0),
+            ExpertBank::Stored(s) => s.form().d_model(),
         }
     }
 
@@ -491,10 +497,12 @@ impl ExpertBank {
             ExpertBank::Mlp(b) => b.w1.dim().1,
             ExpertBank::Peer(_) => 1,
             ExpertBank::Custom(_) => 0,
+            ExpertBank::Stored(s) => s.form().ffn(),
         }
     }
 
-    /// The family's name: `swiglu`, `gpt_oss`, `mlp`, `peer`, `custom`.
+    /// The family's name: `swiglu`, `gpt_oss`, `mlp`, `peer`, `custom`, `stored` (whose experts are of the
+    /// family [`StoredBank::form`](crate::store::StoredBank::form) names).
     pub fn kind(&self) -> &'static str {
         match self {
             ExpertBank::SwiGlu(_) => "swiglu",
@@ -502,6 +510,7 @@ impl ExpertBank {
             ExpertBank::Mlp(_) => "mlp",
             ExpertBank::Peer(_) => "peer",
             ExpertBank::Custom(_) => "custom",
+            ExpertBank::Stored(_) => "stored",
         }
     }
 
@@ -516,6 +525,7 @@ impl ExpertBank {
             }
             ExpertBank::Peer(_) => 2 * d,
             ExpertBank::Custom(_) => 0,
+            ExpertBank::Stored(s) => s.form().values_per_expert(),
         }
     }
 }

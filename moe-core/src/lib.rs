@@ -91,6 +91,7 @@ pub mod rng;
 pub mod router;
 pub mod routing;
 pub mod stats;
+pub mod store;
 // Documented in every doc build (`cfg(doc)`), so a plugin's `cargo doc` shows it; compiled for code with the feature.
 #[cfg(any(test, doc, feature = "testing"))]
 pub mod testing;

@@ -1,0 +1,120 @@
+//! A bank whose experts live in an [`ExpertSource`], with its capacity and eviction policy.
+
+use std::sync::Arc;
+
+use crate::error::MoeError;
+
+use super::form::ExpertForm;
+use super::policy::PolicyKind;
+use super::source::ExpertSource;
+
+/// How many experts of one layer may be resident at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capacity {
+    /// At most this many experts.
+    Experts(usize),
+    /// At most this many bytes of resident (f32) expert weights: `bytes / ExpertForm::resident_bytes()` slots.
+    Bytes(u64),
+}
+
+/// How a stored bank keeps its experts: capacity per layer, eviction policy, and the expert frequencies the
+/// pin-most-frequent policy pins by (a profile from a trace; `None` refuses `pin`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// Resident capacity of the layer.
+    pub capacity: Capacity,
+    /// Which resident expert a load evicts.
+    pub policy: PolicyKind,
+    /// Per expert, how often a profile saw it (`[E]`), for [`PolicyKind::Pin`].
+    pub frequencies: Option<Vec<u64>>,
+}
+
+impl StoreConfig {
+    /// `slots` experts resident at most, evicting the least recently used.
+    pub fn lru(slots: usize) -> Self {
+        StoreConfig {
+            capacity: Capacity::Experts(slots),
+            policy: PolicyKind::Lru,
+            frequencies: None,
+        }
+    }
+}
+
+/// A bank of `E` experts living in a source, at most [`StoredBank::slots`] of them resident at once (an
+/// [`ExpertBank::Stored`](crate::ExpertBank::Stored)). Holds no weights itself; the backend that runs it keeps
+/// the resident slots. Cloning shares the source.
+#[derive(Debug, Clone)]
+pub struct StoredBank {
+    source: Arc<dyn ExpertSource>,
+    config: StoreConfig,
+    slots: usize,
+}
+
+impl StoredBank {
+    /// A stored bank over `source` kept as `config` says.
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] for a capacity of zero experts, or of fewer bytes than one expert takes
+    /// resident; frequencies that are not `[E]`; a source of zero experts.
+    pub fn new(source: Arc<dyn ExpertSource>, config: StoreConfig) -> Result<Self, MoeError> {
+        let e = source.n_experts();
+        if e == 0 {
+            return Err(MoeError::config(
+                "expert store",
+                "0 experts",
+                "a source with at least one expert",
+            ));
+        }
+        let per = source.form().resident_bytes().max(1);
+        let slots = match config.capacity {
+            Capacity::Experts(n) => n,
+            Capacity::Bytes(b) => usize::try_from(b / per).unwrap_or(usize::MAX),
+        };
+        if slots == 0 {
+            let found = match config.capacity {
+                Capacity::Experts(_) => "0 experts".to_string(),
+                Capacity::Bytes(b) => format!("{b} bytes"),
+            };
+            return Err(MoeError::config(
+                "expert store capacity",
+                &found,
+                &format!("at least one expert resident ({per} bytes each)"),
+            ));
+        }
+        if let Some(f) = &config.frequencies
+            && f.len() != e
+        {
+            return Err(MoeError::shape(
+                "store frequencies",
+                format!("[{e}]"),
+                &[f.len()],
+            ));
+        }
+        Ok(StoredBank {
+            slots: slots.min(e),
+            source,
+            config,
+        })
+    }
+
+    /// Where the experts live.
+    pub fn source(&self) -> &Arc<dyn ExpertSource> {
+        &self.source
+    }
+
+    /// The experts' form.
+    pub fn form(&self) -> &ExpertForm {
+        self.source.form()
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Resident slots: the capacity in experts, at most `E`.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+}

@@ -1,0 +1,1 @@
+//! The trace-driven cache simulator (filled by the policies work).

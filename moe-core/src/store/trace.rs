@@ -1,0 +1,1 @@
+//! Routing traces (filled by the trace work).
