@@ -11,6 +11,7 @@ use crate::layer::MoeLayer;
 use crate::params::ParamMut;
 use crate::router::{Router, RouterInput};
 use crate::routing::Routing;
+use crate::store::StoreStats;
 
 /// Where the routing of a forward was computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -184,6 +185,26 @@ pub trait DeviceLayer: Send {
         }
         self.set_router(router)?;
         Ok(true)
+    }
+
+    /// What the layer's expert store did so far, when its routed bank is an
+    /// [`ExpertBank::Stored`](crate::ExpertBank::Stored); `None` (the default) for a layer whose experts are all
+    /// resident.
+    fn store_stats(&self) -> Option<StoreStats> {
+        None
+    }
+
+    /// Hints that `experts` (ids `< E`) will be needed soon (the next layer's experts predicted by its gate on this
+    /// layer's input): a layer with a stored bank places them in its slots now, as
+    /// [`SlotCache::prefetch`](crate::store::cache::SlotCache::prefetch) says, and loads them on a background
+    /// thread while the caller computes; the next forward waits for loads still in flight. Outputs do not depend
+    /// on prefetches. The default (all experts resident) does nothing.
+    ///
+    /// # Errors
+    /// A failed background load is reported by the forward that needs the expert.
+    fn prefetch(&mut self, experts: &[u32]) -> Result<(), MoeError> {
+        let _ = experts;
+        Ok(())
     }
 
     /// Times `repeats` forwards of `input` by the device's own clock, in milliseconds each, with the input copied

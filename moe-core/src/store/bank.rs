@@ -79,7 +79,7 @@ impl StoredBank {
             return Err(MoeError::config(
                 "expert store capacity",
                 &found,
-                &format!("at least one expert resident ({per} bytes each)"),
+                format!("at least one expert resident ({per} bytes each)"),
             ));
         }
         if let Some(f) = &config.frequencies
@@ -117,4 +117,22 @@ impl StoredBank {
     pub fn slots(&self) -> usize {
         self.slots
     }
+}
+
+/// What a resident layer with a stored bank did so far ([`DeviceLayer::store_stats`](crate::DeviceLayer::store_stats)).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct StoreStats {
+    /// Resident slots of the layer.
+    pub slots: usize,
+    /// Accesses, hits, loads, evictions, prefetches ([`SlotCache`](super::cache::SlotCache)'s counts).
+    pub cache: super::cache::CacheStats,
+    /// Bytes read from the source's tier (at the stored dtype), demand loads and prefetches.
+    pub bytes_read: u64,
+    /// Milliseconds forwards spent loading missing experts themselves (demand loads, on the forward's thread).
+    pub demand_load_ms: f64,
+    /// Milliseconds the background thread spent loading prefetched experts.
+    pub prefetch_load_ms: f64,
+    /// Milliseconds forwards waited for prefetches still in flight: the prefetch time that compute did not hide
+    /// (`1 − wait / prefetch_load` is the overlap).
+    pub wait_ms: f64,
 }

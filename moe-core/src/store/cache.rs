@@ -29,8 +29,12 @@ pub struct CacheStats {
     pub hits: u64,
     /// Loads (misses).
     pub loads: u64,
-    /// Loads that evicted a resident expert.
+    /// Loads that evicted a resident expert (demand loads and prefetches).
     pub evictions: u64,
+    /// Experts placed by [`SlotCache::prefetch`] (loaded ahead of demand; not accesses).
+    pub prefetches: u64,
+    /// Hits on an expert a prefetch placed, before any other access to it.
+    pub prefetch_hits: u64,
 }
 
 impl CacheStats {
@@ -52,6 +56,8 @@ pub struct SlotCache {
     policy: Box<dyn EvictionPolicy>,
     time: u64,
     stats: CacheStats,
+    /// Per expert: placed by a prefetch and not accessed since.
+    prefetched: Vec<bool>,
 }
 
 impl SlotCache {
@@ -77,6 +83,7 @@ impl SlotCache {
             policy,
             time: 0,
             stats: CacheStats::default(),
+            prefetched: vec![false; n_experts],
         })
     }
 
@@ -133,6 +140,9 @@ impl SlotCache {
             self.stats.accesses += 1;
             if let Some(slot) = self.slot_of(e) {
                 self.stats.hits += 1;
+                if std::mem::take(&mut self.prefetched[e as usize]) {
+                    self.stats.prefetch_hits += 1;
+                }
                 self.policy.on_access(e, time, true);
                 out.push(Placement {
                     expert: e,
@@ -144,50 +154,82 @@ impl SlotCache {
             }
             self.policy.on_access(e, time, false);
             self.stats.loads += 1;
-            let (slot, evicted) = match self.slot_expert.iter().position(Option::is_none) {
-                Some(free) => (free, None),
-                None => {
-                    let candidates: Vec<u32> = {
-                        let mut c: Vec<u32> = self
-                            .slot_expert
-                            .iter()
-                            .flatten()
-                            .copied()
-                            .filter(|r| !group.contains(r))
-                            .collect();
-                        c.sort_unstable();
-                        c
-                    };
-                    let pick = self.policy.victim(&candidates, time);
-                    // A policy returning a non-candidate is a bug; fall back to the first candidate.
-                    let victim = if candidates.contains(&pick) {
-                        pick
-                    } else {
-                        candidates[0]
-                    };
-                    let slot = self.slot_of(victim).unwrap_or(0);
-                    self.expert_slot[victim as usize] = None;
-                    self.policy.on_evict(victim);
-                    self.stats.evictions += 1;
-                    (slot, Some(victim))
-                }
-            };
-            self.slot_expert[slot] = Some(e);
-            self.expert_slot[e as usize] = Some(slot);
-            out.push(Placement {
-                expert: e,
-                slot,
-                load: true,
-                evicted,
-            });
+            out.push(self.place(e, group, time));
         }
         Ok(out)
+    }
+
+    /// Places the missing experts of `experts` ahead of demand (the next layer's predicted experts): each takes a
+    /// free slot or evicts the policy's victim among the residents outside `experts`; at most
+    /// [`SlotCache::slots`] are placed (the first ones), experts `>= E` and repeats are skipped. A prefetch is
+    /// shown to the policy as an access (so it is not the next victim) but is not counted as one; a later access
+    /// that finds it counts as a hit and a prefetch hit. The caller loads every returned placement.
+    pub fn prefetch(&mut self, experts: &[u32]) -> Vec<Placement> {
+        let mut want: Vec<u32> = Vec::new();
+        for &e in experts {
+            if (e as usize) < self.n_experts() && !want.contains(&e) && want.len() < self.slots() {
+                want.push(e);
+            }
+        }
+        let mut out = Vec::new();
+        for &e in &want {
+            if self.slot_of(e).is_some() {
+                continue;
+            }
+            let time = self.time;
+            self.time += 1;
+            self.policy.on_access(e, time, false);
+            self.stats.prefetches += 1;
+            self.prefetched[e as usize] = true;
+            out.push(self.place(e, &want, time));
+        }
+        out
+    }
+
+    /// Puts missing expert `e` into a free slot or the slot of the policy's victim among the residents outside
+    /// `protect` (at most `slots` experts including `e`, which is not resident, so a candidate exists).
+    fn place(&mut self, e: u32, protect: &[u32], time: u64) -> Placement {
+        let (slot, evicted) = match self.slot_expert.iter().position(Option::is_none) {
+            Some(free) => (free, None),
+            None => {
+                let mut candidates: Vec<u32> = self
+                    .slot_expert
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .filter(|r| !protect.contains(r))
+                    .collect();
+                candidates.sort_unstable();
+                let pick = self.policy.victim(&candidates, time);
+                // A policy returning a non-candidate is a bug; fall back to the first candidate.
+                let victim = if candidates.contains(&pick) {
+                    pick
+                } else {
+                    candidates.first().copied().unwrap_or(pick)
+                };
+                let slot = self.slot_of(victim).unwrap_or(0);
+                self.expert_slot[victim as usize] = None;
+                self.prefetched[victim as usize] = false;
+                self.policy.on_evict(victim);
+                self.stats.evictions += 1;
+                (slot, Some(victim))
+            }
+        };
+        self.slot_expert[slot] = Some(e);
+        self.expert_slot[e as usize] = Some(slot);
+        Placement {
+            expert: e,
+            slot,
+            load: true,
+            evicted,
+        }
     }
 
     /// The load into `slot` failed: the slot holds nothing usable and is free again.
     pub fn invalidate(&mut self, slot: usize) {
         if let Some(Some(e)) = self.slot_expert.get(slot).copied() {
             self.expert_slot[e as usize] = None;
+            self.prefetched[e as usize] = false;
             self.slot_expert[slot] = None;
             self.policy.on_evict(e);
         }
@@ -234,9 +276,17 @@ mod tests {
                 accesses: 4,
                 hits: 1,
                 loads: 3,
-                evictions: 1
+                evictions: 1,
+                ..CacheStats::default()
             }
         );
+        // A prefetch of 3 evicts the least recently used (2 was accessed before 1); a later access hits it.
+        let p = c.prefetch(&[3, 1, 3]);
+        assert_eq!((p.len(), p[0].expert, p[0].evicted), (1, 3, Some(2)));
+        let p = c.admit(&[3]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!p[0].load);
+        let s = c.stats();
+        assert_eq!((s.prefetches, s.prefetch_hits, s.hits), (1, 1, 2));
         assert!(c.admit(&[0, 1, 2]).is_err());
         assert!(c.admit(&[3, 3]).is_err());
         assert!(c.admit(&[4]).is_err());

@@ -25,6 +25,6 @@ pub mod sim;
 mod source;
 pub mod trace;
 
-pub use bank::{Capacity, StoreConfig, StoredBank};
+pub use bank::{Capacity, StoreConfig, StoreStats, StoredBank};
 pub use form::ExpertForm;
 pub use source::{ExpertSource, HostSource, Tier, check_load_dst};
