@@ -394,6 +394,8 @@ fn bad_configurations_are_clear_errors() {
     c.prefetch = Prefetch::Frequency { top: 0 };
     assert!(err(c).contains("top"));
     assert!(sweep(&t, &[], &[2], Granularity::Token, Prefetch::None).is_err());
+    assert_eq!(ok(Granularity::parse("step")), Granularity::Step);
+    assert!(Granularity::parse("batch").is_err());
     assert!(
         sweep(
             &t,

@@ -64,6 +64,18 @@ impl Granularity {
             Granularity::Step => "step",
         }
     }
+
+    /// Parses a name of [`Granularity::name`].
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] naming the accepted names.
+    pub fn parse(name: &str) -> Result<Self, MoeError> {
+        match name {
+            "token" => Ok(Granularity::Token),
+            "step" => Ok(Granularity::Step),
+            other => Err(MoeError::config("granularity", other, "token or step")),
+        }
+    }
 }
 
 /// What is loaded ahead of each request (module docs).
@@ -140,7 +152,8 @@ pub fn expert_frequencies(trace: &RoutingTrace) -> Vec<Vec<u64>> {
     f
 }
 
-/// Replays `trace` through one [`SlotCache`] per layer as `config` says.
+/// Replays `trace` through one [`SlotCache`] per layer as `config` says. Pin pins by [`expert_frequencies`] of
+/// the same trace (an oracle profile); Belady runs on each layer's own request sequence.
 ///
 /// # Errors
 /// [`MoeError::InvalidConfig`] for zero slots, Belady with a prefetch (its sequence would not be the cache's),
