@@ -41,6 +41,10 @@ pub mod hf_names;
 pub mod hidden;
 pub mod inspect;
 pub mod presets;
+#[cfg(unix)]
+pub mod store;
+#[cfg(unix)]
+mod store_write;
 
 use std::path::Path;
 
