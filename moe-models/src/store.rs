@@ -414,11 +414,11 @@ fn plan_per_expert(
     let dtype = h.dtype(&first, None)?;
     let gate = gate_dims(h, prefix)?;
     let n_experts = gate.as_ref().map_or(top + 1, |(_, rows, _)| *rows);
-    if top >= n_experts {
-        if let Some((gname, rows, cols)) = &gate {
-            let expected = format!("[{}, {d}] (the file holds {})", top + 1, name(top, g));
-            return Err(h.shape_err(gname, expected, &[*rows, *cols]));
-        }
+    if let Some((gname, rows, cols)) = &gate
+        && top >= *rows
+    {
+        let expected = format!("[{}, {d}] (the file holds {})", top + 1, name(top, g));
+        return Err(h.shape_err(gname, expected, &[*rows, *cols]));
     }
     check_gate(h, &gate, n_experts, d)?;
     let fd = f * d;

@@ -327,6 +327,44 @@ fn inconsistent_shapes_are_refused_naming_the_tensor_and_both_shapes() {
             && msg.contains(&format!("[{E}, {D}, {}]", F - 1)),
         "{msg}"
     );
+    // A router gate with fewer rows than the file has experts.
+    let (path, prefix) = write(&dir, Layout::PerExpert, DiskDtype::F32);
+    let broken = dir.join("short-gate.safetensors");
+    rewrite(&path, &broken, |n, dt, s, d| {
+        if n.ends_with("mlp.gate.weight") {
+            Some((dt, vec![E - 1, D], d[..(E - 1) * D * 4].to_vec()))
+        } else {
+            same(n, dt, s, d)
+        }
+    });
+    let msg = DiskSource::open(&broken, prefix)
+        .expect_err("short gate")
+        .to_string();
+    assert!(
+        msg.contains("mlp.gate.weight")
+            && msg.contains(&format!("experts.{}.gate_proj.weight", E - 1)),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("[{E}, {D}]")) && msg.contains(&format!("[{}, {D}]", E - 1)),
+        "{msg}"
+    );
+    // A router gate of another width.
+    let broken = dir.join("wide-gate.safetensors");
+    rewrite(&path, &broken, |n, dt, s, d| {
+        if n.ends_with("mlp.gate.weight") {
+            Some((dt, vec![E, D - 1], d[..E * (D - 1) * 4].to_vec()))
+        } else {
+            same(n, dt, s, d)
+        }
+    });
+    let msg = DiskSource::open(&broken, prefix)
+        .expect_err("narrow gate")
+        .to_string();
+    assert!(
+        msg.contains("mlp.gate.weight") && msg.contains(&format!("[{E}, {}]", D - 1)),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
