@@ -8,7 +8,7 @@
 //!   range of each expert's slice of each tensor. One [`File`] stays open.
 //! - [`ExpertSource::load`] reads exactly expert `e`'s byte ranges with `pread` (`read_exact_at`, so several threads
 //!   may load at once through the one file), through a buffer reused per thread (no allocation after a thread's
-//!   first load of its largest tensor), and converts them to `f32` into the destination slices.
+//!   first load: a test counts them), and converts them to `f32` into the destination slices.
 //!
 //! # Layouts
 //! Detected from the names under `prefix`, in this order (`E` experts, `d` hidden, `f` expert width):
@@ -563,6 +563,8 @@ pub struct DiskSource {
     file: File,
     layout: Layout,
     plan: Plan,
+    /// The values of each destination slice (from [`ExpertForm::tensors`]).
+    sizes: Vec<usize>,
     cold: bool,
 }
 
@@ -596,6 +598,7 @@ impl DiskSource {
             prefix: prefix.to_string(),
             file,
             layout,
+            sizes: plan.form.tensors().iter().map(|(_, n)| *n).collect(),
             plan,
             cold: false,
         })
@@ -760,7 +763,12 @@ impl ExpertSource for DiskSource {
     }
 
     fn load(&self, expert: usize, dst: &mut [&mut [f32]]) -> Result<(), MoeError> {
-        check_load_dst(&self.plan.form, dst)?;
+        // The sizes are checked without allocating (`check_load_dst` builds the form's list): it names the error.
+        let sizes = &self.sizes;
+        let fits = dst.len() == sizes.len() && dst.iter().zip(sizes).all(|(s, &n)| s.len() == n);
+        if !fits {
+            check_load_dst(&self.plan.form, dst)?;
+        }
         let per = self.plan.per_expert;
         let segs = expert
             .checked_mul(per)

@@ -2,6 +2,8 @@
 //! resident bank; broken files (a missing expert, inconsistent shapes, a foreign dtype, no experts under the prefix,
 //! a file truncated after it was opened) are clear errors; loads from two threads agree.
 
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +12,36 @@ use moe_core::store::{ExpertForm, ExpertSource, Tier};
 use moe_models::store::{DiskDtype, DiskSource, Layout, read_gate, write_expert_checkpoint};
 use moe_models::{Checkpoint, Family, LoadError, MoeConfig, build_layer};
 use safetensors::tensor::{Dtype, TensorView};
+
+/// The system allocator, counting the allocations of the threads that ask it to.
+struct Counting;
+
+thread_local! {
+    /// Allocations of this thread while counting; `None` when not counting.
+    static ALLOCS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+// SAFETY: every call is forwarded to `System`; the counter is a thread-local `Cell` with a const initialiser,
+// which does not allocate.
+#[allow(
+    unsafe_code,
+    reason = "a global allocator is an unsafe trait; this one forwards every call to System"
+)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get().map(|n| n + 1)));
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
 
 const E: usize = 5;
 const D: usize = 8;
@@ -650,5 +682,30 @@ fn the_writer_replaces_files_atomically_and_refuses_zero_sizes() {
     )
     .expect_err("no directory");
     assert!(matches!(err, LoadError::Io { .. }), "{err:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn loads_do_not_allocate_after_the_first() {
+    let dir = dir("alloc");
+    for layout in [Layout::PerExpert, Layout::Fused, Layout::GptOss] {
+        let (path, prefix) = write(&dir, layout, DiskDtype::Bf16);
+        let src = DiskSource::open(&path, prefix).expect("open");
+        let mut out: Vec<Vec<f32>> = src
+            .form()
+            .tensors()
+            .iter()
+            .map(|(_, n)| vec![0.0; *n])
+            .collect();
+        let mut dst: Vec<&mut [f32]> = out.iter_mut().map(Vec::as_mut_slice).collect();
+        // The first load of this thread sizes its buffer.
+        src.load(0, &mut dst).expect("load");
+        ALLOCS.with(|c| c.set(Some(0)));
+        for e in (0..E).rev() {
+            src.load(e, &mut dst).expect("load");
+        }
+        let n = ALLOCS.with(|c| c.replace(None));
+        assert_eq!(n, Some(0), "{}: allocations in {E} loads", layout.name());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
