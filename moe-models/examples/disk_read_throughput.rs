@@ -6,6 +6,7 @@
 //! ```
 //! writes `DIR/qwen3-layer.safetensors` (default `DIR` = `target/store-bench`), loads every expert in a scrambled
 //! order, and prints MB/s per pass with the bytes the kernel read from storage (`read_bytes` of `/proc/self/io`).
+//! MB/s counts the file's bytes (BF16) and includes the conversion to f32.
 
 #[cfg(unix)]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
