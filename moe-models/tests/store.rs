@@ -709,3 +709,51 @@ fn loads_do_not_allocate_after_the_first() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_hf_fixtures_experts_load_as_their_layers_banks() {
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf"));
+    let manifest = moe_models::fixture::Manifest::read(dir).expect("manifest");
+    let mut checked = Vec::new();
+    for case in &manifest.cases {
+        let fx = moe_models::fixture::FixtureCase::load(dir, case).expect("fixture loads");
+        let bank = fx.layer.experts();
+        // JetMoE and GraniteMoE name their SwiGLU experts otherwise (`input_linear`): not a disk-store layout.
+        if !matches!(
+            case.model_type(),
+            "mixtral" | "qwen2_moe" | "olmoe" | "deepseek_v3" | "gpt_oss"
+        ) {
+            continue;
+        }
+        // The fixtures hold one block's state dict, unprefixed, as transformers 5 writes it (fused experts).
+        let src = DiskSource::open(&fx.path, "").expect("open the fixture as a disk source");
+        let src = match src.layout() {
+            Layout::GptOss => src
+                .with_gpt_oss_glu(fx.config.swiglu_alpha, fx.config.swiglu_limit)
+                .expect("gpt-oss"),
+            _ => src,
+        };
+        let name = &case.name;
+        assert_eq!(src.form(), &ExpertForm::of(bank).expect("form"), "{name}");
+        assert_eq!(src.n_experts(), bank.n_experts(), "{name}");
+        let params = bank.params();
+        for e in 0..bank.n_experts() {
+            let want: Vec<Vec<f32>> = params
+                .iter()
+                .map(|p| {
+                    let all = p.value.as_slice().expect("contiguous");
+                    let n = all.len() / bank.n_experts();
+                    all[e * n..(e + 1) * n].to_vec()
+                })
+                .collect();
+            assert_eq!(
+                bits(&load(&src, e).expect("load")),
+                bits(&want),
+                "{name} expert {e}"
+            );
+        }
+        checked.push(name.clone());
+    }
+    // Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V3 (routed experts) and GPT-OSS at least.
+    assert!(checked.len() >= 5, "{checked:?}");
+}
