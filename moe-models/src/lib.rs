@@ -30,6 +30,10 @@
 //! # Ok::<(), moe_models::LoadError>(())
 //! ```
 //!
+//! [`store`] (unix) is the disk tier of `moe_core`'s expert store: [`store::DiskSource`] reads one expert at a
+//! time from a safetensors file with positioned reads (the header only at open), and
+//! [`store::write_expert_checkpoint`] streams a seeded random layer of any size to disk for tests and benches.
+//!
 //! No feature flags.
 
 pub mod checkpoint;
@@ -41,6 +45,10 @@ pub mod hf_names;
 pub mod hidden;
 pub mod inspect;
 pub mod presets;
+#[cfg(unix)]
+pub mod store;
+#[cfg(unix)]
+mod store_write;
 
 use std::path::Path;
 
