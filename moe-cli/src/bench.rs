@@ -5,6 +5,7 @@
 //! alone, and reports the backward's time over the forward's; a backend or router without training exits with its
 //! `Unsupported` error (exit code 2).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -109,9 +110,46 @@ pub(crate) struct BenchArgs {
     /// T >= 512.
     #[arg(long)]
     backward: bool,
+    /// Run a stack of MoE layers whose experts live in this safetensors file (every block with
+    /// `experts.0.gate_proj.weight`, `experts.0.w1.weight` or `experts.gate_up_proj`, and its `gate.weight`),
+    /// reading experts from disk as the routing selects them; `-t` tokens a step, `--repeats` steps per row on fresh
+    /// tokens (cpu backend).
+    #[arg(long, value_name = "CHECKPOINT")]
+    from: Option<PathBuf>,
+    /// With `--from`: experts resident per layer (default: all E).
+    #[arg(long, value_name = "N")]
+    resident_experts: Option<usize>,
+    /// With `--from`: eviction policy, lru, lfu, lfru or stale (pin needs a profile, belady the future: `moe
+    /// cache-sim` runs those on a trace).
+    #[arg(long, default_value = "lru")]
+    policy: String,
+    /// With `--from`: prefetch each next layer's experts, predicted by its gate on the current layer's input, on
+    /// a background thread (`gate`), or not (`none`).
+    #[arg(long, value_enum, default_value_t = PrefetchArg::None)]
+    prefetch: PrefetchArg,
+    /// With `--from`: read every expert from the device, not the page cache (the file's cached pages are dropped
+    /// with posix_fadvise before the run and after each expert's read).
+    #[arg(long)]
+    cold: bool,
+    /// Write a random stack of `--layers` MoE blocks of the shape (BF16, the Hub's per-expert names, with gates)
+    /// to this safetensors file, for `--from`, and exit.
+    #[arg(long, value_name = "FILE")]
+    write_checkpoint: Option<PathBuf>,
+    /// With `--write-checkpoint`: MoE blocks to write.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+}
+
+/// `--prefetch` of the store bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PrefetchArg {
+    /// Load experts when the routing selects them.
+    None,
+    /// Prefetch each next layer's experts by its gate.
+    Gate,
 }
 
 /// One row of `moe bench`.
@@ -177,6 +215,44 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         return Err(CliError::Usage(format!(
             "--top-k must be between 1 and --experts ({e}), got {k}"
         )));
+    }
+    if a.write_checkpoint.is_some() || a.from.is_some() {
+        // Flags only (threads, clusters, T·d); the experts stay on disk.
+        check_sizes(a, (d, f, 1))?;
+    }
+    if let Some(path) = &a.write_checkpoint {
+        return crate::bench_store::write_checkpoint(path, a.layers, (d, f, e), a.seed);
+    }
+    if let Some(from) = &a.from {
+        if a.dtype != "f32" || a.backend != "cpu" || a.backward {
+            return Err(CliError::Usage(
+                "--from runs on the cpu backend with f32 resident experts, forward only (leave out --dtype, --backend and --backward)".into(),
+            ));
+        }
+        return crate::bench_store::run(
+            registry,
+            &crate::bench_store::StoreBench {
+                from,
+                resident: a.resident_experts,
+                policy: &a.policy,
+                prefetch: a.prefetch == PrefetchArg::Gate,
+                cold: a.cold,
+                router: &a.router,
+                top_k: k,
+                tokens: &a.tokens,
+                repeats: a.repeats,
+                seed: a.seed,
+                skew: a.skew,
+                clusters: a.clusters,
+                threads: a.threads,
+                format: a.format,
+            },
+        );
+    }
+    if a.resident_experts.is_some() || a.cold || a.prefetch != PrefetchArg::None {
+        return Err(CliError::Usage(
+            "--resident-experts, --cold and --prefetch need --from CHECKPOINT (write one with --write-checkpoint)".into(),
+        ));
     }
     check_sizes(a, (d, f, e))?;
     let dtype = Dtype::parse(&a.dtype).ok_or_else(|| {

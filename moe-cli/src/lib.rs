@@ -22,6 +22,7 @@
 //! This crate parses, composes the other crates and prints; it holds no math.
 
 mod bench;
+mod bench_store;
 mod compare;
 mod inspect;
 mod list;

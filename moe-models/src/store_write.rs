@@ -17,6 +17,7 @@ const CHUNK: usize = 1 << 16;
 /// What fills a run of values: a role (gate, up, down, ...), an expert and a count.
 #[derive(Debug, Clone, Copy)]
 struct Run {
+    seed: u64,
     role: u64,
     expert: usize,
     values: usize,
@@ -46,6 +47,7 @@ const ROUTER_BIAS: u64 = 9;
 /// The tensors of `layout` for `n` experts of widths `d`, `f`, plus the router when `with_gate`.
 fn plan(
     prefix: &str,
+    seed: u64,
     layout: Layout,
     n: usize,
     d: usize,
@@ -54,6 +56,7 @@ fn plan(
 ) -> Vec<Planned> {
     let (sd, sf) = (1.0 / (d as f32).sqrt(), 1.0 / (f as f32).sqrt());
     let run = |role, expert, values, scale| Run {
+        seed,
         role,
         expert,
         values,
@@ -161,11 +164,10 @@ fn write_tensor(
     out: &mut impl Write,
     t: &Planned,
     dtype: DiskDtype,
-    seed: u64,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     for r in &t.runs {
-        let rng = CounterRng::new(seed, (r.role << 32) | r.expert as u64);
+        let rng = CounterRng::new(r.seed, (r.role << 32) | r.expert as u64);
         let mut i = 0usize;
         while i < r.values {
             let n = CHUNK.min(r.values - i);
@@ -195,7 +197,6 @@ fn write_file(
     header: &[u8],
     tensors: &[Planned],
     dtype: DiskDtype,
-    seed: u64,
 ) -> std::io::Result<()> {
     let file = std::fs::File::create(tmp)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -203,7 +204,7 @@ fn write_file(
     out.write_all(header)?;
     let mut buf = Vec::with_capacity(CHUNK * 4);
     for t in tensors {
-        write_tensor(&mut out, t, dtype, seed, &mut buf)?;
+        write_tensor(&mut out, t, dtype, &mut buf)?;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()
@@ -235,15 +236,56 @@ pub fn write_expert_checkpoint(
     seed: u64,
     with_gate: bool,
 ) -> Result<(), LoadError> {
+    write_layers_checkpoint(
+        path,
+        &[prefix.to_string()],
+        layout,
+        n_experts,
+        d,
+        f,
+        dtype,
+        seed,
+        with_gate,
+    )
+}
+
+/// [`write_expert_checkpoint`] for several MoE blocks in one file, one per prefix (`model.layers.{i}.mlp.`): block
+/// `i` is written with seed `seed + i` (so block 0 equals [`write_expert_checkpoint`]'s block for `seed`).
+///
+/// # Errors
+/// As [`write_expert_checkpoint`]; [`LoadError::Config`] for no prefixes.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the shape, layout, dtype and seed of a written checkpoint"
+)]
+pub fn write_layers_checkpoint(
+    path: impl AsRef<Path>,
+    prefixes: &[String],
+    layout: Layout,
+    n_experts: usize,
+    d: usize,
+    f: usize,
+    dtype: DiskDtype,
+    seed: u64,
+    with_gate: bool,
+) -> Result<(), LoadError> {
     let path = path.as_ref();
+    if prefixes.is_empty() {
+        return Err(LoadError::config(
+            path,
+            "prefixes",
+            "at least one MoE block",
+        ));
+    }
     for (field, v) in [("n_experts", n_experts), ("d", d), ("f", f)] {
         if v == 0 {
             return Err(LoadError::config(path, field, "must be at least 1"));
         }
     }
     // Every tensor's bytes, and the total, must fit in u64 (and its values in usize).
-    let per =
-        (f as u128 * d as u128 * 3 + 2 * f as u128 + d as u128 + d as u128 + 1) * n_experts as u128;
+    let per = (f as u128 * d as u128 * 3 + 2 * f as u128 + d as u128 + d as u128 + 1)
+        * n_experts as u128
+        * prefixes.len() as u128;
     if per * dtype.bytes() as u128 > u64::MAX as u128 / 2 || per > usize::MAX as u128 / 2 {
         return Err(LoadError::config(
             path,
@@ -251,13 +293,27 @@ pub fn write_expert_checkpoint(
             format!("{n_experts} experts of {d} x {f} are too large"),
         ));
     }
-    let tensors = plan(prefix, layout, n_experts, d, f, with_gate);
+    let tensors: Vec<Planned> = prefixes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            plan(
+                p,
+                seed.wrapping_add(i as u64),
+                layout,
+                n_experts,
+                d,
+                f,
+                with_gate,
+            )
+        })
+        .collect();
     let header = header(&tensors, dtype).map_err(|source| LoadError::Json {
         file: path.to_path_buf(),
         source,
     })?;
     let tmp = temp_name(path);
-    write_file(&tmp, &header, &tensors, dtype, seed)
+    write_file(&tmp, &header, &tensors, dtype)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|source| {
             let _ = std::fs::remove_file(&tmp);
@@ -295,7 +351,7 @@ mod tests {
 
     #[test]
     fn header_offsets_are_contiguous_and_padded() {
-        let t = plan("p.", Layout::Fused, 2, 4, 3, true);
+        let t = plan("p.", 0, Layout::Fused, 2, 4, 3, true);
         let h = header(&t, DiskDtype::Bf16).expect("header");
         assert_eq!(h.len() % 8, 0);
         let v: serde_json::Value = serde_json::from_slice(&h).expect("json");

@@ -1,0 +1,490 @@
+//! `moe bench --from CHECKPOINT --resident-experts N`: a stack of MoE layers whose experts live in a safetensors
+//! file on disk, at most N resident per layer, run step after step on fresh tokens; reports tokens/s, hit rate,
+//! bytes read, load and wait times, the gate prefetch's precision and recall, and the peak RSS against the
+//! resident experts' bytes. `--write-checkpoint FILE` writes a random layer stack of the shape for it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use moe_core::store::stack::{PredictionCounts, StackPrefetch, forward_stack};
+use moe_core::store::{
+    Capacity, ExpertSource, StoreConfig, StoreStats, StoredBank, policy::PolicyKind,
+};
+use moe_core::{DeviceLayer, ExpertBank, MoeLayer, RouterRegistry, WorkloadConfig};
+use moe_models::store::{DiskDtype, DiskSource, Layout, read_gate, write_layers_checkpoint};
+use serde::Serialize;
+
+use crate::CliError;
+use crate::output::{Format, Table};
+
+/// What `moe bench` passes to the store bench.
+pub(crate) struct StoreBench<'a> {
+    pub from: &'a Path,
+    pub resident: Option<usize>,
+    pub policy: &'a str,
+    pub prefetch: bool,
+    pub cold: bool,
+    pub router: &'a str,
+    pub top_k: usize,
+    pub tokens: &'a [usize],
+    pub repeats: u32,
+    pub seed: u64,
+    pub skew: f64,
+    pub clusters: usize,
+    pub threads: Option<usize>,
+    pub format: Format,
+}
+
+/// One row: `repeats` steps of `tokens` fresh tokens through the stack, after one warm-up step.
+#[derive(Debug, Serialize)]
+struct StoreRow {
+    tokens: usize,
+    /// Median wall time of one step through every layer, ms.
+    median_ms: f64,
+    tokens_per_s: f64,
+    /// Hits over accesses in the timed steps (every layer).
+    hit_rate: f64,
+    /// Experts loaded per step (demand loads and prefetches, every layer).
+    loads_per_step: f64,
+    /// Bytes read from the file per step, MB (10⁶ bytes).
+    read_mb_per_step: f64,
+    /// Bytes read over the timed steps' wall time, GB/s.
+    read_gb_per_s: f64,
+    /// Time forwards spent loading experts themselves, ms per step.
+    demand_load_ms: f64,
+    /// Time the prefetch thread spent loading, ms per step.
+    prefetch_load_ms: f64,
+    /// Time forwards waited for prefetches in flight, ms per step.
+    wait_ms: f64,
+    /// Experts the next layer's gate predicted that the layer used, over those predicted (with `--prefetch gate`).
+    prefetch_precision: Option<f64>,
+    /// Experts the layer used that were predicted, over those used.
+    prefetch_recall: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct StoreReport {
+    checkpoint: String,
+    layers: usize,
+    layout: String,
+    dtype: String,
+    d_model: usize,
+    ffn: usize,
+    experts: usize,
+    top_k: usize,
+    router: String,
+    resident_experts: usize,
+    policy: String,
+    prefetch: StackPrefetch,
+    cold_reads: bool,
+    /// Bytes of one expert in the file.
+    expert_file_bytes: u64,
+    /// Bytes of one expert resident (f32).
+    expert_resident_bytes: u64,
+    /// layers × resident experts × resident bytes: what the slots may hold.
+    resident_bound_bytes: u64,
+    /// Peak resident set size of this process (VmHWM), bytes.
+    peak_rss_bytes: Option<u64>,
+    /// Peak RSS minus the resident bound: buffers, hidden states, the binary.
+    overhead_bytes: Option<i64>,
+    rows: Vec<StoreRow>,
+}
+
+/// The MoE block prefixes of `path` in layer order: every `P` with `P` + `experts.0.gate_proj.weight`,
+/// `experts.0.w1.weight` or `experts.gate_up_proj` present, sorted by the layer number in `P`.
+fn block_prefixes(path: &Path) -> Result<Vec<String>, CliError> {
+    let ckpt = moe_models::Checkpoint::open(path).map_err(bad_file)?;
+    let mut out: Vec<String> = ckpt
+        .names()
+        .filter_map(|n| {
+            [
+                "experts.0.gate_proj.weight",
+                "experts.0.w1.weight",
+                "experts.gate_up_proj",
+            ]
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+        })
+        .map(str::to_string)
+        .collect();
+    out.sort_by_key(|p| (layer_number(p), p.clone()));
+    out.dedup();
+    if out.is_empty() {
+        return Err(CliError::Usage(format!(
+            "--from {}: no MoE experts found (looked for *experts.0.gate_proj.weight, *experts.0.w1.weight, *experts.gate_up_proj)",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// The first number between dots in `prefix` (`model.layers.12.mlp.` -> 12).
+fn layer_number(prefix: &str) -> usize {
+    prefix
+        .split('.')
+        .find_map(|s| s.parse::<usize>().ok())
+        .unwrap_or(0)
+}
+
+/// The uploaded layers, their disk sources (in layer order) and the router's label.
+type Stack = (Vec<Box<dyn DeviceLayer>>, Vec<Arc<DiskSource>>, String);
+
+/// Builds the stored layers of `path`, uploaded to the CPU backend.
+fn open_stack(
+    registry: &RouterRegistry,
+    b: &StoreBench<'_>,
+    prefixes: &[String],
+) -> Result<Stack, CliError> {
+    let policy =
+        PolicyKind::parse(b.policy).map_err(|e| CliError::Usage(format!("--policy: {e}")))?;
+    let backend = crate::open_backend_with(
+        "cpu",
+        moe_backends::BackendOptions {
+            threads: b.threads,
+            ..Default::default()
+        },
+    )?;
+    let c = crate::spec::parse_one(b.router, registry, "bench")?;
+    let (mut layers, mut sources) = (Vec::new(), Vec::new());
+    for p in prefixes {
+        let src = Arc::new(
+            DiskSource::open(b.from, p)
+                .and_then(|s| s.with_cold_reads(b.cold))
+                .map_err(bad_file)?,
+        );
+        if b.cold {
+            src.drop_page_cache()?;
+        }
+        let (e, d) = (src.n_experts(), src.form().d_model());
+        let slots = b.resident.unwrap_or(e);
+        if slots == 0 || slots > e {
+            return Err(CliError::Usage(format!(
+                "--resident-experts must be between 1 and E = {e}, got {slots}"
+            )));
+        }
+        let gate = read_gate(b.from, p).map_err(bad_file)?;
+        let mut router = registry
+            .create(&c.name, &c.args(d, e, b.top_k.min(e), b.seed))
+            .map_err(c.error_mapper(registry))?;
+        set_gate(router.as_mut(), gate, p)?;
+        let bank = StoredBank::new(
+            Arc::clone(&src) as Arc<dyn ExpertSource>,
+            StoreConfig {
+                capacity: Capacity::Experts(slots),
+                policy,
+                frequencies: None,
+            },
+        )?;
+        let layer = MoeLayer::new(router, ExpertBank::Stored(bank))?;
+        layers.push(backend.upload(Arc::new(layer))?);
+        sources.push(src);
+    }
+    Ok((layers, sources, c.label))
+}
+
+/// Puts the checkpoint's gate `[E, d]` into the router's `gate` parameter.
+fn set_gate(
+    router: &mut dyn moe_core::Router,
+    gate: ndarray::Array2<f32>,
+    prefix: &str,
+) -> Result<(), CliError> {
+    let name = router.name().to_string();
+    let mut params = router.params_mut();
+    let p = params
+        .iter_mut()
+        .find(|p| p.name == "gate")
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--router {name}: it has no dense gate to load {prefix}gate.weight into"
+            ))
+        })?;
+    if p.value.shape() != gate.shape() {
+        return Err(CliError::Usage(format!(
+            "{prefix}gate.weight is {:?}, the router's gate {:?}",
+            gate.shape(),
+            p.value.shape()
+        )));
+    }
+    p.value.assign(&gate.into_dyn());
+    Ok(())
+}
+
+/// A checkpoint error: about the file the user named (exit 2).
+fn bad_file(e: moe_models::LoadError) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
+/// Sums of the store counters of every layer.
+fn total_stats(layers: &[Box<dyn DeviceLayer>]) -> StoreStats {
+    let mut t = StoreStats::default();
+    for s in layers.iter().filter_map(|l| l.store_stats()) {
+        t.slots += s.slots;
+        t.cache.accesses += s.cache.accesses;
+        t.cache.hits += s.cache.hits;
+        t.cache.loads += s.cache.loads;
+        t.cache.evictions += s.cache.evictions;
+        t.cache.prefetches += s.cache.prefetches;
+        t.cache.prefetch_hits += s.cache.prefetch_hits;
+        t.bytes_read += s.bytes_read;
+        t.demand_load_ms += s.demand_load_ms;
+        t.prefetch_load_ms += s.prefetch_load_ms;
+        t.wait_ms += s.wait_ms;
+    }
+    t
+}
+
+/// Times `b.repeats` steps of `t` fresh tokens (after one warm-up step): every step's tokens are new rows of one
+/// seeded workload, so hits come from the routing's reuse across tokens, not from repeating an input.
+fn time_row(
+    layers: &mut [Box<dyn DeviceLayer>],
+    b: &StoreBench<'_>,
+    t: usize,
+    d: usize,
+) -> Result<StoreRow, CliError> {
+    let steps = b.repeats as usize + 1;
+    let w = WorkloadConfig {
+        tokens: t * steps,
+        d_model: d,
+        seed: b.seed,
+        skew: b.skew,
+        clusters: b.clusters,
+        ..Default::default()
+    }
+    .generate()?;
+    let prefetch = if b.prefetch {
+        StackPrefetch::NextGate
+    } else {
+        StackPrefetch::None
+    };
+    let mut times = Vec::with_capacity(steps);
+    let mut before = total_stats(layers);
+    let mut counts = PredictionCounts::default();
+    for s in 0..steps {
+        let x = w.hidden.slice(ndarray::s![s * t..(s + 1) * t, ..]);
+        let t0 = Instant::now();
+        // A failed read of an expert names the file and the tensor: the checkpoint is the user's (exit 2).
+        let (_, c) = forward_stack(layers, x, prefetch).map_err(|e| match e {
+            moe_core::MoeError::Expert { .. } => CliError::Usage(e.to_string()),
+            other => other.into(),
+        })?;
+        let dt = t0.elapsed().as_secs_f64();
+        if s == 0 {
+            before = total_stats(layers);
+        } else {
+            times.push(dt);
+            counts.add(c);
+        }
+    }
+    let after = total_stats(layers);
+    let n = (steps - 1) as f64;
+    let total: f64 = times.iter().sum();
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let accesses = after.cache.accesses - before.cache.accesses;
+    let hits = after.cache.hits - before.cache.hits;
+    let bytes = (after.bytes_read - before.bytes_read) as f64;
+    Ok(StoreRow {
+        tokens: t,
+        median_ms: med * 1e3,
+        tokens_per_s: t as f64 / med,
+        hit_rate: if accesses == 0 {
+            0.0
+        } else {
+            hits as f64 / accesses as f64
+        },
+        loads_per_step: (after.cache.loads + after.cache.prefetches
+            - before.cache.loads
+            - before.cache.prefetches) as f64
+            / n,
+        read_mb_per_step: bytes / n / 1e6,
+        read_gb_per_s: bytes / total / 1e9,
+        demand_load_ms: (after.demand_load_ms - before.demand_load_ms) / n,
+        prefetch_load_ms: (after.prefetch_load_ms - before.prefetch_load_ms) / n,
+        wait_ms: (after.wait_ms - before.wait_ms) / n,
+        prefetch_precision: b.prefetch.then(|| counts.precision()),
+        prefetch_recall: b.prefetch.then(|| counts.recall()),
+    })
+}
+
+/// The peak resident set size of this process (`VmHWM` of /proc/self/status), bytes.
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs the store bench.
+pub(crate) fn run(registry: &RouterRegistry, b: &StoreBench<'_>) -> Result<(), CliError> {
+    if b.tokens.is_empty() || b.tokens.contains(&0) {
+        return Err(CliError::Usage(
+            "--num-tokens needs counts of at least 1".into(),
+        ));
+    }
+    let t_max = b.tokens.iter().copied().max().unwrap_or(1);
+    if t_max > 1 << 16 {
+        return Err(CliError::Usage(format!(
+            "--num-tokens {t_max}: at most 65536 tokens a step with --from"
+        )));
+    }
+    let prefixes = block_prefixes(b.from)?;
+    let (mut layers, sources, router) = open_stack(registry, b, &prefixes)?;
+    let src = &sources[0];
+    let form = src.form().clone();
+    let slots = layers
+        .first()
+        .and_then(|l| l.store_stats())
+        .map_or(0, |s| s.slots);
+    let mut rows = Vec::new();
+    for &t in b.tokens {
+        rows.push(time_row(&mut layers, b, t, form.d_model())?);
+    }
+    let bound = (layers.len() * slots) as u64 * form.resident_bytes();
+    let peak = peak_rss_bytes();
+    let report = StoreReport {
+        checkpoint: b.from.display().to_string(),
+        layers: layers.len(),
+        layout: src.layout().name().to_string(),
+        dtype: src.dtype().name().to_string(),
+        d_model: form.d_model(),
+        ffn: form.ffn(),
+        experts: src.n_experts(),
+        top_k: b.top_k,
+        router,
+        resident_experts: slots,
+        policy: b.policy.to_string(),
+        prefetch: if b.prefetch {
+            StackPrefetch::NextGate
+        } else {
+            StackPrefetch::None
+        },
+        cold_reads: b.cold,
+        expert_file_bytes: src.stored_bytes_per_expert(),
+        expert_resident_bytes: form.resident_bytes(),
+        resident_bound_bytes: bound,
+        peak_rss_bytes: peak,
+        overhead_bytes: peak.map(|p| p as i64 - bound as i64),
+        rows,
+    };
+    print_report(&report, b.format)
+}
+
+fn print_report(r: &StoreReport, format: Format) -> Result<(), CliError> {
+    if format == Format::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).map_err(|e| CliError::Other(e.into()))?
+        );
+        return Ok(());
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    if format == Format::Table {
+        println!(
+            "{} ({} layers, {} {}): d = {}, f = {}, E = {}, k = {}, router {}; {} of {} experts resident per layer, policy {}, prefetch {}, {} reads",
+            r.checkpoint,
+            r.layers,
+            r.layout,
+            r.dtype,
+            r.d_model,
+            r.ffn,
+            r.experts,
+            r.top_k,
+            r.router,
+            r.resident_experts,
+            r.experts,
+            r.policy,
+            if r.prefetch == StackPrefetch::NextGate {
+                "next-layer gate"
+            } else {
+                "none"
+            },
+            if r.cold_reads {
+                "cold (page cache dropped per expert)"
+            } else {
+                "page-cached"
+            },
+        );
+        println!(
+            "expert: {:.1} MB in the file, {:.1} MB resident; resident bound {:.1} MB; peak RSS {}",
+            mb(r.expert_file_bytes),
+            mb(r.expert_resident_bytes),
+            mb(r.resident_bound_bytes),
+            match (r.peak_rss_bytes, r.overhead_bytes) {
+                (Some(p), Some(o)) => format!("{:.1} MB (bound + {:.1} MB)", mb(p), o as f64 / 1e6),
+                _ => "unknown".into(),
+            }
+        );
+        println!();
+    }
+    let mut t = Table::new(&[
+        "T",
+        "median ms",
+        "tokens/s",
+        "hit %",
+        "loads/step",
+        "read MB/step",
+        "read GB/s",
+        "load ms",
+        "prefetch ms",
+        "wait ms",
+        "precision",
+        "recall",
+    ]);
+    let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+    for row in &r.rows {
+        t.push(vec![
+            row.tokens.to_string(),
+            format!("{:.2}", row.median_ms),
+            format!("{:.1}", row.tokens_per_s),
+            format!("{:.1}", 100.0 * row.hit_rate),
+            format!("{:.1}", row.loads_per_step),
+            format!("{:.1}", row.read_mb_per_step),
+            format!("{:.2}", row.read_gb_per_s),
+            format!("{:.2}", row.demand_load_ms),
+            format!("{:.2}", row.prefetch_load_ms),
+            format!("{:.2}", row.wait_ms),
+            opt(row.prefetch_precision),
+            opt(row.prefetch_recall),
+        ]);
+    }
+    print!("{}", t.render(format));
+    Ok(())
+}
+
+/// `--write-checkpoint FILE --layers L`: a random stack of `layers` MoE blocks of the shape, BF16, in the Hub's
+/// per-expert names (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`, ...) with each block's gate.
+pub(crate) fn write_checkpoint(
+    path: &Path,
+    layers: usize,
+    (d, f, e): (usize, usize, usize),
+    seed: u64,
+) -> Result<(), CliError> {
+    if layers == 0 || layers > 1024 {
+        return Err(CliError::Usage(format!(
+            "--layers must be 1 to 1024, got {layers}"
+        )));
+    }
+    let prefixes: Vec<String> = (0..layers)
+        .map(|l| format!("model.layers.{l}.mlp."))
+        .collect();
+    write_layers_checkpoint(
+        path,
+        &prefixes,
+        Layout::PerExpert,
+        e,
+        d,
+        f,
+        DiskDtype::Bf16,
+        seed,
+        true,
+    )
+    .map_err(bad_file)?;
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({layers} MoE blocks of E = {e}, d = {d}, f = {f}, bf16: {:.2} GB)",
+        PathBuf::from(path).display(),
+        bytes as f64 / 1e9
+    );
+    Ok(())
+}
