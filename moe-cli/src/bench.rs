@@ -119,10 +119,14 @@ pub(crate) struct BenchArgs {
     /// With `--from`: experts resident per layer (default: all E).
     #[arg(long, value_name = "N")]
     resident_experts: Option<usize>,
-    /// With `--from`: eviction policy, lru, lfu, lfru or stale (pin needs a profile, belady the future: `moe
-    /// cache-sim` runs those on a trace).
+    /// With `--from`: eviction policy, lru, lfu, lfru, stale or pin (with `--profile`); belady needs the future
+    /// (`moe cache-sim` runs it on a trace).
     #[arg(long, default_value = "lru")]
     policy: String,
+    /// With `--from --policy pin`: a routing trace of this model (`moe route/train --trace`) whose per-layer
+    /// expert counts say which experts to pin.
+    #[arg(long, value_name = "TRACE")]
+    profile: Option<PathBuf>,
     /// With `--from`: prefetch each next layer's experts, predicted by its gate on the current layer's input, on
     /// a background thread (`gate`), or not (`none`).
     #[arg(long, value_enum, default_value_t = PrefetchArg::None)]
@@ -235,6 +239,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
                 from,
                 resident: a.resident_experts,
                 policy: &a.policy,
+                profile: a.profile.as_deref(),
                 prefetch: a.prefetch == PrefetchArg::Gate,
                 cold: a.cold,
                 router: &a.router,
@@ -249,9 +254,13 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             },
         );
     }
-    if a.resident_experts.is_some() || a.cold || a.prefetch != PrefetchArg::None {
+    if a.resident_experts.is_some()
+        || a.cold
+        || a.prefetch != PrefetchArg::None
+        || a.profile.is_some()
+    {
         return Err(CliError::Usage(
-            "--resident-experts, --cold and --prefetch need --from CHECKPOINT (write one with --write-checkpoint)".into(),
+            "--resident-experts, --cold, --prefetch and --profile need --from CHECKPOINT (write one with --write-checkpoint)".into(),
         ));
     }
     check_sizes(a, (d, f, e))?;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moe_core::store::stack::{PredictionCounts, StackPrefetch, forward_stack};
+use moe_core::store::trace::RoutingTrace;
 use moe_core::store::{
     Capacity, ExpertSource, StoreConfig, StoreStats, StoredBank, policy::PolicyKind,
 };
@@ -23,6 +24,7 @@ pub(crate) struct StoreBench<'a> {
     pub from: &'a Path,
     pub resident: Option<usize>,
     pub policy: &'a str,
+    pub profile: Option<&'a Path>,
     pub prefetch: bool,
     pub cold: bool,
     pub router: &'a str,
@@ -146,8 +148,17 @@ fn open_stack(
         },
     )?;
     let c = crate::spec::parse_one(b.router, registry, "bench")?;
+    let profile = match b.profile {
+        Some(path) => Some(read_profile(path, prefixes.len(), b.from, prefixes)?),
+        None if policy == PolicyKind::Pin => {
+            return Err(CliError::Usage(
+                "--policy pin pins each layer's most frequent experts: give their frequencies with --profile TRACE (a routing trace of this model: moe route/train --trace)".into(),
+            ));
+        }
+        None => None,
+    };
     let (mut layers, mut sources) = (Vec::new(), Vec::new());
-    for p in prefixes {
+    for (l, p) in prefixes.iter().enumerate() {
         let src = Arc::new(
             DiskSource::open(b.from, p)
                 .and_then(|s| s.with_cold_reads(b.cold))
@@ -173,7 +184,7 @@ fn open_stack(
             StoreConfig {
                 capacity: Capacity::Experts(slots),
                 policy,
-                frequencies: None,
+                frequencies: profile.as_ref().and_then(|f| f.get(l).cloned()),
             },
         )?;
         let layer = MoeLayer::new(router, ExpertBank::Stored(bank))?;
@@ -181,6 +192,27 @@ fn open_stack(
         sources.push(src);
     }
     Ok((layers, sources, c.label))
+}
+
+/// Per layer, how often each expert was used in the routing trace `path`, which must be of a model with these
+/// `layers` and the experts of `from`'s first block.
+fn read_profile(
+    path: &Path,
+    layers: usize,
+    from: &Path,
+    prefixes: &[String],
+) -> Result<Vec<Vec<u64>>, CliError> {
+    let e = DiskSource::open(from, &prefixes[0])
+        .map_err(bad_file)?
+        .n_experts();
+    let bytes = moe_models::files::read_capped(path, crate::MAX_TRACE_BYTES, "routing trace")
+        .map_err(bad_file)?;
+    let trace = RoutingTrace::from_bytes(&bytes)
+        .map_err(|err| CliError::Usage(format!("--profile {}: {err}", path.display())))?;
+    trace
+        .check_matches(layers, e)
+        .map_err(|err| CliError::Usage(format!("--profile {}: {err}", path.display())))?;
+    Ok(moe_core::store::sim::expert_frequencies(&trace))
 }
 
 /// Puts the checkpoint's gate `[E, d]` into the router's `gate` parameter.

@@ -121,6 +121,9 @@ enum Command {
     Train(Box<train::TrainArgs>),
 }
 
+/// Largest routing trace read (`moe cache-sim`, `moe bench --profile`): 4 GiB.
+pub(crate) const MAX_TRACE_BYTES: u64 = 4 << 30;
+
 /// An error with the exit code it should produce.
 #[derive(Debug)]
 pub(crate) enum CliError {
