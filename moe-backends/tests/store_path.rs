@@ -273,7 +273,7 @@ proptest! {
     /// all-resident layer, on both kernel sets.
     #[test]
     fn stored_equals_resident(kind in 0u8..5, which in 0u8..3, e in 1usize..9, kf in 0.0f64..1.0,
-                              d in 1usize..40, f in 1usize..48, shared in any::<bool>(), bias in any::<bool>(),
+                              d in 1usize..140, f in 1usize..200, shared in any::<bool>(), bias in any::<bool>(),
                               cap_frac in 0.0f64..1.0, in_bytes in any::<bool>(),
                               ts in proptest::collection::vec(1usize..300, 3),
                               pre in proptest::collection::vec(proptest::collection::vec(0u32..10, 0..6), 3),
@@ -370,6 +370,51 @@ fn one_and_two_threads_are_bit_identical() {
         let two = run_and_compare(&want, &stored, &inputs, &pre, 2, CpuKernels::Portable, "2");
         for (a, b) in one.iter().zip(&two) {
             same(a, b, &format!("bank {kind}: 1 vs 2 threads"));
+        }
+    }
+}
+
+/// Wide experts (several column blocks per tile row) and groups on both sides of the small-row limit, one and
+/// two slots: each group runs with the whole plan's tile shapes, so the bits match the resident layer's.
+#[test]
+fn wide_experts_in_small_groups_match_bit_for_bit() {
+    let mut rng = SeqRng::new(12, 0);
+    for (kind, e, t) in [
+        (0u8, 8usize, 300usize),
+        (1, 6, 90),
+        (4, 5, 200),
+        (3, 12, 30),
+    ] {
+        let s = Spec {
+            d: 200,
+            f: 300,
+            ..spec(kind, e, 2, 33)
+        };
+        let p = pair(&s, host);
+        let inputs: Vec<Array2<f32>> = (0..2).map(|_| rng.normal_matrix(t, 200, 1.0)).collect();
+        for kernels in kernel_sets() {
+            let mut dev = upload(&p.resident, 2, kernels);
+            let want: Vec<LayerOutput> = inputs
+                .iter()
+                .map(|x| {
+                    dev.forward(&RouterInput::new(x.view()))
+                        .unwrap_or_else(|err| panic!("{err}"))
+                })
+                .collect();
+            for slots in [1, 2, e - 1] {
+                let stored = restore(&p.stored, StoreConfig::lru(slots))
+                    .unwrap_or_else(|err| panic!("{err}"));
+                let what = format!("bank {kind}, T {t}, {slots} of {e} slots, {kernels:?}");
+                run_and_compare(
+                    &want,
+                    &stored,
+                    &inputs,
+                    &[vec![], vec![1, 3]],
+                    2,
+                    kernels,
+                    &what,
+                );
+            }
         }
     }
 }
@@ -485,20 +530,28 @@ fn expect_expert_error(r: Result<LayerOutput, MoeError>, failed: Option<usize>, 
 /// bit-identical to the resident layer's, so nothing the failed load wrote is used.
 #[test]
 fn failed_demand_load_is_an_error_and_leaves_nothing_partial() {
-    let (p, src) = flaky_pair(3);
     let mut rng = SeqRng::new(4, 0);
-    let inputs: Vec<Array2<f32>> = (0..3).map(|_| rng.normal_matrix(60, 24, 1.0)).collect();
-    let want = resident_outputs(&p.resident, &inputs);
-    let stored = restore(&p.stored, StoreConfig::lru(2)).unwrap_or_else(|err| panic!("{err}"));
-    let mut dev = upload(&stored, 2, CpuKernels::Portable);
-    let r = dev.forward(&RouterInput::new(inputs[0].view()));
-    let failed = *src.failed.lock().unwrap_or_else(|p| p.into_inner());
-    expect_expert_error(r, failed, "demand load");
-    for (i, x) in inputs.iter().enumerate() {
-        let got = dev
-            .forward(&RouterInput::new(x.view()))
-            .unwrap_or_else(|err| panic!("after the failure: {err}"));
-        same(&got, &want[i], &format!("forward {i} after a failed load"));
+    // With 6 of 6 slots nothing is evicted, so a slot the failed load wrote would be reused as a hit.
+    for slots in [2, 5, 6] {
+        let (p, src) = flaky_pair(3);
+        let inputs: Vec<Array2<f32>> = (0..3).map(|_| rng.normal_matrix(60, 24, 1.0)).collect();
+        let want = resident_outputs(&p.resident, &inputs);
+        let stored =
+            restore(&p.stored, StoreConfig::lru(slots)).unwrap_or_else(|err| panic!("{err}"));
+        let mut dev = upload(&stored, 2, CpuKernels::Portable);
+        let r = dev.forward(&RouterInput::new(inputs[0].view()));
+        let failed = *src.failed.lock().unwrap_or_else(|p| p.into_inner());
+        expect_expert_error(r, failed, &format!("demand load, {slots} slots"));
+        for (i, x) in inputs.iter().enumerate() {
+            let got = dev
+                .forward(&RouterInput::new(x.view()))
+                .unwrap_or_else(|err| panic!("after the failure: {err}"));
+            same(
+                &got,
+                &want[i],
+                &format!("forward {i} after a failed load, {slots} slots"),
+            );
+        }
     }
 }
 
@@ -523,7 +576,8 @@ fn failed_prefetch_is_reported_by_the_next_forward() {
     same(&got, &want[0], "after a failed prefetch");
     // A prefetch right after another collects the first one's loads first; outputs do not change.
     dev.prefetch(&[5, 4]).unwrap_or_else(|err| panic!("{err}"));
-    dev.prefetch(&[0, 1, 2]).unwrap_or_else(|err| panic!("{err}"));
+    dev.prefetch(&[0, 1, 2])
+        .unwrap_or_else(|err| panic!("{err}"));
     let got = dev
         .forward(&RouterInput::new(x.view()))
         .unwrap_or_else(|err| panic!("{err}"));

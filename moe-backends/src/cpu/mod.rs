@@ -386,7 +386,15 @@ fn forward(
 ) -> Result<LayerOutput, MoeError> {
     store::forward_with(layer, input, ws, kernels, |routing, x, h, y| {
         let offsets = routing.offsets();
-        grouped::run_bank(layer.experts(), routing.active_experts(), offsets, x, h, y, kernels)
+        grouped::run_bank(
+            layer.experts(),
+            routing.active_experts(),
+            offsets,
+            x,
+            h,
+            y,
+            kernels,
+        )
     })
 }
 

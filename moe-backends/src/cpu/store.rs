@@ -185,7 +185,9 @@ impl StoreState {
             let rows = bounds[0] * d..bounds[g1 - g0] * d;
             let (xs, ys) = (x.get(rows.clone()), y.get_mut(rows));
             let (Some(xs), Some(ys)) = (xs, ys) else {
-                return Err(internal("stored forward: rows outside the gathered buffers"));
+                return Err(internal(
+                    "stored forward: rows outside the gathered buffers",
+                ));
             };
             grouped::run_groups(&self.bank, &slots, &rebased, xs, h, ys, max_rows, kernels)?;
             g0 = g1;
@@ -327,7 +329,12 @@ pub(super) fn forward_with(
         }
         Ok(())
     })?;
-    experts(&routing, ws.x.get(rows * d), &mut ws.h, ws.y.get_mut(rows * d))?;
+    experts(
+        &routing,
+        ws.x.get(rows * d),
+        &mut ws.h,
+        ws.y.get_mut(rows * d),
+    )?;
     routing.token_slots_into(&mut ws.token_offsets, &mut ws.token_slots);
     let mut output = combine::combine(
         &ws.token_offsets,
@@ -364,4 +371,3 @@ pub(super) fn forward_with(
     }
     Ok(finish(layer, output, routing))
 }
-

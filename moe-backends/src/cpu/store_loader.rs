@@ -85,7 +85,12 @@ impl Loader {
         }
         let staging = match self.spare.pop() {
             Some(s) => s,
-            None => self.form.tensors().iter().map(|&(_, n)| vec![0.0; n]).collect(),
+            None => self
+                .form
+                .tensors()
+                .iter()
+                .map(|&(_, n)| vec![0.0; n])
+                .collect(),
         };
         let sent = match &self.thread {
             Some(w) => w.jobs.send(Job {
@@ -185,15 +190,13 @@ fn run(source: &dyn ExpertSource, jobs: &Receiver<Job>, done: &Sender<Done>) {
         let expert = job.expert;
         let result = {
             let mut dst: Vec<&mut [f32]> = job.staging.iter_mut().map(Vec::as_mut_slice).collect();
-            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                source.load(expert as usize, &mut dst)
-            }))
-            .unwrap_or_else(|_| {
-                Err(MoeError::Expert {
-                    expert: expert as usize,
-                    reason: format!("loading it from {} panicked", source.describe()),
+            std::panic::catch_unwind(AssertUnwindSafe(|| source.load(expert as usize, &mut dst)))
+                .unwrap_or_else(|_| {
+                    Err(MoeError::Expert {
+                        expert: expert as usize,
+                        reason: format!("loading it from {} panicked", source.describe()),
+                    })
                 })
-            })
         };
         let reply = Done {
             expert,
