@@ -630,3 +630,55 @@ fn training_is_refused_and_capabilities_list_stored() {
             .is_none()
     );
 }
+
+/// Times (not a check): a mixtral-like layer at a quarter of Mixtral's widths (d 1024, f 3584, E 8, top-2,
+/// SwiGLU), all-resident against stored at full capacity (warm: every access a hit) and at 4 and 2 slots (LRU,
+/// loads from host memory), median of 9 forwards after 2 warm-up ones, T = 1 and T = 128. Run:
+/// `cargo test --release -p moe-backends --test store_path -- --ignored --nocapture store_timing`.
+#[test]
+#[ignore = "timing report, run by hand in release"]
+fn store_timing() {
+    let (d, f, e) = (1024, 3584, 8);
+    let s = Spec {
+        d,
+        f,
+        shared: false,
+        bias: false,
+        ..spec(0, e, 2, 5)
+    };
+    let p = pair(&s, host);
+    let median = |dev: &mut Box<dyn DeviceLayer>, x: &Array2<f32>| {
+        let mut times = Vec::new();
+        for i in 0..11 {
+            let start = std::time::Instant::now();
+            dev.forward(&RouterInput::new(x.view()))
+                .unwrap_or_else(|err| panic!("{err}"));
+            if i >= 2 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    for t in [1usize, 128] {
+        let x = SeqRng::new(9, 0).normal_matrix(t, d, 1.0);
+        let mut res = upload(&p.resident, 2, CpuKernels::Auto);
+        let r = median(&mut res, &x);
+        println!("T {t}: all-resident {r:.3} ms");
+        for slots in [8, 4, 2] {
+            let stored =
+                restore(&p.stored, StoreConfig::lru(slots)).unwrap_or_else(|err| panic!("{err}"));
+            let mut dev = upload(&stored, 2, CpuKernels::Auto);
+            let ms = median(&mut dev, &x);
+            let st = dev.store_stats().unwrap_or_else(|| panic!("no stats"));
+            println!(
+                "T {t}: stored, {slots} of {e} slots: {ms:.3} ms ({:.2}x), hit rate {:.3}, loads {}, {:.1} MB read, demand load {:.1} ms",
+                ms / r,
+                st.cache.hit_rate(),
+                st.cache.loads,
+                st.bytes_read as f64 / 1e6,
+                st.demand_load_ms
+            );
+        }
+    }
+}
