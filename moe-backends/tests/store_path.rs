@@ -465,6 +465,8 @@ struct Flaky {
     calls: AtomicUsize,
     fail_at: AtomicUsize,
     failed: Mutex<Option<usize>>,
+    /// Panic instead of returning the error.
+    panics: std::sync::atomic::AtomicBool,
 }
 
 impl ExpertSource for Flaky {
@@ -490,6 +492,9 @@ impl ExpertSource for Flaky {
                 s.fill(f32::NAN);
             }
             *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(expert);
+            if self.panics.load(Ordering::SeqCst) {
+                panic!("injected panic loading expert {expert}");
+            }
             return Err(MoeError::Expert {
                 expert,
                 reason: "read error (injected)".into(),
@@ -507,6 +512,7 @@ fn flaky_pair(fail_at: usize) -> (Pair, Arc<Flaky>) {
             calls: AtomicUsize::new(0),
             fail_at: AtomicUsize::new(fail_at),
             failed: Mutex::new(None),
+            panics: std::sync::atomic::AtomicBool::new(false),
         });
         keep = Some(Arc::clone(&f));
         f
@@ -584,6 +590,37 @@ fn failed_prefetch_is_reported_by_the_next_forward() {
     same(&got, &want[0], "after two prefetches");
     let s = dev.store_stats().unwrap_or_else(|| panic!("no stats"));
     assert!(s.cache.prefetches >= 2, "{s:?}");
+}
+
+/// A source that panics on the prefetch thread: the next forward reports it as a failed load of that expert
+/// (the thread goes on), and the forward after it is bit-identical to the resident layer's.
+#[test]
+fn a_panicking_source_on_the_prefetch_thread_is_an_error() {
+    let (p, src) = flaky_pair(0);
+    let x = SeqRng::new(8, 0).normal_matrix(20, 24, 1.0);
+    let want = resident_outputs(&p.resident, std::slice::from_ref(&x));
+    let stored = restore(&p.stored, StoreConfig::lru(4)).unwrap_or_else(|err| panic!("{err}"));
+    let mut dev = upload(&stored, 2, CpuKernels::Portable);
+    src.panics.store(true, Ordering::SeqCst);
+    src.fail_at.store(1, Ordering::SeqCst);
+    dev.prefetch(&[3, 0]).unwrap_or_else(|err| panic!("{err}"));
+    let failed = match dev.forward(&RouterInput::new(x.view())) {
+        Err(MoeError::Expert { expert, reason }) => {
+            assert!(reason.contains("panicked"), "{reason}");
+            expert
+        }
+        Err(other) => panic!("not an expert error: {other}"),
+        Ok(_) => panic!("a panicked load must fail the forward"),
+    };
+    assert_eq!(
+        Some(failed),
+        *src.failed.lock().unwrap_or_else(|p| p.into_inner())
+    );
+    dev.prefetch(&[1, 2]).unwrap_or_else(|err| panic!("{err}"));
+    let got = dev
+        .forward(&RouterInput::new(x.view()))
+        .unwrap_or_else(|err| panic!("{err}"));
+    same(&got, &want[0], "after a panicked prefetch");
 }
 
 /// Belady's MIN is offline: a live store refuses it at upload with an error naming it.
