@@ -124,19 +124,47 @@ pub(crate) fn run_bank(
     y: &mut [f32],
     kernels: Kernels,
 ) -> Result<(), MoeError> {
+    let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    run_groups(bank, experts, offsets, x, h, y, max_rows, kernels)
+}
+
+/// [`run_bank`] with the tiles' column blocks picked for a largest group of `max_rows` rows (at least the largest
+/// of these groups) instead of these groups' own largest: a plan run a few groups at a time (an expert store's
+/// slots) then tiles every group exactly as one call over the whole plan does, so its values are bit-identical.
+///
+/// # Errors
+/// As [`run_bank`]; [`MoeError::Backend`] when a group has more than `max_rows` rows.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "run_bank's buffers plus the plan-wide tile shape; a struct would only rename them"
+)]
+pub(crate) fn run_groups(
+    bank: &ExpertBank,
+    experts: &[u32],
+    offsets: &[usize],
+    x: &[f32],
+    h: &mut AlignedBuf,
+    y: &mut [f32],
+    max_rows: usize,
+    kernels: Kernels,
+) -> Result<(), MoeError> {
     let d = bank.d_model();
     let f = bank.ffn();
     let rows = offsets.last().copied().unwrap_or(0);
     if rows == 0 {
         return Ok(());
     }
-    if experts.len() + 1 != offsets.len() || x.len() < rows * d || y.len() < rows * d {
+    let widest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    if experts.len() + 1 != offsets.len()
+        || x.len() < rows * d
+        || y.len() < rows * d
+        || widest > max_rows
+    {
         return Err(MoeError::Backend {
             backend: "cpu".into(),
             reason: "grouped path: inconsistent groups or buffers".into(),
         });
     }
-    let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let h = h.get_mut(rows * f);
     reserve_tiles(max_rows);
     // Phase 1: h = act(first product), tile by tile.

@@ -9,6 +9,10 @@
 //!
 //! [`reference_forward`] is the plain path (ndarray products per expert, fresh buffers) the fast path is tested
 //! against; banks the fast path does not run (PEER, custom experts) use the same per-expert code.
+//!
+//! A stored bank ([`moe_core::ExpertBank::Stored`]) keeps `slots` experts resident and loads the others from its
+//! source when the routing picks them, group by group, with the fast path's kernels and tiles (`cpu/store.rs`);
+//! its output is bit-identical to the all-resident layer's. Stored experts are read-only: training is refused.
 
 mod activation;
 mod backward_ref;
@@ -22,6 +26,8 @@ mod grouped_train;
 mod kernels;
 mod peer;
 pub mod probe;
+mod store;
+mod store_loader;
 mod train;
 mod train_fast;
 
@@ -32,7 +38,7 @@ use rayon::prelude::*;
 
 use moe_core::{
     Backend, Capabilities, DeviceLayer, Grad, LayerGrads, LayerOutput, MoeError, MoeLayer,
-    ParamMut, Router, RouterInput, RouterPath, Routing,
+    ParamMut, Router, RouterInput, RouterPath, Routing, store::StoreStats,
 };
 
 use grouped::Workspace;
@@ -120,7 +126,7 @@ impl Backend for CpuBackend {
             device: format!("cpu ({n} threads, {kernels})"),
             dtypes: vec!["f32".into()],
             native_specs: vec!["all (routers run on the host, which is this device)".into()],
-            banks: ["swiglu", "gpt_oss", "mlp", "peer", "custom"]
+            banks: ["swiglu", "gpt_oss", "mlp", "peer", "custom", "stored"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -147,6 +153,7 @@ impl Backend for CpuBackend {
         };
         let fast = grouped::supports(layer.experts());
         let peer = peer::supports(&layer).then(Box::default);
+        let store = store::StoreState::for_layer(&layer)?.map(Box::new);
         Ok(Box::new(CpuLayer {
             layer,
             pool,
@@ -154,6 +161,7 @@ impl Backend for CpuBackend {
             saved: train::Saved::default(),
             tws: train_fast::TrainWorkspace::default(),
             peer,
+            store,
             fast,
             kernels: Kernels::new(self.kernels),
         }))
@@ -177,6 +185,8 @@ pub struct CpuLayer {
     tws: train_fast::TrainWorkspace,
     /// The PEER path's buffers when the routed bank is PEER (`cpu/peer.rs`).
     peer: Option<Box<peer::PeerWorkspaces>>,
+    /// The resident slots, source and prefetch thread when the routed bank is stored (`cpu/store.rs`).
+    store: Option<Box<store::StoreState>>,
     /// The grouped fast path runs the routed bank (chosen once, at upload); otherwise the reference path.
     fast: bool,
     kernels: Kernels,
@@ -230,8 +240,11 @@ impl DeviceLayer for CpuLayer {
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         let (layer, ws, kernels) = (&self.layer, &mut self.ws, self.kernels);
         let mut pws = self.peer.as_deref_mut();
+        let mut sws = self.store.as_deref_mut();
         let mut run = |ws: &mut Workspace| {
-            if let Some(p) = pws.as_deref_mut() {
+            if let Some(s) = sws.as_deref_mut() {
+                s.forward(layer, input, ws, kernels)
+            } else if let Some(p) = pws.as_deref_mut() {
                 peer::forward(layer, input, &mut p.eval, false)
             } else if self.fast {
                 forward(layer, input, ws, kernels)
@@ -246,6 +259,12 @@ impl DeviceLayer for CpuLayer {
     }
 
     fn forward_train(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+        if self.store.is_some() {
+            return Err(MoeError::Unsupported {
+                owner: "stored experts".into(),
+                feature: "training (experts are read-only in a store)".into(),
+            });
+        }
         let (layer, saved, tws, kernels) =
             (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
         let fast = self.fast;
@@ -291,6 +310,17 @@ impl DeviceLayer for CpuLayer {
                 Ok(())
             }
             Err(e) => Err(e),
+        }
+    }
+
+    fn store_stats(&self) -> Option<StoreStats> {
+        self.store.as_ref().map(|s| s.stats())
+    }
+
+    fn prefetch(&mut self, experts: &[u32]) -> Result<(), MoeError> {
+        match self.store.as_deref_mut() {
+            Some(s) => s.prefetch(experts),
+            None => Ok(()),
         }
     }
 
@@ -354,68 +384,18 @@ fn forward(
     ws: &mut Workspace,
     kernels: Kernels,
 ) -> Result<LayerOutput, MoeError> {
-    let routing = layer.route(input)?;
-    let (t, d) = input.hidden.dim();
-    let rows = routing.n_slots();
-    let offsets = routing.offsets();
-    // Gather each active expert's rows into one contiguous block.
-    let x = ws.x.get_mut(rows * d);
-    let slot_tokens = routing.slot_tokens();
-    kernels::par_tiles(x, d, offsets, d, d.max(1), |g, _, mut tile| {
-        for i in 0..tile.rows() {
-            let tok = slot_tokens[offsets[g] + i] as usize;
-            tile.row_mut(i)
-                .iter_mut()
-                .zip(input.hidden.row(tok).iter())
-                .for_each(|(o, &v)| *o = v);
-        }
-        Ok(())
-    })?;
-    let y = ws.y.get_mut(rows * d);
-    grouped::run_bank(
-        layer.experts(),
-        routing.active_experts(),
-        offsets,
-        ws.x.get(rows * d),
-        &mut ws.h,
-        y,
-        kernels,
-    )?;
-    routing.token_slots_into(&mut ws.token_offsets, &mut ws.token_slots);
-    let mut output = combine::combine(
-        &ws.token_offsets,
-        &ws.token_slots,
-        routing.slot_weights(),
-        ws.y.get(rows * d),
-        t,
-        d,
-        layer.output_scale(),
-    )?;
-    if let Some(shared) = layer.shared() {
-        if grouped::supports(shared.bank()) {
-            // The shared expert is one more group holding every token; the routed experts' buffers are free now.
-            // A contiguous input is read in place; any other layout is copied into the row workspace first.
-            let x = match input.hidden.as_slice() {
-                Some(x) => x,
-                None => {
-                    let x = ws.x.get_mut(t * d);
-                    for (row, src) in x.chunks_exact_mut(d.max(1)).zip(input.hidden.outer_iter()) {
-                        row.iter_mut().zip(src.iter()).for_each(|(o, &v)| *o = v);
-                    }
-                    ws.x.get(t * d)
-                }
-            };
-            let y = ws.y.get_mut(t * d);
-            grouped::run_bank(shared.bank(), &[0], &[0, t], x, &mut ws.h, y, kernels)?;
-            let ys = ndarray::ArrayView2::from_shape((t, d), ws.y.get(t * d))
-                .map_err(|e| internal(&e.to_string()))?;
-            combine::add_shared(&mut output, input.hidden, ys, shared.gate());
-        } else {
-            let ys = expert_forward(shared.bank(), 0, input.hidden)?;
-            combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate());
-        }
-    }
-    Ok(finish(layer, output, routing))
+    store::forward_with(layer, input, ws, kernels, |routing, x, h, y| {
+        let offsets = routing.offsets();
+        grouped::run_bank(
+            layer.experts(),
+            routing.active_experts(),
+            offsets,
+            x,
+            h,
+            y,
+            kernels,
+        )
+    })
 }
 
 /// Adds the layer's output bias and wraps the result (both paths route on the host).
