@@ -22,6 +22,7 @@
 //! This crate parses, composes the other crates and prints; it holds no math.
 
 mod bench;
+mod cache_sim;
 mod compare;
 mod inspect;
 mod list;
@@ -118,6 +119,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Train a small model per router plus the dense baseline and compare what they learn (loss, balance, cost).
     Train(Box<train::TrainArgs>),
+    /// Replay a routing trace (`moe route --trace`, `moe train --trace`) through an expert cache: hit rate against
+    /// slots per layer for each eviction policy, beside Belady's bound.
+    CacheSim(cache_sim::CacheSimArgs),
 }
 
 /// An error with the exit code it should produce.
@@ -215,6 +219,7 @@ where
         Command::Verify(a) => verify::run(&a),
         Command::Inspect(a) => inspect::run(&a),
         Command::Train(a) => train::run(&registry, &a),
+        Command::CacheSim(a) => cache_sim::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
