@@ -120,7 +120,8 @@ impl SlotCache {
     /// Splits a request (the distinct experts one forward, or one token, needs) into groups that fit the slots
     /// together: ascending expert id, `slots` at a time. A pure function of the request, so the access order, and
     /// with it Belady's future, is the request order.
-    pub fn groups<'a>(&self, request: &'a [u32]) -> impl Iterator<Item = &'a [u32]> + 'a {
+    /// The iterator does not borrow the cache, so each group can be admitted while iterating.
+    pub fn groups<'a>(&self, request: &'a [u32]) -> impl Iterator<Item = &'a [u32]> + use<'a> {
         request.chunks(self.slots())
     }
 

@@ -14,6 +14,7 @@
 //! - [`trace`]: routing traces (per step and layer, the experts each token used) in a documented compact format.
 //! - [`cache`]: the slots of one layer ([`cache::SlotCache`]), shared by live stores and the simulator.
 //! - [`sim`]: the trace-driven cache simulator behind `moe cache-sim`.
+//! - [`stack`]: layers run in order with a residual, each next layer's experts prefetched by its gate.
 //!
 //! Shapes use the crate's alphabet: `E` experts, `d` hidden, `f` expert FFN width; sizes are bytes.
 
@@ -23,6 +24,7 @@ mod form;
 pub mod policy;
 pub mod sim;
 mod source;
+pub mod stack;
 pub mod trace;
 
 pub use bank::{Capacity, StoreConfig, StoreStats, StoredBank};
