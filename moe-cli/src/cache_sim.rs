@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use moe_core::MoeError;
-use moe_core::store::cache::{CacheStats, SlotCache};
-use moe_core::store::policy::{PolicyContext, PolicyKind};
+use moe_core::store::cache::CacheStats;
+use moe_core::store::policy::PolicyKind;
+use moe_core::store::sim;
 use moe_core::store::trace::{RoutingTrace, TraceHeader};
 use serde::Serialize;
 
@@ -300,7 +301,8 @@ struct SimPoint {
     recall: Option<f64>,
 }
 
-/// The adapter to the simulator: every `(policy, slots)` point of `policies × slots`, policy-major.
+/// The adapter to [`moe_core::store::sim::sweep`]: every `(policy, slots)` point of `policies × slots`,
+/// policy-major (none for no policies).
 fn run_sweep(
     trace: &RoutingTrace,
     policies: &[PolicyKind],
@@ -308,71 +310,29 @@ fn run_sweep(
     granularity: GranularityArg,
     prefetch: Prefetch,
 ) -> Result<Vec<SimPoint>, MoeError> {
-    // Stand-in until `moe_core::store::sim` lands: LRU-capable, no prefetch.
-    let h = trace.header();
-    let mut out = Vec::new();
-    if prefetch != Prefetch::None {
-        return Err(MoeError::Unsupported {
-            owner: "cache-sim".into(),
-            feature: "prefetch".into(),
-        });
+    if policies.is_empty() {
+        return Ok(Vec::new());
     }
-    for &policy in policies {
-        for &s in slots {
-            let mut caches = (0..h.n_layers)
-                .map(|_| {
-                    let ctx = PolicyContext {
-                        n_experts: h.n_experts,
-                        slots: s,
-                        ..Default::default()
-                    };
-                    SlotCache::new(h.n_experts, s, policy.build(&ctx)?)
-                })
-                .collect::<Result<Vec<_>, MoeError>>()?;
-            for step in trace.steps() {
-                match granularity {
-                    GranularityArg::Token => {
-                        for t in 0..step.first().map_or(0, |r| r.n_tokens()) {
-                            for (l, rec) in step.iter().enumerate() {
-                                for g in rec.token(t).chunks(s) {
-                                    caches[l].admit(g)?;
-                                }
-                            }
-                        }
-                    }
-                    GranularityArg::Step => {
-                        for (l, rec) in step.iter().enumerate() {
-                            let mut u = rec.experts.clone();
-                            u.sort_unstable();
-                            u.dedup();
-                            for g in u.chunks(s) {
-                                caches[l].admit(g)?;
-                            }
-                        }
-                    }
-                }
-            }
-            let mut total = CacheStats::default();
-            for c in &caches {
-                let x = c.stats();
-                total.accesses += x.accesses;
-                total.hits += x.hits;
-                total.loads += x.loads;
-                total.evictions += x.evictions;
-                total.prefetches += x.prefetches;
-                total.prefetch_hits += x.prefetch_hits;
-            }
-            out.push(SimPoint {
-                policy,
-                slots: s,
-                total,
-                bytes_moved: (total.loads + total.prefetches) * h.expert_bytes,
-                precision: None,
-                recall: None,
-            });
-        }
-    }
-    Ok(out)
+    let granularity = match granularity {
+        GranularityArg::Token => sim::Granularity::Token,
+        GranularityArg::Step => sim::Granularity::Step,
+    };
+    let prefetch = match prefetch {
+        Prefetch::None => sim::Prefetch::None,
+        Prefetch::Gate => sim::Prefetch::Gate,
+        Prefetch::Frequency { top } => sim::Prefetch::Frequency { top },
+    };
+    Ok(sim::sweep(trace, policies, slots, granularity, prefetch)?
+        .into_iter()
+        .map(|r| SimPoint {
+            policy: r.policy,
+            slots: r.slots,
+            total: r.result.total,
+            bytes_moved: r.result.bytes_moved,
+            precision: r.result.prefetch_precision,
+            recall: r.result.prefetch_recall,
+        })
+        .collect())
 }
 
 /// One row of the report.
