@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moe_core::store::stack::{PredictionCounts, StackPrefetch, forward_stack};
-use moe_core::store::trace::RoutingTrace;
 use moe_core::store::{
     Capacity, ExpertSource, StoreConfig, StoreStats, StoredBank, policy::PolicyKind,
 };
@@ -205,10 +204,7 @@ fn read_profile(
     let e = DiskSource::open(from, &prefixes[0])
         .map_err(bad_file)?
         .n_experts();
-    let bytes = moe_models::files::read_capped(path, crate::MAX_TRACE_BYTES, "routing trace")
-        .map_err(bad_file)?;
-    let trace = RoutingTrace::from_bytes(&bytes)
-        .map_err(|err| CliError::Usage(format!("--profile {}: {err}", path.display())))?;
+    let trace = crate::cache_sim::read_trace(path)?;
     trace
         .check_matches(layers, e)
         .map_err(|err| CliError::Usage(format!("--profile {}: {err}", path.display())))?;

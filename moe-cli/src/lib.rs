@@ -23,6 +23,7 @@
 
 mod bench;
 mod bench_store;
+mod cache_sim;
 mod compare;
 mod inspect;
 mod list;
@@ -119,10 +120,10 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Train a small model per router plus the dense baseline and compare what they learn (loss, balance, cost).
     Train(Box<train::TrainArgs>),
+    /// Replay a routing trace (`moe route --trace`, `moe train --trace`) through an expert cache: hit rate against
+    /// slots per layer for each eviction policy, beside Belady's bound.
+    CacheSim(cache_sim::CacheSimArgs),
 }
-
-/// Largest routing trace read (`moe cache-sim`, `moe bench --profile`): 4 GiB.
-pub(crate) const MAX_TRACE_BYTES: u64 = 4 << 30;
 
 /// An error with the exit code it should produce.
 #[derive(Debug)]
@@ -219,6 +220,7 @@ where
         Command::Verify(a) => verify::run(&a),
         Command::Inspect(a) => inspect::run(&a),
         Command::Train(a) => train::run(&registry, &a),
+        Command::CacheSim(a) => cache_sim::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

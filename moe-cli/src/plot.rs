@@ -117,11 +117,12 @@ const PALETTE: [&str; 10] = [
 ];
 
 /// One line of a [`curves_svg`] panel: a label for the legend and its points `(x, y)`; non-finite points are
-/// left out.
+/// left out. A dashed line marks a bound or reference rather than a measured series.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
+    pub dashed: bool,
 }
 
 /// One panel of a [`curves_svg`] chart: its title, the y axis' name and the lines, drawn over a shared x axis.
@@ -268,9 +269,14 @@ fn draw_panel(
             .iter()
             .map(|&(a, b)| format!("{:.1},{:.1}", px(a), py(b)))
             .collect();
+        let dash = if series.dashed {
+            r#" stroke-dasharray="6 4""#
+        } else {
+            ""
+        };
         let _ = writeln!(
             s,
-            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
+            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>"#,
             path.join(" ")
         );
         for &(a, b) in &pts {
@@ -285,7 +291,7 @@ fn draw_panel(
         let ly = by + 14.0 + 18.0 * j as f64;
         let _ = writeln!(
             s,
-            r#"<line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            r#"<line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="{colour}" stroke-width="3"{dash}/><text x="{:.1}" y="{:.1}">{}</text>"#,
             bx + bw + 15.0,
             bx + bw + 40.0,
             ly - 4.0,
@@ -295,6 +301,26 @@ fn draw_panel(
             escape(&series.label)
         );
     }
+}
+
+/// `moe cache-sim --plot`: hit rate (%) against slots per layer, one line per `(policy, points)`; the last
+/// series (Belady's bound) dashed. One [`curves_svg`] panel.
+pub(crate) fn hit_rate_svg(title: &str, lines: &[(String, Vec<(f64, f64)>)]) -> String {
+    let n = lines.len();
+    let panel = Panel {
+        title: "hit rate against slots per layer (dashed: Belady's MIN, the offline bound)".into(),
+        y_label: "hit rate %".into(),
+        series: lines
+            .iter()
+            .enumerate()
+            .map(|(i, (label, points))| Series {
+                label: label.clone(),
+                points: points.clone(),
+                dashed: i + 1 == n,
+            })
+            .collect(),
+    };
+    curves_svg(title, "slots per layer (resident experts)", &[panel])
 }
 
 #[cfg(test)]
@@ -310,10 +336,12 @@ mod tests {
                 Series {
                     label: "a&b".into(),
                     points: vec![(0.0, 2.0), (10.0, f64::NAN), (20.0, 1.5)],
+                    dashed: false,
                 },
                 Series {
                     label: "flat".into(),
                     points: vec![(10.0, 1.0)],
+                    dashed: true,
                 },
             ],
         };
@@ -322,6 +350,8 @@ mod tests {
         assert_eq!(svg.matches("<circle").count(), 6);
         assert!(svg.contains("a&amp;b") && svg.contains("val &lt;loss&gt;"));
         assert!(!svg.contains("NaN"));
+        // The dashed series is dashed in the plot and in the legend, in both panels; the other is not.
+        assert_eq!(svg.matches("stroke-dasharray=\"6 4\"").count(), 4);
         assert_eq!(axis_range(std::iter::empty()), (0.0, 1.0));
         assert_eq!(axis_range([2.0].into_iter()), (1.5, 2.5));
     }

@@ -1,7 +1,10 @@
 //! `moe route`: one router on one workload, a per-expert summary, and per-token assignments on request.
 
+use std::path::PathBuf;
+
 use clap::Args;
-use moe_core::{Diagnostics, RouterRegistry};
+use moe_core::store::trace::{LayerRecord, RoutingTrace, TraceHeader};
+use moe_core::{Diagnostics, RouterRegistry, Routing};
 use serde::Serialize;
 
 use crate::CliError;
@@ -26,6 +29,10 @@ pub(crate) struct RouteArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Also write the plan as a routing trace (one layer, one step: the experts each token kept) for
+    /// `moe cache-sim`; written atomically (a temporary file, then a rename). Extension `.moetrace` by convention.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 /// One expert's row.
@@ -69,7 +76,49 @@ fn check_args(a: &RouteArgs) -> Result<(), CliError> {
             "--per-token with --format csv would write two tables in one CSV; use --format json or markdown, or leave out --per-token".into(),
         ));
     }
+    if let Some(path) = &a.trace {
+        crate::cache_sim::check_trace_path("--trace", path)?;
+    }
     Ok(())
+}
+
+/// The plan as a one-layer, one-step trace: header `n_layers = 1`, `E`, `k`, expert bytes unknown (0: `moe route`
+/// builds no experts), `model` naming the workload and seed, `router` the router's label.
+fn route_trace(
+    a: &RouteArgs,
+    label: &str,
+    source: &str,
+    plan: &Routing,
+) -> Result<RoutingTrace, CliError> {
+    let w = &a.workload;
+    let model = if source.starts_with("file:") {
+        format!(
+            "moe route {source}: T {}, seed {}, {}",
+            plan.n_tokens(),
+            w.seed,
+            w.mode_name()
+        )
+    } else {
+        format!(
+            "moe route {source}: T {}, d {}, clusters {}, skew {}, seed {}, {}",
+            plan.n_tokens(),
+            w.d_model,
+            w.clusters,
+            w.skew,
+            w.seed,
+            w.mode_name()
+        )
+    };
+    let mut trace = RoutingTrace::new(TraceHeader {
+        n_layers: 1,
+        n_experts: plan.n_experts(),
+        top_k: w.top_k,
+        expert_bytes: 0,
+        model,
+        router: label.to_string(),
+    })?;
+    trace.push_step(vec![LayerRecord::from_routing(plan)])?;
+    Ok(trace)
 }
 
 pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliError> {
@@ -90,6 +139,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &RouteArgs) -> Result<(), CliErr
         );
     }
     let plan = router.route(&w.input(wa.mode()))?;
+    if let Some(path) = &a.trace {
+        crate::cache_sim::write_trace(path, &route_trace(a, &c.label, &w.source, &plan)?)?;
+        eprintln!("wrote {}", path.display());
+    }
     let counts = plan.expert_counts();
     let mut dropped = vec![0usize; plan.n_experts()];
     for d in plan.dropped() {

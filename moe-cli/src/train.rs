@@ -162,6 +162,13 @@ pub(crate) struct TrainArgs {
     /// `--resume` continues it.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// After each routed run (task charlm), record a routing trace of the trained model on the fixed validation
+    /// set in eval mode (one step per validation batch; per layer the experts each token used and, for layers
+    /// l ≥ 1, the experts layer l's router predicts from layer l−1's FFN input) for `moe cache-sim`. With several
+    /// routers, one file per router: FILE with the label inserted before the extension (`trace.moetrace` →
+    /// `trace.softmax-topk.moetrace`). The dense baseline has no trace (one expert, nothing to cache).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 /// Where a run saves its checkpoint and where it resumes from.
@@ -238,6 +245,8 @@ struct Plan {
     all: bool,
     /// The teacher task's data and teacher (task `teacher` only; `model` then carries the FFN alone).
     teacher: Option<TeacherConfig>,
+    /// `--trace FILE` (task charlm).
+    trace: Option<PathBuf>,
 }
 
 /// How one run ended.
@@ -313,8 +322,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
         Task::Teacher => None,
     };
     let paths = checkpoint_paths(&plan, a)?;
+    check_trace(&plan)?;
     let early = early_checks(registry, &plan)?;
-    let outcomes = run_all(
+    let (outcomes, trace_errors) = run_all(
         registry,
         &plan,
         corpus.as_ref(),
@@ -366,7 +376,61 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
     if let Some(path) = &a.plot {
         write_plot(path, &plan, &doc.runs)?;
     }
+    if !trace_errors.is_empty() {
+        return Err(CliError::Other(anyhow::anyhow!(
+            "{}",
+            trace_errors.join("; ")
+        )));
+    }
     exit_status(&plan, &doc.failed)
+}
+
+/// Refuses `--trace` before any run trains: a path that cannot be written, or no routed run to trace.
+fn check_trace(plan: &Plan) -> Result<(), CliError> {
+    let Some(path) = &plan.trace else {
+        return Ok(());
+    };
+    crate::cache_sim::check_trace_path("--trace", path)?;
+    if plan.runs.iter().all(|r| r.ffn.kind == FfnKind::Dense) {
+        return Err(CliError::Usage(
+            "--trace: no routed run to trace (the dense baseline has one expert that every token takes)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Records and writes the trace of one finished routed run (see `--trace`): the file's path, or the error as a
+/// line naming the run. The dense baseline has none.
+fn write_run_trace(
+    plan: &Plan,
+    spec: &RunSpec,
+    run: &moe_train::trainer::LmRun<'_>,
+    lm: &mut moe_train::model::Lm,
+    corpus: &Corpus,
+) -> Result<Option<PathBuf>, String> {
+    let Some(file) = &plan.trace else {
+        return Ok(None);
+    };
+    if spec.ffn.kind == FfnKind::Dense {
+        return Ok(None);
+    }
+    let routed = plan
+        .runs
+        .iter()
+        .filter(|r| r.ffn.kind != FfnKind::Dense)
+        .count();
+    let path = if routed > 1 {
+        crate::cache_sim::per_run_path(file, &sanitise(&spec.label))
+    } else {
+        file.clone()
+    };
+    let fail = |e: String| format!("{}: trace {}: {e}", spec.label, path.display());
+    let trace = moe_train::trace::record_trace(lm, run, corpus).map_err(|e| fail(e.to_string()))?;
+    crate::cache_sim::write_trace(&path, &trace).map_err(|e| match e {
+        CliError::Usage(m) => fail(m),
+        CliError::Other(e) => fail(format!("{e:#}")),
+    })?;
+    Ok(Some(path))
 }
 
 /// The command's result once every row is printed: see the module docs.
@@ -603,6 +667,7 @@ fn plan(registry: &RouterRegistry, a: &TrainArgs) -> Result<Plan, CliError> {
         threads,
         all: a.routers.trim() == "all",
         teacher,
+        trace: a.trace.clone(),
     })
 }
 
@@ -618,6 +683,7 @@ fn teacher_config(a: &TrainArgs) -> Result<TeacherConfig, CliError> {
         ("--save", a.save.is_some()),
         ("--resume", a.resume.is_some()),
         ("--stop-after", a.stop_after.is_some()),
+        ("--trace", a.trace.is_some()),
     ];
     if let Some((flag, _)) = lm_only.iter().find(|(_, given)| *given) {
         return Err(CliError::Usage(format!(
@@ -795,10 +861,11 @@ fn run_all(
     paths: &[CheckpointPaths],
     stop_after: Option<usize>,
     mut early: Vec<Option<moe_train::TrainError>>,
-) -> Vec<Outcome> {
+) -> (Vec<Outcome>, Vec<String>) {
     let per_run = stop_after.unwrap_or(plan.train.steps) as u64;
     let mut progress = TrainProgress::new(per_run * plan.runs.len() as u64);
     let mut out = Vec::with_capacity(plan.runs.len());
+    let mut trace_errors = Vec::new();
     let model = |spec: &RunSpec| LmConfig {
         ffn: spec.ffn.clone(),
         ..plan.model.clone()
@@ -817,7 +884,16 @@ fn run_all(
                     resume: resume.clone(),
                     stop_after,
                 };
-                moe_train::trainer::train_lm(&run, corpus, &mut progress)
+                moe_train::trainer::train_lm_model(&run, corpus, &mut progress).map(
+                    |(report, mut lm)| {
+                        match write_run_trace(plan, spec, &run, &mut lm, corpus) {
+                            Ok(Some(p)) => progress.println(&format!("wrote {}", p.display())),
+                            Ok(None) => {}
+                            Err(e) => trace_errors.push(e),
+                        }
+                        report
+                    },
+                )
             }
             _ => moe_train::teacher::train_teacher(
                 registry,
@@ -845,7 +921,7 @@ fn run_all(
         });
     }
     progress.finish();
-    out
+    (out, trace_errors)
 }
 
 /// The CPU's model name (`model name` of /proc/cpuinfo), or `unknown`.
@@ -1215,6 +1291,7 @@ fn write_plot(path: &Path, plan: &Plan, runs: &[&RunReport]) -> Result<(), CliEr
             .map(|r| Series {
                 label: r.label.clone(),
                 points: r.curve.iter().map(|p| (p.step as f64, f(p))).collect(),
+                dashed: false,
             })
             .collect()
     };

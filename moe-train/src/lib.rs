@@ -8,6 +8,7 @@
 //! - [`optim`]: AdamW (decoupled weight decay), warm-up and cosine schedule, gradient clipping, as torch does them.
 //! - [`data`]: byte corpora with a fixed 90 / 10 split and seeded batches; corpus fetching into a cache.
 //! - [`trainer`]: the loop (`charlm`), evaluation, diagnostics, NaN checks, checkpoints ([`checkpoint`]).
+//! - [`trace`]: routing traces of a trained model on the validation set, for `moe cache-sim`.
 //! - [`teacher`]: a seeded teacher MoE generates targets; a student is scored by MSE and by the adjusted Rand
 //!   index of its routing against the teacher's.
 //!
@@ -26,6 +27,7 @@ pub mod optim;
 pub mod reference;
 pub mod report;
 pub mod teacher;
+pub mod trace;
 pub mod trainer;
 
 pub use config::{BankKind, FfnConfig, FfnKind, LmConfig, OptimConfig, TrainConfig};

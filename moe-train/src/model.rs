@@ -281,6 +281,8 @@ pub struct Lm {
     pub ffn_grads: Vec<LayerGrads>,
     /// The last training forward's plans (for `update_state`).
     routings: Vec<Option<Routing>>,
+    /// While [`Lm::eval_plans`] runs: the eval forward's plans, by layer.
+    captured: Option<Vec<Routing>>,
     ws: Workspace,
     causal: bool,
 }
@@ -509,6 +511,7 @@ impl Lm {
             grads,
             ffn_grads: (0..cfg.n_layers).map(|_| LayerGrads::empty()).collect(),
             routings: vec![None; cfg.n_layers],
+            captured: None,
             ffn,
             ws: Workspace::default(),
             causal,
@@ -609,6 +612,43 @@ impl Lm {
         Ok(self.forward(batch, None, AuxOverride::default(), 0)?.0.ce)
     }
 
+    /// The eval forward of one batch (as [`Lm::eval_loss`]), keeping each layer's plan: the plans `[L]`, each
+    /// over the batch's `T = B · C` tokens. The FFN inputs of this forward stay for [`Lm::predict_plan`].
+    ///
+    /// # Errors
+    /// As [`Lm::eval_loss`].
+    pub fn eval_plans(&mut self, batch: &Batch) -> Result<Vec<Routing>, TrainError> {
+        self.captured = Some(Vec::with_capacity(self.cfg.n_layers));
+        let done = self.forward(batch, None, AuxOverride::default(), 0);
+        let plans = self.captured.take().unwrap_or_default();
+        done?;
+        Ok(plans)
+    }
+
+    /// The experts block `l`'s router would choose before block `l − 1`'s FFN ran: its router applied (eval mode)
+    /// to the FFN input of block `l − 1` of the last forward, `rmsnorm(x_mid) ⊙ ffn_norm` `[T, d]` (the
+    /// mixtral-offloading prediction: the residual stream changes little between layers, Eliseev & Mazur 2023,
+    /// arXiv 2312.17238). `None` for block 0, a block that does not exist, or before any forward.
+    ///
+    /// # Errors
+    /// The router's own errors (a non-finite input names the token).
+    pub fn predict_plan(&self, l: usize) -> Result<Option<Routing>, TrainError> {
+        let (Some(prev), Some(layer)) = (
+            l.checked_sub(1).and_then(|p| self.ws.blocks.get(p)),
+            self.ffn.get(l),
+        ) else {
+            return Ok(None);
+        };
+        if self.ws.rows == 0 || prev.f.nrows() != self.ws.tokens.len() {
+            return Ok(None);
+        }
+        let input = RouterInput::new(prev.f.view())
+            .with_token_ids(&self.ws.tokens)
+            .with_seq_lens(&self.ws.seq_lens)
+            .with_mode(Mode::Eval);
+        Ok(Some(layer.layer().route(&input)?))
+    }
+
     /// The forward; `seed: Some` is a training forward (train mode, state kept for the backward, the
     /// cross-entropy's gradient left in the logits buffer). Returns the statistics and each layer's `d_aux`.
     fn forward(
@@ -699,6 +739,8 @@ impl Lm {
             d_aux.push(coefs);
             if seed.is_some() {
                 self.routings[l] = Some(out.routing);
+            } else if let Some(plans) = &mut self.captured {
+                plans.push(out.routing);
             }
         }
         stats.ce = head_forward(

@@ -207,6 +207,18 @@ pub fn train_lm(
     corpus: &Corpus,
     progress: &mut dyn Progress,
 ) -> Result<RunReport, TrainError> {
+    Ok(train_lm_model(run, corpus, progress)?.0)
+}
+
+/// As [`train_lm`], also handing back the trained model (for a routing trace of it, [`crate::trace`]).
+///
+/// # Errors
+/// As [`train_lm`].
+pub fn train_lm_model(
+    run: &LmRun<'_>,
+    corpus: &Corpus,
+    progress: &mut dyn Progress,
+) -> Result<(RunReport, Lm), TrainError> {
     validate(run, corpus)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(run.threads)
@@ -224,7 +236,7 @@ fn train_in_pool(
     run: &LmRun<'_>,
     corpus: &Corpus,
     progress: &mut dyn Progress,
-) -> Result<RunReport, TrainError> {
+) -> Result<(RunReport, Lm), TrainError> {
     let started = Instant::now();
     let (cfg, t) = (&run.model, &run.train);
     let label = cfg.ffn.label();
@@ -287,7 +299,8 @@ fn train_in_pool(
         }
     }
     state.wall_s = wall_before + started.elapsed().as_secs_f64();
-    Ok(report(&lm, &state, label, run, stop))
+    let report = report(&lm, &state, label, run, stop);
+    Ok((report, lm))
 }
 
 /// What one optimizer step did.
