@@ -201,7 +201,8 @@ pub trait DeviceLayer: Send {
     /// on prefetches. The default (all experts resident) does nothing.
     ///
     /// # Errors
-    /// A failed background load is reported by the forward that needs the expert.
+    /// A failed earlier background load ([`MoeError::Expert`] naming the expert): the next forward or prefetch
+    /// collects every load in flight first and reports a failed one, its slot emptied (nothing partial is used).
     fn prefetch(&mut self, experts: &[u32]) -> Result<(), MoeError> {
         let _ = experts;
         Ok(())
