@@ -48,6 +48,8 @@ struct StoreRow {
     hit_rate: f64,
     /// Experts loaded per step (demand loads and prefetches, every layer).
     loads_per_step: f64,
+    /// Loads per step that evicted a resident expert (0 when every expert fits).
+    evictions_per_step: f64,
     /// Bytes read from the file per step, MB (10⁶ bytes).
     read_mb_per_step: f64,
     /// Bytes read over the timed steps' wall time, GB/s.
@@ -325,6 +327,7 @@ fn time_row(
             - before.cache.loads
             - before.cache.prefetches) as f64
             / n,
+        evictions_per_step: (after.cache.evictions - before.cache.evictions) as f64 / n,
         read_mb_per_step: bytes / n / 1e6,
         read_gb_per_s: bytes / total / 1e9,
         demand_load_ms: (after.demand_load_ms - before.demand_load_ms) / n,
