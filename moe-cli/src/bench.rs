@@ -220,48 +220,8 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             "--top-k must be between 1 and --experts ({e}), got {k}"
         )));
     }
-    if a.write_checkpoint.is_some() || a.from.is_some() {
-        // Flags only (threads, clusters, T·d); the experts stay on disk.
-        check_sizes(a, (d, f, 1))?;
-    }
-    if let Some(path) = &a.write_checkpoint {
-        return crate::bench_store::write_checkpoint(path, a.layers, (d, f, e), a.seed);
-    }
-    if let Some(from) = &a.from {
-        if a.dtype != "f32" || a.backend != "cpu" || a.backward {
-            return Err(CliError::Usage(
-                "--from runs on the cpu backend with f32 resident experts, forward only (leave out --dtype, --backend and --backward)".into(),
-            ));
-        }
-        return crate::bench_store::run(
-            registry,
-            &crate::bench_store::StoreBench {
-                from,
-                resident: a.resident_experts,
-                policy: &a.policy,
-                profile: a.profile.as_deref(),
-                prefetch: a.prefetch == PrefetchArg::Gate,
-                cold: a.cold,
-                router: &a.router,
-                top_k: k,
-                tokens: &a.tokens,
-                repeats: a.repeats,
-                seed: a.seed,
-                skew: a.skew,
-                clusters: a.clusters,
-                threads: a.threads,
-                format: a.format,
-            },
-        );
-    }
-    if a.resident_experts.is_some()
-        || a.cold
-        || a.prefetch != PrefetchArg::None
-        || a.profile.is_some()
-    {
-        return Err(CliError::Usage(
-            "--resident-experts, --cold, --prefetch and --profile need --from CHECKPOINT (write one with --write-checkpoint)".into(),
-        ));
+    if let Some(done) = run_store(registry, a, (d, f, e, k)) {
+        return done;
     }
     check_sizes(a, (d, f, e))?;
     let dtype = Dtype::parse(&a.dtype).ok_or_else(|| {
@@ -329,6 +289,64 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         rows,
     };
     print_report(&report, a)
+}
+
+/// `--write-checkpoint` and `--from` (`bench_store.rs`): `Some` with their result when either is given; refuses
+/// the store's flags without `--from`.
+fn run_store(
+    registry: &RouterRegistry,
+    a: &BenchArgs,
+    (d, f, e, k): (usize, usize, usize, usize),
+) -> Option<Result<(), CliError>> {
+    let run = || -> Result<Option<()>, CliError> {
+        if a.write_checkpoint.is_some() || a.from.is_some() {
+            // Flags only (threads, clusters, T·d); the experts stay on disk.
+            check_sizes(a, (d, f, 1))?;
+        }
+        if let Some(path) = &a.write_checkpoint {
+            return crate::bench_store::write_checkpoint(path, a.layers, (d, f, e), a.seed)
+                .map(Some);
+        }
+        if let Some(from) = &a.from {
+            if a.dtype != "f32" || a.backend != "cpu" || a.backward {
+                return Err(CliError::Usage(
+                    "--from runs on the cpu backend with f32 resident experts, forward only (leave out --dtype, --backend and --backward)".into(),
+                ));
+            }
+            return crate::bench_store::run(
+                registry,
+                &crate::bench_store::StoreBench {
+                    from,
+                    resident: a.resident_experts,
+                    policy: &a.policy,
+                    profile: a.profile.as_deref(),
+                    prefetch: a.prefetch == PrefetchArg::Gate,
+                    cold: a.cold,
+                    router: &a.router,
+                    top_k: k,
+                    tokens: &a.tokens,
+                    repeats: a.repeats,
+                    seed: a.seed,
+                    skew: a.skew,
+                    clusters: a.clusters,
+                    threads: a.threads,
+                    format: a.format,
+                },
+            )
+            .map(Some);
+        }
+        if a.resident_experts.is_some()
+            || a.cold
+            || a.prefetch != PrefetchArg::None
+            || a.profile.is_some()
+        {
+            return Err(CliError::Usage(
+                "--resident-experts, --cold, --prefetch and --profile need --from CHECKPOINT (write one with --write-checkpoint)".into(),
+            ));
+        }
+        Ok(None)
+    };
+    run().transpose()
 }
 
 /// Bounds `--threads`, `--clusters` and the sizes, and checks the memory estimate of the largest T, before any
