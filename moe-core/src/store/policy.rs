@@ -119,6 +119,20 @@ pub trait EvictionPolicy: Send + std::fmt::Debug {
     }
 }
 
+/// `v[e]`, 0 past the end.
+fn at(v: &[u64], e: u32) -> u64 {
+    v.get(e as usize).copied().unwrap_or(0)
+}
+
+/// The first of `candidates` (ascending ids) in the order `cmp`, ties to the lower id.
+fn first_by(candidates: &[u32], cmp: impl Fn(u32, u32) -> std::cmp::Ordering) -> u32 {
+    candidates
+        .iter()
+        .copied()
+        .min_by(|&a, &b| cmp(a, b).then(a.cmp(&b)))
+        .unwrap_or(0)
+}
+
 /// Least recently used: evicts the candidate whose last access is oldest (ties: the lower id).
 #[derive(Debug, Clone)]
 pub struct Lru {
@@ -264,27 +278,12 @@ impl EvictionPolicy for Lfru {
     }
 
     fn victim(&mut self, candidates: &[u32], _time: u64) -> u32 {
-        let mut best: Option<(f64, u64, u32)> = None;
-        for &e in candidates {
-            let k = (
-                self.key(e),
-                self.last.get(e as usize).copied().unwrap_or(0),
-                e,
-            );
-            let better = match best {
-                None => true,
-                Some(b) => {
-                    k.0.total_cmp(&b.0)
-                        .then(k.1.cmp(&b.1))
-                        .then(k.2.cmp(&b.2))
-                        .is_lt()
-                }
-            };
-            if better {
-                best = Some(k);
-            }
-        }
-        best.map_or(0, |b| b.2)
+        // Smallest CRF value, then least recent, then lowest id.
+        first_by(candidates, |a, b| {
+            self.key(a)
+                .total_cmp(&self.key(b))
+                .then(at(&self.last, a).cmp(&at(&self.last, b)))
+        })
     }
 }
 
@@ -417,28 +416,12 @@ impl EvictionPolicy for Stale {
     }
 
     fn victim(&mut self, candidates: &[u32], _time: u64) -> u32 {
-        let mut best: Option<(f64, u64, u32)> = None;
-        for &e in candidates {
-            let k = (
-                self.predicted_next(e),
-                self.last.get(e as usize).copied().unwrap_or(0),
-                e,
-            );
-            // Latest predicted use, then most recent last access, then lowest id.
-            let better = match best {
-                None => true,
-                Some(b) => {
-                    k.0.total_cmp(&b.0)
-                        .then(k.1.cmp(&b.1))
-                        .then(b.2.cmp(&k.2))
-                        .is_gt()
-                }
-            };
-            if better {
-                best = Some(k);
-            }
-        }
-        best.map_or(0, |b| b.2)
+        // Latest predicted use, then most recent last access, then lowest id.
+        first_by(candidates, |a, b| {
+            self.predicted_next(b)
+                .total_cmp(&self.predicted_next(a))
+                .then(at(&self.last, b).cmp(&at(&self.last, a)))
+        })
     }
 
     fn on_evict(&mut self, expert: u32) {
