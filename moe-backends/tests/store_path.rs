@@ -147,14 +147,7 @@ fn restore(layer: &MoeLayer, config: StoreConfig) -> Result<Arc<MoeLayer>, MoeEr
         panic!("not a stored layer");
     };
     let bank = StoredBank::new(Arc::clone(sb.source()), config)?;
-    let mut l = MoeLayer::new(layer.router_box(), ExpertBank::Stored(bank))?;
-    if let Some(sh) = layer.shared() {
-        l = l.with_shared(sh.clone())?;
-    }
-    if let Some(b) = layer.output_bias() {
-        l = l.with_output_bias(b.clone())?;
-    }
-    Ok(Arc::new(l))
+    Ok(Arc::new(layer.with_experts(ExpertBank::Stored(bank))?))
 }
 
 fn host(bank: ExpertBank) -> Arc<dyn ExpertSource> {

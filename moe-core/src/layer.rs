@@ -48,6 +48,37 @@ impl MoeLayer {
         })
     }
 
+    /// This layer with its routed experts held elsewhere: `experts` are the same experts in another home (router,
+    /// shared experts, output scale and bias and checkpoint names kept), e.g. put in a store with
+    /// `layer.with_experts(ExpertBank::Stored(StoredBank::new(source, config)?))`.
+    ///
+    /// # Errors
+    /// [`MoeError::Mismatch`] when `experts` has another expert count or width than the router;
+    /// [`MoeError::InvalidConfig`] when both banks have a [`ExpertForm`](crate::store::ExpertForm) and the forms
+    /// differ (another family, FFN width, activation, biases, or GPT-OSS `alpha` / `limit`): the experts would
+    /// compute something else.
+    pub fn with_experts(&self, experts: ExpertBank) -> Result<Self, MoeError> {
+        check_router_fits(self.router.as_ref(), &experts)?;
+        use crate::store::ExpertForm;
+        if let (Ok(old), Ok(new)) = (ExpertForm::of(&self.experts), ExpertForm::of(&experts))
+            && old != new
+        {
+            return Err(MoeError::config(
+                "experts",
+                format!("{new:?}"),
+                format!("the layer's experts are {old:?}: the same experts must keep their form"),
+            ));
+        }
+        Ok(MoeLayer {
+            router: self.router_box(),
+            experts: Arc::new(experts),
+            shared: self.shared.clone(),
+            output_scale: self.output_scale,
+            output_bias: self.output_bias.clone(),
+            hf_names: self.hf_names.clone(),
+        })
+    }
+
     /// Adds shared experts.
     ///
     /// # Errors
