@@ -616,7 +616,7 @@ fn a_panicking_source_on_the_prefetch_thread_is_an_error() {
     same(&got, &want[0], "after a panicked prefetch");
 }
 
-/// Belady's MIN is offline: a live store refuses it at upload with an error naming it.
+/// Belady's MIN is offline: a stored bank refuses it when it is made, with an error naming it.
 #[test]
 fn belady_is_refused_at_upload() {
     let p = pair(&spec(0, 4, 2, 1), host);
@@ -625,8 +625,8 @@ fn belady_is_refused_at_upload() {
         policy: PolicyKind::Belady,
         frequencies: None,
     };
-    let stored = restore(&p.stored, config).unwrap_or_else(|err| panic!("{err}"));
-    match CpuBackend::new().upload(stored) {
+    // Refused when the stored bank is made (before any upload or forward).
+    match restore(&p.stored, config) {
         Ok(_) => panic!("Belady must be refused by a live store"),
         Err(e) => assert!(e.to_string().to_lowercase().contains("belady"), "{e}"),
     }

@@ -119,10 +119,10 @@ pub(crate) struct BenchArgs {
     /// With `--from`: experts resident per layer (default: all E).
     #[arg(long, value_name = "N")]
     resident_experts: Option<usize>,
-    /// With `--from`: eviction policy, lru, lfu, lfru, stale or pin (with `--profile`); belady needs the future
-    /// (`moe cache-sim` runs it on a trace).
-    #[arg(long, default_value = "lru")]
-    policy: String,
+    /// With `--from`: eviction policy, lru (the default), lfu, lfru, stale or pin (with `--profile`); belady
+    /// needs the future (`moe cache-sim` runs it on a trace).
+    #[arg(long, value_name = "POLICY")]
+    policy: Option<String>,
     /// With `--from --policy pin`: a routing trace of this model (`moe route/train --trace`) whose per-layer
     /// expert counts say which experts to pin.
     #[arg(long, value_name = "TRACE")]
@@ -139,9 +139,9 @@ pub(crate) struct BenchArgs {
     /// to this safetensors file, for `--from`, and exit.
     #[arg(long, value_name = "FILE")]
     write_checkpoint: Option<PathBuf>,
-    /// With `--write-checkpoint`: MoE blocks to write.
-    #[arg(long, default_value_t = 4)]
-    layers: usize,
+    /// With `--write-checkpoint`: MoE blocks to write (default 4).
+    #[arg(long)]
+    layers: Option<usize>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -299,52 +299,75 @@ fn run_store(
     (d, f, e, k): (usize, usize, usize, usize),
 ) -> Option<Result<(), CliError>> {
     let run = || -> Result<Option<()>, CliError> {
+        let usage = |m: &str| Err(CliError::Usage(m.into()));
+        let store_flags = a.resident_experts.is_some()
+            || a.cold
+            || a.prefetch != PrefetchArg::None
+            || a.profile.is_some()
+            || a.policy.is_some();
+        if a.write_checkpoint.is_some() && a.from.is_some() {
+            return usage(
+                "--write-checkpoint writes a checkpoint and exits: run --from FILE in a second command",
+            );
+        }
+        if a.layers.is_some() && a.write_checkpoint.is_none() {
+            return usage(
+                "--layers is the number of blocks --write-checkpoint writes (a --from run takes every block of its file)",
+            );
+        }
+        if a.from.is_none() && store_flags {
+            return usage(
+                "--resident-experts, --policy, --profile, --cold and --prefetch need --from CHECKPOINT (write one with --write-checkpoint)",
+            );
+        }
         if a.write_checkpoint.is_some() || a.from.is_some() {
             // Flags only (threads, clusters, T·d); the experts stay on disk.
             check_sizes(a, (d, f, 1))?;
         }
         if let Some(path) = &a.write_checkpoint {
-            return crate::bench_store::write_checkpoint(path, a.layers, (d, f, e), a.seed)
-                .map(Some);
+            let layers = a.layers.unwrap_or(4);
+            return crate::bench_store::write_checkpoint(path, layers, (d, f, e), a.seed).map(Some);
         }
-        if let Some(from) = &a.from {
-            if a.dtype != "f32" || a.backend != "cpu" || a.backward {
-                return Err(CliError::Usage(
-                    "--from runs on the cpu backend with f32 resident experts, forward only (leave out --dtype, --backend and --backward)".into(),
-                ));
-            }
-            return crate::bench_store::run(
-                registry,
-                &crate::bench_store::StoreBench {
-                    from,
-                    resident: a.resident_experts,
-                    policy: &a.policy,
-                    profile: a.profile.as_deref(),
-                    prefetch: a.prefetch == PrefetchArg::Gate,
-                    cold: a.cold,
-                    router: &a.router,
-                    top_k: k,
-                    tokens: &a.tokens,
-                    repeats: a.repeats,
-                    seed: a.seed,
-                    skew: a.skew,
-                    clusters: a.clusters,
-                    threads: a.threads,
-                    format: a.format,
-                },
-            )
-            .map(Some);
+        let Some(from) = &a.from else {
+            return Ok(None);
+        };
+        if a.dtype != "f32" || a.backend != "cpu" || a.backward || a.bandwidth {
+            return usage(
+                "--from runs on the cpu backend with f32 resident experts, forward only (leave out --dtype, --backend, --backward and --bandwidth)",
+            );
         }
-        if a.resident_experts.is_some()
-            || a.cold
-            || a.prefetch != PrefetchArg::None
-            || a.profile.is_some()
-        {
-            return Err(CliError::Usage(
-                "--resident-experts, --cold, --prefetch and --profile need --from CHECKPOINT (write one with --write-checkpoint)".into(),
-            ));
+        if a.d_model.is_some() || a.ffn.is_some() || a.experts.is_some() {
+            return usage(
+                "-d, --ffn and -e describe the shape --write-checkpoint writes; --from reads them from its file",
+            );
         }
-        Ok(None)
+        let policy = a.policy.as_deref().unwrap_or("lru");
+        if a.profile.is_some() && policy != "pin" {
+            return usage(
+                "--profile gives the pin policy its expert counts: use it with --policy pin",
+            );
+        }
+        crate::bench_store::run(
+            registry,
+            &crate::bench_store::StoreBench {
+                from,
+                resident: a.resident_experts,
+                policy,
+                profile: a.profile.as_deref(),
+                prefetch: a.prefetch == PrefetchArg::Gate,
+                cold: a.cold,
+                router: &a.router,
+                top_k: k,
+                tokens: &a.tokens,
+                repeats: a.repeats,
+                seed: a.seed,
+                skew: a.skew,
+                clusters: a.clusters,
+                threads: a.threads,
+                format: a.format,
+            },
+        )
+        .map(Some)
     };
     run().transpose()
 }

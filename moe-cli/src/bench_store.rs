@@ -60,6 +60,8 @@ struct StoreRow {
     prefetch_load_ms: f64,
     /// Time forwards waited for prefetches in flight, ms per step.
     wait_ms: f64,
+    /// Time forwards spent copying collected prefetches into their slots, ms per step.
+    install_ms: f64,
     /// Experts the next layer's gate predicted that the layer used, over those predicted (with `--prefetch gate`).
     prefetch_precision: Option<f64>,
     /// Experts the layer used that were predicted, over those used.
@@ -85,11 +87,14 @@ struct StoreReport {
     expert_file_bytes: u64,
     /// Bytes of one expert resident (f32).
     expert_resident_bytes: u64,
-    /// layers × resident experts × resident bytes: what the slots may hold.
+    /// layers × resident experts × resident bytes: what the slots hold.
     resident_bound_bytes: u64,
+    /// The prefetch loaders' staging buffers (every layer; one expert's resident size per prefetch in flight at
+    /// once), measured: memory beyond the slots that prefetch costs.
+    staging_bytes: u64,
     /// Peak resident set size of this process (VmHWM), bytes.
     peak_rss_bytes: Option<u64>,
-    /// Peak RSS minus the resident bound: buffers, hidden states, the binary.
+    /// Peak RSS minus the slots and the staging buffers: the binary, thread stacks, hidden states, workspaces.
     overhead_bytes: Option<i64>,
     rows: Vec<StoreRow>,
 }
@@ -97,6 +102,12 @@ struct StoreReport {
 /// The MoE block prefixes of `path` in layer order: every `P` with `P` + `experts.0.gate_proj.weight`,
 /// `experts.0.w1.weight` or `experts.gate_up_proj` present, sorted by the layer number in `P`.
 fn block_prefixes(path: &Path) -> Result<Vec<String>, CliError> {
+    if path.is_dir() {
+        return Err(CliError::Usage(format!(
+            "--from {}: is a directory; give the .safetensors file (the disk tier reads one file; sharded checkpoints are not supported yet)",
+            path.display()
+        )));
+    }
     let ckpt = moe_models::Checkpoint::open(path).map_err(bad_file)?;
     let mut out: Vec<String> = ckpt
         .names()
@@ -141,6 +152,11 @@ fn open_stack(
 ) -> Result<Stack, CliError> {
     let policy =
         PolicyKind::parse(b.policy).map_err(|e| CliError::Usage(format!("--policy: {e}")))?;
+    if policy == PolicyKind::Belady {
+        return Err(CliError::Usage(
+            "--policy belady: Belady's MIN is offline (it needs the future accesses): run it on a trace with moe cache-sim".into(),
+        ));
+    }
     let backend = crate::open_backend_with(
         "cpu",
         moe_backends::BackendOptions {
@@ -169,6 +185,13 @@ fn open_stack(
             src.drop_page_cache()?;
         }
         let (e, d) = (src.n_experts(), src.form().d_model());
+        if b.top_k > e {
+            return Err(CliError::Usage(format!(
+                "-k/--top-k {} is more than the experts of {p} in the file (E = {e})",
+                b.top_k
+            )));
+        }
+        note_unrun_parts(b.from, p)?;
         let slots = b.resident.unwrap_or(e);
         if slots == 0 || slots > e {
             return Err(CliError::Usage(format!(
@@ -177,7 +200,7 @@ fn open_stack(
         }
         let gate = read_gate(b.from, p).map_err(bad_file)?;
         let mut router = registry
-            .create(&c.name, &c.args(d, e, b.top_k.min(e), b.seed))
+            .create(&c.name, &c.args(d, e, b.top_k, b.seed))
             .map_err(c.error_mapper(registry))?;
         set_gate(router.as_mut(), gate, p)?;
         let bank = StoredBank::new(
@@ -195,6 +218,30 @@ fn open_stack(
     Ok((layers, sources, c.label))
 }
 
+/// Says on stderr which parts of the block under `prefix` the bench does not run (it measures the routed experts'
+/// store): shared experts, a router bias, a correction bias.
+fn note_unrun_parts(from: &Path, prefix: &str) -> Result<(), CliError> {
+    let ckpt = moe_models::Checkpoint::open(from).map_err(bad_file)?;
+    let unrun: Vec<&str> = ckpt
+        .names()
+        .filter_map(|n| n.strip_prefix(prefix))
+        .filter(|n| {
+            n.starts_with("shared_expert")
+                || matches!(
+                    *n,
+                    "gate.bias" | "router.bias" | "gate.e_score_correction_bias"
+                )
+        })
+        .collect();
+    if !unrun.is_empty() {
+        eprintln!(
+            "note: {prefix}: the bench runs the router's gate and the routed experts only; not run: {}",
+            unrun.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Per layer, how often each expert was used in the routing trace `path`, which must be of a model with these
 /// `layers` and the experts of `from`'s first block.
 fn read_profile(
@@ -206,7 +253,10 @@ fn read_profile(
     let e = DiskSource::open(from, &prefixes[0])
         .map_err(bad_file)?
         .n_experts();
-    let trace = crate::cache_sim::read_trace(path)?;
+    let trace = crate::cache_sim::read_trace(path).map_err(|e| match e {
+        CliError::Usage(m) => CliError::Usage(format!("--profile: {m}")),
+        other => other,
+    })?;
     trace
         .check_matches(layers, e)
         .map_err(|err| CliError::Usage(format!("--profile {}: {err}", path.display())))?;
@@ -260,6 +310,8 @@ fn total_stats(layers: &[Box<dyn DeviceLayer>]) -> StoreStats {
         t.demand_load_ms += s.demand_load_ms;
         t.prefetch_load_ms += s.prefetch_load_ms;
         t.wait_ms += s.wait_ms;
+        t.install_ms += s.install_ms;
+        t.staging_bytes += s.staging_bytes;
     }
     t
 }
@@ -333,8 +385,10 @@ fn time_row(
         demand_load_ms: (after.demand_load_ms - before.demand_load_ms) / n,
         prefetch_load_ms: (after.prefetch_load_ms - before.prefetch_load_ms) / n,
         wait_ms: (after.wait_ms - before.wait_ms) / n,
-        prefetch_precision: b.prefetch.then(|| counts.precision()),
-        prefetch_recall: b.prefetch.then(|| counts.recall()),
+        install_ms: (after.install_ms - before.install_ms) / n,
+        // A one-layer stack predicts nothing: no figure rather than 0.
+        prefetch_precision: (b.prefetch && counts.predicted > 0).then(|| counts.precision()),
+        prefetch_recall: (b.prefetch && counts.predicted > 0).then(|| counts.recall()),
     })
 }
 
@@ -372,6 +426,7 @@ pub(crate) fn run(registry: &RouterRegistry, b: &StoreBench<'_>) -> Result<(), C
         rows.push(time_row(&mut layers, b, t, form.d_model())?);
     }
     let bound = (layers.len() * slots) as u64 * form.resident_bytes();
+    let staging = total_stats(&layers).staging_bytes;
     let peak = peak_rss_bytes();
     let report = StoreReport {
         checkpoint: b.from.display().to_string(),
@@ -394,8 +449,9 @@ pub(crate) fn run(registry: &RouterRegistry, b: &StoreBench<'_>) -> Result<(), C
         expert_file_bytes: src.stored_bytes_per_expert(),
         expert_resident_bytes: form.resident_bytes(),
         resident_bound_bytes: bound,
+        staging_bytes: staging,
         peak_rss_bytes: peak,
-        overhead_bytes: peak.map(|p| p as i64 - bound as i64),
+        overhead_bytes: peak.map(|p| p as i64 - (bound + staging) as i64),
         rows,
     };
     print_report(&report, b.format)
@@ -410,7 +466,7 @@ fn print_report(r: &StoreReport, format: Format) -> Result<(), CliError> {
         return Ok(());
     }
     let mb = |b: u64| b as f64 / 1e6;
-    if format == Format::Table {
+    if format != Format::Csv {
         println!(
             "{} ({} layers, {} {}): d = {}, f = {}, E = {}, k = {}, router {}; {} of {} experts resident per layer, policy {}, prefetch {}, {} reads",
             r.checkpoint,
@@ -437,12 +493,17 @@ fn print_report(r: &StoreReport, format: Format) -> Result<(), CliError> {
             },
         );
         println!(
-            "expert: {:.1} MB in the file, {:.1} MB resident; resident bound {:.1} MB; peak RSS {}",
+            "expert: {:.1} MB in the file, {:.1} MB resident; slots {:.1} MB + prefetch staging {:.1} MB; peak RSS {}",
             mb(r.expert_file_bytes),
             mb(r.expert_resident_bytes),
             mb(r.resident_bound_bytes),
+            mb(r.staging_bytes),
             match (r.peak_rss_bytes, r.overhead_bytes) {
-                (Some(p), Some(o)) => format!("{:.1} MB (bound + {:.1} MB)", mb(p), o as f64 / 1e6),
+                (Some(p), Some(o)) => format!(
+                    "{:.1} MB (slots + staging + {:.1} MB)",
+                    mb(p),
+                    o as f64 / 1e6
+                ),
                 _ => "unknown".into(),
             }
         );
@@ -454,11 +515,13 @@ fn print_report(r: &StoreReport, format: Format) -> Result<(), CliError> {
         "tokens/s",
         "hit %",
         "loads/step",
+        "evictions/step",
         "read MB/step",
         "read GB/s",
         "load ms",
         "prefetch ms",
         "wait ms",
+        "install ms",
         "precision",
         "recall",
     ]);
@@ -470,11 +533,13 @@ fn print_report(r: &StoreReport, format: Format) -> Result<(), CliError> {
             format!("{:.1}", row.tokens_per_s),
             format!("{:.1}", 100.0 * row.hit_rate),
             format!("{:.1}", row.loads_per_step),
+            format!("{:.1}", row.evictions_per_step),
             format!("{:.1}", row.read_mb_per_step),
             format!("{:.2}", row.read_gb_per_s),
             format!("{:.2}", row.demand_load_ms),
             format!("{:.2}", row.prefetch_load_ms),
             format!("{:.2}", row.wait_ms),
+            format!("{:.2}", row.install_ms),
             opt(row.prefetch_precision),
             opt(row.prefetch_recall),
         ]);
@@ -491,6 +556,7 @@ pub(crate) fn write_checkpoint(
     (d, f, e): (usize, usize, usize),
     seed: u64,
 ) -> Result<(), CliError> {
+    crate::cache_sim::check_output("--write-checkpoint", path)?;
     if layers == 0 || layers > 1024 {
         return Err(CliError::Usage(format!(
             "--layers must be 1 to 1024, got {layers}"

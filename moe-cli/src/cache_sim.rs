@@ -15,36 +15,16 @@ use serde::Serialize;
 use crate::CliError;
 use crate::output::{Format, Table};
 
-/// Refuses an output path (`--trace`, `--plot`) that cannot be written before any work: a directory, or a file in a directory that
-/// does not exist (usage errors naming the flag and the path).
-pub(crate) fn check_trace_path(flag: &str, path: &Path) -> Result<(), CliError> {
-    if path.is_dir() {
-        return Err(CliError::Usage(format!(
-            "{flag} {}: is a directory; give a file name",
-            path.display()
-        )));
-    }
-    if path.file_name().is_none() {
-        return Err(CliError::Usage(format!(
-            "{flag} {}: not a file name",
-            path.display()
-        )));
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.is_dir()
-    {
-        return Err(CliError::Usage(format!(
-            "{flag} {}: the directory {} does not exist",
-            path.display(),
-            dir.display()
-        )));
-    }
-    Ok(())
+/// Refuses an output path (`--trace`, `--plot`, `--write-checkpoint`) before any work: a missing directory, or
+/// something other than a regular file already there (a directory, symlink, device, pipe: never replaced).
+pub(crate) fn check_output(flag: &str, path: &Path) -> Result<(), CliError> {
+    moe_models::files::check_output_file(path).map_err(|e| CliError::Usage(format!("{flag}: {e}")))
 }
 
 /// Writes `trace` to `path` atomically: a temporary file beside it (`.NAME.tmp-PID`), then a rename, so a reader
 /// never sees a partial trace. Errors name the file.
 pub(crate) fn write_trace(path: &Path, trace: &RoutingTrace) -> Result<(), CliError> {
+    check_output("--trace", path)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -503,8 +483,11 @@ fn verdict(rows: &[Row], slots: &[usize], prefetch: bool) -> Verdict {
             _ => Some(x),
         });
     let wins = best_at.iter().filter(|(_, p)| *p == winner).count();
+    // Within 0.05 points of the next best, the means are equal at the printed precision: a tie, not a win.
+    let tied = next.is_some_and(|(_, d)| d < 0.05);
     let mut text = format!(
-        "{winner} wins: mean hit rate {win:.1} % over {} slot counts (best at {wins} of them)",
+        "{winner} {}: mean hit rate {win:.1} % over {} slot counts (best at {wins} of them)",
+        if tied { "ties for first" } else { "wins" },
         slots.len()
     );
     if let Some(d) = lru {
@@ -544,7 +527,13 @@ struct Report<'a> {
     slots: &'a [usize],
     rows: &'a [Row],
     verdict: &'a Verdict,
+    /// With `pin` among the policies: where its expert counts come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pin_profile: Option<&'static str>,
 }
+
+/// What the simulator's pin policy pins by.
+const PIN_ORACLE: &str = "pin pins each layer's most frequent experts over the whole trace: an oracle profile (counts known in advance)";
 
 /// What the trace is of.
 #[derive(Debug, Serialize)]
@@ -599,7 +588,7 @@ fn table(rows: &[Row], prefetch: Prefetch) -> Table {
 pub(crate) fn run(a: &CacheSimArgs) -> Result<(), CliError> {
     let policies = parse_policies(&a.policy)?;
     if let Some(p) = &a.plot {
-        check_trace_path("--plot", p)?;
+        check_output("--plot", p)?;
     }
     let trace = read_trace(&a.trace)?;
     let h = trace.header();
@@ -630,6 +619,10 @@ pub(crate) fn run(a: &CacheSimArgs) -> Result<(), CliError> {
                 slots: &slots,
                 rows: &rows,
                 verdict: &v,
+                pin_profile: rows
+                    .iter()
+                    .any(|r| r.policy == PolicyKind::Pin)
+                    .then_some(PIN_ORACLE),
             };
             println!(
                 "{}",
@@ -656,6 +649,9 @@ pub(crate) fn run(a: &CacheSimArgs) -> Result<(), CliError> {
             print!("{}", table(&rows, prefetch).render(a.format));
             println!();
             println!("{}", v.text);
+            if rows.iter().any(|r| r.policy == PolicyKind::Pin) {
+                println!("{PIN_ORACLE}");
+            }
         }
     }
     if let Some(path) = &a.plot {

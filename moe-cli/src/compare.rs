@@ -159,6 +159,9 @@ fn timed<T>(
 }
 
 pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliError> {
+    if let Some(p) = &a.plot {
+        crate::cache_sim::check_output("--plot", p)?;
+    }
     let choices = match &a.config {
         Some(path) => parse_config_file(path, registry)?,
         None => parse_routers(&a.routers, registry)?,

@@ -77,7 +77,7 @@ fn check_args(a: &RouteArgs) -> Result<(), CliError> {
         ));
     }
     if let Some(path) = &a.trace {
-        crate::cache_sim::check_trace_path("--trace", path)?;
+        crate::cache_sim::check_output("--trace", path)?;
     }
     Ok(())
 }

@@ -312,6 +312,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &TrainArgs) -> Result<(), CliErr
         eprintln!("corpus {name} is installed at {}", path.display());
         return Ok(());
     }
+    if let Some(p) = &a.plot {
+        crate::cache_sim::check_output("--plot", p)?;
+    }
     let plan = plan(registry, a)?;
     estimate(&plan)?;
     let corpus = match plan.task {
@@ -390,7 +393,7 @@ fn check_trace(plan: &Plan) -> Result<(), CliError> {
     let Some(path) = &plan.trace else {
         return Ok(());
     };
-    crate::cache_sim::check_trace_path("--trace", path)?;
+    crate::cache_sim::check_output("--trace", path)?;
     if plan.runs.iter().all(|r| r.ffn.kind == FfnKind::Dense) {
         return Err(CliError::Usage(
             "--trace: no routed run to trace (the dense baseline has one expert that every token takes)".into(),

@@ -45,6 +45,45 @@ fn kind_of(ft: &std::fs::FileType) -> &'static str {
     }
 }
 
+/// Checks a path the program is about to write (a trace, a plot, a checkpoint): its directory exists, and
+/// whatever is there already is a regular file, which the write replaces. A directory, a symbolic link, a device,
+/// a pipe or a socket is refused, never replaced or written through (as root, replacing `/dev/full` would remove a
+/// device).
+///
+/// # Errors
+/// [`LoadError::NotRegular`] naming what is there; [`LoadError::Io`] (not found) naming a missing directory.
+pub fn check_output_file(path: &Path) -> Result<(), LoadError> {
+    if path.file_name().is_none() {
+        return Err(LoadError::NotRegular {
+            file: path.to_path_buf(),
+            what: "not a file name".into(),
+        });
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            return Err(LoadError::NotRegular {
+                file: path.to_path_buf(),
+                what: format!("{} (not replaced)", kind_of(&ft)),
+            });
+        }
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(LoadError::Io {
+            file: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the directory to write into does not exist",
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The metadata of `path` (symlinks followed), which must be a regular file.
 ///
 /// # Errors

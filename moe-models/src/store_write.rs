@@ -270,6 +270,7 @@ pub fn write_layers_checkpoint(
     with_gate: bool,
 ) -> Result<(), LoadError> {
     let path = path.as_ref();
+    crate::files::check_output_file(path)?;
     if prefixes.is_empty() {
         return Err(LoadError::config(
             path,

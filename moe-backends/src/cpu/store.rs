@@ -38,6 +38,7 @@ pub(super) struct StoreState {
     demand_load_ms: f64,
     prefetch_load_ms: f64,
     wait_ms: f64,
+    install_ms: f64,
 }
 
 impl StoreState {
@@ -76,6 +77,7 @@ impl StoreState {
             demand_load_ms: 0.0,
             prefetch_load_ms: 0.0,
             wait_ms: 0.0,
+            install_ms: 0.0,
         }))
     }
 
@@ -88,6 +90,8 @@ impl StoreState {
             demand_load_ms: self.demand_load_ms,
             prefetch_load_ms: self.prefetch_load_ms,
             wait_ms: self.wait_ms,
+            install_ms: self.install_ms,
+            staging_bytes: self.loader.staging_bytes(),
         }
     }
 
@@ -130,7 +134,7 @@ impl StoreState {
         Ok(())
     }
 
-    /// Waits for the loads in flight (the wait is `wait_ms`), copies each finished staging into its slot, and
+    /// Waits for the loads in flight (the wait is `wait_ms`), copies each finished staging into its slot (`install_ms`), and
     /// empties the slot of each failed one; the first failure is returned after all are collected.
     fn settle(&mut self) -> Result<(), MoeError> {
         if !self.loader.busy() {
@@ -141,6 +145,7 @@ impl StoreState {
         self.wait_ms += ms_since(start);
         let per_expert = self.source.stored_bytes_per_expert();
         let mut first_err = None;
+        let installing = Instant::now();
         let mut views = slot_views(&mut self.bank, &self.form, self.cache.slots())?;
         for d in done {
             self.prefetch_load_ms += d.ms;
@@ -157,6 +162,7 @@ impl StoreState {
             }
             self.loader.recycle(d.staging);
         }
+        self.install_ms += ms_since(installing);
         first_err.map_or(Ok(()), Err)
     }
 

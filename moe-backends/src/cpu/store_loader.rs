@@ -48,6 +48,8 @@ pub(super) struct Loader {
     pending: Vec<(u32, usize)>,
     /// Staging buffers of collected jobs, for reuse.
     spare: Vec<Vec<Vec<f32>>>,
+    /// Staging sets allocated so far (each one expert's tensors in f32).
+    allocated: usize,
 }
 
 #[derive(Debug)]
@@ -67,7 +69,14 @@ impl Loader {
             thread: None,
             pending: Vec::new(),
             spare: Vec::new(),
+            allocated: 0,
         }
+    }
+
+    /// Bytes of the staging buffers allocated so far (one expert's f32 tensors per set; sets are reused, so this
+    /// is the largest number of prefetches in flight at once times the expert's resident size).
+    pub(super) fn staging_bytes(&self) -> u64 {
+        self.allocated as u64 * self.form.resident_bytes()
     }
 
     /// Whether loads are in flight (submitted and not collected).
@@ -85,12 +94,14 @@ impl Loader {
         }
         let staging = match self.spare.pop() {
             Some(s) => s,
-            None => self
-                .form
-                .tensors()
-                .iter()
-                .map(|&(_, n)| vec![0.0; n])
-                .collect(),
+            None => {
+                self.allocated += 1;
+                self.form
+                    .tensors()
+                    .iter()
+                    .map(|&(_, n)| vec![0.0; n])
+                    .collect()
+            }
         };
         let sent = match &self.thread {
             Some(w) => w.jobs.send(Job {

@@ -8,6 +8,9 @@ use super::form::ExpertForm;
 use super::policy::PolicyKind;
 use super::source::ExpertSource;
 
+/// Most experts a stored bank may have (2²⁴): a store keeps a few words per expert.
+pub const MAX_STORED_EXPERTS: usize = 1 << 24;
+
 /// How many experts of one layer may be resident at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -19,7 +22,8 @@ pub enum Capacity {
 }
 
 /// How a stored bank keeps its experts: capacity per layer, eviction policy, and the expert frequencies the
-/// pin-most-frequent policy pins by (a profile from a trace; `None` refuses `pin`).
+/// pin-most-frequent policy pins by (a profile from a trace). [`StoredBank::new`] refuses `pin` without
+/// frequencies and `belady` (offline: it needs the future; `moe cache-sim` runs it on a trace).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     /// Resident capacity of the layer.
@@ -56,14 +60,15 @@ impl StoredBank {
     ///
     /// # Errors
     /// [`MoeError::InvalidConfig`] for a capacity of zero experts, or of fewer bytes than one expert takes
-    /// resident; frequencies that are not `[E]`; a source of zero experts.
+    /// resident; a source of 0 or more than [`MAX_STORED_EXPERTS`] experts; `belady` (offline) and `pin` without
+    /// frequencies; [`MoeError::Shape`] for frequencies that are not `[E]`.
     pub fn new(source: Arc<dyn ExpertSource>, config: StoreConfig) -> Result<Self, MoeError> {
         let e = source.n_experts();
-        if e == 0 {
+        if e == 0 || e > MAX_STORED_EXPERTS {
             return Err(MoeError::config(
                 "expert store",
-                "0 experts",
-                "a source with at least one expert",
+                format!("{e} experts"),
+                format!("a source of 1 to {MAX_STORED_EXPERTS} experts"),
             ));
         }
         let per = source.form().resident_bytes().max(1);
@@ -91,6 +96,13 @@ impl StoredBank {
                 &[f.len()],
             ));
         }
+        // A live store builds its policy without a future: refuse what cannot run now, not at the first forward.
+        config.policy.build(&super::policy::PolicyContext {
+            n_experts: e,
+            slots: slots.min(e),
+            future: None,
+            frequencies: config.frequencies.as_deref(),
+        })?;
         Ok(StoredBank {
             slots: slots.min(e),
             source,
@@ -135,4 +147,10 @@ pub struct StoreStats {
     /// Milliseconds forwards waited for prefetches still in flight: the prefetch time that compute did not hide
     /// (`1 − wait / prefetch_load` is the overlap).
     pub wait_ms: f64,
+    /// Milliseconds forwards spent installing collected prefetches into their slots (a copy from the loader's
+    /// staging buffers; on the forward's critical path).
+    pub install_ms: f64,
+    /// Bytes of staging buffers the prefetch loader holds (one expert's resident size per prefetch that was in
+    /// flight at once): memory beyond the slots.
+    pub staging_bytes: u64,
 }

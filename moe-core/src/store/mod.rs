@@ -27,6 +27,6 @@ mod source;
 pub mod stack;
 pub mod trace;
 
-pub use bank::{Capacity, StoreConfig, StoreStats, StoredBank};
+pub use bank::{Capacity, MAX_STORED_EXPERTS, StoreConfig, StoreStats, StoredBank};
 pub use form::ExpertForm;
 pub use source::{ExpertSource, HostSource, Tier, check_load_dst};

@@ -24,6 +24,12 @@ pub const MAGIC: &[u8; 8] = b"MOETRACE";
 pub const VERSION: u32 = 1;
 /// Largest header JSON accepted (1 MiB).
 const MAX_HEADER: usize = 1 << 20;
+/// Most experts per layer a trace may name (2²⁰, the CLI's `--experts` limit; PEER's singletons fit).
+pub const MAX_EXPERTS: usize = 1 << 20;
+/// Most layers a trace may hold.
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Most (layer, expert) pairs, `L · E`: what per-expert tables of a replay hold (2²⁴, 128 MiB of counters).
+pub const MAX_LAYER_EXPERTS: usize = 1 << 24;
 
 /// What a trace is of (the JSON header of the file).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -162,13 +168,18 @@ impl RoutingTrace {
     /// An empty trace.
     ///
     /// # Errors
-    /// [`MoeError::InvalidConfig`] for zero layers or experts, or more than 2³² experts.
+    /// [`MoeError::InvalidConfig`] for zero layers or experts, or more than [`MAX_LAYERS`] layers, [`MAX_EXPERTS`]
+    /// experts or [`MAX_LAYER_EXPERTS`] (layer, expert) pairs: a replay allocates per-expert tables, so a header
+    /// cannot ask for absurd memory.
     pub fn new(header: TraceHeader) -> Result<Self, MoeError> {
-        if header.n_layers == 0 || header.n_experts == 0 || header.n_experts > u32::MAX as usize {
+        let (l, e) = (header.n_layers, header.n_experts);
+        if l == 0 || e == 0 || l > MAX_LAYERS || e > MAX_EXPERTS || l * e > MAX_LAYER_EXPERTS {
             return Err(MoeError::config(
                 "routing trace header",
-                format!("{} layers, {} experts", header.n_layers, header.n_experts),
-                "at least one layer and 1..=2^32 experts",
+                format!("{l} layers of {e} experts"),
+                format!(
+                    "1 to {MAX_LAYERS} layers of 1 to {MAX_EXPERTS} experts, at most {MAX_LAYER_EXPERTS} (layer, expert) pairs"
+                ),
             ));
         }
         Ok(RoutingTrace {
@@ -367,7 +378,7 @@ fn write_csr(out: &mut Vec<u8>, offsets: &[u32], ids: &[u32], w: usize) {
 }
 
 fn bad_file(why: &str) -> MoeError {
-    MoeError::config("routing trace file", "", why)
+    MoeError::config("routing trace", "the file", why)
 }
 
 /// A bounds-checked little-endian reader.
@@ -534,5 +545,25 @@ mod tests {
         assert!(tr.check_matches(2, 8).is_err());
         assert!(tr.check_matches(3, 4).is_err());
         assert!(RoutingTrace::new(header(0, 4)).is_err());
+    }
+
+    #[test]
+    fn headers_asking_for_absurd_tables_are_refused_before_allocating() {
+        for (l, e) in [
+            (1, 1 << 31),
+            (1, MAX_EXPERTS + 1),
+            (MAX_LAYERS + 1, 2),
+            (17, MAX_EXPERTS),
+        ] {
+            assert!(RoutingTrace::new(header(l, e)).is_err(), "{l} x {e}");
+            // The same header in a file: refused by the parser too.
+            let json = serde_json::to_vec(&header(l, e)).unwrap_or_default();
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend_from_slice(&VERSION.to_le_bytes());
+            bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&json);
+            assert!(RoutingTrace::from_bytes(&bytes).is_err(), "{l} x {e}");
+        }
+        assert!(RoutingTrace::new(header(16, MAX_EXPERTS)).is_ok());
     }
 }
