@@ -25,6 +25,9 @@
 //!   staged, as a bf16 model does. SwiGLU / GPT-OSS gating is fused into the first product's epilogue, MLP biases
 //!   and activations likewise.
 //! - Expert banks: SwiGLU, GPT-OSS and MLP. PEER and custom banks are refused by `upload` with a clear error.
+//! - Stored banks ([`moe_core::ExpertBank::Stored`], experts beyond GPU memory): `slots` experts resident, the
+//!   missing ones of each group copied from the bank's source through pinned staging on a copy stream
+//!   (`store.rs`; compile-checked only so far, see its docs). Such a layer routes on the host.
 //! - [`DeviceLayer::set_router`] swaps only the router's device state (its gate, biases and spec, or the host
 //!   path); the uploaded experts stay, so many routers run on one resident bank.
 //!
@@ -46,6 +49,8 @@ mod forward;
 mod gemm;
 mod route;
 mod sort;
+mod store;
+mod store_plan;
 mod timing;
 mod upload;
 mod workspace;
