@@ -39,9 +39,10 @@
 //! (packing, precision, upload), `workspace.rs` (per-forward buffers), `gemm.rs` (grouped products and the gate
 //! projection), `route.rs` (native top-k), `sort.rs` (the counting sort, host plans), `combine.rs` (shared-expert
 //! gate and combine), `forward.rs` (the resident layer and the orchestration of a forward), `timing.rs` (CUDA
-//! events). Every kernel launch goes through one safe wrapper in its stage's file that checks the lengths of the
-//! buffers the kernel uses before its `unsafe` launch (with a `// SAFETY:` comment); the orchestration holds no
-//! `unsafe`. The kernels are one CUDA C source, `kernels.cu`.
+//! events), `store.rs` with `store_plan.rs` and `store_stage.rs` (stored banks: the slots, the slot-major group
+//! layout and the order of copies and products, the pinned staging and its copies). Every kernel launch goes
+//! through one safe wrapper in its stage's file that checks the lengths of the buffers the kernel uses before its
+//! `unsafe` launch (with a `// SAFETY:` comment); the orchestration holds no `unsafe`. The kernels are one CUDA C source, `kernels.cu`.
 
 mod combine;
 mod device;
@@ -51,6 +52,7 @@ mod route;
 mod sort;
 mod store;
 mod store_plan;
+mod store_stage;
 mod timing;
 mod upload;
 mod workspace;

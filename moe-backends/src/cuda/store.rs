@@ -20,10 +20,10 @@
 //! staging, and enqueue the host-to-device copy into its slot on the copy stream, which first waited for an event
 //! recorded on the compute stream after the products enqueued so far (a slot is overwritten only when no launched
 //! kernel still reads it); the compute stream waits for the copies' event and runs the group's two products with
-//! the slot as the kernels' expert index. The order of these steps is [`store_plan::group_steps`]; the row layout
-//! that lets the existing kernels take slots as experts is [`store_plan::group_layout`] (why it is bit-identical
-//! is in that module's docs). Staging is a ring of [`RING`] one-expert pinned buffers, so the host loads the next
-//! experts while earlier copies run.
+//! the slot as the kernels' expert index. The order of these steps is [`store_plan::group_steps`]; the row
+//! layout that lets the existing kernels take slots as experts is [`store_plan::group_layout`] (why it is
+//! bit-identical is in that module's docs). Staging (`store_stage.rs`) is a ring of `RING` (4) one-expert pinned
+//! buffers, so the host loads the next experts while earlier copies run.
 //!
 //! Prefetch ([`DeviceLayer::prefetch`](moe_core::DeviceLayer::prefetch)) keeps the core's default (no-op) on this
 //! backend: every load is a demand load; `prefetch_load_ms` stays 0.
@@ -31,7 +31,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
 use moe_core::store::cache::SlotCache;
 use moe_core::store::policy::PolicyContext;
@@ -43,35 +43,11 @@ use super::device::{Gpu, err};
 use super::gemm::bank_products;
 use super::sort::HostPlan;
 use super::store_plan::{self, Step};
-use super::upload::{DevBank, Weights};
+use super::store_stage::{RING, Sizes, Staging, enqueue_copies, load_packed, slot_bank, stage};
+use super::upload::DevBank;
 use super::workspace::{grow, need};
 use crate::Dtype;
-use crate::packed::{PackedBank, pack};
-
-/// Pinned one-expert staging buffers per stored layer: the host fills one while the copies of the others run.
-pub const RING: usize = 4;
-
-/// One pinned staging buffer: an expert's weights (`up` then `down`, in the backend's precision) and biases
-/// (`up_bias` then `down_bias`, f32), and the event recorded on the copy stream after its last copy.
-struct Staging {
-    weights: PinnedWeights,
-    bias: Option<PinnedHostSlice<f32>>,
-    copied: CudaEvent,
-}
-
-enum PinnedWeights {
-    F32(PinnedHostSlice<f32>),
-    Half(PinnedHostSlice<u16>),
-}
-
-/// Per-expert sizes in the canonical layout (values).
-#[derive(Debug, Clone, Copy)]
-struct Sizes {
-    up: usize,
-    down: usize,
-    up_bias: usize,
-    down_bias: usize,
-}
+use crate::packed::pack;
 
 /// What a stored layer keeps on the CUDA backend besides its slot bank (which is the layer's routed
 /// [`DevBank`], `slots` experts): the slots' bookkeeping, the source, the copy stream, the pinned staging and the
@@ -132,12 +108,7 @@ impl CudaStore {
         let cache = SlotCache::new(n_experts, slots, policy)?;
         let host = sb.form().zeros(1)?;
         let p = pack(&host, "cuda").map_err(|r| err(format!("stored experts: {r}")))?;
-        let sizes = Sizes {
-            up: p.up_per_expert(),
-            down: p.down_per_expert(),
-            up_bias: p.up_bias.as_ref().map_or(0, Vec::len),
-            down_bias: p.down_bias.as_ref().map_or(0, Vec::len),
-        };
+        let sizes = Sizes::of(&p);
         let bank = slot_bank(gpu, &p, sizes, slots, dtype)?;
         let fail = |what: &str, e: cudarc::driver::DriverError| err(format!("{what}: {e}"));
         let copy = gpu
@@ -149,21 +120,9 @@ impl CudaStore {
                 .new_event(None)
                 .map_err(|e| fail("creating an event", e))
         };
-        let mut ring = Vec::new();
-        for _ in 0..slots.min(RING) {
-            let n = sizes.up + sizes.down;
-            ring.push(Staging {
-                weights: match dtype {
-                    Dtype::F32 => PinnedWeights::F32(gpu.pinned_zeros(n)?),
-                    _ => PinnedWeights::Half(gpu.pinned_zeros(n)?),
-                },
-                bias: match sizes.up_bias + sizes.down_bias {
-                    0 => None,
-                    b => Some(gpu.pinned_zeros(b)?),
-                },
-                copied: event()?,
-            });
-        }
+        let ring = (0..slots.min(RING))
+            .map(|_| Staging::new(gpu, dtype, sizes))
+            .collect::<Result<Vec<_>, _>>()?;
         let store = CudaStore {
             source: Arc::clone(sb.source()),
             cache,
@@ -343,168 +302,6 @@ impl Drop for CudaStore {
     }
 }
 
-/// The zeroed slot bank: `slots` experts of the packed one-expert bank `p`'s kind, in `dtype`.
-fn slot_bank(
-    gpu: &Gpu,
-    p: &PackedBank,
-    sizes: Sizes,
-    slots: usize,
-    dtype: Dtype,
-) -> Result<DevBank, MoeError> {
-    let times = |n: usize| {
-        n.checked_mul(slots).ok_or_else(|| MoeError::TooLarge {
-            what: format!("{slots} resident expert slots on the GPU"),
-            size: n as u128 * slots as u128,
-            limit: usize::MAX as u128,
-        })
-    };
-    let weights = |n: usize| -> Result<Weights, MoeError> {
-        Ok(match dtype {
-            Dtype::F32 => Weights::F32(gpu.zeros(times(n)?)?),
-            _ => Weights::Half(gpu.zeros(times(n)?)?),
-        })
-    };
-    let bias = |n: usize| -> Result<Option<CudaSlice<f32>>, MoeError> {
-        if n == 0 {
-            Ok(None)
-        } else {
-            Ok(Some(gpu.zeros(times(n)?)?))
-        }
-    };
-    Ok(DevBank {
-        mode: p.mode,
-        n_experts: slots,
-        d: p.d,
-        f: p.f,
-        up_rows: p.up_rows(),
-        act: p.act,
-        alpha: p.alpha,
-        limit: p.limit,
-        up: weights(sizes.up)?,
-        up_bias: bias(sizes.up_bias)?,
-        down: weights(sizes.down)?,
-        down_bias: bias(sizes.down_bias)?,
-    })
-}
-
-/// Loads `expert` from `source` into the one-expert bank `host` and packs it (canonical layout, f32).
-fn load_packed(
-    source: &dyn ExpertSource,
-    host: &mut ExpertBank,
-    expert: u32,
-) -> Result<PackedBank, MoeError> {
-    {
-        let mut dst: Vec<&mut [f32]> = host
-            .params_mut()
-            .into_iter()
-            .map(|p| p.value.into_slice())
-            .collect::<Option<_>>()
-            .ok_or_else(|| err("internal: stored forward: a non-contiguous staging bank"))?;
-        source
-            .load(expert as usize, &mut dst)
-            .map_err(|e| name_expert(e, expert, source))?;
-    }
-    pack(host, "cuda").map_err(|r| err(format!("stored experts: {r}")))
-}
-
-/// Copies the packed expert `p` into the pinned staging `st`, converting its weights to `dtype`.
-fn stage(st: &mut Staging, p: &PackedBank, dtype: Dtype, sizes: Sizes) -> Result<(), MoeError> {
-    let pinned = |e: cudarc::driver::DriverError| err(format!("pinned staging: {e}"));
-    if p.up.len() != sizes.up || p.down.len() != sizes.down {
-        return Err(err(
-            "internal: stored forward: a packed expert of the wrong size",
-        ));
-    }
-    match &mut st.weights {
-        PinnedWeights::F32(w) => {
-            let w = w.as_mut_slice().map_err(pinned)?;
-            w[..sizes.up].copy_from_slice(&p.up);
-            w[sizes.up..sizes.up + sizes.down].copy_from_slice(&p.down);
-        }
-        PinnedWeights::Half(w) => {
-            let w = w.as_mut_slice().map_err(pinned)?;
-            let (up, down) = (dtype.bits(&p.up), dtype.bits(&p.down));
-            let (Some(up), Some(down)) = (up, down) else {
-                return Err(err("internal: stored forward: f32 weights in half staging"));
-            };
-            w[..sizes.up].copy_from_slice(&up);
-            w[sizes.up..sizes.up + sizes.down].copy_from_slice(&down);
-        }
-    }
-    if let Some(b) = &mut st.bias {
-        let b = b.as_mut_slice().map_err(pinned)?;
-        let (ub, db) = (
-            p.up_bias.as_deref().unwrap_or(&[]),
-            p.down_bias.as_deref().unwrap_or(&[]),
-        );
-        if ub.len() != sizes.up_bias || db.len() != sizes.down_bias {
-            return Err(err(
-                "internal: stored forward: packed biases of the wrong size",
-            ));
-        }
-        b[..ub.len()].copy_from_slice(ub);
-        b[ub.len()..ub.len() + db.len()].copy_from_slice(db);
-    }
-    Ok(())
-}
-
-/// Enqueues on `copy` the copies of staging `st` into `slot` of `bank` (weights, then biases).
-fn enqueue_copies(
-    copy: &Arc<CudaStream>,
-    st: &Staging,
-    bank: &mut DevBank,
-    slot: usize,
-    sizes: Sizes,
-) -> Result<(), MoeError> {
-    let pinned = |e: cudarc::driver::DriverError| err(format!("pinned staging: {e}"));
-    match (&st.weights, &mut bank.up, &mut bank.down) {
-        (PinnedWeights::F32(w), Weights::F32(up), Weights::F32(down)) => {
-            let w = w.as_slice().map_err(pinned)?;
-            copy_into(copy, &w[..sizes.up], up, slot)?;
-            copy_into(copy, &w[sizes.up..sizes.up + sizes.down], down, slot)?;
-        }
-        (PinnedWeights::Half(w), Weights::Half(up), Weights::Half(down)) => {
-            let w = w.as_slice().map_err(pinned)?;
-            copy_into(copy, &w[..sizes.up], up, slot)?;
-            copy_into(copy, &w[sizes.up..sizes.up + sizes.down], down, slot)?;
-        }
-        _ => {
-            return Err(err(
-                "internal: stored forward: staging and slots of other precisions",
-            ));
-        }
-    }
-    if let Some(b) = &st.bias {
-        let b = b.as_slice().map_err(pinned)?;
-        if let Some(ub) = &mut bank.up_bias {
-            copy_into(copy, &b[..sizes.up_bias], ub, slot)?;
-        }
-        if let Some(db) = &mut bank.down_bias {
-            let r = sizes.up_bias..sizes.up_bias + sizes.down_bias;
-            copy_into(copy, &b[r], db, slot)?;
-        }
-    }
-    Ok(())
-}
-
-/// Enqueues on `copy` the copy of `src` (one expert's tensor, in pinned memory) into slot `slot` of `dst`
-/// (`[slots, src.len()]`). The source must stay unchanged until the copy stream passes this copy: the caller
-/// records the staging's event after it and waits for that event before writing the staging again.
-fn copy_into<T: cudarc::driver::DeviceRepr>(
-    copy: &Arc<CudaStream>,
-    src: &[T],
-    dst: &mut CudaSlice<T>,
-    slot: usize,
-) -> Result<(), MoeError> {
-    let n = src.len();
-    let range = slot * n..(slot + 1) * n;
-    let mut view = dst
-        .try_slice_mut(range)
-        .ok_or_else(|| err("internal: stored forward: a slot outside the slot bank"))?;
-    copy.memcpy_htod(src, &mut view)
-        .map_err(|e| err(format!("copying an expert to the GPU: {e}")))
-}
-
 /// Writes `src` into `dst` from element `at` on the compute stream.
 fn write_range(
     gpu: &Gpu,
@@ -534,17 +331,6 @@ fn wait(stream: &CudaStream, event: &CudaEvent) -> Result<(), MoeError> {
     stream
         .wait(event)
         .map_err(|e| err(format!("ordering the copy and compute streams: {e}")))
-}
-
-/// `e` as an error naming `expert`: kept when it already names it, else wrapped with the source's description.
-fn name_expert(e: MoeError, expert: u32, source: &dyn ExpertSource) -> MoeError {
-    match e {
-        MoeError::Expert { expert: x, .. } if x == expert as usize => e,
-        other => MoeError::Expert {
-            expert: expert as usize,
-            reason: format!("loading it from {}: {other}", source.describe()),
-        },
-    }
 }
 
 fn ms_since(start: Instant) -> f64 {
