@@ -3,7 +3,7 @@
 //! stages' safe launch wrappers call it, each after checking the buffers its kernel uses).
 #![allow(
     unsafe_code,
-    reason = "the driver and NVRTC load probes, disabling event tracking, and the raw launch"
+    reason = "the driver and NVRTC load probes, disabling event tracking, pinned staging, and the raw launch"
 )]
 
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits, sys,
+    PinnedHostSlice, PushKernelArg, ValidAsZeroBits, sys,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 
@@ -224,6 +224,40 @@ impl Gpu {
                 n.max(1) * std::mem::size_of::<T>()
             ))
         })
+    }
+
+    /// `n` zeroed elements of page-locked (pinned), write-combined host memory (at least one): the staging of
+    /// asynchronous host-to-device copies (the expert store's loads). Whoever copies from it on another stream
+    /// orders its own writes after those copies with an event (cudarc's own event on it is not recorded: event
+    /// tracking is off).
+    ///
+    /// # Errors
+    /// The driver's error (out of pinned memory), naming the bytes asked for.
+    pub(crate) fn pinned_zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<PinnedHostSlice<T>, MoeError> {
+        let n = n.max(1);
+        let bytes = n
+            .checked_mul(std::mem::size_of::<T>())
+            .filter(|&b| b < isize::MAX as usize)
+            .ok_or_else(|| {
+                err(format!(
+                    "{n} pinned staging elements overflow the address space"
+                ))
+            })?;
+        let fail = |e: cudarc::driver::DriverError| {
+            err(format!(
+                "allocating {bytes} bytes of pinned host memory: {e}"
+            ))
+        };
+        // SAFETY: cuMemHostAlloc returns `bytes` bytes of uninitialised host memory; no reference to it is formed
+        // before it is zeroed below, and all-zero bits are a valid `T` (`ValidAsZeroBits`).
+        let mut p = unsafe { self.ctx.alloc_pinned::<T>(n) }.map_err(fail)?;
+        let raw = p.as_mut_ptr().map_err(fail)?;
+        // SAFETY: `raw` points to the `n` elements just allocated, which nothing else uses yet.
+        unsafe { std::ptr::write_bytes(raw, 0, n) };
+        Ok(p)
     }
 
     /// Copies `src` into the front of `dst`.

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use ndarray::Array2;
 
+use moe_core::store::StoreStats;
 use moe_core::{
-    DeviceLayer, KEEP_LOGITS_MAX_EXPERTS, LayerOutput, MoeError, MoeLayer, Router, RouterInput,
-    RouterPath, Routing, TopKSpec,
+    DeviceLayer, ExpertBank, KEEP_LOGITS_MAX_EXPERTS, LayerOutput, MoeError, MoeLayer, Router,
+    RouterInput, RouterPath, Routing, TopKSpec,
 };
 
 use super::combine::{Combine, TokenSlots, combine, shared_gate};
@@ -19,6 +20,7 @@ use super::device::{Gpu, err};
 use super::gemm::{bank_products, gate_projection};
 use super::route::{Route, TopKLaunch, route_topk};
 use super::sort::{HostPlan, Sort, counting_sort};
+use super::store::CudaStore;
 use super::upload::DevBank;
 use super::workspace::{Work, grow, need};
 use super::{BM, CHUNK};
@@ -36,6 +38,8 @@ pub struct CudaLayer {
     shared: Option<(DevBank, Option<CudaSlice<f32>>)>,
     out_bias: Option<CudaSlice<f32>>,
     work: Work,
+    /// The expert store of a stored routed bank (`bank` is then its slot bank); such a layer routes on the host.
+    store: Option<CudaStore>,
 }
 
 /// A checked forward, ready to enqueue.
@@ -54,7 +58,13 @@ impl CudaLayer {
         dtype: Dtype,
     ) -> Result<Self, MoeError> {
         let (e, d) = (layer.n_experts(), layer.d_model());
-        let bank = DevBank::upload(&gpu, layer.experts(), dtype, "routed")?;
+        let (bank, store) = match layer.experts() {
+            ExpertBank::Stored(sb) => {
+                let (bank, store) = CudaStore::build(&gpu, sb, dtype)?;
+                (bank, Some(store))
+            }
+            other => (DevBank::upload(&gpu, other, dtype, "routed")?, None),
+        };
         let shared = match layer.shared() {
             Some(s) => Some((
                 DevBank::upload(&gpu, s.bank(), dtype, "shared")?,
@@ -66,7 +76,10 @@ impl CudaLayer {
             .output_bias()
             .map(|b| gpu.upload(&b.to_vec()))
             .transpose()?;
-        let route = Route::new(&gpu, layer.router(), e, d)?;
+        let route = match store {
+            Some(_) => Route::Host,
+            None => Route::new(&gpu, layer.router(), e, d)?,
+        };
         gpu.sync()?;
         Ok(CudaLayer {
             gpu,
@@ -77,6 +90,7 @@ impl CudaLayer {
             shared,
             out_bias,
             work: Work::default(),
+            store,
         })
     }
 
@@ -102,6 +116,7 @@ impl CudaLayer {
             shared,
             out_bias,
             work,
+            store,
         } = self;
         let (gpu, dtype) = (&**gpu, *dtype);
         let (e, d) = (layer.n_experts(), layer.d_model());
@@ -131,7 +146,10 @@ impl CudaLayer {
         }
         // Routed experts.
         let slot_out = need(&w.slot_out)?;
-        if max_rows > 0 {
+        if let Some(s) = store.as_mut() {
+            let plan = plan.ok_or_else(|| err("internal: stored forward without a host plan"))?;
+            s.run(gpu, bank, plan, (x, t), (need(&w.h)?, slot_out), max_rows)?;
+        } else if max_rows > 0 {
             let a = (x, t, Some(need(&w.slot_token)?));
             bank_products(
                 gpu,
@@ -145,7 +163,10 @@ impl CudaLayer {
             )?;
         }
         let shared_out = shared_products(gpu, dtype, shared.as_ref(), w, (t, d))?;
-        let slots = need(&w.assign_slot)?;
+        let (slot_weight, slots) = match store.as_ref() {
+            Some(s) => s.combine_rows()?,
+            None => (need(&w.slot_weight)?, need(&w.assign_slot)?),
+        };
         let tokens = match tokens {
             Tokens::Fixed(k) => TokenSlots::Fixed { k, slots },
             Tokens::Offsets(entries) => TokenSlots::Offsets {
@@ -158,7 +179,7 @@ impl CudaLayer {
             gpu,
             &Combine {
                 slot_out,
-                slot_weight: need(&w.slot_weight)?,
+                slot_weight,
                 rows: max_rows,
                 tokens,
                 t,
@@ -428,16 +449,20 @@ impl DeviceLayer for CudaLayer {
     fn set_router(&mut self, router: Box<dyn Router>) -> Result<(), MoeError> {
         let mut layer = (*self.layer).clone();
         layer.set_router(router)?;
-        let route = Route::new(
-            &self.gpu,
-            layer.router(),
-            layer.n_experts(),
-            layer.d_model(),
-        )?;
+        let (e, d) = (layer.n_experts(), layer.d_model());
+        let route = match self.store {
+            Some(_) => Route::Host,
+            None => Route::new(&self.gpu, layer.router(), e, d)?,
+        };
         self.gpu.sync()?;
         self.route = route;
         self.layer = Arc::new(layer);
         Ok(())
+    }
+
+    /// The expert store's counters when the routed bank is stored (no prefetch on this backend).
+    fn store_stats(&self) -> Option<StoreStats> {
+        self.store.as_ref().map(CudaStore::stats)
     }
 
     fn device_times(
@@ -457,5 +482,15 @@ impl DeviceLayer for CudaLayer {
             self.enqueue(prep.t, prep.padded, prep.plan.as_ref())
         })?;
         Ok(Some(times))
+    }
+}
+
+impl Drop for CudaLayer {
+    /// Copies into the slot bank may still be in flight on the store's copy stream: they finish before the
+    /// fields (the slot bank among them) are freed.
+    fn drop(&mut self) {
+        if let Some(s) = &self.store {
+            s.quiesce();
+        }
     }
 }

@@ -25,6 +25,9 @@
 //!   staged, as a bf16 model does. SwiGLU / GPT-OSS gating is fused into the first product's epilogue, MLP biases
 //!   and activations likewise.
 //! - Expert banks: SwiGLU, GPT-OSS and MLP. PEER and custom banks are refused by `upload` with a clear error.
+//! - Stored banks ([`moe_core::ExpertBank::Stored`], experts beyond GPU memory): `slots` experts resident, the
+//!   missing ones of each group copied from the bank's source through pinned staging on a copy stream
+//!   (`store.rs`; compile-checked only so far, see its docs). Such a layer routes on the host.
 //! - [`DeviceLayer::set_router`] swaps only the router's device state (its gate, biases and spec, or the host
 //!   path); the uploaded experts stay, so many routers run on one resident bank.
 //!
@@ -36,9 +39,10 @@
 //! (packing, precision, upload), `workspace.rs` (per-forward buffers), `gemm.rs` (grouped products and the gate
 //! projection), `route.rs` (native top-k), `sort.rs` (the counting sort, host plans), `combine.rs` (shared-expert
 //! gate and combine), `forward.rs` (the resident layer and the orchestration of a forward), `timing.rs` (CUDA
-//! events). Every kernel launch goes through one safe wrapper in its stage's file that checks the lengths of the
-//! buffers the kernel uses before its `unsafe` launch (with a `// SAFETY:` comment); the orchestration holds no
-//! `unsafe`. The kernels are one CUDA C source, `kernels.cu`.
+//! events), `store.rs` with `store_plan.rs` and `store_stage.rs` (stored banks: the slots, the slot-major group
+//! layout and the order of copies and products, the pinned staging and its copies). Every kernel launch goes
+//! through one safe wrapper in its stage's file that checks the lengths of the buffers the kernel uses before its
+//! `unsafe` launch (with a `// SAFETY:` comment); the orchestration holds no `unsafe`. The kernels are one CUDA C source, `kernels.cu`.
 
 mod combine;
 mod device;
@@ -46,6 +50,9 @@ mod forward;
 mod gemm;
 mod route;
 mod sort;
+mod store;
+mod store_plan;
+mod store_stage;
 mod timing;
 mod upload;
 mod workspace;
