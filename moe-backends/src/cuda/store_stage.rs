@@ -65,6 +65,12 @@ pub(super) struct Sizes {
 }
 
 impl Sizes {
+    /// Bytes of one pinned staging buffer: the weights in `dtype`, the biases in f32.
+    pub(super) fn staging_bytes(&self, dtype: Dtype) -> u64 {
+        let w = if dtype == Dtype::F32 { 4 } else { 2 };
+        ((self.up + self.down) * w + (self.up_bias + self.down_bias) * 4) as u64
+    }
+
     /// The per-expert sizes of the packed one-expert bank `p`.
     pub(super) fn of(p: &PackedBank) -> Self {
         Sizes {
