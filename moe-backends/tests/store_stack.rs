@@ -61,13 +61,26 @@ fn stored_stacks_match_the_resident_stack_with_and_without_prefetch() {
     let mut prefetched = stack(Some(3));
     let mut total = moe_core::store::stack::PredictionCounts::default();
     for x in &steps {
-        let (want, none) = forward_stack(&mut resident, x.view(), StackPrefetch::None)
+        let r = forward_stack(&mut resident, x.view(), StackPrefetch::None)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(none, Default::default());
-        let (a, _) = forward_stack(&mut plain, x.view(), StackPrefetch::None)
+        assert_eq!(r.counts, Default::default());
+        assert!(r.predicted.iter().all(Option::is_none));
+        let want = r.output;
+        let a = forward_stack(&mut plain, x.view(), StackPrefetch::None)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .output;
+        let run = forward_stack(&mut prefetched, x.view(), StackPrefetch::NextGate)
             .unwrap_or_else(|e| panic!("{e}"));
-        let (b, counts) = forward_stack(&mut prefetched, x.view(), StackPrefetch::NextGate)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (b, counts) = (run.output, run.counts);
+        // Plans per layer; predictions for layers 1 and 2, per token (2 tokens).
+        assert_eq!(run.plans.len(), L);
+        assert!(run.predicted[0].is_none());
+        assert!(
+            run.predicted[1..]
+                .iter()
+                .all(|p| p.as_ref().is_some_and(|p| p.n_tokens() == 2))
+        );
+        assert_eq!(r.plans[2].active_experts(), run.plans[2].active_experts());
         assert_eq!(bits(&a), bits(&want));
         assert_eq!(bits(&b), bits(&want));
         // Layers 1 and 2 get predictions: at most 2 tokens × k = 2 experts each.

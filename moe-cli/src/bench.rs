@@ -127,6 +127,10 @@ pub(crate) struct BenchArgs {
     /// expert counts say which experts to pin.
     #[arg(long, value_name = "TRACE")]
     profile: Option<PathBuf>,
+    /// With `--from`: write the routing of every step (warm-up included; every layer, the next-layer gate's
+    /// predictions with `--prefetch gate`) as a routing trace, for `moe cache-sim` or `--profile`.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
     /// With `--from`: prefetch each next layer's experts, predicted by its gate on the current layer's input, on
     /// a background thread (`gate`), or not (`none`).
     #[arg(long, value_enum, default_value_t = PrefetchArg::None)]
@@ -304,7 +308,8 @@ fn run_store(
             || a.cold
             || a.prefetch != PrefetchArg::None
             || a.profile.is_some()
-            || a.policy.is_some();
+            || a.policy.is_some()
+            || a.trace.is_some();
         if a.write_checkpoint.is_some() && a.from.is_some() {
             return usage(
                 "--write-checkpoint writes a checkpoint and exits: run --from FILE in a second command",
@@ -317,7 +322,7 @@ fn run_store(
         }
         if a.from.is_none() && store_flags {
             return usage(
-                "--resident-experts, --policy, --profile, --cold and --prefetch need --from CHECKPOINT (write one with --write-checkpoint)",
+                "--resident-experts, --policy, --profile, --trace, --cold and --prefetch need --from CHECKPOINT (write one with --write-checkpoint)",
             );
         }
         if a.write_checkpoint.is_some() || a.from.is_some() {
@@ -354,6 +359,7 @@ fn run_store(
                 resident: a.resident_experts,
                 policy,
                 profile: a.profile.as_deref(),
+                trace: a.trace.as_deref(),
                 prefetch: a.prefetch == PrefetchArg::Gate,
                 cold: a.cold,
                 router: &a.router,

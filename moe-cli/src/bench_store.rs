@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moe_core::store::stack::{PredictionCounts, StackPrefetch, forward_stack};
+use moe_core::store::trace::{LayerRecord, RoutingTrace, TraceHeader};
 use moe_core::store::{
     Capacity, ExpertSource, StoreConfig, StoreStats, StoredBank, policy::PolicyKind,
 };
@@ -24,6 +25,7 @@ pub(crate) struct StoreBench<'a> {
     pub resident: Option<usize>,
     pub policy: &'a str,
     pub profile: Option<&'a Path>,
+    pub trace: Option<&'a Path>,
     pub prefetch: bool,
     pub cold: bool,
     pub router: &'a str,
@@ -323,6 +325,7 @@ fn time_row(
     b: &StoreBench<'_>,
     t: usize,
     d: usize,
+    mut trace: Option<&mut RoutingTrace>,
 ) -> Result<StoreRow, CliError> {
     let steps = b.repeats as usize + 1;
     let w = WorkloadConfig {
@@ -346,10 +349,26 @@ fn time_row(
         let x = w.hidden.slice(ndarray::s![s * t..(s + 1) * t, ..]);
         let t0 = Instant::now();
         // A failed read of an expert names the file and the tensor: the checkpoint is the user's (exit 2).
-        let (_, c) = forward_stack(layers, x, prefetch).map_err(|e| match e {
+        let run = forward_stack(layers, x, prefetch).map_err(|e| match e {
             moe_core::MoeError::Expert { .. } => CliError::Usage(e.to_string()),
             other => other.into(),
         })?;
+        let c = run.counts;
+        if let Some(tr) = trace.as_deref_mut() {
+            let records = run
+                .plans
+                .iter()
+                .zip(&run.predicted)
+                .map(|(plan, pred)| {
+                    let r = LayerRecord::from_routing(plan);
+                    match pred {
+                        Some(p) => r.with_predicted(p),
+                        None => Ok(r),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            tr.push_step(records)?;
+        }
         let dt = t0.elapsed().as_secs_f64();
         if s == 0 {
             before = total_stats(layers);
@@ -421,9 +440,35 @@ pub(crate) fn run(registry: &RouterRegistry, b: &StoreBench<'_>) -> Result<(), C
         .first()
         .and_then(|l| l.store_stats())
         .map_or(0, |s| s.slots);
+    let mut trace = match b.trace {
+        Some(path) => {
+            crate::cache_sim::check_output("--trace", path)?;
+            Some(RoutingTrace::new(TraceHeader {
+                n_layers: layers.len(),
+                n_experts: src.n_experts(),
+                top_k: b.top_k,
+                expert_bytes: src.stored_bytes_per_expert(),
+                model: format!(
+                    "moe bench --from {} ({} blocks), workload seed {}, skew {}, {} clusters, T = {:?}",
+                    b.from.display(),
+                    layers.len(),
+                    b.seed,
+                    b.skew,
+                    b.clusters,
+                    b.tokens
+                ),
+                router: router.clone(),
+            })?)
+        }
+        None => None,
+    };
     let mut rows = Vec::new();
     for &t in b.tokens {
-        rows.push(time_row(&mut layers, b, t, form.d_model())?);
+        rows.push(time_row(&mut layers, b, t, form.d_model(), trace.as_mut())?);
+    }
+    if let (Some(path), Some(tr)) = (b.trace, &trace) {
+        crate::cache_sim::write_trace(path, tr)?;
+        eprintln!("wrote {} ({} steps)", path.display(), tr.steps().len());
     }
     let bound = (layers.len() * slots) as u64 * form.resident_bytes();
     let staging = total_stats(&layers).staging_bytes;

@@ -182,6 +182,125 @@ fn bad_input_exits_2() {
     std::fs::write(&junk, b"not a safetensors file").expect("write");
     assert_usage(&bench(&junk, &["-t", "1"]), "junk.safetensors");
     assert_usage(&bench(&dir, &["-t", "1"]), "");
-    // Store flags without --from.
+    // Store flags without --from, and flags that do not go together.
     assert_usage(&moe(&["bench", "--resident-experts", "2"]), "--from");
+    assert_usage(&moe(&["bench", "--policy", "lfu"]), "--from");
+    let cp = ckpt.to_string_lossy().into_owned();
+    assert_usage(&moe(&["bench", "--layers", "3"]), "--write-checkpoint");
+    assert_usage(
+        &moe(&["bench", "--from", &cp, "--write-checkpoint", &cp]),
+        "second command",
+    );
+    assert_usage(
+        &bench(&ckpt, &["--profile", &tp, "-t", "1"]),
+        "--policy pin",
+    );
+    assert_usage(&bench(&ckpt, &["-e", "16", "-t", "1"]), "from its file");
+    assert_usage(&bench(&ckpt, &["--bandwidth", "-t", "1"]), "--bandwidth");
+    assert_usage(
+        &moe(&["bench", "--from", &cp, "-k", "5", "-t", "1"]),
+        "E = 4",
+    );
+    assert_usage(&bench(&dir, &["-t", "1"]), "is a directory");
+}
+
+#[test]
+fn outputs_never_replace_what_is_not_a_regular_file() {
+    let dir = scratch("bench-store-outputs");
+    // A symbolic link: refused, its target untouched.
+    let target = dir.join("target.txt");
+    std::fs::write(&target, b"keep me").expect("write");
+    let link = dir.join("link.safetensors");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let lp = link.to_string_lossy().into_owned();
+    let o = moe(&[
+        "bench",
+        "--write-checkpoint",
+        &lp,
+        "-d",
+        "8",
+        "--ffn",
+        "8",
+        "-e",
+        "2",
+        "-k",
+        "1",
+    ]);
+    assert_usage(&o, "symbolic link");
+    assert!(
+        link.symlink_metadata()
+            .expect("link")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read(&target).expect("target"), b"keep me");
+    // A named pipe: refused before anything is routed or written.
+    let fifo = dir.join("pipe.moetrace");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        let fp = fifo.to_string_lossy().into_owned();
+        assert_usage(
+            &moe(&["route", "-t", "8", "-d", "8", "--trace", &fp]),
+            "FIFO",
+        );
+        assert!(!fifo.symlink_metadata().expect("fifo").is_file());
+    }
+    // A missing directory.
+    let nowhere = dir
+        .join("missing/x.moetrace")
+        .to_string_lossy()
+        .into_owned();
+    assert_usage(
+        &moe(&["route", "-t", "8", "-d", "8", "--trace", &nowhere]),
+        "does not exist",
+    );
+}
+
+#[test]
+fn a_bench_trace_records_every_step_and_serves_as_a_pin_profile() {
+    let dir = scratch("bench-store-trace");
+    let ckpt = dir.join("t.safetensors");
+    write(&ckpt, "3", "16", "24", "8");
+    let trace = dir.join("t.moetrace");
+    let tp = trace.to_string_lossy().into_owned();
+    let o = bench(
+        &ckpt,
+        &[
+            "--resident-experts",
+            "3",
+            "-t",
+            "2,5",
+            "--prefetch",
+            "gate",
+            "--trace",
+            &tp,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&trace).expect("trace");
+    let tr = moe_core::store::trace::RoutingTrace::from_bytes(&bytes).expect("parses");
+    assert_eq!((tr.header().n_layers, tr.header().n_experts), (3, 8));
+    // Two rows of 3 timed steps after one warm-up each.
+    assert_eq!(tr.steps().len(), 8);
+    for step in tr.steps() {
+        assert!(step[0].predicted.is_none());
+        assert!(step[1..].iter().all(|r| r.predicted.is_some()));
+    }
+    // The trace pins the same model's experts; cache-sim replays it.
+    let p = bench(
+        &ckpt,
+        &[
+            "--resident-experts",
+            "3",
+            "-t",
+            "2",
+            "--policy",
+            "pin",
+            "--profile",
+            &tp,
+        ],
+    );
+    assert!(p.status.success(), "{}", stderr(&p));
+    let sim = moe(&["cache-sim", &tp, "--prefetch", "gate", "--format", "json"]);
+    assert!(sim.status.success(), "{}", stderr(&sim));
 }

@@ -8,6 +8,7 @@ use ndarray::{Array2, ArrayView2};
 use crate::backend::DeviceLayer;
 use crate::error::MoeError;
 use crate::router::RouterInput;
+use crate::routing::Routing;
 
 /// Whether a stack run prefetches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -56,8 +57,24 @@ fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
+/// What one stack run gives: the output, the prediction counts, and per layer the plan it ran and (layers ≥ 1
+/// with [`StackPrefetch::NextGate`]) the plan its gate made on the layer before's input (the prediction, per
+/// token): what a routing trace records.
+#[derive(Debug, Clone)]
+pub struct StackRun {
+    /// `x_L`, `[T, d]`.
+    pub output: Array2<f32>,
+    /// How well the predictions matched (zero without prefetch).
+    pub counts: PredictionCounts,
+    /// Per layer, the plan its forward executed.
+    pub plans: Vec<Routing>,
+    /// Per layer, the plan predicted for it (`None` for layer 0 and without prefetch).
+    pub predicted: Vec<Option<Routing>>,
+}
+
 /// Runs `x` (`[T, d]`) through `layers` in order: `x_{l+1} = x_l + layer_l(x_l)`, and returns `x_L` with the
-/// prediction counts (zero without prefetch). Each layer sees its input in eval mode. Prefetches change no output.
+/// prediction counts (zero without prefetch) and the plans. Each layer sees its input in eval mode. Prefetches
+/// change no output.
 ///
 /// # Errors
 /// A layer's forward or prefetch error; [`MoeError::Mismatch`] when a layer's width differs from `x`'s.
@@ -65,28 +82,33 @@ pub fn forward_stack(
     layers: &mut [Box<dyn DeviceLayer>],
     x: ArrayView2<'_, f32>,
     prefetch: StackPrefetch,
-) -> Result<(Array2<f32>, PredictionCounts), MoeError> {
+) -> Result<StackRun, MoeError> {
     let mut h = x.to_owned();
     let mut counts = PredictionCounts::default();
-    // The experts predicted for the layer about to run (made while the layer before it ran).
-    let mut pending: Option<Vec<u32>> = None;
+    let mut plans = Vec::with_capacity(layers.len());
+    let mut predicted: Vec<Option<Routing>> = Vec::with_capacity(layers.len());
+    // The plan predicted for the layer about to run (made while the layer before it ran).
+    let mut pending: Option<Routing> = None;
     for l in 0..layers.len() {
         let mine = pending.take();
         if prefetch == StackPrefetch::NextGate
             && let Some(next) = layers.get_mut(l + 1)
         {
             let plan = next.layer().route(&RouterInput::new(h.view()))?;
-            let experts = plan.active_experts().to_vec();
-            next.prefetch(&experts)?;
-            pending = Some(experts);
+            next.prefetch(plan.active_experts())?;
+            pending = Some(plan);
         }
         let out = layers[l].forward(&RouterInput::new(h.view()))?;
-        if let Some(p) = mine {
+        if let Some(p) = &mine {
             let used = out.routing.active_experts();
+            let guess = p.active_experts();
             counts.add(PredictionCounts {
-                predicted: p.len() as u64,
+                predicted: guess.len() as u64,
                 used: used.len() as u64,
-                correct: p.iter().filter(|e| used.binary_search(e).is_ok()).count() as u64,
+                correct: guess
+                    .iter()
+                    .filter(|e| used.binary_search(e).is_ok())
+                    .count() as u64,
             });
         }
         if out.output.dim() != h.dim() {
@@ -99,6 +121,13 @@ pub fn forward_stack(
             ));
         }
         h += &out.output;
+        plans.push(out.routing);
+        predicted.push(mine);
     }
-    Ok((h, counts))
+    Ok(StackRun {
+        output: h,
+        counts,
+        plans,
+        predicted,
+    })
 }
