@@ -49,6 +49,43 @@
 //! [`MoeError::Expert`] naming the expert, the tensor and the file for a read error (a file truncated after it
 //! was opened, an I/O error); nothing it wrote is to be used.
 
+//! # Example: a layer whose experts stay on disk
+//! ```
+//! use std::sync::Arc;
+//!
+//! use moe_backends::cpu::CpuBackend;
+//! use moe_core::store::{Capacity, StoreConfig, StoredBank, policy::PolicyKind};
+//! use moe_core::{Backend, ExpertBank, MoeLayer, RouterInput};
+//! use moe_models::store::{DiskDtype, DiskSource, Layout, read_gate, write_expert_checkpoint};
+//! use moe_routers::softmax_topk::SoftmaxTopKConfig;
+//!
+//! let dir = std::env::temp_dir().join(format!("moe-store-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let path = dir.join("block.safetensors");
+//! let prefix = "model.layers.0.mlp.";
+//! // 8 SwiGLU experts of d = 32, f = 64 in the Hub's per-expert names, BF16, with the router gate.
+//! write_expert_checkpoint(&path, prefix, Layout::PerExpert, 8, 32, 64, DiskDtype::Bf16, 0, true)?;
+//!
+//! // The experts stay in the file; at most 3 are resident, least recently used evicted first.
+//! let source = Arc::new(DiskSource::open(&path, prefix)?);
+//! let config = StoreConfig { capacity: Capacity::Experts(3), policy: PolicyKind::Lru, frequencies: None };
+//! let bank = ExpertBank::Stored(StoredBank::new(source, config)?);
+//! // Top-2 softmax routing over the checkpoint's gate `[E, d]`.
+//! let router = SoftmaxTopKConfig::default().build(read_gate(&path, prefix)?, 2)?;
+//! let layer = MoeLayer::new(Box::new(router), bank)?;
+//!
+//! let mut resident = CpuBackend::new().upload(Arc::new(layer))?;
+//! let x = moe_core::ndarray::Array2::<f32>::from_elem((4, 32), 0.1);
+//! let out = resident.forward(&RouterInput::new(x.view()))?;
+//! let stats = resident.store_stats().expect("a stored layer has store stats");
+//! assert_eq!(out.output.dim(), (4, 32));
+//! assert_eq!(stats.bytes_read, stats.cache.loads * 3 * 32 * 64 * 2);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//! A layer loaded whole by a preset ([`crate::load_layer`]) keeps its router, shared experts and biases when its
+//! experts move to a store: `layer.with_experts(ExpertBank::Stored(bank))`.
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
