@@ -110,3 +110,27 @@ fn stored_stacks_match_the_resident_stack_with_and_without_prefetch() {
         "demand loads {pre_loads} with prefetch, {plain_loads} without"
     );
 }
+
+#[test]
+fn dropping_a_layer_with_prefetches_in_flight_is_safe() {
+    // The loader writes into the slots in place; dropping the layer collects its jobs before the slots are freed.
+    for _ in 0..20 {
+        let mut l = layer(1, Some(4));
+        l.prefetch(&[0, 1, 2, 3]).unwrap_or_else(|e| panic!("{e}"));
+        drop(l);
+    }
+    // And a prefetch followed by a forward gives the resident output.
+    let x = SeqRng::new(9, 0).normal_matrix(3, D, 1.0);
+    let mut stored = layer(1, Some(4));
+    let mut resident = layer(1, None);
+    stored
+        .prefetch(&[7, 6, 5, 4])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let input = moe_core::RouterInput::new(x.view());
+    let a = stored.forward(&input).unwrap_or_else(|e| panic!("{e}"));
+    let b = resident.forward(&input).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(bits(&a.output), bits(&b.output));
+    let s = stored.store_stats().expect("stored");
+    assert_eq!(s.cache.prefetches, 4);
+    assert_eq!(s.staging_bytes, 0);
+}

@@ -62,8 +62,7 @@ struct StoreRow {
     prefetch_load_ms: f64,
     /// Time forwards waited for prefetches in flight, ms per step.
     wait_ms: f64,
-    /// Time forwards spent copying collected prefetches into their slots, ms per step.
-    install_ms: f64,
+
     /// Experts the next layer's gate predicted that the layer used, over those predicted (with `--prefetch gate`).
     prefetch_precision: Option<f64>,
     /// Experts the layer used that were predicted, over those used.
@@ -91,8 +90,7 @@ struct StoreReport {
     expert_resident_bytes: u64,
     /// layers × resident experts × resident bytes: what the slots hold.
     resident_bound_bytes: u64,
-    /// The prefetch loaders' staging buffers (every layer; one expert's resident size per prefetch in flight at
-    /// once), measured: memory beyond the slots that prefetch costs.
+    /// Staging buffers beside the slots (0 on the CPU backend: prefetches load into their slots).
     staging_bytes: u64,
     /// Peak resident set size of this process (VmHWM), bytes.
     peak_rss_bytes: Option<u64>,
@@ -312,7 +310,6 @@ fn total_stats(layers: &[Box<dyn DeviceLayer>]) -> StoreStats {
         t.demand_load_ms += s.demand_load_ms;
         t.prefetch_load_ms += s.prefetch_load_ms;
         t.wait_ms += s.wait_ms;
-        t.install_ms += s.install_ms;
         t.staging_bytes += s.staging_bytes;
     }
     t
@@ -404,7 +401,6 @@ fn time_row(
         demand_load_ms: (after.demand_load_ms - before.demand_load_ms) / n,
         prefetch_load_ms: (after.prefetch_load_ms - before.prefetch_load_ms) / n,
         wait_ms: (after.wait_ms - before.wait_ms) / n,
-        install_ms: (after.install_ms - before.install_ms) / n,
         // A one-layer stack predicts nothing: no figure rather than 0.
         prefetch_precision: (b.prefetch && counts.predicted > 0).then(|| counts.precision()),
         prefetch_recall: (b.prefetch && counts.predicted > 0).then(|| counts.recall()),
@@ -566,7 +562,6 @@ fn print_report(r: &StoreReport, format: Format) -> Result<(), CliError> {
         "load ms",
         "prefetch ms",
         "wait ms",
-        "install ms",
         "precision",
         "recall",
     ]);
@@ -584,7 +579,6 @@ fn print_report(r: &StoreReport, format: Format) -> Result<(), CliError> {
             format!("{:.2}", row.demand_load_ms),
             format!("{:.2}", row.prefetch_load_ms),
             format!("{:.2}", row.wait_ms),
-            format!("{:.2}", row.install_ms),
             opt(row.prefetch_precision),
             opt(row.prefetch_recall),
         ]);

@@ -21,7 +21,7 @@ use moe_core::{ExpertBank, LayerOutput, MoeError, MoeLayer, RouterInput, Routing
 
 use super::grouped::{self, AlignedBuf, Workspace};
 use super::kernels::{self, Kernels};
-use super::store_loader::Loader;
+use super::store_loader::{Loader, SlotDst};
 use super::{combine, expert_forward, finish, internal};
 
 /// What a layer with a stored bank keeps on the CPU: the resident slots, which expert sits where, the source,
@@ -38,7 +38,13 @@ pub(super) struct StoreState {
     demand_load_ms: f64,
     prefetch_load_ms: f64,
     wait_ms: f64,
-    install_ms: f64,
+}
+
+impl Drop for StoreState {
+    fn drop(&mut self) {
+        // Prefetches in flight write into the slot bank: collect them before the bank is freed.
+        let _ = self.loader.wait_all();
+    }
 }
 
 impl StoreState {
@@ -77,7 +83,6 @@ impl StoreState {
             demand_load_ms: 0.0,
             prefetch_load_ms: 0.0,
             wait_ms: 0.0,
-            install_ms: 0.0,
         }))
     }
 
@@ -90,8 +95,8 @@ impl StoreState {
             demand_load_ms: self.demand_load_ms,
             prefetch_load_ms: self.prefetch_load_ms,
             wait_ms: self.wait_ms,
-            install_ms: self.install_ms,
-            staging_bytes: self.loader.staging_bytes(),
+            // Prefetches load into their slots: no memory beyond them.
+            staging_bytes: 0,
         }
     }
 
@@ -122,8 +127,17 @@ impl StoreState {
     pub(super) fn prefetch(&mut self, experts: &[u32]) -> Result<(), MoeError> {
         self.settle()?;
         let placements = self.cache.prefetch(experts);
+        if placements.is_empty() {
+            return Ok(());
+        }
+        // Each placement's slot goes to the loader thread, which alone touches it until `settle` collects it.
+        let mut views = slot_views(&mut self.bank, &self.form, self.cache.slots())?;
         for (i, p) in placements.iter().enumerate() {
-            if let Err(e) = self.loader.submit(p.expert, p.slot) {
+            let dst = views
+                .get_mut(p.slot)
+                .map(std::mem::take)
+                .ok_or_else(|| internal("prefetch: a placement outside the slots"))?;
+            if let Err(e) = self.loader.submit(p.expert, p.slot, SlotDst::new(dst)) {
                 // Nothing was queued for this one and the rest: their slots hold nothing usable.
                 for q in &placements[i..] {
                     self.cache.invalidate(q.slot);
@@ -134,7 +148,7 @@ impl StoreState {
         Ok(())
     }
 
-    /// Waits for the loads in flight (the wait is `wait_ms`), copies each finished staging into its slot (`install_ms`), and
+    /// Waits for the loads in flight (the wait is `wait_ms`; they wrote their slots in place), and
     /// empties the slot of each failed one; the first failure is returned after all are collected.
     fn settle(&mut self) -> Result<(), MoeError> {
         if !self.loader.busy() {
@@ -145,24 +159,17 @@ impl StoreState {
         self.wait_ms += ms_since(start);
         let per_expert = self.source.stored_bytes_per_expert();
         let mut first_err = None;
-        let installing = Instant::now();
-        let mut views = slot_views(&mut self.bank, &self.form, self.cache.slots())?;
         for d in done {
             self.prefetch_load_ms += d.ms;
-            let copied = match d.result {
-                Ok(()) => copy_staging(&d.staging, views.get_mut(d.slot), d.expert),
-                Err(e) => Err(name_expert(e, d.expert, self.source.as_ref())),
-            };
-            match copied {
+            match d.result {
                 Ok(()) => self.bytes_read += per_expert,
                 Err(e) => {
+                    // The slot may hold part of the expert: emptied, never used.
                     self.cache.invalidate(d.slot);
-                    first_err.get_or_insert(e);
+                    first_err.get_or_insert(name_expert(e, d.expert, self.source.as_ref()));
                 }
             }
-            self.loader.recycle(d.staging);
         }
-        self.install_ms += ms_since(installing);
         first_err.map_or(Ok(()), Err)
     }
 
@@ -278,25 +285,6 @@ fn slot_views<'a>(
         }
     }
     Ok(out)
-}
-
-/// Copies a finished prefetch's staging into its slot's tensors (`dst`, as [`slot_views`] gives one slot).
-fn copy_staging(
-    staging: &[Vec<f32>],
-    dst: Option<&mut Vec<&mut [f32]>>,
-    expert: u32,
-) -> Result<(), MoeError> {
-    let dst = dst.ok_or_else(|| internal("prefetch: a placement outside the slots"))?;
-    if dst.len() != staging.len() || dst.iter().zip(staging).any(|(d, s)| d.len() != s.len()) {
-        return Err(MoeError::Expert {
-            expert: expert as usize,
-            reason: "the prefetched tensors do not match the slot".into(),
-        });
-    }
-    for (d, s) in dst.iter_mut().zip(staging) {
-        d.copy_from_slice(s);
-    }
-    Ok(())
 }
 
 /// `err` as an error naming `expert`: kept when it already names it, else wrapped with the source's description.

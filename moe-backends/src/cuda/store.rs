@@ -154,7 +154,6 @@ impl CudaStore {
             demand_load_ms: self.demand_load_ms,
             prefetch_load_ms: 0.0,
             wait_ms: self.wait_ms,
-            install_ms: 0.0,
             // The pinned ring (host memory beyond the device slots).
             staging_bytes: RING as u64 * self.sizes.staging_bytes(self.dtype),
         }

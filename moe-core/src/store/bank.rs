@@ -147,10 +147,7 @@ pub struct StoreStats {
     /// Milliseconds forwards waited for prefetches still in flight: the prefetch time that compute did not hide
     /// (`1 − wait / prefetch_load` is the overlap).
     pub wait_ms: f64,
-    /// Milliseconds forwards spent installing collected prefetches into their slots (a copy from the loader's
-    /// staging buffers; on the forward's critical path).
-    pub install_ms: f64,
-    /// Bytes of staging buffers the prefetch loader holds (one expert's resident size per prefetch that was in
-    /// flight at once): memory beyond the slots.
+    /// Bytes of staging buffers beside the slots (the CUDA backend's pinned host ring; 0 on the CPU backend, whose
+    /// prefetches load into their slots).
     pub staging_bytes: u64,
 }
