@@ -219,6 +219,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         a.experts.unwrap_or(e0),
         a.top_k.unwrap_or(k0),
     );
+    if e == 0 {
+        return Err(CliError::Usage("--experts must be at least 1".into()));
+    }
     if k == 0 || k > e {
         return Err(CliError::Usage(format!(
             "--top-k must be between 1 and --experts ({e}), got {k}"

@@ -124,6 +124,11 @@ fn parse_policies(text: &str) -> Result<Vec<PolicyKind>, CliError> {
     }
     let mut out = Vec::new();
     for name in text.split(',').map(str::trim) {
+        if name == "all" {
+            return Err(CliError::Usage(
+                "--policy: all means every policy; give it alone, not in a list".into(),
+            ));
+        }
         let p = PolicyKind::parse(name).map_err(|_| {
             CliError::Usage(format!(
                 "--policy: unknown policy {name:?}; choose from lru, lfu, lfru, pin, stale, belady, or all"
@@ -143,8 +148,13 @@ fn slot_value(text: &str, e: usize) -> Result<usize, CliError> {
         return Ok(e);
     }
     t.parse().map_err(|_| {
+        let why = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+            "is too large"
+        } else {
+            "is not a number"
+        };
         CliError::Usage(format!(
-            "--slots: {t:?} is not a number (give values 2,4,8, ranges 2..8, or E)"
+            "--slots: {t:?} {why} (give values 2,4,8, ranges 2..8, or E)"
         ))
     })
 }
