@@ -111,9 +111,12 @@ fn available_memory() -> Option<u128> {
 /// Checks a count flag against `1..=max` as a usage error naming the flag.
 pub(crate) fn check_range(flag: &str, v: usize, min: usize, max: usize) -> Result<(), CliError> {
     if v < min || v > max {
-        return Err(CliError::Usage(format!(
-            "{flag} must be between {min} and {max}, got {v}"
-        )));
+        // Without a real upper bound (the memory estimate decides), say only the lower one.
+        return Err(CliError::Usage(if max == usize::MAX {
+            format!("{flag} must be at least {min}, got {v}")
+        } else {
+            format!("{flag} must be between {min} and {max}, got {v}")
+        }));
     }
     Ok(())
 }
