@@ -13,7 +13,7 @@ use moe_core::store::{
     Capacity, ExpertSource, StoreConfig, StoreStats, StoredBank, policy::PolicyKind,
 };
 use moe_core::{DeviceLayer, ExpertBank, MoeLayer, RouterRegistry, WorkloadConfig};
-use moe_models::store::{DiskDtype, DiskSource, Layout, read_gate, write_layers_checkpoint};
+use moe_models::store::{DiskDtype, DiskSource, Layout, read_gate_in, write_layers_checkpoint};
 use serde::Serialize;
 
 use crate::CliError;
@@ -101,7 +101,7 @@ struct StoreReport {
 
 /// The MoE block prefixes of `path` in layer order: every `P` with `P` + `experts.0.gate_proj.weight`,
 /// `experts.0.w1.weight` or `experts.gate_up_proj` present, sorted by the layer number in `P`.
-fn block_prefixes(path: &Path) -> Result<Vec<String>, CliError> {
+fn block_prefixes(path: &Path) -> Result<(moe_models::Checkpoint, Vec<String>), CliError> {
     if path.is_dir() {
         return Err(CliError::Usage(format!(
             "--from {}: is a directory; give the .safetensors file (the disk tier reads one file; sharded checkpoints are not supported yet)",
@@ -130,7 +130,7 @@ fn block_prefixes(path: &Path) -> Result<Vec<String>, CliError> {
             path.display()
         )));
     }
-    Ok(out)
+    Ok((ckpt, out))
 }
 
 /// The first number between dots in `prefix` (`model.layers.12.mlp.` -> 12).
@@ -148,6 +148,7 @@ type Stack = (Vec<Box<dyn DeviceLayer>>, Vec<Arc<DiskSource>>, String);
 fn open_stack(
     registry: &RouterRegistry,
     b: &StoreBench<'_>,
+    ckpt: &moe_models::Checkpoint,
     prefixes: &[String],
 ) -> Result<Stack, CliError> {
     let policy =
@@ -165,17 +166,8 @@ fn open_stack(
         },
     )?;
     let c = crate::spec::parse_one(b.router, registry, "bench")?;
-    let profile = match b.profile {
-        Some(path) => Some(read_profile(path, prefixes.len(), b.from, prefixes)?),
-        None if policy == PolicyKind::Pin => {
-            return Err(CliError::Usage(
-                "--policy pin pins each layer's most frequent experts: give their frequencies with --profile TRACE (a routing trace of this model: moe route/train --trace)".into(),
-            ));
-        }
-        None => None,
-    };
-    let (mut layers, mut sources) = (Vec::new(), Vec::new());
-    for (l, p) in prefixes.iter().enumerate() {
+    let mut sources = Vec::with_capacity(prefixes.len());
+    for p in prefixes {
         let src = Arc::new(
             DiskSource::open(b.from, p)
                 .and_then(|s| s.with_cold_reads(b.cold))
@@ -184,6 +176,19 @@ fn open_stack(
         if b.cold {
             src.drop_page_cache()?;
         }
+        sources.push(src);
+    }
+    let profile = match b.profile {
+        Some(path) => Some(read_profile(path, prefixes.len(), sources[0].n_experts())?),
+        None if policy == PolicyKind::Pin => {
+            return Err(CliError::Usage(
+                "--policy pin pins each layer's most frequent experts: give their frequencies with --profile TRACE (a routing trace of this model: moe route/train --trace)".into(),
+            ));
+        }
+        None => None,
+    };
+    let mut layers = Vec::with_capacity(prefixes.len());
+    for (l, (p, src)) in prefixes.iter().zip(&sources).enumerate() {
         let (e, d) = (src.n_experts(), src.form().d_model());
         if b.top_k > e {
             return Err(CliError::Usage(format!(
@@ -191,20 +196,20 @@ fn open_stack(
                 b.top_k
             )));
         }
-        note_unrun_parts(b.from, p)?;
+        note_unrun_parts(ckpt, p);
         let slots = b.resident.unwrap_or(e);
         if slots == 0 || slots > e {
             return Err(CliError::Usage(format!(
                 "--resident-experts must be between 1 and E = {e}, got {slots}"
             )));
         }
-        let gate = read_gate(b.from, p).map_err(bad_file)?;
+        let gate = read_gate_in(ckpt, p).map_err(bad_file)?;
         let mut router = registry
             .create(&c.name, &c.args(d, e, b.top_k, b.seed))
             .map_err(c.error_mapper(registry))?;
         set_gate(router.as_mut(), gate, p)?;
         let bank = StoredBank::new(
-            Arc::clone(&src) as Arc<dyn ExpertSource>,
+            Arc::clone(src) as Arc<dyn ExpertSource>,
             StoreConfig {
                 capacity: Capacity::Experts(slots),
                 policy,
@@ -213,15 +218,13 @@ fn open_stack(
         )?;
         let layer = MoeLayer::new(router, ExpertBank::Stored(bank))?;
         layers.push(backend.upload(Arc::new(layer))?);
-        sources.push(src);
     }
     Ok((layers, sources, c.label))
 }
 
 /// Says on stderr which parts of the block under `prefix` the bench does not run (it measures the routed experts'
 /// store): shared experts, a router bias, a correction bias.
-fn note_unrun_parts(from: &Path, prefix: &str) -> Result<(), CliError> {
-    let ckpt = moe_models::Checkpoint::open(from).map_err(bad_file)?;
+fn note_unrun_parts(ckpt: &moe_models::Checkpoint, prefix: &str) {
     let unrun: Vec<&str> = ckpt
         .names()
         .filter_map(|n| n.strip_prefix(prefix))
@@ -239,20 +242,11 @@ fn note_unrun_parts(from: &Path, prefix: &str) -> Result<(), CliError> {
             unrun.join(", ")
         );
     }
-    Ok(())
 }
 
 /// Per layer, how often each expert was used in the routing trace `path`, which must be of a model with these
-/// `layers` and the experts of `from`'s first block.
-fn read_profile(
-    path: &Path,
-    layers: usize,
-    from: &Path,
-    prefixes: &[String],
-) -> Result<Vec<Vec<u64>>, CliError> {
-    let e = DiskSource::open(from, &prefixes[0])
-        .map_err(bad_file)?
-        .n_experts();
+/// `layers` of `e` experts.
+fn read_profile(path: &Path, layers: usize, e: usize) -> Result<Vec<Vec<u64>>, CliError> {
     let trace = crate::cache_sim::read_trace(path).map_err(|e| match e {
         CliError::Usage(m) => CliError::Usage(format!("--profile: {m}")),
         other => other,
@@ -428,8 +422,8 @@ pub(crate) fn run(registry: &RouterRegistry, b: &StoreBench<'_>) -> Result<(), C
             "--num-tokens {t_max}: at most 65536 tokens a step with --from"
         )));
     }
-    let prefixes = block_prefixes(b.from)?;
-    let (mut layers, sources, router) = open_stack(registry, b, &prefixes)?;
+    let (ckpt, prefixes) = block_prefixes(b.from)?;
+    let (mut layers, sources, router) = open_stack(registry, b, &ckpt, &prefixes)?;
     let src = &sources[0];
     let form = src.form().clone();
     let slots = layers

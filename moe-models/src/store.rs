@@ -99,7 +99,9 @@ use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use crate::error::LoadError;
 use crate::files::{first_duplicate_key, require_regular};
 
-pub use crate::store_write::{read_gate, write_expert_checkpoint, write_layers_checkpoint};
+pub use crate::store_write::{
+    read_gate, read_gate_in, write_expert_checkpoint, write_layers_checkpoint,
+};
 
 /// The largest safetensors header read: 100 MB, the `safetensors` crate's own limit.
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;

@@ -340,7 +340,14 @@ fn temp_name(path: &Path) -> PathBuf {
 /// As [`Checkpoint::open`] and [`crate::Weights::get2`]; [`LoadError::MissingTensor`] naming both names when
 /// neither exists.
 pub fn read_gate(path: impl AsRef<Path>, prefix: &str) -> Result<Array2<f32>, LoadError> {
-    let ckpt = Checkpoint::open(path)?;
+    read_gate_in(&Checkpoint::open(path)?, prefix)
+}
+
+/// [`read_gate`] in an open checkpoint (a caller reading several blocks' gates opens the file once).
+///
+/// # Errors
+/// As [`crate::Weights::get2`]; [`LoadError::MissingTensor`] naming both names when neither exists.
+pub fn read_gate_in(ckpt: &Checkpoint, prefix: &str) -> Result<Array2<f32>, LoadError> {
     let w = ckpt.weights(prefix);
     let name = w.first_of(&["gate.weight", "router.weight"])?;
     w.get2(name, None, None)

@@ -15,7 +15,6 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use moe_core::store::cache::{Placement, SlotCache};
-use moe_core::store::policy::PolicyContext;
 use moe_core::store::{ExpertForm, ExpertSource, StoreStats};
 use moe_core::{ExpertBank, LayerOutput, MoeError, MoeLayer, RouterInput, Routing};
 
@@ -57,14 +56,8 @@ impl StoreState {
         let ExpertBank::Stored(sb) = layer.experts() else {
             return Ok(None);
         };
-        let (n_experts, slots) = (sb.source().n_experts(), sb.slots());
-        let policy = sb.config().policy.build(&PolicyContext {
-            n_experts,
-            slots,
-            future: None,
-            frequencies: sb.config().frequencies.as_deref(),
-        })?;
-        let cache = SlotCache::new(n_experts, slots, policy)?;
+        let slots = sb.slots();
+        let cache = sb.new_cache()?;
         let mut bank = sb.form().zeros(slots)?;
         bank.align_weights(64);
         // Touch every page of the slots now: fresh zeroed memory is mapped lazily, and a first write costs a page

@@ -34,7 +34,6 @@ use std::time::Instant;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
 use moe_core::store::cache::SlotCache;
-use moe_core::store::policy::PolicyContext;
 use moe_core::store::{ExpertSource, StoreStats, StoredBank};
 use moe_core::{ExpertBank, MoeError};
 
@@ -98,14 +97,8 @@ impl CudaStore {
         sb: &StoredBank,
         dtype: Dtype,
     ) -> Result<(DevBank, CudaStore), MoeError> {
-        let (n_experts, slots) = (sb.source().n_experts(), sb.slots());
-        let policy = sb.config().policy.build(&PolicyContext {
-            n_experts,
-            slots,
-            future: None,
-            frequencies: sb.config().frequencies.as_deref(),
-        })?;
-        let cache = SlotCache::new(n_experts, slots, policy)?;
+        let slots = sb.slots();
+        let cache = sb.new_cache()?;
         let host = sb.form().zeros(1)?;
         let p = pack(&host, "cuda").map_err(|r| err(format!("stored experts: {r}")))?;
         let sizes = Sizes::of(&p);

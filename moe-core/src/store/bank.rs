@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use crate::error::MoeError;
 
+use super::cache::SlotCache;
 use super::form::ExpertForm;
-use super::policy::PolicyKind;
+use super::policy::{PolicyContext, PolicyKind};
 use super::source::ExpertSource;
 
 /// Most experts a stored bank may have (2²⁴): a store keeps a few words per expert.
@@ -96,18 +97,14 @@ impl StoredBank {
                 &[f.len()],
             ));
         }
-        // A live store builds its policy without a future: refuse what cannot run now, not at the first forward.
-        config.policy.build(&super::policy::PolicyContext {
-            n_experts: e,
-            slots: slots.min(e),
-            future: None,
-            frequencies: config.frequencies.as_deref(),
-        })?;
-        Ok(StoredBank {
+        let bank = StoredBank {
             slots: slots.min(e),
             source,
             config,
-        })
+        };
+        // A live store builds its policy without a future: refuse what cannot run now, not at the first forward.
+        bank.new_cache()?;
+        Ok(bank)
     }
 
     /// Where the experts live.
@@ -123,6 +120,22 @@ impl StoredBank {
     /// The store's configuration.
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// Empty slots for this bank, with its policy built for a live store (no future): what a backend keeps per
+    /// resident layer.
+    ///
+    /// # Errors
+    /// The policy's build error (`belady` is offline; `pin` needs frequencies).
+    pub fn new_cache(&self) -> Result<SlotCache, MoeError> {
+        let (n_experts, slots) = (self.source.n_experts(), self.slots);
+        let policy = self.config.policy.build(&PolicyContext {
+            n_experts,
+            slots,
+            future: None,
+            frequencies: self.config.frequencies.as_deref(),
+        })?;
+        SlotCache::new(n_experts, slots, policy)
     }
 
     /// Resident slots: the capacity in experts, at most `E`.
