@@ -8,7 +8,9 @@ use ndarray::{Array2, ArrayView2};
 use crate::error::MoeError;
 use crate::grad::{Grad, LayerGrads};
 use crate::layer::MoeLayer;
+use crate::expert::ExpertBank;
 use crate::params::ParamMut;
+use crate::remote::{RemoteExperts, ResidentExperts};
 use crate::router::{Router, RouterInput};
 use crate::routing::Routing;
 use crate::store::StoreStats;
@@ -71,6 +73,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn read_bandwidth(&self, bytes: usize, repeats: usize) -> Result<Option<f64>, MoeError> {
         let _ = (bytes, repeats);
         Ok(None)
+    }
+    /// Uploads a bank of experts with no router: the experts one expert-parallel rank owns
+    /// ([`ExpertBank::select`]), run on groups of rows that other ranks' plans send ([`ResidentExperts`]). The
+    /// default returns [`MoeError::Unsupported`] naming the backend.
+    ///
+    /// # Errors
+    /// [`MoeError::Unsupported`] for a backend or bank kind that does not run resident experts alone; as
+    /// [`Backend::upload`].
+    fn upload_experts(&self, bank: Arc<ExpertBank>) -> Result<Box<dyn ResidentExperts>, MoeError> {
+        let _ = bank;
+        Err(MoeError::Unsupported {
+            owner: format!("backend {}", self.name()),
+            feature: "resident experts without a layer (expert parallelism; the cpu backend runs them)".into(),
+        })
     }
 }
 
@@ -206,6 +222,59 @@ pub trait DeviceLayer: Send {
     fn prefetch(&mut self, experts: &[u32]) -> Result<(), MoeError> {
         let _ = experts;
         Ok(())
+    }
+
+    /// [`DeviceLayer::forward`] with the routed experts' products done by `experts` (an expert-parallel layer):
+    /// the layer routes `input`, gathers each slot's row, hands the rows to [`RemoteExperts::forward`], and
+    /// combines the outputs it gets back with shared experts and output bias exactly as its own forward does. The
+    /// resident routed bank is not used (an expert-parallel rank holds placeholders there). With outputs that
+    /// equal the experts' own, the result is bit-identical to [`DeviceLayer::forward`]. The default returns
+    /// [`MoeError::Unsupported`] naming the backend.
+    ///
+    /// # Errors
+    /// As [`DeviceLayer::forward`]; whatever `experts` reports; [`MoeError::Shape`] for outputs that are not
+    /// `[slots, d]`.
+    fn forward_remote(
+        &mut self,
+        input: &RouterInput<'_>,
+        experts: &mut dyn RemoteExperts,
+    ) -> Result<LayerOutput, MoeError> {
+        let _ = (input, experts);
+        Err(MoeError::Unsupported {
+            owner: format!("backend {}", self.backend()),
+            feature: "remote experts (expert parallelism; the cpu backend runs them)".into(),
+        })
+    }
+
+    /// The training twin of [`DeviceLayer::forward_remote`] ([`DeviceLayer::forward_train`] with
+    /// `experts.forward(.., train = true)`): keeps what [`DeviceLayer::backward_remote`] needs.
+    ///
+    /// # Errors
+    /// As [`DeviceLayer::forward_remote`] and [`DeviceLayer::forward_train`].
+    fn forward_train_remote(
+        &mut self,
+        input: &RouterInput<'_>,
+        experts: &mut dyn RemoteExperts,
+    ) -> Result<LayerOutput, MoeError> {
+        let _ = (input, experts);
+        Err(unsupported(self.backend(), "forward_train_remote and backward_remote"))
+    }
+
+    /// The backward of the last [`DeviceLayer::forward_train_remote`], as [`DeviceLayer::backward`] with the
+    /// routed experts' backward done by [`RemoteExperts::backward`]: returns `dL/dx` and the gradients of the
+    /// router, shared experts and output bias. The routed experts' weight gradients stay with their owners
+    /// ([`ResidentExperts::take_grads`]); `params` lists none of them.
+    ///
+    /// # Errors
+    /// As [`DeviceLayer::backward`]; whatever `experts` reports.
+    fn backward_remote(
+        &mut self,
+        d_output: ArrayView2<'_, f32>,
+        d_aux: &[f32],
+        experts: &mut dyn RemoteExperts,
+    ) -> Result<LayerGrads, MoeError> {
+        let _ = (d_output, d_aux, experts);
+        Err(unsupported(self.backend(), "forward_train_remote and backward_remote"))
     }
 
     /// Times `repeats` forwards of `input` by the device's own clock, in milliseconds each, with the input copied

@@ -112,6 +112,17 @@ pub enum MoeError {
         /// What must come first: `a training forward (forward_train)`.
         before: String,
     },
+    /// A collective operation between ranks failed: a peer left or stalled past the timeout, a message was
+    /// malformed, or the ranks' layers differ (expert parallelism, crate `moe-ep`).
+    #[error("{op} on rank {rank} failed: {reason}")]
+    Communication {
+        /// The operation: `all_to_all_v`, `barrier`, `layer check`.
+        op: String,
+        /// The rank that reports it.
+        rank: usize,
+        /// What happened, naming the peer where one is at fault.
+        reason: String,
+    },
     /// Two parts of a layer disagree (router and bank expert counts, widths).
     #[error("{what}: {left} = {left_value} but {right} = {right_value}")]
     Mismatch {

@@ -465,6 +465,66 @@ impl ExpertBank {
         }
     }
 
+    /// A bank of experts `experts` of this one, in that order (the experts one expert-parallel rank owns): expert
+    /// `i` of the result is expert `experts[i]` of `self`, with the same weights, biases and activation.
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] naming `experts` for an empty list, an id `>= E` or a repeated id;
+    /// [`MoeError::Unsupported`] for a stored bank (its experts live in a source, not here).
+    pub fn select(&self, experts: &[u32]) -> Result<ExpertBank, MoeError> {
+        use ndarray::Axis;
+        let n = self.n_experts();
+        let mut seen = vec![false; n];
+        for &e in experts {
+            let e = e as usize;
+            if e >= n || std::mem::replace(&mut seen[e], true) {
+                return Err(MoeError::config(
+                    "experts",
+                    e,
+                    format!("each id must be below E = {n} and listed once"),
+                ));
+            }
+        }
+        if experts.is_empty() {
+            return Err(MoeError::config("experts", "[]", "select at least one expert"));
+        }
+        let ids: Vec<usize> = experts.iter().map(|&e| e as usize).collect();
+        Ok(match self {
+            ExpertBank::SwiGlu(b) => ExpertBank::SwiGlu(SwiGluBank::new(
+                b.gate_up.select(Axis(0), &ids),
+                b.down.select(Axis(0), &ids),
+                b.act,
+            )?),
+            ExpertBank::GptOss(b) => ExpertBank::GptOss(GptOssBank::new(
+                b.gate_up.select(Axis(0), &ids),
+                b.gate_up_bias.select(Axis(0), &ids),
+                b.down.select(Axis(0), &ids),
+                b.down_bias.select(Axis(0), &ids),
+                b.alpha,
+                b.limit,
+            )?),
+            ExpertBank::Mlp(b) => ExpertBank::Mlp(MlpBank::new(
+                b.w1.select(Axis(0), &ids),
+                b.b1.as_ref().map(|a| a.select(Axis(0), &ids)),
+                b.w2.select(Axis(0), &ids),
+                b.b2.as_ref().map(|a| a.select(Axis(0), &ids)),
+                b.act,
+            )?),
+            ExpertBank::Peer(b) => ExpertBank::Peer(PeerBank::new(
+                b.u.select(Axis(0), &ids),
+                b.v.select(Axis(0), &ids),
+                b.act,
+            )?),
+            ExpertBank::Custom(v) => ExpertBank::Custom(ids.iter().map(|&e| v[e].clone()).collect()),
+            ExpertBank::Stored(_) => {
+                return Err(MoeError::Unsupported {
+                    owner: "a stored bank".into(),
+                    feature: "selecting experts (its experts live in a source)".into(),
+                });
+            }
+        })
+    }
+
     /// Number of experts `E`.
     pub fn n_experts(&self) -> usize {
         match self {

@@ -87,6 +87,7 @@ pub mod loss;
 pub mod math;
 pub mod params;
 pub mod registry;
+pub mod remote;
 pub mod rng;
 pub mod router;
 pub mod routing;
@@ -111,6 +112,7 @@ pub use registry::{
     CausalFn, Causality, OptionDoc, RouterArgs, RouterConfig, RouterEntry, RouterFactory,
     RouterOptions, RouterRegistry,
 };
+pub use remote::{ExpertGroups, RemoteExperts, ResidentExperts};
 pub use router::{
     DropPolicy, GroupLimit, Mode, Router, RouterInput, RouterSpec, ScoreFn, SwitchSpec, TopKOrder,
     TopKSpec,

@@ -1,0 +1,19 @@
+//! Expert parallelism for moe-rs: a layer's experts split across ranks, tokens sent to their experts' owners in an
+//! all-to-all (dispatch) and their outputs brought back in a second one (combine), bit-identical to one rank.
+//!
+//! - [`comm`]: the [`Communicator`] contract (all-to-all with variable counts, all-reduce, barrier, rank and
+//!   size, every wait bounded by a timeout) and its implementations: [`ThreadComm`] (ranks as threads of one
+//!   process, for tests), `MpiComm` (feature `mpi`, OpenMPI through rsmpi) and `NcclComm` (feature `nccl`,
+//!   through cudarc).
+//! - [`Placement`]: which rank owns which expert.
+//!
+//! Design, guarantees and the cost model: `docs/EP.md`.
+
+pub mod comm;
+pub mod placement;
+pub mod plan;
+pub mod thread;
+
+pub use comm::{Communicator, Exchanged};
+pub use placement::Placement;
+pub use thread::ThreadComm;
