@@ -146,6 +146,20 @@ pub(crate) struct BenchArgs {
     /// With `--write-checkpoint`: MoE blocks to write (default 4).
     #[arg(long)]
     layers: Option<usize>,
+    /// Expert parallelism on R thread ranks of this process: each rank takes `-t` tokens of one workload, owns
+    /// E/R experts (contiguous blocks), and runs the layer with a dispatch and a combine all-to-all; reports step
+    /// and all-to-all ms, bytes and messages per rank, load imbalance, and whether every output equals the
+    /// single-rank layer's bit for bit (cpu backend).
+    #[arg(long, value_name = "R")]
+    ep_ranks: Option<usize>,
+    /// Expert parallelism with one rank per MPI process: run as `mpirun -np R moe bench --ep ...` (a `moe` built
+    /// with `--features mpi`); as `--ep-ranks` otherwise.
+    #[arg(long)]
+    ep: bool,
+    /// With `--ep` / `--ep-ranks`: a per-rank capacity factor c (an owner runs at most ⌈c · S / R⌉ rows a step of S
+    /// slots; the rest are dropped).
+    #[arg(long, value_name = "C")]
+    rank_capacity: Option<f32>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -231,6 +245,9 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         return done;
     }
     check_sizes(a, (d, f, e))?;
+    if a.ep || a.ep_ranks.is_some() || a.rank_capacity.is_some() {
+        return run_ep(registry, a, (d, f, e, k));
+    }
     let dtype = Dtype::parse(&a.dtype).ok_or_else(|| {
         CliError::Usage(format!("--dtype must be f32, bf16 or f16, got {}", a.dtype))
     })?;
@@ -379,6 +396,78 @@ fn run_store(
         .map(Some)
     };
     run().transpose()
+}
+
+/// `--ep` / `--ep-ranks` (`bench_ep.rs`).
+fn run_ep(
+    registry: &RouterRegistry,
+    a: &BenchArgs,
+    (d, f, e, k): (usize, usize, usize, usize),
+) -> Result<(), CliError> {
+    let usage = |m: &str| Err(CliError::Usage(m.into()));
+    if a.ep == a.ep_ranks.is_some() {
+        return usage(
+            "expert parallelism runs either on MPI processes (--ep, under mpirun) or on thread ranks (--ep-ranks R), not both; --rank-capacity needs one of them",
+        );
+    }
+    if a.dtype != "f32" || a.backward || a.bandwidth || a.from.is_some() {
+        return usage(
+            "--ep / --ep-ranks time the f32 forward (leave out --dtype, --backward, --bandwidth and --from)",
+        );
+    }
+    if let Some(c) = a.rank_capacity
+        && !(c.is_finite() && c > 0.0)
+    {
+        return Err(CliError::Usage(format!(
+            "--rank-capacity must be above 0, got {c}"
+        )));
+    }
+    let cpu_kernels =
+        CpuKernels::parse(&a.cpu_kernels).map_err(|e| CliError::Usage(e.to_string()))?;
+    let threads = a.threads.or(a.ep_ranks.map(|_| 1));
+    let backend = crate::open_backend_with(
+        &a.backend,
+        BackendOptions {
+            dtype: Dtype::F32,
+            threads,
+            cpu_kernels,
+        },
+    )?;
+    let c = crate::spec::parse_one(&a.router, registry, "bench")?;
+    let router = registry
+        .create(&c.name, &c.args(d, e, k, a.seed))
+        .map_err(c.error_mapper(registry))?;
+    let layer = MoeLayer::new(router, random_swiglu_bank(e, d, f, a.seed)?)?;
+    let b = crate::bench_ep::EpBench {
+        layer: &layer,
+        backend: Arc::from(backend),
+        tokens: &a.tokens,
+        repeats: a.repeats as usize,
+        seed: a.seed,
+        skew: a.skew,
+        clusters: a.clusters,
+        rank_capacity: a.rank_capacity,
+        format: a.format,
+    };
+    match a.ep_ranks {
+        Some(r) => {
+            crate::workload::check_range("--ep-ranks", r, 1, 1024)?;
+            crate::bench_ep::run_threads(&b, r)
+        }
+        None => run_mpi(&b),
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn run_mpi(b: &crate::bench_ep::EpBench<'_>) -> Result<(), CliError> {
+    crate::bench_ep::run_mpi(b)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(_: &crate::bench_ep::EpBench<'_>) -> Result<(), CliError> {
+    Err(CliError::Usage(
+        "--ep needs a moe built with MPI: cargo build --release -p moe-cli --features mpi, then mpirun -np R target/release/moe bench --ep ... (or --ep-ranks R for thread ranks)".into(),
+    ))
 }
 
 /// Bounds `--threads`, `--clusters` and the sizes, and checks the memory estimate of the largest T, before any

@@ -22,6 +22,7 @@
 //! This crate parses, composes the other crates and prints; it holds no math.
 
 mod bench;
+mod bench_ep;
 mod bench_store;
 mod cache_sim;
 mod compare;

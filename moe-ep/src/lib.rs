@@ -10,10 +10,12 @@
 //! Design, guarantees and the cost model: `docs/EP.md`.
 
 pub mod comm;
+pub mod layer;
 pub mod placement;
 pub mod plan;
 pub mod thread;
 
 pub use comm::{Communicator, Exchanged};
+pub use layer::{EpLayer, EpOptions, EpStats};
 pub use placement::Placement;
 pub use thread::ThreadComm;

@@ -4,8 +4,10 @@
 //! [`check_router_grad`] and [`check_layer_grad`] check a backward against central finite differences (method and
 //! tolerance in their module docs).
 
+mod banks;
 mod grad;
 
+pub use banks::{BANK_KINDS, random_bank};
 pub use grad::{ATOL, GradReport, RTOL, check_layer_grad, check_router_grad};
 
 use ndarray::Array2;

@@ -1,0 +1,250 @@
+//! `moe bench --ep-ranks R` (R thread ranks in this process) and `mpirun -np R moe bench --ep` (one rank per MPI
+//! process, feature `mpi`): the expert-parallel layer's step time, all-to-all time, bytes and messages per rank
+//! and expert-load imbalance, against the single-rank layer on the same tokens. Each rank takes `T` tokens of one
+//! workload of `R · T` tokens (rank `r` rows `r·T ..`), builds the same layer from the seed and keeps its experts.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use moe_core::{Backend, MoeError, MoeLayer, RouterInput, WorkloadConfig};
+use moe_ep::{Communicator, EpLayer, EpOptions, ThreadComm};
+use serde::{Deserialize, Serialize};
+
+use crate::CliError;
+use crate::output::{Format, Table};
+
+/// What one rank measured for one `T`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RankRow {
+    step_ms: Vec<f64>,
+    all_to_all_ms: Vec<f64>,
+    dispatch_bytes: u64,
+    combine_bytes: u64,
+    messages: u64,
+    rows_run: u64,
+    dropped: u64,
+    single_ms: f64,
+    identical: bool,
+}
+
+/// One row of the report (one `T`).
+#[derive(Debug, Serialize)]
+struct EpRow {
+    tokens_per_rank: usize,
+    step_median_ms: f64,
+    single_rank_median_ms: f64,
+    all_to_all_median_ms: f64,
+    bytes_sent_per_rank_max: u64,
+    bytes_sent_per_rank_mean: f64,
+    messages_per_rank_max: u64,
+    imbalance: f64,
+    dropped: u64,
+    identical_to_one_rank: bool,
+}
+
+/// The bench's inputs, from `moe bench`'s flags.
+pub(crate) struct EpBench<'a> {
+    pub(crate) layer: &'a MoeLayer,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) tokens: &'a [usize],
+    pub(crate) repeats: usize,
+    pub(crate) seed: u64,
+    pub(crate) skew: f64,
+    pub(crate) clusters: usize,
+    pub(crate) rank_capacity: Option<f32>,
+    pub(crate) format: Format,
+}
+
+/// Runs the bench on `ranks` thread ranks.
+pub(crate) fn run_threads(b: &EpBench<'_>, ranks: usize) -> Result<(), CliError> {
+    let per_rank = ThreadComm::run(ranks, |comm| rank_main(b, Box::new(comm)))
+        .map_err(|e| CliError::Other(e.into()))?;
+    let per_rank = per_rank.into_iter().collect::<Result<Vec<_>, MoeError>>()?;
+    print(b, "threads", ranks, &per_rank)
+}
+
+/// Runs the bench as one rank of an MPI job; rank 0 prints.
+#[cfg(feature = "mpi")]
+pub(crate) fn run_mpi(b: &EpBench<'_>) -> Result<(), CliError> {
+    let comm = moe_ep::mpi::MpiComm::world()?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let (mine, mut ep) = rank_layer(b, Box::new(comm))?;
+    let bytes = serde_json::to_vec(&mine).map_err(|e| CliError::Other(e.into()))?;
+    let all = ep.comm_mut().all_gather(&bytes)?;
+    if rank != 0 {
+        return Ok(());
+    }
+    let per_rank = (0..all.sources())
+        .map(|s| serde_json::from_slice(all.from(s)).map_err(|e| CliError::Other(e.into())))
+        .collect::<Result<Vec<Vec<RankRow>>, CliError>>()?;
+    print(b, "mpi", ranks, &per_rank)
+}
+
+/// One rank's part: the EP layer made once, then every `T`.
+fn rank_main(b: &EpBench<'_>, comm: Box<dyn Communicator>) -> Result<Vec<RankRow>, MoeError> {
+    rank_layer(b, comm).map(|(rows, _)| rows)
+}
+
+/// [`rank_main`], keeping the layer (its communicator gathers the ranks' rows under MPI).
+fn rank_layer(
+    b: &EpBench<'_>,
+    comm: Box<dyn Communicator>,
+) -> Result<(Vec<RankRow>, EpLayer), MoeError> {
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let d = b.layer.d_model();
+    let options = EpOptions {
+        placement: moe_ep::Placement::contiguous(b.layer.n_experts(), ranks)?,
+        rank_capacity: b.rank_capacity,
+    };
+    let mut ep = EpLayer::new(b.backend.as_ref(), b.layer, options, comm)?;
+    let mut single = b.backend.upload(Arc::new(b.layer.clone()))?;
+    let mut rows = Vec::with_capacity(b.tokens.len());
+    for &t in b.tokens {
+        let w = WorkloadConfig {
+            tokens: t * ranks,
+            d_model: d,
+            seed: b.seed,
+            skew: b.skew,
+            clusters: b.clusters,
+            ..Default::default()
+        }
+        .generate()?;
+        let x = w.hidden.slice(ndarray::s![rank * t..(rank + 1) * t, ..]);
+        let ids = &w.token_ids[rank * t..(rank + 1) * t];
+        let input = RouterInput::new(x).with_token_ids(ids);
+        let warm = ep.forward(&input)?;
+        let want = single.forward(&input)?;
+        let identical = warm
+            .output
+            .iter()
+            .map(|v| v.to_bits())
+            .eq(want.output.iter().map(|v| v.to_bits()));
+        let mut single_ms = Vec::with_capacity(b.repeats);
+        for _ in 0..b.repeats {
+            let t0 = Instant::now();
+            single.forward(&input)?;
+            single_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let before = ep.stats().clone();
+        let mut row = RankRow {
+            identical,
+            single_ms: median(single_ms),
+            ..RankRow::default()
+        };
+        for _ in 0..b.repeats {
+            let a2a = ep.stats().all_to_all_ms;
+            let t0 = Instant::now();
+            ep.forward(&input)?;
+            row.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            row.all_to_all_ms.push(ep.stats().all_to_all_ms - a2a);
+        }
+        let s = ep.stats();
+        let n = b.repeats.max(1) as u64;
+        row.dispatch_bytes = (s.dispatch_bytes - before.dispatch_bytes) / n;
+        row.combine_bytes = (s.combine_bytes - before.combine_bytes) / n;
+        row.messages = (s.messages - before.messages) / n;
+        row.rows_run = (s.rows_run - before.rows_run) / n;
+        row.dropped = (s.dropped - before.dropped) / n;
+        rows.push(row);
+    }
+    Ok((rows, ep))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn print(
+    b: &EpBench<'_>,
+    transport: &str,
+    ranks: usize,
+    per_rank: &[Vec<RankRow>],
+) -> Result<(), CliError> {
+    let mut out = Vec::new();
+    for (i, &t) in b.tokens.iter().enumerate() {
+        let rows: Vec<&RankRow> = per_rank.iter().filter_map(|r| r.get(i)).collect();
+        // A step takes as long as its slowest rank.
+        let steps = (0..b.repeats)
+            .map(|j| {
+                rows.iter()
+                    .map(|r| r.step_ms.get(j).copied().unwrap_or(0.0))
+                    .fold(0.0, f64::max)
+            })
+            .collect();
+        let a2a = (0..b.repeats)
+            .map(|j| {
+                rows.iter()
+                    .map(|r| r.all_to_all_ms.get(j).copied().unwrap_or(0.0))
+                    .fold(0.0, f64::max)
+            })
+            .collect();
+        let bytes: Vec<u64> = rows
+            .iter()
+            .map(|r| r.dispatch_bytes + r.combine_bytes)
+            .collect();
+        let load: Vec<f64> = rows.iter().map(|r| r.rows_run as f64).collect();
+        let mean_load = load.iter().sum::<f64>() / load.len().max(1) as f64;
+        out.push(EpRow {
+            tokens_per_rank: t,
+            step_median_ms: median(steps),
+            single_rank_median_ms: rows.iter().map(|r| r.single_ms).fold(0.0, f64::max),
+            all_to_all_median_ms: median(a2a),
+            bytes_sent_per_rank_max: bytes.iter().copied().max().unwrap_or(0),
+            bytes_sent_per_rank_mean: bytes.iter().sum::<u64>() as f64 / bytes.len().max(1) as f64,
+            messages_per_rank_max: rows.iter().map(|r| r.messages).max().unwrap_or(0),
+            imbalance: if mean_load > 0.0 {
+                load.iter().copied().fold(0.0, f64::max) / mean_load
+            } else {
+                1.0
+            },
+            dropped: rows.iter().map(|r| r.dropped).sum(),
+            identical_to_one_rank: rows.iter().all(|r| r.identical),
+        });
+    }
+    match b.format {
+        Format::Json => {
+            let report = serde_json::json!({
+                "transport": transport, "ranks": ranks, "repeats": b.repeats, "rows": out,
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.into()))?
+            );
+        }
+        _ => {
+            println!(
+                "expert parallelism: {ranks} ranks ({transport}), median of {} steps; a step is its slowest rank",
+                b.repeats
+            );
+            let mut table = Table::new(&[
+                "T/rank",
+                "step ms",
+                "1-rank ms",
+                "a2a ms",
+                "bytes/rank max",
+                "bytes/rank mean",
+                "msgs max",
+                "imbalance",
+                "dropped",
+                "identical",
+            ]);
+            for r in &out {
+                table.push(vec![
+                    r.tokens_per_rank.to_string(),
+                    format!("{:.3}", r.step_median_ms),
+                    format!("{:.3}", r.single_rank_median_ms),
+                    format!("{:.3}", r.all_to_all_median_ms),
+                    r.bytes_sent_per_rank_max.to_string(),
+                    format!("{:.0}", r.bytes_sent_per_rank_mean),
+                    r.messages_per_rank_max.to_string(),
+                    format!("{:.3}", r.imbalance),
+                    r.dropped.to_string(),
+                    r.identical_to_one_rank.to_string(),
+                ]);
+            }
+            print!("{}", table.render(b.format));
+        }
+    }
+    Ok(())
+}

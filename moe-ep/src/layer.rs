@@ -1,0 +1,965 @@
+//! The expert-parallel layer: each rank routes its own tokens, sends every row to its expert's owner in one
+//! all-to-all (dispatch), runs the experts it owns on what it received, sends the outputs back in a second
+//! all-to-all (combine), and sums them into its tokens with the backend's own combine. Each rank's tokens are its
+//! own batch: rank `r`'s output is bit-identical to the single-rank layer run on rank `r`'s tokens (`docs/EP.md`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayView2};
+
+use moe_core::{
+    Backend, DeviceLayer, Expert, ExpertBank, ExpertGroups, Grad, LayerGrads, LayerOutput,
+    MoeError, MoeLayer, RemoteExperts, ResidentExperts, RouterInput, Routing,
+};
+
+use crate::comm::{Communicator, comm_error};
+use crate::placement::Placement;
+use crate::plan::{
+    COMBINE_HEADER_BYTES, DispatchPlan, GROUP_BYTES, HEADER_BYTES, dispatch_bytes, dispatch_plan,
+};
+
+/// A marker in a message's first word: the sending rank failed this step (its reason follows, UTF-8).
+const FAILED: u32 = u32::MAX;
+
+/// Options of an expert-parallel layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpOptions {
+    /// Which rank owns which expert.
+    pub placement: Placement,
+    /// Per-rank capacity factor `c`: an owner runs at most `⌈c · S / R⌉` rows a step, where `S` is the step's
+    /// slots over all ranks (its mean load is `S / R`); rows beyond it, in the order (source rank, expert,
+    /// token), are dropped and contribute zero, as Megatron-LM's expert capacity drops tokens past capacity.
+    /// `None` (the default) drops nothing, and the layer is then bit-identical to one rank.
+    pub rank_capacity: Option<f32>,
+}
+
+impl EpOptions {
+    /// Contiguous placement of `n_experts` over `ranks`, no rank capacity.
+    ///
+    /// # Errors
+    /// As [`Placement::contiguous`].
+    pub fn contiguous(n_experts: usize, ranks: usize) -> Result<Self, MoeError> {
+        Ok(EpOptions {
+            placement: Placement::contiguous(n_experts, ranks)?,
+            rank_capacity: None,
+        })
+    }
+}
+
+/// What an expert-parallel layer's collectives did: bytes and messages to other ranks (a rank's rows for its own
+/// experts stay local and are not counted), rows, drops and time.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EpStats {
+    /// Steps (forwards, training forwards and backwards) run.
+    pub steps: u64,
+    /// Bytes this rank sent to other ranks in dispatch all-to-alls (headers included; [`crate::plan`]).
+    pub dispatch_bytes: u64,
+    /// Bytes this rank sent to other ranks in combine all-to-alls.
+    pub combine_bytes: u64,
+    /// Non-empty messages this rank sent to other ranks.
+    pub messages: u64,
+    /// Rows this rank sent to other ranks.
+    pub rows_sent: u64,
+    /// Rows this rank's experts ran (its own included).
+    pub rows_run: u64,
+    /// Rows this rank dropped as an owner past its rank capacity.
+    pub dropped: u64,
+    /// Milliseconds inside all-to-alls (waiting for the slowest rank included).
+    pub all_to_all_ms: f64,
+    /// Milliseconds running owned experts.
+    pub expert_ms: f64,
+}
+
+/// An expert placeholder on a rank that does not own it: the home layer's routed bank, never run (the layer's
+/// `forward_remote` hands the products to the owners).
+#[derive(Debug, Clone)]
+struct Elsewhere {
+    d_model: usize,
+    expert: usize,
+    owner: usize,
+}
+
+impl Expert for Elsewhere {
+    fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    fn forward(&self, _x: ArrayView2<'_, f32>) -> Result<Array2<f32>, MoeError> {
+        Err(MoeError::Expert {
+            expert: self.expert,
+            reason: format!(
+                "it lives on rank {}: run the layer through its EpLayer",
+                self.owner
+            ),
+        })
+    }
+}
+
+/// What the owner keeps of one source's training batch.
+#[derive(Debug, Clone)]
+struct SavedBatch {
+    /// The owned experts' batch number, `None` when every row was dropped or none came.
+    batch: Option<usize>,
+    /// Rows the source sent.
+    rows: usize,
+    /// Which of them ran (in order), when some were dropped.
+    kept: Option<Vec<usize>>,
+}
+
+/// One rank of an expert-parallel layer. Every call is collective: all ranks call it in the same order (a rank
+/// with no tokens passes `T = 0`).
+pub struct EpLayer {
+    home: Box<dyn DeviceLayer>,
+    net: Net,
+}
+
+/// Everything of a rank but its home layer: what the remote-experts handle of a step borrows.
+struct Net {
+    comm: Box<dyn Communicator>,
+    owned: Option<Box<dyn ResidentExperts>>,
+    owned_ids: Vec<u32>,
+    options: EpOptions,
+    d: usize,
+    stats: EpStats,
+    saved: Vec<SavedBatch>,
+    /// Whether this step's first all-to-all happened.
+    dispatched: bool,
+}
+
+impl std::fmt::Debug for EpLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpLayer")
+            .field("transport", &self.net.comm.name())
+            .field("rank", &self.net.comm.rank())
+            .field("size", &self.net.comm.size())
+            .field("owned", &self.net.owned_ids)
+            .field("options", &self.net.options)
+            .finish()
+    }
+}
+
+impl EpLayer {
+    /// Makes this rank's part of `layer` on `backend`: its owned experts ([`ExpertBank::select`]) uploaded with
+    /// [`Backend::upload_experts`], and the layer's frame (router, shared experts, output scale and bias) with
+    /// placeholders for the routed experts. Collective: checks that every rank passed the same configuration
+    /// (expert count, widths, bank kind, router and its parameters' bits, shared experts, placement, capacity)
+    /// and fails on every rank naming the first rank that differs.
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] for a placement of another `E` or rank count than the layer and the
+    /// communicator, a non-finite or non-positive capacity factor; [`MoeError::Communication`] when the ranks'
+    /// configurations differ or a peer fails; upload errors (a stored or PEER bank; a backend without
+    /// resident experts).
+    pub fn new(
+        backend: &dyn Backend,
+        layer: &MoeLayer,
+        options: EpOptions,
+        mut comm: Box<dyn Communicator>,
+    ) -> Result<Self, MoeError> {
+        let (rank, size) = (comm.rank(), comm.size());
+        let local = check_options(layer, &options, size);
+        // Every rank takes part in the configuration check, even one whose options are wrong, so none waits.
+        let fingerprint = match &local {
+            Ok(()) => fingerprint(layer, &options),
+            Err(e) => format!("invalid: {e}"),
+        };
+        let all = comm.all_gather(fingerprint.as_bytes())?;
+        local?;
+        for src in 0..size {
+            let theirs = String::from_utf8_lossy(all.from(src));
+            if theirs != fingerprint {
+                return Err(comm_error(
+                    "layer check",
+                    rank,
+                    format!(
+                        "rank {src}'s layer differs from this rank's: {}",
+                        first_difference(&theirs, &fingerprint)
+                    ),
+                ));
+            }
+        }
+        let owned_ids = options.placement.experts_of(rank);
+        let d = layer.d_model();
+        let owned = if owned_ids.is_empty() {
+            None
+        } else {
+            let bank = layer.experts().select(&owned_ids)?;
+            Some(backend.upload_experts(Arc::new(bank))?)
+        };
+        let placeholders: Vec<Box<dyn Expert>> = (0..layer.n_experts())
+            .map(|e| -> Box<dyn Expert> {
+                Box::new(Elsewhere {
+                    d_model: d,
+                    expert: e,
+                    owner: options.placement.owner(e),
+                })
+            })
+            .collect();
+        let home = backend.upload(Arc::new(
+            layer.with_experts(ExpertBank::Custom(placeholders))?,
+        ))?;
+        Ok(EpLayer {
+            home,
+            net: Net {
+                comm,
+                owned,
+                owned_ids,
+                options,
+                d,
+                stats: EpStats::default(),
+                saved: Vec::new(),
+                dispatched: false,
+            },
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.net.comm.rank()
+    }
+
+    /// The number of ranks.
+    pub fn size(&self) -> usize {
+        self.net.comm.size()
+    }
+
+    /// The global ids of the experts this rank owns, ascending.
+    pub fn owned_experts(&self) -> &[u32] {
+        &self.net.owned_ids
+    }
+
+    /// The options the layer was made with.
+    pub fn options(&self) -> &EpOptions {
+        &self.net.options
+    }
+
+    /// What the collectives did so far.
+    pub fn stats(&self) -> &EpStats {
+        &self.net.stats
+    }
+
+    /// The communicator (its timeout can be changed between steps).
+    pub fn comm_mut(&mut self) -> &mut dyn Communicator {
+        self.net.comm.as_mut()
+    }
+
+    /// The layer on this rank's tokens `input` (`[T, d]`), with the routed experts run by their owners: the output
+    /// is bit-identical to the single-rank layer's forward on `input` when no rank capacity is set.
+    ///
+    /// # Errors
+    /// As [`DeviceLayer::forward`] (on the rank whose input is bad); [`MoeError::Communication`] on the other
+    /// ranks naming the rank that failed, and for a peer that left or stalled past the timeout.
+    pub fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+        self.step(|home, remote| home.forward_remote(input, remote))
+    }
+
+    /// The training forward ([`DeviceLayer::forward_train_remote`]): as [`EpLayer::forward`], and every rank
+    /// keeps what [`EpLayer::backward`] needs.
+    ///
+    /// # Errors
+    /// As [`EpLayer::forward`]; [`MoeError::Unsupported`] for a bank or backend without training.
+    pub fn forward_train(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+        self.net.saved.clear();
+        self.step(|home, remote| home.forward_train_remote(input, remote))
+    }
+
+    /// The backward of the last [`EpLayer::forward_train`] (collective): `dL/dx` for this rank's tokens and the
+    /// gradients of the router, shared experts and output bias, each bit-identical to the single-rank backward on
+    /// this rank's tokens. The owned experts' weight gradients, summed over the sources in rank order, are in
+    /// [`EpLayer::take_expert_grads`].
+    ///
+    /// # Errors
+    /// As [`DeviceLayer::backward`]; as [`EpLayer::forward`].
+    pub fn backward(
+        &mut self,
+        d_output: ArrayView2<'_, f32>,
+        d_aux: &[f32],
+    ) -> Result<LayerGrads, MoeError> {
+        self.net.dispatched = false;
+        let out = self
+            .home
+            .backward_remote(d_output, d_aux, &mut Remote { ep: &mut self.net });
+        self.net.settle(out)
+    }
+
+    /// The owned experts' weight gradients of the backwards since the last call (each expert's gradient is that
+    /// of its rows from every source, summed in rank order), with the global ids of the experts along the first
+    /// axis ([`EpLayer::owned_experts`]). Empty on a rank that owns no expert.
+    ///
+    /// # Errors
+    /// As [`ResidentExperts::take_grads`].
+    pub fn take_expert_grads(&mut self) -> Result<Vec<Grad>, MoeError> {
+        match self.net.owned.as_mut() {
+            Some(o) => o.take_grads(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Runs one collective step with the home layer detached (so the remote-experts handle can borrow the rest).
+    fn step(
+        &mut self,
+        run: impl FnOnce(&mut dyn DeviceLayer, &mut dyn RemoteExperts) -> Result<LayerOutput, MoeError>,
+    ) -> Result<LayerOutput, MoeError> {
+        self.net.dispatched = false;
+        let out = run(self.home.as_mut(), &mut Remote { ep: &mut self.net });
+        self.net.settle(out)
+    }
+}
+
+impl Net {
+    /// After a step: a rank whose home layer failed before its dispatch (bad input, a routing error) still takes
+    /// part in the step's first all-to-all, telling the others why, so no rank waits for it.
+    fn settle<T>(&mut self, out: Result<T, MoeError>) -> Result<T, MoeError> {
+        self.stats.steps += 1;
+        if let Err(e) = &out
+            && !self.dispatched
+        {
+            let m = self.failure_messages(e);
+            let _ = self.exchange(m, false);
+        }
+        out
+    }
+}
+
+fn check_options(layer: &MoeLayer, options: &EpOptions, size: usize) -> Result<(), MoeError> {
+    let p = &options.placement;
+    if p.n_experts() != layer.n_experts() || p.ranks() != size {
+        return Err(MoeError::config(
+            "placement",
+            format!("{} experts on {} ranks", p.n_experts(), p.ranks()),
+            format!(
+                "the layer has {} experts and the communicator {size} ranks",
+                layer.n_experts()
+            ),
+        ));
+    }
+    if let Some(c) = options.rank_capacity
+        && !(c.is_finite() && c > 0.0)
+    {
+        return Err(MoeError::config(
+            "rank_capacity",
+            c,
+            "must be finite and above 0",
+        ));
+    }
+    Ok(())
+}
+
+/// A text every rank must agree on: the layer's shape, kinds, router (name and parameter bits), shared experts'
+/// shape, output scale and bias bits, placement and capacity. The routed experts' weights differ by rank (each
+/// holds its own) and are not in it.
+fn fingerprint(layer: &MoeLayer, options: &EpOptions) -> String {
+    let mut h = Fnv::default();
+    for p in layer.router().params() {
+        p.value.iter().for_each(|v| h.add(v.to_bits()));
+    }
+    let router_bits = h.0;
+    let mut h = Fnv::default();
+    for p in layer.params() {
+        if p.name.starts_with("shared.") || p.name == "output_bias" {
+            p.value.iter().for_each(|v| h.add(v.to_bits()));
+        }
+    }
+    format!(
+        "experts {} | d {} | ffn {} | bank {} | router {} | router params {:016x} | shared {} | \
+         shared and output-bias params {:016x} | output scale {:08x} | placement {:?} | rank capacity {:?}",
+        layer.n_experts(),
+        layer.d_model(),
+        layer.experts().ffn(),
+        layer.experts().kind(),
+        layer.router().name(),
+        router_bits,
+        layer.shared().map(|s| s.bank().kind()).unwrap_or("none"),
+        h.0,
+        layer.output_scale().to_bits(),
+        options.placement.owners(),
+        options.rank_capacity.map(f32::to_bits),
+    )
+}
+
+/// The first `|`-separated field where two fingerprints differ, both ways.
+fn first_difference(theirs: &str, mine: &str) -> String {
+    for (a, b) in theirs.split(" | ").zip(mine.split(" | ")) {
+        if a != b {
+            return format!("theirs `{a}`, this rank's `{b}`");
+        }
+    }
+    format!("theirs `{theirs}`, this rank's `{mine}`")
+}
+
+/// FNV-1a over 32-bit words.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn add(&mut self, w: u32) {
+        for b in w.to_le_bytes() {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// The remote-experts handle of one step.
+struct Remote<'a> {
+    ep: &'a mut Net,
+}
+
+impl RemoteExperts for Remote<'_> {
+    fn forward(
+        &mut self,
+        routing: &Routing,
+        rows: ArrayView2<'_, f32>,
+        train: bool,
+    ) -> Result<Array2<f32>, MoeError> {
+        self.ep.dispatch_forward(routing, rows, train)
+    }
+
+    fn backward(
+        &mut self,
+        routing: &Routing,
+        d_out: ArrayView2<'_, f32>,
+    ) -> Result<Array2<f32>, MoeError> {
+        self.ep.dispatch_backward(routing, d_out)
+    }
+}
+
+fn put_u32(buf: &mut Vec<u8>, v: u32) {
+    buf.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_rows(buf: &mut Vec<u8>, rows: &[f32]) {
+    buf.reserve(rows.len() * 4);
+    for v in rows {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Reads little-endian words from a received message, with errors naming the sender.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    src: usize,
+    rank: usize,
+    op: &'static str,
+}
+
+impl Reader<'_> {
+    fn u32(&mut self) -> Result<u32, MoeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8], MoeError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(comm_error(
+                self.op,
+                self.rank,
+                format!(
+                    "rank {}'s message is {} bytes, shorter than its header says",
+                    self.src,
+                    self.bytes.len()
+                ),
+            ));
+        };
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn rows(&mut self, n_rows: usize, d: usize) -> Result<Array2<f32>, MoeError> {
+        let n = n_rows.checked_mul(d).and_then(|n| n.checked_mul(4));
+        let b = self.take(n.unwrap_or(usize::MAX))?;
+        let v: Vec<f32> = b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Array2::from_shape_vec((n_rows, d), v)
+            .map_err(|e| comm_error(self.op, self.rank, e.to_string()))
+    }
+
+    fn failure(&mut self) -> MoeError {
+        let reason = String::from_utf8_lossy(&self.bytes[self.at..]).into_owned();
+        comm_error(
+            self.op,
+            self.rank,
+            format!("rank {} failed: {reason}", self.src),
+        )
+    }
+
+    fn done(&self) -> Result<(), MoeError> {
+        if self.at != self.bytes.len() {
+            return Err(comm_error(
+                self.op,
+                self.rank,
+                format!(
+                    "rank {}'s message has {} bytes past its end",
+                    self.src,
+                    self.bytes.len() - self.at
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one source sent this owner in a dispatch.
+struct Inbound {
+    experts: Vec<u32>,
+    offsets: Vec<usize>,
+    plan_max_rows: usize,
+    source_slots: usize,
+    rows: Array2<f32>,
+}
+
+impl Net {
+    fn timed<T>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Communicator) -> Result<T, MoeError>,
+    ) -> Result<T, MoeError> {
+        let t0 = Instant::now();
+        let out = f(self.comm.as_mut());
+        self.stats.all_to_all_ms += t0.elapsed().as_secs_f64() * 1e3;
+        out
+    }
+
+    /// Sends `messages[dst]` to every rank (counting what leaves this rank) and returns what came.
+    fn exchange(
+        &mut self,
+        messages: Vec<Vec<u8>>,
+        combine: bool,
+    ) -> Result<crate::comm::Exchanged, MoeError> {
+        let rank = self.comm.rank();
+        let counts: Vec<usize> = messages.iter().map(Vec::len).collect();
+        for (dst, m) in messages.iter().enumerate() {
+            if dst != rank && !m.is_empty() {
+                self.stats.messages += 1;
+                if combine {
+                    self.stats.combine_bytes += m.len() as u64;
+                } else {
+                    self.stats.dispatch_bytes += m.len() as u64;
+                }
+            }
+        }
+        let send: Vec<u8> = messages.concat();
+        self.dispatched = true;
+        self.timed(|c| c.all_to_all_v(&send, &counts))
+    }
+
+    /// The error of the first source whose message says it failed.
+    fn failed_source(&self, got: &crate::comm::Exchanged, op: &'static str) -> Option<MoeError> {
+        (0..got.sources()).find_map(|src| {
+            let b = got.from(src);
+            (b.len() >= 4 && b[..4] == FAILED.to_le_bytes()).then(|| {
+                Reader {
+                    bytes: b,
+                    at: 4,
+                    src,
+                    rank: self.comm.rank(),
+                    op,
+                }
+                .failure()
+            })
+        })
+    }
+
+    /// A failed step's message to every rank.
+    fn failure_messages(&self, e: &MoeError) -> Vec<Vec<u8>> {
+        let mut m = Vec::new();
+        put_u32(&mut m, FAILED);
+        m.extend_from_slice(e.to_string().as_bytes());
+        vec![m; self.comm.size()]
+    }
+
+    fn dispatch_forward(
+        &mut self,
+        routing: &Routing,
+        rows: ArrayView2<'_, f32>,
+        train: bool,
+    ) -> Result<Array2<f32>, MoeError> {
+        let d = self.d;
+        let plan = dispatch_plan(routing, &self.options.placement);
+        let x = rows.as_standard_layout();
+        let xs = x.as_slice().unwrap_or(&[]);
+        let always = self.options.rank_capacity.is_some();
+        let messages: Vec<Vec<u8>> = (0..self.comm.size())
+            .map(|o| encode_dispatch(&plan, o, routing.offsets(), xs, d, always))
+            .collect();
+        let rank = self.comm.rank();
+        self.stats.rows_sent += plan
+            .owners
+            .iter()
+            .enumerate()
+            .filter(|&(o, _)| o != rank)
+            .map(|(_, g)| g.rows() as u64)
+            .sum::<u64>();
+        let got = self.exchange(messages, false)?;
+        // A rank that failed before its dispatch told every rank so: all stop here, before the combine.
+        if let Some(e) = self.failed_source(&got, "dispatch") {
+            return Err(e);
+        }
+        let decoded = (0..got.sources())
+            .map(|src| self.decode_dispatch(got.from(src), src))
+            .collect::<Result<Vec<_>, _>>();
+        let answers = match decoded.and_then(|inbound| self.run_owned(&inbound, train)) {
+            Ok(a) => a,
+            Err(e) => {
+                let m = self.failure_messages(&e);
+                let _ = self.exchange(m, true);
+                return Err(e);
+            }
+        };
+        let back = self.exchange(answers, true)?;
+        assemble(&plan, &back, routing.offsets(), d, rank)
+    }
+
+    fn decode_dispatch(&self, bytes: &[u8], src: usize) -> Result<Option<Inbound>, MoeError> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let mut r = Reader {
+            bytes,
+            at: 0,
+            src,
+            rank: self.comm.rank(),
+            op: "dispatch",
+        };
+        let groups = r.u32()?;
+        let plan_max_rows = r.u32()? as usize;
+        let source_slots = r.u32()? as usize;
+        let n_owned = self.owned_ids.len();
+        let mut experts = Vec::new();
+        let mut offsets = vec![0usize];
+        for _ in 0..groups {
+            let e = r.u32()?;
+            let n = r.u32()? as usize;
+            if e as usize >= n_owned {
+                return Err(comm_error(
+                    "dispatch",
+                    self.comm.rank(),
+                    format!("rank {src} sent rows for local expert {e}; this rank owns {n_owned}"),
+                ));
+            }
+            experts.push(e);
+            let last = offsets[offsets.len() - 1];
+            offsets.push(last + n);
+        }
+        let n_rows = offsets[offsets.len() - 1];
+        let rows = r.rows(n_rows, self.d)?;
+        r.done()?;
+        Ok(Some(Inbound {
+            experts,
+            offsets,
+            plan_max_rows,
+            source_slots,
+            rows,
+        }))
+    }
+
+    /// Runs the owned experts on every source's rows (in source rank order) and encodes the answers.
+    fn run_owned(
+        &mut self,
+        inbound: &[Option<Inbound>],
+        train: bool,
+    ) -> Result<Vec<Vec<u8>>, MoeError> {
+        let total: usize = inbound.iter().flatten().map(|i| i.source_slots).sum();
+        let mut budget = self
+            .options
+            .rank_capacity
+            .map(|c| (f64::from(c) * total as f64 / self.comm.size() as f64).ceil() as usize);
+        let mut answers = Vec::with_capacity(inbound.len());
+        for msg in inbound {
+            let Some(msg) = msg else {
+                answers.push(Vec::new());
+                if train {
+                    self.saved.push(SavedBatch {
+                        batch: None,
+                        rows: 0,
+                        kept: None,
+                    });
+                }
+                continue;
+            };
+            let n = msg.rows.nrows();
+            let keep = budget.map(|b| b.min(n));
+            if let Some(b) = budget.as_mut() {
+                *b -= keep.unwrap_or(0);
+            }
+            let (kept, groups_e, groups_o) = match keep {
+                Some(k) if k < n => {
+                    // The first k rows in (expert, token) order run; the rest are dropped.
+                    let mut e2 = Vec::new();
+                    let mut o2 = vec![0usize];
+                    for (g, &e) in msg.experts.iter().enumerate() {
+                        let end = msg.offsets[g + 1].min(k);
+                        let start = msg.offsets[g].min(k);
+                        if end > start {
+                            e2.push(e);
+                            o2.push(o2[o2.len() - 1] + end - start);
+                        }
+                    }
+                    (Some((0..k).collect::<Vec<_>>()), e2, o2)
+                }
+                _ => (None, msg.experts.clone(), msg.offsets.clone()),
+            };
+            let n_run = groups_o[groups_o.len() - 1];
+            let dropped = n - n_run;
+            self.stats.dropped += dropped as u64;
+            self.stats.rows_run += n_run as u64;
+            let x = msg.rows.slice(ndarray::s![..n_run, ..]);
+            let groups = ExpertGroups {
+                experts: &groups_e,
+                offsets: &groups_o,
+                plan_max_rows: msg.plan_max_rows,
+            };
+            let t0 = Instant::now();
+            let (batch, y) = if n_run == 0 {
+                (None, Array2::zeros((0, self.d)))
+            } else {
+                let owned = self.owned.as_mut().ok_or_else(|| {
+                    comm_error("dispatch", 0, "rows came for a rank that owns no expert")
+                })?;
+                if train {
+                    let (b, y) = owned.forward_train(&groups, x)?;
+                    (Some(b), y)
+                } else {
+                    (None, owned.forward(&groups, x)?)
+                }
+            };
+            self.stats.expert_ms += t0.elapsed().as_secs_f64() * 1e3;
+            if train {
+                self.saved.push(SavedBatch {
+                    batch,
+                    rows: n,
+                    kept: kept.clone(),
+                });
+            }
+            let mut m = Vec::with_capacity(COMBINE_HEADER_BYTES + 4 * dropped + 4 * y.len());
+            put_u32(&mut m, dropped as u32);
+            for i in n_run..n {
+                put_u32(&mut m, i as u32);
+            }
+            put_rows(&mut m, y.as_standard_layout().as_slice().unwrap_or(&[]));
+            answers.push(m);
+        }
+        Ok(answers)
+    }
+
+    fn dispatch_backward(
+        &mut self,
+        routing: &Routing,
+        d_out: ArrayView2<'_, f32>,
+    ) -> Result<Array2<f32>, MoeError> {
+        let d = self.d;
+        let plan = dispatch_plan(routing, &self.options.placement);
+        let g = d_out.as_standard_layout();
+        let gs = g.as_slice().unwrap_or(&[]);
+        let offsets = routing.offsets();
+        let messages: Vec<Vec<u8>> = plan
+            .owners
+            .iter()
+            .map(|o| {
+                let mut m = Vec::new();
+                if o.rows() > 0 {
+                    put_u32(&mut m, 0);
+                    for &pg in &o.plan_groups {
+                        put_rows(&mut m, &gs[offsets[pg] * d..offsets[pg + 1] * d]);
+                    }
+                }
+                m
+            })
+            .collect();
+        let got = self.exchange(messages, false)?;
+        if let Some(e) = self.failed_source(&got, "dispatch (backward)") {
+            return Err(e);
+        }
+        let answers = match self.backward_owned(&got) {
+            Ok(a) => a,
+            Err(e) => {
+                let m = self.failure_messages(&e);
+                let _ = self.exchange(m, true);
+                return Err(e);
+            }
+        };
+        let back = self.exchange(answers, true)?;
+        assemble(&plan, &back, offsets, d, self.comm.rank())
+    }
+
+    /// The owner's backward of every source's saved batch, in source rank order (so each expert's weight gradient
+    /// is the sum of the sources' in rank order), encoded as combine answers.
+    fn backward_owned(&mut self, got: &crate::comm::Exchanged) -> Result<Vec<Vec<u8>>, MoeError> {
+        let rank = self.comm.rank();
+        if self.saved.len() != got.sources() {
+            return Err(MoeError::Order {
+                call: "expert-parallel backward".into(),
+                before: "a training forward (forward_train) on every rank".into(),
+            });
+        }
+        let d = self.d;
+        let mut answers = Vec::with_capacity(got.sources());
+        for src in 0..got.sources() {
+            let saved = self.saved[src].clone();
+            let bytes = got.from(src);
+            if bytes.is_empty() {
+                if saved.rows > 0 {
+                    return Err(comm_error(
+                        "dispatch (backward)",
+                        rank,
+                        format!("rank {src} sent no gradients for {} rows", saved.rows),
+                    ));
+                }
+                answers.push(Vec::new());
+                continue;
+            }
+            let mut r = Reader {
+                bytes,
+                at: 4,
+                src,
+                rank,
+                op: "dispatch (backward)",
+            };
+            let dy = r.rows(saved.rows, d)?;
+            r.done()?;
+            let kept = saved
+                .kept
+                .clone()
+                .unwrap_or_else(|| (0..saved.rows).collect());
+            let dx = match saved.batch {
+                Some(b) => {
+                    let owned = self.owned.as_mut().ok_or_else(|| {
+                        comm_error("dispatch (backward)", rank, "no owned experts")
+                    })?;
+                    let dyk = dy.select(ndarray::Axis(0), &kept);
+                    let t0 = Instant::now();
+                    let dx = owned.backward(b, dyk.view())?;
+                    self.stats.expert_ms += t0.elapsed().as_secs_f64() * 1e3;
+                    dx
+                }
+                None => Array2::zeros((0, d)),
+            };
+            let dropped = saved.rows - dx.nrows();
+            let mut m = Vec::with_capacity(COMBINE_HEADER_BYTES + 4 * dropped + 4 * dx.len());
+            put_u32(&mut m, dropped as u32);
+            let mut is_kept = vec![false; saved.rows];
+            kept.iter().for_each(|&i| is_kept[i] = true);
+            for (i, _) in is_kept.iter().enumerate().filter(|(_, k)| !**k) {
+                put_u32(&mut m, i as u32);
+            }
+            put_rows(&mut m, dx.as_standard_layout().as_slice().unwrap_or(&[]));
+            answers.push(m);
+        }
+        Ok(answers)
+    }
+}
+
+/// The dispatch message from a rank with plan `plan` to owner `o`.
+fn encode_dispatch(
+    plan: &DispatchPlan,
+    o: usize,
+    offsets: &[usize],
+    rows: &[f32],
+    d: usize,
+    always_header: bool,
+) -> Vec<u8> {
+    let g = &plan.owners[o];
+    let bytes = dispatch_bytes(g.groups(), g.rows(), d, always_header);
+    let mut m = Vec::with_capacity(bytes);
+    if bytes == 0 {
+        return m;
+    }
+    put_u32(&mut m, g.groups() as u32);
+    put_u32(&mut m, plan.plan_max_rows as u32);
+    put_u32(&mut m, plan.slots as u32);
+    for (i, &e) in g.local_experts.iter().enumerate() {
+        put_u32(&mut m, e);
+        put_u32(&mut m, (g.offsets[i + 1] - g.offsets[i]) as u32);
+    }
+    for &pg in &g.plan_groups {
+        put_rows(&mut m, &rows[offsets[pg] * d..offsets[pg + 1] * d]);
+    }
+    debug_assert_eq!(m.len(), bytes);
+    debug_assert_eq!(
+        HEADER_BYTES + GROUP_BYTES * g.groups(),
+        bytes - 4 * g.rows() * d
+    );
+    m
+}
+
+/// Puts every owner's answer back into the plan's slot order, `[slots, d]`; dropped rows stay zero.
+fn assemble(
+    plan: &DispatchPlan,
+    back: &crate::comm::Exchanged,
+    offsets: &[usize],
+    d: usize,
+    rank: usize,
+) -> Result<Array2<f32>, MoeError> {
+    let mut y = Array2::<f32>::zeros((plan.slots, d));
+    for (o, g) in plan.owners.iter().enumerate() {
+        let bytes = back.from(o);
+        let mut r = Reader {
+            bytes,
+            at: 0,
+            src: o,
+            rank,
+            op: "combine",
+        };
+        if bytes.is_empty() {
+            if g.rows() > 0 {
+                return Err(comm_error(
+                    "combine",
+                    rank,
+                    format!("rank {o} sent no outputs for {} rows", g.rows()),
+                ));
+            }
+            continue;
+        }
+        let dropped = r.u32()?;
+        if dropped == FAILED {
+            return Err(r.failure());
+        }
+        let dropped = dropped as usize;
+        if dropped > g.rows() {
+            return Err(comm_error(
+                "combine",
+                rank,
+                format!("rank {o} dropped {dropped} of {} rows", g.rows()),
+            ));
+        }
+        let mut is_dropped = vec![false; g.rows()];
+        for _ in 0..dropped {
+            let i = r.u32()? as usize;
+            match is_dropped.get_mut(i) {
+                Some(f) => *f = true,
+                None => {
+                    return Err(comm_error(
+                        "combine",
+                        rank,
+                        format!("rank {o} dropped row {i} of {}", g.rows()),
+                    ));
+                }
+            }
+        }
+        let kept = r.rows(g.rows() - dropped, d)?;
+        r.done()?;
+        let mut next = kept.outer_iter();
+        let mut i = 0;
+        for &pg in &g.plan_groups {
+            for slot in offsets[pg]..offsets[pg + 1] {
+                if !is_dropped[i]
+                    && let Some(row) = next.next()
+                {
+                    y.row_mut(slot).assign(&row);
+                }
+                i += 1;
+            }
+        }
+    }
+    Ok(y)
+}
