@@ -82,6 +82,25 @@ pub(super) fn block_cols(max_rows: usize, hidden: bool) -> usize {
     }
 }
 
+/// The row count of the largest of the groups `offsets` (`[groups + 1]` row offsets; 0 without groups).
+pub(super) fn widest(offsets: &[usize]) -> usize {
+    offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+}
+
+/// The smallest row count at least `widest` whose tiles are those of a plan whose largest group has `max_rows`
+/// rows (`widest <= max_rows`): the same [`block_cols`] (rows up to [`SMALL_ROWS`], up to 256, more), so a
+/// caller's plan-wide `max_rows`, however large, never sizes scratch beyond the rows it runs.
+pub(super) fn tile_rows(max_rows: usize, widest: usize) -> usize {
+    let floor = if max_rows <= SMALL_ROWS {
+        0
+    } else if max_rows <= 256 {
+        SMALL_ROWS + 1
+    } else {
+        257
+    };
+    widest.max(floor).min(max_rows)
+}
+
 /// Grows every pool thread's scratch to the largest tile of a call whose largest group has `max_rows` rows, first:
 /// which thread runs which tile then never decides whether a later call allocates.
 pub(super) fn reserve_tiles(max_rows: usize) {
@@ -124,8 +143,7 @@ pub(crate) fn run_bank(
     y: &mut [f32],
     kernels: Kernels,
 ) -> Result<(), MoeError> {
-    let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    run_groups(bank, experts, offsets, x, h, y, max_rows, kernels)
+    run_groups(bank, experts, offsets, x, h, y, widest(offsets), kernels)
 }
 
 /// [`run_bank`] with the tiles' column blocks picked for a largest group of `max_rows` rows (at least the largest
@@ -154,11 +172,11 @@ pub(crate) fn run_groups(
     if rows == 0 {
         return Ok(());
     }
-    let widest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let largest = widest(offsets);
     if experts.len() + 1 != offsets.len()
         || x.len() < rows * d
         || y.len() < rows * d
-        || widest > max_rows
+        || largest > max_rows
     {
         return Err(MoeError::Backend {
             backend: "cpu".into(),
@@ -166,6 +184,7 @@ pub(crate) fn run_groups(
         });
     }
     let h = h.get_mut(rows * f);
+    let max_rows = tile_rows(max_rows, largest);
     reserve_tiles(max_rows);
     // Phase 1: h = act(first product), tile by tile.
     par_tiles(

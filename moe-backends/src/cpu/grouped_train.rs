@@ -14,7 +14,8 @@ use moe_core::{ExpertBank, MoeError};
 use super::activation::{Act, backward_row, hidden_row};
 use super::backward_ref::BankGrads;
 use super::grouped::{
-    AlignedBuf, block_cols, down_phase, expert_weights, reserve_tiles, unsupported,
+    AlignedBuf, block_cols, down_phase, expert_weights, reserve_tiles, tile_rows, unsupported,
+    widest,
 };
 use super::internal;
 use super::kernels::{Kernels, Strided, Weights, par_tiles};
@@ -80,10 +81,13 @@ fn first_weights(
 }
 
 /// The training forward of `bank`'s experts `experts[g]` on rows `x[offsets[g]..offsets[g + 1]]`: writes `p`, `h`
-/// and `y` (sized here).
+/// and `y` (sized here). `max_rows` is the largest group of the whole plan these groups belong to (at least the
+/// largest of them, [`super::grouped::widest`] for a whole plan): it picks the tiles' column blocks, as in
+/// `grouped::run_groups`, so a plan run in parts gives every row the values of one call over the whole plan.
 ///
 /// # Errors
-/// [`MoeError::Backend`] for a bank kind this path does not run or inconsistent buffers.
+/// [`MoeError::Backend`] for a bank kind this path does not run or inconsistent buffers (a group larger than
+/// `max_rows`).
 pub(crate) fn train_bank(
     bank: &ExpertBank,
     experts: &[u32],
@@ -92,13 +96,14 @@ pub(crate) fn train_bank(
     p: &mut AlignedBuf,
     h: &mut AlignedBuf,
     y: &mut AlignedBuf,
+    max_rows: usize,
     kernels: Kernels,
 ) -> Result<(), MoeError> {
     let act = Act::of(bank).ok_or_else(|| unsupported(bank))?;
     let (d, f) = (bank.d_model(), bank.ffn());
     let pw = act.width(f);
     let rows = offsets.last().copied().unwrap_or(0);
-    if experts.len() + 1 != offsets.len() || x.len() < rows * d {
+    if experts.len() + 1 != offsets.len() || x.len() < rows * d || widest(offsets) > max_rows {
         return Err(internal("grouped training: inconsistent groups or buffers"));
     }
     let (p, h, y) = (
@@ -109,7 +114,7 @@ pub(crate) fn train_bank(
     if rows == 0 {
         return Ok(());
     }
-    let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let max_rows = tile_rows(max_rows, widest(offsets));
     reserve_tiles(max_rows);
     par_tiles(
         p,
@@ -152,10 +157,12 @@ pub(crate) struct Rows<'a> {
 }
 
 /// The backward of [`train_bank`] for output gradients `dy` (`[rows, d]`, already scaled by the combine): fills
-/// `grads` (every expert of the bank; experts without rows get zeros) and leaves `dX` in `buf.y`.
+/// `grads` (every expert of the bank; experts without rows get zeros) and leaves `dX` in `buf.y`. `max_rows` as
+/// for [`train_bank`] (the same value the training forward had).
 ///
 /// # Errors
-/// [`MoeError::Backend`] for a bank kind this path does not run, inconsistent buffers or gradients.
+/// [`MoeError::Backend`] for a bank kind this path does not run, inconsistent buffers or gradients (a group
+/// larger than `max_rows`).
 pub(crate) fn backward_bank(
     bank: &ExpertBank,
     experts: &[u32],
@@ -163,6 +170,7 @@ pub(crate) fn backward_bank(
     buf: Rows<'_>,
     grads: &mut BankGrads,
     index: &mut GradIndex,
+    max_rows: usize,
     kernels: Kernels,
 ) -> Result<(), MoeError> {
     let act = Act::of(bank).ok_or_else(|| unsupported(bank))?;
@@ -176,6 +184,7 @@ pub(crate) fn backward_bank(
         || h.len() < rows * f
         || y.len() < rows * d
         || dy.len() < rows * d
+        || widest(offsets) > max_rows
     {
         return Err(internal("grouped backward: inconsistent groups or buffers"));
     }
@@ -197,7 +206,7 @@ pub(crate) fn backward_bank(
     if rows == 0 {
         return zero_first(w1, b1);
     }
-    let max_rows = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let max_rows = tile_rows(max_rows, widest(offsets));
     reserve_tiles(max_rows);
     // dH = dY · W2, over H.
     par_tiles(

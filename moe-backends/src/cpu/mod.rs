@@ -10,6 +10,10 @@
 //! [`reference_forward`] is the plain path (ndarray products per expert, fresh buffers) the fast path is tested
 //! against; banks the fast path does not run (PEER, custom experts) use the same per-expert code.
 //!
+//! Expert parallelism (`cpu/remote.rs`): [`CpuExperts`] runs the groups of rows other ranks send to the experts
+//! this rank owns, and a [`CpuLayer`]'s `forward_remote` / `backward_remote` run the frames above with the routed
+//! experts' products done remotely; both bit-identical to one rank.
+//!
 //! A stored bank ([`moe_core::ExpertBank::Stored`]) keeps `slots` experts resident and loads the others from its
 //! source when the routing picks them, group by group, with the fast path's kernels and tiles (`cpu/store.rs`);
 //! its output is bit-identical to the all-resident layer's. Stored experts are read-only: training is refused.
@@ -26,6 +30,7 @@ mod grouped_train;
 mod kernels;
 mod peer;
 pub mod probe;
+mod remote;
 mod store;
 mod store_loader;
 mod train;
@@ -45,6 +50,7 @@ use grouped::Workspace;
 use kernels::Kernels;
 
 pub use experts::expert_forward;
+pub use remote::CpuExperts;
 
 /// Which matrix-product kernels the fast path may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -139,18 +145,7 @@ impl Backend for CpuBackend {
         if let Some(l) = Arc::get_mut(&mut layer) {
             l.align_weights(64);
         }
-        let pool = match self.threads {
-            Some(n) => Some(Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .build()
-                    .map_err(|e| MoeError::Backend {
-                        backend: "cpu".into(),
-                        reason: e.to_string(),
-                    })?,
-            )),
-            None => None,
-        };
+        let pool = self.pool()?;
         let fast = grouped::supports(layer.experts());
         let peer = peer::supports(&layer).then(Box::default);
         let store = store::StoreState::for_layer(&layer)?.map(Box::new);
@@ -170,6 +165,28 @@ impl Backend for CpuBackend {
     fn read_bandwidth(&self, bytes: usize, repeats: usize) -> Result<Option<f64>, MoeError> {
         let threads = self.threads.unwrap_or_else(rayon::current_num_threads);
         probe::read_bandwidth(bytes, threads, repeats).map(Some)
+    }
+
+    fn upload_experts(
+        &self,
+        bank: Arc<moe_core::ExpertBank>,
+    ) -> Result<Box<dyn moe_core::ResidentExperts>, MoeError> {
+        remote::upload_experts(self, bank)
+    }
+}
+
+impl CpuBackend {
+    /// The backend's own thread pool (`None`: rayon's global pool).
+    fn pool(&self) -> Result<Option<Arc<rayon::ThreadPool>>, MoeError> {
+        self.threads
+            .map(|n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map(Arc::new)
+            })
+            .transpose()
+            .map_err(|e| internal(&e.to_string()))
     }
 }
 
@@ -213,7 +230,7 @@ impl CpuLayer {
             } else if saved.fast {
                 train_fast::backward(layer, saved, tws, d_output, d_aux, kernels, &mut recycle)
             } else {
-                reference_backward(layer, saved, d_output, d_aux)
+                train::reference_backward(layer, saved, d_output, d_aux)
             }
         };
         match &self.pool {
@@ -249,7 +266,7 @@ impl DeviceLayer for CpuLayer {
             } else if self.fast {
                 forward(layer, input, ws, kernels)
             } else {
-                reference_forward(layer, input)
+                remote::custom_forward(layer, input, ws, kernels)
             }
         };
         match &self.pool {
@@ -267,7 +284,7 @@ impl DeviceLayer for CpuLayer {
         }
         let (layer, saved, tws, kernels) =
             (&self.layer, &mut self.saved, &mut self.tws, self.kernels);
-        let fast = self.fast;
+        let (fast, ws) = (self.fast, &mut self.ws);
         let mut pws = self.peer.as_deref_mut();
         let mut run = |saved: &mut train::Saved, tws: &mut train_fast::TrainWorkspace| {
             if let Some(p) = pws.as_deref_mut() {
@@ -277,7 +294,7 @@ impl DeviceLayer for CpuLayer {
                 return train_fast::forward_train(layer, input, saved, tws, kernels);
             }
             saved.keep_input(input);
-            let out = reference_forward(layer, input)?;
+            let out = remote::custom_forward(layer, input, ws, kernels)?;
             saved.fast = false;
             saved.routing = Some(out.routing.clone());
             saved.ready = true;
@@ -313,6 +330,31 @@ impl DeviceLayer for CpuLayer {
         }
     }
 
+    fn forward_remote(
+        &mut self,
+        input: &RouterInput<'_>,
+        experts: &mut dyn moe_core::RemoteExperts,
+    ) -> Result<LayerOutput, MoeError> {
+        self.forward_remote_frame(input, experts)
+    }
+
+    fn forward_train_remote(
+        &mut self,
+        input: &RouterInput<'_>,
+        experts: &mut dyn moe_core::RemoteExperts,
+    ) -> Result<LayerOutput, MoeError> {
+        self.forward_train_remote_frame(input, experts)
+    }
+
+    fn backward_remote(
+        &mut self,
+        d_output: ndarray::ArrayView2<'_, f32>,
+        d_aux: &[f32],
+        experts: &mut dyn moe_core::RemoteExperts,
+    ) -> Result<LayerGrads, MoeError> {
+        self.backward_remote_frame(d_output, d_aux, experts)
+    }
+
     fn store_stats(&self) -> Option<StoreStats> {
         self.store.as_ref().map(|s| s.stats())
     }
@@ -335,46 +377,6 @@ impl DeviceLayer for CpuLayer {
         layer.align_weights(64);
         Ok(())
     }
-}
-
-/// The reference backward of the last training forward (`saved`): the routed experts per expert on recomputed
-/// intermediates, the shared experts, then [`train::finish_backward`].
-fn reference_backward(
-    layer: &MoeLayer,
-    saved: &train::Saved,
-    d_output: ndarray::ArrayView2<'_, f32>,
-    d_aux: &[f32],
-) -> Result<LayerGrads, MoeError> {
-    let routing = saved
-        .routing
-        .as_ref()
-        .ok_or_else(|| internal("no saved plan"))?;
-    let input = saved.input()?;
-    let x = input.hidden;
-    let (d_weights, slot_dx, expert_grads) = train::routed_reference(layer, x, routing, d_output)?;
-    let mut d_input = Array2::<f32>::zeros(x.raw_dim());
-    let (offsets, slots) = routing.token_slots();
-    let dx = slot_dx
-        .as_slice()
-        .ok_or_else(|| internal("slot gradients are not contiguous"))?;
-    train::scatter_slots(&mut d_input, &offsets, &slots, dx)?;
-    let shared_grads = match layer.shared() {
-        Some(shared) => train::shared_reference(shared, x, d_output, &mut d_input)?,
-        None => Vec::new(),
-    };
-    train::finish_backward(
-        layer,
-        saved,
-        routing,
-        d_output,
-        d_aux,
-        train::Parts {
-            d_weights: &d_weights,
-            d_input,
-            expert_grads,
-            shared_grads,
-        },
-    )
 }
 
 /// One fast forward of `layer` on `input`, reusing `ws` (the routed bank is one [`grouped::supports`] runs).
@@ -411,7 +413,8 @@ fn finish(layer: &MoeLayer, mut output: Array2<f32>, routing: Routing) -> LayerO
 }
 
 /// The reference forward: per-expert ndarray products on freshly gathered rows, the same combine order. Slow and
-/// simple; the fast path is tested against it, and banks the fast path does not run (PEER, custom) use it.
+/// simple; the fast path is tested against it. Banks the fast path does not run use the same per-expert code
+/// (PEER its own path; custom experts in the fast forward's frame, `cpu/remote.rs`).
 ///
 /// # Errors
 /// As [`DeviceLayer::forward`].

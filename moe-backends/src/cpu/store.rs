@@ -297,7 +297,8 @@ fn ms_since(start: Instant) -> f64 {
 
 /// The fast forward's frame: routes, gathers each active expert's rows (`x`, `[rows, d]`, expert-major as the
 /// plan's offsets), lets `experts` write the routed experts' outputs (`y`, `[rows, d]`; `h` is the hidden
-/// workspace), then combines them and adds the shared experts and the output bias.
+/// workspace), then combines them and adds the shared experts and the output bias ([`route_gather`], then
+/// [`combine_rest`]).
 pub(super) fn forward_with(
     layer: &MoeLayer,
     input: &RouterInput<'_>,
@@ -305,8 +306,24 @@ pub(super) fn forward_with(
     kernels: Kernels,
     experts: impl FnOnce(&Routing, &[f32], &mut grouped::AlignedBuf, &mut [f32]) -> Result<(), MoeError>,
 ) -> Result<LayerOutput, MoeError> {
+    let routing = route_gather(layer, input, ws)?;
+    let rows = routing.n_slots() * input.hidden.ncols();
+    experts(&routing, ws.x.get(rows), &mut ws.h, ws.y.get_mut(rows))?;
+    combine_rest(layer, input, ws, kernels, routing)
+}
+
+/// The first part of [`forward_with`]: routes `input` and gathers each active expert's rows into `ws.x`
+/// (`[slots, d]`, expert-major as the plan's offsets).
+///
+/// # Errors
+/// The router's errors.
+pub(super) fn route_gather(
+    layer: &MoeLayer,
+    input: &RouterInput<'_>,
+    ws: &mut Workspace,
+) -> Result<Routing, MoeError> {
     let routing = layer.route(input)?;
-    let (t, d) = input.hidden.dim();
+    let d = input.hidden.ncols();
     let rows = routing.n_slots();
     let offsets = routing.offsets();
     // Gather each active expert's rows into one contiguous block.
@@ -322,12 +339,23 @@ pub(super) fn forward_with(
         }
         Ok(())
     })?;
-    experts(
-        &routing,
-        ws.x.get(rows * d),
-        &mut ws.h,
-        ws.y.get_mut(rows * d),
-    )?;
+    Ok(routing)
+}
+
+/// The rest of [`forward_with`] once the routed experts' outputs are in `ws.y` (`[slots, d]`, the plan's order):
+/// the weighted combine, the shared experts (on the grouped path when their bank runs there) and the output bias.
+///
+/// # Errors
+/// Shared experts' errors; [`MoeError::Backend`] for inconsistent buffers.
+pub(super) fn combine_rest(
+    layer: &MoeLayer,
+    input: &RouterInput<'_>,
+    ws: &mut Workspace,
+    kernels: Kernels,
+    routing: Routing,
+) -> Result<LayerOutput, MoeError> {
+    let (t, d) = input.hidden.dim();
+    let rows = routing.n_slots();
     routing.token_slots_into(&mut ws.token_offsets, &mut ws.token_slots);
     let mut output = combine::combine(
         &ws.token_offsets,

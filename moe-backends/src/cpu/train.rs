@@ -38,6 +38,9 @@ pub(crate) struct Saved {
     mode: Mode,
     /// The plan of the training forward.
     pub routing: Option<Routing>,
+    /// Whether the routed experts' products were done remotely (`forward_train_remote`): only
+    /// `backward_remote` takes such a forward.
+    pub remote: bool,
 }
 
 /// Copies `src` into `dst` (reusing its allocation), or clears `dst` to `None`.
@@ -58,6 +61,7 @@ impl Saved {
     pub(crate) fn keep_input(&mut self, input: &RouterInput<'_>) {
         let (t, d) = input.hidden.dim();
         self.ready = false;
+        self.remote = false;
         self.t = t;
         self.d = d;
         self.hidden.clear();
@@ -104,12 +108,31 @@ pub(crate) fn check_backward<'s>(
     d_output: ArrayView2<'_, f32>,
     d_aux: &[f32],
 ) -> Result<&'s Routing, MoeError> {
+    check_backward_of(saved, d_output, d_aux, false)
+}
+
+/// [`check_backward`] of `backward` (`remote = false`) or of `backward_remote` (`remote = true`): the training
+/// forward must be of the same kind (`forward_train` or `forward_train_remote`).
+///
+/// # Errors
+/// As [`check_backward`].
+pub(crate) fn check_backward_of<'s>(
+    saved: &'s Saved,
+    d_output: ArrayView2<'_, f32>,
+    d_aux: &[f32],
+    remote: bool,
+) -> Result<&'s Routing, MoeError> {
+    let (call, forward) = if remote {
+        ("backward_remote", "forward_train_remote")
+    } else {
+        ("backward", "forward_train")
+    };
     let routing = match (&saved.routing, saved.ready) {
-        (Some(r), true) => r,
+        (Some(r), true) if saved.remote == remote => r,
         _ => {
             return Err(MoeError::Order {
-                call: "backward".into(),
-                before: "a training forward (forward_train; each backward consumes one)".into(),
+                call: call.into(),
+                before: format!("a training forward ({forward}; each backward consumes one)"),
             });
         }
     };
@@ -340,4 +363,44 @@ pub(crate) fn finish_backward(
         params.extend(layer.name_grads("", vec![Grad::dense("output_bias", db)]));
     }
     Ok(LayerGrads { d_input, params })
+}
+
+/// The reference backward of the last training forward (`saved`): the routed experts per expert on recomputed
+/// intermediates, the shared experts, then [`finish_backward`].
+pub(crate) fn reference_backward(
+    layer: &MoeLayer,
+    saved: &Saved,
+    d_output: ndarray::ArrayView2<'_, f32>,
+    d_aux: &[f32],
+) -> Result<LayerGrads, MoeError> {
+    let routing = saved
+        .routing
+        .as_ref()
+        .ok_or_else(|| internal("no saved plan"))?;
+    let input = saved.input()?;
+    let x = input.hidden;
+    let (d_weights, slot_dx, expert_grads) = routed_reference(layer, x, routing, d_output)?;
+    let mut d_input = Array2::<f32>::zeros(x.raw_dim());
+    let (offsets, slots) = routing.token_slots();
+    let dx = slot_dx
+        .as_slice()
+        .ok_or_else(|| internal("slot gradients are not contiguous"))?;
+    scatter_slots(&mut d_input, &offsets, &slots, dx)?;
+    let shared_grads = match layer.shared() {
+        Some(shared) => shared_reference(shared, x, d_output, &mut d_input)?,
+        None => Vec::new(),
+    };
+    finish_backward(
+        layer,
+        saved,
+        routing,
+        d_output,
+        d_aux,
+        Parts {
+            d_weights: &d_weights,
+            d_input,
+            expert_grads,
+            shared_grads,
+        },
+    )
 }

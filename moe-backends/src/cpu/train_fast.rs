@@ -4,11 +4,11 @@
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
-use moe_core::{LayerGrads, LayerOutput, MoeError, MoeLayer, RouterInput};
+use moe_core::{LayerGrads, LayerOutput, MoeError, MoeLayer, RouterInput, Routing};
 
 use super::activation::Act;
 use super::backward_ref::BankGrads;
-use super::grouped::supports;
+use super::grouped::{supports, widest};
 use super::grouped_train::{BankBufs, GradIndex, Rows, backward_bank, train_bank};
 use super::kernels::Kernels;
 use super::train::{Parts, Saved, finish_backward, scatter_slots, shared_gate_backward};
@@ -17,7 +17,8 @@ use super::{combine, expert_forward, finish, internal};
 /// Buffers of the grouped training path.
 #[derive(Debug, Default)]
 pub(crate) struct TrainWorkspace {
-    routed: BankBufs,
+    /// The routed bank's rows: `x` gathered, `y` its outputs (`dX` after the backward), `dy` its output gradients.
+    pub(crate) routed: BankBufs,
     shared: BankBufs,
     token_offsets: Vec<usize>,
     token_slots: Vec<usize>,
@@ -37,38 +38,74 @@ pub(crate) fn forward_train(
     ws: &mut TrainWorkspace,
     kernels: Kernels,
 ) -> Result<LayerOutput, MoeError> {
+    let routing = train_gather(layer, input, saved, ws)?;
+    let (rows, d) = (routing.n_slots(), input.hidden.ncols());
+    let offsets = routing.offsets();
+    let r = &mut ws.routed;
+    train_bank(
+        layer.experts(),
+        routing.active_experts(),
+        offsets,
+        r.x.get(rows * d),
+        &mut r.p,
+        &mut r.h,
+        &mut r.y,
+        widest(offsets),
+        kernels,
+    )?;
+    train_combine(layer, input, saved, ws, kernels, routing)
+}
+
+/// The first part of [`forward_train`]: keeps the input, routes it and gathers each slot's row into
+/// `ws.routed.x` (`[slots, d]`, the plan's order).
+///
+/// # Errors
+/// The router's errors.
+pub(crate) fn train_gather(
+    layer: &MoeLayer,
+    input: &RouterInput<'_>,
+    saved: &mut Saved,
+    ws: &mut TrainWorkspace,
+) -> Result<Routing, MoeError> {
     saved.keep_input(input);
     let routing = layer.route(input)?;
-    let (t, d) = input.hidden.dim();
+    let d = input.hidden.ncols();
     let rows = routing.n_slots();
-    let offsets = routing.offsets();
     let (hidden, tokens) = (saved.hidden(), routing.slot_tokens());
-    let r = &mut ws.routed;
-    r.x.get_mut(rows * d)
+    ws.routed
+        .x
+        .get_mut(rows * d)
         .par_chunks_mut(d.max(1))
         .zip(tokens.par_iter())
         .for_each(|(row, &tok)| {
             let tok = tok as usize;
             row.copy_from_slice(&hidden[tok * d..(tok + 1) * d]);
         });
-    let x = r.x.get(rows * d);
-    let active = routing.active_experts();
-    train_bank(
-        layer.experts(),
-        active,
-        offsets,
-        x,
-        &mut r.p,
-        &mut r.h,
-        &mut r.y,
-        kernels,
-    )?;
+    Ok(routing)
+}
+
+/// The rest of [`forward_train`] once the routed experts' outputs are in `ws.routed.y` (`[slots, d]`): the
+/// combine, the shared experts (kept for the backward), the output bias; marks `saved` ready with the plan.
+///
+/// # Errors
+/// Shared experts' errors; [`MoeError::Backend`] for inconsistent buffers.
+pub(crate) fn train_combine(
+    layer: &MoeLayer,
+    input: &RouterInput<'_>,
+    saved: &mut Saved,
+    ws: &mut TrainWorkspace,
+    kernels: Kernels,
+    routing: Routing,
+) -> Result<LayerOutput, MoeError> {
+    let (t, d) = input.hidden.dim();
+    let rows = routing.n_slots();
+    let hidden = saved.hidden();
     routing.token_slots_into(&mut ws.token_offsets, &mut ws.token_slots);
     let mut output = combine::combine(
         &ws.token_offsets,
         &ws.token_slots,
         routing.slot_weights(),
-        r.y.get(rows * d),
+        ws.routed.y.get(rows * d),
         t,
         d,
         layer.output_scale(),
@@ -84,6 +121,7 @@ pub(crate) fn forward_train(
                 &mut s.p,
                 &mut s.h,
                 &mut s.y,
+                t,
                 kernels,
             )?;
             let ys = ArrayView2::from_shape((t, d), s.y.get(t * d))
@@ -115,11 +153,48 @@ pub(crate) fn backward(
     kernels: Kernels,
     recycle: &mut Vec<moe_core::Grad>,
 ) -> Result<LayerGrads, MoeError> {
+    let routing = backward_dy(layer, saved, ws, d_output)?;
+    let (rows, d) = (routing.n_slots(), saved.d);
+    let mut expert_grads = BankGrads::reuse(layer.experts(), recycle, "experts.")?;
+    let f = layer.experts().ffn();
+    let pw = Act::of(layer.experts()).map_or(2 * f, |a| a.width(f));
+    let r = &mut ws.routed;
+    backward_bank(
+        layer.experts(),
+        routing.active_experts(),
+        routing.offsets(),
+        Rows {
+            x: r.x.get(rows * d),
+            p: r.p.get_mut(rows * pw),
+            h: r.h.get_mut(rows * f),
+            y: r.y.get_mut(rows * d),
+            dy: r.dy.get(rows * d),
+        },
+        &mut expert_grads,
+        &mut ws.index,
+        widest(routing.offsets()),
+        kernels,
+    )?;
+    let grads = expert_grads.into_grads();
+    backward_rest(layer, saved, ws, d_output, d_aux, kernels, recycle, grads)
+}
+
+/// The first part of [`backward`]: `dY` per slot (`s · w · dy_t`, the plan's order) into `ws.routed.dy` and
+/// `d weight` per slot (`s · ⟨Y, dy_t⟩`, from the outputs in `ws.routed.y`) into `ws.d_weights`. Returns the plan.
+///
+/// # Errors
+/// [`MoeError::Backend`] when no plan was kept (a bug: the caller checks the order).
+pub(crate) fn backward_dy<'s>(
+    layer: &MoeLayer,
+    saved: &'s Saved,
+    ws: &mut TrainWorkspace,
+    d_output: ArrayView2<'_, f32>,
+) -> Result<&'s Routing, MoeError> {
     let routing = saved
         .routing
         .as_ref()
         .ok_or_else(|| internal("no saved plan"))?;
-    let (t, d) = (saved.t, saved.d);
+    let d = saved.d;
     let rows = routing.n_slots();
     let scale = layer.output_scale();
     let owned;
@@ -150,30 +225,37 @@ pub(crate) fn backward(
             let w = scale * weights[s];
             row.iter_mut().zip(g).for_each(|(o, &v)| *o = w * v);
         });
-    let mut expert_grads = BankGrads::reuse(layer.experts(), recycle, "experts.")?;
-    let f = layer.experts().ffn();
-    let pw = Act::of(layer.experts()).map_or(2 * f, |a| a.width(f));
-    backward_bank(
-        layer.experts(),
-        routing.active_experts(),
-        routing.offsets(),
-        Rows {
-            x: r.x.get(rows * d),
-            p: r.p.get_mut(rows * pw),
-            h: r.h.get_mut(rows * f),
-            y: r.y.get_mut(rows * d),
-            dy: r.dy.get(rows * d),
-        },
-        &mut expert_grads,
-        &mut ws.index,
-        kernels,
-    )?;
+    Ok(routing)
+}
+
+/// The rest of [`backward`] once the routed experts' `dX` per slot is in `ws.routed.y` (`[slots, d]`): scatters
+/// it into `d_input`, runs the shared experts' backward, then [`finish_backward`] with `expert_grads` (the routed
+/// bank's gradients as [`moe_core::ExpertBank::params`] names them; empty when their owners keep them).
+///
+/// # Errors
+/// As [`moe_core::DeviceLayer::backward`].
+pub(crate) fn backward_rest(
+    layer: &MoeLayer,
+    saved: &Saved,
+    ws: &mut TrainWorkspace,
+    d_output: ArrayView2<'_, f32>,
+    d_aux: &[f32],
+    kernels: Kernels,
+    recycle: &mut Vec<moe_core::Grad>,
+    expert_grads: Vec<moe_core::Grad>,
+) -> Result<LayerGrads, MoeError> {
+    let routing = saved
+        .routing
+        .as_ref()
+        .ok_or_else(|| internal("no saved plan"))?;
+    let (t, d) = (saved.t, saved.d);
+    let rows = routing.n_slots();
     let mut d_input = Array2::<f32>::zeros((t, d));
     scatter_slots(
         &mut d_input,
         &ws.token_offsets,
         &ws.token_slots,
-        r.y.get(rows * d),
+        ws.routed.y.get(rows * d),
     )?;
     let shared_grads = shared_backward(layer, saved, ws, d_output, &mut d_input, kernels, recycle)?;
     finish_backward(
@@ -185,7 +267,7 @@ pub(crate) fn backward(
         Parts {
             d_weights: &ws.d_weights,
             d_input,
-            expert_grads: expert_grads.into_grads(),
+            expert_grads,
             shared_grads,
         },
     )
@@ -229,6 +311,7 @@ fn shared_backward(
         },
         &mut grads,
         &mut ws.index,
+        t,
         kernels,
     )?;
     let dx =
