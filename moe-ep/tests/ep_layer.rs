@@ -162,8 +162,10 @@ fn spec_strategy() -> impl Strategy<Value = (Spec, usize, bool, Vec<usize>)> {
                     router,
                     e,
                     k: k.min(e),
-                    d: 16,
-                    f: 24,
+                    // Wider than the CPU's smallest column blocks (96 output, 192 hidden columns), so the
+                    // tiles depend on the plan's largest group: an owner must tile with the source's plan.
+                    d: 112,
+                    f: 208,
                     shared,
                     bias,
                     scale,
@@ -175,7 +177,7 @@ fn spec_strategy() -> impl Strategy<Value = (Spec, usize, bool, Vec<usize>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 24, rng_seed: proptest::test_runner::RngSeed::Fixed(20), ..ProptestConfig::default() })]
 
     /// Forward and training on R ranks equal one rank on each rank's tokens.
     #[test]
@@ -222,7 +224,7 @@ proptest! {
             for g in &want_g.params {
                 if g.name.starts_with("experts.") {
                     let GradValue::Dense(v) = &g.value else { panic!("sparse expert grad") };
-                    if expert_sums.len() <= names.len() || !names.contains(&g.name) {
+                    if !names.contains(&g.name) {
                         names.push(g.name.clone());
                         expert_sums.push(None);
                     }
