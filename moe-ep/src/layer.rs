@@ -239,6 +239,11 @@ impl EpLayer {
         &self.net.stats
     }
 
+    /// Gives the communicator back (to make another layer on the same ranks, or to gather results).
+    pub fn into_comm(self) -> Box<dyn Communicator> {
+        self.net.comm
+    }
+
     /// The communicator (its timeout can be changed between steps).
     pub fn comm_mut(&mut self) -> &mut dyn Communicator {
         self.net.comm.as_mut()

@@ -12,88 +12,13 @@ use proptest::prelude::*;
 
 use moe_backends::cpu::CpuBackend;
 use moe_core::rng::SeqRng;
-use moe_core::testing::{BANK_KINDS, random_bank, routing_fingerprint};
-use moe_core::{
-    Backend, GradValue, LayerGrads, LayerOutput, Mode, MoeError, MoeLayer, Router, RouterArgs,
-    RouterInput, SharedExperts,
-};
+use moe_core::testing::{BANK_KINDS, routing_fingerprint};
+use moe_core::{Backend, GradValue, LayerGrads, LayerOutput, MoeError, MoeLayer};
 use moe_ep::plan::{combine_bytes, dispatch_bytes, dispatch_plan};
 use moe_ep::{Communicator, EpLayer, EpOptions, Placement, ThreadComm};
 
-const ROUTERS: u8 = 5;
-
-/// softmax-topk, switch-top1 with drops, expert-choice, noisy-topk (trained with noise), hash, by `which`.
-fn router(which: u8, d: usize, e: usize, k: usize, seed: u64) -> Box<dyn Router> {
-    let (name, k, opts): (&str, usize, &[(&str, &str)]) = match which {
-        0 => ("softmax-topk", k, &[]),
-        1 => ("switch-top1", 1, &[("capacity_factor", "0.5")]),
-        2 => ("expert-choice", k, &[]),
-        3 => ("noisy-topk", k, &[]),
-        _ => ("hash", 1, &[]),
-    };
-    let mut args = RouterArgs::new(d, e, k, seed);
-    for (key, v) in opts {
-        args.set_option_str(key, v);
-    }
-    moe_routers::builtin()
-        .create(name, &args)
-        .unwrap_or_else(|err| panic!("{name}: {err}"))
-}
-
-#[derive(Debug, Clone)]
-struct Spec {
-    kind: u8,
-    router: u8,
-    e: usize,
-    k: usize,
-    d: usize,
-    f: usize,
-    shared: bool,
-    bias: bool,
-    scale: bool,
-    seed: u64,
-}
-
-fn layer(s: &Spec) -> MoeLayer {
-    let mut rng = SeqRng::new(s.seed, 11);
-    let bank = random_bank(s.kind, s.e, s.d, s.f, &mut rng);
-    let mut l = MoeLayer::new(router(s.router, s.d, s.e, s.k, s.seed), bank)
-        .unwrap_or_else(|err| panic!("layer: {err}"));
-    if s.shared {
-        let sb = random_bank(s.kind, 1, s.d, s.f, &mut rng);
-        let gate = (s.seed % 2 == 0).then(|| rng.normal_matrix(1, s.d, 0.3).row(0).to_owned());
-        let shared = SharedExperts::new(sb, gate).unwrap_or_else(|err| panic!("shared: {err}"));
-        l = l.with_shared(shared).unwrap_or_else(|err| panic!("{err}"));
-    }
-    if s.bias {
-        l = l
-            .with_output_bias(rng.normal_matrix(1, s.d, 0.1).row(0).to_owned())
-            .unwrap_or_else(|err| panic!("{err}"));
-    }
-    if s.scale {
-        l = l
-            .with_output_scale(0.75)
-            .unwrap_or_else(|err| panic!("{err}"));
-    }
-    l
-}
-
-/// Rank `r`'s tokens: `[t, d]` and token ids.
-fn tokens(seed: u64, r: usize, t: usize, d: usize) -> (Array2<f32>, Vec<u32>) {
-    let mut rng = SeqRng::new(seed ^ 0x5eed, 100 + r as u64);
-    let x = rng.normal_matrix(t, d, 1.0);
-    let ids = (0..t).map(|i| ((i * 7 + r * 13) % 50) as u32).collect();
-    (x, ids)
-}
-
-fn input<'a>(x: &'a Array2<f32>, ids: &'a [u32], train: bool) -> RouterInput<'a> {
-    let i = RouterInput::new(x.view()).with_token_ids(ids);
-    if train {
-        i.with_mode(Mode::Train { seed: 77 })
-    } else {
-        i
-    }
-}
+mod common;
+use common::{ROUTERS, Spec, input, layer, tokens};
 
 fn bits(a: &Array2<f32>) -> Vec<u32> {
     a.iter().map(|v| v.to_bits()).collect()
