@@ -10,10 +10,14 @@
 //! Design, guarantees and the cost model: `docs/EP.md`.
 
 pub mod comm;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod placement;
 pub mod plan;
 pub mod thread;
 
 pub use comm::{Communicator, Exchanged};
+#[cfg(feature = "nccl")]
+pub use nccl::NcclComm;
 pub use placement::Placement;
 pub use thread::ThreadComm;
