@@ -122,7 +122,9 @@ impl NcclComm {
     pub fn new(bootstrap: &mut dyn Communicator, device_ordinal: usize) -> Result<Self, MoeError> {
         let (rank, size, timeout) = (bootstrap.rank(), bootstrap.size(), bootstrap.timeout());
         let mine = std::panic::catch_unwind(|| local_hello(device_ordinal, rank == 0))
-            .unwrap_or_else(|_| Hello::Failed("cudarc panicked while probing CUDA and NCCL".into()));
+            .unwrap_or_else(|_| {
+                Hello::Failed("cudarc panicked while probing CUDA and NCCL".into())
+            });
         let all = bootstrap.all_gather(&mine.encode())?;
         let hellos = (0..all.sources())
             .map(|src| {
@@ -213,7 +215,8 @@ impl NcclComm {
                 ABORT_GRACE.as_secs()
             ),
             Err(RecvTimeoutError::Disconnected) => {
-                "the NCCL worker thread ended without answering (a panic in cudarc: see stderr)".to_string()
+                "the NCCL worker thread ended without answering (a panic in cudarc: see stderr)"
+                    .to_string()
             }
         };
         self.spent = Some(why.clone());
@@ -293,7 +296,10 @@ impl Communicator for NcclComm {
 fn libraries_present() -> Result<(), String> {
     // SAFETY: `is_culib_present` tries `dlopen` on the library's candidate names and calls nothing in them.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("the CUDA driver library (libcuda.so) was not found: this machine has no NVIDIA driver".into());
+        return Err(
+            "the CUDA driver library (libcuda.so) was not found: this machine has no NVIDIA driver"
+                .into(),
+        );
     }
     // SAFETY: as above.
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
@@ -350,17 +356,20 @@ impl Hello {
             Some(u64::from_le_bytes(b))
         };
         match bytes.first() {
-            Some(0) => Ok(Hello::Failed(String::from_utf8_lossy(&bytes[1..]).into_owned())),
+            Some(0) => Ok(Hello::Failed(
+                String::from_utf8_lossy(&bytes[1..]).into_owned(),
+            )),
             Some(1) => {
                 let (Some(ordinal), Some(devices)) = (u64_at(1), u64_at(9)) else {
                     return Err(format!("{} bytes, too short", bytes.len()));
                 };
-                let id = match &bytes[17.min(bytes.len())..] {
-                    [] => None,
-                    rest => Some(<[u8; ID_BYTES]>::try_from(rest).map_err(|_| {
-                        format!("an id of {} bytes, not {ID_BYTES}", rest.len())
-                    })?),
-                };
+                let id =
+                    match &bytes[17.min(bytes.len())..] {
+                        [] => None,
+                        rest => Some(<[u8; ID_BYTES]>::try_from(rest).map_err(|_| {
+                            format!("an id of {} bytes, not {ID_BYTES}", rest.len())
+                        })?),
+                    };
                 Ok(Hello::Ready {
                     ordinal,
                     devices,
@@ -418,7 +427,11 @@ fn check_hellos(
     for (src, hello) in hellos.iter().enumerate() {
         match hello {
             Hello::Failed(why) => {
-                let who = if src == rank { "this rank".to_string() } else { format!("rank {src}") };
+                let who = if src == rank {
+                    "this rank".to_string()
+                } else {
+                    format!("rank {src}")
+                };
                 return Err(format!("{who} cannot join NCCL: {why}"));
             }
             Hello::Ready {
@@ -472,7 +485,11 @@ pub(crate) struct Transfer {
 /// one entry per other rank with something to send or receive, in rank order. This rank's own message is left
 /// out (copied on the host), and so are empty messages: a peer skips a send exactly when the receiver's count
 /// for it is zero, so both sides agree on which calls happen.
-pub(crate) fn transfers(rank: usize, send_offsets: &[usize], recv_offsets: &[usize]) -> Vec<Transfer> {
+pub(crate) fn transfers(
+    rank: usize,
+    send_offsets: &[usize],
+    recv_offsets: &[usize],
+) -> Vec<Transfer> {
     let peers = send_offsets.len().min(recv_offsets.len()).saturating_sub(1);
     (0..peers)
         .filter(|&p| p != rank)
@@ -522,7 +539,9 @@ fn worker_main(
             } => worker
                 .all_to_all_v(&send, &counts, Instant::now() + timeout)
                 .map(Reply::Exchanged),
-            Job::Barrier { timeout } => worker.barrier(Instant::now() + timeout).map(|()| Reply::Done),
+            Job::Barrier { timeout } => worker
+                .barrier(Instant::now() + timeout)
+                .map(|()| Reply::Done),
         };
         let failed = reply.is_err();
         if replies.send(reply).is_err() || failed {
@@ -543,9 +562,17 @@ fn nccl(what: &str, e: cudarc::nccl::result::NcclError) -> String {
 
 impl Worker {
     /// `ncclCommInitRank` for `rank` of `size` on GPU `ordinal`, on a new stream.
-    fn start(ordinal: usize, rank: usize, size: usize, id: [u8; ID_BYTES]) -> Result<Worker, String> {
-        let ctx = CudaContext::new(ordinal).map_err(|e| driver(&format!("opening GPU {ordinal}"), e))?;
-        let stream = ctx.new_stream().map_err(|e| driver("creating a stream", e))?;
+    fn start(
+        ordinal: usize,
+        rank: usize,
+        size: usize,
+        id: [u8; ID_BYTES],
+    ) -> Result<Worker, String> {
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| driver(&format!("opening GPU {ordinal}"), e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver("creating a stream", e))?;
         let id = Id::uninit(id.map(|b| b as c_char));
         let comm = Comm::from_rank(Arc::clone(&stream), rank, size, id).map_err(|e| {
             format!(
@@ -644,14 +671,23 @@ impl Worker {
             .map_err(|e| driver("copying the counts back", e))?;
         (0..self.size)
             .map(|src| {
-                let c = if src == self.rank { mine[src] } else { got[src] };
+                let c = if src == self.rank {
+                    mine[src]
+                } else {
+                    got[src]
+                };
                 usize::try_from(c).map_err(|_| format!("rank {src} announced {c} bytes"))
             })
             .collect()
     }
 
     /// [`Communicator::all_to_all_v`] on the GPU (counts already checked by the caller).
-    fn all_to_all_v(&self, send: &[u8], counts: &[usize], deadline: Instant) -> Result<Exchanged, String> {
+    fn all_to_all_v(
+        &self,
+        send: &[u8],
+        counts: &[usize],
+        deadline: Instant,
+    ) -> Result<Exchanged, String> {
         let recv_counts = self.exchange_counts(counts, deadline)?;
         let send_off = offsets(counts).ok_or("send counts overflow")?;
         let recv_off = offsets(&recv_counts).ok_or("receive counts overflow")?;
@@ -677,7 +713,11 @@ impl Worker {
         let own = send_off[self.rank]..send_off[self.rank + 1];
         let dst = recv_off[self.rank]..recv_off[self.rank + 1];
         if own.len() != dst.len() {
-            return Err(format!("own message of {} bytes, {} expected", own.len(), dst.len()));
+            return Err(format!(
+                "own message of {} bytes, {} expected",
+                own.len(),
+                dst.len()
+            ));
         }
         host[dst].copy_from_slice(&send[own]);
         Exchanged::from_parts(host, &recv_counts, self.rank).map_err(|e| e.to_string())
@@ -759,7 +799,9 @@ mod tests {
             (seed % 4) as usize
         };
         for size in 1..6 {
-            let m: Vec<Vec<usize>> = (0..size).map(|_| (0..size).map(|_| next()).collect()).collect();
+            let m: Vec<Vec<usize>> = (0..size)
+                .map(|_| (0..size).map(|_| next()).collect())
+                .collect();
             let plans: Vec<Vec<Transfer>> = (0..size)
                 .map(|r| {
                     let send = offsets(&m[r]).expect("small");
@@ -769,14 +811,21 @@ mod tests {
                 .collect();
             for a in 0..size {
                 let sent: usize = plans[a].iter().map(|t| t.send.len()).sum();
-                assert_eq!(sent, m[a].iter().sum::<usize>() - m[a][a], "size {size} rank {a}");
+                assert_eq!(
+                    sent,
+                    m[a].iter().sum::<usize>() - m[a][a],
+                    "size {size} rank {a}"
+                );
                 for t in &plans[a] {
                     assert_ne!(t.peer, a);
                     assert_eq!(t.send.len(), m[a][t.peer]);
                     assert_eq!(t.recv.len(), m[t.peer][a]);
                 }
                 for b in (0..size).filter(|&b| b != a && m[a][b] > 0) {
-                    let back = plans[b].iter().find(|t| t.peer == a).expect("the receiver posts a recv");
+                    let back = plans[b]
+                        .iter()
+                        .find(|t| t.peer == a)
+                        .expect("the receiver posts a recv");
                     assert_eq!(back.recv.len(), m[a][b]);
                 }
             }
@@ -798,20 +847,31 @@ mod tests {
         assert!(Hello::decode(&[1, 0, 0]).is_err());
         let mut short_id = ready(0, 1, None).encode();
         short_id.extend_from_slice(&[1, 2, 3]);
-        assert!(Hello::decode(&short_id).unwrap_err().contains("3 bytes"));
+        assert!(
+            Hello::decode(&short_id)
+                .expect_err("an error")
+                .contains("3 bytes")
+        );
     }
 
     #[test]
     fn hellos_name_the_rank_that_cannot_join() {
         let id = [1u8; ID_BYTES];
-        let hellos = vec![ready(0, 2, Some(id)), Hello::Failed("libnccl was not found".into())];
-        let why = check_hellos(&hellos, 0, 2, false).unwrap_err();
+        let hellos = vec![
+            ready(0, 2, Some(id)),
+            Hello::Failed("libnccl was not found".into()),
+        ];
+        let why = check_hellos(&hellos, 0, 2, false).expect_err("an error");
         assert!(why.contains("rank 1") && why.contains("libnccl"), "{why}");
-        let why = check_hellos(&hellos, 1, 2, false).unwrap_err();
+        let why = check_hellos(&hellos, 1, 2, false).expect_err("an error");
         assert!(why.starts_with("this rank"), "{why}");
         assert!(check_hellos(&hellos[..1], 0, 2, false).is_err());
         let no_id = vec![ready(0, 2, None), ready(1, 2, None)];
-        assert!(check_hellos(&no_id, 0, 2, false).unwrap_err().contains("unique id"));
+        assert!(
+            check_hellos(&no_id, 0, 2, false)
+                .expect_err("an error")
+                .contains("unique id")
+        );
     }
 
     #[test]
@@ -820,13 +880,19 @@ mod tests {
         let ok = vec![ready(1, 2, Some(id)), ready(0, 2, None)];
         assert_eq!(check_hellos(&ok, 0, 2, true), Ok(id));
         let shared = vec![ready(0, 4, Some(id)), ready(2, 4, None), ready(0, 4, None)];
-        let why = check_hellos(&shared, 0, 3, true).unwrap_err();
-        assert!(why.contains("ranks 0 and 2 both asked for GPU 0") && why.contains("one GPU"), "{why}");
+        let why = check_hellos(&shared, 0, 3, true).expect_err("an error");
+        assert!(
+            why.contains("ranks 0 and 2 both asked for GPU 0") && why.contains("one GPU"),
+            "{why}"
+        );
         // Across processes the same ordinal may be another machine's GPU: NCCL itself checks.
         assert_eq!(check_hellos(&shared, 0, 3, false), Ok(id));
         let few = vec![ready(0, 1, Some(id)), ready(1, 1, None)];
-        let why = check_hellos(&few, 1, 2, true).unwrap_err();
-        assert!(why.contains("2 thread ranks need 2 GPUs, this machine has 1"), "{why}");
+        let why = check_hellos(&few, 1, 2, true).expect_err("an error");
+        assert!(
+            why.contains("2 thread ranks need 2 GPUs, this machine has 1"),
+            "{why}"
+        );
     }
 
     /// Starting NCCL is collective and never panics: on a machine without a GPU or libnccl every rank gets the
