@@ -502,9 +502,9 @@ pub(crate) fn transfers(
         .collect()
 }
 
-/// The worker thread's state: the rank's CUDA stream and NCCL communicator.
+/// The worker thread's state: the rank's CUDA stream and NCCL communicator (`None` once aborted).
 struct Worker {
-    comm: Comm,
+    comm: Option<Comm>,
     stream: Arc<CudaStream>,
     rank: usize,
     size: usize,
@@ -520,7 +520,7 @@ fn worker_main(
     jobs: &Receiver<Job>,
     replies: &Sender<Result<Reply, String>>,
 ) {
-    let worker = match Worker::start(ordinal, rank, size, id) {
+    let mut worker = match Worker::start(ordinal, rank, size, id) {
         Ok(w) => w,
         Err(why) => {
             let _ = replies.send(Err(why));
@@ -582,15 +582,22 @@ impl Worker {
             )
         })?;
         Ok(Worker {
-            comm,
+            comm: Some(comm),
             stream,
             rank,
             size,
         })
     }
 
+    /// The NCCL communicator, unless aborted.
+    fn comm(&self) -> Result<&Comm, String> {
+        self.comm
+            .as_ref()
+            .ok_or_else(|| "the NCCL communicator was aborted".to_string())
+    }
+
     /// Waits until the stream's work so far is done, polling a CUDA event until `deadline`.
-    fn wait(&self, what: &str, deadline: Instant) -> Result<(), String> {
+    fn wait(&mut self, what: &str, deadline: Instant) -> Result<(), String> {
         let started = Instant::now();
         let event = self
             .stream
@@ -600,6 +607,9 @@ impl Worker {
             match event.try_is_complete() {
                 Ok(true) => return Ok(()),
                 Ok(false) if Instant::now() >= deadline => {
+                    // Abort first (cudarc's `Drop for Comm` calls `ncclCommAbort`), so that the kernels waiting
+                    // for the peer end before the caller frees the buffers they use.
+                    self.comm = None;
                     return Err(format!(
                         "{what} was not done after {:.1} s: a peer stalled or died; the NCCL communicator is \
                          aborted (ncclCommAbort)",
@@ -627,7 +637,7 @@ impl Worker {
                 let view = send
                     .try_slice(t.send.clone())
                     .ok_or_else(|| format!("send range {:?} past the buffer", t.send))?;
-                self.comm
+                self.comm()?
                     .send(&view, peer)
                     .map_err(|e| nccl(&format!("ncclSend to rank {}", t.peer), e))?;
             }
@@ -635,7 +645,7 @@ impl Worker {
                 let mut view = recv
                     .try_slice_mut(t.recv.clone())
                     .ok_or_else(|| format!("receive range {:?} past the buffer", t.recv))?;
-                self.comm
+                self.comm()?
                     .recv(&mut view, peer)
                     .map_err(|e| nccl(&format!("ncclRecv from rank {}", t.peer), e))?;
             }
@@ -655,7 +665,11 @@ impl Worker {
     }
 
     /// The counts every peer sends this rank: one `u64` each way per peer (this rank's own from `counts`).
-    fn exchange_counts(&self, counts: &[usize], deadline: Instant) -> Result<Vec<usize>, String> {
+    fn exchange_counts(
+        &mut self,
+        counts: &[usize],
+        deadline: Instant,
+    ) -> Result<Vec<usize>, String> {
         let mine: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
         let mut send = self.zeros::<u64>(self.size)?;
         self.stream
@@ -683,7 +697,7 @@ impl Worker {
 
     /// [`Communicator::all_to_all_v`] on the GPU (counts already checked by the caller).
     fn all_to_all_v(
-        &self,
+        &mut self,
         send: &[u8],
         counts: &[usize],
         deadline: Instant,
@@ -724,12 +738,12 @@ impl Worker {
     }
 
     /// [`Communicator::barrier`]: `ncclAllReduce` (sum) of one `1.0` per rank; the sum must be the rank count.
-    fn barrier(&self, deadline: Instant) -> Result<(), String> {
+    fn barrier(&mut self, deadline: Instant) -> Result<(), String> {
         let mut one = self.zeros::<f32>(1)?;
         self.stream
             .memcpy_htod(&[1.0f32], &mut one)
             .map_err(|e| driver("copying to the GPU", e))?;
-        self.comm
+        self.comm()?
             .all_reduce_in_place(&mut one, &ReduceOp::Sum)
             .map_err(|e| nccl("ncclAllReduce", e))?;
         self.wait("barrier", deadline)?;
