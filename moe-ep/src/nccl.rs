@@ -25,7 +25,7 @@
 //!   one `u64` per peer, by grouped `ncclSend`/`ncclRecv` pairs, so each rank knows how many bytes come from each
 //!   peer; then the send buffer is copied to the GPU, one grouped `ncclSend`/`ncclRecv` pair per peer with a
 //!   non-empty message (`ncclGroupStart` … `ncclGroupEnd`), and the receive buffer is copied back. A rank's own
-//!   message never leaves the host. The calls each rank makes are [`transfers`], a pure function tested without a
+//!   message never leaves the host. The calls each rank makes are `transfers`, a pure function tested without a
 //!   GPU.
 //! - **`barrier`**: an `ncclAllReduce` of one `f32` (sum; the result must be the rank count).
 //! - **`all_reduce_sum`** keeps the contract's provided method (an all-gather, then the sum in rank order), so the
