@@ -47,6 +47,8 @@
 //! thread ranks, all-reduce, barrier, a rank that leaves) need one GPU per rank, two at least, and have **not been
 //! run**: no multi-GPU machine was lent. Run them with
 //! `MOE_REQUIRE_GPU=nccl cargo test -p moe-ep --features nccl --test nccl` on a machine with two or more GPUs.
+//! Never run at all, so unproven on hardware: `ncclCommInitRank` through cudarc, the grouped send/recv, the
+//! event-polled timeout and the abort path. With one GPU only the start test's refusal of two thread ranks runs.
 
 use std::ffi::c_char;
 use std::ops::Range;
