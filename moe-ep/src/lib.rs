@@ -11,11 +11,15 @@
 
 pub mod comm;
 pub mod layer;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod placement;
 pub mod plan;
 pub mod thread;
 
 pub use comm::{Communicator, Exchanged};
 pub use layer::{EpLayer, EpOptions, EpStats};
+#[cfg(feature = "nccl")]
+pub use nccl::NcclComm;
 pub use placement::Placement;
 pub use thread::ThreadComm;

@@ -9,10 +9,13 @@ use moe_core::MoeError;
 
 use crate::comm::{Communicator, DEFAULT_TIMEOUT, Exchanged, check_counts, comm_error};
 
-/// What the ranks share: per (destination, source) a queue of (operation number, message), and who left.
+/// Messages from one source to one destination, in order: (operation number, bytes).
+type Queue = VecDeque<(u64, Vec<u8>)>;
+
+/// What the ranks share: per (destination, source) a queue of messages, and who left.
 #[derive(Debug)]
 struct State {
-    queues: Vec<Vec<VecDeque<(u64, Vec<u8>)>>>,
+    queues: Vec<Vec<Queue>>,
     left: Vec<bool>,
 }
 

@@ -141,9 +141,12 @@ fn project_root() -> PathBuf {
 /// Features that CI turns on for clippy, rustdoc and the tests: the wgpu and cuda backends, their fixture tests
 /// and the CLI's `--backend wgpu|cuda`. `.ci/run` installs Mesa's lavapipe so the wgpu tests run for real
 /// (`MOE_REQUIRE_GPU=wgpu`), and NVRTC so the CUDA kernels are compiled (`MOE_REQUIRE_NVRTC=1`); the CUDA
-/// parity tests need a GPU and print why they skip without one.
-const DEVICE_FEATURES: &str =
-    "moe-backends/wgpu,moe-tests/wgpu,moe-cli/wgpu,moe-backends/cuda,moe-tests/cuda,moe-cli/cuda";
+/// parity tests need a GPU and print why they skip without one. `moe-ep/nccl` builds the NCCL communicator
+/// (cudarc's NCCL bindings, libnccl loaded at run time); its GPU tests need two GPUs and skip without them.
+const DEVICE_FEATURES: &str = concat!(
+    "moe-backends/wgpu,moe-tests/wgpu,moe-cli/wgpu,moe-backends/cuda,moe-tests/cuda,moe-cli/cuda,",
+    "moe-ep/nccl"
+);
 
 fn step(name: &str) {
     println!("\n==> xtask ci: {name}");
