@@ -6,14 +6,20 @@
 //!   process, for tests), `MpiComm` (feature `mpi`, OpenMPI through rsmpi) and `NcclComm` (feature `nccl`,
 //!   through cudarc).
 //! - [`Placement`]: which rank owns which expert.
+//! - [`cost`]: the all-to-all cost model (bytes, messages, expert load per rank; predicted time on a
+//!   [`Network`] of alpha-beta [`Link`]s).
 //!
 //! Design, guarantees and the cost model: `docs/EP.md`.
 
 pub mod comm;
+pub mod cost;
+pub mod network;
 pub mod placement;
 pub mod plan;
 pub mod thread;
 
 pub use comm::{Communicator, Exchanged};
+pub use cost::{EpCost, Traffic};
+pub use network::{Link, Network};
 pub use placement::Placement;
 pub use thread::ThreadComm;
