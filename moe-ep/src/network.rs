@@ -101,7 +101,7 @@ impl Link {
             ));
         }
         let slope = sxy / sxx;
-        if !(slope > 0.0) {
+        if slope.is_nan() || slope <= 0.0 {
             return Err(MoeError::config(
                 "ping-pong fit",
                 format!("{slope} us per byte"),
