@@ -25,6 +25,7 @@ mod bench;
 mod bench_store;
 mod cache_sim;
 mod compare;
+mod ep;
 mod inspect;
 mod list;
 mod output;
@@ -42,6 +43,7 @@ use clap::{Parser, Subcommand};
 use moe_core::RouterRegistry;
 
 pub use compare::{CompareReport, CompareRow, WorkloadReport};
+pub use ep::EpRow;
 
 /// Entry points for the fuzz targets in `fuzz/` (not a stable API): the parsers of `--routers` text and of
 /// `--config` TOML files, as the commands call them, without touching the file system.
