@@ -266,22 +266,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         ));
     }
     let report = CompareReport {
-        workload: WorkloadReport {
-            kind: w.source.clone(),
-            tokens: n_tokens,
-            d_model,
-            experts: wa.experts,
-            top_k: wa.top_k,
-            skew: wa.skew,
-            seed: wa.seed,
-            mode: wa.mode_name(),
-            backend: if a.no_layer {
-                "none".into()
-            } else {
-                a.backend.clone()
-            },
-            ffn: a.ffn,
-        },
+        workload: workload_report(a, &w),
         rows,
         ep_network: network,
     };
@@ -289,6 +274,28 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         write_plot(path, &report.workload, plot_rows)?;
     }
     print(&report, a.format)
+}
+
+/// The workload part of the report.
+fn workload_report(a: &CompareArgs, w: &crate::workload::Tokens) -> WorkloadReport {
+    let wa = &a.workload;
+    let (n_tokens, d_model) = (w.n_tokens(), w.d_model());
+    WorkloadReport {
+        kind: w.source.clone(),
+        tokens: n_tokens,
+        d_model,
+        experts: wa.experts,
+        top_k: wa.top_k,
+        skew: wa.skew,
+        seed: wa.seed,
+        mode: wa.mode_name(),
+        backend: if a.no_layer {
+            "none".into()
+        } else {
+            a.backend.clone()
+        },
+        ffn: a.ffn,
+    }
 }
 
 /// Generates or reads the workload after checking the memory estimate of the whole run (routing, and the expert
