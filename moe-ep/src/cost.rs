@@ -57,7 +57,7 @@ impl Traffic {
     /// No traffic yet between `ranks` ranks; add each source's plan with [`Traffic::add_source`].
     ///
     /// # Errors
-    /// [`MoeError::InvalidConfig`] for 0 ranks or more than 2¹⁶ (the `R²` tables would not fit a step).
+    /// [`MoeError::InvalidConfig`] for 0 ranks or more than [`MAX_RANKS`].
     pub fn new(ranks: usize) -> Result<Self, MoeError> {
         if ranks == 0 || ranks > MAX_RANKS {
             return Err(MoeError::config(
@@ -173,8 +173,8 @@ impl Traffic {
     }
 }
 
-/// Most ranks a [`Traffic`] holds (its tables are `R²`).
-pub const MAX_RANKS: usize = 1 << 16;
+/// Most ranks a [`Traffic`] holds: its two `R²` tables of `u64` are 256 MiB at 4096 ranks.
+pub const MAX_RANKS: usize = 1 << 12;
 
 /// Predicted time of one pairwise-exchange all-to-all between `ranks` ranks on `network`, microseconds, where
 /// `bytes(a, b)` is what `a` sends `b` (formula in the module docs). 0 for one rank.

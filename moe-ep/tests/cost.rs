@@ -336,3 +336,47 @@ proptest! {
         prop_assert!(c.total_ms >= 0.0);
     }
 }
+
+#[test]
+fn a_trace_predicts_1024_ranks() {
+    // E = 1024 experts, 4096 tokens of k <= 2 distinct experts each (a fixed LCG, no OS seed); 1024 ranks of 4
+    // tokens deal every token once.
+    let mut x: u64 = 20;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((x >> 33) % 1024) as u32
+    };
+    let toks: Vec<Vec<u32>> = (0..4096)
+        .map(|_| {
+            let (a, b) = (next(), next());
+            if a == b {
+                vec![a]
+            } else {
+                vec![a.min(b), a.max(b)]
+            }
+        })
+        .collect();
+    let slots: usize = toks.iter().map(Vec::len).sum();
+    let tr = trace_of(1024, &[toks]);
+    let net = Network::preset("ib-hdr").unwrap_or_else(|x| panic!("{x}"));
+    let (c, wrapped) =
+        cost::predict_trace(&tr, 0, 1024, 4, 64, &net).unwrap_or_else(|x| panic!("{x}"));
+    assert!(!wrapped);
+    assert_eq!(c.ranks, 1024);
+    // Every slot lands on one owner (ranks own one expert each).
+    assert_eq!(c.rows_per_rank.iter().sum::<u64>(), slots as u64);
+    // A rank's 4 tokens send at most 8 rows, so at most 8 dispatch messages; each is answered by one combine
+    // message: at most 2 · 8 · 1024 messages in all.
+    assert!(c.messages_per_rank.iter().sum::<u64>() <= 2 * 8 * 1024);
+    // Every round has a message somewhere unless the pairs of a round are all empty: the time is positive and at
+    // most 1023 rounds of the slowest possible message (8 rows × 64 × 4 bytes over the inter link).
+    let worst = net.inter.message_us(12 + 8 * 8 + 8 * 64 * 4) * 1023.0 / 1e3;
+    assert!(
+        c.dispatch_ms > 0.0 && c.dispatch_ms <= worst,
+        "{} vs {worst}",
+        c.dispatch_ms
+    );
+    assert!(cost::predict_trace(&tr, 0, 4097, 1, 64, &net).is_err());
+}
