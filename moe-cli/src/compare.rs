@@ -30,6 +30,8 @@ pub(crate) struct CompareArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     workload: WorkloadArgs,
+    #[command(flatten)]
+    ep: crate::ep::EpArgs,
     /// Backend that runs the full layer (`cpu`; `cuda`, `wgpu` where built).
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -127,6 +129,9 @@ pub struct CompareRow {
     pub aux_losses: Vec<AuxLoss>,
     /// Tokens per expert (omitted above 64 experts).
     pub loads: Option<Vec<usize>>,
+    /// Expert-parallel cost per `--ep-ranks` value, in that order (omitted without the flag).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ep: Vec<crate::ep::EpRow>,
 }
 
 /// The `--format json` document of `moe compare`.
@@ -136,6 +141,9 @@ pub struct CompareReport {
     pub workload: WorkloadReport,
     /// One row per router, in the order asked for.
     pub rows: Vec<CompareRow>,
+    /// The network of the expert-parallel cost (`--ep-network`; omitted without `--ep-ranks`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ep_network: Option<moe_ep::Network>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -169,6 +177,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
     let wa = &a.workload;
     let w = generate_checked(a)?;
     let (n_tokens, d_model) = (w.n_tokens(), w.d_model());
+    let network = a.ep.network(n_tokens, wa.experts)?;
     // The default set skips the routers this input cannot run (hash without token ids, peer with a non-square
     // E) with a note; a router asked for by name fails the command instead.
     let skip_unrunnable = a.config.is_none() && a.routers.trim() == "all";
@@ -235,7 +244,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         if a.plot.is_some() {
             plot_rows.push((c.label.clone(), plan.expert_counts()));
         }
-        rows.push(compare_row(
+        let mut row = compare_row(
             &c.label,
             router.is_causal(),
             &plan,
@@ -243,7 +252,12 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
             layer_ms,
             path,
             n_tokens,
-        ));
+        );
+        if let Some(n) = &network {
+            row.ep = crate::ep::ep_rows(router.as_ref(), &w, wa.mode(), a.ep.ranks(), n)
+                .map_err(&err)?;
+        }
+        rows.push(row);
     }
     progress.finish();
     if rows.is_empty() {
@@ -252,28 +266,36 @@ pub(crate) fn run(registry: &RouterRegistry, a: &CompareArgs) -> Result<(), CliE
         ));
     }
     let report = CompareReport {
-        workload: WorkloadReport {
-            kind: w.source.clone(),
-            tokens: n_tokens,
-            d_model,
-            experts: wa.experts,
-            top_k: wa.top_k,
-            skew: wa.skew,
-            seed: wa.seed,
-            mode: wa.mode_name(),
-            backend: if a.no_layer {
-                "none".into()
-            } else {
-                a.backend.clone()
-            },
-            ffn: a.ffn,
-        },
+        workload: workload_report(a, &w),
         rows,
+        ep_network: network,
     };
     if let Some(path) = &a.plot {
         write_plot(path, &report.workload, plot_rows)?;
     }
     print(&report, a.format)
+}
+
+/// The workload part of the report.
+fn workload_report(a: &CompareArgs, w: &crate::workload::Tokens) -> WorkloadReport {
+    let wa = &a.workload;
+    let (n_tokens, d_model) = (w.n_tokens(), w.d_model());
+    WorkloadReport {
+        kind: w.source.clone(),
+        tokens: n_tokens,
+        d_model,
+        experts: wa.experts,
+        top_k: wa.top_k,
+        skew: wa.skew,
+        seed: wa.seed,
+        mode: wa.mode_name(),
+        backend: if a.no_layer {
+            "none".into()
+        } else {
+            a.backend.clone()
+        },
+        ffn: a.ffn,
+    }
 }
 
 /// Generates or reads the workload after checking the memory estimate of the whole run (routing, and the expert
@@ -364,6 +386,7 @@ fn compare_row(
         router_path: path,
         aux_losses: plan.aux_losses().to_vec(),
         loads: (plan.n_experts() <= MAX_LOAD_COLUMNS).then(|| plan.expert_counts()),
+        ep: Vec::new(),
     }
 }
 
@@ -418,6 +441,14 @@ fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
                 .map_or("-".into(), |v| format!("{v:.2}")),
         ]);
     }
+    if format == Format::Csv && r.ep_network.is_some() {
+        let eps: Vec<&[crate::ep::EpRow]> = r.rows.iter().map(|x| x.ep.as_slice()).collect();
+        let ranks: Vec<usize> = r
+            .rows
+            .first()
+            .map_or(Vec::new(), |x| x.ep.iter().map(|e| e.ranks).collect());
+        crate::ep::extend_csv(&mut t, &ranks, &eps);
+    }
     if format == Format::Table {
         let w = &r.workload;
         let layer = if w.backend == "none" {
@@ -453,6 +484,19 @@ fn print(r: &CompareReport, format: Format) -> Result<(), CliError> {
         }
         println!();
         print!("{}", lt.render(format));
+    }
+    if let (Some(n), true) = (&r.ep_network, format != Format::Csv) {
+        let eps: Vec<(String, &[crate::ep::EpRow])> = r
+            .rows
+            .iter()
+            .map(|x| (x.router.clone(), x.ep.as_slice()))
+            .collect();
+        println!();
+        if format == Format::Table {
+            println!("{}", crate::ep::describe(n));
+            println!();
+        }
+        print!("{}", crate::ep::table(&eps).render(format));
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ mod bench_ep;
 mod bench_store;
 mod cache_sim;
 mod compare;
+mod ep;
 mod inspect;
 mod list;
 mod output;
@@ -43,6 +44,7 @@ use clap::{Parser, Subcommand};
 use moe_core::RouterRegistry;
 
 pub use compare::{CompareReport, CompareRow, WorkloadReport};
+pub use ep::EpRow;
 
 /// Entry points for the fuzz targets in `fuzz/` (not a stable API): the parsers of `--routers` text and of
 /// `--config` TOML files, as the commands call them, without touching the file system.

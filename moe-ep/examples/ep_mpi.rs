@@ -73,13 +73,12 @@ fn check_one(s: &Spec, options: &EpOptions, ep: &mut EpLayer) -> Result<(), Stri
         return Ok(()); // hash routing has no backward
     }
     let out = ep.forward_train(&input(&x, &ids, true)).map_err(err)?;
-    let want = single
-        .forward_train(&input(&x, &ids, true))
-        .map_err(err)?;
+    let want = single.forward_train(&input(&x, &ids, true)).map_err(err)?;
     if bits(&out.output) != bits(&want.output) {
         return Err("training forward differs from one rank".into());
     }
-    let d_out = moe_core::rng::SeqRng::new(s.seed, 500 + rank as u64).normal_matrix(x.nrows(), s.d, 1.0);
+    let d_out =
+        moe_core::rng::SeqRng::new(s.seed, 500 + rank as u64).normal_matrix(x.nrows(), s.d, 1.0);
     let aux = want.routing.aux_coefficients();
     let got = ep.backward(d_out.view(), &aux).map_err(err)?;
     let want = single.backward(d_out.view(), &aux).map_err(err)?;
@@ -110,7 +109,10 @@ fn check_one(s: &Spec, options: &EpOptions, ep: &mut EpLayer) -> Result<(), Stri
             .find(|x| x.name == g.name)
             .ok_or_else(|| format!("no expert gradient {}", g.name))?;
         if mine.value != GradValue::Dense(sum.select(Axis(0), &owned)) {
-            return Err(format!("expert gradient {} differs from the ranks' sum", g.name));
+            return Err(format!(
+                "expert gradient {} differs from the ranks' sum",
+                g.name
+            ));
         }
     }
     Ok(())
@@ -123,19 +125,31 @@ fn identity(comm: MpiComm) -> Result<String, String> {
     for kind in 0..BANK_KINDS {
         for router in 0..ROUTERS {
             for interleaved in [false, true] {
-                let s = spec(kind, router, 1000 + u64::from(kind) * 10 + u64::from(router));
+                let s = spec(
+                    kind,
+                    router,
+                    1000 + u64::from(kind) * 10 + u64::from(router),
+                );
                 let placement = if interleaved {
-                    Placement::from_owners((0..s.e).map(|e| ((3 * e + 1) % ranks) as u32).collect(), ranks)
+                    Placement::from_owners(
+                        (0..s.e).map(|e| ((3 * e + 1) % ranks) as u32).collect(),
+                        ranks,
+                    )
                 } else {
                     Placement::contiguous(s.e, ranks)
                 }
                 .map_err(|e| e.to_string())?;
-                let options = EpOptions { placement, rank_capacity: None };
+                let options = EpOptions {
+                    placement,
+                    rank_capacity: None,
+                };
                 let c = comm.take().ok_or("communicator lost")?;
-                let mut ep = EpLayer::new(&CpuBackend::with_threads(1), &layer(&s), options.clone(), c)
-                    .map_err(|e| e.to_string())?;
-                check_one(&s, &options, &mut ep)
-                    .map_err(|e| format!("bank kind {kind}, router {router}, interleaved {interleaved}: {e}"))?;
+                let mut ep =
+                    EpLayer::new(&CpuBackend::with_threads(1), &layer(&s), options.clone(), c)
+                        .map_err(|e| e.to_string())?;
+                check_one(&s, &options, &mut ep).map_err(|e| {
+                    format!("bank kind {kind}, router {router}, interleaved {interleaved}: {e}")
+                })?;
                 comm = Some(ep.into_comm());
                 cases += 1;
             }
@@ -148,20 +162,34 @@ fn bad_input(comm: MpiComm) -> Result<String, String> {
     let rank = comm.rank();
     let s = spec(0, 0, 7);
     let options = EpOptions::contiguous(s.e, comm.size()).map_err(|e| e.to_string())?;
-    let mut ep = EpLayer::new(&CpuBackend::with_threads(1), &layer(&s), options, Box::new(comm))
-        .map_err(|e| e.to_string())?;
+    let mut ep = EpLayer::new(
+        &CpuBackend::with_threads(1),
+        &layer(&s),
+        options,
+        Box::new(comm),
+    )
+    .map_err(|e| e.to_string())?;
     let (mut x, ids) = tokens(7, rank, 9, s.d);
     if rank == 1 {
         x[[3, 5]] = f32::NAN;
     }
-    let e = ep.forward(&input(&x, &ids, false)).err().map(|e| e.to_string()).unwrap_or_default();
-    let ok = if rank == 1 { e.contains("non-finite") } else { e.contains("rank 1 failed") };
+    let e = ep
+        .forward(&input(&x, &ids, false))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let ok = if rank == 1 {
+        e.contains("non-finite")
+    } else {
+        e.contains("rank 1 failed")
+    };
     if !ok {
         return Err(format!("unexpected outcome: `{e}`"));
     }
     // The next step works on every rank.
     x[[3, 5]] = 0.0;
-    ep.forward(&input(&x, &ids, false)).map_err(|e| e.to_string())?;
+    ep.forward(&input(&x, &ids, false))
+        .map_err(|e| e.to_string())?;
     Ok(format!("saw `{e}`, then stepped on"))
 }
 
@@ -169,7 +197,12 @@ fn mismatch(comm: MpiComm) -> Result<String, String> {
     let rank = comm.rank();
     let s = spec(0, 0, if rank == 1 { 8 } else { 7 });
     let options = EpOptions::contiguous(s.e, comm.size()).map_err(|e| e.to_string())?;
-    match EpLayer::new(&CpuBackend::with_threads(1), &layer(&s), options, Box::new(comm)) {
+    match EpLayer::new(
+        &CpuBackend::with_threads(1),
+        &layer(&s),
+        options,
+        Box::new(comm),
+    ) {
         Ok(_) => Err("a layer that differs across ranks was accepted".into()),
         Err(e) if e.to_string().contains("layer differs") => Ok(format!("refused: {e}")),
         Err(e) => Err(format!("unexpected error: {e}")),
@@ -190,7 +223,9 @@ fn main() -> ExitCode {
         "identity" => identity(comm),
         "bad-input" => bad_input(comm),
         "mismatch" => mismatch(comm),
-        other => Err(format!("unknown mode {other} (identity, bad-input, mismatch)")),
+        other => Err(format!(
+            "unknown mode {other} (identity, bad-input, mismatch)"
+        )),
     };
     match result {
         Ok(msg) => {

@@ -6,20 +6,26 @@
 //!   process, for tests), `MpiComm` (feature `mpi`, OpenMPI through rsmpi) and `NcclComm` (feature `nccl`,
 //!   through cudarc).
 //! - [`Placement`]: which rank owns which expert.
+//! - [`cost`]: the all-to-all cost model (bytes, messages, expert load per rank; predicted time on a
+//!   [`Network`] of alpha-beta [`Link`]s).
 //!
 //! Design, guarantees and the cost model: `docs/EP.md`.
 
 pub mod comm;
+pub mod cost;
 pub mod layer;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod network;
 pub mod placement;
 pub mod plan;
 pub mod thread;
 
 pub use comm::{Communicator, Exchanged};
+pub use cost::{EpCost, Traffic};
 pub use layer::{EpLayer, EpOptions, EpStats};
 #[cfg(feature = "nccl")]
 pub use nccl::NcclComm;
+pub use network::{Link, Network};
 pub use placement::Placement;
 pub use thread::ThreadComm;

@@ -84,4 +84,3 @@ pub fn input<'a>(x: &'a Array2<f32>, ids: &'a [u32], train: bool) -> RouterInput
         i
     }
 }
-
