@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::CliError;
 use crate::output::{Format, Table};
 
+/// Message sizes of the link calibration, bytes.
+const CALIBRATION_SIZES: &[usize] = &[1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22];
+
 /// What one rank measured for one `T`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct RankRow {
@@ -25,6 +28,10 @@ struct RankRow {
     dropped: u64,
     single_ms: f64,
     identical: bool,
+    /// Per owner: (groups, rows) this rank's plan sends it.
+    owners: Vec<(usize, usize)>,
+    /// The measured link (ranks 0 and 1).
+    link: Option<moe_ep::Link>,
 }
 
 /// One row of the report (one `T`).
@@ -40,6 +47,10 @@ struct EpRow {
     imbalance: f64,
     dropped: u64,
     identical_to_one_rank: bool,
+    /// The cost model's all-to-all ms of one step (dispatch + combine) on the calibrated link.
+    predicted_all_to_all_ms: f64,
+    /// The cost model's bytes sent by the busiest rank (equal to the measured when nothing is dropped).
+    predicted_bytes_per_rank_max: u64,
 }
 
 /// The bench's inputs, from `moe bench`'s flags.
@@ -96,7 +107,17 @@ fn rank_layer(
         placement: moe_ep::Placement::contiguous(b.layer.n_experts(), ranks)?,
         rank_capacity: b.rank_capacity,
     };
-    let mut ep = EpLayer::new(b.backend.as_ref(), b.layer, options, comm)?;
+    let mut ep = EpLayer::new(b.backend.as_ref(), b.layer, options.clone(), comm)?;
+    // The link the cost model predicts with, measured through the same communicator.
+    let link = if ranks > 1 {
+        Some(moe_ep::network::calibrate(
+            ep.comm_mut(),
+            CALIBRATION_SIZES,
+            15,
+        )?)
+    } else {
+        None
+    };
     let mut single = b.backend.upload(Arc::new(b.layer.clone()))?;
     let mut rows = Vec::with_capacity(b.tokens.len());
     for &t in b.tokens {
@@ -126,9 +147,12 @@ fn rank_layer(
             single_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         let before = ep.stats().clone();
+        let plan = moe_ep::plan::dispatch_plan(&warm.routing, &options.placement);
         let mut row = RankRow {
             identical,
             single_ms: median(single_ms),
+            owners: plan.owners.iter().map(|g| (g.groups(), g.rows())).collect(),
+            link,
             ..RankRow::default()
         };
         for _ in 0..b.repeats {
@@ -148,6 +172,24 @@ fn rank_layer(
         rows.push(row);
     }
     Ok((rows, ep))
+}
+
+/// The cost model on the ranks' plans and the measured link (`None` on one rank).
+fn predict(rows: &[&RankRow], d: usize) -> Result<Option<moe_ep::EpCost>, CliError> {
+    let Some(link) = rows.first().and_then(|r| r.link) else {
+        return Ok(None);
+    };
+    let mut traffic = moe_ep::Traffic::new(rows.len())?;
+    for (s, r) in rows.iter().enumerate() {
+        traffic.add_counts(s, &r.owners, d)?;
+    }
+    let network = moe_ep::Network {
+        name: "measured".into(),
+        intra: link,
+        inter: link,
+        ranks_per_node: None,
+    };
+    Ok(Some(moe_ep::cost::estimate(&traffic, &network)))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -185,6 +227,7 @@ fn print(
             .collect();
         let load: Vec<f64> = rows.iter().map(|r| r.rows_run as f64).collect();
         let mean_load = load.iter().sum::<f64>() / load.len().max(1) as f64;
+        let predicted = predict(&rows, b.layer.d_model())?;
         out.push(EpRow {
             tokens_per_rank: t,
             step_median_ms: median(steps),
@@ -200,12 +243,18 @@ fn print(
             },
             dropped: rows.iter().map(|r| r.dropped).sum(),
             identical_to_one_rank: rows.iter().all(|r| r.identical),
+            predicted_all_to_all_ms: predicted.as_ref().map_or(0.0, |c| c.total_ms),
+            predicted_bytes_per_rank_max: predicted.as_ref().map_or(0, |c| c.max_bytes_sent()),
         });
     }
     match b.format {
         Format::Json => {
+            let link = per_rank
+                .first()
+                .and_then(|r| r.first())
+                .and_then(|r| r.link);
             let report = serde_json::json!({
-                "transport": transport, "ranks": ranks, "repeats": b.repeats, "rows": out,
+                "transport": transport, "ranks": ranks, "repeats": b.repeats, "measured_link": link, "rows": out,
             });
             println!(
                 "{}",
@@ -217,12 +266,25 @@ fn print(
                 "expert parallelism: {ranks} ranks ({transport}), median of {} steps; a step is its slowest rank",
                 b.repeats
             );
+            if let Some(l) = per_rank
+                .first()
+                .and_then(|r| r.first())
+                .and_then(|r| r.link.as_ref())
+            {
+                println!(
+                    "measured link (ranks 0 and 1, through the same all-to-all): {:.1} us + bytes / {:.2} GB/s; \
+                     predicted = the cost model's pairwise exchange on it (docs/EP.md)",
+                    l.latency_us, l.bandwidth_gb_s
+                );
+            }
             let mut table = Table::new(&[
                 "T/rank",
                 "step ms",
                 "1-rank ms",
                 "a2a ms",
+                "predicted a2a ms",
                 "bytes/rank max",
+                "predicted bytes max",
                 "bytes/rank mean",
                 "msgs max",
                 "imbalance",
@@ -235,7 +297,9 @@ fn print(
                     format!("{:.3}", r.step_median_ms),
                     format!("{:.3}", r.single_rank_median_ms),
                     format!("{:.3}", r.all_to_all_median_ms),
+                    format!("{:.3}", r.predicted_all_to_all_ms),
                     r.bytes_sent_per_rank_max.to_string(),
+                    r.predicted_bytes_per_rank_max.to_string(),
                     format!("{:.0}", r.bytes_sent_per_rank_mean),
                     r.messages_per_rank_max.to_string(),
                     format!("{:.3}", r.imbalance),

@@ -94,12 +94,27 @@ impl Traffic {
     /// [`MoeError::Mismatch`] when the plan has another number of owners than the ranks;
     /// [`MoeError::InvalidConfig`] for `s >= R`.
     pub fn add_source(&mut self, s: usize, p: &DispatchPlan, d: usize) -> Result<(), MoeError> {
+        let counts: Vec<(usize, usize)> = p.owners.iter().map(|g| (g.groups(), g.rows())).collect();
+        self.add_counts(s, &counts, d)
+    }
+
+    /// [`Traffic::add_source`] from the plan's counts alone: `owners[o] = (groups, rows)` source `s` sends owner
+    /// `o` (what a rank can send another cheaply, e.g. to predict a measured run).
+    ///
+    /// # Errors
+    /// As [`Traffic::add_source`].
+    pub fn add_counts(
+        &mut self,
+        s: usize,
+        owners: &[(usize, usize)],
+        d: usize,
+    ) -> Result<(), MoeError> {
         let r = self.ranks;
-        if p.owners.len() != r {
+        if owners.len() != r {
             return Err(MoeError::mismatch(
                 "dispatch plan",
                 "owners in the plan",
-                p.owners.len(),
+                owners.len(),
                 "ranks",
                 r,
             ));
@@ -111,11 +126,11 @@ impl Traffic {
                 format!("ranks are 0..{r}"),
             ));
         }
-        for (o, g) in p.owners.iter().enumerate() {
-            let sent = plan::dispatch_bytes(g.groups(), g.rows(), d, false);
+        for (o, &(groups, rows)) in owners.iter().enumerate() {
+            let sent = plan::dispatch_bytes(groups, rows, d, false);
             self.dispatch[s * r + o] += sent as u64;
-            self.combine[o * r + s] += plan::combine_bytes(sent > 0, g.rows(), 0, d) as u64;
-            self.rows[o] += g.rows() as u64;
+            self.combine[o * r + s] += plan::combine_bytes(sent > 0, rows, 0, d) as u64;
+            self.rows[o] += rows as u64;
         }
         Ok(())
     }

@@ -217,3 +217,63 @@ impl Network {
         }
     }
 }
+
+/// Measures the link between ranks 0 and 1 through `comm` itself (collective): for each size in `sizes`
+/// (bytes, at least two distinct), `reps` all-to-alls in which ranks 0 and 1 exchange a message of that size and
+/// every other rank sends nothing; the median time of each size, measured on rank 0 and shared with every rank,
+/// is fitted by [`Link::fit`]. The link so measured includes the transport's per-call overhead (the count
+/// exchange, the progress of a non-blocking collective), which is what an expert-parallel step pays.
+///
+/// # Errors
+/// [`MoeError::InvalidConfig`] for fewer than 2 ranks, `reps = 0` or a fit [`Link::fit`] refuses; the
+/// communicator's errors.
+pub fn calibrate(
+    comm: &mut dyn crate::comm::Communicator,
+    sizes: &[usize],
+    reps: usize,
+) -> Result<Link, MoeError> {
+    let (rank, size) = (comm.rank(), comm.size());
+    if size < 2 || reps == 0 {
+        return Err(MoeError::config(
+            "calibration",
+            format!("{size} ranks, {reps} repeats"),
+            "needs 2 or more ranks and 1 or more repeats",
+        ));
+    }
+    let mut medians = Vec::with_capacity(sizes.len());
+    for &n in sizes {
+        let peer = match rank {
+            0 => Some(1),
+            1 => Some(0),
+            _ => None,
+        };
+        let mut counts = vec![0usize; size];
+        if let Some(p) = peer {
+            counts[p] = n;
+        }
+        let send = vec![0x5au8; counts.iter().sum()];
+        comm.barrier()?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t0 = std::time::Instant::now();
+            comm.all_to_all_v(&send, &counts)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        times.sort_by(f64::total_cmp);
+        medians.push(times[times.len() / 2]);
+    }
+    // Rank 0's medians, the same on every rank.
+    let mine: Vec<u8> = medians.iter().flat_map(|t| t.to_le_bytes()).collect();
+    let all = comm.all_gather(&mine)?;
+    let zero = all.from(0);
+    let samples: Vec<(u64, f64)> = sizes
+        .iter()
+        .zip(zero.chunks_exact(8))
+        .map(|(&n, b)| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            (n as u64, f64::from_le_bytes(a))
+        })
+        .collect();
+    Link::fit(&samples)
+}
