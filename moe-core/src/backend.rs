@@ -6,9 +6,9 @@ use std::sync::Arc;
 use ndarray::{Array2, ArrayView2};
 
 use crate::error::MoeError;
+use crate::expert::ExpertBank;
 use crate::grad::{Grad, LayerGrads};
 use crate::layer::MoeLayer;
-use crate::expert::ExpertBank;
 use crate::params::ParamMut;
 use crate::remote::{RemoteExperts, ResidentExperts};
 use crate::router::{Router, RouterInput};
@@ -85,7 +85,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         let _ = bank;
         Err(MoeError::Unsupported {
             owner: format!("backend {}", self.name()),
-            feature: "resident experts without a layer (expert parallelism; the cpu backend runs them)".into(),
+            feature:
+                "resident experts without a layer (expert parallelism; the cpu backend runs them)"
+                    .into(),
         })
     }
 }
@@ -257,7 +259,10 @@ pub trait DeviceLayer: Send {
         experts: &mut dyn RemoteExperts,
     ) -> Result<LayerOutput, MoeError> {
         let _ = (input, experts);
-        Err(unsupported(self.backend(), "forward_train_remote and backward_remote"))
+        Err(unsupported(
+            self.backend(),
+            "forward_train_remote and backward_remote",
+        ))
     }
 
     /// The backward of the last [`DeviceLayer::forward_train_remote`], as [`DeviceLayer::backward`] with the
@@ -274,7 +279,10 @@ pub trait DeviceLayer: Send {
         experts: &mut dyn RemoteExperts,
     ) -> Result<LayerGrads, MoeError> {
         let _ = (d_output, d_aux, experts);
-        Err(unsupported(self.backend(), "forward_train_remote and backward_remote"))
+        Err(unsupported(
+            self.backend(),
+            "forward_train_remote and backward_remote",
+        ))
     }
 
     /// Times `repeats` forwards of `input` by the device's own clock, in milliseconds each, with the input copied

@@ -486,7 +486,11 @@ impl ExpertBank {
             }
         }
         if experts.is_empty() {
-            return Err(MoeError::config("experts", "[]", "select at least one expert"));
+            return Err(MoeError::config(
+                "experts",
+                "[]",
+                "select at least one expert",
+            ));
         }
         let ids: Vec<usize> = experts.iter().map(|&e| e as usize).collect();
         Ok(match self {
@@ -515,7 +519,9 @@ impl ExpertBank {
                 b.v.select(Axis(0), &ids),
                 b.act,
             )?),
-            ExpertBank::Custom(v) => ExpertBank::Custom(ids.iter().map(|&e| v[e].clone()).collect()),
+            ExpertBank::Custom(v) => {
+                ExpertBank::Custom(ids.iter().map(|&e| v[e].clone()).collect())
+            }
             ExpertBank::Stored(_) => {
                 return Err(MoeError::Unsupported {
                     owner: "a stored bank".into(),

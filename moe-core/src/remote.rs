@@ -52,12 +52,22 @@ impl ExpertGroups<'_> {
             return bad("offsets must be ascending".into());
         }
         if self.rows() != rows {
-            return bad(format!("the groups cover {} rows, {rows} were given", self.rows()));
+            return bad(format!(
+                "the groups cover {} rows, {rows} were given",
+                self.rows()
+            ));
         }
         if let Some(&e) = self.experts.iter().find(|&&e| e as usize >= n_experts) {
-            return bad(format!("expert {e} is not below the bank's {n_experts} experts"));
+            return bad(format!(
+                "expert {e} is not below the bank's {n_experts} experts"
+            ));
         }
-        let widest = self.offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let widest = self
+            .offsets
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0);
         if widest > self.plan_max_rows {
             return bad(format!(
                 "a group has {widest} rows, more than plan_max_rows = {}",

@@ -47,7 +47,11 @@ impl Exchanged {
             return Err(comm_error(
                 "all_to_all_v",
                 rank,
-                format!("received {} bytes, the counts say {}", data.len(), offsets[counts.len()]),
+                format!(
+                    "received {} bytes, the counts say {}",
+                    data.len(),
+                    offsets[counts.len()]
+                ),
             ));
         }
         Ok(Exchanged { data, offsets })
@@ -138,7 +142,10 @@ pub trait Communicator: Send {
                 return Err(comm_error(
                     "all_reduce_sum",
                     rank,
-                    format!("rank {src} sent {} values, this rank has {n}", bytes.len() / 4),
+                    format!(
+                        "rank {src} sent {} values, this rank has {n}",
+                        bytes.len() / 4
+                    ),
                 ));
             }
             for (acc, chunk) in sum.iter_mut().zip(bytes.chunks_exact(4)) {

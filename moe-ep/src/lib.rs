@@ -10,10 +10,14 @@
 //! Design, guarantees and the cost model: `docs/EP.md`.
 
 pub mod comm;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod placement;
 pub mod plan;
 pub mod thread;
 
+#[cfg(feature = "mpi")]
+pub use self::mpi::MpiComm;
 pub use comm::{Communicator, Exchanged};
 pub use placement::Placement;
 pub use thread::ThreadComm;

@@ -38,9 +38,17 @@ impl Placement {
     /// [`MoeError::InvalidConfig`] for an empty map, zero ranks or an owner `>= ranks`.
     pub fn from_owners(owner: Vec<u32>, ranks: usize) -> Result<Self, MoeError> {
         if owner.is_empty() || ranks == 0 {
-            return Err(MoeError::config("placement", owner.len(), "needs at least one expert and one rank"));
+            return Err(MoeError::config(
+                "placement",
+                owner.len(),
+                "needs at least one expert and one rank",
+            ));
         }
-        if let Some((e, &r)) = owner.iter().enumerate().find(|&(_, &r)| r as usize >= ranks) {
+        if let Some((e, &r)) = owner
+            .iter()
+            .enumerate()
+            .find(|&(_, &r)| r as usize >= ranks)
+        {
             return Err(MoeError::config(
                 "placement",
                 format!("expert {e} on rank {r}"),

@@ -116,7 +116,9 @@ impl ThreadComm {
                 return Err(comm_error(
                     op_name,
                     self.rank,
-                    format!("rank {src} left before sending its message (its thread ended or panicked)"),
+                    format!(
+                        "rank {src} left before sending its message (its thread ended or panicked)"
+                    ),
                 ));
             }
             let now = Instant::now();
@@ -145,7 +147,9 @@ impl ThreadComm {
                     return Err(comm_error(
                         op_name,
                         self.rank,
-                        format!("rank {src} is at operation {o}, this rank at {op}: the ranks called collectives in different orders"),
+                        format!(
+                            "rank {src} is at operation {o}, this rank at {op}: the ranks called collectives in different orders"
+                        ),
                     ));
                 }
                 None => return Err(comm_error(op_name, self.rank, "message vanished")),
@@ -196,7 +200,8 @@ impl Communicator for ThreadComm {
     }
 
     fn barrier(&mut self) -> Result<(), MoeError> {
-        self.exchange("barrier", vec![Vec::new(); self.size]).map(|_| ())
+        self.exchange("barrier", vec![Vec::new(); self.size])
+            .map(|_| ())
     }
 }
 
@@ -215,7 +220,9 @@ mod tests {
                 send.extend(std::iter::repeat_n(10 * r + dst, r as usize + 1));
                 counts.push(r as usize + 1);
             }
-            let got = c.all_to_all_v(&send, &counts).unwrap_or_else(|e| panic!("{e}"));
+            let got = c
+                .all_to_all_v(&send, &counts)
+                .unwrap_or_else(|e| panic!("{e}"));
             let mut v = [r as f32 + 0.5, 1e8, -1e8];
             c.all_reduce_sum(&mut v).unwrap_or_else(|e| panic!("{e}"));
             c.barrier().unwrap_or_else(|e| panic!("{e}"));
@@ -224,7 +231,10 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         for (dst, (got, v)) in out.iter().enumerate() {
             for src in 0..3 {
-                assert_eq!(got.from(src), vec![10 * src as u8 + dst as u8; src + 1].as_slice());
+                assert_eq!(
+                    got.from(src),
+                    vec![10 * src as u8 + dst as u8; src + 1].as_slice()
+                );
             }
             assert_eq!(v[0], 0.5 + 1.5 + 2.5);
             assert_eq!(v[1], (1e8f32 + 1e8) + 1e8);
@@ -242,7 +252,11 @@ mod tests {
         })
         .unwrap_or_else(|e| panic!("{e}"));
         for r in [1, 2] {
-            let msg = out[r].as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            let msg = out[r]
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(msg.contains("rank 0 left"), "{msg}");
         }
         let start = Instant::now();
@@ -255,15 +269,25 @@ mod tests {
             c.barrier()
         })
         .unwrap_or_else(|e| panic!("{e}"));
-        let msg = out[1].as_ref().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(msg.contains("rank 0 sent nothing within the timeout of 0.2 s"), "{msg}");
+        let msg = out[1]
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("rank 0 sent nothing within the timeout of 0.2 s"),
+            "{msg}"
+        );
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
     fn bad_counts_are_refused() {
         let mut g = ThreadComm::group(2).unwrap_or_else(|e| panic!("{e}"));
-        let e = g[0].all_to_all_v(&[1, 2, 3], &[1, 1]).err().map(|e| e.to_string());
+        let e = g[0]
+            .all_to_all_v(&[1, 2, 3], &[1, 1])
+            .err()
+            .map(|e| e.to_string());
         assert!(e.unwrap_or_default().contains("counts add up to"));
         let e = g[0].all_to_all_v(&[1], &[1]).err().map(|e| e.to_string());
         assert!(e.unwrap_or_default().contains("1 counts for 2 ranks"));
