@@ -331,12 +331,17 @@ fn exchange(
     let recv_sizes: Vec<usize> = incoming.iter().map(|&c| c as usize).collect();
     let (recv_counts, recv_displs) = mpi_layout(&recv_sizes)
         .map_err(|reason| comm_error("all_to_all_v", rank, format!("cannot receive: {reason}")))?;
-    let mut data = vec![0u8; recv_sizes.iter().sum()];
+    let total: usize = recv_sizes.iter().sum();
+    // OpenMPI refuses (MPI_ERR_ARG) a send buffer at the receive buffer's address, which two empty buffers
+    // share (both dangling at 1): the receive buffer always has a byte, an empty send buffer is a static byte.
+    let mut data = vec![0u8; total + 1];
+    let send: &[u8] = if send.is_empty() { &[0u8] } else { send };
     {
         let out = Partition::new(send, send_counts, send_displs);
         let mut into = PartitionMut::new(&mut data[..], recv_counts, recv_displs);
         world.all_to_all_varcount_into(&out, &mut into);
     }
+    data.truncate(total);
     Exchanged::from_parts(data, &recv_sizes, rank)
 }
 

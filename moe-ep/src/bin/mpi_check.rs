@@ -8,8 +8,8 @@
 //! ```
 //!
 //! Checks (the first argument; `comm` when none):
-//! - `comm`: three rounds of `all_to_all_v` with a distinct size and content per (source, destination) pair,
-//!   empty messages among them and one of 5 MiB; `all_reduce_sum` gives every rank the same bits, those of the
+//! - `comm`: four rounds of `all_to_all_v` with a distinct size and content per (source, destination) pair,
+//!   empty messages among them, one of 5 MiB, and a round where rank 0 sends and receives nothing; `all_reduce_sum` gives every rank the same bits, those of the
 //!   rank-order sum; ranks with different `all_reduce_sum` lengths, and one rank with wrong counts, make every
 //!   rank fail (no hang) and leave the communicator usable; `barrier`.
 //!
@@ -209,23 +209,28 @@ fn run(comm: &mut MpiComm, args: &Args) -> Result<String, Failure> {
 
 /// The `comm` check (see the file's docs).
 fn check_comm(comm: &mut MpiComm) -> Result<String, Failure> {
-    for round in 0..3 {
+    for round in 0..ROUNDS {
         check_all_to_all(comm, round)?;
     }
     check_all_reduce(comm)?;
     check_refusals(comm)?;
     comm.barrier()?;
     Ok(format!(
-        "3 all_to_all_v rounds with a {LARGE_MESSAGE}-byte message, all_reduce_sum bit-identical, bad calls refused on every rank, barrier"
+        "{ROUNDS} all_to_all_v rounds with a {LARGE_MESSAGE}-byte message and a rank without any, all_reduce_sum bit-identical, bad calls refused on every rank, barrier; MPI threading {:?}",
+        comm.threading()
     ))
 }
 
+/// The `all_to_all_v` rounds of the `comm` check (a fifth runs after the refusals).
+const ROUNDS: usize = 4;
+
 /// The length of the message from `src` to `dst` in `round`: distinct per pair, empty for some, one of
-/// [`LARGE_MESSAGE`] bytes (round 1, rank 0 to the last rank).
+/// [`LARGE_MESSAGE`] bytes (round 1, rank 0 to the last rank); in round 2 rank 0 sends and receives nothing
+/// (a rank without tokens for anyone).
 fn message_len(round: usize, src: usize, dst: usize, size: usize) -> usize {
     if round == 1 && src == 0 && dst == size - 1 {
         LARGE_MESSAGE
-    } else if (src + dst + round) % 3 == 0 {
+    } else if (round == 2 && (src == 0 || dst == 0)) || (src + dst + round) % 3 == 0 {
         0
     } else {
         1 + (src * 131 + dst * 17 + round * 7) % 4096
@@ -330,5 +335,5 @@ fn check_refusals(comm: &mut MpiComm) -> Result<(), Failure> {
             }
         }
     }
-    check_all_to_all(comm, 3)
+    check_all_to_all(comm, ROUNDS)
 }
