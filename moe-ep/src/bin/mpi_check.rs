@@ -230,7 +230,7 @@ const ROUNDS: usize = 4;
 fn message_len(round: usize, src: usize, dst: usize, size: usize) -> usize {
     if round == 1 && src == 0 && dst == size - 1 {
         LARGE_MESSAGE
-    } else if (round == 2 && (src == 0 || dst == 0)) || (src + dst + round) % 3 == 0 {
+    } else if (round == 2 && (src == 0 || dst == 0)) || (src + dst + round).is_multiple_of(3) {
         0
     } else {
         1 + (src * 131 + dst * 17 + round * 7) % 4096
