@@ -349,6 +349,38 @@ fn exchange(
 mod tests {
     use super::*;
 
+    /// The only test of this process that starts MPI (once per process): a singleton world, without mpirun.
+    #[test]
+    fn a_singleton_world_exchanges_with_itself_and_mpi_starts_once() {
+        let mut comm = match MpiComm::world() {
+            Ok(c) => c,
+            Err(e) => panic!("MPI did not start: {e}"),
+        };
+        assert_eq!((comm.name(), comm.rank(), comm.size()), ("mpi", 0, 1));
+        let again = MpiComm::world();
+        assert!(
+            matches!(&again, Err(MoeError::Communication { op, .. }) if op == "init"),
+            "{again:?}"
+        );
+        for message in [&b""[..], b"expert rows"] {
+            let got = comm.all_to_all_v(message, &[message.len()]);
+            assert!(
+                matches!(&got, Ok(x) if x.sources() == 1 && x.from(0) == message),
+                "{got:?}"
+            );
+        }
+        let bad = comm.all_to_all_v(b"abc", &[2]);
+        assert!(
+            matches!(&bad, Err(MoeError::Communication { reason, .. }) if reason.contains("3 bytes")),
+            "{bad:?}"
+        );
+        let mut v = [0.5f32, -2.0];
+        assert!(comm.all_reduce_sum(&mut v).is_ok());
+        assert_eq!(v, [0.5, -2.0]);
+        assert!(comm.barrier().is_ok());
+        assert_eq!(comm.failure(), None);
+    }
+
     #[test]
     fn mpi_layout_packs_messages_and_refuses_what_a_c_int_cannot_hold() {
         assert_eq!(mpi_layout(&[3, 0, 5]), Ok((vec![3, 0, 5], vec![0, 3, 3])));
