@@ -48,6 +48,9 @@ fn mpirun(np: usize, args: &[&str]) -> Outcome {
     let mut child = Command::new("mpirun")
         .args(["--oversubscribe", "--allow-run-as-root", "-np", &np.to_string(), BIN])
         .args(args)
+        // Containers often forbid the cross-process memory access (CMA) OpenMPI's shared-memory transport uses
+        // for large messages ("Read -1, expected 5242880, errno = 1"): copy through shared memory instead.
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
