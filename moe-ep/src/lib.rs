@@ -14,6 +14,8 @@
 pub mod comm;
 pub mod cost;
 pub mod layer;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod network;
@@ -21,6 +23,8 @@ pub mod placement;
 pub mod plan;
 pub mod thread;
 
+#[cfg(feature = "mpi")]
+pub use self::mpi::MpiComm;
 pub use comm::{Communicator, Exchanged};
 pub use cost::{EpCost, Traffic};
 pub use layer::{EpLayer, EpOptions, EpStats};

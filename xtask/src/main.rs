@@ -1,9 +1,10 @@
 //! `cargo xtask <task>`: the project's automation, in Rust.
 //!
-//! - `ci`: every check CI runs, cheapest first: rustfmt, clippy (`-D warnings`, without and with the device
-//!   backends' features, wgpu and cuda), tidy (see [`tidy`]: `//!` lines, function and file lengths, a reason on
-//!   every `allow`), rustdoc with
-//!   `-D warnings`, the whole workspace's tests (unit, integration, doc) with the device features on, the default
+//! - `ci`: every check CI runs, cheapest first: that MPI is present, rustfmt, clippy (`-D warnings`, without and
+//!   with the device backends' features, wgpu and cuda, and moe-ep's `mpi`), tidy (see [`tidy`]: `//!` lines,
+//!   function and file lengths, a reason on every `allow`), rustdoc with `-D warnings`, the whole workspace's
+//!   tests (unit, integration, doc) with those features on (moe-ep's mpirun runs at 1, 2 and 4 ranks among them:
+//!   OpenMPI must be installed, or `MOE_SKIP_MPI=1` leaves MPI out on a developer's machine), the default
 //!   `moe compare` and a small `moe bench --backend wgpu` as smoke tests, `moe list` with the cuda backend built
 //!   (it must name why it cannot run here), and `cargo bench --no-run`.
 //! - `fuzz`: builds and runs the cargo-fuzz targets of `fuzz/` for a time budget each (see [`fuzz`]); `ci` runs
@@ -43,7 +44,7 @@ fn main() -> std::process::ExitCode {
         Some("--help" | "-h" | "help") => return help(USAGE),
         Some("ci") if wants_help(&args[1..]) => {
             return help(
-                "usage: cargo xtask ci\n\nruns rustfmt, clippy, rustdoc, tidy and the tests, as CI does",
+                "usage: cargo xtask ci\n\nruns rustfmt, clippy, rustdoc, tidy and the tests, as CI does\n\nenvironment:\n  MOE_SKIP_MPI=1  leave out the MPI checks (moe-ep feature mpi, the mpirun tests) on a machine without OpenMPI",
             );
         }
         Some("tidy") if wants_help(&args[1..]) => {
@@ -148,11 +149,53 @@ const DEVICE_FEATURES: &str = concat!(
     "moe-ep/nccl"
 );
 
+/// The feature that builds moe-ep's MPI communicator, its `mpi_check` binary and the mpirun tests
+/// (`moe-ep/tests/mpi.rs`, at 1, 2 and 4 ranks); `ci` adds it to [`DEVICE_FEATURES`] in clippy, rustdoc and the
+/// tests. It needs OpenMPI (`libopenmpi-dev`, `openmpi-bin`) and libclang (`libclang-dev`, for bindgen), which
+/// `.ci/run` installs.
+const MPI_FEATURE: &str = "moe-ep/mpi";
+
+/// The environment variable that leaves the MPI checks out of `cargo xtask ci` on a machine without OpenMPI
+/// (`MOE_SKIP_MPI=1`); CI never sets it, so there a missing `mpirun` fails the run.
+const SKIP_MPI_VAR: &str = "MOE_SKIP_MPI";
+
+/// The features `ci` turns on: [`DEVICE_FEATURES`] plus [`MPI_FEATURE`] unless `MOE_SKIP_MPI=1`. Fails when
+/// `mpirun` does not run and the MPI checks were not skipped.
+fn ci_features(sh: &Shell) -> Result<String> {
+    let skip = std::env::var(SKIP_MPI_VAR).is_ok_and(|v| v == "1");
+    mpi_features(skip, || {
+        cmd!(sh, "mpirun --version")
+            .quiet()
+            .ignore_stdout()
+            .ignore_stderr()
+            .run()
+            .is_ok()
+    })
+}
+
+/// [`ci_features`] with the skip setting and the `mpirun` probe given.
+fn mpi_features(skip: bool, mpirun_runs: impl FnOnce() -> bool) -> Result<String> {
+    if skip {
+        println!(
+            "xtask ci: {SKIP_MPI_VAR}=1: the MPI checks (feature {MPI_FEATURE}, the mpirun tests) are left out"
+        );
+        return Ok(DEVICE_FEATURES.to_string());
+    }
+    if !mpirun_runs() {
+        bail!(
+            "`mpirun --version` does not run: install OpenMPI and libclang (apt-get install libopenmpi-dev openmpi-bin libclang-dev, as .ci/run does), or set {SKIP_MPI_VAR}=1 to leave the MPI checks out on this machine"
+        );
+    }
+    Ok(format!("{DEVICE_FEATURES},{MPI_FEATURE}"))
+}
+
 fn step(name: &str) {
     println!("\n==> xtask ci: {name}");
 }
 
 fn ci(sh: &Shell, root: &Path) -> Result<()> {
+    step("MPI present (mpirun; MOE_SKIP_MPI=1 leaves the MPI checks out)");
+    let features = ci_features(sh)?;
     step("rustfmt");
     cmd!(sh, "cargo fmt --all -- --check")
         .run()
@@ -164,10 +207,10 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     )
     .run()
     .context("clippy failed")?;
-    step("clippy with the device backends (wgpu, cuda)");
+    step("clippy with the device backends (wgpu, cuda) and MPI");
     cmd!(
         sh,
-        "cargo clippy --workspace --all-targets --locked --features {DEVICE_FEATURES} -- -D warnings"
+        "cargo clippy --workspace --all-targets --locked --features {features} -- -D warnings"
     )
     .run()
     .context("clippy (device features) failed")?;
@@ -176,18 +219,17 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     step("rustdoc (broken links and missing docs are errors)");
     cmd!(
         sh,
-        "cargo doc --workspace --no-deps --locked --features {DEVICE_FEATURES}"
+        "cargo doc --workspace --no-deps --locked --features {features}"
     )
     .env("RUSTDOCFLAGS", "-D warnings")
     .run()
     .context("rustdoc found broken links or warnings")?;
-    step("tests (unit, integration, doc; wgpu and cuda on)");
-    cmd!(
-        sh,
-        "cargo test --workspace --locked --features {DEVICE_FEATURES}"
-    )
-    .run()
-    .context("tests failed")?;
+    step(
+        "tests (unit, integration, doc; wgpu, cuda and MPI on: moe-ep's mpirun runs at 1, 2 and 4 ranks)",
+    );
+    cmd!(sh, "cargo test --workspace --locked --features {features}")
+        .run()
+        .context("tests failed")?;
     step("smoke: the README's run command");
     cmd!(sh, "cargo run --release --locked -p moe-cli -- compare")
         .run()
@@ -242,6 +284,29 @@ mod tests {
         ]));
         assert!(wants_help(&["-h".into()]));
         assert!(!wants_help(&["--threads".into(), "2".into()]));
+    }
+
+    #[test]
+    fn mpi_is_required_unless_skipped() {
+        assert_eq!(
+            mpi_features(false, || true).ok(),
+            Some(format!("{DEVICE_FEATURES},moe-ep/mpi"))
+        );
+        let missing = mpi_features(false, || false);
+        assert!(
+            matches!(&missing, Err(e) if e.to_string().contains("MOE_SKIP_MPI=1")),
+            "{missing:?}"
+        );
+        let mut probed = false;
+        assert_eq!(
+            mpi_features(true, || {
+                probed = true;
+                false
+            })
+            .ok(),
+            Some(DEVICE_FEATURES.to_string())
+        );
+        assert!(!probed, "a skipped MPI is not probed");
     }
 
     #[test]
