@@ -54,7 +54,7 @@ fn bits(a: &ndarray::Array2<f32>) -> Vec<u32> {
 }
 
 /// One layer's check on this rank; `Err` names what differs.
-fn check_one(s: &Spec, options: &EpOptions, ep: &mut EpLayer) -> Result<(), String> {
+fn check_one(s: &Spec, ep: &mut EpLayer) -> Result<(), String> {
     let rank = ep.rank();
     let (x, ids) = tokens(s.seed, rank, tokens_of(rank), s.d);
     let backend = CpuBackend::with_threads(1);
@@ -147,7 +147,7 @@ fn identity(comm: MpiComm) -> Result<String, String> {
                 let mut ep =
                     EpLayer::new(&CpuBackend::with_threads(1), &layer(&s), options.clone(), c)
                         .map_err(|e| e.to_string())?;
-                check_one(&s, &options, &mut ep).map_err(|e| {
+                check_one(&s, &mut ep).map_err(|e| {
                     format!("bank kind {kind}, router {router}, interleaved {interleaved}: {e}")
                 })?;
                 comm = Some(ep.into_comm());

@@ -60,11 +60,25 @@ fn ep_example() -> String {
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "moe-ep", "--features", "mpi", "--example", "ep_mpi"]);
-        if dir.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release") {
+        cmd.args([
+            "build",
+            "-p",
+            "moe-ep",
+            "--features",
+            "mpi",
+            "--example",
+            "ep_mpi",
+        ]);
+        if dir
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n == "release")
+        {
             cmd.arg("--release");
         }
-        let status = cmd.status().unwrap_or_else(|e| panic!("cargo build --example ep_mpi: {e}"));
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("cargo build --example ep_mpi: {e}"));
         assert!(status.success(), "cargo build --example ep_mpi failed");
     }
     path.to_string_lossy().into_owned()
@@ -229,7 +243,10 @@ fn the_expert_parallel_layer_equals_one_rank_on_2_and_4_mpi_ranks() {
     for np in [2, 4] {
         let o = mpirun_bin(&bin, np, &["identity"]);
         assert_every_rank_ok(&o, np, "identity");
-        assert!(o.stdout.contains("50 layers identical to one rank"), "{o:?}");
+        assert!(
+            o.stdout.contains("50 layers identical to one rank"),
+            "{o:?}"
+        );
     }
 }
 
