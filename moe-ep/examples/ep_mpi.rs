@@ -44,7 +44,7 @@ fn spec(kind: u8, router: u8, seed: u64) -> Spec {
         f: 208,
         shared: true,
         bias: true,
-        scale: seed % 2 == 0,
+        scale: seed.is_multiple_of(2),
         seed,
     }
 }
