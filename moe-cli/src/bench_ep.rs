@@ -20,7 +20,9 @@ const CALIBRATION_SIZES: &[usize] = &[1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 2
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct RankRow {
     step_ms: Vec<f64>,
-    all_to_all_ms: Vec<f64>,
+    /// Per step: ms in the dispatch and in the combine all-to-all.
+    dispatch_ms: Vec<f64>,
+    combine_ms: Vec<f64>,
     dispatch_bytes: u64,
     combine_bytes: u64,
     messages: u64,
@@ -156,11 +158,12 @@ fn rank_layer(
             ..RankRow::default()
         };
         for _ in 0..b.repeats {
-            let a2a = ep.stats().all_to_all_ms;
+            let (d0, c0) = (ep.stats().dispatch_ms, ep.stats().combine_ms);
             let t0 = Instant::now();
             ep.forward(&input)?;
             row.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-            row.all_to_all_ms.push(ep.stats().all_to_all_ms - a2a);
+            row.dispatch_ms.push(ep.stats().dispatch_ms - d0);
+            row.combine_ms.push(ep.stats().combine_ms - c0);
         }
         let s = ep.stats();
         let n = b.repeats.max(1) as u64;
@@ -214,12 +217,14 @@ fn print(
                     .fold(0.0, f64::max)
             })
             .collect();
+        // Each all-to-all as the rank that arrived last saw it (the others also wait for it): the exchange itself.
+        let last_in = |v: fn(&RankRow) -> &Vec<f64>, j: usize| {
+            rows.iter()
+                .map(|r| v(r).get(j).copied().unwrap_or(0.0))
+                .fold(f64::INFINITY, f64::min)
+        };
         let a2a = (0..b.repeats)
-            .map(|j| {
-                rows.iter()
-                    .map(|r| r.all_to_all_ms.get(j).copied().unwrap_or(0.0))
-                    .fold(0.0, f64::max)
-            })
+            .map(|j| last_in(|r| &r.dispatch_ms, j) + last_in(|r| &r.combine_ms, j))
             .collect();
         let bytes: Vec<u64> = rows
             .iter()
@@ -281,7 +286,7 @@ fn print(
                 "T/rank",
                 "step ms",
                 "1-rank ms",
-                "a2a ms",
+                "a2a ms (last in)",
                 "predicted a2a ms",
                 "bytes/rank max",
                 "predicted bytes max",

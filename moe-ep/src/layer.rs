@@ -65,8 +65,12 @@ pub struct EpStats {
     pub rows_run: u64,
     /// Rows this rank dropped as an owner past its rank capacity.
     pub dropped: u64,
-    /// Milliseconds inside all-to-alls (waiting for the slowest rank included).
+    /// Milliseconds inside all-to-alls (waiting for the slowest rank included): `dispatch_ms + combine_ms`.
     pub all_to_all_ms: f64,
+    /// Milliseconds inside dispatch all-to-alls (the first of a step; the failure message of a failed step).
+    pub dispatch_ms: f64,
+    /// Milliseconds inside combine all-to-alls.
+    pub combine_ms: f64,
     /// Milliseconds running owned experts.
     pub expert_ms: f64,
 }
@@ -527,11 +531,18 @@ struct Inbound {
 impl Net {
     fn timed<T>(
         &mut self,
+        combine: bool,
         f: impl FnOnce(&mut dyn Communicator) -> Result<T, MoeError>,
     ) -> Result<T, MoeError> {
         let t0 = Instant::now();
         let out = f(self.comm.as_mut());
-        self.stats.all_to_all_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.stats.all_to_all_ms += ms;
+        if combine {
+            self.stats.combine_ms += ms;
+        } else {
+            self.stats.dispatch_ms += ms;
+        }
         out
     }
 
@@ -555,7 +566,7 @@ impl Net {
         }
         let send: Vec<u8> = messages.concat();
         self.dispatched = true;
-        self.timed(|c| c.all_to_all_v(&send, &counts))
+        self.timed(combine, |c| c.all_to_all_v(&send, &counts))
     }
 
     /// The error of the first source whose message says it failed.

@@ -51,7 +51,10 @@ pub fn layer(s: &Spec) -> MoeLayer {
         .unwrap_or_else(|err| panic!("layer: {err}"));
     if s.shared {
         let sb = random_bank(s.kind, 1, s.d, s.f, &mut rng);
-        let gate = s.seed.is_multiple_of(2).then(|| rng.normal_matrix(1, s.d, 0.3).row(0).to_owned());
+        let gate = s
+            .seed
+            .is_multiple_of(2)
+            .then(|| rng.normal_matrix(1, s.d, 0.3).row(0).to_owned());
         let shared = SharedExperts::new(sb, gate).unwrap_or_else(|err| panic!("shared: {err}"));
         l = l.with_shared(shared).unwrap_or_else(|err| panic!("{err}"));
     }
