@@ -348,7 +348,7 @@ fn ranks_with_different_layers_are_refused_at_start_on_every_rank() {
 }
 
 #[test]
-fn combine_bytes_match_the_wire_format() {
+fn measured_bytes_messages_and_loads_equal_the_wire_format_and_the_cost_model() {
     let spec = small_spec(9);
     let l = layer(&spec);
     let options = EpOptions::contiguous(8, 4).unwrap_or_else(|e| panic!("{e}"));
@@ -365,6 +365,17 @@ fn combine_bytes_match_the_wire_format() {
         .iter()
         .map(|(r, _)| dispatch_plan(r, &options.placement))
         .collect();
+    // The cost model counts the same bytes, messages and loads.
+    let traffic = moe_ep::Traffic::from_plans(&plans, 16).unwrap_or_else(|e| panic!("{e}"));
+    for (r, (_, stats)) in out.iter().enumerate() {
+        assert_eq!(
+            traffic.bytes_sent(r),
+            stats.dispatch_bytes + stats.combine_bytes,
+            "rank {r}"
+        );
+        assert_eq!(traffic.messages_sent(r), stats.messages, "rank {r}");
+        assert_eq!(traffic.rows_received(r), stats.rows_run, "rank {r}");
+    }
     for (o, (_, stats)) in out.iter().enumerate() {
         let want: usize = (0..4)
             .filter(|&s| s != o)
