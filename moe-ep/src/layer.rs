@@ -444,9 +444,14 @@ fn put_u32(buf: &mut Vec<u8>, v: u32) {
 }
 
 fn put_rows(buf: &mut Vec<u8>, rows: &[f32]) {
-    buf.reserve(rows.len() * 4);
-    for v in rows {
-        buf.extend_from_slice(&v.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        // The wire is little-endian: the values' own bytes.
+        buf.extend_from_slice(bytemuck::cast_slice(rows));
+    } else {
+        buf.reserve(rows.len() * 4);
+        for v in rows {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
     }
 }
 
@@ -519,6 +524,27 @@ impl Reader<'_> {
     }
 }
 
+/// What an all-to-all brought: the others' messages and this rank's own.
+struct Inbox {
+    got: crate::comm::Exchanged,
+    own: Vec<u8>,
+    rank: usize,
+}
+
+impl Inbox {
+    fn sources(&self) -> usize {
+        self.got.sources()
+    }
+
+    fn from(&self, src: usize) -> &[u8] {
+        if src == self.rank {
+            &self.own
+        } else {
+            self.got.from(src)
+        }
+    }
+}
+
 /// What one source sent this owner in a dispatch.
 struct Inbound {
     experts: Vec<u32>,
@@ -547,12 +573,11 @@ impl Net {
     }
 
     /// Sends `messages[dst]` to every rank (counting what leaves this rank) and returns what came.
-    fn exchange(
-        &mut self,
-        messages: Vec<Vec<u8>>,
-        combine: bool,
-    ) -> Result<crate::comm::Exchanged, MoeError> {
+    /// A rank's message to itself never enters the communicator (no copy through the transport): it is handed
+    /// back beside what the others sent.
+    fn exchange(&mut self, mut messages: Vec<Vec<u8>>, combine: bool) -> Result<Inbox, MoeError> {
         let rank = self.comm.rank();
+        let own = std::mem::take(&mut messages[rank]);
         let counts: Vec<usize> = messages.iter().map(Vec::len).collect();
         for (dst, m) in messages.iter().enumerate() {
             if dst != rank && !m.is_empty() {
@@ -566,11 +591,12 @@ impl Net {
         }
         let send: Vec<u8> = messages.concat();
         self.dispatched = true;
-        self.timed(combine, |c| c.all_to_all_v(&send, &counts))
+        let got = self.timed(combine, |c| c.all_to_all_v(&send, &counts))?;
+        Ok(Inbox { got, own, rank })
     }
 
     /// The error of the first source whose message says it failed.
-    fn failed_source(&self, got: &crate::comm::Exchanged, op: &'static str) -> Option<MoeError> {
+    fn failed_source(&self, got: &Inbox, op: &'static str) -> Option<MoeError> {
         (0..got.sources()).find_map(|src| {
             let b = got.from(src);
             (b.len() >= 4 && b[..4] == FAILED.to_le_bytes()).then(|| {
@@ -810,7 +836,7 @@ impl Net {
 
     /// The owner's backward of every source's saved batch, in source rank order (so each expert's weight gradient
     /// is the sum of the sources' in rank order), encoded as combine answers.
-    fn backward_owned(&mut self, got: &crate::comm::Exchanged) -> Result<Vec<Vec<u8>>, MoeError> {
+    fn backward_owned(&mut self, got: &Inbox) -> Result<Vec<Vec<u8>>, MoeError> {
         let rank = self.comm.rank();
         if self.saved.len() != got.sources() {
             return Err(MoeError::Order {
@@ -911,7 +937,7 @@ fn encode_dispatch(
 /// Puts every owner's answer back into the plan's slot order, `[slots, d]`; dropped rows stay zero.
 fn assemble(
     plan: &DispatchPlan,
-    back: &crate::comm::Exchanged,
+    back: &Inbox,
     offsets: &[usize],
     d: usize,
     rank: usize,
