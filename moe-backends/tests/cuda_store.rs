@@ -19,6 +19,7 @@ use moe_backends::cpu::CpuBackend;
 use moe_backends::cuda::{CudaBackend, Dtype};
 use moe_core::store::policy::{PolicyContext, PolicyKind};
 use moe_core::store::{ExpertForm, ExpertSource, HostSource, StoreConfig, StoredBank, Tier};
+use moe_core::testing::random_bank;
 use moe_core::{
     Activation, Backend, DeviceLayer, ExpertBank, GptOssBank, LayerOutput, MlpBank, MoeError,
     MoeLayer, Router, RouterArgs, RouterInput, RouterPath, SharedExperts, SwiGluBank, rng::SeqRng,
@@ -30,49 +31,6 @@ fn backend() -> Option<CudaBackend> {
         "cuda",
         B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())),
     )
-}
-
-fn a3(rng: &mut SeqRng, sh: (usize, usize, usize), s: f32) -> Array3<f32> {
-    Array3::from_shape_simple_fn(sh, || rng.normal() as f32 * s)
-}
-
-/// SwiGLU, GPT-OSS, MLP with `b1`, MLP with `b2`, by `kind` 0..4.
-fn random_bank(kind: u8, e: usize, d: usize, f: usize, rng: &mut SeqRng) -> ExpertBank {
-    let s = 1.0 / (d as f32).sqrt();
-    let built = match kind {
-        0 => SwiGluBank::new(
-            a3(rng, (e, 2 * f, d), s),
-            a3(rng, (e, d, f), s),
-            Activation::Silu,
-        )
-        .map(ExpertBank::SwiGlu),
-        1 => GptOssBank::new(
-            a3(rng, (e, d, 2 * f), s),
-            rng.normal_matrix(e, 2 * f, 0.1),
-            a3(rng, (e, f, d), s),
-            rng.normal_matrix(e, d, 0.1),
-            1.702,
-            7.0,
-        )
-        .map(ExpertBank::GptOss),
-        2 => MlpBank::new(
-            a3(rng, (e, f, d), s),
-            Some(rng.normal_matrix(e, f, 0.1)),
-            a3(rng, (e, d, f), s),
-            None,
-            Activation::Gelu,
-        )
-        .map(ExpertBank::Mlp),
-        _ => MlpBank::new(
-            a3(rng, (e, f, d), s),
-            None,
-            a3(rng, (e, d, f), s),
-            Some(rng.normal_matrix(e, d, 0.1)),
-            Activation::Relu,
-        )
-        .map(ExpertBank::Mlp),
-    };
-    built.unwrap_or_else(|err| panic!("bank: {err}"))
 }
 
 /// switch-top1 with capacity factor 0.5 (drops), expert-choice, softmax-topk, by `which` 0..3.

@@ -3,14 +3,12 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array2, Array3};
+use ndarray::Array2;
 use proptest::prelude::*;
 
 use moe_backends::cpu::{CpuBackend, CpuKernels, reference_forward};
-use moe_core::{
-    Activation, Assignment, Backend, ExpertBank, GptOssBank, MlpBank, MoeLayer, RouterInput,
-    SharedExperts, SwiGluBank, rng::SeqRng,
-};
+use moe_core::testing::random_bank;
+use moe_core::{Assignment, Backend, MoeLayer, RouterInput, SharedExperts, rng::SeqRng};
 
 /// A router that returns a fixed plan (no spec), so a test controls the dispatch exactly.
 type Fixed = moe_core::testing::FixedPlan;
@@ -33,48 +31,6 @@ fn random_plan(t: usize, k: usize, live: &[usize], rng: &mut SeqRng) -> Vec<Assi
         }
     }
     kept
-}
-
-fn a3(rng: &mut SeqRng, sh: (usize, usize, usize), s: f32) -> Array3<f32> {
-    Array3::from_shape_simple_fn(sh, || rng.normal() as f32 * s)
-}
-
-fn random_bank(kind: u8, e: usize, d: usize, f: usize, rng: &mut SeqRng) -> ExpertBank {
-    let s = 1.0 / (d as f32).sqrt();
-    let built = match kind {
-        0 => SwiGluBank::new(
-            a3(rng, (e, 2 * f, d), s),
-            a3(rng, (e, d, f), s),
-            Activation::Silu,
-        )
-        .map(ExpertBank::SwiGlu),
-        1 => GptOssBank::new(
-            a3(rng, (e, d, 2 * f), s),
-            rng.normal_matrix(e, 2 * f, 0.1),
-            a3(rng, (e, f, d), s),
-            rng.normal_matrix(e, d, 0.1),
-            1.702,
-            7.0,
-        )
-        .map(ExpertBank::GptOss),
-        2 => MlpBank::new(
-            a3(rng, (e, f, d), s),
-            Some(rng.normal_matrix(e, f, 0.1)),
-            a3(rng, (e, d, f), s),
-            None,
-            Activation::Gelu,
-        )
-        .map(ExpertBank::Mlp),
-        _ => MlpBank::new(
-            a3(rng, (e, f, d), s),
-            None,
-            a3(rng, (e, d, f), s),
-            Some(rng.normal_matrix(e, d, 0.1)),
-            Activation::Relu,
-        )
-        .map(ExpertBank::Mlp),
-    };
-    built.unwrap_or_else(|err| panic!("bank: {err}"))
 }
 
 /// A layer with a fixed random plan over `t` tokens, optionally a gated shared expert.

@@ -9,56 +9,16 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array2, Array3, ArrayView2, Axis, s};
+use ndarray::{Array2, ArrayView2, Axis, s};
 use proptest::prelude::*;
 
 use moe_backends::cpu::{CpuBackend, CpuKernels};
+use moe_core::testing::random_bank;
 use moe_core::{
-    Activation, Backend, Expert, ExpertBank, ExpertGroups, GptOssBank, Grad, GradValue, LayerGrads,
-    LayerOutput, MlpBank, Mode, MoeError, MoeLayer, RemoteExperts, ResidentExperts, Router,
-    RouterArgs, RouterInput, Routing, SharedExperts, SwiGluBank, rng::SeqRng,
+    Activation, Backend, Expert, ExpertBank, ExpertGroups, Grad, GradValue, LayerGrads,
+    LayerOutput, Mode, MoeError, MoeLayer, RemoteExperts, ResidentExperts, Router, RouterArgs,
+    RouterInput, Routing, SharedExperts, rng::SeqRng,
 };
-
-fn a3(rng: &mut SeqRng, sh: (usize, usize, usize), s: f32) -> Array3<f32> {
-    Array3::from_shape_simple_fn(sh, || rng.normal() as f32 * s)
-}
-
-/// SwiGLU, GPT-OSS, MLP with `b1`, MLP with `b2`, MLP with both biases, MLP without biases, by `kind` 0..6.
-fn random_bank(kind: u8, e: usize, d: usize, f: usize, rng: &mut SeqRng) -> ExpertBank {
-    let s = 1.0 / (d as f32).sqrt();
-    let mlp = |rng: &mut SeqRng, b1: bool, b2: bool, act| {
-        MlpBank::new(
-            a3(rng, (e, f, d), s),
-            b1.then(|| rng.normal_matrix(e, f, 0.1)),
-            a3(rng, (e, d, f), s),
-            b2.then(|| rng.normal_matrix(e, d, 0.1)),
-            act,
-        )
-        .map(ExpertBank::Mlp)
-    };
-    let built = match kind {
-        0 => SwiGluBank::new(
-            a3(rng, (e, 2 * f, d), s),
-            a3(rng, (e, d, f), s),
-            Activation::Silu,
-        )
-        .map(ExpertBank::SwiGlu),
-        1 => GptOssBank::new(
-            a3(rng, (e, d, 2 * f), s),
-            rng.normal_matrix(e, 2 * f, 0.1),
-            a3(rng, (e, f, d), s),
-            rng.normal_matrix(e, d, 0.1),
-            1.702,
-            7.0,
-        )
-        .map(ExpertBank::GptOss),
-        2 => mlp(rng, true, false, Activation::Gelu),
-        3 => mlp(rng, false, true, Activation::Relu),
-        4 => mlp(rng, true, true, Activation::Silu),
-        _ => mlp(rng, false, false, Activation::Gelu),
-    };
-    built.unwrap_or_else(|err| panic!("bank: {err}"))
-}
 
 /// softmax-topk, switch-top1 with capacity factor 0.5 (drops), expert-choice, noisy-topk, hash (k = 2, gate
 /// weights), hash by `id mod E` (k = 1, gate weights: the plan follows the token ids), by `which` 0..6.

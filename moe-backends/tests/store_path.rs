@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ndarray::{Array2, Array3};
+use ndarray::Array2;
 use proptest::prelude::*;
 
 use moe_backends::cpu::{CpuBackend, CpuKernels};
@@ -14,61 +14,11 @@ use moe_core::store::policy::{PolicyContext, PolicyKind};
 use moe_core::store::{
     Capacity, ExpertForm, ExpertSource, HostSource, StoreConfig, StoredBank, Tier,
 };
+use moe_core::testing::random_bank;
 use moe_core::{
-    Activation, Backend, DeviceLayer, ExpertBank, GptOssBank, LayerOutput, MlpBank, MoeError,
-    MoeLayer, Router, RouterArgs, RouterInput, SharedExperts, SwiGluBank, rng::SeqRng,
+    Backend, DeviceLayer, ExpertBank, LayerOutput, MoeError, MoeLayer, Router, RouterArgs,
+    RouterInput, SharedExperts, rng::SeqRng,
 };
-
-fn a3(rng: &mut SeqRng, sh: (usize, usize, usize), s: f32) -> Array3<f32> {
-    Array3::from_shape_simple_fn(sh, || rng.normal() as f32 * s)
-}
-
-/// SwiGLU, GPT-OSS, MLP with `b1`, MLP with `b2`, MLP with both biases, by `kind` 0..5.
-fn random_bank(kind: u8, e: usize, d: usize, f: usize, rng: &mut SeqRng) -> ExpertBank {
-    let s = 1.0 / (d as f32).sqrt();
-    let built = match kind {
-        0 => SwiGluBank::new(
-            a3(rng, (e, 2 * f, d), s),
-            a3(rng, (e, d, f), s),
-            Activation::Silu,
-        )
-        .map(ExpertBank::SwiGlu),
-        1 => GptOssBank::new(
-            a3(rng, (e, d, 2 * f), s),
-            rng.normal_matrix(e, 2 * f, 0.1),
-            a3(rng, (e, f, d), s),
-            rng.normal_matrix(e, d, 0.1),
-            1.702,
-            7.0,
-        )
-        .map(ExpertBank::GptOss),
-        2 => MlpBank::new(
-            a3(rng, (e, f, d), s),
-            Some(rng.normal_matrix(e, f, 0.1)),
-            a3(rng, (e, d, f), s),
-            None,
-            Activation::Gelu,
-        )
-        .map(ExpertBank::Mlp),
-        3 => MlpBank::new(
-            a3(rng, (e, f, d), s),
-            None,
-            a3(rng, (e, d, f), s),
-            Some(rng.normal_matrix(e, d, 0.1)),
-            Activation::Relu,
-        )
-        .map(ExpertBank::Mlp),
-        _ => MlpBank::new(
-            a3(rng, (e, f, d), s),
-            Some(rng.normal_matrix(e, f, 0.1)),
-            a3(rng, (e, d, f), s),
-            Some(rng.normal_matrix(e, d, 0.1)),
-            Activation::Silu,
-        )
-        .map(ExpertBank::Mlp),
-    };
-    built.unwrap_or_else(|err| panic!("bank: {err}"))
-}
 
 /// softmax-topk (k of E), switch-top1 with capacity factor 0.5 (drops), expert-choice, by `which` 0..3.
 fn router(which: u8, d: usize, e: usize, k: usize, seed: u64) -> Box<dyn Router> {

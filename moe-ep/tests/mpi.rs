@@ -244,7 +244,7 @@ fn the_expert_parallel_layer_equals_one_rank_on_2_and_4_mpi_ranks() {
         let o = mpirun_bin(&bin, np, &["identity"]);
         assert_every_rank_ok(&o, np, "identity");
         assert!(
-            o.stdout.contains("50 layers identical to one rank"),
+            o.stdout.contains("60 layers identical to one rank"),
             "{o:?}"
         );
     }

@@ -5,15 +5,15 @@ use ndarray::Array3;
 use crate::expert::{Activation, ExpertBank, GptOssBank, MlpBank, SwiGluBank};
 use crate::rng::SeqRng;
 
-/// The grouped bank kinds with their bias variants: SwiGLU, GPT-OSS, MLP with `b1` (GELU), MLP with `b2`
-/// (ReLU), MLP with both biases (SiLU).
-pub const BANK_KINDS: u8 = 5;
+/// The grouped bank kinds with their bias variants, by `kind`: 0 SwiGLU, 1 GPT-OSS, 2 MLP with `b1` (GELU), 3 MLP
+/// with `b2` (ReLU), 4 MLP with both biases (SiLU), 5 MLP without biases (GELU).
+pub const BANK_KINDS: u8 = 6;
 
 fn a3(rng: &mut SeqRng, sh: (usize, usize, usize), s: f32) -> Array3<f32> {
     Array3::from_shape_simple_fn(sh, || rng.normal() as f32 * s)
 }
 
-/// A random bank of kind `kind` (`0..BANK_KINDS`, see [`BANK_KINDS`]) with `e` experts, width `d`, hidden `f`;
+/// A random bank of kind `kind` (`0..BANK_KINDS`, see [`BANK_KINDS`]; a larger kind is 5) with `e` experts, width `d`, hidden `f`;
 /// weights `N(0, 1/d)`, biases `N(0, 0.01)`.
 ///
 /// # Panics
@@ -56,12 +56,20 @@ pub fn random_bank(kind: u8, e: usize, d: usize, f: usize, rng: &mut SeqRng) -> 
             Activation::Relu,
         )
         .map(ExpertBank::Mlp),
-        _ => MlpBank::new(
+        4 => MlpBank::new(
             a3(rng, (e, f, d), s),
             Some(rng.normal_matrix(e, f, 0.1)),
             a3(rng, (e, d, f), s),
             Some(rng.normal_matrix(e, d, 0.1)),
             Activation::Silu,
+        )
+        .map(ExpertBank::Mlp),
+        _ => MlpBank::new(
+            a3(rng, (e, f, d), s),
+            None,
+            a3(rng, (e, d, f), s),
+            None,
+            Activation::Gelu,
         )
         .map(ExpertBank::Mlp),
     };
