@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use ndarray::{Array2, Array3};
+use ndarray::Array2;
 
 use moe_backends::cpu::CpuBackend;
 use moe_backends::cuda::{CudaBackend, Dtype};
@@ -21,8 +21,8 @@ use moe_core::store::policy::{PolicyContext, PolicyKind};
 use moe_core::store::{ExpertForm, ExpertSource, HostSource, StoreConfig, StoredBank, Tier};
 use moe_core::testing::random_bank;
 use moe_core::{
-    Activation, Backend, DeviceLayer, ExpertBank, GptOssBank, LayerOutput, MlpBank, MoeError,
-    MoeLayer, Router, RouterArgs, RouterInput, RouterPath, SharedExperts, SwiGluBank, rng::SeqRng,
+    Backend, DeviceLayer, ExpertBank, LayerOutput, MoeError, MoeLayer, Router, RouterArgs,
+    RouterInput, RouterPath, SharedExperts, rng::SeqRng,
 };
 
 fn backend() -> Option<CudaBackend> {
