@@ -650,16 +650,8 @@ impl Net {
         let decoded = (0..got.sources())
             .map(|src| self.decode_dispatch(got.from(src), src))
             .collect::<Result<Vec<_>, _>>();
-        let answers = match decoded.and_then(|inbound| self.run_owned(&inbound, train)) {
-            Ok(a) => a,
-            Err(e) => {
-                let m = self.failure_messages(&e);
-                let _ = self.exchange(m, true);
-                return Err(e);
-            }
-        };
-        let back = self.exchange(answers, true)?;
-        assemble(&plan, &back, routing.offsets(), d, rank)
+        let answers = decoded.and_then(|inbound| self.run_owned(&inbound, train));
+        self.combine(answers, &plan, routing.offsets())
     }
 
     fn decode_dispatch(&self, bytes: &[u8], src: usize) -> Result<Option<Inbound>, MoeError> {
@@ -822,7 +814,19 @@ impl Net {
         if let Some(e) = self.failed_source(&got, "dispatch (backward)") {
             return Err(e);
         }
-        let answers = match self.backward_owned(&got) {
+        let answers = self.backward_owned(&got);
+        self.combine(answers, &plan, offsets)
+    }
+
+    /// The combine all-to-all: the owners' answers (or, when this rank failed as an owner, its failure, so every
+    /// rank stops here) and the outputs put back in the plan's slot order.
+    fn combine(
+        &mut self,
+        answers: Result<Vec<Vec<u8>>, MoeError>,
+        plan: &DispatchPlan,
+        offsets: &[usize],
+    ) -> Result<Array2<f32>, MoeError> {
+        let answers = match answers {
             Ok(a) => a,
             Err(e) => {
                 let m = self.failure_messages(&e);
@@ -831,7 +835,7 @@ impl Net {
             }
         };
         let back = self.exchange(answers, true)?;
-        assemble(&plan, &back, offsets, d, self.comm.rank())
+        assemble(plan, &back, offsets, self.d, self.comm.rank())
     }
 
     /// The owner's backward of every source's saved batch, in source rank order (so each expert's weight gradient
