@@ -395,3 +395,53 @@ fn measured_bytes_messages_and_loads_equal_the_wire_format_and_the_cost_model() 
         assert_eq!(stats.dispatch_bytes as usize, sent, "rank {o}");
     }
 }
+
+/// A custom expert: `y = tanh(x) · (1 + e / 4)`.
+#[derive(Debug, Clone)]
+struct Tanh {
+    d: usize,
+    e: usize,
+}
+
+impl moe_core::Expert for Tanh {
+    fn d_model(&self) -> usize {
+        self.d
+    }
+
+    fn forward(&self, x: ndarray::ArrayView2<'_, f32>) -> Result<Array2<f32>, MoeError> {
+        let s = 1.0 + self.e as f32 / 4.0;
+        Ok(x.mapv(|v| v.tanh() * s))
+    }
+}
+
+#[test]
+fn custom_experts_run_on_their_owners_bit_identical_to_one_rank() {
+    let (d, e) = (112, 6);
+    let bank = moe_core::ExpertBank::Custom(
+        (0..e)
+            .map(|i| -> Box<dyn moe_core::Expert> { Box::new(Tanh { d, e: i }) })
+            .collect(),
+    );
+    let mut rng = moe_core::rng::SeqRng::new(4, 4);
+    let shared =
+        moe_core::SharedExperts::new(moe_core::testing::random_bank(0, 1, d, 208, &mut rng), None)
+            .unwrap_or_else(|err| panic!("{err}"));
+    let l = MoeLayer::new(common::router(0, d, e, 2, 4), bank)
+        .and_then(|l| l.with_shared(shared))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let options = EpOptions::contiguous(e, 3).unwrap_or_else(|err| panic!("{err}"));
+    let ts = [40usize, 0, 300];
+    let out = on_ranks(&l, &options, 3, |rank, ep| {
+        let (x, ids) = tokens(4, rank, ts[rank], d);
+        ep.forward(&input(&x, &ids, false))
+            .unwrap_or_else(|err| panic!("rank {rank}: {err}"))
+    });
+    for (rank, o) in out.iter().enumerate() {
+        let (x, ids) = tokens(4, rank, ts[rank], d);
+        assert_eq!(
+            bits(&o.output),
+            bits(&single(&l, &x, &ids, false).output),
+            "rank {rank}"
+        );
+    }
+}
