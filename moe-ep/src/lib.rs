@@ -22,6 +22,7 @@ pub mod network;
 pub mod placement;
 pub mod plan;
 pub mod thread;
+mod wire;
 
 #[cfg(feature = "mpi")]
 pub use self::mpi::MpiComm;
