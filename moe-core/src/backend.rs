@@ -206,7 +206,7 @@ pub trait DeviceLayer: Send {
     }
 
     /// What the layer's expert store did so far, when its routed bank is an
-    /// [`ExpertBank::Stored`](crate::ExpertBank::Stored); `None` (the default) for a layer whose experts are all
+    /// [`ExpertBank::Stored`]; `None` (the default) for a layer whose experts are all
     /// resident.
     fn store_stats(&self) -> Option<StoreStats> {
         None
