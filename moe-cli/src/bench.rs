@@ -158,8 +158,12 @@ pub(crate) struct BenchArgs {
     ep: bool,
     /// With `--ep` / `--ep-ranks`: a per-rank capacity factor c (an owner runs at most ⌈c · S / R⌉ rows a step of S
     /// slots; the rest are dropped).
-    #[arg(long, value_name = "C")]
+    #[arg(long, value_name = "C", allow_negative_numbers = true)]
     rank_capacity: Option<f32>,
+    /// With `--ep` / `--ep-ranks`: seconds a rank waits for the others in a collective before it fails (a rank
+    /// that died or stalls); default 60.
+    #[arg(long, value_name = "SECONDS")]
+    ep_timeout: Option<f64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -241,13 +245,14 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
             "--top-k must be between 1 and --experts ({e}), got {k}"
         )));
     }
+    if a.ep || a.ep_ranks.is_some() || a.rank_capacity.is_some() {
+        check_sizes(a, (d, f, e))?;
+        return run_ep(registry, a, (d, f, e, k));
+    }
     if let Some(done) = run_store(registry, a, (d, f, e, k)) {
         return done;
     }
     check_sizes(a, (d, f, e))?;
-    if a.ep || a.ep_ranks.is_some() || a.rank_capacity.is_some() {
-        return run_ep(registry, a, (d, f, e, k));
-    }
     let dtype = Dtype::parse(&a.dtype).ok_or_else(|| {
         CliError::Usage(format!("--dtype must be f32, bf16 or f16, got {}", a.dtype))
     })?;
@@ -405,15 +410,52 @@ fn run_ep(
     (d, f, e, k): (usize, usize, usize, usize),
 ) -> Result<(), CliError> {
     let usage = |m: &str| Err(CliError::Usage(m.into()));
-    if a.ep == a.ep_ranks.is_some() {
+    if !a.ep && a.ep_ranks.is_none() {
         return usage(
-            "expert parallelism runs either on MPI processes (--ep, under mpirun) or on thread ranks (--ep-ranks R), not both; --rank-capacity needs one of them",
+            "--rank-capacity is an expert-parallel option: add --ep-ranks R (thread ranks) or --ep (under mpirun)",
         );
     }
-    if a.dtype != "f32" || a.backward || a.bandwidth || a.from.is_some() {
+    if a.ep && a.ep_ranks.is_some() {
         return usage(
-            "--ep / --ep-ranks time the f32 forward (leave out --dtype, --backward, --bandwidth and --from)",
+            "expert parallelism runs either on MPI processes (--ep, under mpirun) or on thread ranks (--ep-ranks R), not both",
         );
+    }
+    let store_flags = a.from.is_some()
+        || a.write_checkpoint.is_some()
+        || a.resident_experts.is_some()
+        || a.policy.is_some()
+        || a.profile.is_some()
+        || a.trace.is_some()
+        || a.cold
+        || a.prefetch != PrefetchArg::None;
+    if a.dtype != "f32" || a.backward || a.bandwidth || store_flags {
+        return usage(
+            "--ep / --ep-ranks time the f32 forward of a random layer (leave out --dtype, --backward, --bandwidth and the store's flags --from, --write-checkpoint, --resident-experts, --policy, --profile, --trace, --cold, --prefetch)",
+        );
+    }
+    let mpi_size = crate::bench_ep::mpirun_size();
+    if a.ep && mpi_size.is_none() {
+        return usage(
+            "--ep runs one rank per MPI process: start it with mpirun -np R (or use --ep-ranks R for thread ranks in this process)",
+        );
+    }
+    if a.ep_ranks.is_some() && mpi_size.is_some_and(|n| n > 1) {
+        return usage(
+            "--ep-ranks runs thread ranks inside one process, but this is one of several mpirun processes: use --ep under mpirun",
+        );
+    }
+    let ranks = a.ep_ranks.or(mpi_size).unwrap_or(1);
+    moe_ep::cost::check_ranks(e, ranks).map_err(|err| {
+        CliError::Usage(format!(
+            "{err} (the bench places E / R experts on each rank)"
+        ))
+    })?;
+    if let Some(t) = a.ep_timeout
+        && !(t.is_finite() && t > 0.0 && t <= 86_400.0)
+    {
+        return Err(CliError::Usage(format!(
+            "--ep-timeout must be between 0 and 86400 seconds, got {t}"
+        )));
     }
     if let Some(c) = a.rank_capacity
         && !(c.is_finite() && c > 0.0)
@@ -447,6 +489,7 @@ fn run_ep(
         skew: a.skew,
         clusters: a.clusters,
         rank_capacity: a.rank_capacity,
+        timeout: a.ep_timeout.map(std::time::Duration::from_secs_f64),
         format: a.format,
     };
     match a.ep_ranks {

@@ -14,7 +14,7 @@ use crate::CliError;
 use crate::output::{Format, Table};
 
 /// Message sizes of the link calibration, bytes.
-const CALIBRATION_SIZES: &[usize] = &[1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22];
+const CALIBRATION_SIZES: &[usize] = &[8, 1 << 10, 1 << 16, 1 << 18, 1 << 20, 1 << 22];
 
 /// What one rank measured for one `T`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -65,7 +65,16 @@ pub(crate) struct EpBench<'a> {
     pub(crate) skew: f64,
     pub(crate) clusters: usize,
     pub(crate) rank_capacity: Option<f32>,
+    pub(crate) timeout: Option<std::time::Duration>,
     pub(crate) format: Format,
+}
+
+/// The size of the MPI job this process belongs to, from the environment `mpirun` gives its ranks (OpenMPI's
+/// `OMPI_COMM_WORLD_SIZE`, MPICH's and Slurm's `PMI_SIZE`); `None` outside `mpirun`.
+pub(crate) fn mpirun_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
 /// Runs the bench on `ranks` thread ranks.
@@ -104,6 +113,11 @@ fn rank_layer(
     comm: Box<dyn Communicator>,
 ) -> Result<(Vec<RankRow>, EpLayer), MoeError> {
     let (rank, ranks) = (comm.rank(), comm.size());
+    let mut comm = comm;
+    if let Some(t) = b.timeout {
+        comm.set_timeout(t);
+    }
+    check_same_run(b, comm.as_mut())?;
     let d = b.layer.d_model();
     let options = EpOptions {
         placement: moe_ep::Placement::contiguous(b.layer.n_experts(), ranks)?,
@@ -160,8 +174,13 @@ fn rank_layer(
         for _ in 0..b.repeats {
             let (d0, c0) = (ep.stats().dispatch_ms, ep.stats().combine_ms);
             let t0 = Instant::now();
-            ep.forward(&input)?;
+            let out = ep.forward(&input)?;
             row.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            row.identical &= out
+                .output
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(want.output.iter().map(|v| v.to_bits()));
             row.dispatch_ms.push(ep.stats().dispatch_ms - d0);
             row.combine_ms.push(ep.stats().combine_ms - c0);
         }
@@ -175,6 +194,31 @@ fn rank_layer(
         rows.push(row);
     }
     Ok((rows, ep))
+}
+
+/// Every rank must time the same run: a rank given other `-t`, `--repeats`, `--seed`, workload or capacity flags
+/// (an MPMD `mpirun` line) would desynchronise the collectives or time other tokens. The layer itself is
+/// compared by `EpLayer::new`.
+fn check_same_run(b: &EpBench<'_>, comm: &mut dyn Communicator) -> Result<(), MoeError> {
+    let mine = format!(
+        "-t {:?} --repeats {} --seed {} --skew {} --clusters {} --rank-capacity {:?}",
+        b.tokens, b.repeats, b.seed, b.skew, b.clusters, b.rank_capacity
+    );
+    let all = comm.all_gather(mine.as_bytes())?;
+    for src in 0..all.sources() {
+        let theirs = String::from_utf8_lossy(all.from(src));
+        if theirs != mine {
+            return Err(MoeError::config(
+                "moe bench --ep",
+                format!("rank {src}'s flags"),
+                format!(
+                    "every rank must run the same bench: rank {src} has `{theirs}`, rank {} `{mine}`",
+                    comm.rank()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The cost model on the ranks' plans and the measured link (`None` on one rank).
@@ -266,7 +310,8 @@ fn print(
                 serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.into()))?
             );
         }
-        _ => {
+        Format::Csv | Format::Markdown => print!("{}", table(&out).render(b.format)),
+        Format::Table => {
             println!(
                 "expert parallelism: {ranks} ranks ({transport}), median of {} steps; a step is its slowest rank",
                 b.repeats
@@ -282,38 +327,43 @@ fn print(
                     l.latency_us, l.bandwidth_gb_s
                 );
             }
-            let mut table = Table::new(&[
-                "T/rank",
-                "step ms",
-                "1-rank ms",
-                "a2a ms (last in)",
-                "predicted a2a ms",
-                "bytes/rank max",
-                "predicted bytes max",
-                "bytes/rank mean",
-                "msgs max",
-                "imbalance",
-                "dropped",
-                "identical",
-            ]);
-            for r in &out {
-                table.push(vec![
-                    r.tokens_per_rank.to_string(),
-                    format!("{:.3}", r.step_median_ms),
-                    format!("{:.3}", r.single_rank_median_ms),
-                    format!("{:.3}", r.all_to_all_median_ms),
-                    format!("{:.3}", r.predicted_all_to_all_ms),
-                    r.bytes_sent_per_rank_max.to_string(),
-                    r.predicted_bytes_per_rank_max.to_string(),
-                    format!("{:.0}", r.bytes_sent_per_rank_mean),
-                    r.messages_per_rank_max.to_string(),
-                    format!("{:.3}", r.imbalance),
-                    r.dropped.to_string(),
-                    r.identical_to_one_rank.to_string(),
-                ]);
-            }
-            print!("{}", table.render(b.format));
+            print!("{}", table(&out).render(b.format));
         }
     }
     Ok(())
+}
+
+/// The report's rows as a table.
+fn table(out: &[EpRow]) -> Table {
+    let mut table = Table::new(&[
+        "T/rank",
+        "step ms",
+        "1-rank ms",
+        "a2a ms (last in)",
+        "predicted a2a ms",
+        "bytes/rank max",
+        "predicted bytes max",
+        "bytes/rank mean",
+        "msgs max",
+        "imbalance",
+        "dropped",
+        "identical",
+    ]);
+    for r in out {
+        table.push(vec![
+            r.tokens_per_rank.to_string(),
+            format!("{:.3}", r.step_median_ms),
+            format!("{:.3}", r.single_rank_median_ms),
+            format!("{:.3}", r.all_to_all_median_ms),
+            format!("{:.3}", r.predicted_all_to_all_ms),
+            r.bytes_sent_per_rank_max.to_string(),
+            r.predicted_bytes_per_rank_max.to_string(),
+            format!("{:.0}", r.bytes_sent_per_rank_mean),
+            r.messages_per_rank_max.to_string(),
+            format!("{:.3}", r.imbalance),
+            r.dropped.to_string(),
+            r.identical_to_one_rank.to_string(),
+        ]);
+    }
+    table
 }

@@ -206,3 +206,89 @@ fn bad_values_are_usage_errors() {
         assert!(stdout(&o).is_empty(), "{args:?}");
     }
 }
+
+fn bench(extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "bench",
+        "-d",
+        "32",
+        "--ffn",
+        "64",
+        "-e",
+        "4",
+        "-k",
+        "2",
+        "--repeats",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    moe(&args)
+}
+
+#[test]
+fn bench_on_thread_ranks_is_identical_and_its_bytes_are_the_models() {
+    let o = bench(&["--ep-ranks", "2", "-t", "0,16", "--format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    assert_eq!(v["transport"], "threads");
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r["identical_to_one_rank"], true, "{r}");
+        assert_eq!(
+            r["bytes_sent_per_rank_max"], r["predicted_bytes_per_rank_max"],
+            "{r}"
+        );
+    }
+    // CSV is a header and rows, nothing else.
+    let o = bench(&["--ep-ranks", "2", "-t", "16", "--format", "csv"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("T/rank,"), "{out}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+}
+
+#[test]
+fn bench_refuses_wrong_expert_parallel_flags() {
+    for (args, want) in [
+        (vec!["--ep", "-t", "16"], "start it with mpirun"),
+        (vec!["--rank-capacity", "1", "-t", "16"], "add --ep-ranks R"),
+        (vec!["--ep", "--ep-ranks", "2", "-t", "16"], "not both"),
+        (vec!["--ep-ranks", "5", "-t", "16"], "between 1 and E = 4"),
+        (vec!["--ep-ranks", "0", "-t", "16"], "between 1 and E = 4"),
+        (
+            vec!["--ep-ranks", "2", "--rank-capacity", "-1", "-t", "16"],
+            "above 0",
+        ),
+        (
+            vec!["--ep-ranks", "2", "--rank-capacity", "nan", "-t", "16"],
+            "above 0",
+        ),
+        (
+            vec!["--ep-ranks", "2", "--ep-timeout", "0", "-t", "16"],
+            "--ep-timeout",
+        ),
+        (
+            vec!["--ep-ranks", "2", "--from", "x.safetensors", "-t", "16"],
+            "store's flags",
+        ),
+        (
+            vec!["--ep-ranks", "2", "--write-checkpoint", "x.safetensors"],
+            "store's flags",
+        ),
+        (
+            vec!["--ep-ranks", "2", "--backward", "-t", "16"],
+            "--backward",
+        ),
+    ] {
+        let o = bench(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}

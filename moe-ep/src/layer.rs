@@ -142,15 +142,17 @@ impl std::fmt::Debug for EpLayer {
 impl EpLayer {
     /// Makes this rank's part of `layer` on `backend`: its owned experts ([`ExpertBank::select`]) uploaded with
     /// [`Backend::upload_experts`], and the layer's frame (router, shared experts, output scale and bias) with
-    /// placeholders for the routed experts. Collective: checks that every rank passed the same configuration
-    /// (expert count, widths, bank kind, router and its parameters' bits, shared experts, placement, capacity)
-    /// and fails on every rank naming the first rank that differs.
+    /// placeholders for the routed experts. Collective: checks that every rank passed the same layer and options
+    /// (expert count, widths, bank kind, the router's options, state and parameters, every other parameter's
+    /// bits, output scale, placement, capacity) and fails on every rank naming the first rank that differs and
+    /// the first field. Every rank holds the whole layer until this returns; the `EpLayer` keeps only the owned
+    /// experts (drop `layer` afterwards to free the others).
     ///
     /// # Errors
     /// [`MoeError::InvalidConfig`] for a placement of another `E` or rank count than the layer and the
-    /// communicator, a non-finite or non-positive capacity factor; [`MoeError::Communication`] when the ranks'
-    /// configurations differ or a peer fails; upload errors (a stored or PEER bank; a backend without
-    /// resident experts).
+    /// communicator, a non-finite or non-positive capacity factor, and on every rank when the ranks' layers or
+    /// options differ (`expert-parallel layer`); [`MoeError::Communication`] when a peer fails; upload errors (a
+    /// stored or PEER bank; a backend without resident experts).
     pub fn new(
         backend: &dyn Backend,
         layer: &MoeLayer,
@@ -169,11 +171,11 @@ impl EpLayer {
         for src in 0..size {
             let theirs = String::from_utf8_lossy(all.from(src));
             if theirs != fingerprint {
-                return Err(comm_error(
-                    "layer check",
-                    rank,
+                return Err(MoeError::config(
+                    "expert-parallel layer",
+                    format!("rank {src}'s"),
                     format!(
-                        "rank {src}'s layer differs from this rank's: {}",
+                        "every rank must build the same layer, but rank {src}'s layer differs from rank {rank}'s: {}",
                         first_difference(&theirs, &fingerprint)
                     ),
                 ));
@@ -351,24 +353,28 @@ fn check_options(layer: &MoeLayer, options: &EpOptions, size: usize) -> Result<(
     Ok(())
 }
 
-/// A text every rank must agree on: the layer's shape, kinds, router (name and parameter bits), shared experts'
-/// shape, output scale and bias bits, placement and capacity. The routed experts' weights differ by rank (each
-/// holds its own) and are not in it.
+/// A text every rank must agree on: the layer's shape and kinds, the router (its name, a hash of its `Debug` form,
+/// which holds its options and state such as a hash table, and of its parameters' bits), a hash of every other
+/// parameter's bits (routed and shared experts, output bias), the output scale, the placement and the capacity.
+/// Every rank holds the whole layer when it makes its part, so the routed experts are compared too.
 fn fingerprint(layer: &MoeLayer, options: &EpOptions) -> String {
     let mut h = Fnv::default();
+    format!("{:?}", layer.router())
+        .bytes()
+        .for_each(|b| h.add(u32::from(b)));
     for p in layer.router().params() {
         p.value.iter().for_each(|v| h.add(v.to_bits()));
     }
     let router_bits = h.0;
     let mut h = Fnv::default();
     for p in layer.params() {
-        if p.name.starts_with("shared.") || p.name == "output_bias" {
+        if !p.name.starts_with("router.") {
             p.value.iter().for_each(|v| h.add(v.to_bits()));
         }
     }
     format!(
-        "experts {} | d {} | ffn {} | bank {} | router {} | router params {:016x} | shared {} | \
-         shared and output-bias params {:016x} | output scale {:08x} | placement {:?} | rank capacity {:?}",
+        "experts {} | d {} | ffn {} | bank {} | router {} | router options and params {:016x} | shared {} | \
+         expert, shared and output-bias params {:016x} | output scale {:?} | placement {:?} | rank capacity {:?}",
         layer.n_experts(),
         layer.d_model(),
         layer.experts().ffn(),
@@ -377,9 +383,9 @@ fn fingerprint(layer: &MoeLayer, options: &EpOptions) -> String {
         router_bits,
         layer.shared().map(|s| s.bank().kind()).unwrap_or("none"),
         h.0,
-        layer.output_scale().to_bits(),
+        layer.output_scale(),
         options.placement.owners(),
-        options.rank_capacity.map(f32::to_bits),
+        options.rank_capacity,
     )
 }
 
@@ -393,7 +399,7 @@ fn first_difference(theirs: &str, mine: &str) -> String {
     format!("theirs `{theirs}`, this rank's `{mine}`")
 }
 
-/// FNV-1a over 32-bit words.
+/// FNV-1a's multiply-xor over 32-bit words.
 struct Fnv(u64);
 
 impl Default for Fnv {
@@ -403,11 +409,10 @@ impl Default for Fnv {
 }
 
 impl Fnv {
+    /// One 32-bit word at a time (FNV-1a's step on words rather than bytes: a fingerprint, not a checksum).
     fn add(&mut self, w: u32) {
-        for b in w.to_le_bytes() {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        self.0 ^= u64::from(w);
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
     }
 }
 

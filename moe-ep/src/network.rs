@@ -219,14 +219,16 @@ impl Network {
 }
 
 /// Measures the link between ranks 0 and 1 through `comm` itself (collective): for each size in `sizes`
-/// (bytes, at least two distinct), `reps` all-to-alls in which ranks 0 and 1 exchange a message of that size and
-/// every other rank sends nothing; the median time of each size, measured on rank 0 and shared with every rank,
-/// is fitted by [`Link::fit`]. The link so measured includes the transport's per-call overhead (the count
-/// exchange, the progress of a non-blocking collective), which is what an expert-parallel step pays.
+/// (bytes, ascending), `reps` all-to-alls in which ranks 0 and 1 exchange a message of that size and every other
+/// rank sends nothing; the median time of each size is measured on rank 0 and shared with every rank. The
+/// bandwidth β is [`Link::fit`]'s over the sizes of 64 KiB and more (two or more of them), the latency
+/// `α = t(smallest) − smallest / β` (at least 0): a plain least-squares fit over every size lets the largest
+/// messages set the intercept, which then says little about small ones. The link includes the transport's
+/// per-call overhead (the count exchange, the hand-off to an MPI thread), which an expert-parallel step pays too.
 ///
 /// # Errors
-/// [`MoeError::InvalidConfig`] for fewer than 2 ranks, `reps = 0` or a fit [`Link::fit`] refuses; the
-/// communicator's errors.
+/// [`MoeError::InvalidConfig`] for fewer than 2 ranks, `reps = 0`, fewer than two sizes of 64 KiB or more, or a
+/// fit [`Link::fit`] refuses; the communicator's errors.
 pub fn calibrate(
     comm: &mut dyn crate::comm::Communicator,
     sizes: &[usize],
@@ -275,5 +277,16 @@ pub fn calibrate(
             (n as u64, f64::from_le_bytes(a))
         })
         .collect();
-    Link::fit(&samples)
+    let large: Vec<(u64, f64)> = samples
+        .iter()
+        .copied()
+        .filter(|&(n, _)| n >= 1 << 16)
+        .collect();
+    let beta = Link::fit(&large)?.bandwidth_gb_s;
+    let (n0, t0) = samples
+        .iter()
+        .copied()
+        .min_by_key(|&(n, _)| n)
+        .unwrap_or((0, 0.0));
+    Link::new((t0 - n0 as f64 / (beta * 1e3)).max(0.0), beta)
 }

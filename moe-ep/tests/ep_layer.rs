@@ -318,9 +318,50 @@ fn ranks_with_different_layers_are_refused_at_start_on_every_rank() {
     for (r, msg) in out.iter().enumerate() {
         let msg = msg.clone().unwrap_or_default();
         assert!(
-            msg.contains("layer differs") && msg.contains("router params"),
+            msg.contains("layer differs") && msg.contains("router options and params"),
             "rank {r}: {msg}"
         );
+    }
+    // Routed experts that differ (the same router), and a hash router of another seed (no parameters: its table
+    // differs), are refused too.
+    let other = l0
+        .with_experts(moe_core::testing::random_bank(
+            0,
+            8,
+            16,
+            24,
+            &mut SeqRng::new(99, 1),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hash = |seed| {
+        layer(&Spec {
+            router: 4,
+            ..small_spec(seed)
+        })
+    };
+    for (a, b, field) in [
+        (&l0, &other, "expert, shared and output-bias params"),
+        (&hash(7), &hash(8), "router options and params"),
+    ] {
+        let out = ThreadComm::run(2, |comm| {
+            let l = if comm.rank() == 0 { a } else { b };
+            EpLayer::new(
+                &CpuBackend::with_threads(1),
+                l,
+                options.clone(),
+                Box::new(comm),
+            )
+            .err()
+            .map(|e| e.to_string())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        for msg in out {
+            let msg = msg.unwrap_or_default();
+            assert!(
+                msg.contains("layer differs") && msg.contains(field),
+                "{msg}"
+            );
+        }
     }
     // A placement of another rank count is refused on every rank too, without a hang.
     let bad = EpOptions::contiguous(8, 3).unwrap_or_else(|e| panic!("{e}"));

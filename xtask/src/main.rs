@@ -149,11 +149,11 @@ const DEVICE_FEATURES: &str = concat!(
     "moe-ep/nccl"
 );
 
-/// The feature that builds moe-ep's MPI communicator, its `mpi_check` binary and the mpirun tests
-/// (`moe-ep/tests/mpi.rs`, at 1, 2 and 4 ranks); `ci` adds it to [`DEVICE_FEATURES`] in clippy, rustdoc and the
+/// The features that build moe-ep's MPI communicator, its `mpi_check` binary and the mpirun tests
+/// (`moe-ep/tests/mpi.rs`, at 1 to 4 ranks), and `moe bench --ep`; `ci` adds them to [`DEVICE_FEATURES`] in clippy, rustdoc and the
 /// tests. It needs OpenMPI (`libopenmpi-dev`, `openmpi-bin`) and libclang (`libclang-dev`, for bindgen), which
 /// `.ci/run` installs.
-const MPI_FEATURE: &str = "moe-ep/mpi";
+const MPI_FEATURE: &str = "moe-ep/mpi,moe-cli/mpi";
 
 /// The environment variable that leaves the MPI checks out of `cargo xtask ci` on a machine without OpenMPI
 /// (`MOE_SKIP_MPI=1`); CI never sets it, so there a missing `mpirun` fails the run.
@@ -290,7 +290,7 @@ mod tests {
     fn mpi_is_required_unless_skipped() {
         assert_eq!(
             mpi_features(false, || true).ok(),
-            Some(format!("{DEVICE_FEATURES},moe-ep/mpi"))
+            Some(format!("{DEVICE_FEATURES},moe-ep/mpi,moe-cli/mpi"))
         );
         let missing = mpi_features(false, || false);
         assert!(
