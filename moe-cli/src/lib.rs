@@ -27,6 +27,7 @@ mod bench_store;
 mod cache_sim;
 mod compare;
 mod ep;
+mod ep_cost;
 mod inspect;
 mod list;
 mod output;
@@ -126,6 +127,9 @@ enum Command {
     /// Replay a routing trace (`moe route --trace`, `moe train --trace`) through an expert cache: hit rate against
     /// slots per layer for each eviction policy, beside Belady's bound.
     CacheSim(cache_sim::CacheSimArgs),
+    /// Predict the expert-parallel all-to-all cost of routing traces on R ranks (bytes, messages, expert load,
+    /// time per model step on a network preset): the cost model of `moe compare --ep-ranks`, for 64–1024 ranks.
+    EpCost(ep_cost::EpCostArgs),
 }
 
 /// An error with the exit code it should produce.
@@ -224,6 +228,7 @@ where
         Command::Inspect(a) => inspect::run(&a),
         Command::Train(a) => train::run(&registry, &a),
         Command::CacheSim(a) => cache_sim::run(&a),
+        Command::EpCost(a) => ep_cost::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -292,3 +292,94 @@ fn bench_refuses_wrong_expert_parallel_flags() {
         );
     }
 }
+
+#[test]
+fn ep_cost_predicts_from_traces_and_refuses_bad_input() {
+    let dir = common::scratch("ep-cost");
+    let trace = dir.join("r.moetrace");
+    let t = trace.to_string_lossy().into_owned();
+    let o = moe(&[
+        "route",
+        "softmax-topk",
+        "-t",
+        "512",
+        "-e",
+        "16",
+        "-k",
+        "2",
+        "-d",
+        "16",
+        "--trace",
+        &t,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = moe(&[
+        "ep-cost",
+        &t,
+        "--ranks",
+        "2,16",
+        "--tokens-per-rank",
+        "64",
+        "-d",
+        "128",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    let tr = &v["traces"][0];
+    assert_eq!(tr["router"], "softmax-topk");
+    // 2 ranks × 64 tokens fit the trace's 512; 16 × 64 = 1024 do not: dealt again from the start.
+    assert_eq!(tr["wrapped"], serde_json::json!([false, true]));
+    let ep = tr["ep"].as_array().cloned().unwrap_or_default();
+    assert_eq!(ep.len(), 2);
+    // 2 ranks, 64 tokens each, top-2: 256 slots in all land on the two ranks' experts.
+    let rows = ep[0]["rows_mean"].as_f64().unwrap_or(0.0) * 2.0;
+    assert_eq!(rows, 256.0, "{}", ep[0]);
+    for (args, want) in [
+        (
+            vec!["--ranks", "17", "--tokens-per-rank", "8", "-d", "8"],
+            "E = 16",
+        ),
+        (
+            vec!["--ranks", "2", "--tokens-per-rank", "0", "-d", "8"],
+            "--tokens-per-rank",
+        ),
+        (
+            vec![
+                "--ranks",
+                "2",
+                "--tokens-per-rank",
+                "8",
+                "-d",
+                "8",
+                "--network",
+                "x",
+            ],
+            "--network",
+        ),
+    ] {
+        let mut a = vec!["ep-cost", t.as_str()];
+        a.extend(args.iter().copied());
+        let o = moe(&a);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{a:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(want),
+            "{a:?}: {err}"
+        );
+    }
+    let missing = dir.join("missing.moetrace");
+    let o = moe(&[
+        "ep-cost",
+        &missing.to_string_lossy(),
+        "--ranks",
+        "2",
+        "--tokens-per-rank",
+        "8",
+        "-d",
+        "8",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
