@@ -156,9 +156,22 @@ fn print(a: &EpCostArgs, network: &moe_ep::Network, out: &[TraceRows]) -> Result
         println!("{text}");
         return Ok(());
     }
+    // The router names the row; where two traces have the same router, their file names tell them apart.
+    let repeated = |t: &TraceRows| out.iter().filter(|o| o.router == t.router).count() > 1;
     let labelled: Vec<(String, &[EpRow])> = out
         .iter()
-        .map(|t| (t.router.clone(), t.ep.as_slice()))
+        .map(|t| {
+            let label = if repeated(t) {
+                let stem = std::path::Path::new(&t.trace)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{} ({stem})", t.router)
+            } else {
+                t.router.clone()
+            };
+            (label, t.ep.as_slice())
+        })
         .collect();
     let mut table: Table = crate::ep::table(&labelled);
     table.headers.push("wrapped".into());
