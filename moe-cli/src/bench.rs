@@ -3,7 +3,8 @@
 //! timed by it, with the input already on the device; the others by the host's wall clock around `forward`.
 //! `--backward` also times a training step (`forward_train` then `backward`, host wall clock) and the backward
 //! alone, and reports the backward's time over the forward's; a backend or router without training exits with its
-//! `Unsupported` error (exit code 2).
+//! `Unsupported` error (exit code 2). `--ep-ranks R` and `--ep` (under `mpirun`) time the expert-parallel layer
+//! (`bench_ep.rs`); `--from` a stack whose experts live on disk (`bench_store.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
