@@ -156,6 +156,7 @@ impl From<moe_core::MoeError> for CliError {
             | E::TopK { .. }
             | E::TooLarge { .. }
             | E::NonFinite { .. }
+            | E::BadTensor { .. }
             | E::MissingInput { .. } => CliError::Usage(e.to_string()),
             other => CliError::Other(other.into()),
         }

@@ -123,6 +123,16 @@ pub enum MoeError {
         /// What happened, naming the peer where one is at fault.
         reason: String,
     },
+    /// A weight tensor whose contents are malformed (a packed tensor of the wrong byte length, a scale that is NaN,
+    /// infinite or of the wrong shape, a block size that does not divide its dimension): `tensor
+    /// mlp.experts.down_proj_scales: scale 255 (E8M0 NaN) at [0, 3, 1]`.
+    #[error("tensor {tensor}: {reason}")]
+    BadTensor {
+        /// Name of the tensor (the checkpoint's name where there is one).
+        tensor: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Two parts of a layer disagree (router and bank expert counts, widths).
     #[error("{what}: {left} = {left_value} but {right} = {right_value}")]
     Mismatch {
@@ -140,6 +150,14 @@ pub enum MoeError {
 }
 
 impl MoeError {
+    /// Malformed-tensor helper: `MoeError::bad_tensor("down_proj_scales", "scale 255 (E8M0 NaN)")`.
+    pub fn bad_tensor(tensor: impl Into<String>, reason: impl Into<String>) -> Self {
+        MoeError::BadTensor {
+            tensor: tensor.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// Shape error helper: `MoeError::shape("hidden", "[T, 64]", &[3, 32])`.
     pub fn shape(tensor: impl Into<String>, expected: impl Into<String>, found: &[usize]) -> Self {
         MoeError::Shape {

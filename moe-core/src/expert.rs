@@ -357,6 +357,10 @@ pub enum ExpertBank {
     /// [`StoredBank::slots`](crate::store::StoredBank::slots) resident at once (`crate::store`). Holds no
     /// weights: it lists no parameters and is not trained.
     Stored(crate::store::StoredBank),
+    /// SwiGLU, GPT-OSS or MLP experts whose weights stay in a packed low-precision format (bf16, f16, int8, FP8
+    /// blocks, MXFP4; `crate::quant`), decoded inside the backend's products. Inference only: it lists no
+    /// parameters and is not trained.
+    Packed(crate::quant::PackedBank),
 }
 
 /// `a`, moved into a fresh allocation whose data starts at a multiple of `bytes` (values and shape unchanged), or
@@ -397,14 +401,17 @@ impl ExpertBank {
                 aligned(&mut b.w1, bytes);
                 aligned(&mut b.w2, bytes);
             }
-            ExpertBank::Peer(_) | ExpertBank::Custom(_) | ExpertBank::Stored(_) => {}
+            ExpertBank::Peer(_)
+            | ExpertBank::Custom(_)
+            | ExpertBank::Stored(_)
+            | ExpertBank::Packed(_) => {}
         }
     }
 
     /// Named views of the bank's tensors, in a fixed order: SwiGLU `gate_up` `[E, 2f, d]`, `down` `[E, d, f]`;
     /// GPT-OSS `gate_up` `[E, d, 2f]`, `gate_up_bias` `[E, 2f]`, `down` `[E, f, d]`, `down_bias` `[E, d]`; MLP
     /// `w1` `[E, f, d]`, `b1` `[E, f]`, `w2` `[E, d, f]`, `b2` `[E, d]` (biases where present); PEER `u`, `v`
-    /// `[N, d]`. Custom experts and stored banks list none.
+    /// `[N, d]`. Custom experts, stored and packed banks list none.
     pub fn params(&self) -> Vec<Param<'_>> {
         match self {
             ExpertBank::SwiGlu(b) => vec![
@@ -429,7 +436,7 @@ impl ExpertBank {
                 v
             }
             ExpertBank::Peer(b) => vec![Param::new("u", b.u.view()), Param::new("v", b.v.view())],
-            ExpertBank::Custom(_) | ExpertBank::Stored(_) => Vec::new(),
+            ExpertBank::Custom(_) | ExpertBank::Stored(_) | ExpertBank::Packed(_) => Vec::new(),
         }
     }
 
@@ -461,7 +468,7 @@ impl ExpertBank {
                 ParamMut::new("u", b.u.view_mut()),
                 ParamMut::new("v", b.v.view_mut()),
             ],
-            ExpertBank::Custom(_) | ExpertBank::Stored(_) => Vec::new(),
+            ExpertBank::Custom(_) | ExpertBank::Stored(_) | ExpertBank::Packed(_) => Vec::new(),
         }
     }
 
@@ -522,6 +529,7 @@ impl ExpertBank {
             ExpertBank::Custom(v) => {
                 ExpertBank::Custom(ids.iter().map(|&e| v[e].clone()).collect())
             }
+            ExpertBank::Packed(b) => ExpertBank::Packed(b.select(&ids)?),
             ExpertBank::Stored(_) => {
                 return Err(MoeError::Unsupported {
                     owner: "a stored bank".into(),
@@ -540,6 +548,7 @@ impl ExpertBank {
             ExpertBank::Peer(b) => b.u.nrows(),
             ExpertBank::Custom(v) => v.len(),
             ExpertBank::Stored(s) => s.source().n_experts(),
+            ExpertBank::Packed(b) => b.n_experts(),
         }
     }
 
@@ -552,6 +561,7 @@ impl ExpertBank {
             ExpertBank::Peer(b) => b.u.ncols(),
             ExpertBank::Custom(v) => v.first().map(|e| e.d_model()).unwrap_or(0),
             ExpertBank::Stored(s) => s.form().d_model(),
+            ExpertBank::Packed(b) => b.d_model(),
         }
     }
 
@@ -564,11 +574,13 @@ impl ExpertBank {
             ExpertBank::Peer(_) => 1,
             ExpertBank::Custom(_) => 0,
             ExpertBank::Stored(s) => s.form().ffn(),
+            ExpertBank::Packed(b) => b.ffn(),
         }
     }
 
     /// The family's name: `swiglu`, `gpt_oss`, `mlp`, `peer`, `custom`, `stored` (whose experts are of the
-    /// family [`StoredBank::form`](crate::store::StoredBank::form) names).
+    /// family [`StoredBank::form`](crate::store::StoredBank::form) names), `packed` (whose family
+    /// [`PackedBank::family`](crate::quant::PackedBank::family) names).
     pub fn kind(&self) -> &'static str {
         match self {
             ExpertBank::SwiGlu(_) => "swiglu",
@@ -577,6 +589,7 @@ impl ExpertBank {
             ExpertBank::Peer(_) => "peer",
             ExpertBank::Custom(_) => "custom",
             ExpertBank::Stored(_) => "stored",
+            ExpertBank::Packed(_) => "packed",
         }
     }
 
@@ -592,6 +605,14 @@ impl ExpertBank {
             ExpertBank::Peer(_) => 2 * d,
             ExpertBank::Custom(_) => 0,
             ExpertBank::Stored(s) => s.form().values_per_expert(),
+            ExpertBank::Packed(b) => {
+                let bias = |x: Option<&ndarray::Array2<f32>>| x.map_or(0, |a| a.ncols());
+                let weights = match b.family() {
+                    crate::quant::PackedFamily::Mlp { .. } => 2 * d * f,
+                    _ => 3 * d * f,
+                };
+                weights + bias(b.up_bias()) + bias(b.down_bias())
+            }
         }
     }
 }

@@ -8,6 +8,8 @@
 //!   assignments, aux losses with their normalisation named, optional logits) and its [`Diagnostics`].
 //! - [`RouterSpec`]: the optional device-executable description of a built-in router.
 //! - [`Expert`] and [`ExpertBank`]: custom experts and the standard families (SwiGLU, GPT-OSS, MLP, PEER).
+//! - [`quant`]: expert weights kept packed in bf16, f16, int8, FP8 blocks or MXFP4 ([`WeightFormat`],
+//!   [`PackedMatrix`], [`PackedBank`]), the scalar codecs and the reference decode every kernel equals.
 //! - [`Backend`] / [`DeviceLayer`]: upload a [`MoeLayer`] once, run forwards on it; train on it
 //!   ([`DeviceLayer::forward_train`], [`DeviceLayer::backward`] returning [`LayerGrads`],
 //!   [`DeviceLayer::apply_update`]).
@@ -86,6 +88,7 @@ pub mod layer;
 pub mod loss;
 pub mod math;
 pub mod params;
+pub mod quant;
 pub mod registry;
 pub mod remote;
 pub mod rng;
@@ -108,6 +111,7 @@ pub use kit::KEEP_LOGITS_MAX_EXPERTS;
 pub use layer::MoeLayer;
 pub use loss::{AuxLoss, AuxLossKind, LbNorm};
 pub use params::{Param, ParamMut};
+pub use quant::{PackedBank, PackedFamily, PackedMatrix, WeightFormat};
 pub use registry::{
     CausalFn, Causality, OptionDoc, RouterArgs, RouterConfig, RouterEntry, RouterFactory,
     RouterOptions, RouterRegistry,
