@@ -143,7 +143,9 @@ pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
 /// Settings of [`open_with`]; the default is what [`open`] uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendOptions {
-    /// Precision of the resident expert weights: f32 everywhere, bf16 and f16 on the cuda backend.
+    /// Precision of the resident expert weights. `F32` (the default) keeps every bank as it is; another format
+    /// quantises f32 banks at upload ([`moe_core::PackedBank::quantize`]). The cpu backend runs every format,
+    /// cuda f32, bf16 and f16, wgpu f32.
     pub dtype: Dtype,
     /// Threads of the cpu backend (`None`: all cores); other backends take none.
     pub threads: Option<usize>,
@@ -176,10 +178,11 @@ pub fn open_with(
     match kind {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::with_dtype(options.dtype)?)),
-        _ if options.dtype != Dtype::F32 => Err(MoeError::config(
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu if options.dtype != Dtype::F32 => Err(MoeError::config(
             "dtype",
             options.dtype.name(),
-            "only f32 on this backend (bf16 and f16 run on the cuda backend)",
+            "only f32 on the wgpu backend (the cpu backend runs every format, cuda f32, bf16 and f16)",
         )
         .into()),
         BackendKind::Cpu => Ok(Box::new(
@@ -187,7 +190,8 @@ pub fn open_with(
                 Some(n) => cpu::CpuBackend::with_threads(n),
                 None => cpu::CpuBackend::new(),
             }
-            .with_kernels(options.cpu_kernels),
+            .with_kernels(options.cpu_kernels)
+            .with_dtype(options.dtype),
         )),
         #[allow(
             unreachable_patterns,

@@ -79,6 +79,52 @@ impl MoeLayer {
         })
     }
 
+    /// This layer with its routed and shared experts' weights in `format`: SwiGLU, GPT-OSS and MLP banks are
+    /// quantised ([`PackedBank::quantize`](crate::quant::PackedBank::quantize)); a bank already packed in
+    /// `format` is kept. `WeightFormat::F32` returns the layer unchanged. The router, the shared-expert gate and
+    /// every bias stay f32, so the routing is bit-identical.
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidConfig`] for a bank packed in another format (quantising twice compounds the error:
+    /// dequantise it first); [`MoeError::Unsupported`] for PEER, custom and stored banks; the quantiser's errors
+    /// (MXFP4 needs `d` and `f` multiples of 32).
+    pub fn quantized(&self, format: crate::quant::WeightFormat) -> Result<Self, MoeError> {
+        use crate::quant::{PackedBank, WeightFormat};
+        if format == WeightFormat::F32 {
+            return Ok(self.clone());
+        }
+        let convert = |bank: &ExpertBank| -> Result<ExpertBank, MoeError> {
+            match bank {
+                ExpertBank::Packed(b) if b.format() == format => Ok(bank.clone()),
+                ExpertBank::Packed(b) => Err(MoeError::config(
+                    "dtype",
+                    format.name(),
+                    format!(
+                        "the experts are already packed in {} (dequantise them before quantising again)",
+                        b.format()
+                    ),
+                )),
+                other => Ok(ExpertBank::Packed(PackedBank::quantize(other, format)?)),
+            }
+        };
+        let experts = convert(&self.experts)?;
+        let shared = match &self.shared {
+            Some(s) => Some(Arc::new(SharedExperts::new(
+                convert(s.bank())?,
+                s.gate().cloned(),
+            )?)),
+            None => None,
+        };
+        Ok(MoeLayer {
+            router: self.router_box(),
+            experts: Arc::new(experts),
+            shared,
+            output_scale: self.output_scale,
+            output_bias: self.output_bias.clone(),
+            hf_names: self.hf_names.clone(),
+        })
+    }
+
     /// Adds shared experts.
     ///
     /// # Errors

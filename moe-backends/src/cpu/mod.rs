@@ -87,6 +87,7 @@ impl CpuKernels {
 pub struct CpuBackend {
     threads: Option<usize>,
     kernels: CpuKernels,
+    dtype: crate::Dtype,
 }
 
 impl CpuBackend {
@@ -106,6 +107,13 @@ impl CpuBackend {
     /// The same backend with the kernels `kernels` (the default is [`CpuKernels::Auto`]).
     pub fn with_kernels(mut self, kernels: CpuKernels) -> Self {
         self.kernels = kernels;
+        self
+    }
+
+    /// The same backend quantising the experts of every layer it uploads to `dtype` ([`MoeLayer::quantized`]);
+    /// `F32` (the default) uploads banks as they are, packed banks in their own format.
+    pub fn with_dtype(mut self, dtype: crate::Dtype) -> Self {
+        self.dtype = dtype;
         self
     }
 
@@ -130,16 +138,24 @@ impl Backend for CpuBackend {
         };
         Capabilities {
             device: format!("cpu ({n} threads, {kernels})"),
-            dtypes: vec!["f32".into()],
-            native_specs: vec!["all (routers run on the host, which is this device)".into()],
-            banks: ["swiglu", "gpt_oss", "mlp", "peer", "custom", "stored"]
+            dtypes: moe_core::WeightFormat::ALL
                 .iter()
-                .map(|s| s.to_string())
+                .map(|f| f.name().to_string())
                 .collect(),
+            native_specs: vec!["all (routers run on the host, which is this device)".into()],
+            banks: [
+                "swiglu", "gpt_oss", "mlp", "peer", "custom", "stored", "packed",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         }
     }
 
     fn upload(&self, mut layer: Arc<MoeLayer>) -> Result<Box<dyn DeviceLayer>, MoeError> {
+        if self.dtype != crate::Dtype::F32 {
+            layer = Arc::new(layer.quantized(self.dtype)?);
+        }
         // Rows of weights that start on a cache line are read faster by the SIMD kernel. The weights can only be
         // moved when nobody else holds the layer; otherwise they are used where they are (correct, a bit slower).
         if let Some(l) = Arc::get_mut(&mut layer) {

@@ -62,9 +62,10 @@ fn tile_grid(tiles: usize) -> Result<(u32, u32), MoeError> {
 /// The product kernel and block size for `dtype` and epilogue `mode`.
 fn gemm_kernel(gpu: &Gpu, dtype: Dtype, mode: u32) -> (String, u32) {
     let (ty, mma) = match dtype {
-        Dtype::F32 => ("f32", false),
         Dtype::Bf16 => ("bf16", gpu.tensor_cores),
         Dtype::F16 => ("f16", gpu.tensor_cores),
+        // Packed formats are refused by `CudaBackend::with_dtype`.
+        _ => ("f32", false),
     };
     if mma {
         (format!("gemm_mma_{ty}_{mode}"), 128)

@@ -98,8 +98,17 @@ impl CudaBackend {
     /// Opens GPU 0; layers uploaded through this handle keep their expert weights in `dtype`.
     ///
     /// # Errors
-    /// As [`CudaBackend::new`].
+    /// As [`CudaBackend::new`]; [`MoeError::InvalidConfig`] for a packed format this backend does not run yet
+    /// (int8, fp8, mxfp4).
     pub fn with_dtype(dtype: Dtype) -> Result<Self, BackendError> {
+        if !matches!(dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16) {
+            return Err(MoeError::config(
+                "dtype",
+                dtype.name(),
+                "the cuda backend runs f32, bf16 and f16 weights",
+            )
+            .into());
+        }
         let gpu = Gpu::get().map_err(|reason| BackendError::Unavailable {
             backend: "cuda".into(),
             reason,

@@ -67,7 +67,7 @@ pub(super) struct Sizes {
 impl Sizes {
     /// Bytes of one pinned staging buffer: the weights in `dtype`, the biases in f32.
     pub(super) fn staging_bytes(&self, dtype: Dtype) -> u64 {
-        let w = if dtype == Dtype::F32 { 4 } else { 2 };
+        let w = crate::dtype::dense_bytes(dtype) as u64;
         ((self.up + self.down) * w + (self.up_bias + self.down_bias) * 4) as u64
     }
 
@@ -167,7 +167,10 @@ pub(super) fn stage(
         }
         PinnedWeights::Half(w) => {
             let w = w.as_mut_slice().map_err(pinned)?;
-            let (up, down) = (dtype.bits(&p.up), dtype.bits(&p.down));
+            let (up, down) = (
+                crate::dtype::half_bits(dtype, &p.up),
+                crate::dtype::half_bits(dtype, &p.down),
+            );
             let (Some(up), Some(down)) = (up, down) else {
                 return Err(err("internal: stored forward: f32 weights in half staging"));
             };

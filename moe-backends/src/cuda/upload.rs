@@ -86,7 +86,7 @@ impl DevBank {
     ) -> Result<Self, MoeError> {
         let p = pack(bank, "cuda").map_err(|r| err(format!("{what} experts: {r}")))?;
         let weights = |v: &[f32]| -> Result<Weights, MoeError> {
-            Ok(match dtype.bits(v) {
+            Ok(match crate::dtype::half_bits(dtype, v) {
                 None => Weights::F32(gpu.upload(v)?),
                 Some(bits) => Weights::Half(gpu.upload(&bits)?),
             })
