@@ -254,9 +254,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         return done;
     }
     check_sizes(a, (d, f, e))?;
-    let dtype = Dtype::parse(&a.dtype).ok_or_else(|| {
-        CliError::Usage(format!("--dtype must be f32, bf16 or f16, got {}", a.dtype))
-    })?;
+    let dtype = Dtype::parse(&a.dtype).map_err(|e| CliError::Usage(e.to_string()))?;
     let cpu_kernels =
         CpuKernels::parse(&a.cpu_kernels).map_err(|e| CliError::Usage(e.to_string()))?;
     let backend = crate::open_backend_with(
@@ -274,10 +272,24 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     let bank = random_swiglu_bank(e, d, f, a.seed)?;
     let layer = MoeLayer::new(router, bank)?;
     let mut resident = backend.upload(Arc::new(layer))?;
+    // Bytes one expert streams: the packed size where the backend packed the bank (cpu), else 16 or 32 bits a
+    // weight (cuda converts bf16 / f16 itself).
+    let expert_bytes = match resident.layer().experts() {
+        moe_core::ExpertBank::Packed(b) => b.bytes_per_expert() as f64,
+        _ => {
+            (3 * d
+                * f
+                * if matches!(dtype, Dtype::Bf16 | Dtype::F16) {
+                    2
+                } else {
+                    4
+                }) as f64
+        }
+    };
     let mut rows = Vec::new();
     let mut clock = "host wall clock";
     for &t in &a.tokens {
-        let (row, device_clock) = time_row(resident.as_mut(), a, t, (d, f), dtype.bytes())?;
+        let (row, device_clock) = time_row(resident.as_mut(), a, t, (d, f), expert_bytes)?;
         if device_clock {
             clock = "device events";
         }
@@ -565,7 +577,7 @@ fn time_row(
     a: &BenchArgs,
     t: usize,
     (d, f): (usize, usize),
-    weight_bytes: usize,
+    expert_bytes: f64,
 ) -> Result<(BenchRow, bool), CliError> {
     let w = WorkloadConfig {
         tokens: t,
@@ -600,7 +612,7 @@ fn time_row(
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     let flops = 2.0 * slots as f64 * 3.0 * d as f64 * f as f64;
-    let bytes = experts_hit as f64 * 3.0 * d as f64 * f as f64 * weight_bytes as f64;
+    let bytes = experts_hit as f64 * expert_bytes;
     let (train_step_median_ms, backward_median_ms) = if a.backward {
         let (step, back) = time_training(resident, &input, a.repeats as usize)?;
         (Some(step * 1e3), Some(back * 1e3))

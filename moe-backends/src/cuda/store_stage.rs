@@ -67,7 +67,7 @@ pub(super) struct Sizes {
 impl Sizes {
     /// Bytes of one pinned staging buffer: the weights in `dtype`, the biases in f32.
     pub(super) fn staging_bytes(&self, dtype: Dtype) -> u64 {
-        let w = crate::dtype::dense_bytes(dtype) as u64;
+        let w = crate::dtype::dense_bytes(dtype);
         ((self.up + self.down) * w + (self.up_bias + self.down_bias) * 4) as u64
     }
 
