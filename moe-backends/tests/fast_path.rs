@@ -67,23 +67,19 @@ fn layer(
     l
 }
 
-/// The kernel sets to test on this machine: the portable one always (what CPUs without AVX-512 run), and
-/// `Auto` too where it differs (this CPU has AVX-512F); printed so a log says which ran.
+/// The kernel sets to test on this machine: portable (`gemm` only), AVX2 (its dot kernel where the CPU has AVX2)
+/// and auto (AVX-512's where the CPU has it); printed so a log says which ran.
 fn kernel_sets() -> Vec<CpuKernels> {
     let dot = CpuBackend::new().uses_dot_kernel();
     println!(
-        "kernel sets tested: portable{}",
+        "kernel sets tested: portable, avx2, auto{}",
         if dot {
-            " and AVX-512 dot (auto)"
+            " (AVX-512 dot)"
         } else {
-            " (no AVX-512 here)"
+            " (no AVX-512 here: as avx2)"
         }
     );
-    if dot {
-        vec![CpuKernels::Portable, CpuKernels::Auto]
-    } else {
-        vec![CpuKernels::Portable]
-    }
+    vec![CpuKernels::Portable, CpuKernels::Avx2, CpuKernels::Auto]
 }
 
 fn fast(layer: Arc<MoeLayer>, threads: usize, kernels: CpuKernels, x: &Array2<f32>) -> Array2<f32> {

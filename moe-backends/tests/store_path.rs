@@ -105,11 +105,7 @@ fn host(bank: ExpertBank) -> Arc<dyn ExpertSource> {
 }
 
 fn kernel_sets() -> Vec<CpuKernels> {
-    if CpuBackend::new().uses_dot_kernel() {
-        vec![CpuKernels::Portable, CpuKernels::Auto]
-    } else {
-        vec![CpuKernels::Portable]
-    }
+    vec![CpuKernels::Portable, CpuKernels::Avx2, CpuKernels::Auto]
 }
 
 fn upload(layer: &Arc<MoeLayer>, threads: usize, kernels: CpuKernels) -> Box<dyn DeviceLayer> {

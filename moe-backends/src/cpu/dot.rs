@@ -1,7 +1,11 @@
-//! The AVX-512 dot-product kernel of the fast CPU path: `C[i, j] = Σ_kk A[i, kk] · W[j, kk]` with both reduction axes contiguous.
-//! Register tiles of 4 rows x 6 weight rows (24 accumulators), 16 lanes per step, one horizontal sum per
-//! output in a fixed order, the tail of `k` added in order after it. Weight rows are prefetched a few cache
-//! lines ahead (a prefetch past the end of a row never faults).
+//! The AVX-512 dot-product kernel of the fast CPU path: `C[i, j] = Σ_kk A[i, kk] · W[j, kk]` with both reduction
+//! axes contiguous, for f32 weights and every packed format (`moe_core::quant`).
+//!
+//! Register tiles of 4 rows x 6 weight rows (24 accumulators), 16 lanes per step, one horizontal sum per output
+//! in a fixed order, the tail of `k` added in order after it. Weight rows are prefetched a few cache lines ahead
+//! (a prefetch past the end of a row never faults). A packed weight row is decoded 16 values at a time in
+//! registers ([`Rows::load`]) to exactly the f32 values `ExpertMatrix::decode_row` gives, so the packed kernel's
+//! output equals the f32 kernel's on the decoded weights, bit for bit.
 #![allow(
     unsafe_code,
     reason = "SIMD intrinsics on raw pointers; every caller checks the bounds first (kernels.rs)"
@@ -9,24 +13,32 @@
 
 use std::arch::x86_64::*;
 
+use super::rows::{Bf16Rows, F16Rows, F32Rows, Fp8Rows, Int8Rows, Mxfp4Rows, Rows};
+
 const MR: usize = 4;
 const NR: usize = 6;
 const L: usize = 16;
-/// How far ahead (in values) weight rows are prefetched.
-const PREFETCH: usize = 128;
+/// How far ahead (in bytes) weight rows are prefetched.
+const PREFETCH: usize = 512;
+
+/// Weight rows an AVX-512 kernel can decode: 16 values from column `o` (a multiple of 16) of row `j`.
+pub(crate) trait Load512: Rows {
+    /// # Safety
+    /// AVX-512F must be available; row `j` and columns `o..o + 16` in bounds.
+    unsafe fn load(self, j: usize, o: usize) -> __m512;
+}
 
 /// # Safety
-/// AVX-512F must be available; `a` must hold `m` rows of `k` at stride `lda`, `w` `n` rows of `k` at stride
-/// `ldw`, and `c` `m` rows of `n` writable values at stride `ldc`.
+/// AVX-512F must be available; `a` must hold `m` rows of `k` at stride `lda`, `w` `n` rows of `k`, and `c` `m`
+/// rows of `n` writable values at stride `ldc`.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn matmul_nt(
+pub(crate) unsafe fn matmul_nt<W: Load512>(
     m: usize,
     n: usize,
     k: usize,
     a: *const f32,
     lda: usize,
-    w: *const f32,
-    ldw: usize,
+    w: W,
     c: *mut f32,
     ldc: usize,
 ) {
@@ -38,13 +50,13 @@ pub(crate) unsafe fn matmul_nt(
             let full = j + NR <= n;
             let mut i = 0;
             while i < m {
-                let (ai, wj, cij) = (a.add(i * lda), w.add(j * ldw), c.add(i * ldc + j));
+                let (ai, cij) = (a.add(i * lda), c.add(i * ldc + j));
                 let rows4 = i + MR <= m;
                 match (rows4, full) {
-                    (true, true) => tile::<MR, NR>(ai, lda, wj, ldw, k, cij, ldc),
-                    (false, true) => tile::<1, NR>(ai, lda, wj, ldw, k, cij, ldc),
-                    (true, false) => tile::<MR, 1>(ai, lda, wj, ldw, k, cij, ldc),
-                    (false, false) => tile::<1, 1>(ai, lda, wj, ldw, k, cij, ldc),
+                    (true, true) => tile::<W, MR, NR>(ai, lda, w, j, k, cij, ldc),
+                    (false, true) => tile::<W, 1, NR>(ai, lda, w, j, k, cij, ldc),
+                    (true, false) => tile::<W, MR, 1>(ai, lda, w, j, k, cij, ldc),
+                    (false, false) => tile::<W, 1, 1>(ai, lda, w, j, k, cij, ldc),
                 }
                 i += if rows4 { MR } else { 1 };
             }
@@ -55,16 +67,16 @@ pub(crate) unsafe fn matmul_nt(
 
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn tile<const R: usize, const C: usize>(
+unsafe fn tile<W: Load512, const R: usize, const C: usize>(
     a: *const f32,
     lda: usize,
-    w: *const f32,
-    ldw: usize,
+    w: W,
+    j0: usize,
     k: usize,
     c: *mut f32,
     ldc: usize,
 ) {
-    // SAFETY (whole body): R rows of A and C columns of W, k values each, are in bounds (see matmul_nt).
+    // SAFETY (whole body): R rows of A and C rows of W from j0, k values each, are in bounds (see matmul_nt).
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let steps = k / L;
@@ -72,9 +84,9 @@ unsafe fn tile<const R: usize, const C: usize>(
             let o = s * L;
             let mut wv = [_mm512_setzero_ps(); C];
             for (jj, v) in wv.iter_mut().enumerate() {
-                // Weight rows stream from memory once: ask for them PREFETCH values ahead.
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(jj * ldw + o + PREFETCH) as *const i8);
-                *v = _mm512_loadu_ps(w.add(jj * ldw + o));
+                // Weight rows stream from memory once: ask for them PREFETCH bytes ahead.
+                _mm_prefetch::<_MM_HINT_T0>(w.prefetch(j0 + jj, o, PREFETCH));
+                *v = w.load(j0 + jj, o);
             }
             for (ii, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_loadu_ps(a.add(ii * lda + o));
@@ -87,10 +99,125 @@ unsafe fn tile<const R: usize, const C: usize>(
             for (jj, &v) in row.iter().enumerate() {
                 let mut s = _mm512_reduce_add_ps(v);
                 for kk in steps * L..k {
-                    s = (*a.add(ii * lda + kk)).mul_add(*w.add(jj * ldw + kk), s);
+                    s = (*a.add(ii * lda + kk)).mul_add(w.scalar(j0 + jj, kk), s);
                 }
                 *c.add(ii * ldc + jj) = s;
             }
+        }
+    }
+}
+
+/// Decodes rows `0..n` of `w` (`k` values each) into `out` (`[n, k]`, row-major), 16 values at a time.
+///
+/// # Safety
+/// AVX-512F must be available; `w` must hold `n` rows of `k` and `out` `n · k` values.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn decode<W: Load512>(n: usize, k: usize, w: W, out: &mut [f32]) {
+    // SAFETY: rows 0..n and columns 0..k are in bounds (the caller's contract); out holds n · k values.
+    unsafe {
+        let steps = k / L;
+        for j in 0..n {
+            let row = out.as_mut_ptr().add(j * k);
+            for s in 0..steps {
+                _mm512_storeu_ps(row.add(s * L), w.load(j, s * L));
+            }
+            for kk in steps * L..k {
+                *row.add(kk) = w.scalar(j, kk);
+            }
+        }
+    }
+}
+
+impl Load512 for F32Rows {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+        // SAFETY: in bounds (the trait's contract).
+        unsafe { _mm512_loadu_ps(self.p.add(j * self.ld + o)) }
+    }
+}
+
+impl Load512 for Bf16Rows {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+        // SAFETY: 16 u16 values in bounds (the trait's contract). bf16 is the top half of an f32.
+        unsafe {
+            let h = _mm256_loadu_si256(self.p.add(j * self.ld + o) as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+impl Load512 for F16Rows {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+        // SAFETY: 16 u16 values in bounds (the trait's contract).
+        unsafe {
+            _mm512_cvtph_ps(_mm256_loadu_si256(
+                self.p.add(j * self.ld + o) as *const __m256i
+            ))
+        }
+    }
+}
+
+impl Load512 for Int8Rows {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+        // SAFETY: 16 bytes and the row's scale in bounds (the trait's contract).
+        unsafe {
+            let q = _mm_loadu_si128(self.p.add(j * self.ld + o) as *const __m128i);
+            let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+            _mm512_mul_ps(v, _mm512_set1_ps(*self.scales.add(j)))
+        }
+    }
+}
+
+impl Load512 for Fp8Rows {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+        // SAFETY: 16 bytes and the block's scale in bounds (the trait's contract).
+        unsafe {
+            let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                self.p.add(j * self.ld + o) as *const __m128i
+            ));
+            _mm512_mul_ps(
+                _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_f16_bits(q)), _mm512_set1_ps(256.0)),
+                _mm512_set1_ps(self.scale(j, o)),
+            )
+        }
+    }
+}
+
+/// FP8 E4M3 codes (one a 16-bit lane) as f16 bit patterns of `value · 2^-8`: the sign moves to bit 15, exponent
+/// and mantissa shift up by 7 (E4M3's bias 7 and f16's 15 differ by 8, subnormals included), exactly.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn fp8_to_f16_bits(q: __m256i) -> __m256i {
+    let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(q, _mm256_set1_epi16(0x80)));
+    let mag = _mm256_slli_epi16::<7>(_mm256_and_si256(q, _mm256_set1_epi16(0x7F)));
+    _mm256_or_si256(sign, mag)
+}
+
+impl Load512 for Mxfp4Rows {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+        // SAFETY: 8 bytes (16 codes) and the block's scale in bounds (the trait's contract).
+        unsafe {
+            let b = _mm_loadl_epi64(self.p.add(j * self.ld + o / 2) as *const __m128i);
+            // b0 b0 b1 b1 …: lane 2i takes byte i's low nibble, lane 2i + 1 its high one.
+            let lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+            let shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+            let codes = _mm512_and_si512(_mm512_srlv_epi32(lanes, shift), _mm512_set1_epi32(0xF));
+            let lut = _mm512_loadu_ps(moe_core::quant::codec::E2M1_VALUES.as_ptr());
+            _mm512_mul_ps(
+                _mm512_permutexvar_ps(codes, lut),
+                _mm512_set1_ps(self.scale(j, o)),
+            )
         }
     }
 }

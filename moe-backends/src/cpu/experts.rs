@@ -93,6 +93,7 @@ pub fn expert_forward(
             }
             y
         }
+        ExpertBank::Packed(_) => packed_expert(bank, e, x)?,
         ExpertBank::Custom(experts) => {
             let ex = experts.get(e).ok_or(MoeError::Expert {
                 expert: e,
@@ -126,5 +127,25 @@ pub fn expert_forward(
         y
     } else {
         y.as_standard_layout().into_owned()
+    })
+}
+
+/// Expert `e` of a packed bank on rows `x` through the grouped path's tiles (one group; the best kernels of
+/// this CPU), which decode the packed weights inside the products.
+fn packed_expert(
+    bank: &ExpertBank,
+    e: usize,
+    x: ArrayView2<'_, f32>,
+) -> Result<Array2<f32>, MoeError> {
+    let (n, d) = x.dim();
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().unwrap_or(&[]);
+    let mut h = super::grouped::AlignedBuf::default();
+    let mut y = vec![0f32; n * d];
+    let kernels = super::kernels::Kernels::new(super::CpuKernels::Auto);
+    super::grouped::run_bank(bank, &[e as u32], &[0, n], xs, &mut h, &mut y, kernels)?;
+    Array2::from_shape_vec((n, d), y).map_err(|err| MoeError::Backend {
+        backend: "cpu".into(),
+        reason: err.to_string(),
     })
 }

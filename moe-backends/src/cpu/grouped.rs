@@ -118,13 +118,15 @@ pub(super) fn reserve_tiles(max_rows: usize) {
     });
 }
 
-/// Whether [`run_bank`] runs this bank (SwiGLU, GPT-OSS and MLP banks with weights in standard layout); others
+/// Whether [`run_bank`] runs this bank (SwiGLU, GPT-OSS and MLP banks with weights in standard layout, packed
+/// banks); others
 /// take the reference path.
 pub(crate) fn supports(bank: &ExpertBank) -> bool {
     match bank {
         ExpertBank::SwiGlu(b) => b.gate_up().is_standard_layout() && b.down().is_standard_layout(),
         ExpertBank::GptOss(b) => b.gate_up().is_standard_layout() && b.down().is_standard_layout(),
         ExpertBank::Mlp(b) => b.w1().is_standard_layout() && b.w2().is_standard_layout(),
+        ExpertBank::Packed(_) => true,
         _ => false,
     }
 }
@@ -228,6 +230,9 @@ pub(super) fn down_phase(
         |g, col0, mut tile| {
             let e = experts[g] as usize;
             let a = &h[offsets[g] * f..offsets[g + 1] * f];
+            if let ExpertBank::Packed(b) = bank {
+                return super::quant::down_tile(b, e, a, f, col0, &mut tile, kernels);
+            }
             let (w, bias) = match bank {
                 ExpertBank::SwiGlu(b) => (expert_weights(b.down(), e, f, 1)?, None),
                 ExpertBank::Mlp(b) => (expert_weights(b.w2(), e, f, 1)?, b.b2()),
@@ -262,6 +267,7 @@ fn hidden_tile(
     let rows = tile.rows();
     let w = tile.width();
     match bank {
+        ExpertBank::Packed(b) => super::quant::hidden_tile(b, e, a, d, f, col0, tile, kernels),
         ExpertBank::Mlp(b) => {
             tile.matmul(a, d, d, expert_weights(b.w1(), e, d, 1)?, col0, kernels)?;
             let bias = b.b1().map(|b1| b1.row(e));

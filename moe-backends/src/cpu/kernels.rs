@@ -166,22 +166,14 @@ impl<'a> Tile<'a> {
         }
         let wp = w.data[col0 * w.col_stride..].as_ptr();
         #[cfg(target_arch = "x86_64")]
-        if m <= SMALL_ROWS && w.k_stride == 1 && kernels.dot {
-            // SAFETY: bounds checked above; `Kernels::dot` is set only where the CPU has AVX-512F (checked at
-            // run time by `Kernels::new`).
-            unsafe {
-                super::dot::matmul_nt(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    lda,
-                    wp,
-                    w.col_stride,
-                    self.ptr,
-                    self.ld,
-                );
-            }
+        if m <= SMALL_ROWS && w.k_stride == 1 && (kernels.dot || kernels.avx2) {
+            let rows = super::rows::F32Rows {
+                p: wp,
+                ld: w.col_stride,
+            };
+            // SAFETY: bounds checked above; `Kernels::dot` / `Kernels::avx2` are set only where the CPU has
+            // AVX-512F / AVX2, FMA and F16C (checked at run time by `Kernels::new`).
+            unsafe { self.dot_kernel(m, n, k, a.as_ptr(), lda, rows, kernels) };
             return Ok(());
         }
         // As (pointer, row stride, column stride): A is [m, k] row-major; W read as B [k, n], B[kk, j] = w(j, kk).
@@ -323,26 +315,42 @@ unsafe fn gemm_call(
 pub(crate) struct Kernels {
     /// The AVX-512 dot-product kernel for few rows (only where the CPU has AVX-512F).
     pub dot: bool,
+    /// The AVX2 dot-product kernel for few rows, where the AVX-512 one is not used (only where the CPU has AVX2,
+    /// FMA and F16C).
+    pub avx2: bool,
 }
 
 impl Kernels {
     /// The kernels `choice` allows on this CPU.
     pub(crate) fn new(choice: super::CpuKernels) -> Self {
+        use super::CpuKernels as K;
+        let dot = choice == K::Auto && has("avx512f");
         Kernels {
-            dot: choice == super::CpuKernels::Auto && dot_available(),
+            dot,
+            avx2: !dot
+                && matches!(choice, K::Auto | K::Avx2)
+                && has("avx2")
+                && has("fma")
+                && has("f16c"),
         }
     }
 }
 
-/// Whether the dot-product kernel can run on this CPU.
-fn dot_available() -> bool {
+/// Whether this CPU has the x86 feature `name` (the macro caches the CPUID answer itself).
+fn has(name: &str) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        // The macro caches the CPUID answer itself.
-        std::is_x86_feature_detected!("avx512f")
+        match name {
+            "avx512f" => std::is_x86_feature_detected!("avx512f"),
+            "avx2" => std::is_x86_feature_detected!("avx2"),
+            "fma" => std::is_x86_feature_detected!("fma"),
+            "f16c" => std::is_x86_feature_detected!("f16c"),
+            _ => false,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = name;
         false
     }
 }
@@ -431,6 +439,9 @@ impl SyncPtr {
         self.0
     }
 }
+
+#[path = "kernels_packed.rs"]
+mod packed;
 
 #[cfg(test)]
 #[path = "kernels_tests.rs"]

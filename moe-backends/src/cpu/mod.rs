@@ -24,13 +24,17 @@ mod combine;
 pub mod dense;
 #[cfg(target_arch = "x86_64")]
 mod dot;
+#[cfg(target_arch = "x86_64")]
+mod dot2;
 mod experts;
 mod grouped;
 mod grouped_train;
 mod kernels;
 mod peer;
 pub mod probe;
+mod quant;
 mod remote;
+mod rows;
 mod store;
 mod store_loader;
 mod train;
@@ -55,28 +59,33 @@ pub use remote::CpuExperts;
 /// Which matrix-product kernels the fast path may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuKernels {
-    /// The best this CPU has: the AVX-512 dot-product kernel for groups of at most 48 rows where the CPU has
-    /// AVX-512F, the `gemm` crate (run-time SIMD dispatch) elsewhere.
+    /// The best this CPU has: for groups of at most 48 rows the AVX-512 dot-product kernel where the CPU has
+    /// AVX-512F, else the AVX2 one where it has AVX2, FMA and F16C; the `gemm` crate (run-time SIMD dispatch)
+    /// elsewhere.
     #[default]
     Auto,
+    /// The AVX2 dot-product kernel for groups of at most 48 rows even where AVX-512 is present (what a CPU
+    /// without AVX-512 runs, forced: to test and measure that path on any AVX2 machine); `gemm` elsewhere.
+    Avx2,
     /// The `gemm` crate for every product, whatever the CPU: the path CPUs without AVX-512 take, forced (tests
     /// run it on every machine; results agree with [`CpuKernels::Auto`] to rounding).
     Portable,
 }
 
 impl CpuKernels {
-    /// Parses `auto` or `portable`.
+    /// Parses `auto`, `avx2` or `portable`.
     ///
     /// # Errors
     /// [`MoeError::InvalidConfig`] for another name.
     pub fn parse(name: &str) -> Result<Self, MoeError> {
         match name {
             "auto" => Ok(CpuKernels::Auto),
+            "avx2" => Ok(CpuKernels::Avx2),
             "portable" => Ok(CpuKernels::Portable),
             other => Err(MoeError::config(
                 "cpu kernels",
                 other,
-                "one of: auto, portable",
+                "one of: auto, avx2, portable",
             )),
         }
     }
@@ -292,6 +301,13 @@ impl DeviceLayer for CpuLayer {
     }
 
     fn forward_train(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
+        let packed = |b: &moe_core::ExpertBank| matches!(b, moe_core::ExpertBank::Packed(_));
+        if packed(self.layer.experts()) || self.layer.shared().is_some_and(|s| packed(s.bank())) {
+            return Err(MoeError::Unsupported {
+                owner: "packed (low-precision) experts".into(),
+                feature: "training (train an f32 layer; PackedBank::dequantize gives one)".into(),
+            });
+        }
         if self.store.is_some() {
             return Err(MoeError::Unsupported {
                 owner: "stored experts".into(),

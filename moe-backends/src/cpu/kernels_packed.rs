@@ -1,0 +1,138 @@
+//! Products whose weights are packed rows (`moe_core::quant`), and the SIMD dot-kernel dispatch shared with f32.
+//!
+//! Up to [`DIRECT_ROWS`] rows, the dot kernel (AVX-512 or AVX2) decodes each weight vector in registers inside
+//! the product: the weights stream from memory once, at their packed size. With more rows (or without those
+//! kernels, or for a layout they cannot read) a tile's weight rows are first decoded into a per-thread panel
+//! `[width, k]` (SIMD where available) and the f32 product runs on it, as it would on f32 weights of that
+//! layout. Either way every decoded value equals `ExpertMatrix::decode_row`'s and the product is the f32 one of
+//! the same kernel choice, so the result equals the f32 kernels' on the decoded weights bit for bit.
+#![allow(
+    unsafe_code,
+    reason = "the SIMD kernels' entry points on pointers this module bounds-checks first"
+)]
+
+use std::cell::RefCell;
+
+use moe_core::MoeError;
+use moe_core::quant::ExpertMatrix;
+
+use super::{Kernels, Tile, Weights};
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::rows::{AnyRows, with_rows};
+
+/// Row counts up to this decode packed weights in registers inside the dot kernel; above, a tile's weights are
+/// decoded once into a panel (each register decode is repeated once per 4 (AVX-512) or 2 (AVX2) rows).
+const DIRECT_ROWS: usize = 16;
+
+thread_local! {
+    /// Per-thread panel of decoded weight rows.
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Tile<'_> {
+    /// The f32 dot kernel of `kernels` on `m` rows of `a` and the weight rows `w` (`n` of them, `k` each).
+    ///
+    /// # Safety
+    /// `kernels.dot` or `kernels.avx2` is set (so the CPU has the features); `a` holds `m` rows of `k` at stride
+    /// `lda`; `w` holds `n` rows of `k`; `m`, `n` are this tile's rows and width.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn dot_kernel<W: super::super::dot::Load512 + super::super::dot2::Load256>(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        w: W,
+        kernels: Kernels,
+    ) {
+        // SAFETY: the caller's contract; the tile owns its m x n rectangle at stride ld.
+        unsafe {
+            if kernels.dot {
+                super::super::dot::matmul_nt(m, n, k, a, lda, w, self.ptr, self.ld);
+            } else {
+                super::super::dot2::matmul_nt(m, n, k, a, lda, w, self.ptr, self.ld);
+            }
+        }
+    }
+
+    /// `self[i, j] = Σ_kk a[i * lda + kk] · W[row0 + j, kk]` for every row `i` and column `j` of the tile, `W`
+    /// one expert's packed matrix (`k` = its columns), decoded inside the product (see the module docs).
+    ///
+    /// # Errors
+    /// [`MoeError::Backend`] if an operand is too short for the product (a bug in the caller, never a panic).
+    pub(crate) fn matmul_packed(
+        &mut self,
+        a: &[f32],
+        lda: usize,
+        k: usize,
+        w: ExpertMatrix<'_>,
+        row0: usize,
+        kernels: Kernels,
+    ) -> Result<(), MoeError> {
+        let (m, n) = (self.rows, self.width);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k != w.cols || row0 + n > w.rows || lda < k || a.len() < (m - 1) * lda + k {
+            return Err(MoeError::Backend {
+                backend: "cpu".into(),
+                reason: format!(
+                    "packed product out of bounds: rows {row0}..{} of [{}, {}], k {k}, a {} values",
+                    row0 + n,
+                    w.rows,
+                    w.cols,
+                    a.len()
+                ),
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if m <= DIRECT_ROWS
+            && (kernels.dot || kernels.avx2)
+            && let Some(rows) = AnyRows::new(&w, row0, n)
+        {
+            // SAFETY: bounds checked above (rows row0..row0 + n of k values; m rows of a); the kernel flags are
+            // set only where the CPU has their features.
+            with_rows!(rows, r => unsafe { self.dot_kernel(m, n, k, a.as_ptr(), lda, r, kernels) });
+            return Ok(());
+        }
+        PANEL.with(|cell| {
+            let mut panel = cell.borrow_mut();
+            if panel.len() < n * k {
+                panel.resize(n * k, 0.0);
+            }
+            let panel = &mut panel[..n * k];
+            decode_panel(&w, row0, n, panel, kernels);
+            let weights = Weights {
+                data: panel,
+                col_stride: k,
+                k_stride: 1,
+            };
+            self.matmul(a, lda, k, weights, 0, kernels)
+        })
+    }
+}
+
+/// Rows `row0..row0 + n` of `w` decoded into `out` (`[n, cols]`), SIMD where the kernels allow.
+fn decode_panel(w: &ExpertMatrix<'_>, row0: usize, n: usize, out: &mut [f32], kernels: Kernels) {
+    let k = w.cols;
+    #[cfg(target_arch = "x86_64")]
+    if (kernels.dot || kernels.avx2)
+        && let Some(rows) = AnyRows::new(w, row0, n)
+    {
+        // SAFETY: AnyRows::new checked rows row0..row0 + n of w; out holds n · k values (the caller's slice);
+        // the flags are set only where the CPU has the features.
+        with_rows!(rows, r => unsafe {
+            if kernels.dot {
+                super::super::dot::decode(n, k, r, out);
+            } else {
+                super::super::dot2::decode(n, k, r, out);
+            }
+        });
+        return;
+    }
+    let _ = kernels;
+    for (j, row) in out.chunks_exact_mut(k).take(n).enumerate() {
+        w.decode_row(row0 + j, row);
+    }
+}

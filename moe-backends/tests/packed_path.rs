@@ -1,0 +1,241 @@
+//! Packed (low-precision) banks on the CPU backend: for every format, family, kernel set and thread count, the
+//! output equals, bit for bit, the same layer whose bank holds the decoded weights in f32 (packed layout,
+//! format f32): the kernels decode exactly `ExpertMatrix::decode_row`'s values and reduce in the f32 kernels'
+//! order. Row counts per expert cross every kernel class (register decode up to 16 rows, a decoded panel with the
+//! dot kernel up to 48, transposed `gemm` up to 256, `gemm` above); widths cross SIMD tails and FP8's 128-wide
+//! blocks. Also: the f32 packed layout equals the f32 banks (bit for bit where the layout is the same), the
+//! routing never changes, shared experts quantise, training is refused.
+
+use std::sync::Arc;
+
+use ndarray::Array2;
+
+use moe_backends::cpu::{CpuBackend, CpuKernels};
+use moe_core::quant::{PackedBank, WeightFormat};
+use moe_core::testing::random_bank;
+use moe_core::{
+    Assignment, Backend, ExpertBank, MoeError, MoeLayer, RouterInput, SharedExperts, rng::SeqRng,
+};
+
+type Fixed = moe_core::testing::FixedPlan;
+
+/// A plan giving expert `e` exactly `rows[e]` tokens (token `t` goes to the experts whose count it is below).
+fn plan(t: usize, rows: &[usize], rng: &mut SeqRng) -> Vec<Assignment> {
+    let mut kept = Vec::new();
+    for (e, &r) in rows.iter().enumerate() {
+        for token in 0..r.min(t) {
+            kept.push(Assignment {
+                token: token as u32,
+                expert: e as u32,
+                weight: rng.uniform() as f32 + 0.1,
+                rank: 0,
+            });
+        }
+    }
+    kept.sort_by_key(|a| (a.token, a.expert));
+    let mut last = (u32::MAX, 0u16);
+    for a in &mut kept {
+        last = if a.token == last.0 {
+            (a.token, last.1 + 1)
+        } else {
+            (a.token, 0)
+        };
+        a.rank = last.1;
+    }
+    kept
+}
+
+fn layer_with(bank: ExpertBank, kept: &[Assignment]) -> MoeLayer {
+    let (e, d) = (bank.n_experts(), bank.d_model());
+    MoeLayer::new(
+        Box::new(Fixed {
+            n_experts: e,
+            d_model: d,
+            kept: kept.to_vec(),
+        }),
+        bank,
+    )
+    .unwrap_or_else(|err| panic!("layer: {err}"))
+}
+
+fn run(layer: MoeLayer, x: &Array2<f32>, kernels: CpuKernels, threads: usize) -> Array2<f32> {
+    let backend = CpuBackend::with_threads(threads).with_kernels(kernels);
+    let mut dev = backend
+        .upload(Arc::new(layer))
+        .unwrap_or_else(|err| panic!("upload: {err}"));
+    dev.forward(&RouterInput::new(x.view()))
+        .unwrap_or_else(|err| panic!("forward: {err}"))
+        .output
+}
+
+fn packed(bank: &ExpertBank, format: WeightFormat) -> PackedBank {
+    PackedBank::quantize(bank, format).unwrap_or_else(|err| panic!("quantize {format}: {err}"))
+}
+
+/// The f32 packed bank of `p`'s decoded weights.
+fn decoded_f32(p: &PackedBank) -> ExpertBank {
+    let back = p
+        .dequantize()
+        .unwrap_or_else(|err| panic!("dequantize: {err}"));
+    ExpertBank::Packed(packed(&back, WeightFormat::F32))
+}
+
+fn bits(a: &Array2<f32>) -> Vec<u32> {
+    a.iter().map(|v| v.to_bits()).collect()
+}
+
+const KERNELS: [CpuKernels; 3] = [CpuKernels::Auto, CpuKernels::Avx2, CpuKernels::Portable];
+
+#[test]
+fn every_format_equals_its_decoded_f32_bit_for_bit() {
+    let mut rng = SeqRng::new(18, 0);
+    // (d, f): multiples of 32 (every format), then widths with SIMD tails and partial / several FP8 blocks.
+    let shapes: [(usize, usize, &[WeightFormat]); 2] = [
+        (64, 160, &WeightFormat::ALL),
+        (
+            37,
+            141,
+            &[
+                WeightFormat::F32,
+                WeightFormat::Bf16,
+                WeightFormat::F16,
+                WeightFormat::Int8,
+                WeightFormat::Fp8,
+            ],
+        ),
+    ];
+    // Rows per expert: register decode (1, 5, 16), panel + dot (17, 48), transposed gemm (49), gemm (300).
+    let rows = [1usize, 0, 5, 16, 17, 48, 49, 300];
+    let t = 300;
+    for (d, f, formats) in shapes {
+        let x = Array2::from_shape_fn((t, d), |_| rng.normal() as f32);
+        for kind in [0u8, 1, 4, 5] {
+            let bank = random_bank(kind, rows.len(), d, f, &mut rng);
+            let kept = plan(t, &rows, &mut rng);
+            for &format in formats {
+                let p = packed(&bank, format);
+                let want_layer = layer_with(decoded_f32(&p), &kept);
+                let got_layer = layer_with(ExpertBank::Packed(p), &kept);
+                for kernels in KERNELS {
+                    let want = run(want_layer.clone(), &x, kernels, 1);
+                    for threads in [1, 2] {
+                        let got = run(got_layer.clone(), &x, kernels, threads);
+                        assert!(
+                            bits(&got) == bits(&want),
+                            "kind {kind}, {format}, d {d}, f {f}, {kernels:?}, {threads} threads: packed \
+                             differs from its decoded f32"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_packed_layout_equals_the_f32_banks() {
+    let mut rng = SeqRng::new(7, 0);
+    let (t, d, f) = (120, 48, 80);
+    let rows = [3usize, 16, 40, 120];
+    let x = Array2::from_shape_fn((t, d), |_| rng.normal() as f32);
+    for kind in 0..moe_core::testing::BANK_KINDS {
+        let bank = random_bank(kind, rows.len(), d, f, &mut rng);
+        let kept = plan(t, &rows, &mut rng);
+        let p = ExpertBank::Packed(packed(&bank, WeightFormat::F32));
+        for kernels in KERNELS {
+            let want = run(layer_with(bank.clone(), &kept), &x, kernels, 2);
+            let got = run(layer_with(p.clone(), &kept), &x, kernels, 2);
+            if kind == 1 {
+                // GPT-OSS's f32 bank is `[E, d, 2f]` (x · W): another layout, so another kernel; equal to
+                // rounding.
+                let scale = want.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(err <= 1e-5 * scale, "gpt-oss {kernels:?}: {err} vs {scale}");
+            } else {
+                assert!(bits(&got) == bits(&want), "kind {kind} {kernels:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantised_layers_route_identically_and_shared_experts_quantise() {
+    let mut rng = SeqRng::new(3, 0);
+    let (t, d, f, e) = (40, 64, 96, 6);
+    let x = Array2::from_shape_fn((t, d), |_| rng.normal() as f32);
+    let shared = SharedExperts::new(random_bank(0, 1, d, f, &mut rng), None)
+        .unwrap_or_else(|err| panic!("shared: {err}"));
+    let router = moe_routers::SoftmaxTopKConfig::default()
+        .build(rng.normal_matrix(e, d, 1.0), 2)
+        .unwrap_or_else(|err| panic!("router: {err}"));
+    let base = MoeLayer::new(Box::new(router), random_bank(0, e, d, f, &mut rng))
+        .and_then(|l| l.with_shared(shared))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let f32_out = run(base.clone(), &x, CpuKernels::Auto, 2);
+    let scale = f32_out.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+    let mut last_err = 0f32;
+    for format in [WeightFormat::Bf16, WeightFormat::Int8, WeightFormat::Mxfp4] {
+        let q = base.quantized(format).unwrap_or_else(|err| panic!("{err}"));
+        assert!(matches!(q.experts(), ExpertBank::Packed(_)));
+        assert!(matches!(
+            q.shared().map(|s| s.bank()),
+            Some(ExpertBank::Packed(_))
+        ));
+        let (r0, r1) = (
+            base.route(&RouterInput::new(x.view())),
+            q.route(&RouterInput::new(x.view())),
+        );
+        let (r0, r1) = (
+            r0.unwrap_or_else(|e| panic!("{e}")),
+            r1.unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(r0, r1, "{format}: routing changed");
+        // The backend quantising at upload gives the same output as the layer quantised beforehand.
+        let by_backend = {
+            let backend = CpuBackend::with_threads(2).with_dtype(format);
+            let mut dev = backend
+                .upload(Arc::new(base.clone()))
+                .unwrap_or_else(|err| panic!("{err}"));
+            dev.forward(&RouterInput::new(x.view()))
+                .unwrap_or_else(|err| panic!("{err}"))
+                .output
+        };
+        let out = run(q, &x, CpuKernels::Auto, 2);
+        assert!(bits(&by_backend) == bits(&out), "{format}");
+        let err = out
+            .iter()
+            .zip(&f32_out)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        // Coarser formats are further from f32: bf16 < int8 < MXFP4, each below a loose ceiling.
+        assert!(
+            err > last_err && err < 0.3,
+            "{format}: relative error {err}"
+        );
+        last_err = err;
+    }
+}
+
+#[test]
+fn packed_banks_are_not_trained_and_double_quantisation_is_refused() {
+    let mut rng = SeqRng::new(5, 0);
+    let kept = plan(8, &[4, 4], &mut rng);
+    let layer = layer_with(random_bank(0, 2, 32, 32, &mut rng), &kept)
+        .quantized(WeightFormat::Int8)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let x = Array2::from_shape_fn((8, 32), |_| rng.normal() as f32);
+    let mut dev = CpuBackend::new()
+        .upload(Arc::new(layer.clone()))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let err = dev.forward_train(&RouterInput::new(x.view())).err();
+    assert!(matches!(err, Some(MoeError::Unsupported { .. })), "{err:?}");
+    let again = layer.quantized(WeightFormat::Mxfp4).err();
+    assert!(
+        matches!(again, Some(MoeError::InvalidConfig { .. })),
+        "{again:?}"
+    );
+    assert!(layer.quantized(WeightFormat::Int8).is_ok());
+}
