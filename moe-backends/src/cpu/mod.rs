@@ -54,42 +54,8 @@ use grouped::Workspace;
 use kernels::Kernels;
 
 pub use experts::expert_forward;
+pub use kernels::CpuKernels;
 pub use remote::CpuExperts;
-
-/// Which matrix-product kernels the fast path may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CpuKernels {
-    /// The best this CPU has: for groups of at most 48 rows the AVX-512 dot-product kernel where the CPU has
-    /// AVX-512F, else the AVX2 one where it has AVX2, FMA and F16C; the `gemm` crate (run-time SIMD dispatch)
-    /// elsewhere.
-    #[default]
-    Auto,
-    /// The AVX2 dot-product kernel for groups of at most 48 rows even where AVX-512 is present (what a CPU
-    /// without AVX-512 runs, forced: to test and measure that path on any AVX2 machine); `gemm` elsewhere.
-    Avx2,
-    /// The `gemm` crate for every product, whatever the CPU: the path CPUs without AVX-512 take, forced (tests
-    /// run it on every machine; results agree with [`CpuKernels::Auto`] to rounding).
-    Portable,
-}
-
-impl CpuKernels {
-    /// Parses `auto`, `avx2` or `portable`.
-    ///
-    /// # Errors
-    /// [`MoeError::InvalidConfig`] for another name.
-    pub fn parse(name: &str) -> Result<Self, MoeError> {
-        match name {
-            "auto" => Ok(CpuKernels::Auto),
-            "avx2" => Ok(CpuKernels::Avx2),
-            "portable" => Ok(CpuKernels::Portable),
-            other => Err(MoeError::config(
-                "cpu kernels",
-                other,
-                "one of: auto, avx2, portable",
-            )),
-        }
-    }
-}
 
 /// The CPU backend. `threads = None` uses rayon's global pool.
 #[derive(Debug, Clone, Default)]

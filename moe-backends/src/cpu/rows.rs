@@ -172,7 +172,11 @@ impl Rows for Mxfp4Rows {
         // SAFETY: in bounds (the caller's contract).
         unsafe {
             let byte = *self.p.add(j * self.ld + kk / 2);
-            let code = if kk.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
+            let code = if kk.is_multiple_of(2) {
+                byte & 0xF
+            } else {
+                byte >> 4
+            };
             codec::e2m1_to_f32(code) * self.scale(j, kk)
         }
     }

@@ -136,7 +136,11 @@ impl ExpertMatrix<'_> {
                     let nb = cols / MXFP4_BLOCK;
                     for (c, o) in out.iter_mut().enumerate() {
                         let byte = row[c / 2];
-                        let code = if c.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
+                        let code = if c.is_multiple_of(2) {
+                            byte & 0xF
+                        } else {
+                            byte >> 4
+                        };
                         let scale = e8m0_to_f32(s[r * nb + c / MXFP4_BLOCK]).unwrap_or(f32::NAN);
                         *o = e2m1_to_f32(code) * scale;
                     }
