@@ -239,3 +239,55 @@ fn packed_banks_are_not_trained_and_double_quantisation_is_refused() {
     );
     assert!(layer.quantized(WeightFormat::Int8).is_ok());
 }
+
+#[test]
+fn fp8_blocks_of_any_shape_equal_their_decoded_f32() {
+    use moe_core::quant::{PackedFamily, PackedMatrix, Scales};
+    let mut rng = SeqRng::new(11, 0);
+    let (e, d, f, t) = (3, 80, 72, 60);
+    let rows = [2usize, 20, 60];
+    let x = Array2::from_shape_fn((t, d), |_| rng.normal() as f32);
+    let kept = plan(t, &rows, &mut rng);
+    // Per-row blocks (a checkpoint whose gate / up grids do not stack), blocks the SIMD kernels read (powers of
+    // two) and blocks they do not (3 x 48: the decoded-panel path with the scalar decode).
+    for [br, bc] in [[1usize, 128usize], [64, 32], [3, 48], [128, 128]] {
+        let mut matrix = |name: &str, r: usize, c: usize| {
+            // Random non-NaN codes and positive scales.
+            let data: Vec<u8> = (0..e * r * c)
+                .map(|_| {
+                    let b = (rng.uniform() * 256.0) as u8;
+                    if b & 0x7F == 0x7F { 0x3F } else { b }
+                })
+                .collect();
+            let n = e * r.div_ceil(br) * c.div_ceil(bc);
+            let values = (0..n).map(|_| rng.uniform() as f32 * 0.01 + 1e-3).collect();
+            let scales = Scales::Blocks {
+                block_rows: br,
+                block_cols: bc,
+                values,
+            };
+            PackedMatrix::from_parts(name, "scales", WeightFormat::Fp8, [e, r, c], data, scales)
+                .unwrap_or_else(|err| panic!("{name}: {err}"))
+        };
+        let bank = PackedBank::new(
+            PackedFamily::SwiGlu {
+                act: moe_core::Activation::Silu,
+            },
+            matrix("gate_up", 2 * f, d),
+            None,
+            matrix("down", d, f),
+            None,
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        let want_layer = layer_with(decoded_f32(&bank), &kept);
+        let got_layer = layer_with(ExpertBank::Packed(bank), &kept);
+        for kernels in KERNELS {
+            let want = run(want_layer.clone(), &x, kernels, 2);
+            let got = run(got_layer.clone(), &x, kernels, 2);
+            assert!(
+                bits(&got) == bits(&want),
+                "blocks [{br}, {bc}], {kernels:?}"
+            );
+        }
+    }
+}

@@ -50,15 +50,15 @@ pub(crate) struct Int8Rows {
     pub scales: *const f32,
 }
 
-/// FP8 E4M3 rows at stride `ld` bytes with block scales: row `j`'s block row is `(row0 + j) / block_rows`, its
-/// column block `o >> shift` (`block_cols = 2^shift`).
+/// FP8 E4M3 rows at stride `ld` bytes with block scales: row `j`'s block row is `(row0 + j) >> row_shift`, its
+/// column block `o >> shift` (`block_rows = 2^row_shift`, `block_cols = 2^shift`).
 #[derive(Clone, Copy)]
 pub(crate) struct Fp8Rows {
     pub p: *const u8,
     pub ld: usize,
     pub scales: *const f32,
     pub row0: usize,
-    pub block_rows: usize,
+    pub row_shift: u32,
     pub grid_cols: usize,
     pub shift: u32,
 }
@@ -83,7 +83,7 @@ impl Fp8Rows {
         unsafe {
             *self
                 .scales
-                .add((self.row0 + j) / self.block_rows * self.grid_cols + (o >> self.shift))
+                .add(((self.row0 + j) >> self.row_shift) * self.grid_cols + (o >> self.shift))
         }
     }
 }
@@ -195,7 +195,8 @@ pub(crate) enum AnyRows {
 
 impl AnyRows {
     /// Rows `row0..row0 + n` of `w` (`n ≥ 1`, in bounds: checked by the caller), or `None` where the SIMD
-    /// kernels cannot read the layout (FP8 column blocks that are not a power of two of at least 16 values).
+    /// kernels cannot read the layout (FP8 blocks whose rows are not a power of two, or whose columns are not a
+    /// power of two of at least 16 values).
     pub(crate) fn new(w: &ExpertMatrix<'_>, row0: usize, n: usize) -> Option<AnyRows> {
         if n == 0 || row0 + n > w.rows {
             return None;
@@ -229,7 +230,8 @@ impl AnyRows {
                     values,
                 },
             ) => {
-                if !block_cols.is_power_of_two() || block_cols < 16 || block_rows == 0 {
+                if !block_cols.is_power_of_two() || block_cols < 16 || !block_rows.is_power_of_two()
+                {
                     return None;
                 }
                 let grid_rows = w.rows.div_ceil(block_rows);
@@ -241,7 +243,7 @@ impl AnyRows {
                     ld: rb,
                     scales: values.as_ptr(),
                     row0,
-                    block_rows,
+                    row_shift: block_rows.trailing_zeros(),
                     grid_cols,
                     shift: block_cols.trailing_zeros(),
                 })
