@@ -372,21 +372,53 @@ fn fingerprint(layer: &MoeLayer, options: &EpOptions) -> String {
             p.value.iter().for_each(|v| h.add(v.to_bits()));
         }
     }
+    // Packed banks list no parameters: their bytes, scales and biases are hashed here.
+    let shared = layer.shared().map(|s| s.bank());
+    let mut kinds = Vec::new();
+    for bank in std::iter::once(layer.experts()).chain(shared) {
+        match bank {
+            moe_core::ExpertBank::Packed(b) => {
+                hash_packed(&mut h, b);
+                kinds.push(format!("packed {}", b.format()));
+            }
+            other => kinds.push(other.kind().to_string()),
+        }
+    }
     format!(
         "experts {} | d {} | ffn {} | bank {} | router {} | router options and params {:016x} | shared {} | \
          expert, shared and output-bias params {:016x} | output scale {:?} | placement {:?} | rank capacity {:?}",
         layer.n_experts(),
         layer.d_model(),
         layer.experts().ffn(),
-        layer.experts().kind(),
+        kinds[0],
         layer.router().name(),
         router_bits,
-        layer.shared().map(|s| s.bank().kind()).unwrap_or("none"),
+        kinds.get(1).map_or("none", String::as_str),
         h.0,
         layer.output_scale(),
         options.placement.owners(),
         options.rank_capacity,
     )
+}
+
+/// Adds a packed bank's weight bytes, scales and biases to `h`.
+fn hash_packed(h: &mut Fnv, b: &moe_core::PackedBank) {
+    use moe_core::quant::Scales;
+    for m in [b.up(), b.down()] {
+        m.data()
+            .chunks(4)
+            .for_each(|c| h.add(c.iter().fold(0u32, |w, &x| (w << 8) | u32::from(x))));
+        match m.scales() {
+            Scales::None => {}
+            Scales::Rows(v) | Scales::Blocks { values: v, .. } => {
+                v.iter().for_each(|x| h.add(x.to_bits()));
+            }
+            Scales::E8m0(v) => v.iter().for_each(|&x| h.add(u32::from(x))),
+        }
+    }
+    for bias in [b.up_bias(), b.down_bias()].into_iter().flatten() {
+        bias.iter().for_each(|x| h.add(x.to_bits()));
+    }
 }
 
 /// The first `|`-separated field where two fingerprints differ, both ways.

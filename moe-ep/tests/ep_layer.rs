@@ -486,3 +486,62 @@ fn custom_experts_run_on_their_owners_bit_identical_to_one_rank() {
         );
     }
 }
+
+#[test]
+fn packed_experts_run_on_their_owners_bit_identical_to_one_rank_and_differing_ones_are_refused() {
+    use moe_core::WeightFormat;
+    let (d, e) = (64, 6);
+    let mut rng = moe_core::rng::SeqRng::new(9, 1);
+    let f32_layer = MoeLayer::new(
+        common::router(0, d, e, 2, 4),
+        moe_core::testing::random_bank(1, e, d, 96, &mut rng),
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    let options = EpOptions::contiguous(e, 3).unwrap_or_else(|err| panic!("{err}"));
+    let ts = [33usize, 0, 70];
+    for format in [WeightFormat::Int8, WeightFormat::Mxfp4] {
+        let l = f32_layer
+            .quantized(format)
+            .unwrap_or_else(|err| panic!("{err}"));
+        let out = on_ranks(&l, &options, 3, |rank, ep| {
+            let (x, ids) = tokens(5, rank, ts[rank], d);
+            ep.forward(&input(&x, &ids, false))
+                .unwrap_or_else(|err| panic!("rank {rank}: {err}"))
+        });
+        for (rank, o) in out.iter().enumerate() {
+            let (x, ids) = tokens(5, rank, ts[rank], d);
+            assert_eq!(
+                bits(&o.output),
+                bits(&single(&l, &x, &ids, false).output),
+                "{format}, rank {rank}"
+            );
+        }
+    }
+    // Ranks holding the same experts in different formats are refused at start.
+    let layers = [
+        f32_layer.quantized(WeightFormat::Int8),
+        f32_layer.quantized(WeightFormat::Fp8),
+    ]
+    .map(|l| l.unwrap_or_else(|err| panic!("{err}")));
+    let errors = ThreadComm::run(2, |comm| {
+        let rank = comm.rank();
+        EpLayer::new(
+            &CpuBackend::with_threads(1),
+            &layers[rank],
+            options_for(e),
+            Box::new(comm),
+        )
+        .err()
+    })
+    .unwrap_or_else(|err| panic!("{err}"));
+    for err in errors {
+        assert!(
+            matches!(err, Some(MoeError::InvalidConfig { .. })),
+            "{err:?}"
+        );
+    }
+}
+
+fn options_for(e: usize) -> EpOptions {
+    EpOptions::contiguous(e, 2).unwrap_or_else(|err| panic!("{err}"))
+}
