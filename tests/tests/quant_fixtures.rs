@@ -8,7 +8,7 @@ use std::sync::Arc;
 use moe_backends::cpu::CpuBackend;
 use moe_core::quant::{PackedBank, PackedFamily, PackedMatrix, Scales, WeightFormat};
 use moe_core::{Backend, ExpertBank, MoeLayer, RouterInput};
-use moe_routers::{SoftmaxTopKConfig, TopKPreset};
+use moe_routers::{SoftmaxTopK, SoftmaxTopKConfig, TopKPreset};
 use moe_verify::{self as verify, TOLERANCE};
 use ndarray::{Array1, Array2, Array3};
 use safetensors::SafeTensors;
@@ -268,6 +268,7 @@ fn verify_as_f32(case: &str, tensors: &Raw) {
     let reports = verify::verify_dir(&dir, &CpuBackend::new()).expect("verify");
     assert_eq!(reports.len(), 1);
     let rep = &reports[0];
+    eprintln!("{case} decoded by us: max rel err {:e}", rep.max_rel_err());
     assert!(rep.passed, "{rep:#?}");
     assert!(rep.max_rel_err() <= TOLERANCE, "{rep:#?}");
     for must in ["output", "topk_indices", "router_logits"] {
@@ -386,10 +387,9 @@ fn deepseek_v3_fp8_decoded_by_us_matches_transformers() {
 }
 
 /// The GPT-OSS case built by hand with the core API: [`PackedBank::new`] on the packed tensors (rows interleaved as
-/// in the checkpoint) and GPT-OSS's router. The CPU forward of [`PackedBank::dequantize`] matches `ref.output` at
-/// 1e-5; the packed bank itself, run by the CPU backend, gives the same output.
-#[test]
-fn gpt_oss_mxfp4_packed_bank_by_hand() {
+/// in the checkpoint, no transposition) and GPT-OSS's router (top-k of `x · Wᵀ + b`, softmax over the k). Returns
+/// the bank, the layer's router, `ref.input` as `[T, d]` and `ref.output` flattened.
+fn gpt_oss_by_hand() -> (PackedBank, SoftmaxTopK, Array2<f32>, Vec<f32>) {
     let bytes = read("gpt_oss_mxfp4.safetensors");
     let st = SafeTensors::deserialize(&bytes).expect("safetensors");
     let up = mxfp4(
@@ -427,22 +427,20 @@ fn gpt_oss_mxfp4_packed_bank_by_hand() {
     )
     .expect("packed bank");
     assert_eq!(bank.format(), WeightFormat::Mxfp4);
-    let router = || {
-        SoftmaxTopKConfig {
-            preset: Some(TopKPreset::Granite),
-            k: Some(k),
-            ..Default::default()
-        }
-        .build(mat("router.weight", e, d), k)
-        .expect("router")
-        .with_gate_bias(Array1::from(f32s(raw(
-            &st,
-            "router.bias",
-            Dtype::F32,
-            &[e],
-        ))))
-        .expect("bias")
-    };
+    let router = SoftmaxTopKConfig {
+        preset: Some(TopKPreset::Granite),
+        k: Some(k),
+        ..Default::default()
+    }
+    .build(mat("router.weight", e, d), k)
+    .expect("router")
+    .with_gate_bias(Array1::from(f32s(raw(
+        &st,
+        "router.bias",
+        Dtype::F32,
+        &[e],
+    ))))
+    .expect("bias");
     let input = f32s(raw(
         &st,
         "ref.input",
@@ -456,17 +454,34 @@ fn gpt_oss_mxfp4_packed_bank_by_hand() {
         Dtype::F32,
         &shape_of(&st, "ref.output"),
     ));
-    let run = |bank: ExpertBank| {
-        let layer = MoeLayer::new(Box::new(router()), bank).expect("layer");
-        let mut dev = CpuBackend::new().upload(Arc::new(layer)).expect("upload");
-        dev.forward(&RouterInput::new(x.view()))
-            .expect("forward")
-            .output
-    };
-    let decoded = run(bank.dequantize().expect("dequantize"));
-    let err = verify::rel_err(decoded.iter().copied(), &want);
+    (bank, router, x, want)
+}
+
+fn forward(router: SoftmaxTopK, bank: ExpertBank, x: &Array2<f32>) -> Array2<f32> {
+    let layer = MoeLayer::new(Box::new(router), bank).expect("layer");
+    let mut dev = CpuBackend::new().upload(Arc::new(layer)).expect("upload");
+    dev.forward(&RouterInput::new(x.view()))
+        .expect("forward")
+        .output
+}
+
+/// The hand-built GPT-OSS layer with [`PackedBank::dequantize`]'s f32 bank: the CPU forward matches
+/// transformers' `ref.output` at 1e-5.
+#[test]
+fn gpt_oss_mxfp4_dequantised_bank_by_hand() {
+    let (bank, router, x, want) = gpt_oss_by_hand();
+    let out = forward(router, bank.dequantize().expect("dequantize"), &x);
+    let err = verify::rel_err(out.iter().copied(), &want);
+    eprintln!("dequantised bank by hand: rel err {err:e}");
     assert!(err <= TOLERANCE, "dequantised bank: rel err {err:e}");
-    let packed = run(ExpertBank::Packed(bank));
-    let err = verify::rel_err(packed.iter().copied(), &want);
+}
+
+/// The same layer with the bank kept packed (`ExpertBank::Packed`), run by the CPU backend's packed kernels:
+/// the output matches `ref.output` at 1e-5. Needs the CPU backend to run packed banks.
+#[test]
+fn gpt_oss_mxfp4_packed_bank_by_hand() {
+    let (bank, router, x, want) = gpt_oss_by_hand();
+    let out = forward(router, ExpertBank::Packed(bank), &x);
+    let err = verify::rel_err(out.iter().copied(), &want);
     assert!(err <= TOLERANCE, "packed bank: rel err {err:e}");
 }
