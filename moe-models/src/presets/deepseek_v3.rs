@@ -72,7 +72,7 @@ pub const PRESET: Preset = Preset {
 /// # Errors
 /// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let e = cfg.n_experts;
     let gate = l.gate(&[GATE], e)?;
     let d = gate.ncols();
@@ -93,7 +93,7 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     // A buffer of `DeepseekV3TopkRouter`, always in the state dict.
     let bias = l.vec("router.correction_bias", BIAS, Some(e))?;
     router = router.with_correction_bias(bias).map_err(l.err())?;
-    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    let layer = MoeLayer::new(Box::new(router), bank).map_err(l.err())?;
     let has_shared = match cfg.n_shared_experts {
         Some(n) => n > 0,
         None => l.contains(&format!("{SHARED}.gate_proj.weight")),
