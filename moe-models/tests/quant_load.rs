@@ -4,12 +4,53 @@
 //! the formats' own formulas (not with the crate's decoder), bit for bit; the f32-widened load holds the same
 //! weights; the router stays f32, so the routing is bit-identical; every malformed tensor is an error naming it.
 
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
-use moe_core::{ExpertBank, PackedBank, PackedFamily, RouterInput, WeightFormat};
+use moe_core::quant::{PackedBank, PackedFamily};
+use moe_core::{ExpertBank, RouterInput, WeightFormat};
 use moe_models::{ExpertWeights, LoadError, load_layer, load_layer_with};
 use ndarray::{Array2, Array3};
 use safetensors::tensor::{Dtype, TensorView};
+
+/// The system allocator, recording the largest allocation of the threads that ask it to.
+struct Tracking;
+
+thread_local! {
+    /// The largest allocation of this thread while tracking; `None` when not tracking.
+    static LARGEST: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+// SAFETY: every call is forwarded to `System`; the tracker is a thread-local `Cell` with a const initialiser,
+// which does not allocate.
+#[allow(
+    unsafe_code,
+    reason = "a global allocator is an unsafe trait; this one forwards every call to System"
+)]
+unsafe impl GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        let _ = LARGEST.try_with(|c| c.set(c.get().map(|n| n.max(layout.size()))));
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static TRACKING: Tracking = Tracking;
+
+/// Runs `f` and returns its result with the largest single allocation it made on this thread.
+fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    LARGEST.with(|c| c.set(Some(0)));
+    let out = f();
+    let largest = LARGEST.with(|c| c.take()).unwrap_or(0);
+    (out, largest)
+}
 
 /// A tensor to write: name, dtype, shape, little-endian bytes.
 type Raw = (String, Dtype, Vec<usize>, Vec<u8>);
@@ -231,7 +272,13 @@ fn gpt_oss_mxfp4_loads_packed_and_decodes_to_the_formula() {
     let d = dir("gpt-oss");
     let tensors = gpt_oss_tensors(7);
     write_checkpoint(&d, &gpt_oss_config(r#"{"quant_method": "mxfp4"}"#), &tensors);
-    let layer = load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load");
+    let (layer, largest) =
+        largest_allocation(|| load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load"));
+    // No f32 (or bf16) copy of a weight tensor: every allocation is smaller than the bf16 gate_up would be.
+    assert!(
+        largest < 2 * GO_E * 2 * GO_F * GO_D,
+        "an allocation of {largest} bytes while loading packed"
+    );
     let bank = packed(layer.experts());
     assert_eq!(bank.format(), WeightFormat::Mxfp4);
     assert!(
@@ -446,7 +493,13 @@ fn check_deepseek(test: &str, ds: &Ds) {
     let d = dir(test);
     let tensors = ds.tensors(11);
     write_checkpoint(&d, &ds.config(), &tensors);
-    let layer = load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load");
+    let (layer, largest) =
+        largest_allocation(|| load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load"));
+    // No f32 copy of the stacked weights: nothing as large as the f32 `[E, 2f, d]`.
+    assert!(
+        largest < DS_E * 2 * ds.f * ds.d * 4 / 2,
+        "an allocation of {largest} bytes while loading packed"
+    );
     let bank = packed(layer.experts());
     assert_eq!(bank.format(), WeightFormat::Fp8);
     let (up, down) = ds.expected(&tensors, DS_E, |e, p| format!("{DS_PREFIX}experts.{e}.{p}"));

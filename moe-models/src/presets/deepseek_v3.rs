@@ -1,9 +1,11 @@
 //! DeepSeek-V3 (`DeepseekV3MoE`): `s = sigmoid(logits)`; selection on `s + e_score_correction_bias` limited to the
 //! `topk_group` best of `n_group` groups (group score = sum of its top-2); weights are the unbiased `s` of the
 //! chosen experts, renormalised (`norm_topk_prob`) and times `routed_scaling_factor`; plus ungated shared experts.
-//! On disk: `gate.weight`, `gate.e_score_correction_bias [E]`, experts as OLMoE, `shared_experts.*`.
+//! On disk: `gate.weight`, `gate.e_score_correction_bias [E]`, experts as OLMoE, `shared_experts.*`; in FP8
+//! checkpoints every expert linear (routed and shared) is F8_E4M3 with its `weight_scale_inv`, kept packed (see
+//! [`crate::quant`]); the gate and the correction bias are not FP8.
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::{SoftmaxTopKConfig, TopKPreset};
 
 use super::descriptor::{

@@ -1,7 +1,9 @@
 //! GPT-OSS (`GptOssMLP`): logits `x · Wᵀ + b`, top-k of the logits, softmax over the k; experts in the transposed
 //! layout (`x · W`) with interleaved gate/up, clamped SwiGLU and biases. On disk: `router.weight [E, d]`,
 //! `router.bias [E]`, `experts.gate_up_proj [E, d, 2f]`, `experts.gate_up_proj_bias [E, 2f]`,
-//! `experts.down_proj [E, f, d]`, `experts.down_proj_bias [E, d]` (f32/bf16; MXFP4 blocks are not read).
+//! `experts.down_proj [E, f, d]`, `experts.down_proj_bias [E, d]` (f32/bf16), or, in MXFP4 checkpoints,
+//! `experts.gate_up_proj_blocks` U8 `[E, 2f, d/32, 16]` + `_scales` `[E, 2f, d/32]` and `experts.down_proj_blocks`
+//! `[E, d, f/32, 16]` + `_scales` `[E, d, f/32]`, kept packed (see [`crate::quant`]).
 
 use moe_core::{ExpertBank, GptOssBank, MoeLayer, PackedFamily};
 use moe_routers::TopKPreset;

@@ -2,7 +2,7 @@
 //! `router.weight`, `experts.gate_up_proj`, `experts.down_proj`; on the Hub: `router.layer.weight`,
 //! `input_linear.weight [E, 2f, d]`, `output_linear.weight [E, d, f]`.
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{

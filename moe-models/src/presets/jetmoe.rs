@@ -2,7 +2,7 @@
 //! bias `[d]` added to every token. On disk: `router.layer.weight`, `input_linear.weight [E, 2f, d]`,
 //! `output_linear.weight [E, d, f]`, `bias [d]` (v5 fused names are also accepted).
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{

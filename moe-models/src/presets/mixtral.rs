@@ -2,7 +2,7 @@
 //! On disk: `gate.weight [E, d]`, fused `experts.gate_up_proj [E, 2f, d]` / `experts.down_proj [E, d, f]`, or the
 //! Hub's `experts.{e}.w1|w3|w2.weight` (gate, up, down).
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{

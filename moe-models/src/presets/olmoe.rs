@@ -2,7 +2,7 @@
 //! experts. On disk: `gate.weight`, fused `experts.gate_up_proj` / `experts.down_proj`, or the Hub's
 //! `experts.{e}.gate_proj|up_proj|down_proj.weight`.
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{

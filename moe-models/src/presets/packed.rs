@@ -5,9 +5,8 @@
 //! Every size is checked against the file's header before anything is allocated.
 
 use moe_core::quant::matrix::MAX_VALUES;
-use moe_core::{
-    Activation, ExpertBank, PackedBank, PackedFamily, PackedMatrix, Scales, WeightFormat,
-};
+use moe_core::quant::{PackedBank, PackedFamily, PackedMatrix, Scales};
+use moe_core::{Activation, ExpertBank, WeightFormat};
 use safetensors::tensor::Dtype;
 
 use super::parts::{Loader, PerExpertNames};

@@ -7,7 +7,7 @@
 //! (128 experts, k = 8, no shared expert). The shared expert and its gate are required unless the config says
 //! there is none (`shared_expert_intermediate_size = 0`, or `qwen3_moe`).
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{
