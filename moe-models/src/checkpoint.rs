@@ -477,7 +477,11 @@ impl<'a> Weights<'a> {
     ///
     /// # Errors
     /// [`LoadError::MissingTensor`], [`LoadError::Shape`], [`LoadError::Truncated`].
-    pub fn get_raw(&self, name: &str, expected: &[Option<usize>]) -> Result<RawTensor<'a>, LoadError> {
+    pub fn get_raw(
+        &self,
+        name: &str,
+        expected: &[Option<usize>],
+    ) -> Result<RawTensor<'a>, LoadError> {
         let full = self.checked(name, expected)?;
         self.ckpt.raw_tensor(&full)
     }

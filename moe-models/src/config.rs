@@ -156,7 +156,11 @@ impl MoeConfig {
             let name = field.hf.first().copied().unwrap_or_default();
             c.apply(field.sets, value, name, file)?;
         }
-        if let Some(q) = hf.fields.get("quantization_config").filter(|v| !v.is_null()) {
+        if let Some(q) = hf
+            .fields
+            .get("quantization_config")
+            .filter(|v| !v.is_null())
+        {
             c.quantization = Some(QuantizationConfig::from_json(
                 q,
                 "quantization_config",
@@ -219,10 +223,7 @@ impl MoeConfig {
                 file,
             )?;
         }
-        if let Some(q) = routing
-            .get("quantization_config")
-            .filter(|v| !v.is_null())
-        {
+        if let Some(q) = routing.get("quantization_config").filter(|v| !v.is_null()) {
             let key = format!("cases[{case}].routing.quantization_config");
             c.quantization = Some(QuantizationConfig::from_json(q, &key, family, file)?);
         }

@@ -175,8 +175,7 @@ impl FixtureCase {
         case: &ManifestCase,
         experts: ExpertWeights,
     ) -> Result<Self, LoadError> {
-        let config =
-            case_config(case, &dir.join("manifest.json"))?.with_expert_weights(experts);
+        let config = case_config(case, &dir.join("manifest.json"))?.with_expert_weights(experts);
         let path = case.checked_path(dir)?;
         let checkpoint = Checkpoint::open(&path)?;
         let layer = build_layer(&config, &checkpoint.weights(""))?;

@@ -82,12 +82,7 @@ impl QuantizationConfig {
     /// `quant_method`, `fmt` other than `e4m3`, a `weight_block_size` that is not two positive integers (`null`:
     /// per-tensor scales are not read), `activation_scheme` other than `dynamic`, a `quant_method` that `family`'s
     /// checkpoints cannot carry.
-    pub fn from_json(
-        v: &Value,
-        key: &str,
-        family: Family,
-        file: &Path,
-    ) -> Result<Self, LoadError> {
+    pub fn from_json(v: &Value, key: &str, family: Family, file: &Path) -> Result<Self, LoadError> {
         let obj = v.as_object().ok_or_else(|| {
             LoadError::config(file, key, format!("expected an object, found {v}"))
         })?;
@@ -231,17 +226,29 @@ mod tests {
             Family::GptOss,
         )
         .expect("mxfp4");
-        assert_eq!((q, q.format()), (QuantizationConfig::Mxfp4, WeightFormat::Mxfp4));
+        assert_eq!(
+            (q, q.format()),
+            (QuantizationConfig::Mxfp4, WeightFormat::Mxfp4)
+        );
     }
 
     #[test]
     fn bad_configs_name_the_key() {
         let cases = [
-            (r#"{"quant_method": "gptq"}"#, "quantization_config.quant_method"),
+            (
+                r#"{"quant_method": "gptq"}"#,
+                "quantization_config.quant_method",
+            ),
             (r#"{"fmt": "e4m3"}"#, "quantization_config.quant_method"),
             (r#"{"quant_method": 8}"#, "quantization_config.quant_method"),
-            (r#"{"quant_method": "fp8", "fmt": "e5m2"}"#, "quantization_config.fmt"),
-            (r#"{"quant_method": "fp8", "fmt": 4}"#, "quantization_config.fmt"),
+            (
+                r#"{"quant_method": "fp8", "fmt": "e5m2"}"#,
+                "quantization_config.fmt",
+            ),
+            (
+                r#"{"quant_method": "fp8", "fmt": 4}"#,
+                "quantization_config.fmt",
+            ),
             (
                 r#"{"quant_method": "fp8", "weight_block_size": [128]}"#,
                 "quantization_config.weight_block_size",

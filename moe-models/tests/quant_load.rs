@@ -201,8 +201,18 @@ fn gpt_oss_tensors(seed: u64) -> Vec<Raw> {
     let mut rng = Rng(seed ^ 0x1234);
     let mut vals = |len: usize| (0..len).map(|_| rng.unit()).collect::<Vec<f32>>();
     vec![
-        (n("router.weight"), Dtype::F32, vec![GO_E, GO_D], f32_bytes(&vals(GO_E * GO_D))),
-        (n("router.bias"), Dtype::F32, vec![GO_E], f32_bytes(&vals(GO_E))),
+        (
+            n("router.weight"),
+            Dtype::F32,
+            vec![GO_E, GO_D],
+            f32_bytes(&vals(GO_E * GO_D)),
+        ),
+        (
+            n("router.bias"),
+            Dtype::F32,
+            vec![GO_E],
+            f32_bytes(&vals(GO_E)),
+        ),
         (
             n("experts.gate_up_proj_blocks"),
             Dtype::U8,
@@ -271,9 +281,14 @@ fn mxfp4_expected(blocks: &[u8], scales: &[u8], e: usize, rows: usize, cols: usi
 fn gpt_oss_mxfp4_loads_packed_and_decodes_to_the_formula() {
     let d = dir("gpt-oss");
     let tensors = gpt_oss_tensors(7);
-    write_checkpoint(&d, &gpt_oss_config(r#"{"quant_method": "mxfp4"}"#), &tensors);
-    let (layer, largest) =
-        largest_allocation(|| load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load"));
+    write_checkpoint(
+        &d,
+        &gpt_oss_config(r#"{"quant_method": "mxfp4"}"#),
+        &tensors,
+    );
+    let (layer, largest) = largest_allocation(|| {
+        load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load")
+    });
     // No f32 (or bf16) copy of a weight tensor: every allocation is smaller than the bf16 gate_up would be.
     assert!(
         largest < 2 * GO_E * 2 * GO_F * GO_D,
@@ -317,7 +332,10 @@ fn gpt_oss_mxfp4_loads_packed_and_decodes_to_the_formula() {
     let ExpertBank::GptOss(g) = wide.experts() else {
         panic!("expected a GPT-OSS bank, found {}", wide.experts().kind());
     };
-    let t = up_want.permuted_axes([0, 2, 1]).as_standard_layout().into_owned();
+    let t = up_want
+        .permuted_axes([0, 2, 1])
+        .as_standard_layout()
+        .into_owned();
     assert_bits(g.gate_up(), &t, "f32 gate_up");
     assert_same_routing(&layer, &wide, 3);
     // The plain loader widens, as before.
@@ -378,7 +396,11 @@ fn bad_mxfp4_tensors_are_named() {
     assert!(named(&e).ends_with("experts.down_proj_scales"), "{e}");
     // An unknown quant_method and a method the family cannot carry: config errors naming the key.
     let t = gpt_oss_tensors(1);
-    let e = load_err("mx-method", &gpt_oss_config(r#"{"quant_method": "awq"}"#), &t);
+    let e = load_err(
+        "mx-method",
+        &gpt_oss_config(r#"{"quant_method": "awq"}"#),
+        &t,
+    );
     assert!(
         matches!(&e, LoadError::Config { field, .. } if field == "quantization_config.quant_method"),
         "{e}"
@@ -426,7 +448,12 @@ impl Ds {
             .map(|_| 2f32.powi((rng.byte() % 9) as i32 - 8) * (1.0 + rng.unit().abs()))
             .collect();
         [
-            (format!("{name}.weight"), Dtype::F8_E4M3, vec![rows, cols], q),
+            (
+                format!("{name}.weight"),
+                Dtype::F8_E4M3,
+                vec![rows, cols],
+                q,
+            ),
             (
                 format!("{name}.weight_scale_inv"),
                 Dtype::F32,
@@ -443,15 +470,29 @@ impl Ds {
         let gate: Vec<f32> = (0..DS_E * d).map(|_| rng.unit()).collect();
         let bias: Vec<f32> = (0..DS_E).map(|_| rng.unit() * 0.1).collect();
         let mut t = vec![
-            (n("gate.weight"), Dtype::BF16, vec![DS_E, d], bf16_bytes(&gate)),
-            (n("gate.e_score_correction_bias"), Dtype::F32, vec![DS_E], f32_bytes(&bias)),
+            (
+                n("gate.weight"),
+                Dtype::BF16,
+                vec![DS_E, d],
+                bf16_bytes(&gate),
+            ),
+            (
+                n("gate.e_score_correction_bias"),
+                Dtype::F32,
+                vec![DS_E],
+                f32_bytes(&bias),
+            ),
         ];
         for e in 0..DS_E {
             for (p, r, c) in [("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)] {
                 t.extend(self.linear(&mut rng, &n(&format!("experts.{e}.{p}")), r, c));
             }
         }
-        for (p, r, c) in [("gate_proj", fs, d), ("up_proj", fs, d), ("down_proj", d, fs)] {
+        for (p, r, c) in [
+            ("gate_proj", fs, d),
+            ("up_proj", fs, d),
+            ("down_proj", d, fs),
+        ] {
             t.extend(self.linear(&mut rng, &n(&format!("shared_experts.{p}")), r, c));
         }
         t
@@ -477,12 +518,22 @@ impl Ds {
         n: usize,
         names: impl Fn(usize, &str) -> String,
     ) -> (Array3<f32>, Array3<f32>) {
-        let g: Vec<_> = (0..n).map(|e| self.decode(tensors, &names(e, "gate_proj"))).collect();
-        let u: Vec<_> = (0..n).map(|e| self.decode(tensors, &names(e, "up_proj"))).collect();
-        let dn: Vec<_> = (0..n).map(|e| self.decode(tensors, &names(e, "down_proj"))).collect();
+        let g: Vec<_> = (0..n)
+            .map(|e| self.decode(tensors, &names(e, "gate_proj")))
+            .collect();
+        let u: Vec<_> = (0..n)
+            .map(|e| self.decode(tensors, &names(e, "up_proj")))
+            .collect();
+        let dn: Vec<_> = (0..n)
+            .map(|e| self.decode(tensors, &names(e, "down_proj")))
+            .collect();
         let f = g[0].nrows();
         let up = Array3::from_shape_fn((n, 2 * f, self.d), |(e, r, c)| {
-            if r < f { g[e][[r, c]] } else { u[e][[r - f, c]] }
+            if r < f {
+                g[e][[r, c]]
+            } else {
+                u[e][[r - f, c]]
+            }
         });
         let down = Array3::from_shape_fn((n, self.d, f), |(e, r, c)| dn[e][[r, c]]);
         (up, down)
@@ -493,8 +544,9 @@ fn check_deepseek(test: &str, ds: &Ds) {
     let d = dir(test);
     let tensors = ds.tensors(11);
     write_checkpoint(&d, &ds.config(), &tensors);
-    let (layer, largest) =
-        largest_allocation(|| load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load"));
+    let (layer, largest) = largest_allocation(|| {
+        load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load")
+    });
     // No f32 copy of the stacked weights: nothing as large as the f32 `[E, 2f, d]`.
     assert!(
         largest < DS_E * 2 * ds.f * ds.d * 4 / 2,
@@ -574,13 +626,19 @@ fn bad_fp8_tensors_are_named() {
     assert!(matches!(e, LoadError::BadTensor { .. }), "{e}");
     assert!(named(&e).ends_with("experts.2.up_proj.weight"), "{e}");
     // Non-finite scales.
-    for (bad, test) in [(f32::NAN, "fp8-scale-nan"), (f32::INFINITY, "fp8-scale-inf")] {
+    for (bad, test) in [
+        (f32::NAN, "fp8-scale-nan"),
+        (f32::INFINITY, "fp8-scale-inf"),
+    ] {
         let mut t = ds.tensors(2);
         find_mut(&mut t, "experts.1.down_proj.weight_scale_inv").3[..4]
             .copy_from_slice(&bad.to_le_bytes());
         let e = load_err(test, &cfg, &t);
         assert!(matches!(e, LoadError::BadTensor { .. }), "{e}");
-        assert!(named(&e).ends_with("experts.1.down_proj.weight_scale_inv"), "{e}");
+        assert!(
+            named(&e).ends_with("experts.1.down_proj.weight_scale_inv"),
+            "{e}"
+        );
     }
     // A scale grid that does not cover the weight (one block row short).
     let mut t = ds.tensors(2);
@@ -589,13 +647,19 @@ fn bad_fp8_tensors_are_named() {
     s.3.truncate(8);
     let e = load_err("fp8-grid", &cfg, &t);
     assert!(matches!(e, LoadError::Shape { .. }), "{e}");
-    assert!(named(&e).ends_with("experts.0.gate_proj.weight_scale_inv"), "{e}");
+    assert!(
+        named(&e).ends_with("experts.0.gate_proj.weight_scale_inv"),
+        "{e}"
+    );
     // A missing scale.
     let mut t = ds.tensors(2);
     t.retain(|x| !x.0.ends_with("shared_experts.down_proj.weight_scale_inv"));
     let e = load_err("fp8-no-scale", &cfg, &t);
     assert!(matches!(e, LoadError::MissingTensor { .. }), "{e}");
-    assert!(named(&e).ends_with("shared_experts.down_proj.weight_scale_inv"), "{e}");
+    assert!(
+        named(&e).ends_with("shared_experts.down_proj.weight_scale_inv"),
+        "{e}"
+    );
     // One expert weight of another dtype.
     let mut t = ds.tensors(2);
     find_mut(&mut t, "experts.3.down_proj.weight").1 = Dtype::U8;
@@ -712,7 +776,8 @@ fn bf16_mixtral_stays_16_bit() {
                     m(e, "w3")[(r - MX_F) * MX_D + c]
                 }
             });
-            let down = Array3::from_shape_fn((MX_E, MX_D, MX_F), |(e, r, c)| m(e, "w2")[r * MX_F + c]);
+            let down =
+                Array3::from_shape_fn((MX_E, MX_D, MX_F), |(e, r, c)| m(e, "w2")[r * MX_F + c]);
             (up, down)
         };
         assert_bits(&bank.up().dequantize(), &up, "gate_up");
@@ -736,12 +801,37 @@ fn bf16_gpt_oss_stays_16_bit_transposed() {
     let n = |s: &str| format!("{GO_PREFIX}{s}");
     let (e, dm, f) = (2, 8, 6);
     let tensors: Vec<Raw> = vec![
-        (n("router.weight"), Dtype::BF16, vec![e, dm], bf16_bytes(&vals(e * dm))),
+        (
+            n("router.weight"),
+            Dtype::BF16,
+            vec![e, dm],
+            bf16_bytes(&vals(e * dm)),
+        ),
         (n("router.bias"), Dtype::BF16, vec![e], bf16_bytes(&vals(e))),
-        (n("experts.gate_up_proj"), Dtype::BF16, vec![e, dm, 2 * f], bf16_bytes(&vals(e * dm * 2 * f))),
-        (n("experts.gate_up_proj_bias"), Dtype::BF16, vec![e, 2 * f], bf16_bytes(&vals(e * 2 * f))),
-        (n("experts.down_proj"), Dtype::BF16, vec![e, f, dm], bf16_bytes(&vals(e * f * dm))),
-        (n("experts.down_proj_bias"), Dtype::BF16, vec![e, dm], bf16_bytes(&vals(e * dm))),
+        (
+            n("experts.gate_up_proj"),
+            Dtype::BF16,
+            vec![e, dm, 2 * f],
+            bf16_bytes(&vals(e * dm * 2 * f)),
+        ),
+        (
+            n("experts.gate_up_proj_bias"),
+            Dtype::BF16,
+            vec![e, 2 * f],
+            bf16_bytes(&vals(e * 2 * f)),
+        ),
+        (
+            n("experts.down_proj"),
+            Dtype::BF16,
+            vec![e, f, dm],
+            bf16_bytes(&vals(e * f * dm)),
+        ),
+        (
+            n("experts.down_proj_bias"),
+            Dtype::BF16,
+            vec![e, dm],
+            bf16_bytes(&vals(e * dm)),
+        ),
     ];
     write_checkpoint(
         &d,

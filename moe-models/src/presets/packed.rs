@@ -143,8 +143,16 @@ impl Loader<'_, '_> {
         };
         self.record("experts.gate_up", &[&gate, &up]);
         self.record("experts.down", &[&down]);
-        let bank = PackedBank::new(PackedFamily::SwiGlu { act: Activation::Silu }, up_m, None, down_m, None)
-            .map_err(self.err())?;
+        let bank = PackedBank::new(
+            PackedFamily::SwiGlu {
+                act: Activation::Silu,
+            },
+            up_m,
+            None,
+            down_m,
+            None,
+        )
+        .map_err(self.err())?;
         self.finish_bank(bank).map(Some)
     }
 
@@ -155,15 +163,24 @@ impl Loader<'_, '_> {
         prefix: &str,
         d: usize,
     ) -> Result<Option<ExpertBank>, LoadError> {
-        let [g, u, dn] = ["gate_proj", "up_proj", "down_proj"].map(|p| format!("{prefix}.{p}.weight"));
+        let [g, u, dn] =
+            ["gate_proj", "up_proj", "down_proj"].map(|p| format!("{prefix}.{p}.weight"));
         let names = vec![[g.clone(), u.clone(), dn.clone()]];
         let Some((up_m, down_m)) = self.stacked_swiglu(names, d, [&g, &u, &dn])? else {
             return Ok(None);
         };
         self.record("shared.gate_up", &[&g, &u]);
         self.record("shared.down", &[&dn]);
-        let bank = PackedBank::new(PackedFamily::SwiGlu { act: Activation::Silu }, up_m, None, down_m, None)
-            .map_err(self.err())?;
+        let bank = PackedBank::new(
+            PackedFamily::SwiGlu {
+                act: Activation::Silu,
+            },
+            up_m,
+            None,
+            down_m,
+            None,
+        )
+        .map_err(self.err())?;
         self.finish_bank(bank).map(Some)
     }
 
@@ -198,7 +215,11 @@ impl Loader<'_, '_> {
                 let dt = self.w.dtype(name)?;
                 if dt != dtype {
                     if format == WeightFormat::Fp8 {
-                        return Err(self.dtype_err(name, dt, "F8_E4M3, as the other expert weights"));
+                        return Err(self.dtype_err(
+                            name,
+                            dt,
+                            "F8_E4M3, as the other expert weights",
+                        ));
                     }
                     // Mixed 16-bit dtypes: the f32 bank takes them all.
                     return Ok(None);
@@ -210,7 +231,9 @@ impl Loader<'_, '_> {
                     if shape != want {
                         return Err(self.shape_err(
                             &sname,
-                            format!("{want:?} (⌈[{rows}, {cols}] / [{br}, {bc}]⌉, weight_block_size)"),
+                            format!(
+                                "{want:?} (⌈[{rows}, {cols}] / [{br}, {bc}]⌉, weight_block_size)"
+                            ),
                             shape,
                         ));
                     }
@@ -228,12 +251,23 @@ impl Loader<'_, '_> {
 
     /// Reads FP8 weight `name` (unprefixed) and its `weight_scale_inv` as the plan's block grid says: the raw
     /// bytes (NaN codes refused) and the scales (finite).
-    fn fp8_parts(&self, name: &str, rows: usize, cols: usize, block: [usize; 2]) -> Result<(&[u8], Vec<f32>), LoadError> {
+    fn fp8_parts(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        block: [usize; 2],
+    ) -> Result<(&[u8], Vec<f32>), LoadError> {
         let raw = self.w.get_raw(name, &[Some(rows), Some(cols)])?;
         if let Some(i) = raw.bytes.iter().position(|&b| b & 0x7F == 0x7F) {
             return Err(self.bad_tensor(
                 name,
-                format!("FP8 E4M3 NaN code {:#04x} at [{}, {}]", raw.bytes[i], i / cols, i % cols),
+                format!(
+                    "FP8 E4M3 NaN code {:#04x} at [{}, {}]",
+                    raw.bytes[i],
+                    i / cols,
+                    i % cols
+                ),
             ));
         }
         let sname = format!("{name}{SCALE_INV}");
@@ -242,7 +276,12 @@ impl Loader<'_, '_> {
         if let Some(i) = scales.iter().position(|v| !v.is_finite()) {
             return Err(self.bad_tensor(
                 &sname,
-                format!("non-finite scale {} at [{}, {}]", scales[i], i / grid[1], i % grid[1]),
+                format!(
+                    "non-finite scale {} at [{}, {}]",
+                    scales[i],
+                    i / grid[1],
+                    i % grid[1]
+                ),
             ));
         }
         Ok((raw.bytes, scales))
@@ -261,12 +300,24 @@ impl Loader<'_, '_> {
         let Some(plan) = self.plan_stack(names, d)? else {
             return Ok(None);
         };
-        let StackPlan { names, f, d, format, block } = plan;
+        let StackPlan {
+            names,
+            f,
+            d,
+            format,
+            block,
+        } = plan;
         let n = names.len();
         // The header holds every tensor of the stack at its shape: these sizes are bytes in the file.
         let (up_bytes, down_bytes) = checked_product(&[n, 2 * f, format.row_bytes(d)])
             .zip(checked_product(&[n, d, format.row_bytes(f)]))
-            .ok_or_else(|| self.shape_err(&names[0][0], format!("a bank of {n} experts that fits in memory"), vec![f, d]))?;
+            .ok_or_else(|| {
+                self.shape_err(
+                    &names[0][0],
+                    format!("a bank of {n} experts that fits in memory"),
+                    vec![f, d],
+                )
+            })?;
         let mut up = Vec::with_capacity(up_bytes);
         let mut down = Vec::with_capacity(down_bytes);
         let (mut up_s, mut down_s) = (Vec::new(), Vec::new());
@@ -361,10 +412,16 @@ impl Loader<'_, '_> {
         let gu = self.w.get_raw(gu_name, &[Some(n_experts), None, Some(d)])?;
         let f2 = gu.shape[1];
         if f2 % 2 != 0 {
-            return Err(self.shape_err(gu_name, format!("[{n_experts}, 2f (even), {d}]"), gu.shape.to_vec()));
+            return Err(self.shape_err(
+                gu_name,
+                format!("[{n_experts}, 2f (even), {d}]"),
+                gu.shape.to_vec(),
+            ));
         }
         let f = f2 / 2;
-        let dn = self.w.get_raw(dn_name, &[Some(n_experts), Some(d), Some(f)])?;
+        let dn = self
+            .w
+            .get_raw(dn_name, &[Some(n_experts), Some(d), Some(f)])?;
         if dn.dtype != dtype {
             if format == WeightFormat::Fp8 {
                 return Err(self.dtype_err(dn_name, dn.dtype, "F8_E4M3, as the gate_up weights"));
@@ -386,7 +443,10 @@ impl Loader<'_, '_> {
             }
             let sname = format!("{name}{SCALE_INV}");
             let grid = [rows.div_ceil(br), cols.div_ceil(bc)];
-            let values = self.w.get(&sname, &[Some(n_experts), Some(grid[0]), Some(grid[1])])?.data;
+            let values = self
+                .w
+                .get(&sname, &[Some(n_experts), Some(grid[0]), Some(grid[1])])?
+                .data;
             Ok(Scales::Blocks {
                 block_rows: br,
                 block_cols: bc,
@@ -415,8 +475,16 @@ impl Loader<'_, '_> {
         .map_err(self.err())?;
         self.record("experts.gate_up", &[gu_name]);
         self.record("experts.down", &[dn_name]);
-        let bank = PackedBank::new(PackedFamily::SwiGlu { act: Activation::Silu }, up_m, None, down_m, None)
-            .map_err(self.err())?;
+        let bank = PackedBank::new(
+            PackedFamily::SwiGlu {
+                act: Activation::Silu,
+            },
+            up_m,
+            None,
+            down_m,
+            None,
+        )
+        .map_err(self.err())?;
         self.finish_bank(bank).map(Some)
     }
 
@@ -438,8 +506,18 @@ impl Loader<'_, '_> {
                 None => return Ok(None),
             }
         };
-        let ub = self.mat("experts.gate_up_bias", names.gate_up_bias, Some(n_experts), Some(f2))?;
-        let db = self.mat("experts.down_bias", names.down_bias, Some(n_experts), Some(d))?;
+        let ub = self.mat(
+            "experts.gate_up_bias",
+            names.gate_up_bias,
+            Some(n_experts),
+            Some(f2),
+        )?;
+        let db = self.mat(
+            "experts.down_bias",
+            names.down_bias,
+            Some(n_experts),
+            Some(d),
+        )?;
         let bank = PackedBank::new(family, up, Some(ub), down, Some(db)).map_err(self.err())?;
         self.finish_bank(bank).map(Some)
     }
@@ -486,7 +564,9 @@ impl Loader<'_, '_> {
             ));
         }
         let nb = cols / 32;
-        let blocks = self.w.get_raw(&bname, &[Some(n_experts), rows, Some(nb), Some(16)])?;
+        let blocks = self
+            .w
+            .get_raw(&bname, &[Some(n_experts), rows, Some(nb), Some(16)])?;
         if blocks.dtype != Dtype::U8 {
             return Err(self.dtype_err(&bname, blocks.dtype, "U8 (two E2M1 codes a byte)"));
         }
@@ -497,7 +577,9 @@ impl Loader<'_, '_> {
                 tensor: self.w.full(&sname),
             });
         }
-        let scales = self.w.get_raw(&sname, &[Some(n_experts), Some(r), Some(nb)])?;
+        let scales = self
+            .w
+            .get_raw(&sname, &[Some(n_experts), Some(r), Some(nb)])?;
         if scales.dtype != Dtype::U8 {
             return Err(self.dtype_err(&sname, scales.dtype, "U8 (E8M0 exponents)"));
         }
@@ -528,14 +610,19 @@ impl Loader<'_, '_> {
         }
         let gu = self.w.get_raw(names.0, &[Some(n_experts), Some(d), None])?;
         let f2 = gu.shape[2];
-        let dn = self.w.get_raw(names.1, &[Some(n_experts), Some(f2 / 2), Some(d)])?;
+        let dn = self
+            .w
+            .get_raw(names.1, &[Some(n_experts), Some(f2 / 2), Some(d)])?;
         let Some(format) = half_format(gu.dtype).filter(|_| dn.dtype == gu.dtype) else {
             return Ok(None);
         };
         let transpose = |bytes: &[u8], r: usize, c: usize| -> Vec<u8> {
             // `[E, r, c]` 2-byte values to `[E, c, r]`.
             let mut out = vec![0u8; bytes.len()];
-            for (src, dst) in bytes.chunks_exact(2 * r * c).zip(out.chunks_exact_mut(2 * r * c)) {
+            for (src, dst) in bytes
+                .chunks_exact(2 * r * c)
+                .zip(out.chunks_exact_mut(2 * r * c))
+            {
                 for i in 0..r {
                     for j in 0..c {
                         let s = 2 * (i * c + j);
