@@ -853,3 +853,151 @@ fn bf16_gpt_oss_stays_16_bit_transposed() {
     assert_bits(a.down(), b.down(), "down");
     assert_same_routing(&layer, &wide, 2);
 }
+
+#[test]
+fn qwen3_fp8_experts_load_packed() {
+    // Qwen3-MoE FP8 checkpoints ship the same per-expert linears; the DeepSeek-only tensors are not read.
+    let ds = Ds {
+        d: 64,
+        f: 48,
+        fs: 32,
+        block: [32, 32],
+    };
+    let d = dir("qwen3-fp8");
+    let tensors = ds.tensors(13);
+    let cfg = format!(
+        r#"{{"model_type": "qwen3_moe", "num_experts": {DS_E}, "num_experts_per_tok": 2,
+            "quantization_config": {{"quant_method": "fp8", "weight_block_size": [32, 32]}}}}"#
+    );
+    write_checkpoint(&d, &cfg, &tensors);
+    let layer = load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load");
+    let bank = packed(layer.experts());
+    assert_eq!(bank.format(), WeightFormat::Fp8);
+    let (up, down) = ds.expected(&tensors, DS_E, |e, p| format!("{DS_PREFIX}experts.{e}.{p}"));
+    assert_bits(&bank.up().dequantize(), &up, "gate_up");
+    assert_bits(&bank.down().dequantize(), &down, "down");
+    assert!(layer.shared().is_none());
+    let wide = load_layer(&d, 0).expect("f32 load");
+    assert_same_routing(&layer, &wide, 8);
+}
+
+/// transformers' `FP8Experts` state dict: fused `experts.gate_up_proj` F8_E4M3 `[E, 2f, d]` with
+/// `experts.gate_up_proj_scale_inv` `[E, 2f / br, ⌈d / bc⌉]`, and `experts.down_proj` likewise.
+fn fused_fp8_tensors(ds: &Ds, seed: u64) -> Vec<Raw> {
+    let mut rng = Rng(seed);
+    let (d, f) = (ds.d, ds.f);
+    let [br, bc] = ds.block;
+    let n = |s: &str| format!("{DS_PREFIX}{s}");
+    let gate: Vec<f32> = (0..DS_E * d).map(|_| rng.unit()).collect();
+    let mut t = vec![
+        (
+            n("gate.weight"),
+            Dtype::F32,
+            vec![DS_E, d],
+            f32_bytes(&gate),
+        ),
+        (
+            n("gate.e_score_correction_bias"),
+            Dtype::F32,
+            vec![DS_E],
+            f32_bytes(&[0.0; DS_E]),
+        ),
+    ];
+    for (name, rows, cols) in [
+        ("experts.gate_up_proj", 2 * f, d),
+        ("experts.down_proj", d, f),
+    ] {
+        let q: Vec<u8> = (0..DS_E * rows * cols).map(|_| rng.fp8()).collect();
+        let g = [rows.div_ceil(br), cols.div_ceil(bc)];
+        let s: Vec<f32> = (0..DS_E * g[0] * g[1])
+            .map(|_| 2f32.powi((rng.byte() % 9) as i32 - 8))
+            .collect();
+        t.push((n(name), Dtype::F8_E4M3, vec![DS_E, rows, cols], q));
+        t.push((
+            n(&format!("{name}_scale_inv")),
+            Dtype::F32,
+            vec![DS_E, g[0], g[1]],
+            f32_bytes(&s),
+        ));
+    }
+    t
+}
+
+/// `W[e, i, j] = q[e, i, j] · s[e, i / br, j / bc]` of fused tensor `name`.
+fn fused_expected(ds: &Ds, tensors: &[Raw], name: &str) -> Array3<f32> {
+    let w = find(tensors, &format!("{name}"));
+    let s = find(tensors, &format!("{name}_scale_inv"));
+    let (rows, cols) = (w.2[1], w.2[2]);
+    let (gr, gc) = (s.2[1], s.2[2]);
+    Array3::from_shape_fn((DS_E, rows, cols), |(e, i, j)| {
+        let k = 4 * ((e * gr + i / ds.block[0]) * gc + j / ds.block[1]);
+        let scale = f32::from_le_bytes([s.3[k], s.3[k + 1], s.3[k + 2], s.3[k + 3]]);
+        (e4m3(w.3[(e * rows + i) * cols + j]) * f64::from(scale)) as f32
+    })
+}
+
+#[test]
+fn fused_fp8_experts_load_packed() {
+    let ds = Ds {
+        d: 80,
+        f: 64,
+        fs: 32,
+        block: [32, 32],
+    };
+    let cfg = ds
+        .config()
+        .replace(r#""n_shared_experts": 1"#, r#""n_shared_experts": 0"#);
+    let d = dir("fused-fp8");
+    let tensors = fused_fp8_tensors(&ds, 17);
+    write_checkpoint(&d, &cfg, &tensors);
+    let layer = load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load");
+    let bank = packed(layer.experts());
+    assert_eq!(bank.format(), WeightFormat::Fp8);
+    let up = fused_expected(&ds, &tensors, &format!("{DS_PREFIX}experts.gate_up_proj"));
+    let down = fused_expected(&ds, &tensors, &format!("{DS_PREFIX}experts.down_proj"));
+    assert_bits(&bank.up().dequantize(), &up, "gate_up");
+    assert_bits(&bank.down().dequantize(), &down, "down");
+    // With f not a multiple of the block rows, the fused grid is ambiguous: refused, naming the scales.
+    let ds = Ds { f: 48, ..ds };
+    let e = load_err("fused-fp8-ambiguous", &cfg, &fused_fp8_tensors(&ds, 17));
+    assert!(matches!(e, LoadError::BadTensor { .. }), "{e}");
+    assert!(named(&e).ends_with("experts.gate_up_proj_scale_inv"), "{e}");
+}
+
+#[test]
+fn fixture_manifests_carry_a_quantization_config() {
+    let routing = serde_json::json!({
+        "num_experts": 4, "top_k": 2,
+        "quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 32]}
+    });
+    let c = moe_models::MoeConfig::from_manifest_routing(
+        "deepseek_v3",
+        &routing,
+        Path::new("manifest.json"),
+        "fp8",
+    )
+    .expect("routing");
+    assert_eq!(
+        c.quantization,
+        Some(moe_models::QuantizationConfig::Fp8 {
+            weight_block_size: [64, 32]
+        })
+    );
+    assert_eq!(c.expert_weights, ExpertWeights::F32);
+    let routing = serde_json::json!({
+        "num_experts": 4, "top_k": 2,
+        "quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}
+    });
+    let e = moe_models::MoeConfig::from_manifest_routing(
+        "deepseek_v3",
+        &routing,
+        Path::new("manifest.json"),
+        "fp8",
+    )
+    .expect_err("e5m2");
+    assert!(
+        matches!(&e, LoadError::Config { field, .. }
+            if field == "cases[fp8].routing.quantization_config.fmt"),
+        "{e}"
+    );
+}
