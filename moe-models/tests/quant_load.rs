@@ -925,7 +925,7 @@ fn fused_fp8_tensors(ds: &Ds, seed: u64) -> Vec<Raw> {
 
 /// `W[e, i, j] = q[e, i, j] · s[e, i / br, j / bc]` of fused tensor `name`.
 fn fused_expected(ds: &Ds, tensors: &[Raw], name: &str) -> Array3<f32> {
-    let w = find(tensors, &format!("{name}"));
+    let w = find(tensors, name);
     let s = find(tensors, &format!("{name}_scale_inv"));
     let (rows, cols) = (w.2[1], w.2[2]);
     let (gr, gc) = (s.2[1], s.2[2]);
