@@ -38,6 +38,18 @@ pub struct Tensor {
     pub data: Vec<f32>,
 }
 
+/// A tensor's bytes as stored (little-endian, row-major), with its dtype and shape, borrowed from the memory map:
+/// what packed loading copies once into a `moe_core::PackedMatrix` (no f32 copy).
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor<'a> {
+    /// The dtype in the file.
+    pub dtype: Dtype,
+    /// The shape.
+    pub shape: &'a [usize],
+    /// `numel · dtype size` bytes (checked against dtype and shape).
+    pub bytes: &'a [u8],
+}
+
 /// A checkpoint: one or several memory-mapped safetensors files and where each tensor lives.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -300,6 +312,19 @@ impl Checkpoint {
         Ok((shard, info, bytes))
     }
 
+    /// The bytes of `name` as stored, without conversion ([`RawTensor`]).
+    ///
+    /// # Errors
+    /// [`LoadError::MissingTensor`], [`LoadError::Truncated`] for bytes that do not match the dtype and shape.
+    pub fn raw_tensor(&self, name: &str) -> Result<RawTensor<'_>, LoadError> {
+        let (_, info, bytes) = self.raw(name)?;
+        Ok(RawTensor {
+            dtype: info.dtype,
+            shape: &info.shape,
+            bytes,
+        })
+    }
+
     /// Reads `name` as `f32`, converting `BF16` and `F16` once.
     ///
     /// # Errors
@@ -444,6 +469,41 @@ impl<'a> Weights<'a> {
     /// [`LoadError::MissingTensor`], [`LoadError::Dtype`], [`LoadError::Shape`] naming the expected and found
     /// shapes (also for an axis of size 0: a layer parameter never has one).
     pub fn get(&self, name: &str, expected: &[Option<usize>]) -> Result<Tensor, LoadError> {
+        let full = self.checked(name, expected)?;
+        self.ckpt.tensor(&full)
+    }
+
+    /// The bytes of `name` as stored ([`RawTensor`]), its shape checked as [`Weights::get`] checks it.
+    ///
+    /// # Errors
+    /// [`LoadError::MissingTensor`], [`LoadError::Shape`], [`LoadError::Truncated`].
+    pub fn get_raw(
+        &self,
+        name: &str,
+        expected: &[Option<usize>],
+    ) -> Result<RawTensor<'a>, LoadError> {
+        let full = self.checked(name, expected)?;
+        self.ckpt.raw_tensor(&full)
+    }
+
+    /// The dtype of `name` under the prefix.
+    ///
+    /// # Errors
+    /// [`LoadError::MissingTensor`].
+    pub fn dtype(&self, name: &str) -> Result<Dtype, LoadError> {
+        Ok(self.ckpt.info(&self.full(name))?.1.dtype)
+    }
+
+    /// The shape of `name` under the prefix.
+    ///
+    /// # Errors
+    /// [`LoadError::MissingTensor`].
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
+        self.ckpt.shape(&self.full(name))
+    }
+
+    /// Checks that `name` exists with a shape matching `expected` (no zero axis); returns its full name.
+    fn checked(&self, name: &str, expected: &[Option<usize>]) -> Result<String, LoadError> {
         let full = self.full(name);
         let shape = self.ckpt.shape(&full)?;
         if shape.contains(&0) {
@@ -473,7 +533,7 @@ impl<'a> Weights<'a> {
                 found: shape,
             });
         }
-        self.ckpt.tensor(&full)
+        Ok(full)
     }
 
     /// Reads a `[a]` tensor.

@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::error::LoadError;
 use crate::files::read_json;
 use crate::presets::{Family, HfDefault, Setting};
+use crate::quant::{ExpertWeights, QuantizationConfig};
 
 /// An HF `config.json`, as read: its fields by HF name. Each family's
 /// [`Preset::config`](crate::Preset::config) says which fields it reads and transformers' default for each; unknown
@@ -78,6 +79,13 @@ pub struct MoeConfig {
     /// Switch / NLLB: whether the router classifier has a bias (`router_bias`); `Some(true)` requires it,
     /// `Some(false)` ignores a bias tensor (transformers builds no bias), `None` loads it when present.
     pub router_bias: Option<bool>,
+    /// `quantization_config`: how the checkpoint's expert weights are quantised (MXFP4, FP8 blocks); `None` for
+    /// unquantised checkpoints ([`QuantizationConfig::from_json`]).
+    pub quantization: Option<QuantizationConfig>,
+    /// The format the expert weights are kept in once loaded: [`ExpertWeights::F32`] (widened, the default of
+    /// [`MoeConfig::new`], [`MoeConfig::from_file`] and the manifest reader) or [`ExpertWeights::Checkpoint`] (the
+    /// file's format, packed). Not read from any file: a load option ([`MoeConfig::with_expert_weights`]).
+    pub expert_weights: ExpertWeights,
 }
 
 impl MoeConfig {
@@ -101,7 +109,15 @@ impl MoeConfig {
             shared_expert_size: None,
             n_shared_experts: None,
             router_bias: None,
+            quantization: None,
+            expert_weights: ExpertWeights::F32,
         }
+    }
+
+    /// The config with expert weights kept as `experts` says (see [`MoeConfig::expert_weights`]).
+    pub fn with_expert_weights(mut self, experts: ExpertWeights) -> Self {
+        self.expert_weights = experts;
+        self
     }
 
     /// Reads `config.json` and converts it.
@@ -120,7 +136,8 @@ impl MoeConfig {
     ///
     /// # Errors
     /// [`LoadError::UnknownFamily`] for a `model_type` that is not a family; [`LoadError::Config`] for a field of
-    /// the wrong JSON type or a negative count, and for NLLB's `second_expert_policy` other than `all`.
+    /// the wrong JSON type or a negative count, for NLLB's `second_expert_policy` other than `all`, and for a
+    /// `quantization_config` that [`QuantizationConfig::from_json`] refuses (named `quantization_config.KEY`).
     pub fn from_hf(hf: &HfConfig, file: &Path) -> Result<Self, LoadError> {
         let model_type = hf.model_type().unwrap_or_default();
         let family =
@@ -138,6 +155,18 @@ impl MoeConfig {
             };
             let name = field.hf.first().copied().unwrap_or_default();
             c.apply(field.sets, value, name, file)?;
+        }
+        if let Some(q) = hf
+            .fields
+            .get("quantization_config")
+            .filter(|v| !v.is_null())
+        {
+            c.quantization = Some(QuantizationConfig::from_json(
+                q,
+                "quantization_config",
+                family,
+                file,
+            )?);
         }
         c.validate(file)?;
         Ok(c)
@@ -193,6 +222,10 @@ impl MoeConfig {
                 &format!("cases[{case}].routing.{key}"),
                 file,
             )?;
+        }
+        if let Some(q) = routing.get("quantization_config").filter(|v| !v.is_null()) {
+            let key = format!("cases[{case}].routing.quantization_config");
+            c.quantization = Some(QuantizationConfig::from_json(q, &key, family, file)?);
         }
         Ok(c)
     }

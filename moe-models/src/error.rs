@@ -170,6 +170,16 @@ pub enum LoadError {
         /// What is wrong.
         reason: String,
     },
+    /// A tensor's contents are malformed: a packed weight of the wrong byte length, a NaN code (FP8 `0x7F` /
+    /// `0xFF`, E8M0 255), a non-finite scale, a scale grid that does not cover its weight.
+    BadTensor {
+        /// The file.
+        file: PathBuf,
+        /// The tensor's full name.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The tensors loaded but moe-core rejected the layer built from them, or running it failed.
     Layer {
         /// The checkpoint or fixture file.
@@ -188,6 +198,23 @@ impl LoadError {
             file: file.into(),
             context: context.into(),
             source: Box::new(source),
+        }
+    }
+
+    /// Wraps a core error as [`LoadError::layer`] does, except that `MoeError::BadTensor` (a malformed packed
+    /// tensor, named by its checkpoint name) becomes [`LoadError::BadTensor`].
+    pub fn from_core(
+        file: impl Into<PathBuf>,
+        context: impl Into<String>,
+        source: MoeError,
+    ) -> Self {
+        match source {
+            MoeError::BadTensor { tensor, reason } => LoadError::BadTensor {
+                file: file.into(),
+                tensor,
+                reason,
+            },
+            other => LoadError::layer(file, context, other),
         }
     }
 
@@ -307,6 +334,11 @@ impl fmt::Display for LoadError {
                 esc(field),
                 esc(reason)
             ),
+            E::BadTensor {
+                file,
+                tensor,
+                reason,
+            } => write!(f, "{}: tensor {}: {}", p(file), esc(tensor), esc(reason)),
             E::Input { file, part, reason } => {
                 write!(f, "{}: {}: {}", p(file), esc(part), esc(reason))
             }

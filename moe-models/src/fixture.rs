@@ -13,6 +13,7 @@ use crate::config::MoeConfig;
 use crate::error::LoadError;
 use crate::files::{confined_path, read_json, require_regular, sha256_hex};
 use crate::presets::build_layer;
+use crate::quant::ExpertWeights;
 
 /// `manifest.json`: the part the loader reads.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -160,7 +161,21 @@ impl FixtureCase {
     /// be read, the preset cannot be built, `B · S` overflows
     /// ([`LoadError::Config`]), or `ref.input` does not hold `B · S · d` values.
     pub fn load(dir: &Path, case: &ManifestCase) -> Result<Self, LoadError> {
-        let config = case_config(case, &dir.join("manifest.json"))?;
+        Self::load_with(dir, case, ExpertWeights::F32)
+    }
+
+    /// [`FixtureCase::load`] keeping the expert weights as `experts` says ([`ExpertWeights::Checkpoint`]: a case
+    /// whose state dict holds MXFP4 / FP8 / 16-bit experts builds a packed bank; the routing `quantization_config`
+    /// gives the FP8 block).
+    ///
+    /// # Errors
+    /// As [`FixtureCase::load`].
+    pub fn load_with(
+        dir: &Path,
+        case: &ManifestCase,
+        experts: ExpertWeights,
+    ) -> Result<Self, LoadError> {
+        let config = case_config(case, &dir.join("manifest.json"))?.with_expert_weights(experts);
         let path = case.checked_path(dir)?;
         let checkpoint = Checkpoint::open(&path)?;
         let layer = build_layer(&config, &checkpoint.weights(""))?;

@@ -11,6 +11,7 @@ use crate::config::{HfConfig, MoeConfig};
 use crate::error::LoadError;
 use crate::files::read_json;
 use crate::presets::{Family, Setting};
+use crate::quant::QuantizationConfig;
 
 /// Router tensor names that mark an MoE block (every family's
 /// [`InspectView::router`](crate::presets::InspectView::router), longest first); the block prefix is what precedes
@@ -172,6 +173,20 @@ pub fn effective(cfg: &MoeConfig) -> Vec<Effective> {
             ));
             v.push(("router_bias", bias(cfg.router_bias)));
         }
+    }
+    // The experts' packed format (routers stay f32): `moe_models::ExpertWeights::Checkpoint` keeps it.
+    match cfg.quantization {
+        Some(QuantizationConfig::Mxfp4) => v.push((
+            "expert_weights",
+            "mxfp4 (E2M1, one E8M0 scale per 32; 4.25 bits a weight, kept packed)".into(),
+        )),
+        Some(QuantizationConfig::Fp8 {
+            weight_block_size: [r, c],
+        }) => v.push((
+            "expert_weights",
+            format!("fp8 e4m3, one f32 scale per {r} × {c} block (kept packed)"),
+        )),
+        None => {}
     }
     v.into_iter()
         .map(|(name, value)| Effective { name, value })

@@ -2,7 +2,9 @@
 //!
 //! Presets that build a [`moe_core::MoeLayer`] from a Hugging Face checkpoint: `config.json` (HF field names only
 //! at this edge) plus safetensors, memory-mapped, single-file or sharded (`model.safetensors.index.json`), with
-//! `F32`, `BF16` or `F16` weights converted once to `f32`. Tensor names are taken as transformers v5 fuses them
+//! `F32`, `BF16` or `F16` weights converted once to `f32`, or kept packed: [`quant`] reads GPT-OSS MXFP4 and
+//! DeepSeek-V3 FP8 checkpoints (`quantization_config`) and keeps 16-bit experts 16-bit when the config asks for
+//! [`ExpertWeights::Checkpoint`] ([`load_layer_with`], [`MoeConfig::with_expert_weights`]). Tensor names are taken as transformers v5 fuses them
 //! (`experts.gate_up_proj`) or as on the Hub (`experts.{e}.w1.weight`, `experts.{e}.gate_proj.weight`), fused at
 //! load. One layer of a many-layer checkpoint is picked by its prefix (`model.layers.3.block_sparse_moe.`).
 //!
@@ -45,6 +47,7 @@ pub mod hf_names;
 pub mod hidden;
 pub mod inspect;
 pub mod presets;
+pub mod quant;
 #[cfg(unix)]
 pub mod store;
 #[cfg(unix)]
@@ -56,6 +59,7 @@ pub use checkpoint::{Checkpoint, Tensor, Weights};
 pub use config::{HfConfig, MoeConfig};
 pub use error::LoadError;
 pub use presets::{Family, Preset, build_layer};
+pub use quant::{ExpertWeights, QuantizationConfig};
 
 /// Loads MoE layer `layer` of the checkpoint in `dir` (`config.json` plus `model.safetensors` or
 /// `model.safetensors.index.json`), under the family's usual block prefix.
@@ -68,8 +72,27 @@ pub fn load_layer(dir: impl AsRef<Path>, layer: usize) -> Result<moe_core::MoeLa
     load_layer_with_prefix(dir, &cfg, &cfg.layer_prefix(layer))
 }
 
+/// Loads MoE layer `layer` as [`load_layer`] does, keeping the expert weights as `experts` says:
+/// [`ExpertWeights::Checkpoint`] keeps MXFP4, FP8, BF16 and F16 experts packed (`moe_core::ExpertBank::Packed`),
+/// [`ExpertWeights::F32`] widens them (what [`load_layer`] does).
+///
+/// # Errors
+/// As [`load_layer`]; [`LoadError::BadTensor`] naming a malformed packed tensor (a NaN code, a non-finite
+/// scale), [`LoadError::Shape`] / [`LoadError::Dtype`] / [`LoadError::MissingTensor`] naming a scale or block
+/// tensor of the wrong shape or dtype or a missing one.
+pub fn load_layer_with(
+    dir: impl AsRef<Path>,
+    layer: usize,
+    experts: ExpertWeights,
+) -> Result<moe_core::MoeLayer, LoadError> {
+    let dir = dir.as_ref();
+    let cfg = MoeConfig::from_file(dir.join("config.json"))?.with_expert_weights(experts);
+    load_layer_with_prefix(dir, &cfg, &cfg.layer_prefix(layer))
+}
+
 /// Loads the MoE block under `prefix` (`model.layers.3.block_sparse_moe.`; `""` for a block's own state dict) of
-/// the checkpoint at `path` (file, index or directory), with `cfg`.
+/// the checkpoint at `path` (file, index or directory), with `cfg` (whose [`MoeConfig::expert_weights`] says how
+/// expert weights are kept).
 ///
 /// # Errors
 /// Any [`LoadError`] of the checkpoint or the tensors.

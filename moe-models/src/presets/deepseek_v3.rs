@@ -1,9 +1,11 @@
 //! DeepSeek-V3 (`DeepseekV3MoE`): `s = sigmoid(logits)`; selection on `s + e_score_correction_bias` limited to the
 //! `topk_group` best of `n_group` groups (group score = sum of its top-2); weights are the unbiased `s` of the
 //! chosen experts, renormalised (`norm_topk_prob`) and times `routed_scaling_factor`; plus ungated shared experts.
-//! On disk: `gate.weight`, `gate.e_score_correction_bias [E]`, experts as OLMoE, `shared_experts.*`.
+//! On disk: `gate.weight`, `gate.e_score_correction_bias [E]`, experts as OLMoE, `shared_experts.*`; in FP8
+//! checkpoints every expert linear (routed and shared) is F8_E4M3 with its `weight_scale_inv`, kept packed (see
+//! [`crate::quant`]); the gate and the correction bias are not FP8.
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::{SoftmaxTopKConfig, TopKPreset};
 
 use super::descriptor::{
@@ -72,7 +74,7 @@ pub const PRESET: Preset = Preset {
 /// # Errors
 /// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let e = cfg.n_experts;
     let gate = l.gate(&[GATE], e)?;
     let d = gate.ncols();
@@ -93,7 +95,7 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     // A buffer of `DeepseekV3TopkRouter`, always in the state dict.
     let bias = l.vec("router.correction_bias", BIAS, Some(e))?;
     router = router.with_correction_bias(bias).map_err(l.err())?;
-    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    let layer = MoeLayer::new(Box::new(router), bank).map_err(l.err())?;
     let has_shared = match cfg.n_shared_experts {
         Some(n) => n > 0,
         None => l.contains(&format!("{SHARED}.gate_proj.weight")),

@@ -2,7 +2,7 @@
 //! `router.weight`, `experts.gate_up_proj`, `experts.down_proj`; on the Hub: `router.layer.weight`,
 //! `input_linear.weight [E, 2f, d]`, `output_linear.weight [E, d, f]`.
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{
@@ -52,11 +52,11 @@ pub const PRESET: Preset = Preset {
 /// # Errors
 /// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let gate = l.gate(GATE, cfg.n_experts)?;
     let d = gate.ncols();
     let bank = l.fused_swiglu(GATE_UP, DOWN, cfg.n_experts, d)?;
     let router = l.topk_router(TopKPreset::Granite, gate, cfg.top_k, None)?;
-    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    let layer = MoeLayer::new(Box::new(router), bank).map_err(l.err())?;
     Ok(l.finish(layer))
 }

@@ -2,7 +2,7 @@
 //! bias `[d]` added to every token. On disk: `router.layer.weight`, `input_linear.weight [E, 2f, d]`,
 //! `output_linear.weight [E, d, f]`, `bias [d]` (v5 fused names are also accepted).
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{
@@ -55,7 +55,7 @@ pub const PRESET: Preset = Preset {
 /// # Errors
 /// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let gate = l.gate(GATE, cfg.n_experts)?;
     let d = gate.ncols();
     let bank = l.fused_swiglu(GATE_UP, DOWN, cfg.n_experts, d)?;
@@ -64,7 +64,7 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
         .topk_router(TopKPreset::Granite, gate, cfg.top_k, None)?
         .with_aux_coefficient(1e-2)
         .map_err(l.err())?;
-    let mut layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    let mut layer = MoeLayer::new(Box::new(router), bank).map_err(l.err())?;
     // `JetMoeMoE.bias` is a parameter of every block.
     let bias = l.vec("output_bias", BIAS, Some(d))?;
     layer = layer.with_output_bias(bias).map_err(l.err())?;

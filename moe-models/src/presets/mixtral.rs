@@ -2,7 +2,7 @@
 //! On disk: `gate.weight [E, d]`, fused `experts.gate_up_proj [E, 2f, d]` / `experts.down_proj [E, d, f]`, or the
 //! Hub's `experts.{e}.w1|w3|w2.weight` (gate, up, down).
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{
@@ -62,12 +62,12 @@ pub const PRESET: Preset = Preset {
 /// # Errors
 /// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let gate = l.gate(&[GATE], cfg.n_experts)?;
     let d = gate.ncols();
     let bank = l.swiglu(FUSED, HUB, cfg.n_experts, d)?;
     // `MoeConfig::renormalize` is never set from a config for Mixtral; a library caller may still set it.
     let router = l.topk_router(TopKPreset::Mixtral, gate, cfg.top_k, cfg.renormalize)?;
-    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    let layer = MoeLayer::new(Box::new(router), bank).map_err(l.err())?;
     Ok(l.finish(layer))
 }

@@ -11,6 +11,7 @@
 //! other or on this module.
 
 pub mod descriptor;
+pub(crate) mod packed;
 pub(crate) mod parts;
 
 use moe_core::MoeLayer;

@@ -397,7 +397,7 @@ impl Router for NllbTop2 {
 /// As [`super::BuildFn`]; [`LoadError::Config`] when neither `moe_eval_capacity_token_fraction` nor
 /// `expert_capacity` is set, or `moe_token_dropout` is outside `[0, 1)`.
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let gate = l.mat("router.gate", GATE, Some(cfg.n_experts), None)?;
     let d = gate.ncols();
     // `router_bias` decides whether the classifier has a bias (`nn.Linear(..., bias=config.router_bias)`).

@@ -2,7 +2,7 @@
 //! experts. On disk: `gate.weight`, fused `experts.gate_up_proj` / `experts.down_proj`, or the Hub's
 //! `experts.{e}.gate_proj|up_proj|down_proj.weight`.
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{
@@ -55,12 +55,12 @@ pub const PRESET: Preset = Preset {
 /// # Errors
 /// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let gate = l.gate(&[GATE], cfg.n_experts)?;
     let d = gate.ncols();
     let bank = l.swiglu(FUSED, PROJ_NAMES, cfg.n_experts, d)?;
     let renormalize = Some(cfg.renormalize.unwrap_or(false));
     let router = l.topk_router(TopKPreset::Olmoe, gate, cfg.top_k, renormalize)?;
-    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    let layer = MoeLayer::new(Box::new(router), bank).map_err(l.err())?;
     Ok(l.finish(layer))
 }

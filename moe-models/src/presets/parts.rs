@@ -20,23 +20,31 @@ use moe_routers::{SoftmaxTopK, SoftmaxTopKConfig, TopKPreset};
 use ndarray::{Array1, Array2, Array3, Axis, concatenate};
 
 use crate::checkpoint::Weights;
+use crate::config::MoeConfig;
 use crate::error::LoadError;
+use crate::quant::{ExpertWeights, QuantizationConfig};
 
 /// Reads a family's tensors under a block prefix and remembers which checkpoint name filled which parameter.
 #[derive(Debug)]
 pub(crate) struct Loader<'w, 'a> {
-    w: &'w Weights<'a>,
+    pub(super) w: &'w Weights<'a>,
     model_type: &'static str,
     names: Vec<(&'static str, String)>,
+    /// The format expert weights are kept in ([`MoeConfig::expert_weights`]).
+    pub(super) experts: ExpertWeights,
+    /// The checkpoint's `quantization_config`.
+    pub(super) quant: Option<QuantizationConfig>,
 }
 
 impl<'w, 'a> Loader<'w, 'a> {
-    /// A loader for family `model_type` (named in errors) over `w`.
-    pub fn new(w: &'w Weights<'a>, model_type: &'static str) -> Self {
+    /// A loader for family `model_type` (named in errors) over `w`, keeping expert weights as `cfg` says.
+    pub fn new(w: &'w Weights<'a>, cfg: &MoeConfig, model_type: &'static str) -> Self {
         Loader {
             w,
             model_type,
             names: Vec::new(),
+            experts: cfg.expert_weights,
+            quant: cfg.quantization,
         }
     }
 
@@ -49,7 +57,7 @@ impl<'w, 'a> Loader<'w, 'a> {
     pub fn err(&self) -> impl Fn(MoeError) -> LoadError + use<> {
         let file = self.w.checkpoint().origin().to_path_buf();
         let context = format!("building the {} layer", self.model_type);
-        move |e| LoadError::layer(file.clone(), context.clone(), e)
+        move |e| LoadError::from_core(file.clone(), context.clone(), e)
     }
 
     /// A config error naming the checkpoint.
@@ -122,14 +130,18 @@ impl<'w, 'a> Loader<'w, 'a> {
 
     /// SwiGLU experts (`experts.gate_up` `[E, 2f, d]`, `experts.down` `[E, d, f]`): the fused `fused.0` /
     /// `fused.1` if present, else the per-expert `experts.{e}.{gate|up|down}.weight` fused here (gate rows first,
-    /// then up rows).
+    /// then up rows). FP8 tensors (with their `weight_scale_inv`) and, under [`ExpertWeights::Checkpoint`], BF16 /
+    /// F16 tensors load packed ([`Loader::packed_swiglu`]).
     pub fn swiglu(
         &mut self,
         fused: (&str, &str),
         per_expert: PerExpertNames,
         n_experts: usize,
         d: usize,
-    ) -> Result<SwiGluBank, LoadError> {
+    ) -> Result<ExpertBank, LoadError> {
+        if let Some(bank) = self.packed_swiglu(fused, per_expert, n_experts, d)? {
+            return Ok(bank);
+        }
         let (gate_up, down) = if self.contains(fused.0) {
             let w = self.w;
             let gate_up = w.get3(fused.0, Some(n_experts), None, Some(d))?;
@@ -149,21 +161,27 @@ impl<'w, 'a> Loader<'w, 'a> {
         } else {
             self.per_expert_swiglu(fused.0, per_expert, n_experts, d)?
         };
-        SwiGluBank::new(gate_up, down, Activation::Silu).map_err(self.err())
+        SwiGluBank::new(gate_up, down, Activation::Silu)
+            .map(ExpertBank::SwiGlu)
+            .map_err(self.err())
     }
 
     /// SwiGLU experts stored fused under one of several namings: `gate_up[i]` `[E, 2f, d]` with `down[i]`
-    /// `[E, d, f]` for the first `i` whose `gate_up[i]` is present.
+    /// `[E, d, f]` for the first `i` whose `gate_up[i]` is present; BF16 / F16 tensors stay 16-bit under
+    /// [`ExpertWeights::Checkpoint`].
     pub fn fused_swiglu(
         &mut self,
         gate_up: &[&str],
         down: &[&str],
         n_experts: usize,
         d: usize,
-    ) -> Result<SwiGluBank, LoadError> {
+    ) -> Result<ExpertBank, LoadError> {
         let gu_name = self.w.first_of(gate_up)?;
         let i = gate_up.iter().position(|n| *n == gu_name).unwrap_or(0);
         let down_name = down.get(i).or(down.first()).copied().unwrap_or_default();
+        if let Some(bank) = self.packed_fused_swiglu((gu_name, down_name), n_experts, d)? {
+            return Ok(bank);
+        }
         let gu = self.tensor3("experts.gate_up", gu_name, [Some(n_experts), None, Some(d)])?;
         let f2 = gu.dim().1;
         let dn = self.tensor3(
@@ -171,7 +189,9 @@ impl<'w, 'a> Loader<'w, 'a> {
             down_name,
             [Some(n_experts), Some(d), Some(f2 / 2)],
         )?;
-        SwiGluBank::new(gu, dn, Activation::Silu).map_err(self.err())
+        SwiGluBank::new(gu, dn, Activation::Silu)
+            .map(ExpertBank::SwiGlu)
+            .map_err(self.err())
     }
 
     /// The per-expert half of [`Loader::swiglu`].
@@ -226,8 +246,12 @@ impl<'w, 'a> Loader<'w, 'a> {
     }
 
     /// A one-expert SwiGLU bank from `{prefix}.gate_proj|up_proj|down_proj.weight` (Qwen2-MoE `shared_expert`,
-    /// DeepSeek-V3 `shared_experts`), as parameters `shared.gate_up` and `shared.down`.
-    pub fn shared_swiglu(&mut self, prefix: &str, d: usize) -> Result<SwiGluBank, LoadError> {
+    /// DeepSeek-V3 `shared_experts`), as parameters `shared.gate_up` and `shared.down`; packed as
+    /// [`Loader::swiglu`] packs.
+    pub fn shared_swiglu(&mut self, prefix: &str, d: usize) -> Result<ExpertBank, LoadError> {
+        if let Some(bank) = self.packed_shared_swiglu(prefix, d)? {
+            return Ok(bank);
+        }
         let s = self.w.pp(prefix);
         let g = s.get2("gate_proj.weight", None, Some(d))?;
         let f = g.nrows();
@@ -247,16 +271,16 @@ impl<'w, 'a> Loader<'w, 'a> {
             ],
         );
         self.record("shared.down", &[&format!("{prefix}.down_proj.weight")]);
-        Ok(bank)
+        Ok(ExpertBank::SwiGlu(bank))
     }
 
     /// Wraps a one-expert bank as shared experts with an optional gate vector `[d]`.
     pub fn shared(
         &self,
-        bank: SwiGluBank,
+        bank: ExpertBank,
         gate: Option<Array1<f32>>,
     ) -> Result<SharedExperts, LoadError> {
-        SharedExperts::new(ExpertBank::SwiGlu(bank), gate).map_err(self.err())
+        SharedExperts::new(bank, gate).map_err(self.err())
     }
 
     /// Two-layer per-expert MLPs `experts.expert_{e}.{w1}` / `{w2}` (and their biases when `biases`) as one bank

@@ -7,7 +7,7 @@
 //! (128 experts, k = 8, no shared expert). The shared expert and its gate are required unless the config says
 //! there is none (`shared_expert_intermediate_size = 0`, or `qwen3_moe`).
 
-use moe_core::{ExpertBank, MoeLayer};
+use moe_core::MoeLayer;
 use moe_routers::TopKPreset;
 
 use super::descriptor::{
@@ -82,13 +82,13 @@ pub const PRESET: Preset = Preset {
 /// # Errors
 /// As [`super::BuildFn`].
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let gate = l.gate(&[GATE], cfg.n_experts)?;
     let d = gate.ncols();
     let bank = l.swiglu(FUSED, PROJ_NAMES, cfg.n_experts, d)?;
     let renormalize = Some(cfg.renormalize.unwrap_or(false));
     let router = l.topk_router(TopKPreset::Qwen2Moe, gate, cfg.top_k, renormalize)?;
-    let layer = MoeLayer::new(Box::new(router), ExpertBank::SwiGlu(bank)).map_err(l.err())?;
+    let layer = MoeLayer::new(Box::new(router), bank).map_err(l.err())?;
     let has_shared = match cfg.shared_expert_size {
         // `shared_expert_intermediate_size = 0` or Qwen3-MoE: no shared expert.
         Some(0) => false,

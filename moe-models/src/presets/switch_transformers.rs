@@ -63,7 +63,7 @@ pub const PRESET: Preset = Preset {
 /// # Errors
 /// As [`super::BuildFn`]; [`LoadError::Config`] when `expert_capacity` is missing.
 pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
-    let mut l = Loader::new(w, PRESET.model_type());
+    let mut l = Loader::new(w, cfg, PRESET.model_type());
     let gate = l.mat("router.gate", GATE, Some(cfg.n_experts), None)?;
     let d = gate.ncols();
     // `router_bias` decides whether the classifier has a bias (`nn.Linear(..., bias=config.router_bias)`).
