@@ -854,3 +854,53 @@ fn quantized_layer_keeps_the_routing_bit_identical() {
         }
     }
 }
+
+#[test]
+fn scales_that_decode_past_f32_are_refused_and_f16_overflow_says_so() {
+    // MXFP4: code 254 (2^127) times 2.0 (code 4) is infinite; times 1.5 (code 3) is not.
+    let mut blocks = vec![0u8; 16];
+    blocks[5] = 0x40;
+    refused(
+        "t.scale",
+        WeightFormat::Mxfp4,
+        [1, 1, 32],
+        blocks.clone(),
+        Scales::E8m0(vec![254]),
+        "decodes to infinity",
+    );
+    blocks[5] = 0x30;
+    let ok = PackedMatrix::from_parts(
+        "t.weight",
+        "t.scale",
+        WeightFormat::Mxfp4,
+        [1, 1, 32],
+        blocks,
+        Scales::E8m0(vec![254]),
+    )
+    .expect("1.5 · 2^127 is finite");
+    assert!(ok.dequantize().iter().all(|v| v.is_finite()));
+    // int8 and FP8 scales whose largest code would overflow.
+    refused(
+        "t.scale",
+        WeightFormat::Int8,
+        [1, 1, 4],
+        vec![1; 4],
+        Scales::Rows(vec![f32::MAX / 100.0]),
+        "past f32's range",
+    );
+    refused(
+        "t.scale",
+        WeightFormat::Fp8,
+        [1, 1, 4],
+        vec![1; 4],
+        Scales::Blocks {
+            block_rows: 128,
+            block_cols: 128,
+            values: vec![f32::MAX / 400.0],
+        },
+        "past f32's range",
+    );
+    let w = ndarray::Array3::from_elem((1, 1, 2), 70000.0f32);
+    let err = PackedMatrix::quantize("big", w.view(), WeightFormat::F16).expect_err("overflow");
+    assert!(err.to_string().contains("65504"), "{err}");
+}

@@ -195,7 +195,8 @@ pub fn verify_case(
     case: &ManifestCase,
     backend: &dyn Backend,
 ) -> Result<CaseReport, LoadError> {
-    let fx = FixtureCase::load(dir, case)?;
+    // Experts as the file holds them: a packed fixture (MXFP4, FP8) runs packed, an f32 one in f32.
+    let fx = FixtureCase::load_with(dir, case, moe_models::ExpertWeights::Checkpoint)?;
     let run = run::Run::new(&fx, &case.name, backend)?;
     let mut rep = compare::Compare::new(&fx.checkpoint, fx.n_tokens());
     for name in fx.reference_names() {

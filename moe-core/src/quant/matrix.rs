@@ -194,7 +194,8 @@ impl AlignedBytes {
 
 /// A weight tensor `[E, rows, cols]` (per expert `out = a · Wᵀ`: `rows` outputs, `cols` the reduction axis,
 /// contiguous) kept in a packed [`WeightFormat`] with its [`Scales`]. Immutable once built; every constructor
-/// validates, so a held matrix has the right byte length, finite scales and no NaN codes.
+/// validates, so a held matrix has the right byte length, finite scales, no NaN codes, and every decoded weight
+/// finite.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedMatrix {
     format: WeightFormat,
@@ -224,7 +225,9 @@ impl PackedMatrix {
     /// # Errors
     /// [`MoeError::BadTensor`] naming the tensor: a byte length or a scale count that does not match `dims`, a
     /// zero dimension, MXFP4 `cols` not a multiple of 32, zero block sizes, the wrong kind of scales for the
-    /// format, a NaN or infinite scale or value, an FP8 NaN code (`0x7F`, `0xFF`), the E8M0 NaN code 255;
+    /// format, a NaN or infinite scale or value, an FP8 NaN code (`0x7F`, `0xFF`), the E8M0 NaN code 255, a scale
+    /// that would decode a value past f32's range (int8 `|s| · 128`, FP8 `|s| · 448`, MXFP4 code 254 with a value
+    /// of magnitude 2 or more): every decoded weight of a held matrix is finite;
     /// [`MoeError::TooLarge`] past [`MAX_VALUES`].
     pub fn from_parts(
         tensor: &str,
@@ -300,9 +303,9 @@ impl PackedMatrix {
                         v.len()
                     )));
                 }
-                if let Some(i) = v.iter().position(|s| !s.is_finite()) {
+                if let Some(i) = v.iter().position(|s| !(s * 128.0).is_finite()) {
                     return Err(bad_scale(format!(
-                        "non-finite scale {} at [{}, {}]",
+                        "scale {} at [{}, {}] is non-finite or decodes past f32's range (× 128)",
                         v[i],
                         i / rows,
                         i % rows
@@ -330,9 +333,9 @@ impl PackedMatrix {
                         values.len()
                     )));
                 }
-                if let Some(i) = values.iter().position(|s| !s.is_finite()) {
+                if let Some(i) = values.iter().position(|s| !(s * FP8_E4M3_MAX).is_finite()) {
                     return Err(bad_scale(format!(
-                        "non-finite scale {} at [{}, {}, {}]",
+                        "scale {} at [{}, {}, {}] is non-finite or decodes past f32's range (× 448)",
                         values[i],
                         i / (gr * gc),
                         i / gc % gr,
@@ -350,6 +353,19 @@ impl PackedMatrix {
                 }
                 if let Some(i) = v.iter().position(|&s| e8m0_to_f32(s).is_none()) {
                     return Err(bad_scale(format!("E8M0 NaN code 255 at {:?}", at(i, nb))));
+                }
+                // 2^127 (code 254) times an E2M1 magnitude of 2 or more is past f32's range.
+                let overflows = |i: usize| {
+                    v[i] == 254
+                        && data[i * MXFP4_BLOCK / 2..(i + 1) * MXFP4_BLOCK / 2]
+                            .iter()
+                            .any(|&b| b & 0x4 != 0 || b & 0x40 != 0)
+                };
+                if let Some(i) = (0..v.len()).find(|&i| overflows(i)) {
+                    return Err(bad_scale(format!(
+                        "scale code 254 at {:?} times a value of magnitude 2 or more decodes to infinity",
+                        at(i, nb)
+                    )));
                 }
             }
             (f, s) => {
@@ -391,6 +407,16 @@ impl PackedMatrix {
             return Err(MoeError::bad_tensor(
                 tensor,
                 format!("non-finite weight {v} at [{e}, {r}, {c}]"),
+            ));
+        }
+        if format == WeightFormat::F16
+            && let Some(((e, r, c), v)) = w
+                .indexed_iter()
+                .find(|(_, v)| !half::f16::from_f32(**v).is_finite())
+        {
+            return Err(MoeError::bad_tensor(
+                tensor,
+                format!("weight {v} at [{e}, {r}, {c}] is beyond f16's largest value 65504"),
             ));
         }
         let w = w.as_standard_layout();
