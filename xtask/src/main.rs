@@ -254,6 +254,13 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
     )
     .run()
     .context("`moe verify --backend wgpu` failed")?;
+    step("smoke: the packed (MXFP4, FP8) fixtures on the cpu backend");
+    cmd!(
+        sh,
+        "cargo run --release --locked -p moe-cli -- verify tests/fixtures/quant"
+    )
+    .run()
+    .context("`moe verify tests/fixtures/quant` failed")?;
     step("smoke: moe list with the cuda backend built");
     cmd!(
         sh,
