@@ -31,6 +31,16 @@ fn has_entry(ptx: &str, name: &str) -> bool {
     })
 }
 
+/// The PTX of kernel `name`: from its `.entry` line to the next entry (empty when absent).
+fn entry_body<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let head = format!(".visible .entry {name}(");
+    let Some(at) = ptx.find(&head) else {
+        return "";
+    };
+    let rest = &ptx[at + head.len()..];
+    &rest[..rest.find(".visible .entry").unwrap_or(rest.len())]
+}
+
 #[test]
 fn kernels_compile_for_hopper_and_ampere() {
     if !nvrtc() {
@@ -95,7 +105,15 @@ fn packed_weight_kernels_compile_with_exact_decode() {
             assert!(QUANT_KERNELS.contains(&name.as_str()), "{name} not listed");
             assert!(has_entry(&ptx, &name), "{arch}: {name} missing");
         }
-        assert!(ptx.contains("mul.rn.f32"), "{arch}: no round-to-nearest multiply");
-        assert!(!ptx.contains(".ftz.f32"), "{arch}: flush-to-zero arithmetic");
+        for name in QUANT_KERNELS {
+            let body = entry_body(&ptx, name);
+            assert!(
+                body.contains("mul.rn.f32"),
+                "{arch}: {name} decodes without the round-to-nearest multiply"
+            );
+            if name.starts_with("decode_q_") {
+                assert!(!body.contains(".ftz."), "{arch}: {name} flushes subnormals");
+            }
+        }
     }
 }
