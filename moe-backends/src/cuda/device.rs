@@ -186,10 +186,11 @@ impl Gpu {
             .map_err(|e| format!("loading the kernels ({arch}): {e}"))?;
         let tensor_cores = major >= 8;
         let mut funcs = HashMap::new();
-        let names = KERNELS
-            .iter()
-            .chain(QUANT_KERNELS)
-            .chain(if tensor_cores { MMA_KERNELS } else { &[] });
+        let names =
+            KERNELS
+                .iter()
+                .chain(QUANT_KERNELS)
+                .chain(if tensor_cores { MMA_KERNELS } else { &[] });
         for &k in names {
             let f = module
                 .load_function(k)

@@ -170,7 +170,15 @@ pub(super) fn bank_products(
     out: &CudaSlice<f32>,
 ) -> Result<(), MoeError> {
     if let (Weights::Packed(up), Weights::Packed(down)) = (&bank.up, &bank.down) {
-        return packed_products(gpu, bank, (up, down), (a, a_rows, idx), meta, max_rows, (h, out));
+        return packed_products(
+            gpu,
+            bank,
+            (up, down),
+            (a, a_rows, idx),
+            meta,
+            max_rows,
+            (h, out),
+        );
     }
     let dtype = bank.format;
     gemm(

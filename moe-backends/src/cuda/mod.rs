@@ -73,15 +73,16 @@ mod workspace;
 use std::sync::Arc;
 
 use moe_core::{Backend, Capabilities, DeviceLayer, MoeError, MoeLayer, PackedMatrix};
-use ndarray::Array3;
 #[cfg(doc)]
 use moe_core::{RouterPath, RouterSpec, Routing};
+use ndarray::Array3;
 
 use crate::BackendError;
 pub use crate::Dtype;
 use device::Gpu;
 pub use device::{
-    KERNELS, MMA_KERNELS, QUANT_KERNELS, SOURCE, compile_kernels, driver_present, nvrtc_present};
+    KERNELS, MMA_KERNELS, QUANT_KERNELS, SOURCE, compile_kernels, driver_present, nvrtc_present,
+};
 pub use forward::CudaLayer;
 
 /// Largest `k` the native top-k kernel runs; larger `k` takes the host path.

@@ -251,7 +251,10 @@ pub(super) fn decode_on_device(gpu: &Gpu, m: &PackedMatrix) -> Result<Array3<f32
     if !matches!(m.format(), Dtype::Int8 | Dtype::Fp8 | Dtype::Mxfp4) {
         return Err(MoeError::Unsupported {
             owner: "backend cuda".into(),
-            feature: format!("decoding {} weights (int8, fp8 and mxfp4 have codes)", m.format()),
+            feature: format!(
+                "decoding {} weights (int8, fp8 and mxfp4 have codes)",
+                m.format()
+            ),
         });
     }
     let [e, rows, cols] = m.dims();

@@ -193,11 +193,7 @@ pub(super) fn family_mode(family: PackedFamily) -> (u32, u32, f32, f32) {
 }
 
 /// A bias `[E, n]` (row order as given, de-interleaved when `il`) uploaded.
-fn bias(
-    gpu: &Gpu,
-    b: Option<&Array2<f32>>,
-    il: bool,
-) -> Result<Option<CudaSlice<f32>>, MoeError> {
+fn bias(gpu: &Gpu, b: Option<&Array2<f32>>, il: bool) -> Result<Option<CudaSlice<f32>>, MoeError> {
     b.map(|b| {
         let v: Vec<f32> = b.iter().copied().collect();
         gpu.upload(&deinterleave(v, b.ncols(), 1, il))
@@ -264,7 +260,9 @@ mod tests {
     }
 
     fn arr2(e: usize, a: usize, seed: usize) -> Array2<f32> {
-        Array2::from_shape_fn((e, a), |(i, j)| ((i * 31 + j * 7 + seed) % 17) as f32 * 0.05 - 0.4)
+        Array2::from_shape_fn((e, a), |(i, j)| {
+            ((i * 31 + j * 7 + seed) % 17) as f32 * 0.05 - 0.4
+        })
     }
 
     /// The dense values a packed bank uploads, widened to f32, are exactly the canonical layout of its
@@ -274,8 +272,12 @@ mod tests {
         let (e, d, f) = (3, 32, 64);
         let banks = [
             ExpertBank::SwiGlu(
-                SwiGluBank::new(arr3(e, 2 * f, d, 1), arr3(e, d, f, 2), moe_core::Activation::Silu)
-                    .expect("bank"),
+                SwiGluBank::new(
+                    arr3(e, 2 * f, d, 1),
+                    arr3(e, d, f, 2),
+                    moe_core::Activation::Silu,
+                )
+                .expect("bank"),
             ),
             ExpertBank::GptOss(
                 GptOssBank::new(
@@ -321,10 +323,15 @@ mod tests {
                 let down = widen(dense_host(pb.down(), false).expect("down"));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&up), bits(&want.up), "{} {format} up", bank.kind());
-                assert_eq!(bits(&down), bits(&want.down), "{} {format} down", bank.kind());
-                let ub = pb.up_bias().map(|b| {
-                    deinterleave(b.iter().copied().collect(), b.ncols(), 1, gpt_oss)
-                });
+                assert_eq!(
+                    bits(&down),
+                    bits(&want.down),
+                    "{} {format} down",
+                    bank.kind()
+                );
+                let ub = pb
+                    .up_bias()
+                    .map(|b| deinterleave(b.iter().copied().collect(), b.ncols(), 1, gpt_oss));
                 assert_eq!(ub, want.up_bias, "{} {format} up bias", bank.kind());
                 let (mode, act, alpha, limit) = family_mode(pb.family());
                 assert_eq!(

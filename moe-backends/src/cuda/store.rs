@@ -231,15 +231,7 @@ impl CudaStore {
                             return Err(e);
                         }
                         let (idx, meta) = (need(&self.idx)?, &self.metas[gi]);
-                        bank_products(
-                            gpu,
-                            bank,
-                            (x, t, Some(idx)),
-                            meta,
-                            max_rows,
-                            h,
-                            out,
-                        )?;
+                        bank_products(gpu, bank, (x, t, Some(idx)), meta, max_rows, h, out)?;
                     }
                 }
             }
