@@ -18,9 +18,14 @@
 // then up rows), or, with `il` set, gate row 2n and up row 2n + 1 (GPT-OSS's interleaved `gate_up_proj_blocks`,
 // whose bias `gate_up_proj_bias` is interleaved the same way).
 
-// E2M1 values by code, bit 3 the sign (transformers' FP4_VALUES, moe-core's E2M1_VALUES).
-__constant__ float E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+// The exact value of an E2M1 code (bit 3 the sign), by bits rather than a table (no divergent table reads):
+// magnitudes 0, 0.5, then 2^((c >> 1) - 1) * (1 + (c & 1) / 2) for c = 2..7, i.e. transformers' FP4_VALUES and
+// moe-core's E2M1_VALUES, -0 included.
+__device__ __forceinline__ float e2m1_f32(u32 code) {
+    const u32 c = code & 7u;
+    const u32 mag = c < 2u ? c * 0x3f000000u : ((((c >> 1) + 126u) << 23) | ((c & 1u) << 22));
+    return __uint_as_float(((code & 8u) << 28) | mag);
+}
 
 // The exact value of an FP8 E4M3 ("fn") code; NaN for 0x7f / 0xff (a validated matrix holds none).
 __device__ __forceinline__ float fp8_e4m3_f32(u32 q) {
@@ -71,7 +76,7 @@ struct QMxfp4 {
         const u32 byte = w.data[(u64)r * (w.K >> 1) + (c >> 1)];
         const u32 code = (c & 1u) ? (byte >> 4) : (byte & 15u);
         const u32 s = ((const u8*)w.s)[(u64)r * (w.K >> 5) + (c >> 5)];
-        return __fmul_rn(E2M1[code], e8m0_f32(s));
+        return __fmul_rn(e2m1_f32(code), e8m0_f32(s));
     }
 };
 
