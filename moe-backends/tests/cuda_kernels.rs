@@ -1,13 +1,14 @@
 //! The CUDA kernels compile: NVRTC (no GPU needed) turns `kernels.cu` into PTX for the architectures the backend
 //! targets, and every kernel the backend looks up is an entry of that PTX: the FMA products, routing, sort and
-//! combine everywhere; the `mma.sync` bf16 / f16 tensor-core products from compute capability 8.0 (and not
-//! before, where the backend falls back to the FMA kernels).
+//! combine everywhere; the products over packed int8 / FP8 / MXFP4 weights and their decode kernels everywhere;
+//! the `mma.sync` bf16 / f16 tensor-core products from compute capability 8.0 (and not before, where the backend
+//! falls back to the FMA kernels).
 //!
 //! Without NVRTC the test prints why and returns, unless `MOE_REQUIRE_NVRTC=1`: then it fails. CI installs
 //! NVRTC from PyPI (`nvidia-cuda-nvrtc`) and sets it, so the kernels are compiled on every CI run.
 #![cfg(feature = "cuda")]
 
-use moe_backends::cuda::{KERNELS, MMA_KERNELS, compile_kernels, nvrtc_present};
+use moe_backends::cuda::{KERNELS, MMA_KERNELS, QUANT_KERNELS, compile_kernels, nvrtc_present};
 
 fn nvrtc() -> bool {
     match nvrtc_present() {
@@ -30,6 +31,16 @@ fn has_entry(ptx: &str, name: &str) -> bool {
     })
 }
 
+/// The PTX of kernel `name`: from its `.entry` line to the next entry (empty when absent).
+fn entry_body<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let head = format!(".visible .entry {name}(");
+    let Some(at) = ptx.find(&head) else {
+        return "";
+    };
+    let rest = &ptx[at + head.len()..];
+    &rest[..rest.find(".visible .entry").unwrap_or(rest.len())]
+}
+
 #[test]
 fn kernels_compile_for_hopper_and_ampere() {
     if !nvrtc() {
@@ -37,7 +48,7 @@ fn kernels_compile_for_hopper_and_ampere() {
     }
     for arch in ["compute_90", "compute_80", "sm_90"] {
         let ptx = compile_kernels(arch).unwrap_or_else(|e| panic!("{e}"));
-        for name in KERNELS.iter().chain(MMA_KERNELS) {
+        for name in KERNELS.iter().chain(QUANT_KERNELS).chain(MMA_KERNELS) {
             assert!(
                 has_entry(&ptx, name),
                 "{arch}: kernel {name} missing from the PTX"
@@ -57,7 +68,7 @@ fn kernels_compile_without_tensor_cores() {
         return;
     }
     let ptx = compile_kernels("compute_75").unwrap_or_else(|e| panic!("{e}"));
-    for name in KERNELS {
+    for name in KERNELS.iter().chain(QUANT_KERNELS) {
         assert!(has_entry(&ptx, name), "compute_75: kernel {name} missing");
     }
     for name in MMA_KERNELS {
@@ -72,4 +83,37 @@ fn compile_errors_are_reported_not_panicked() {
     }
     let e = compile_kernels("compute_0").expect_err("no such architecture");
     assert!(e.contains("compute_0"), "{e}");
+}
+
+/// The packed-weight kernels are there for every format and epilogue, and their decode is the one-rounding
+/// multiply moe-core's `decode_row` does: `mul.rn.f32` (never contracted into an FMA), no flush to zero (E8M0
+/// code 0 is the subnormal 2^-127, FP8 subnormals decode exactly).
+#[test]
+fn packed_weight_kernels_compile_with_exact_decode() {
+    if !nvrtc() {
+        return;
+    }
+    for arch in ["compute_75", "compute_80", "compute_90"] {
+        let ptx = compile_kernels(arch).unwrap_or_else(|e| panic!("{e}"));
+        for fmt in ["int8", "fp8", "mxfp4"] {
+            for mode in 0..3 {
+                let name = format!("gemm_q_{fmt}_{mode}");
+                assert!(QUANT_KERNELS.contains(&name.as_str()), "{name} not listed");
+                assert!(has_entry(&ptx, &name), "{arch}: {name} missing");
+            }
+            let name = format!("decode_q_{fmt}");
+            assert!(QUANT_KERNELS.contains(&name.as_str()), "{name} not listed");
+            assert!(has_entry(&ptx, &name), "{arch}: {name} missing");
+        }
+        for name in QUANT_KERNELS {
+            let body = entry_body(&ptx, name);
+            assert!(
+                body.contains("mul.rn.f32"),
+                "{arch}: {name} decodes without the round-to-nearest multiply"
+            );
+            if name.starts_with("decode_q_") {
+                assert!(!body.contains(".ftz."), "{arch}: {name} flushes subnormals");
+            }
+        }
+    }
 }

@@ -45,8 +45,9 @@ fn capabilities_name_the_gpu() {
     let c = b.capabilities();
     assert!(!c.device.is_empty());
     assert_eq!(c.native_specs, vec!["topk"]);
-    assert_eq!(c.dtypes, vec!["f32", "bf16", "f16"]);
+    assert_eq!(c.dtypes, vec!["f32", "bf16", "f16", "int8", "fp8", "mxfp4"]);
     assert!(c.banks.iter().any(|k| k == "swiglu") && c.banks.iter().any(|k| k == "mlp"));
+    assert!(c.banks.iter().any(|k| k == "packed"));
     let opened = moe_backends::open(moe_backends::BackendKind::Cuda).expect("open");
     assert_eq!(opened.name(), "cuda");
 }

@@ -17,8 +17,9 @@ use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 
 use moe_core::MoeError;
 
-/// The kernels' CUDA C source, compiled by NVRTC for the GPU at hand.
-pub const SOURCE: &str = include_str!("kernels.cu");
+/// The kernels' CUDA C source, compiled by NVRTC for the GPU at hand: `kernels.cu`, then the products over packed
+/// low-precision weights, `kernels_q.cu`, in one module.
+pub const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("kernels_q.cu"));
 
 /// An error of the backend, as a [`MoeError::Backend`].
 pub(crate) fn err(reason: impl Into<String>) -> MoeError {
@@ -102,6 +103,23 @@ pub const KERNELS: &[&str] = &[
     "combine",
 ];
 
+/// The products over packed low-precision weights (int8, FP8 E4M3 blocks, MXFP4; epilogue modes 0, 1, 2) and
+/// their decode kernels, present on every architecture (`kernels_q.cu`).
+pub const QUANT_KERNELS: &[&str] = &[
+    "gemm_q_int8_0",
+    "gemm_q_int8_1",
+    "gemm_q_int8_2",
+    "gemm_q_fp8_0",
+    "gemm_q_fp8_1",
+    "gemm_q_fp8_2",
+    "gemm_q_mxfp4_0",
+    "gemm_q_mxfp4_1",
+    "gemm_q_mxfp4_2",
+    "decode_q_int8",
+    "decode_q_fp8",
+    "decode_q_mxfp4",
+];
+
 /// Tensor-core kernels, present from compute capability 8.0.
 pub const MMA_KERNELS: &[&str] = &[
     "gemm_mma_bf16_0",
@@ -168,9 +186,11 @@ impl Gpu {
             .map_err(|e| format!("loading the kernels ({arch}): {e}"))?;
         let tensor_cores = major >= 8;
         let mut funcs = HashMap::new();
-        let names = KERNELS
-            .iter()
-            .chain(if tensor_cores { MMA_KERNELS } else { &[] });
+        let names =
+            KERNELS
+                .iter()
+                .chain(QUANT_KERNELS)
+                .chain(if tensor_cores { MMA_KERNELS } else { &[] });
         for &k in names {
             let f = module
                 .load_function(k)

@@ -110,15 +110,15 @@ impl CudaLayer {
         let CudaLayer {
             gpu,
             layer,
-            dtype,
             route,
             bank,
             shared,
             out_bias,
             work,
             store,
+            ..
         } = self;
-        let (gpu, dtype) = (&**gpu, *dtype);
+        let gpu = &**gpu;
         let (e, d) = (layer.n_experts(), layer.d_model());
         let shared_f = shared.as_ref().map(|(sb, _)| sb.f);
         let (max_rows, tokens) =
@@ -153,7 +153,6 @@ impl CudaLayer {
             let a = (x, t, Some(need(&w.slot_token)?));
             bank_products(
                 gpu,
-                dtype,
                 bank,
                 a,
                 need(&w.meta)?,
@@ -162,7 +161,7 @@ impl CudaLayer {
                 slot_out,
             )?;
         }
-        let shared_out = shared_products(gpu, dtype, shared.as_ref(), w, (t, d))?;
+        let shared_out = shared_products(gpu, shared.as_ref(), w, (t, d))?;
         let (slot_weight, slots) = match store.as_ref() {
             Some(s) => s.combine_rows()?,
             None => (need(&w.slot_weight)?, need(&w.assign_slot)?),
@@ -339,7 +338,6 @@ type SharedOut<'w> = Option<(&'w CudaSlice<f32>, Option<&'w CudaSlice<f32>>)>;
 /// Enqueues the shared experts over every token of `w.x` and their optional sigmoid gate.
 fn shared_products<'w>(
     gpu: &Gpu,
-    dtype: Dtype,
     shared: Option<&(DevBank, Option<CudaSlice<f32>>)>,
     w: &'w Work,
     (t, d): (usize, usize),
@@ -350,7 +348,6 @@ fn shared_products<'w>(
     let (x, sh_out) = (need(&w.x)?, need(&w.sh_out)?);
     bank_products(
         gpu,
-        dtype,
         sb,
         (x, t, None),
         need(&w.meta_all)?,

@@ -8,7 +8,8 @@ use cudarc::driver::CudaSlice;
 use moe_core::MoeError;
 
 use super::device::{Arg, Gpu, err, ptr, ptr_opt};
-use super::upload::{DevBank, WeightsRef};
+use super::qgemm::packed_products;
+use super::upload::{DevBank, Weights, WeightsRef};
 use super::{BM, BN};
 use crate::Dtype;
 use crate::packed::{MODE_GPT_OSS, MODE_SINGLE};
@@ -46,7 +47,7 @@ pub(super) struct Product<'a> {
 }
 
 /// Grid (y, z) covering `tiles` row tiles.
-fn tile_grid(tiles: usize) -> Result<(u32, u32), MoeError> {
+pub(super) fn tile_grid(tiles: usize) -> Result<(u32, u32), MoeError> {
     let y = tiles.clamp(1, 65_535);
     let z = tiles.div_ceil(y).max(1);
     if z > 65_535 {
@@ -64,7 +65,7 @@ fn gemm_kernel(gpu: &Gpu, dtype: Dtype, mode: u32) -> (String, u32) {
     let (ty, mma) = match dtype {
         Dtype::Bf16 => ("bf16", gpu.tensor_cores),
         Dtype::F16 => ("f16", gpu.tensor_cores),
-        // Packed formats are refused by `CudaBackend::with_dtype`.
+        // Packed formats take `qgemm` (refused by `check_product`).
         _ => ("f32", false),
     };
     if mma {
@@ -87,7 +88,7 @@ fn check_product(p: &Product<'_>) -> Result<(), MoeError> {
     if p.n_experts == 0 || p.mode > MODE_GPT_OSS {
         return bad("without experts or with an unknown epilogue");
     }
-    if p.w.is_half() != (p.dtype != Dtype::F32) {
+    if p.w.is_packed() || p.w.is_half() != (p.dtype != Dtype::F32) {
         return bad("weights of another precision than its kernel");
     }
     if p.meta.len() < 2 * p.n_experts + 2 {
@@ -157,10 +158,10 @@ pub(super) fn gemm(gpu: &Gpu, p: &Product<'_>) -> Result<(), MoeError> {
 }
 
 /// Enqueues both products of `bank` over the rows of `meta` (at most `max_rows`): `h = act(a · W₁ᵀ)` (fused
-/// gating), `out = h · W₂ᵀ + b₂`. `a` holds `a_rows` rows, read through `idx` when given.
+/// gating), `out = h · W₂ᵀ + b₂`, with the kernels of the bank's format (packed int8 / fp8 / mxfp4 banks:
+/// [`packed_products`]). `a` holds `a_rows` rows, read through `idx` when given.
 pub(super) fn bank_products(
     gpu: &Gpu,
-    dtype: Dtype,
     bank: &DevBank,
     (a, a_rows, idx): (&CudaSlice<f32>, usize, Option<&CudaSlice<u32>>),
     meta: &CudaSlice<u32>,
@@ -168,6 +169,18 @@ pub(super) fn bank_products(
     h: &CudaSlice<f32>,
     out: &CudaSlice<f32>,
 ) -> Result<(), MoeError> {
+    if let (Weights::Packed(up), Weights::Packed(down)) = (&bank.up, &bank.down) {
+        return packed_products(
+            gpu,
+            bank,
+            (up, down),
+            (a, a_rows, idx),
+            meta,
+            max_rows,
+            (h, out),
+        );
+    }
+    let dtype = bank.format;
     gemm(
         gpu,
         &Product {

@@ -6,7 +6,8 @@
 //! - [`Backend::upload`] packs each expert bank into the canonical layout the wgpu backend uses too
 //!   (`crate::packed`: every product `a · Wᵀ` with `W` row-major `[out, in]`, a gated bank's gate rows before its
 //!   up rows; GPT-OSS banks are transposed and de-interleaved on the host), converts it to the backend's [`Dtype`]
-//!   (f32, bf16 or f16, rounded to nearest even) and keeps it resident. Router weights stay f32.
+//!   (f32, bf16 or f16, rounded to nearest even; int8, fp8 and mxfp4 stay packed, see below) and keeps it
+//!   resident. Router weights stay f32.
 //! - A forward of a layer whose router has a [`RouterSpec::TopK`] spec ([`RouterPath::Native`]) runs on the GPU
 //!   from the input copy to the output: gate projection (f32), top-k routing (softmax / sigmoid / sqrt-softplus,
 //!   both orders, renormalisation, scaling, group-limited selection, correction bias, gate bias; `k` up to 32,
@@ -24,7 +25,15 @@
 //!   accumulators) from compute capability 8.0, with the activations rounded to the weights' type as they are
 //!   staged, as a bf16 model does. SwiGLU / GPT-OSS gating is fused into the first product's epilogue, MLP biases
 //!   and activations likewise.
-//! - Expert banks: SwiGLU, GPT-OSS and MLP. PEER and custom banks are refused by `upload` with a clear error.
+//! - Packed low-precision weights (issue 18): int8 (f32 scale per row), FP8 E4M3 (f32 scales per block of any
+//!   shape, DeepSeek-V3's `weight_scale_inv`) and MXFP4 (E2M1 codes, E8M0 scale per 32, GPT-OSS's `*_blocks` /
+//!   `*_scales`) stay packed on the GPU, bytes as moe-core's [`PackedMatrix`] holds them, from a
+//!   [`moe_core::ExpertBank::Packed`] bank or an f32 bank quantised at upload (`dtype` int8 / fp8 / mxfp4). The
+//!   `gemm_q` kernels (`kernels_q.cu`) decode each weight as they stage it (the code's exact value times its
+//!   scale, one f32 rounding: moe-core's `decode_row` bit for bit), keep activations f32, accumulate in f32, and
+//!   read GPT-OSS's interleaved gate / up rows in place. f32 / bf16 / f16 packed banks take the dense kernels
+//!   (GPT-OSS rows de-interleaved on the host). Routers stay f32. Stored banks run f32, bf16 and f16 only.
+//! - Expert banks: SwiGLU, GPT-OSS, MLP and packed. PEER and custom banks are refused by `upload` with a clear error.
 //! - Stored banks ([`moe_core::ExpertBank::Stored`], experts beyond GPU memory): `slots` experts resident, the
 //!   missing ones of each group copied from the bank's source through pinned staging on a copy stream
 //!   (`store.rs`; compile-checked only so far, see its docs). Such a layer routes on the host.
@@ -36,18 +45,22 @@
 //!
 //! # Files, one stage each
 //! `device.rs` (probes, context, NVRTC, buffers, device addresses and the raw `unsafe` launch), `upload.rs`
-//! (packing, precision, upload), `workspace.rs` (per-forward buffers), `gemm.rs` (grouped products and the gate
-//! projection), `route.rs` (native top-k), `sort.rs` (the counting sort, host plans), `combine.rs` (shared-expert
+//! (packing, precision, upload), `quant.rs` (packed low-precision banks made resident), `workspace.rs`
+//! (per-forward buffers), `gemm.rs` (grouped products and the gate projection), `qgemm.rs` (products over packed
+//! weights, the device decode), `route.rs` (native top-k), `sort.rs` (the counting sort, host plans), `combine.rs` (shared-expert
 //! gate and combine), `forward.rs` (the resident layer and the orchestration of a forward), `timing.rs` (CUDA
 //! events), `store.rs` with `store_plan.rs` and `store_stage.rs` (stored banks: the slots, the slot-major group
 //! layout and the order of copies and products, the pinned staging and its copies). Every kernel launch goes
 //! through one safe wrapper in its stage's file that checks the lengths of the buffers the kernel uses before its
-//! `unsafe` launch (with a `// SAFETY:` comment); the orchestration holds no `unsafe`. The kernels are one CUDA C source, `kernels.cu`.
+//! `unsafe` launch (with a `// SAFETY:` comment); the orchestration holds no `unsafe`. The kernels are one CUDA C module,
+//! `kernels.cu` followed by `kernels_q.cu`.
 
 mod combine;
 mod device;
 mod forward;
 mod gemm;
+mod qgemm;
+mod quant;
 mod route;
 mod sort;
 mod store;
@@ -59,14 +72,17 @@ mod workspace;
 
 use std::sync::Arc;
 
-use moe_core::{Backend, Capabilities, DeviceLayer, MoeError, MoeLayer};
+use moe_core::{Backend, Capabilities, DeviceLayer, MoeError, MoeLayer, PackedMatrix};
 #[cfg(doc)]
 use moe_core::{RouterPath, RouterSpec, Routing};
+use ndarray::Array3;
 
 use crate::BackendError;
 pub use crate::Dtype;
 use device::Gpu;
-pub use device::{KERNELS, MMA_KERNELS, SOURCE, compile_kernels, driver_present, nvrtc_present};
+pub use device::{
+    KERNELS, MMA_KERNELS, QUANT_KERNELS, SOURCE, compile_kernels, driver_present, nvrtc_present,
+};
 pub use forward::CudaLayer;
 
 /// Largest `k` the native top-k kernel runs; larger `k` takes the host path.
@@ -95,20 +111,13 @@ impl CudaBackend {
         Self::with_dtype(Dtype::F32)
     }
 
-    /// Opens GPU 0; layers uploaded through this handle keep their expert weights in `dtype`.
+    /// Opens GPU 0; layers uploaded through this handle keep their expert weights in `dtype`: f32 banks are
+    /// rounded to bf16 / f16, or quantised on the host to int8 / fp8 / mxfp4 ([`moe_core::PackedBank::quantize`])
+    /// and kept packed. A bank that arrives packed ([`moe_core::ExpertBank::Packed`]) runs in its own format.
     ///
     /// # Errors
-    /// As [`CudaBackend::new`]; [`MoeError::InvalidConfig`] for a packed format this backend does not run yet
-    /// (int8, fp8, mxfp4).
+    /// As [`CudaBackend::new`].
     pub fn with_dtype(dtype: Dtype) -> Result<Self, BackendError> {
-        if !matches!(dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16) {
-            return Err(MoeError::config(
-                "dtype",
-                dtype.name(),
-                "the cuda backend runs f32, bf16 and f16 weights",
-            )
-            .into());
-        }
         let gpu = Gpu::get().map_err(|reason| BackendError::Unavailable {
             backend: "cuda".into(),
             reason,
@@ -125,6 +134,15 @@ impl CudaBackend {
     pub fn tensor_cores(&self) -> bool {
         self.gpu.tensor_cores
     }
+
+    /// `m` decoded on the GPU by the decode the packed products use (int8, fp8, mxfp4), `[E, rows, cols]` f32:
+    /// equal bit for bit to [`PackedMatrix::dequantize`] (the check of the kernels' decode).
+    ///
+    /// # Errors
+    /// [`MoeError::Unsupported`] for f32, bf16 and f16; [`MoeError::TooLarge`] past 2^31 values; device errors.
+    pub fn decode_packed(&self, m: &PackedMatrix) -> Result<Array3<f32>, MoeError> {
+        qgemm::decode_on_device(&self.gpu, m)
+    }
 }
 
 impl Backend for CudaBackend {
@@ -135,9 +153,14 @@ impl Backend for CudaBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             device: self.gpu.describe.clone(),
-            dtypes: vec!["f32".into(), "bf16".into(), "f16".into()],
+            dtypes: Dtype::ALL.iter().map(|d| d.name().into()).collect(),
             native_specs: vec!["topk".into()],
-            banks: vec!["swiglu".into(), "gpt_oss".into(), "mlp".into()],
+            banks: vec![
+                "swiglu".into(),
+                "gpt_oss".into(),
+                "mlp".into(),
+                "packed".into(),
+            ],
         }
     }
 

@@ -91,12 +91,20 @@ impl CudaStore {
     ///
     /// # Errors
     /// The policy's build error (Belady's MIN is offline; `pin` without frequencies); a form this backend does
-    /// not run; slots beyond the address space; device errors (out of memory, pinned or device).
+    /// not run; [`MoeError::Unsupported`] for `dtype` int8, fp8 or mxfp4; slots beyond the address space; device errors (out of memory, pinned or device).
     pub(super) fn build(
         gpu: &Gpu,
         sb: &StoredBank,
         dtype: Dtype,
     ) -> Result<(DevBank, CudaStore), MoeError> {
+        if !matches!(dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16) {
+            return Err(MoeError::Unsupported {
+                owner: "backend cuda".into(),
+                feature: format!(
+                    "stored expert banks in {dtype} (stored banks run f32, bf16 and f16 weights)"
+                ),
+            });
+        }
         let slots = sb.slots();
         let cache = sb.new_cache()?;
         let host = sb.form().zeros(1)?;
@@ -223,16 +231,7 @@ impl CudaStore {
                             return Err(e);
                         }
                         let (idx, meta) = (need(&self.idx)?, &self.metas[gi]);
-                        bank_products(
-                            gpu,
-                            self.dtype,
-                            bank,
-                            (x, t, Some(idx)),
-                            meta,
-                            max_rows,
-                            h,
-                            out,
-                        )?;
+                        bank_products(gpu, bank, (x, t, Some(idx)), meta, max_rows, h, out)?;
                     }
                 }
             }

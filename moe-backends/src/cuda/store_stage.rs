@@ -111,6 +111,8 @@ pub(super) fn slot_bank(
         }
     };
     Ok(DevBank {
+        format: dtype,
+        interleaved: false,
         mode: p.mode,
         n_experts: slots,
         d: p.d,
