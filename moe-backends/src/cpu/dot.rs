@@ -19,7 +19,7 @@ const MR: usize = 4;
 const NR: usize = 6;
 const L: usize = 16;
 /// How far ahead (in bytes) weight rows are prefetched.
-const PREFETCH: usize = 512;
+const PREFETCH: usize = 1024;
 
 /// Weight rows an AVX-512 kernel can decode: 16 values from column `o` (a multiple of 16) of row `j`.
 pub(crate) trait Load512: Rows {
@@ -212,7 +212,8 @@ impl Load512 for Mxfp4Rows {
             // b0 b0 b1 b1 …: lane 2i takes byte i's low nibble, lane 2i + 1 its high one.
             let lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
             let shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-            let codes = _mm512_and_si512(_mm512_srlv_epi32(lanes, shift), _mm512_set1_epi32(0xF));
+            // vpermps reads only the low 4 bits of each index: no mask needed after the shift.
+            let codes = _mm512_srlv_epi32(lanes, shift);
             let lut = _mm512_loadu_ps(moe_core::quant::codec::E2M1_VALUES.as_ptr());
             _mm512_mul_ps(
                 _mm512_permutexvar_ps(codes, lut),

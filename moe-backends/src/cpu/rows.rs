@@ -96,12 +96,9 @@ impl Mxfp4Rows {
     #[inline(always)]
     pub(crate) unsafe fn scale(self, j: usize, o: usize) -> f32 {
         // SAFETY: in bounds (the caller's contract).
-        let s = unsafe { *self.scales.add(j * self.blocks + o / 32) };
-        if s == 0 {
-            f32::from_bits(1 << 22)
-        } else {
-            f32::from_bits(u32::from(s) << 23)
-        }
+        let s = u32::from(unsafe { *self.scales.add(j * self.blocks + o / 32) });
+        // Branch-free: code 0 is the subnormal 2^-127 (bit 22), every other code the normal 2^(s - 127).
+        f32::from_bits((s << 23) | (u32::from(s == 0) << 22))
     }
 }
 
@@ -118,7 +115,7 @@ impl Rows for F32Rows {
 
 impl Rows for Bf16Rows {
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
-        (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead / 2)
+        (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
     #[inline(always)]
     unsafe fn scalar(self, j: usize, kk: usize) -> f32 {
@@ -129,7 +126,7 @@ impl Rows for Bf16Rows {
 
 impl Rows for F16Rows {
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
-        (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead / 2)
+        (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
     #[inline(always)]
     unsafe fn scalar(self, j: usize, kk: usize) -> f32 {
@@ -140,7 +137,7 @@ impl Rows for F16Rows {
 
 impl Rows for Int8Rows {
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
-        self.p.wrapping_add(j * self.ld + o).wrapping_add(ahead / 4)
+        self.p.wrapping_add(j * self.ld + o).wrapping_add(ahead)
     }
     #[inline(always)]
     unsafe fn scalar(self, j: usize, kk: usize) -> f32 {
@@ -151,7 +148,7 @@ impl Rows for Int8Rows {
 
 impl Rows for Fp8Rows {
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
-        (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead / 4)
+        (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
     #[inline(always)]
     unsafe fn scalar(self, j: usize, kk: usize) -> f32 {
@@ -165,7 +162,7 @@ impl Rows for Fp8Rows {
 
 impl Rows for Mxfp4Rows {
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
-        (self.p.wrapping_add(j * self.ld + o / 2) as *const i8).wrapping_add(ahead / 8)
+        (self.p.wrapping_add(j * self.ld + o / 2) as *const i8).wrapping_add(ahead)
     }
     #[inline(always)]
     unsafe fn scalar(self, j: usize, kk: usize) -> f32 {
