@@ -270,13 +270,7 @@ fn hidden_tile(
         ExpertBank::Packed(b) => super::quant::hidden_tile(b, e, a, d, f, col0, tile, kernels),
         ExpertBank::Mlp(b) => {
             tile.matmul(a, d, d, expert_weights(b.w1(), e, d, 1)?, col0, kernels)?;
-            let bias = b.b1().map(|b1| b1.row(e));
-            for i in 0..rows {
-                for (j, v) in tile.row_mut(i).iter_mut().enumerate() {
-                    let z = bias.as_ref().map_or(*v, |bb| *v + bb[col0 + j]);
-                    *v = activate(b.act(), z);
-                }
-            }
+            mlp_epilogue(tile, b.act(), b.b1().map(|b1| b1.row(e)), col0);
             Ok(())
         }
         ExpertBank::SwiGlu(b) => {
@@ -292,12 +286,7 @@ fn hidden_tile(
                     f + col0,
                     kernels,
                 )?;
-                for i in 0..rows {
-                    let (g, u) = s[i * 2 * w..(i + 1) * 2 * w].split_at(w);
-                    for ((hv, &gv), &uv) in tile.row_mut(i).iter_mut().zip(g).zip(u) {
-                        *hv = activate(b.act(), gv) * uv;
-                    }
-                }
+                swiglu_epilogue(tile, s, b.act());
                 Ok(())
             })
         }
@@ -307,20 +296,60 @@ fn hidden_tile(
             let bias = b.gate_up_bias().row(e);
             with_scratch(rows * 2 * w, |s| {
                 Tile::from_slice(s, rows, 2 * w, 2 * w)?.matmul(a, d, d, gu, 2 * col0, kernels)?;
-                for i in 0..rows {
-                    let z = &s[i * 2 * w..(i + 1) * 2 * w];
-                    for (j, hv) in tile.row_mut(i).iter_mut().enumerate() {
-                        let g = (z[2 * j] + bias[2 * (col0 + j)]).min(b.limit());
-                        let u =
-                            (z[2 * j + 1] + bias[2 * (col0 + j) + 1]).clamp(-b.limit(), b.limit());
-                        let glu = g / (1.0 + (-(g * b.alpha())).exp());
-                        *hv = (u + 1.0) * glu;
-                    }
-                }
+                gpt_oss_epilogue(tile, s, bias, col0, b.alpha(), b.limit());
                 Ok(())
             })
         }
         _ => Err(unsupported(bank)),
+    }
+}
+
+/// The MLP epilogue on a tile of first-product values: `act(v + b₁[col0 + j])` (no bias: `act(v)`).
+pub(super) fn mlp_epilogue(
+    tile: &mut Tile<'_>,
+    act: moe_core::Activation,
+    bias: Option<ndarray::ArrayView1<'_, f32>>,
+    col0: usize,
+) {
+    for i in 0..tile.rows() {
+        for (j, v) in tile.row_mut(i).iter_mut().enumerate() {
+            let z = bias.as_ref().map_or(*v, |bb| *v + bb[col0 + j]);
+            *v = activate(act, z);
+        }
+    }
+}
+
+/// The SwiGLU epilogue: `tile[i, j] = act(g) · u` from the scratch `s` (`[rows, 2w]`: gate columns, then up).
+pub(super) fn swiglu_epilogue(tile: &mut Tile<'_>, s: &[f32], act: moe_core::Activation) {
+    let w = tile.width();
+    for i in 0..tile.rows() {
+        let (g, u) = s[i * 2 * w..(i + 1) * 2 * w].split_at(w);
+        for ((hv, &gv), &uv) in tile.row_mut(i).iter_mut().zip(g).zip(u) {
+            *hv = activate(act, gv) * uv;
+        }
+    }
+}
+
+/// The GPT-OSS epilogue (transformers' `GptOssExperts`): from the scratch `s` (`[rows, 2w]`, interleaved (gate,
+/// up) pairs of columns `col0..`) and the interleaved bias `[2f]`, `(clamp(u + b_u, ±limit) + 1) · glu(min(g +
+/// b_g, limit))` with `glu(g) = g · σ(alpha · g)`.
+pub(super) fn gpt_oss_epilogue(
+    tile: &mut Tile<'_>,
+    s: &[f32],
+    bias: ndarray::ArrayView1<'_, f32>,
+    col0: usize,
+    alpha: f32,
+    limit: f32,
+) {
+    let w = tile.width();
+    for i in 0..tile.rows() {
+        let z = &s[i * 2 * w..(i + 1) * 2 * w];
+        for (j, hv) in tile.row_mut(i).iter_mut().enumerate() {
+            let g = (z[2 * j] + bias[2 * (col0 + j)]).min(limit);
+            let u = (z[2 * j + 1] + bias[2 * (col0 + j) + 1]).clamp(-limit, limit);
+            let glu = g / (1.0 + (-(g * alpha)).exp());
+            *hv = (u + 1.0) * glu;
+        }
     }
 }
 

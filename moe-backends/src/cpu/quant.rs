@@ -9,8 +9,7 @@
 use moe_core::MoeError;
 use moe_core::quant::{PackedBank, PackedFamily};
 
-use super::experts::activate;
-use super::grouped::with_scratch;
+use super::grouped::{gpt_oss_epilogue, mlp_epilogue, swiglu_epilogue, with_scratch};
 use super::kernels::{Kernels, Tile};
 
 /// One tile of phase 1 for a packed bank: hidden columns `col0..col0 + width` of expert `e` on rows `a`
@@ -32,12 +31,7 @@ pub(super) fn hidden_tile(
     match b.family() {
         PackedFamily::Mlp { act } => {
             tile.matmul_packed(a, d, d, up, col0, kernels)?;
-            for i in 0..rows {
-                for (j, v) in tile.row_mut(i).iter_mut().enumerate() {
-                    let z = bias.as_ref().map_or(*v, |bb| *v + bb[col0 + j]);
-                    *v = activate(act, z);
-                }
-            }
+            mlp_epilogue(tile, act, bias, col0);
             Ok(())
         }
         PackedFamily::SwiGlu { act } => with_scratch(rows * 2 * w, |s| {
@@ -51,12 +45,7 @@ pub(super) fn hidden_tile(
                 f + col0,
                 kernels,
             )?;
-            for i in 0..rows {
-                let (g, u) = s[i * 2 * w..(i + 1) * 2 * w].split_at(w);
-                for ((hv, &gv), &uv) in tile.row_mut(i).iter_mut().zip(g).zip(u) {
-                    *hv = activate(act, gv) * uv;
-                }
-            }
+            swiglu_epilogue(tile, s, act);
             Ok(())
         }),
         PackedFamily::GptOss { alpha, limit } => {
@@ -71,15 +60,7 @@ pub(super) fn hidden_tile(
                     2 * col0,
                     kernels,
                 )?;
-                for i in 0..rows {
-                    let z = &s[i * 2 * w..(i + 1) * 2 * w];
-                    for (j, hv) in tile.row_mut(i).iter_mut().enumerate() {
-                        let g = (z[2 * j] + bias[2 * (col0 + j)]).min(limit);
-                        let u = (z[2 * j + 1] + bias[2 * (col0 + j) + 1]).clamp(-limit, limit);
-                        let glu = g / (1.0 + (-(g * alpha)).exp());
-                        *hv = (u + 1.0) * glu;
-                    }
-                }
+                gpt_oss_epilogue(tile, s, bias, col0, alpha, limit);
                 Ok(())
             })
         }

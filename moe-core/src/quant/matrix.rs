@@ -459,34 +459,7 @@ impl PackedMatrix {
                 }
                 Scales::Rows(s)
             }
-            WeightFormat::Fp8 => {
-                let [br, bc] = FP8_BLOCK;
-                let (gr, gc) = (rows.div_ceil(br), cols.div_ceil(bc));
-                let mut s = vec![0f32; n * gr * gc];
-                for e in 0..n {
-                    for r in 0..rows {
-                        for c in 0..cols {
-                            let i = e * gr * gc + (r / br) * gc + c / bc;
-                            s[i] = s[i].max(flat[(e * rows + r) * cols + c].abs());
-                        }
-                    }
-                }
-                s.iter_mut().for_each(|v| *v /= FP8_E4M3_MAX);
-                for (i, &v) in flat.iter().enumerate() {
-                    let (e, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
-                    let scale = s[e * gr * gc + (r / br) * gc + c / bc];
-                    data.push(if scale == 0.0 {
-                        0
-                    } else {
-                        f32_to_fp8_e4m3(v / scale)
-                    });
-                }
-                Scales::Blocks {
-                    block_rows: br,
-                    block_cols: bc,
-                    values: s,
-                }
-            }
+            WeightFormat::Fp8 => encode_fp8(flat, dims, &mut data),
             WeightFormat::Mxfp4 => {
                 if !cols.is_multiple_of(MXFP4_BLOCK) {
                     return Err(MoeError::bad_tensor(
@@ -643,5 +616,33 @@ impl PackedMatrix {
             data,
             scales,
         )
+    }
+}
+
+/// FP8 E4M3 codes of `flat` (`[E, rows, cols]`) into `data`, with DeepSeek-V3's [`FP8_BLOCK`] scales
+/// (`s = max|w| / 448` per block; an all-zero block has scale 0 and codes 0).
+fn encode_fp8(flat: &[f32], [n, rows, cols]: [usize; 3], data: &mut Vec<u8>) -> Scales {
+    let [br, bc] = FP8_BLOCK;
+    let (gr, gc) = (rows.div_ceil(br), cols.div_ceil(bc));
+    let mut s = vec![0f32; n * gr * gc];
+    for (i, &v) in flat.iter().enumerate() {
+        let (e, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
+        let k = e * gr * gc + (r / br) * gc + c / bc;
+        s[k] = s[k].max(v.abs());
+    }
+    s.iter_mut().for_each(|v| *v /= FP8_E4M3_MAX);
+    for (i, &v) in flat.iter().enumerate() {
+        let (e, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
+        let scale = s[e * gr * gc + (r / br) * gc + c / bc];
+        data.push(if scale == 0.0 {
+            0
+        } else {
+            f32_to_fp8_e4m3(v / scale)
+        });
+    }
+    Scales::Blocks {
+        block_rows: br,
+        block_cols: bc,
+        values: s,
     }
 }
