@@ -206,7 +206,7 @@ pub(super) fn run(
         .create(&c.name, &c.args(d, e, k, a.seed))
         .map_err(c.error_mapper(registry))?;
     let layer = MoeLayer::new(router, random_bank(a.shape.is_gpt_oss(), (e, d, f), a.seed)?)?;
-    let mut reference = reference(f32_backend.as_ref(), layer, a, d)?;
+    let mut reference = f32_reference(f32_backend.as_ref(), layer, a, d)?;
     let read_bw = if a.bandwidth {
         let bw = f32_backend.read_bandwidth(1 << 30, 5)?;
         if bw.is_none() {
@@ -276,7 +276,7 @@ pub(super) fn run(
 }
 
 /// Uploads the f32 layer (as its only owner, so the backend may align its weights) and runs it once at every T.
-fn reference(
+fn f32_reference(
     backend: &dyn Backend,
     layer: MoeLayer,
     a: &BenchArgs,
