@@ -113,11 +113,12 @@ fn every_dtype_has_its_rows_bytes_and_accuracy() {
     assert!(w("bf16") > 0.0 && w("bf16") < w("int8") && w("bf16") < w("fp8"));
     assert!(w("int8") < w("mxfp4") && w("fp8") < w("mxfp4"));
     assert!(w("int8") < 0.02 && w("fp8") < 0.05, "8-bit weights within a few %");
-    assert!(w("mxfp4") < 0.25, "mxfp4 weights off by {}", w("mxfp4"));
+    assert!(w("mxfp4") < 0.2, "mxfp4 weights off by {}", w("mxfp4"));
     let y = |d: &str| output_err(&v, d, "output_rel_rms");
     assert!(y("bf16") > 0.0 && y("bf16") < y("int8") && y("bf16") < y("fp8"));
     assert!(y("int8") < y("mxfp4") && y("fp8") < y("mxfp4"));
-    assert!(y("mxfp4") < 0.25, "mxfp4 output off by {}", y("mxfp4"));
+    // MXFP4's weights are off by about 12 % (E2M1 with one power-of-two scale per 32); two products compound it.
+    assert!(y("mxfp4") < 0.5, "mxfp4 output off by {}", y("mxfp4"));
 }
 
 #[test]
@@ -183,7 +184,7 @@ fn gpt_oss_shape_keeps_biases_in_f32() {
         w / 2.0 + w / 32.0 + 4.0 * b
     );
     let y = |d: &str| output_err(&v, d, "output_rel_rms");
-    assert!(y("bf16") > 0.0 && y("bf16") < y("mxfp4") && y("mxfp4") < 0.25);
+    assert!(y("bf16") > 0.0 && y("bf16") < y("mxfp4") && y("mxfp4") < 0.5);
     // The table names every format.
     args.truncate(args.len() - 2);
     let o = moe(&args);
@@ -208,9 +209,16 @@ fn csv_and_markdown_have_one_line_a_row() {
     }
 }
 
-/// Exit code 2 and exactly one line on stderr, starting `error:` and containing `needle`.
+/// Exit code 2 and exactly one line on stderr, starting `error:` and containing `needle`, for `SMALL` and
+/// `extra` (a leading `-d W` in `extra` replaces SMALL's).
 fn assert_usage(extra: &[&str], needle: &str) {
     let mut args = SMALL.to_vec();
+    let mut extra = extra;
+    if let ["-d", width, rest @ ..] = extra {
+        let j = args.iter().position(|&x| x == "-d").expect("SMALL has -d");
+        args[j + 1] = width;
+        extra = rest;
+    }
     args.extend(extra);
     let o = moe(&args);
     let err = stderr(&o);
@@ -228,7 +236,7 @@ fn bad_lists_exit_2_with_one_line() {
     assert_usage(&["--dtype", "bf16,int8,bf16"], "twice");
     assert_usage(&["--dtype", "f32,bf16", "--backward"], "--backward");
     // MXFP4 needs d and f multiples of 32: the upload's error names the tensor.
-    assert_usage(&["--dtype", "f32,mxfp4", "-d", "48"], "gate_up");
+    assert_usage(&["-d", "48", "--dtype", "f32,mxfp4"], "gate_up");
     // A backend that does not take the format (wgpu: f32 only; without the feature, not built).
     assert_usage(&["--dtype", "f32,int8", "--backend", "wgpu"], "wgpu");
 }
