@@ -61,11 +61,7 @@ pub(super) fn random_bank(
         return Ok(bank);
     }
     let ExpertBank::SwiGlu(s) = &bank else {
-        return Err(MoeError::config(
-            "bench bank",
-            bank.kind(),
-            "a SwiGLU bank",
-        ));
+        return Err(MoeError::config("bench bank", bank.kind(), "a SwiGLU bank"));
     };
     let (gu, dn) = (s.gate_up(), s.down());
     // Column 2j of GPT-OSS's gate_up is gate row j of the SwiGLU bank, column 2j + 1 its up row f + j.
@@ -205,7 +201,10 @@ pub(super) fn run(
     let router = registry
         .create(&c.name, &c.args(d, e, k, a.seed))
         .map_err(c.error_mapper(registry))?;
-    let layer = MoeLayer::new(router, random_bank(a.shape.is_gpt_oss(), (e, d, f), a.seed)?)?;
+    let layer = MoeLayer::new(
+        router,
+        random_bank(a.shape.is_gpt_oss(), (e, d, f), a.seed)?,
+    )?;
     let mut reference = f32_reference(f32_backend.as_ref(), layer, a, d)?;
     let read_bw = if a.bandwidth {
         let bw = f32_backend.read_bandwidth(1 << 30, 5)?;
@@ -228,7 +227,13 @@ pub(super) fn run(
             let layer = Arc::new(reference.resident.layer().clone());
             owned = Some(backend.upload(layer)?);
         }
-        let summary = summarise(dtype, owned.as_deref(), &reference, read_bw.is_some(), (e, k))?;
+        let summary = summarise(
+            dtype,
+            owned.as_deref(),
+            &reference,
+            read_bw.is_some(),
+            (e, k),
+        )?;
         let resident = match owned.as_mut() {
             Some(r) => r.as_mut(),
             None => reference.resident.as_mut(),
@@ -246,7 +251,14 @@ pub(super) fn run(
             ..summary
         };
         for (i, &t) in a.tokens.iter().enumerate() {
-            let row = dtype_row(resident, a, (t, d, f), &reference.outputs[i], &summary, read_bw)?;
+            let row = dtype_row(
+                resident,
+                a,
+                (t, d, f),
+                &reference.outputs[i],
+                &summary,
+                read_bw,
+            )?;
             clock = if row.1 { "device events" } else { clock };
             rows.push(row.0);
         }
@@ -344,7 +356,10 @@ fn summarise(
     let original = reference.resident.layer().experts();
     let (bytes, err) = match resident.map(|r| r.layer().experts()) {
         None => (reference.bytes_per_expert, None),
-        Some(ExpertBank::Packed(b)) => (b.bytes_per_expert() as f64, Some(b.error_against(original)?)),
+        Some(ExpertBank::Packed(b)) => (
+            b.bytes_per_expert() as f64,
+            Some(b.error_against(original)?),
+        ),
         Some(bank) => (
             expert_bytes(bank, dtype),
             Some(PackedBank::quantize(original, dtype)?.error_against(original)?),

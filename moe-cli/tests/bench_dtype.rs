@@ -88,7 +88,10 @@ fn every_dtype_has_its_rows_bytes_and_accuracy() {
         assert!(num(r, "median_ms") > 0.0);
         assert_eq!(r["routing_identical"], true, "the router stays f32: {r}");
         // Without --bandwidth there is no floor to judge against.
-        assert!(r["bandwidth_fraction"].is_null() && r["bound"].is_null(), "{r}");
+        assert!(
+            r["bandwidth_fraction"].is_null() && r["bound"].is_null(),
+            "{r}"
+        );
         let per_expert = num(summary(&v, dtype), "bytes_per_expert");
         let hit = r["experts_hit"].as_u64().expect("experts hit") as f64;
         assert_eq!(num(r, "weight_bytes"), hit * per_expert);
@@ -97,7 +100,10 @@ fn every_dtype_has_its_rows_bytes_and_accuracy() {
     assert_eq!(output_err(&v, "f32", "output_max_rel_err"), 0.0);
     assert_eq!(output_err(&v, "f32", "output_rel_rms"), 0.0);
     assert_eq!(num(summary(&v, "f32"), "weight_rel_rms"), 0.0);
-    assert_eq!(num(summary(&v, "f32"), "bytes_per_expert"), (3 * 64 * 128 * 4) as f64);
+    assert_eq!(
+        num(summary(&v, "f32"), "bytes_per_expert"),
+        (3 * 64 * 128 * 4) as f64
+    );
     // Bytes: bf16 half of f32; int8 a quarter plus a row scale (4 bytes a row of 64 or 128); fp8 a quarter plus
     // three 128 x 128 block scales; MXFP4 4.25 bits a weight, 17/128 of f32 exactly.
     let ratio = |d: &str| num(summary(&v, d), "bytes_vs_f32");
@@ -107,12 +113,19 @@ fn every_dtype_has_its_rows_bytes_and_accuracy() {
     assert!((ratio("int8") - int8).abs() < 1e-12, "{}", ratio("int8"));
     let fp8 = (3.0 * 64.0 * 128.0 + 4.0 * 3.0) / (12.0 * 64.0 * 128.0);
     assert!((ratio("fp8") - fp8).abs() < 1e-12, "{}", ratio("fp8"));
-    assert!((ratio("mxfp4") - 17.0 / 128.0).abs() < 1e-12, "{}", ratio("mxfp4"));
+    assert!(
+        (ratio("mxfp4") - 17.0 / 128.0).abs() < 1e-12,
+        "{}",
+        ratio("mxfp4")
+    );
     // Accuracy: bf16 (8 significant bits) < int8 (per-row, 255 levels) and fp8 (4 significant bits) < mxfp4.
     let w = |d: &str| num(summary(&v, d), "weight_rel_rms");
     assert!(w("bf16") > 0.0 && w("bf16") < w("int8") && w("bf16") < w("fp8"));
     assert!(w("int8") < w("mxfp4") && w("fp8") < w("mxfp4"));
-    assert!(w("int8") < 0.02 && w("fp8") < 0.05, "8-bit weights within a few %");
+    assert!(
+        w("int8") < 0.02 && w("fp8") < 0.05,
+        "8-bit weights within a few %"
+    );
     assert!(w("mxfp4") < 0.2, "mxfp4 weights off by {}", w("mxfp4"));
     let y = |d: &str| output_err(&v, d, "output_rel_rms");
     assert!(y("bf16") > 0.0 && y("bf16") < y("int8") && y("bf16") < y("fp8"));
@@ -178,7 +191,10 @@ fn gpt_oss_shape_keeps_biases_in_f32() {
     // Weights 3 d f, biases 2 f + d stay f32.
     let (w, b) = (3.0 * 64.0 * 64.0, 2.0 * 64.0 + 64.0);
     assert_eq!(num(summary(&v, "f32"), "bytes_per_expert"), 4.0 * (w + b));
-    assert_eq!(num(summary(&v, "bf16"), "bytes_per_expert"), 2.0 * w + 4.0 * b);
+    assert_eq!(
+        num(summary(&v, "bf16"), "bytes_per_expert"),
+        2.0 * w + 4.0 * b
+    );
     assert_eq!(
         num(summary(&v, "mxfp4"), "bytes_per_expert"),
         w / 2.0 + w / 32.0 + 4.0 * b
@@ -204,8 +220,15 @@ fn csv_and_markdown_have_one_line_a_row() {
         assert!(o.status.success(), "{}", stderr(&o));
         let out = stdout(&o);
         assert_eq!(out.lines().count(), lines, "{out}");
-        assert!(out.lines().next().is_some_and(|h| h.contains("dtype")), "{out}");
-        assert_eq!(out.lines().filter(|l| l.contains("int8")).count(), 2, "{out}");
+        assert!(
+            out.lines().next().is_some_and(|h| h.contains("dtype")),
+            "{out}"
+        );
+        assert_eq!(
+            out.lines().filter(|l| l.contains("int8")).count(),
+            2,
+            "{out}"
+        );
     }
 }
 

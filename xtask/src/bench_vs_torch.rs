@@ -107,7 +107,9 @@ fn parse(args: &[String]) -> Result<Opts> {
                     v.split(',').map(|s| s.trim().to_string()).collect()
                 };
                 if let Some(bad) = o.dtypes.iter().find(|d| !LOW_DTYPES.contains(&d.as_str())) {
-                    bail!("--dtypes takes bf16, int8 or none (the formats PyTorch runs on a CPU), got {bad}");
+                    bail!(
+                        "--dtypes takes bf16, int8 or none (the formats PyTorch runs on a CPU), got {bad}"
+                    );
                 }
             }
             other => bail!("unknown option {other}\n{USAGE}"),
@@ -399,7 +401,10 @@ fn measure_low(
                     .args(["--dtype", &format!("f32,{}", o.dtypes.join(","))])
                     .output()?;
                 if !p.status.success() {
-                    bail!("moe bench --dtype failed: {}", String::from_utf8_lossy(&p.stderr));
+                    bail!(
+                        "moe bench --dtype failed: {}",
+                        String::from_utf8_lossy(&p.stderr)
+                    );
                 }
                 let v: Value = serde_json::from_slice(&p.stdout)?;
                 for row in v["rows"].as_array().into_iter().flatten() {
