@@ -585,7 +585,29 @@ fn train_table(m: &Measured) -> Vec<Value> {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{LOW_DTYPES, Opts, SHAPES, low_rows, median, parse};
+
+    #[test]
+    fn low_precision_rows_cover_every_shape_dtype_and_t() {
+        let o: Opts = parse(&[]).expect("defaults");
+        assert_eq!(o.dtypes, LOW_DTYPES);
+        let rows = low_rows(&o);
+        let per_shape: usize = SHAPES.iter().map(|s| s.low_tokens.len()).sum();
+        assert_eq!(rows.len(), per_shape * LOW_DTYPES.len());
+        for r in &rows {
+            let paths: Vec<&str> = r.torch.iter().map(|(n, _)| n.as_str()).collect();
+            let want: &[&str] = if r.dtype == "int8" {
+                &["int8_f32", "int8_bf16"]
+            } else {
+                &["eager", "grouped_mm"]
+            };
+            assert_eq!(paths, want);
+            assert!(SHAPES[r.shape].low_tokens.contains(&r.tokens));
+        }
+        let none = parse(&["--dtypes".into(), "none".into()]).expect("none");
+        assert!(low_rows(&none).is_empty());
+        assert!(parse(&["--dtypes".into(), "fp8".into()]).is_err());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {
