@@ -233,13 +233,14 @@ fn csv_and_markdown_have_one_line_a_row() {
 }
 
 /// Exit code 2 and exactly one line on stderr, starting `error:` and containing `needle`, for `SMALL` and
-/// `extra` (a leading `-d W` in `extra` replaces SMALL's).
+/// `extra` (a leading `FLAG VALUE` in `extra` whose flag SMALL has replaces SMALL's value).
 fn assert_usage(extra: &[&str], needle: &str) {
     let mut args = SMALL.to_vec();
     let mut extra = extra;
-    if let ["-d", width, rest @ ..] = extra {
-        let j = args.iter().position(|&x| x == "-d").expect("SMALL has -d");
-        args[j + 1] = width;
+    if let [flag, value, rest @ ..] = extra
+        && let Some(j) = args.iter().position(|x| x == flag)
+    {
+        args[j + 1] = value;
         extra = rest;
     }
     args.extend(extra);
@@ -260,6 +261,7 @@ fn bad_lists_exit_2_with_one_line() {
     assert_usage(&["--dtype", "f32,bf16", "--backward"], "--backward");
     // MXFP4 needs d and f multiples of 32: the upload's error names the tensor.
     assert_usage(&["-d", "48", "--dtype", "f32,mxfp4"], "gate_up");
+    assert_usage(&["--ffn", "80", "--dtype", "bf16,mxfp4"], "down");
     // A backend that does not take the format (wgpu: f32 only; without the feature, not built).
     assert_usage(&["--dtype", "f32,int8", "--backend", "wgpu"], "wgpu");
 }
