@@ -490,6 +490,14 @@ fn print_report(report: &DtypeReport, format: Format) -> Result<(), CliError> {
     let opt = |v: Option<f64>, scale: f64, prec: usize| {
         v.map_or("-".to_string(), |x| format!("{:.*}", prec, x * scale))
     };
+    // Errors: `0` when exact (the f32 row), else three significant digits.
+    let err = |v: f64| {
+        if v == 0.0 {
+            "0".to_string()
+        } else {
+            format!("{v:.2e}")
+        }
+    };
     for r in &report.rows {
         let weight_rms = report
             .dtypes
@@ -505,9 +513,9 @@ fn print_report(report: &DtypeReport, format: Format) -> Result<(), CliError> {
             opt(r.bandwidth_fraction, 100.0, 0),
             format!("{:.1}", r.timing.gflops),
             r.bound.unwrap_or("-").to_string(),
-            format!("{:.2e}", r.output_max_rel_err),
-            format!("{:.2e}", r.output_rel_rms),
-            weight_rms.map_or("-".into(), |v| format!("{v:.2e}")),
+            err(r.output_max_rel_err),
+            err(r.output_rel_rms),
+            weight_rms.map_or("-".into(), err),
             if r.routing_identical { "yes" } else { "no" }.to_string(),
         ]);
     }
