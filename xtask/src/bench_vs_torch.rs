@@ -424,7 +424,8 @@ fn measure_low(
     Ok(())
 }
 
-/// Prints the table and writes `target/bench-vs-torch.json`.
+/// Prints the table and writes `bench-vs-torch.json` in the target directory (`CARGO_TARGET_DIR`, default
+/// `target/`).
 fn report(root: &Path, o: &Opts, versions: &str, m: &Measured) -> Result<()> {
     let (rows, ours, eager, grouped, hit) = (&m.rows, &m.ours, &m.eager, &m.grouped, &m.hit);
     let (sgemm, bandwidth) = (&m.sgemm, &m.bandwidth);
@@ -485,7 +486,9 @@ fn report(root: &Path, o: &Opts, versions: &str, m: &Measured) -> Result<()> {
         Vec::new()
     };
     let low = low_table(m);
-    let path = root.join("target/bench-vs-torch.json");
+    let dir = crate::target_dir(root);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("bench-vs-torch.json");
     std::fs::write(
         &path,
         serde_json::to_string_pretty(
