@@ -4,7 +4,11 @@
 //! `--backward` also times a training step (`forward_train` then `backward`, host wall clock) and the backward
 //! alone, and reports the backward's time over the forward's; a backend or router without training exits with its
 //! `Unsupported` error (exit code 2). `--ep-ranks R` and `--ep` (under `mpirun`) time the expert-parallel layer
-//! (`bench_ep.rs`); `--from` a stack whose experts live on disk (`bench_store.rs`).
+//! (`bench_ep.rs`); `--from` a stack whose experts live on disk (`bench_store.rs`); `--dtype` with a comma list
+//! times the layer in each weight format, with its accuracy against f32 (`bench_dtype.rs`).
+
+#[path = "bench_dtype.rs"]
+mod bench_dtype;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +37,9 @@ enum Shape {
     Mixtral8x7b,
     /// d 2048, ffn 768, E 128, k 8.
     Qwen3_30bA3b,
+    /// d 2880, ffn 2880, E 8, k 4: GPT-OSS-20B's expert shape and top-4 with 8 of its 32 experts (`-e 32` is the
+    /// whole layer, 3.2 GB of f32 weights), as a GPT-OSS bank (interleaved gate/up, biases, clamped GLU).
+    GptOssLike,
 }
 
 impl Shape {
@@ -42,7 +49,13 @@ impl Shape {
             Shape::OlmoeLike => (2048, 1408, 64, 6),
             Shape::Mixtral8x7b => (4096, 14336, 8, 2),
             Shape::Qwen3_30bA3b => (2048, 768, 128, 8),
+            Shape::GptOssLike => (2880, 2880, 8, 4),
         }
+    }
+
+    /// Whether the shape's experts are a GPT-OSS bank (else SwiGLU).
+    fn is_gpt_oss(self) -> bool {
+        self == Shape::GptOssLike
     }
 }
 
@@ -77,7 +90,10 @@ pub(crate) struct BenchArgs {
     /// Backend.
     #[arg(long, default_value = "cpu")]
     backend: String,
-    /// Precision of the resident expert weights: f32, or bf16 / f16 (cuda backend). The router stays f32.
+    /// Precision of the resident expert weights: f32, bf16, f16, int8, fp8 or mxfp4 (the cpu backend quantises
+    /// at upload; cuda takes f32, bf16, f16). A comma list (`f32,bf16,int8,fp8,mxfp4`) times each format in turn
+    /// with its accuracy against the f32 layer on the same tokens and its bytes streamed (docs/LOWPREC.md). The
+    /// router stays f32.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// CPU threads, 1 to 4 × the cores (at most 1024); default: all cores.
@@ -254,6 +270,10 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         return done;
     }
     check_sizes(a, (d, f, e))?;
+    let dtypes = bench_dtype::parse_list(&a.dtype)?;
+    if dtypes.len() > 1 {
+        return bench_dtype::run(registry, a, (d, f, e, k), &dtypes, shape_name(a));
+    }
     let dtype = Dtype::parse(&a.dtype).map_err(|e| CliError::Usage(e.to_string()))?;
     let cpu_kernels =
         CpuKernels::parse(&a.cpu_kernels).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -269,27 +289,23 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     let router = registry
         .create(&c.name, &c.args(d, e, k, a.seed))
         .map_err(c.error_mapper(registry))?;
-    let bank = random_swiglu_bank(e, d, f, a.seed)?;
+    let bank = bench_dtype::random_bank(a.shape.is_gpt_oss(), (e, d, f), a.seed)?;
     let layer = MoeLayer::new(router, bank)?;
     let mut resident = backend.upload(Arc::new(layer))?;
     // Bytes one expert streams: the packed size where the backend packed the bank (cpu), else 16 or 32 bits a
     // weight (cuda converts bf16 / f16 itself).
-    let expert_bytes = match resident.layer().experts() {
-        moe_core::ExpertBank::Packed(b) => b.bytes_per_expert() as f64,
-        _ => {
-            (3 * d
-                * f
-                * if matches!(dtype, Dtype::Bf16 | Dtype::F16) {
-                    2
-                } else {
-                    4
-                }) as f64
-        }
-    };
+    let expert_bytes = bench_dtype::expert_bytes(resident.layer().experts(), dtype);
     let mut rows = Vec::new();
     let mut clock = "host wall clock";
     for &t in &a.tokens {
-        let (row, device_clock) = time_row(resident.as_mut(), a, t, (d, f), expert_bytes)?;
+        let (row, device_clock) = time_row(
+            resident.as_mut(),
+            a,
+            t,
+            (d, f),
+            expert_bytes,
+            a.repeats as usize,
+        )?;
         if device_clock {
             clock = "device events";
         }
@@ -307,14 +323,8 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
     } else {
         None
     };
-    let overridden =
-        a.d_model.is_some() || a.ffn.is_some() || a.experts.is_some() || a.top_k.is_some();
-    let shape = match a.shape.to_possible_value() {
-        Some(v) if !overridden => v.get_name().to_string(),
-        _ => "custom".to_string(),
-    };
     let report = BenchReport {
-        shape,
+        shape: shape_name(a),
         backend: backend.name().to_string(),
         device: backend.capabilities().device,
         dtype: a.dtype.clone(),
@@ -331,6 +341,16 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         rows,
     };
     print_report(&report, a)
+}
+
+/// The `--shape` name, or `custom` when a dimension was overridden.
+fn shape_name(a: &BenchArgs) -> String {
+    let overridden =
+        a.d_model.is_some() || a.ffn.is_some() || a.experts.is_some() || a.top_k.is_some();
+    match a.shape.to_possible_value() {
+        Some(v) if !overridden => v.get_name().to_string(),
+        _ => "custom".to_string(),
+    }
 }
 
 /// `--write-checkpoint` and `--from` (`bench_store.rs`): `Some` with their result when either is given; refuses
@@ -571,13 +591,14 @@ fn check_sizes(a: &BenchArgs, (d, f, e): (usize, usize, usize)) -> Result<(), Cl
     m.check()
 }
 
-/// Times `a.repeats` forwards at `t` tokens (after one warm-up): the row, and whether the device clock timed it.
+/// Times `repeats` forwards at `t` tokens (after one warm-up): the row, and whether the device clock timed it.
 fn time_row(
     resident: &mut dyn DeviceLayer,
     a: &BenchArgs,
     t: usize,
     (d, f): (usize, usize),
     expert_bytes: f64,
+    repeats: usize,
 ) -> Result<(BenchRow, bool), CliError> {
     let w = WorkloadConfig {
         tokens: t,
@@ -594,13 +615,13 @@ fn time_row(
     // Kept assignments: T·k for top-k without drops, fewer or more for capacity, expert choice or PEER.
     let slots = warm.routing.n_slots();
     drop(warm);
-    let device = resident.device_times(&input, a.repeats as usize)?;
+    let device = resident.device_times(&input, repeats)?;
     let device_clock = device.is_some();
     let mut times = match device {
         Some(ms) => ms.into_iter().map(|v| v / 1e3).collect(),
         None => {
-            let mut times = Vec::with_capacity(a.repeats as usize);
-            for _ in 0..a.repeats {
+            let mut times = Vec::with_capacity(repeats);
+            for _ in 0..repeats {
                 let t0 = Instant::now();
                 let out = resident.forward(&input)?;
                 times.push(t0.elapsed().as_secs_f64());
@@ -614,7 +635,7 @@ fn time_row(
     let flops = 2.0 * slots as f64 * 3.0 * d as f64 * f as f64;
     let bytes = experts_hit as f64 * expert_bytes;
     let (train_step_median_ms, backward_median_ms) = if a.backward {
-        let (step, back) = time_training(resident, &input, a.repeats as usize)?;
+        let (step, back) = time_training(resident, &input, repeats)?;
         (Some(step * 1e3), Some(back * 1e3))
     } else {
         (None, None)

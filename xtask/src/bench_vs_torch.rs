@@ -8,6 +8,11 @@
 //! With `--backward`, rows with `T >= 512` also time a training step: ours `moe bench --backward` (`forward_train`
 //! then `backward`), PyTorch's the forward with autograd on and `sum(output * cotangent).backward()` through the
 //! same HF block (eager and grouped_mm), side by side in the same rounds.
+//!
+//! `--dtypes bf16,int8` (the default) adds low-precision rows on the shapes' `low_tokens`: ours `moe bench --dtype
+//! bf16,int8` (experts packed at upload, router f32) against PyTorch's best bf16 block (the HF block converted to
+//! bf16, eager or grouped_mm) and PyTorch's weight-only int8 CPU kernel (`aten._weight_int8pack_mm`, per-row
+//! scales, f32 or bf16 activations, the better of the two), with ratio = PyTorch's best ms / ours.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -25,6 +30,8 @@ struct Shape {
     e: usize,
     k: usize,
     tokens: &'static [usize],
+    /// Token counts of the low-precision rows (`--dtypes`).
+    low_tokens: &'static [usize],
 }
 
 const SHAPES: &[Shape] = &[
@@ -36,6 +43,7 @@ const SHAPES: &[Shape] = &[
         e: 8,
         k: 2,
         tokens: &[16, 128, 512, 2048],
+        low_tokens: &[1, 16, 128],
     },
     Shape {
         bench: "olmoe-like",
@@ -45,6 +53,7 @@ const SHAPES: &[Shape] = &[
         e: 64,
         k: 6,
         tokens: &[128, 512, 2048],
+        low_tokens: &[16, 128],
     },
 ];
 
@@ -55,13 +64,18 @@ struct Opts {
     repeats: usize,
     python: String,
     backward: bool,
+    /// Low-precision formats to compare (`bf16`, `int8`); empty: the f32 rows only.
+    dtypes: Vec<String>,
 }
+
+/// The formats PyTorch runs on a CPU that `--dtypes` takes.
+const LOW_DTYPES: &[&str] = &["bf16", "int8"];
 
 /// Rows from this many tokens up also time a training step under `--backward`.
 const TRAIN_MIN_TOKENS: usize = 512;
 
 /// Usage of `cargo xtask bench-vs-torch`.
-pub(crate) const USAGE: &str = "usage: cargo xtask bench-vs-torch [--threads N] [--rounds N] [--repeats N] [--python PATH] [--backward]\n\ntimes our CPU backend (the release moe binary under CARGO_TARGET_DIR, default target/) and PyTorch's HF blocks side by side; needs python3 with torch (MOE_PYTHON or --python); --backward adds forward+backward rows (T >= 512) against PyTorch autograd";
+pub(crate) const USAGE: &str = "usage: cargo xtask bench-vs-torch [--threads N] [--rounds N] [--repeats N] [--python PATH] [--backward] [--dtypes bf16,int8|none]\n\ntimes our CPU backend (the release moe binary under CARGO_TARGET_DIR, default target/) and PyTorch's HF blocks side by side; needs python3 with torch (MOE_PYTHON or --python); --backward adds forward+backward rows (T >= 512) against PyTorch autograd; --dtypes (default bf16,int8) adds low-precision rows against PyTorch's bf16 blocks and its int8 weight-only kernel";
 
 fn parse(args: &[String]) -> Result<Opts> {
     let mut o = Opts {
@@ -70,6 +84,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         repeats: 5,
         python: std::env::var("MOE_PYTHON").unwrap_or_else(|_| "python3".into()),
         backward: false,
+        dtypes: LOW_DTYPES.iter().map(|s| s.to_string()).collect(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -84,6 +99,19 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--repeats" => o.repeats = val("--repeats")?.parse()?,
             "--python" => o.python = val("--python")?,
             "--backward" => o.backward = true,
+            "--dtypes" => {
+                let v = val("--dtypes")?;
+                o.dtypes = if v == "none" {
+                    Vec::new()
+                } else {
+                    v.split(',').map(|s| s.trim().to_string()).collect()
+                };
+                if let Some(bad) = o.dtypes.iter().find(|d| !LOW_DTYPES.contains(&d.as_str())) {
+                    bail!(
+                        "--dtypes takes bf16, int8 or none (the formats PyTorch runs on a CPU), got {bad}"
+                    );
+                }
+            }
             other => bail!("unknown option {other}\n{USAGE}"),
         }
     }
@@ -189,6 +217,31 @@ struct Measured {
     grouped_train: Vec<Vec<f64>>,
     sgemm: Vec<f64>,
     bandwidth: Vec<f64>,
+    /// Low-precision rows (`--dtypes`).
+    low: Vec<LowRow>,
+}
+
+/// One low-precision row: per-round figures of ours and of PyTorch's paths.
+struct LowRow {
+    shape: usize,
+    dtype: String,
+    tokens: usize,
+    ours: Vec<f64>,
+    /// Ours: output relative RMS against our f32 layer (`output_rel_rms`), last round.
+    ours_rel_rms: f64,
+    /// PyTorch's paths by name (bf16: `eager`, `grouped_mm`; int8: `int8_f32`, `int8_bf16`), per round.
+    torch: Vec<(String, Vec<f64>)>,
+    /// int8: PyTorch's kernel against the same loop on dequantised weights (`check_max_rel`), last round.
+    torch_check: Option<f64>,
+}
+
+/// PyTorch's path names of a low-precision format.
+fn torch_paths(dtype: &str) -> &'static [&'static str] {
+    if dtype == "int8" {
+        &["int8_f32", "int8_bf16"]
+    } else {
+        &["eager", "grouped_mm"]
+    }
 }
 
 /// Runs the rounds: each shape timed by PyTorch and by `moe bench`, in alternating order.
@@ -211,6 +264,7 @@ fn measure(o: &Opts, moe: &Path, torch: &mut Torch) -> Result<Measured> {
         sgemm: Vec::new(),
         bandwidth: Vec::new(),
         rows: Vec::new(),
+        low: low_rows(o),
     };
     for round in 0..o.rounds {
         println!("==> round {} of {}", round + 1, o.rounds);
@@ -278,12 +332,100 @@ fn measure(o: &Opts, moe: &Path, torch: &mut Torch) -> Result<Measured> {
                 }
             }
         }
+        measure_low(o, moe, torch, round, &mut m.low)?;
     }
     m.rows = rows;
     Ok(m)
 }
 
-/// Prints the table and writes `target/bench-vs-torch.json`.
+/// The low-precision rows of `--dtypes`, empty.
+fn low_rows(o: &Opts) -> Vec<LowRow> {
+    let mut out = Vec::new();
+    for (si, s) in SHAPES.iter().enumerate() {
+        for dtype in &o.dtypes {
+            for &t in s.low_tokens {
+                out.push(LowRow {
+                    shape: si,
+                    dtype: dtype.clone(),
+                    tokens: t,
+                    ours: Vec::new(),
+                    ours_rel_rms: f64::NAN,
+                    torch: torch_paths(dtype)
+                        .iter()
+                        .map(|p| (p.to_string(), Vec::new()))
+                        .collect(),
+                    torch_check: None,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One round of the low-precision rows: per shape, `moe bench --dtype LIST` and PyTorch's requests, in
+/// alternating order.
+fn measure_low(
+    o: &Opts,
+    moe: &Path,
+    torch: &mut Torch,
+    round: usize,
+    low: &mut [LowRow],
+) -> Result<()> {
+    if o.dtypes.is_empty() {
+        return Ok(());
+    }
+    for (si, s) in SHAPES.iter().enumerate() {
+        let torch_first = (round + si) % 2 == 1;
+        for side in 0..2 {
+            if (side == 0) == torch_first {
+                for r in low.iter_mut().filter(|r| r.shape == si) {
+                    let mut req = json!({"op": "block", "block": s.block, "d": s.d, "ffn": s.ffn,
+                        "e": s.e, "k": s.k, "t": r.tokens, "repeats": o.repeats});
+                    if r.dtype == "int8" {
+                        req["op"] = json!("block_int8");
+                    } else {
+                        req["dtype"] = json!(r.dtype);
+                    }
+                    let v = torch.ask(req)?;
+                    for (name, times) in &mut r.torch {
+                        times.push(v[name.as_str()].as_f64().unwrap_or(f64::NAN));
+                    }
+                    r.torch_check = v["check_max_rel"].as_f64().or(r.torch_check);
+                }
+            } else {
+                let ts: Vec<String> = s.low_tokens.iter().map(|t| t.to_string()).collect();
+                let p = Command::new(moe)
+                    .args(["bench", "--shape", s.bench, "--format", "json", "--threads"])
+                    .arg(o.threads.to_string())
+                    .args(["--repeats", &o.repeats.to_string(), "-t", &ts.join(",")])
+                    .args(["--dtype", &format!("f32,{}", o.dtypes.join(","))])
+                    .output()?;
+                if !p.status.success() {
+                    bail!(
+                        "moe bench --dtype failed: {}",
+                        String::from_utf8_lossy(&p.stderr)
+                    );
+                }
+                let v: Value = serde_json::from_slice(&p.stdout)?;
+                for row in v["rows"].as_array().into_iter().flatten() {
+                    let t = row["tokens"].as_u64().unwrap_or(0) as usize;
+                    let dtype = row["dtype"].as_str().unwrap_or("");
+                    if let Some(r) = low
+                        .iter_mut()
+                        .find(|r| r.shape == si && r.tokens == t && r.dtype == dtype)
+                    {
+                        r.ours.push(row["median_ms"].as_f64().unwrap_or(f64::NAN));
+                        r.ours_rel_rms = row["output_rel_rms"].as_f64().unwrap_or(f64::NAN);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints the table and writes `bench-vs-torch.json` in the target directory (`CARGO_TARGET_DIR`, default
+/// `target/`).
 fn report(root: &Path, o: &Opts, versions: &str, m: &Measured) -> Result<()> {
     let (rows, ours, eager, grouped, hit) = (&m.rows, &m.ours, &m.eager, &m.grouped, &m.hit);
     let (sgemm, bandwidth) = (&m.sgemm, &m.bandwidth);
@@ -343,16 +485,68 @@ fn report(root: &Path, o: &Opts, versions: &str, m: &Measured) -> Result<()> {
     } else {
         Vec::new()
     };
-    let path = root.join("target/bench-vs-torch.json");
+    let low = low_table(m);
+    let dir = crate::target_dir(root);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("bench-vs-torch.json");
     std::fs::write(
         &path,
         serde_json::to_string_pretty(
             &json!({"torch": versions, "threads": o.threads, "rounds": o.rounds,
-            "repeats": o.repeats, "sgemm_gflops": sgemm, "bandwidth_gb_per_s": bandwidth, "rows": report, "train_rows": train}),
+            "repeats": o.repeats, "sgemm_gflops": sgemm, "bandwidth_gb_per_s": bandwidth, "rows": report, "train_rows": train, "lowprec_rows": low}),
         )?,
     )?;
     println!("\n(all figures: {})", path.display());
     Ok(())
+}
+
+/// Prints the low-precision table (`--dtypes`) and returns its rows for the JSON file.
+fn low_table(m: &Measured) -> Vec<Value> {
+    if m.low.is_empty() {
+        return Vec::new();
+    }
+    println!();
+    println!(
+        "Low-precision experts (ours: moe bench --dtype, packed at upload, router f32; PyTorch bf16: the HF block in \
+         bf16, eager / grouped_mm; PyTorch int8: aten._weight_int8pack_mm per expert, f32 / bf16 activations)"
+    );
+    println!(
+        "| block | dtype | T | ours ms | PyTorch ms (per path) | ratio (torch best / ours) | ours out rel RMS vs f32 | torch int8 check |"
+    );
+    println!("| --- | --- | --: | --: | --- | --: | --: | --: |");
+    let mut out = Vec::new();
+    for r in &m.low {
+        let s = &SHAPES[r.shape];
+        let our = median(r.ours.clone()).unwrap_or(f64::NAN);
+        let paths: Vec<(&str, Option<f64>)> = r
+            .torch
+            .iter()
+            .map(|(n, v)| (n.as_str(), median(v.clone())))
+            .collect();
+        let best = paths
+            .iter()
+            .filter_map(|p| p.1)
+            .fold(f64::INFINITY, f64::min);
+        let shown = paths
+            .iter()
+            .map(|(n, v)| format!("{n} {}", v.map_or("n/a".into(), |x| format!("{x:.1}"))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "| {} | {} | {} | {our:.2} | {shown} | {:.2} | {:.1e} | {} |",
+            s.bench,
+            r.dtype,
+            r.tokens,
+            best / our,
+            r.ours_rel_rms,
+            r.torch_check.map_or("-".into(), |c| format!("{c:.1e}")),
+        );
+        out.push(json!({"shape": s.bench, "dtype": r.dtype, "tokens": r.tokens, "ours_ms": our,
+            "torch_ms": paths.iter().map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "ratio": best / our, "ours_output_rel_rms": r.ours_rel_rms, "torch_int8_check_max_rel": r.torch_check,
+            "rounds": {"ours": r.ours, "torch": r.torch.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>()}}));
+    }
+    out
 }
 
 /// Prints the forward+backward table (`--backward`) and returns its rows for the JSON file.
@@ -394,7 +588,29 @@ fn train_table(m: &Measured) -> Vec<Value> {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{LOW_DTYPES, Opts, SHAPES, low_rows, median, parse};
+
+    #[test]
+    fn low_precision_rows_cover_every_shape_dtype_and_t() {
+        let o: Opts = parse(&[]).expect("defaults");
+        assert_eq!(o.dtypes, LOW_DTYPES);
+        let rows = low_rows(&o);
+        let per_shape: usize = SHAPES.iter().map(|s| s.low_tokens.len()).sum();
+        assert_eq!(rows.len(), per_shape * LOW_DTYPES.len());
+        for r in &rows {
+            let paths: Vec<&str> = r.torch.iter().map(|(n, _)| n.as_str()).collect();
+            let want: &[&str] = if r.dtype == "int8" {
+                &["int8_f32", "int8_bf16"]
+            } else {
+                &["eager", "grouped_mm"]
+            };
+            assert_eq!(paths, want);
+            assert!(SHAPES[r.shape].low_tokens.contains(&r.tokens));
+        }
+        let none = parse(&["--dtypes".into(), "none".into()]).expect("none");
+        assert!(low_rows(&none).is_empty());
+        assert!(parse(&["--dtypes".into(), "fp8".into()]).is_err());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {
