@@ -224,12 +224,17 @@ fn unavailable_backend_is_a_usage_error() {
 /// off the cpu backend are usage errors that say what to change.
 #[test]
 fn dtype_and_threads_are_checked() {
-    let o = moe(&["bench", "--dtype", "fp8", "-t", "1"]);
+    let o = moe(&["bench", "--dtype", "fp4", "-t", "1"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("f32, bf16 or f16"), "{}", stderr(&o));
-    let o = moe(&["bench", "--dtype", "bf16", "-t", "1"]);
+    assert!(
+        stderr(&o).contains("f32, bf16, f16, int8, fp8, mxfp4"),
+        "{}",
+        stderr(&o)
+    );
+    // The cpu backend runs every format; MXFP4 needs widths that are multiples of 32.
+    let o = moe(&["bench", "--dtype", "mxfp4", "-d", "40", "-t", "1"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("cuda backend"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("32"), "{}", stderr(&o));
     let o = moe(&["bench", "--backend", "wgpu", "--threads", "2", "-t", "1"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
