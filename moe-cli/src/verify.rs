@@ -1,6 +1,8 @@
 //! `moe verify DIR [--backend cpu|wgpu|cuda]`: runs the golden-fixture verifier (`moe-verify`) on a directory
-//! (`manifest.json` plus one safetensors file per case) on a backend and prints one row per case. Exit code 0 only
-//! if every case passes; 2 when the backend cannot run here (a build without it, no adapter, no driver).
+//! (`manifest.json` plus one safetensors file per case) on a backend and prints one row per case, with the format
+//! its experts ran in (`f32`, `mxfp4 (packed)`, ...). Exit code 0 only if every case passes; 2 when the backend
+//! cannot run here (a build without it, no adapter, no driver) or a case file cannot be loaded (a malformed
+//! tensor, scale or config: bad input); 1 when a case ran and failed.
 
 use std::path::PathBuf;
 
@@ -54,6 +56,13 @@ pub(crate) fn run(a: &VerifyArgs) -> Result<(), CliError> {
         );
     }
     let failed = reports.iter().filter(|r| !r.passed).count();
+    let bad = reports.iter().filter(|r| r.bad_input).count();
+    if bad > 0 {
+        return Err(CliError::Usage(format!(
+            "{failed} of {} cases failed; {bad} could not be loaded (bad input, named in the table)",
+            reports.len()
+        )));
+    }
     if failed > 0 || reports.is_empty() {
         return Err(CliError::Other(anyhow::anyhow!(
             "{failed} of {} cases failed",
@@ -70,6 +79,7 @@ fn print_table(reports: &[CaseReport], format: Format) {
     let mut t = Table::new(&[
         "case",
         "family",
+        "experts",
         "tokens",
         "max rel err",
         "quantities",
@@ -121,6 +131,7 @@ fn print_table(reports: &[CaseReport], format: Format) {
         t.push(vec![
             r.name.clone(),
             r.family.clone(),
+            r.experts.clone(),
             r.tokens.to_string(),
             format!("{:.2e}", r.max_rel_err()),
             quantities,

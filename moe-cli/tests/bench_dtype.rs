@@ -262,6 +262,28 @@ fn bad_lists_exit_2_with_one_line() {
     // MXFP4 needs d and f multiples of 32: the upload's error names the tensor.
     assert_usage(&["-d", "48", "--dtype", "f32,mxfp4"], "gate_up");
     assert_usage(&["--ffn", "80", "--dtype", "bf16,mxfp4"], "down");
-    // A backend that does not take the format (wgpu: f32 only; without the feature, not built).
-    assert_usage(&["--dtype", "f32,int8", "--backend", "wgpu"], "wgpu");
+    // A backend that does not take the format (wgpu: f32 only; without the feature, not built). Without
+    // SMALL's `--threads` (a cpu-only flag, refused first on other backends).
+    let o = moe(&[
+        "bench",
+        "-d",
+        "64",
+        "--ffn",
+        "128",
+        "-e",
+        "4",
+        "-k",
+        "2",
+        "-t",
+        "1",
+        "--dtype",
+        "int8,bf16",
+        "--backend",
+        "wgpu",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error:") && err.contains("wgpu"), "{err}");
+    assert!(o.stdout.is_empty(), "no report on bad input");
 }

@@ -82,7 +82,7 @@ fn verify_gradient_fixtures_compares_every_gradient() {
 }
 
 #[test]
-fn verify_fails_with_exit_1_on_a_broken_case() {
+fn verify_exits_2_on_a_case_whose_file_cannot_load() {
     let dir = std::env::temp_dir().join(format!("moe-cli-verify-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -91,8 +91,10 @@ fn verify_fails_with_exit_1_on_a_broken_case() {
         "routing": { "num_experts": 8, "top_k": 2 } }] });
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("manifest");
     let o = moe(&["verify", dir.to_str().expect("utf-8 path")]);
-    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    // A case file that cannot be loaded is bad input (exit 2); the table still names it and why.
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(stdout(&o).contains("FAIL"));
+    assert!(stderr(&o).contains("could not be loaded"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -297,7 +299,7 @@ fn f02_zero_width_and_huge_per_expert_tensors_are_refused() {
     );
     let o = moe(&["verify", dir.to_str().expect("utf-8")]);
     let out = stdout(&o) + &stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_eq!(o.status.code(), Some(2), "{out}");
     assert!(!out.contains("panicked"), "{out}");
     assert!(
         out.contains("gate.weight") && out.contains("every axis at least 1"),

@@ -111,6 +111,12 @@ pub struct CaseReport {
     pub error: Option<String>,
     /// Whether the case ran and every quantity passed.
     pub passed: bool,
+    /// The routed experts' weights as they ran: `f32`, or a packed format (`mxfp4 (packed)`); empty when the
+    /// case could not be loaded.
+    pub experts: String,
+    /// The case file could not be loaded (a malformed tensor, config or file: bad input, `moe verify` exits 2),
+    /// as opposed to a case that ran and failed.
+    pub bad_input: bool,
 }
 
 impl CaseReport {
@@ -170,7 +176,7 @@ pub fn verify_dir(
         .cases
         .iter()
         .map(|c| {
-            verify_case(dir, c, backend).unwrap_or_else(|e| CaseReport {
+            let failed = |e: LoadError, bad_input: bool| CaseReport {
                 name: c.name.clone(),
                 family: c.model_type().to_string(),
                 file: dir.join(&c.file),
@@ -180,7 +186,13 @@ pub fn verify_dir(
                 skipped: Vec::new(),
                 error: Some(e.to_string()),
                 passed: false,
-            })
+                experts: String::new(),
+                bad_input,
+            };
+            match load_case(dir, c) {
+                Err(e) => failed(e, true),
+                Ok(fx) => verify_loaded(&fx, c, backend).unwrap_or_else(|e| failed(e, false)),
+            }
         })
         .collect())
 }
@@ -195,14 +207,27 @@ pub fn verify_case(
     case: &ManifestCase,
     backend: &dyn Backend,
 ) -> Result<CaseReport, LoadError> {
-    // Experts as the file holds them: a packed fixture (MXFP4, FP8) runs packed, an f32 one in f32.
-    let fx = FixtureCase::load_with(dir, case, moe_models::ExpertWeights::Checkpoint)?;
-    let run = run::Run::new(&fx, &case.name, backend)?;
+    verify_loaded(&load_case(dir, case)?, case, backend)
+}
+
+/// Loads a case with its experts as the file holds them: a packed fixture (MXFP4, FP8) runs packed, an f32 one
+/// in f32.
+fn load_case(dir: &Path, case: &ManifestCase) -> Result<FixtureCase, LoadError> {
+    FixtureCase::load_with(dir, case, moe_models::ExpertWeights::Checkpoint)
+}
+
+/// Runs a loaded case on `backend` and compares every reference it holds.
+fn verify_loaded(
+    fx: &FixtureCase,
+    case: &ManifestCase,
+    backend: &dyn Backend,
+) -> Result<CaseReport, LoadError> {
+    let run = run::Run::new(fx, &case.name, backend)?;
     let mut rep = compare::Compare::new(&fx.checkpoint, fx.n_tokens());
     for name in fx.reference_names() {
         run.check(&mut rep, &name)?;
     }
-    grad::check(&fx, &case.name, backend, &mut rep)?;
+    grad::check(fx, &case.name, backend, &mut rep)?;
     let passed = rep.quantities.iter().all(|q| q.passed) && !rep.quantities.is_empty();
     // A case that fails says why: nothing to compare, or which quantities are out of tolerance.
     let error = if rep.quantities.is_empty() {
@@ -231,5 +256,10 @@ pub fn verify_case(
         skipped: rep.skipped,
         error,
         passed,
+        experts: match fx.layer.experts() {
+            moe_core::ExpertBank::Packed(b) => format!("{} (packed)", b.format()),
+            _ => "f32".to_string(),
+        },
+        bad_input: false,
     })
 }

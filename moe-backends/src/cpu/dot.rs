@@ -51,14 +51,24 @@ pub(crate) unsafe fn matmul_nt<W: Load512>(
             let mut i = 0;
             while i < m {
                 let (ai, cij) = (a.add(i * lda), c.add(i * ldc + j));
-                let rows4 = i + MR <= m;
-                match (rows4, full) {
-                    (true, true) => tile::<W, MR, NR>(ai, lda, w, j, k, cij, ldc),
-                    (false, true) => tile::<W, 1, NR>(ai, lda, w, j, k, cij, ldc),
-                    (true, false) => tile::<W, MR, 1>(ai, lda, w, j, k, cij, ldc),
-                    (false, false) => tile::<W, 1, 1>(ai, lda, w, j, k, cij, ldc),
+                // 4 rows at a time, then 2, then 1: each weight vector is loaded (and decoded) once per tile,
+                // so 2 or 3 leftover rows share it. The sum of each output keeps its order whatever the tile.
+                let rows = if i + MR <= m {
+                    MR
+                } else if i + 2 <= m {
+                    2
+                } else {
+                    1
+                };
+                match (rows, full) {
+                    (MR, true) => tile::<W, MR, NR>(ai, lda, w, j, k, cij, ldc),
+                    (2, true) => tile::<W, 2, NR>(ai, lda, w, j, k, cij, ldc),
+                    (_, true) => tile::<W, 1, NR>(ai, lda, w, j, k, cij, ldc),
+                    (MR, false) => tile::<W, MR, 1>(ai, lda, w, j, k, cij, ldc),
+                    (2, false) => tile::<W, 2, 1>(ai, lda, w, j, k, cij, ldc),
+                    (_, false) => tile::<W, 1, 1>(ai, lda, w, j, k, cij, ldc),
                 }
-                i += if rows4 { MR } else { 1 };
+                i += rows;
             }
             j += if full { NR } else { 1 };
         }
@@ -184,9 +194,11 @@ impl Load512 for Fp8Rows {
             let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(
                 self.p.add(j * self.ld + o) as *const __m128i
             ));
+            // (q · 2^-8) · (s · 2^8): both factors exact (s · 448 is finite, checked when the matrix was built),
+            // so one rounding of q · s, as the reference.
             _mm512_mul_ps(
-                _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_f16_bits(q)), _mm512_set1_ps(256.0)),
-                _mm512_set1_ps(self.scale(j, o)),
+                _mm512_cvtph_ps(fp8_to_f16_bits(q)),
+                _mm512_set1_ps(self.scale(j, o) * 256.0),
             )
         }
     }

@@ -196,10 +196,8 @@ impl Load256 for Fp8Rows {
             let sign = _mm_slli_epi16::<8>(_mm_and_si128(q, _mm_set1_epi16(0x80)));
             let mag = _mm_slli_epi16::<7>(_mm_and_si128(q, _mm_set1_epi16(0x7F)));
             let v = _mm256_cvtph_ps(_mm_or_si128(sign, mag));
-            _mm256_mul_ps(
-                _mm256_mul_ps(v, _mm256_set1_ps(256.0)),
-                _mm256_set1_ps(self.scale(j, o)),
-            )
+            // (q · 2^-8) · (s · 2^8): one rounding of q · s (see cpu/dot.rs).
+            _mm256_mul_ps(v, _mm256_set1_ps(self.scale(j, o) * 256.0))
         }
     }
 }
