@@ -904,3 +904,27 @@ fn scales_that_decode_past_f32_are_refused_and_f16_overflow_says_so() {
     let err = PackedMatrix::quantize("big", w.view(), WeightFormat::F16).expect_err("overflow");
     assert!(err.to_string().contains("65504"), "{err}");
 }
+
+#[test]
+fn negative_scales_are_refused() {
+    refused(
+        "t.scale",
+        WeightFormat::Int8,
+        [1, 2, 4],
+        vec![1; 8],
+        Scales::Rows(vec![0.5, -0.5]),
+        "negative",
+    );
+    refused(
+        "t.scale",
+        WeightFormat::Fp8,
+        [1, 1, 4],
+        vec![1; 4],
+        Scales::Blocks {
+            block_rows: 128,
+            block_cols: 128,
+            values: vec![-0.01],
+        },
+        "negative",
+    );
+}

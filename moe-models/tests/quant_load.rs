@@ -1001,3 +1001,71 @@ fn fixture_manifests_carry_a_quantization_config() {
         "{e}"
     );
 }
+
+/// A `quantization_config` is never ignored and packed tensors never load without one: a config declaring a
+/// method over plain experts, MXFP4 blocks with no config (or an FP8 one), and a checkpoint holding both MXFP4
+/// blocks and plain expert weights are refused, naming the key or the tensors.
+#[test]
+fn declared_and_stored_formats_must_agree() {
+    // GPT-OSS: blocks under no config, and under an FP8 config.
+    let no_config = format!(
+        r#"{{"model_type": "gpt_oss", "num_local_experts": {GO_E}, "num_experts_per_tok": 2, "swiglu_limit": 7.0}}"#
+    );
+    let e = load_err("mx-no-config", &no_config, &gpt_oss_tensors(2));
+    assert!(matches!(e, LoadError::Config { .. }), "{e}");
+    assert!(e.to_string().contains("mxfp4"), "{e}");
+    let e = load_err(
+        "mx-fp8-config",
+        &gpt_oss_config(r#"{"quant_method": "fp8"}"#),
+        &gpt_oss_tensors(2),
+    );
+    assert!(e.to_string().contains("quantization_config"), "{e}");
+    // GPT-OSS: blocks and a plain gate_up together.
+    let mut t = gpt_oss_tensors(3);
+    t.push((
+        format!("{GO_PREFIX}experts.gate_up_proj"),
+        Dtype::F32,
+        vec![GO_E, GO_D, 2 * GO_F],
+        f32_bytes(&vec![0.0; GO_E * GO_D * 2 * GO_F]),
+    ));
+    let e = load_err(
+        "mx-and-plain",
+        &gpt_oss_config(r#"{"quant_method": "mxfp4"}"#),
+        &t,
+    );
+    assert!(matches!(e, LoadError::BadTensor { .. }), "{e}");
+    assert!(e.to_string().contains("both"), "{e}");
+    // DeepSeek-V3: the hf fixture's f32 experts under an FP8 config (the manifest's routing is its config).
+    let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(hf.join("manifest.json")).expect("hf manifest"),
+    )
+    .expect("json");
+    let case = manifest["cases"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "deepseek_v3"))
+        .expect("deepseek_v3 case")
+        .clone();
+    let d = dir("f32-under-fp8");
+    std::fs::copy(
+        hf.join("deepseek_v3.safetensors"),
+        d.join("deepseek_v3.safetensors"),
+    )
+    .expect("copy");
+    let mut case = case;
+    case["routing"]["quantization_config"] = serde_json::json!({"quant_method": "fp8"});
+    if let Some(c) = case.as_object_mut() {
+        c.remove("sha256");
+        c.remove("bytes");
+    }
+    let m: moe_models::fixture::ManifestCase = serde_json::from_value(case).expect("case");
+    let Err(e) = moe_models::fixture::FixtureCase::load_with(&d, &m, ExpertWeights::Checkpoint)
+    else {
+        panic!("f32 experts under an FP8 config load")
+    };
+    assert!(matches!(e, LoadError::Config { .. }), "{e}");
+    assert!(
+        e.to_string().contains("not quantised") && e.to_string().contains("experts.gate_up_proj"),
+        "{e}"
+    );
+}

@@ -225,7 +225,8 @@ impl PackedMatrix {
     /// # Errors
     /// [`MoeError::BadTensor`] naming the tensor: a byte length or a scale count that does not match `dims`, a
     /// zero dimension, MXFP4 `cols` not a multiple of 32, zero block sizes, the wrong kind of scales for the
-    /// format, a NaN or infinite scale or value, an FP8 NaN code (`0x7F`, `0xFF`), the E8M0 NaN code 255, a scale
+    /// format, a NaN, infinite or negative scale, a NaN or infinite value, an FP8 NaN code (`0x7F`, `0xFF`), the
+    /// E8M0 NaN code 255, a scale
     /// that would decode a value past f32's range (int8 `|s| · 128`, FP8 `|s| · 448`, MXFP4 code 254 with a value
     /// of magnitude 2 or more): every decoded weight of a held matrix is finite;
     /// [`MoeError::TooLarge`] past [`MAX_VALUES`].
@@ -303,9 +304,9 @@ impl PackedMatrix {
                         v.len()
                     )));
                 }
-                if let Some(i) = v.iter().position(|s| !(s * 128.0).is_finite()) {
+                if let Some(i) = v.iter().position(|s| !(s * 128.0).is_finite() || *s < 0.0) {
                     return Err(bad_scale(format!(
-                        "scale {} at [{}, {}] is non-finite or decodes past f32's range (× 128)",
+                        "scale {} at [{}, {}] is negative, non-finite or decodes past f32's range (× 128)",
                         v[i],
                         i / rows,
                         i % rows
@@ -333,9 +334,12 @@ impl PackedMatrix {
                         values.len()
                     )));
                 }
-                if let Some(i) = values.iter().position(|s| !(s * FP8_E4M3_MAX).is_finite()) {
+                if let Some(i) = values
+                    .iter()
+                    .position(|s| !(s * FP8_E4M3_MAX).is_finite() || *s < 0.0)
+                {
                     return Err(bad_scale(format!(
-                        "scale {} at [{}, {}, {}] is non-finite or decodes past f32's range (× 448)",
+                        "scale {} at [{}, {}, {}] is negative, non-finite or decodes past f32's range (× 448)",
                         values[i],
                         i / (gr * gc),
                         i / gc % gr,

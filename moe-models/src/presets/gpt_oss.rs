@@ -85,7 +85,10 @@ pub fn build(cfg: &MoeConfig, w: &Weights<'_>) -> Result<MoeLayer, LoadError> {
     };
     let bank = match l.packed_gpt_oss(names, e, d, family)? {
         Some(bank) => bank,
-        None => f32_bank(&mut l, cfg, e, d)?,
+        None => {
+            l.require_unquantized(GATE_UP)?;
+            f32_bank(&mut l, cfg, e, d)?
+        }
     };
     let router = l
         .topk_router(TopKPreset::Granite, gate, cfg.top_k, None)?

@@ -57,6 +57,25 @@ impl Loader<'_, '_> {
     /// The bank the loader returns for a packed bank: the bank itself ([`ExpertWeights::Checkpoint`]) or its f32
     /// decoding ([`ExpertWeights::F32`]).
     fn finish_bank(&self, bank: PackedBank) -> Result<ExpertBank, LoadError> {
+        // MXFP4 and FP8 tensors need the config that declares them (FP8's block size is read from it, so FP8
+        // without one was refused already); 16-bit tensors need none.
+        let declared = self.quant.map(QuantizationConfig::format);
+        if matches!(bank.format(), WeightFormat::Mxfp4 | WeightFormat::Fp8)
+            && declared != Some(bank.format())
+        {
+            return Err(self.config_err(
+                "quantization_config",
+                format!(
+                    "the experts are {} tensors, but the config declares {}",
+                    bank.format(),
+                    self.quant
+                        .map_or("no quantization_config".to_string(), |q| format!(
+                            "\"quant_method\": \"{}\"",
+                            q.quant_method()
+                        ))
+                ),
+            ));
+        }
         match self.experts {
             ExpertWeights::Checkpoint => Ok(ExpertBank::Packed(bank)),
             ExpertWeights::F32 => bank.dequantize().map_err(self.err()),
@@ -498,7 +517,18 @@ impl Loader<'_, '_> {
         d: usize,
         family: PackedFamily,
     ) -> Result<Option<ExpertBank>, LoadError> {
-        let (up, down, f2) = if self.contains(&format!("{}{BLOCKS}", names.gate_up)) {
+        let blocks = format!("{}{BLOCKS}", names.gate_up);
+        if self.contains(&blocks) && self.contains(names.gate_up) {
+            return Err(self.bad_tensor(
+                names.gate_up,
+                format!(
+                    "the checkpoint holds both {} and {}: one set of expert weights only",
+                    self.w.full(&blocks),
+                    self.w.full(names.gate_up)
+                ),
+            ));
+        }
+        let (up, down, f2) = if self.contains(&blocks) {
             self.mxfp4_gpt_oss(names, n_experts, d)?
         } else {
             match self.half_gpt_oss(names, n_experts, d)? {

@@ -65,6 +65,23 @@ impl<'w, 'a> Loader<'w, 'a> {
         LoadError::config(self.w.checkpoint().origin(), field, reason)
     }
 
+    /// An error when the config declares a `quantization_config` but the experts were found unquantised (tensor
+    /// `tensor`, unprefixed, is not a packed one): a config that says the weights are quantised is never ignored.
+    pub fn require_unquantized(&self, tensor: &str) -> Result<(), LoadError> {
+        match self.quant {
+            None => Ok(()),
+            Some(q) => Err(self.config_err(
+                "quantization_config",
+                format!(
+                    "declares \"quant_method\": \"{}\", but the experts are not quantised (tensor {} holds \
+                     plain weights): remove the quantization_config or give the packed tensors",
+                    q.quant_method(),
+                    self.w.full(tensor)
+                ),
+            )),
+        }
+    }
+
     /// Records that parameter `param` was read from `names` (unprefixed, joined by ` + `).
     pub fn record(&mut self, param: &'static str, names: &[&str]) {
         let full: Vec<String> = names.iter().map(|n| self.w.full(n)).collect();
@@ -142,6 +159,11 @@ impl<'w, 'a> Loader<'w, 'a> {
         if let Some(bank) = self.packed_swiglu(fused, per_expert, n_experts, d)? {
             return Ok(bank);
         }
+        self.require_unquantized(if self.contains(fused.0) {
+            fused.0
+        } else {
+            "experts"
+        })?;
         let (gate_up, down) = if self.contains(fused.0) {
             let w = self.w;
             let gate_up = w.get3(fused.0, Some(n_experts), None, Some(d))?;
@@ -182,6 +204,7 @@ impl<'w, 'a> Loader<'w, 'a> {
         if let Some(bank) = self.packed_fused_swiglu((gu_name, down_name), n_experts, d)? {
             return Ok(bank);
         }
+        self.require_unquantized(gu_name)?;
         let gu = self.tensor3("experts.gate_up", gu_name, [Some(n_experts), None, Some(d)])?;
         let f2 = gu.dim().1;
         let dn = self.tensor3(
