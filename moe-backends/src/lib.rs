@@ -145,7 +145,7 @@ pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
 pub struct BackendOptions {
     /// Precision of the resident expert weights. `F32` (the default) keeps every bank as it is; another format
     /// quantises f32 banks at upload ([`moe_core::PackedBank::quantize`]). The cpu backend runs every format,
-    /// cuda f32, bf16 and f16, wgpu f32.
+    /// cuda every format (int8, fp8 and mxfp4 kernels compiled with NVRTC, not yet run on a GPU), wgpu f32.
     pub dtype: Dtype,
     /// Threads of the cpu backend (`None`: all cores); other backends take none.
     pub threads: Option<usize>,
@@ -182,7 +182,7 @@ pub fn open_with(
         BackendKind::Wgpu if options.dtype != Dtype::F32 => Err(MoeError::config(
             "dtype",
             options.dtype.name(),
-            "only f32 on the wgpu backend (the cpu backend runs every format, cuda f32, bf16 and f16)",
+            "only f32 on the wgpu backend (the cpu and cuda backends run every format)",
         )
         .into()),
         BackendKind::Cpu => Ok(Box::new(

@@ -91,7 +91,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Precision of the resident expert weights: f32, bf16, f16, int8, fp8 or mxfp4 (the cpu backend quantises
-    /// at upload; cuda takes f32, bf16, f16). A comma list (`f32,bf16,int8,fp8,mxfp4`) times each format in turn
+    /// at upload, as does cuda; wgpu takes f32). A comma list (`f32,bf16,int8,fp8,mxfp4`) times each format in turn
     /// with its accuracy against the f32 layer on the same tokens and its bytes streamed (docs/LOWPREC.md). The
     /// router stays f32.
     #[arg(long, default_value = "f32")]
@@ -99,8 +99,9 @@ pub(crate) struct BenchArgs {
     /// CPU threads, 1 to 4 × the cores (at most 1024); default: all cores.
     #[arg(long)]
     threads: Option<usize>,
-    /// CPU kernels: `auto` (the AVX-512 dot kernel for few rows per expert where the CPU has it) or `portable`
-    /// (the `gemm` crate for every product, as on CPUs without AVX-512).
+    /// CPU kernels: `auto` (for few rows per expert the AVX-512 dot kernel where the CPU has it, else AVX2's),
+    /// `avx2` (the AVX2 dot kernel even on an AVX-512 CPU) or `portable` (the `gemm` crate for every product; packed
+    /// formats decoded by the scalar reference, much slower).
     #[arg(long, default_value = "auto")]
     cpu_kernels: String,
     /// Timed runs per T (the median is reported), after one warm-up run.

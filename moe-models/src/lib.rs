@@ -62,7 +62,8 @@ pub use presets::{Family, Preset, build_layer};
 pub use quant::{ExpertWeights, QuantizationConfig};
 
 /// Loads MoE layer `layer` of the checkpoint in `dir` (`config.json` plus `model.safetensors` or
-/// `model.safetensors.index.json`), under the family's usual block prefix.
+/// `model.safetensors.index.json`), under the family's usual block prefix, with f32 experts: 16-bit, FP8 and MXFP4
+/// expert weights are decoded to f32 ([`ExpertWeights::F32`]; [`load_layer_with`] keeps them packed).
 ///
 /// # Errors
 /// Any [`LoadError`] of the config, the checkpoint or the tensors.

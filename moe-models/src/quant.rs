@@ -4,7 +4,7 @@
 //! | checkpoint | expert tensors (under the block prefix) | [`ExpertWeights::Checkpoint`] loads |
 //! | --- | --- | --- |
 //! | GPT-OSS MXFP4 (`"quant_method": "mxfp4"`) | `experts.gate_up_proj_blocks` U8 `[E, 2f, d/32, 16]`, `_scales` U8 `[E, 2f, d/32]`, `experts.down_proj_blocks` `[E, d, f/32, 16]`, `_scales` `[E, d, f/32]`, biases BF16 / F32 | `PackedBank` MXFP4 (bytes as in the file) |
-//! | DeepSeek-V3 FP8 (`"quant_method": "fp8"`) | `experts.{e}.{gate,up,down}_proj.weight` F8_E4M3 with `.weight_scale_inv` F32 `[⌈out/128⌉, ⌈in/128⌉]` (or transformers' fused `experts.gate_up_proj` / `_scale_inv`), shared experts likewise | `PackedBank` FP8 with block scales |
+//! | DeepSeek-V3 FP8 (`"quant_method": "fp8"`) | `experts.{e}.{gate,up,down}_proj.weight` F8_E4M3 with `.weight_scale_inv` F32 (BF16 / F16 read exactly) `[⌈out/128⌉, ⌈in/128⌉]` (or transformers' fused `experts.gate_up_proj` / `_scale_inv`), shared experts likewise | `PackedBank` FP8 with block scales |
 //! | BF16 / F16 | the family's usual names | `PackedBank` BF16 / F16 |
 //! | F32 | the family's usual names | the f32 bank |
 //!

@@ -106,8 +106,11 @@ impl Backend for CpuBackend {
 
     fn capabilities(&self) -> Capabilities {
         let n = self.threads.unwrap_or_else(rayon::current_num_threads);
-        let kernels = if self.uses_dot_kernel() {
+        let k = Kernels::new(self.kernels);
+        let kernels = if k.dot {
             "AVX-512 dot kernel + gemm"
+        } else if k.avx2 {
+            "AVX2 dot kernel + gemm"
         } else {
             "gemm kernels"
         };

@@ -57,7 +57,7 @@ impl PackedBank {
     ///
     /// # Errors
     /// [`MoeError::Shape`] for tensors that do not fit together, [`MoeError::InvalidConfig`] for mixed formats,
-    /// a missing or extra bias, or non-finite biases or GPT-OSS constants.
+    /// a missing or extra bias, or non-finite GPT-OSS constants; [`MoeError::BadTensor`] for a non-finite bias.
     pub fn new(
         family: PackedFamily,
         up: PackedMatrix,
@@ -218,7 +218,8 @@ impl PackedBank {
     /// How far the decoded weights are from `original`'s (the bank this one was quantised from).
     ///
     /// # Errors
-    /// [`MoeError::Mismatch`] / [`MoeError::Shape`] when `original` is not of this bank's family and shape.
+    /// [`MoeError::InvalidConfig`] when `original` is not of this bank's family, [`MoeError::Shape`] when a
+    /// tensor's shape differs.
     pub fn error_against(&self, original: &ExpertBank) -> Result<QuantError, MoeError> {
         let back = self.dequantize()?;
         let (a, b) = (original.params(), back.params());
