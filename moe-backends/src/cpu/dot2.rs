@@ -84,6 +84,7 @@ unsafe fn tile<W: Load256, const R: usize, const C: usize>(
             for (jj, v) in wv.iter_mut().enumerate() {
                 // Weight rows stream from memory once: ask for them PREFETCH bytes ahead.
                 _mm_prefetch::<_MM_HINT_T0>(w.prefetch(j0 + jj, o, PREFETCH));
+                _mm_prefetch::<_MM_HINT_T1>(w.prefetch(j0 + C + jj, o, 0));
                 *v = w.load(j0 + jj, o);
             }
             for (ii, row) in acc.iter_mut().enumerate() {
