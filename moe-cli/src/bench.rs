@@ -118,7 +118,10 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     clusters: usize,
     /// Also measure the memory read bandwidth (a read-only pass over 1 GiB on the same threads), to judge
-    /// weight-streaming rows against (backends with a bandwidth probe: cpu).
+    /// weight-streaming rows against (backends with a bandwidth probe: cpu). The timed forwards then start with
+    /// cold caches (a 128 MiB read, untimed, before each), so every weight byte comes from memory, as in decoding
+    /// where each layer's experts differ: without it, a layer whose hit experts fit the last-level cache (2 MXFP4
+    /// or int8 experts of the Mixtral-like shape do) is timed from that cache.
     #[arg(long)]
     bandwidth: bool,
     /// Also time the training step: `forward_train` + `backward_into` (the input's mode, `d_output` = ones, the
@@ -593,6 +596,10 @@ fn check_sizes(a: &BenchArgs, (d, f, e): (usize, usize, usize)) -> Result<(), Cl
 }
 
 /// Times `repeats` forwards at `t` tokens (after one warm-up): the row, and whether the device clock timed it.
+/// Bytes read before each timed forward with `--bandwidth` (cold caches): 4x the 32 MiB last-level cache of the
+/// machines we measure on.
+const EVICT_BYTES: usize = 128 << 20;
+
 fn time_row(
     resident: &mut dyn DeviceLayer,
     a: &BenchArgs,
@@ -622,7 +629,12 @@ fn time_row(
         Some(ms) => ms.into_iter().map(|v| v / 1e3).collect(),
         None => {
             let mut times = Vec::with_capacity(repeats);
+            let evict = a.bandwidth.then(|| vec![1u64; EVICT_BYTES / 8]);
             for _ in 0..repeats {
+                if let Some(e) = &evict {
+                    // Untimed: a read larger than any last-level cache pushes the weights out of it.
+                    std::hint::black_box(e.iter().fold(0u64, |s, &v| s.wrapping_add(v)));
+                }
                 let t0 = Instant::now();
                 let out = resident.forward(&input)?;
                 times.push(t0.elapsed().as_secs_f64());
