@@ -1,6 +1,6 @@
 //! Products whose weights are packed rows (`moe_core::quant`), and the SIMD dot-kernel dispatch shared with f32.
 //!
-//! Up to [`DIRECT_ROWS`] rows, the dot kernel (AVX-512 or AVX2) decodes each weight vector in registers inside
+//! Up to [`direct_rows`] rows (16 for 16-bit formats, 4 for int8, FP8 and MXFP4), the dot kernel (AVX-512 or AVX2) decodes each weight vector in registers inside
 //! the product: the weights stream from memory once, at their packed size. With more rows (or without those
 //! kernels, or for a layout they cannot read) a tile's weight rows are first decoded into a per-thread panel
 //! `[width, k]` (SIMD where available) and the f32 product runs on it, as it would on f32 weights of that
@@ -20,9 +20,18 @@ use super::{Kernels, Tile, Weights};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::rows::{AnyRows, with_rows};
 
-/// Row counts up to this decode packed weights in registers inside the dot kernel; above, a tile's weights are
-/// decoded once into a panel (each register decode is repeated once per 4 (AVX-512) or 2 (AVX2) rows).
-const DIRECT_ROWS: usize = 16;
+/// Row counts up to which the dot kernel decodes packed weights in registers; above, a tile's weights are decoded
+/// once into a panel (each register decode is repeated once per 4 (AVX-512) or 2 (AVX2) rows). A cheap decode
+/// (16-bit: a shift or one conversion) pays for itself up to 16 rows; a dearer one (int8, FP8, MXFP4: conversions,
+/// scales, permutes) only within one 4-row tile (measured on the Mixtral-like and GPT-OSS-like shapes, T = 16:
+/// int8 / FP8 / MXFP4 25-35 % faster with 4, bf16 25-45 % slower).
+fn direct_rows(format: moe_core::WeightFormat) -> usize {
+    use moe_core::WeightFormat as F;
+    match format {
+        F::F32 | F::Bf16 | F::F16 => 16,
+        F::Int8 | F::Fp8 | F::Mxfp4 => 4,
+    }
+}
 
 thread_local! {
     /// Per-thread panel of decoded weight rows.
@@ -87,7 +96,7 @@ impl Tile<'_> {
             });
         }
         #[cfg(target_arch = "x86_64")]
-        if m <= DIRECT_ROWS
+        if m <= direct_rows(w.format)
             && (kernels.dot || kernels.avx2)
             && let Some(rows) = AnyRows::new(&w, row0, n)
         {
