@@ -104,8 +104,9 @@ fn every_format_equals_its_decoded_f32_bit_for_bit() {
             ],
         ),
     ];
-    // Rows per expert: register decode (1, 5, 16), panel + dot (17, 48), transposed gemm (49), gemm (300).
-    let rows = [1usize, 0, 5, 16, 17, 48, 49, 300];
+    // Rows per expert: register decode (1 to 4 in 1-, 2- and 4-row tiles for every format, 5 and 16 for 16-bit
+    // ones), decoded panel + dot (5 and 16 for int8 / FP8 / MXFP4, 17, 48), transposed gemm (49), gemm (300).
+    let rows = [1usize, 0, 2, 3, 4, 5, 16, 17, 48, 49, 300];
     let t = 300;
     for (d, f, formats) in shapes {
         let x = Array2::from_shape_fn((t, d), |_| rng.normal() as f32);
