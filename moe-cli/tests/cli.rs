@@ -475,7 +475,11 @@ fn bench_cpu_kernels() {
     );
     let o = moe(&["bench", "--cpu-kernels", "avx9", "-t", "1"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("auto, avx2, portable"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("auto, avx2, portable"),
+        "{}",
+        stderr(&o)
+    );
     let o = moe(&[
         "bench",
         "--backend",
