@@ -82,6 +82,16 @@ impl Loader<'_, '_> {
         }
     }
 
+    /// A packed SiLU SwiGLU bank (no biases) of `up` `[E, 2f, d]` and `down` `[E, d, f]`, finished as
+    /// [`Loader::finish_bank`] says.
+    fn finish_swiglu(&self, up: PackedMatrix, down: PackedMatrix) -> Result<ExpertBank, LoadError> {
+        let family = PackedFamily::SwiGlu {
+            act: Activation::Silu,
+        };
+        let bank = PackedBank::new(family, up, None, down, None).map_err(self.err())?;
+        self.finish_bank(bank)
+    }
+
     /// A [`LoadError::Shape`] for tensor `name` (unprefixed).
     fn shape_err(&self, name: &str, expected: String, found: Vec<usize>) -> LoadError {
         let full = self.w.full(name);
@@ -162,17 +172,7 @@ impl Loader<'_, '_> {
         };
         self.record("experts.gate_up", &[&gate, &up]);
         self.record("experts.down", &[&down]);
-        let bank = PackedBank::new(
-            PackedFamily::SwiGlu {
-                act: Activation::Silu,
-            },
-            up_m,
-            None,
-            down_m,
-            None,
-        )
-        .map_err(self.err())?;
-        self.finish_bank(bank).map(Some)
+        self.finish_swiglu(up_m, down_m).map(Some)
     }
 
     /// The shared experts `{prefix}.gate_proj|up_proj|down_proj.weight` packed as [`Loader::packed_swiglu`]
@@ -190,17 +190,7 @@ impl Loader<'_, '_> {
         };
         self.record("shared.gate_up", &[&g, &u]);
         self.record("shared.down", &[&dn]);
-        let bank = PackedBank::new(
-            PackedFamily::SwiGlu {
-                act: Activation::Silu,
-            },
-            up_m,
-            None,
-            down_m,
-            None,
-        )
-        .map_err(self.err())?;
-        self.finish_bank(bank).map(Some)
+        self.finish_swiglu(up_m, down_m).map(Some)
     }
 
     /// The header checks of a stack: every tensor present, of its shape and of the stack's dtype. `None` when the
@@ -494,17 +484,7 @@ impl Loader<'_, '_> {
         .map_err(self.err())?;
         self.record("experts.gate_up", &[gu_name]);
         self.record("experts.down", &[dn_name]);
-        let bank = PackedBank::new(
-            PackedFamily::SwiGlu {
-                act: Activation::Silu,
-            },
-            up_m,
-            None,
-            down_m,
-            None,
-        )
-        .map_err(self.err())?;
-        self.finish_bank(bank).map(Some)
+        self.finish_swiglu(up_m, down_m).map(Some)
     }
 
     /// GPT-OSS experts kept packed: MXFP4 when the checkpoint has `{gate_up}_blocks` ([`Loader::mxfp4_gpt_oss`]),
