@@ -89,44 +89,52 @@ const KERNELS: [CpuKernels; 3] = [CpuKernels::Auto, CpuKernels::Avx2, CpuKernels
 #[test]
 fn every_format_equals_its_decoded_f32_bit_for_bit() {
     let mut rng = SeqRng::new(18, 0);
-    // (d, f): multiples of 32 (every format), then widths with SIMD tails and partial / several FP8 blocks.
-    let shapes: [(usize, usize, &[WeightFormat]); 2] = [
-        (64, 160, &WeightFormat::ALL),
-        (
-            37,
-            141,
-            &[
-                WeightFormat::F32,
-                WeightFormat::Bf16,
-                WeightFormat::F16,
-                WeightFormat::Int8,
-                WeightFormat::Fp8,
-            ],
-        ),
-    ];
     // Rows per expert: register decode (1 to 4 in 1-, 2- and 4-row tiles for every format, 5 and 16 for 16-bit
     // ones), decoded panel + dot (5 and 16 for int8 / FP8 / MXFP4, 17, 48), transposed gemm (49), gemm (300).
     let rows = [1usize, 0, 2, 3, 4, 5, 16, 17, 48, 49, 300];
-    let t = 300;
-    for (d, f, formats) in shapes {
-        let x = Array2::from_shape_fn((t, d), |_| rng.normal() as f32);
-        for kind in [0u8, 1, 4, 5] {
-            let bank = random_bank(kind, rows.len(), d, f, &mut rng);
-            let kept = plan(t, &rows, &mut rng);
-            for &format in formats {
-                let p = packed(&bank, format);
-                let want_layer = layer_with(decoded_f32(&p), &kept);
-                let got_layer = layer_with(ExpertBank::Packed(p), &kept);
-                for kernels in KERNELS {
-                    let want = run(want_layer.clone(), &x, kernels, 1);
-                    for threads in [1, 2] {
-                        let got = run(got_layer.clone(), &x, kernels, threads);
-                        assert!(
-                            bits(&got) == bits(&want),
-                            "kind {kind}, {format}, d {d}, f {f}, {kernels:?}, {threads} threads: packed \
-                             differs from its decoded f32"
-                        );
-                    }
+    // (d, f): multiples of 32 (every format), then widths with SIMD tails and partial / several FP8 blocks.
+    check_decoded(64, 160, &WeightFormat::ALL, &rows, &mut rng);
+    let no_mxfp4 = [
+        WeightFormat::F32,
+        WeightFormat::Bf16,
+        WeightFormat::F16,
+        WeightFormat::Int8,
+        WeightFormat::Fp8,
+    ];
+    check_decoded(37, 141, &no_mxfp4, &rows, &mut rng);
+}
+
+/// Reductions long enough (2080 values) that the dot kernel's decoded panel is taken 12 rows at a time: the first
+/// product (k = d) and the second (k = f) split into several panels and a short last one, bit for bit as one.
+#[test]
+fn long_reductions_split_the_decoded_panel_bit_for_bit() {
+    let mut rng = SeqRng::new(18, 1);
+    let rows = [5usize, 17, 48];
+    check_decoded(2080, 96, &WeightFormat::ALL, &rows, &mut rng);
+    check_decoded(64, 2080, &WeightFormat::ALL, &rows, &mut rng);
+}
+
+/// For each bank kind and format, the packed bank's output equals that of the f32 bank of its decoded weights bit
+/// for bit, on every kernel set and on 1 and 2 threads; expert `e` gets `rows[e]` tokens.
+fn check_decoded(d: usize, f: usize, formats: &[WeightFormat], rows: &[usize], rng: &mut SeqRng) {
+    let t = rows.iter().copied().max().unwrap_or(0).max(1);
+    let x = Array2::from_shape_fn((t, d), |_| rng.normal() as f32);
+    for kind in [0u8, 1, 4, 5] {
+        let bank = random_bank(kind, rows.len(), d, f, rng);
+        let kept = plan(t, rows, rng);
+        for &format in formats {
+            let p = packed(&bank, format);
+            let want_layer = layer_with(decoded_f32(&p), &kept);
+            let got_layer = layer_with(ExpertBank::Packed(p), &kept);
+            for kernels in KERNELS {
+                let want = run(want_layer.clone(), &x, kernels, 1);
+                for threads in [1, 2] {
+                    let got = run(got_layer.clone(), &x, kernels, threads);
+                    assert!(
+                        bits(&got) == bits(&want),
+                        "kind {kind}, {format}, d {d}, f {f}, {kernels:?}, {threads} threads: packed \
+                         differs from its decoded f32"
+                    );
                 }
             }
         }

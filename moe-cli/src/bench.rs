@@ -632,8 +632,16 @@ fn time_row(
             let evict = a.bandwidth.then(|| vec![1u64; EVICT_BYTES / 8]);
             for _ in 0..repeats {
                 if let Some(e) = &evict {
-                    // Untimed: a read larger than any last-level cache pushes the weights out of it.
-                    std::hint::black_box(e.iter().fold(0u64, |s, &v| s.wrapping_add(v)));
+                    // Untimed: a read larger than any last-level cache, shared out among the layer's workers,
+                    // pushes the weights out of every cache the forward runs on and leaves the workers awake.
+                    resident.on_workers(&|i, n| {
+                        let part = e.len().div_ceil(n.max(1));
+                        let lo = (i * part).min(e.len());
+                        let hi = (lo + part).min(e.len());
+                        std::hint::black_box(
+                            e[lo..hi].iter().fold(0u64, |s, &v| s.wrapping_add(v)),
+                        );
+                    });
                 }
                 let t0 = Instant::now();
                 let out = resident.forward(&input)?;

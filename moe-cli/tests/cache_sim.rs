@@ -95,7 +95,7 @@ fn route_refuses_a_trace_path_it_cannot_write() {
 }
 
 /// A trace of `moe route` (E = 8, one layer) in a fresh directory.
-fn routed(name: &str) -> (std::path::PathBuf, String) {
+fn routed(name: &str) -> (common::Scratch, String) {
     let dir = scratch(name);
     let path = dir.join("r.moetrace");
     let o = route_trace(&path, "8");

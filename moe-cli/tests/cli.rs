@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{moe, stderr, stdout};
+use common::{moe, scratch, stderr, stdout};
 
 use std::process::Command;
 
@@ -241,8 +241,7 @@ fn dtype_and_threads_are_checked() {
 
 #[test]
 fn plot_and_config_file() {
-    let dir = std::env::temp_dir().join(format!("moe-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = scratch("plot-config");
     let cfg = dir.join("routers.toml");
     std::fs::write(
         &cfg,
@@ -278,7 +277,6 @@ fn plot_and_config_file() {
     std::fs::write(&cfg, "[[router]]\nname = \"nope\"\n").expect("write config");
     let o = moe(&["compare", "--config", cfg.to_str().expect("utf-8 path")]);
     assert_eq!(o.status.code(), Some(2));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A safetensors file written by hand: `hidden_states [t, d]` F32 and `token_ids [t]` I64.
@@ -305,8 +303,7 @@ fn safetensors_bytes(t: usize, d: usize) -> Vec<u8> {
 
 #[test]
 fn input_files_safetensors_and_npy() {
-    let dir = std::env::temp_dir().join(format!("moe-cli-input-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = scratch("input-files");
     let st = dir.join("x.safetensors");
     std::fs::write(&st, safetensors_bytes(40, 6)).expect("write");
     let o = moe(&[
@@ -377,7 +374,6 @@ fn input_files_safetensors_and_npy() {
     let o = moe(&["compare", "--input", st.to_str().expect("utf-8")]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A reader that closes the pipe early (`moe compare | head -c 10`) ends `moe` quietly: no panic from `println!`

@@ -445,7 +445,7 @@ fn missing_corpus_says_how_to_fetch_it() {
     let args = tiny_args(&["--corpus", "shakespeare"]);
     let o = Command::new(env!("CARGO_BIN_EXE_moe"))
         .args(&args)
-        .env("MOE_CACHE_DIR", &cache)
+        .env("MOE_CACHE_DIR", &*cache)
         .output()
         .expect("the moe binary runs");
     refused(&o, &["corpus shakespeare", "--fetch-corpus shakespeare"]);

@@ -83,9 +83,7 @@ fn verify_gradient_fixtures_compares_every_gradient() {
 
 #[test]
 fn verify_exits_2_on_a_case_whose_file_cannot_load() {
-    let dir = std::env::temp_dir().join(format!("moe-cli-verify-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = scratch("verify-unloadable");
     let manifest = serde_json::json!({ "cases": [{
         "name": "mixtral", "file": "absent.safetensors", "model_family": "mixtral", "batch": 1, "seq_len": 4,
         "routing": { "num_experts": 8, "top_k": 2 } }] });
@@ -95,7 +93,6 @@ fn verify_exits_2_on_a_case_whose_file_cannot_load() {
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(stdout(&o).contains("FAIL"));
     assert!(stderr(&o).contains("could not be loaded"), "{}", stderr(&o));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -406,7 +403,7 @@ fn f22_wrong_type_is_not_reported_missing() {
 }
 
 /// A copy of the mixtral fixture case in a fresh directory, with its manifest entry (and its `bytes`, `sha256`).
-fn mixtral_copy(name: &str) -> (std::path::PathBuf, serde_json::Value) {
+fn mixtral_copy(name: &str) -> (common::Scratch, serde_json::Value) {
     let dir = scratch(name);
     let m: serde_json::Value = serde_json::from_slice(
         &std::fs::read(format!("{FIXTURES}/manifest.json")).expect("manifest"),

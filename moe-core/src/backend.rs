@@ -285,6 +285,15 @@ pub trait DeviceLayer: Send {
         ))
     }
 
+    /// Runs `work(i, n)` once on each of the layer's `n` host worker threads at the same time (`i` in `0..n`) and
+    /// returns when all have. The default runs `work(0, 1)` on the calling thread; the CPU backend runs it on its
+    /// thread pool. `moe bench --bandwidth` evicts the caches this way before each timed forward: from every core
+    /// that runs the forward, and with those workers left awake, as a model's other work between two layers
+    /// leaves them (workers that went to sleep first pay their wake-up inside the next forward).
+    fn on_workers(&self, work: &(dyn Fn(usize, usize) + Sync)) {
+        work(0, 1);
+    }
+
     /// Times `repeats` forwards of `input` by the device's own clock, in milliseconds each, with the input copied
     /// to the device once beforehand and the output left there (CUDA events on a GPU). `Ok(None)`, the default,
     /// means the backend has no device clock: time [`DeviceLayer::forward`] on the host instead.

@@ -350,44 +350,41 @@ mod tests {
 
     #[test]
     fn names_confined_to_their_directory() {
-        let dir = std::env::temp_dir().join(format!("moe-files-{}", std::process::id()));
+        let tmp = tempfile::tempdir().expect("mkdir");
+        let dir = tmp.path();
         std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
         std::fs::write(dir.join("sub/a.bin"), b"x").expect("write");
         let l = dir.join("index.json");
-        assert!(confined_path(&dir, "sub/a.bin", &l).is_ok());
-        assert!(confined_path(&dir, "./missing.bin", &l).is_ok());
+        assert!(confined_path(dir, "sub/a.bin", &l).is_ok());
+        assert!(confined_path(dir, "./missing.bin", &l).is_ok());
         for bad in ["", "../a.bin", "sub/../../a.bin", "/etc/passwd"] {
-            let e = confined_path(&dir, bad, &l).expect_err(bad);
+            let e = confined_path(dir, bad, &l).expect_err(bad);
             assert!(matches!(e, LoadError::OutsideDir { .. }), "{bad}: {e}");
         }
         #[cfg(unix)]
         {
             let link = dir.join("link.bin");
-            let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(std::env::temp_dir(), &link).expect("symlink");
-            let e = confined_path(&dir, "link.bin", &l).expect_err("symlink out");
+            let e = confined_path(dir, "link.bin", &l).expect_err("symlink out");
             assert!(e.to_string().contains("resolves to"), "{e}");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[cfg(unix)]
     #[test]
     fn hf_cache_snapshot_links_into_blobs_are_allowed() {
-        let repo = std::env::temp_dir().join(format!("moe-files-hf-{}", std::process::id()));
+        let tmp = tempfile::tempdir().expect("mkdir");
+        let repo = tmp.path();
         let snap = repo.join("snapshots").join("abc123");
         std::fs::create_dir_all(&snap).expect("mkdir");
         std::fs::create_dir_all(repo.join("blobs")).expect("mkdir");
         std::fs::write(repo.join("blobs/deadbeef"), b"x").expect("write");
         std::fs::write(repo.join("other"), b"x").expect("write");
-        let _ = std::fs::remove_file(snap.join("model.safetensors"));
-        let _ = std::fs::remove_file(snap.join("other.safetensors"));
         std::os::unix::fs::symlink("../../blobs/deadbeef", snap.join("model.safetensors"))
             .expect("symlink");
         std::os::unix::fs::symlink("../../other", snap.join("other.safetensors")).expect("symlink");
         let l = snap.join("model.safetensors.index.json");
         assert!(confined_path(&snap, "model.safetensors", &l).is_ok());
         assert!(confined_path(&snap, "other.safetensors", &l).is_err());
-        let _ = std::fs::remove_dir_all(&repo);
     }
 }

@@ -21,8 +21,8 @@ fn chain(e: &dyn Error) -> String {
 
 #[test]
 fn causes_are_printed_once() {
-    let dir = std::env::temp_dir().join(format!("moe-chain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let tmp = tempfile::tempdir().expect("dir");
+    let dir = tmp.path();
     std::fs::write(dir.join("config.json"), "{oops").expect("write");
     std::fs::write(
         dir.join("bad.safetensors"),
@@ -57,7 +57,6 @@ fn causes_are_printed_once() {
         "{}",
         errors[2]
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

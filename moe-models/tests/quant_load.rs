@@ -6,7 +6,7 @@
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::Cell;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use moe_core::quant::{PackedBank, PackedFamily};
 use moe_core::{ExpertBank, RouterInput, WeightFormat};
@@ -55,12 +55,12 @@ fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 /// A tensor to write: name, dtype, shape, little-endian bytes.
 type Raw = (String, Dtype, Vec<usize>, Vec<u8>);
 
-/// A fresh directory for one test.
-fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moe-quant-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("create the test directory");
-    d
+/// A fresh directory for one test, removed when dropped.
+fn dir(test: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("moe-quant-{test}-"))
+        .tempdir()
+        .expect("create the test directory")
 }
 
 /// Writes `config.json` and `model.safetensors` into `dir`.
@@ -279,15 +279,12 @@ fn mxfp4_expected(blocks: &[u8], scales: &[u8], e: usize, rows: usize, cols: usi
 
 #[test]
 fn gpt_oss_mxfp4_loads_packed_and_decodes_to_the_formula() {
-    let d = dir("gpt-oss");
+    let tmp = dir("gpt-oss");
+    let d = tmp.path();
     let tensors = gpt_oss_tensors(7);
-    write_checkpoint(
-        &d,
-        &gpt_oss_config(r#"{"quant_method": "mxfp4"}"#),
-        &tensors,
-    );
+    write_checkpoint(d, &gpt_oss_config(r#"{"quant_method": "mxfp4"}"#), &tensors);
     let (layer, largest) = largest_allocation(|| {
-        load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load")
+        load_layer_with(d, 0, ExpertWeights::Checkpoint).expect("packed load")
     });
     // No f32 (or bf16) copy of a weight tensor: every allocation is smaller than the bf16 gate_up would be.
     assert!(
@@ -328,7 +325,7 @@ fn gpt_oss_mxfp4_loads_packed_and_decodes_to_the_formula() {
     assert_eq!(bank.up_bias(), Some(&want_bias));
 
     // The f32 load holds the same weights in GPT-OSS's `[E, d, 2f]` layout, and the same router.
-    let wide = load_layer_with(&d, 0, ExpertWeights::F32).expect("f32 load");
+    let wide = load_layer_with(d, 0, ExpertWeights::F32).expect("f32 load");
     let ExpertBank::GptOss(g) = wide.experts() else {
         panic!("expected a GPT-OSS bank, found {}", wide.experts().kind());
     };
@@ -339,15 +336,16 @@ fn gpt_oss_mxfp4_loads_packed_and_decodes_to_the_formula() {
     assert_bits(g.gate_up(), &t, "f32 gate_up");
     assert_same_routing(&layer, &wide, 3);
     // The plain loader widens, as before.
-    let plain = load_layer(&d, 0).expect("plain load");
+    let plain = load_layer(d, 0).expect("plain load");
     assert_eq!(plain.experts().kind(), wide.experts().kind());
 }
 
 /// Loads `tensors` under `config` and returns the error.
 fn load_err(test: &str, config: &str, tensors: &[Raw]) -> LoadError {
-    let d = dir(test);
-    write_checkpoint(&d, config, tensors);
-    load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect_err(test)
+    let tmp = dir(test);
+    let d = tmp.path();
+    write_checkpoint(d, config, tensors);
+    load_layer_with(d, 0, ExpertWeights::Checkpoint).expect_err(test)
 }
 
 /// The tensor an error names (`Shape`, `Dtype`, `MissingTensor`, `BadTensor`).
@@ -541,11 +539,12 @@ impl Ds {
 }
 
 fn check_deepseek(test: &str, ds: &Ds) {
-    let d = dir(test);
+    let tmp = dir(test);
+    let d = tmp.path();
     let tensors = ds.tensors(11);
-    write_checkpoint(&d, &ds.config(), &tensors);
+    write_checkpoint(d, &ds.config(), &tensors);
     let (layer, largest) = largest_allocation(|| {
-        load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load")
+        load_layer_with(d, 0, ExpertWeights::Checkpoint).expect("packed load")
     });
     // No f32 copy of the stacked weights: nothing as large as the f32 `[E, 2f, d]`.
     assert!(
@@ -564,7 +563,7 @@ fn check_deepseek(test: &str, ds: &Ds) {
     assert_bits(&sbank.up().dequantize(), &sup, "shared gate_up");
     assert_bits(&sbank.down().dequantize(), &sdown, "shared down");
 
-    let wide = load_layer_with(&d, 0, ExpertWeights::F32).expect("f32 load");
+    let wide = load_layer_with(d, 0, ExpertWeights::F32).expect("f32 load");
     let ExpertBank::SwiGlu(s) = wide.experts() else {
         panic!("expected a SwiGLU bank, found {}", wide.experts().kind());
     };
@@ -752,10 +751,11 @@ fn bf16_mixtral_stays_16_bit() {
         r#"{{"model_type": "mixtral", "num_local_experts": {MX_E}, "num_experts_per_tok": 2}}"#
     );
     for fused in [true, false] {
-        let d = dir(&format!("mixtral-{fused}"));
+        let tmp = dir(&format!("mixtral-{fused}"));
+        let d = tmp.path();
         let tensors = mixtral_tensors(21, fused);
-        write_checkpoint(&d, &cfg, &tensors);
-        let layer = load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load");
+        write_checkpoint(d, &cfg, &tensors);
+        let layer = load_layer_with(d, 0, ExpertWeights::Checkpoint).expect("packed load");
         let bank = packed(layer.experts());
         assert_eq!(bank.format(), WeightFormat::Bf16);
         assert!(matches!(bank.family(), PackedFamily::SwiGlu { .. }));
@@ -783,7 +783,7 @@ fn bf16_mixtral_stays_16_bit() {
         assert_bits(&bank.up().dequantize(), &up, "gate_up");
         assert_bits(&bank.down().dequantize(), &down, "down");
         // The default load widens to f32, as before, with the same values and routing.
-        let wide = load_layer(&d, 0).expect("f32 load");
+        let wide = load_layer(d, 0).expect("f32 load");
         let ExpertBank::SwiGlu(s) = wide.experts() else {
             panic!("expected a SwiGLU bank, found {}", wide.experts().kind());
         };
@@ -795,7 +795,8 @@ fn bf16_mixtral_stays_16_bit() {
 
 #[test]
 fn bf16_gpt_oss_stays_16_bit_transposed() {
-    let d = dir("gpt-oss-bf16");
+    let tmp = dir("gpt-oss-bf16");
+    let d = tmp.path();
     let mut rng = Rng(4);
     let mut vals = |len: usize| (0..len).map(|_| rng.unit()).collect::<Vec<f32>>();
     let n = |s: &str| format!("{GO_PREFIX}{s}");
@@ -834,17 +835,17 @@ fn bf16_gpt_oss_stays_16_bit_transposed() {
         ),
     ];
     write_checkpoint(
-        &d,
+        d,
         r#"{"model_type": "gpt_oss", "num_local_experts": 2, "num_experts_per_tok": 1}"#,
         &tensors,
     );
-    let layer = load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load");
+    let layer = load_layer_with(d, 0, ExpertWeights::Checkpoint).expect("packed load");
     let bank = packed(layer.experts());
     assert_eq!(bank.format(), WeightFormat::Bf16);
     let gu = bf16_matrix(&tensors, "experts.gate_up_proj");
     let want = Array3::from_shape_fn((e, 2 * f, dm), |(x, r, c)| gu[(x * dm + c) * 2 * f + r]);
     assert_bits(&bank.up().dequantize(), &want, "gate_up transposed");
-    let wide = load_layer(&d, 0).expect("f32 load");
+    let wide = load_layer(d, 0).expect("f32 load");
     let back = bank.dequantize().expect("dequantize");
     let (ExpertBank::GptOss(a), ExpertBank::GptOss(b)) = (wide.experts(), &back) else {
         panic!("expected GPT-OSS banks");
@@ -863,21 +864,22 @@ fn qwen3_fp8_experts_load_packed() {
         fs: 32,
         block: [32, 32],
     };
-    let d = dir("qwen3-fp8");
+    let tmp = dir("qwen3-fp8");
+    let d = tmp.path();
     let tensors = ds.tensors(13);
     let cfg = format!(
         r#"{{"model_type": "qwen3_moe", "num_experts": {DS_E}, "num_experts_per_tok": 2,
             "quantization_config": {{"quant_method": "fp8", "weight_block_size": [32, 32]}}}}"#
     );
-    write_checkpoint(&d, &cfg, &tensors);
-    let layer = load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load");
+    write_checkpoint(d, &cfg, &tensors);
+    let layer = load_layer_with(d, 0, ExpertWeights::Checkpoint).expect("packed load");
     let bank = packed(layer.experts());
     assert_eq!(bank.format(), WeightFormat::Fp8);
     let (up, down) = ds.expected(&tensors, DS_E, |e, p| format!("{DS_PREFIX}experts.{e}.{p}"));
     assert_bits(&bank.up().dequantize(), &up, "gate_up");
     assert_bits(&bank.down().dequantize(), &down, "down");
     assert!(layer.shared().is_none());
-    let wide = load_layer(&d, 0).expect("f32 load");
+    let wide = load_layer(d, 0).expect("f32 load");
     assert_same_routing(&layer, &wide, 8);
 }
 
@@ -947,10 +949,11 @@ fn fused_fp8_experts_load_packed() {
     let cfg = ds
         .config()
         .replace(r#""n_shared_experts": 1"#, r#""n_shared_experts": 0"#);
-    let d = dir("fused-fp8");
+    let tmp = dir("fused-fp8");
+    let d = tmp.path();
     let tensors = fused_fp8_tensors(&ds, 17);
-    write_checkpoint(&d, &cfg, &tensors);
-    let layer = load_layer_with(&d, 0, ExpertWeights::Checkpoint).expect("packed load");
+    write_checkpoint(d, &cfg, &tensors);
+    let layer = load_layer_with(d, 0, ExpertWeights::Checkpoint).expect("packed load");
     let bank = packed(layer.experts());
     assert_eq!(bank.format(), WeightFormat::Fp8);
     let up = fused_expected(&ds, &tensors, &format!("{DS_PREFIX}experts.gate_up_proj"));
@@ -1046,7 +1049,8 @@ fn declared_and_stored_formats_must_agree() {
         .and_then(|c| c.iter().find(|c| c["name"] == "deepseek_v3"))
         .expect("deepseek_v3 case")
         .clone();
-    let d = dir("f32-under-fp8");
+    let tmp = dir("f32-under-fp8");
+    let d = tmp.path();
     std::fs::copy(
         hf.join("deepseek_v3.safetensors"),
         d.join("deepseek_v3.safetensors"),
@@ -1059,7 +1063,7 @@ fn declared_and_stored_formats_must_agree() {
         c.remove("bytes");
     }
     let m: moe_models::fixture::ManifestCase = serde_json::from_value(case).expect("case");
-    let Err(e) = moe_models::fixture::FixtureCase::load_with(&d, &m, ExpertWeights::Checkpoint)
+    let Err(e) = moe_models::fixture::FixtureCase::load_with(d, &m, ExpertWeights::Checkpoint)
     else {
         panic!("f32 experts under an FP8 config load")
     };

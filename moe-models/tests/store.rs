@@ -48,12 +48,12 @@ const D: usize = 8;
 const F: usize = 6;
 const SEED: u64 = 19;
 
-/// A fresh directory for one test.
-fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("moe-store-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("create the test directory");
-    d
+/// A fresh directory for one test, removed when dropped.
+fn dir(test: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("moe-store-{test}-"))
+        .tempdir()
+        .expect("create the test directory")
 }
 
 /// The family a preset reads `layout` with, and the block prefix used in the tests.
@@ -126,10 +126,11 @@ const DTYPES: [DiskDtype; 3] = [DiskDtype::F32, DiskDtype::Bf16, DiskDtype::F16]
 
 #[test]
 fn every_layout_and_dtype_loads_each_expert_as_the_resident_bank() {
-    let dir = dir("layouts");
+    let tmp = dir("layouts");
+    let dir = tmp.path();
     for layout in LAYOUTS {
         for dtype in DTYPES {
-            let (path, prefix) = write(&dir, layout, dtype);
+            let (path, prefix) = write(dir, layout, dtype);
             let src = DiskSource::open(&path, prefix).expect("open the disk source");
             let what = format!("{} {}", layout.name(), dtype.name());
             assert_eq!(src.layout(), layout, "{what}");
@@ -168,16 +169,16 @@ fn every_layout_and_dtype_loads_each_expert_as_the_resident_bank() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_swiglu_layouts_hold_the_same_experts_for_one_seed() {
-    let dir = dir("same");
+    let tmp = dir("same");
+    let dir = tmp.path();
     let loaded: Vec<Vec<Vec<Vec<u32>>>> = [Layout::PerExpert, Layout::Mixtral, Layout::Fused]
         .into_iter()
         .map(|layout| {
-            let (path, prefix) = write(&dir, layout, DiskDtype::Bf16);
+            let (path, prefix) = write(dir, layout, DiskDtype::Bf16);
             let src = DiskSource::open(&path, prefix).expect("open");
             (0..E)
                 .map(|e| bits(&load(&src, e).expect("load")))
@@ -188,14 +189,14 @@ fn the_swiglu_layouts_hold_the_same_experts_for_one_seed() {
     assert_eq!(loaded[0], loaded[2]);
     // Different experts differ (the seed reaches every expert).
     assert_ne!(loaded[0][0], loaded[0][1]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn read_gate_reads_the_router_gate() {
-    let dir = dir("gate");
+    let tmp = dir("gate");
+    let dir = tmp.path();
     for layout in [Layout::PerExpert, Layout::GptOss] {
-        let (path, prefix) = write(&dir, layout, DiskDtype::Bf16);
+        let (path, prefix) = write(dir, layout, DiskDtype::Bf16);
         let gate = read_gate(&path, prefix).expect("read the gate");
         assert_eq!(gate.dim(), (E, D));
         let name = if layout == Layout::GptOss {
@@ -229,7 +230,6 @@ fn read_gate_reads_the_router_gate() {
         msg.contains("m.gate.weight") && msg.contains("m.router.weight"),
         "{msg}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Rewrites the safetensors file `src` as `dst`, keeping the tensors `edit` returns `Some` for, with the returned
@@ -267,8 +267,9 @@ fn same(_: &str, dt: Dtype, shape: &[usize], data: &[u8]) -> Option<(Dtype, Vec<
 
 #[test]
 fn a_checkpoint_missing_an_expert_is_refused_naming_the_tensor() {
-    let dir = dir("missing");
-    let (path, prefix) = write(&dir, Layout::PerExpert, DiskDtype::Bf16);
+    let tmp = dir("missing");
+    let dir = tmp.path();
+    let (path, prefix) = write(dir, Layout::PerExpert, DiskDtype::Bf16);
     // One tensor of a middle expert.
     let broken = dir.join("broken.safetensors");
     rewrite(&path, &broken, |n, dt, s, d| {
@@ -303,7 +304,7 @@ fn a_checkpoint_missing_an_expert_is_refused_naming_the_tensor() {
         "{msg}"
     );
     // A fused file whose down_proj is missing.
-    let (fused, fprefix) = write(&dir, Layout::Fused, DiskDtype::F32);
+    let (fused, fprefix) = write(dir, Layout::Fused, DiskDtype::F32);
     let broken = dir.join("broken-fused.safetensors");
     rewrite(&fused, &broken, |n, dt, s, d| {
         if n.ends_with("experts.down_proj") {
@@ -316,13 +317,13 @@ fn a_checkpoint_missing_an_expert_is_refused_naming_the_tensor() {
         .expect_err("missing down_proj")
         .to_string();
     assert!(msg.contains("block_sparse_moe.experts.down_proj"), "{msg}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn inconsistent_shapes_are_refused_naming_the_tensor_and_both_shapes() {
-    let dir = dir("shapes");
-    let (path, prefix) = write(&dir, Layout::Mixtral, DiskDtype::F32);
+    let tmp = dir("shapes");
+    let dir = tmp.path();
+    let (path, prefix) = write(dir, Layout::Mixtral, DiskDtype::F32);
     // Expert 2's down projection stored as [f, d] instead of [d, f] (the same bytes).
     let broken = dir.join("broken.safetensors");
     rewrite(&path, &broken, |n, dt, s, d| {
@@ -341,7 +342,7 @@ fn inconsistent_shapes_are_refused_naming_the_tensor_and_both_shapes() {
         "{msg}"
     );
     // A fused down_proj of the wrong width.
-    let (fused, fprefix) = write(&dir, Layout::Fused, DiskDtype::F32);
+    let (fused, fprefix) = write(dir, Layout::Fused, DiskDtype::F32);
     let broken = dir.join("broken-fused.safetensors");
     rewrite(&fused, &broken, |n, dt, s, d| {
         if n.ends_with("experts.down_proj") {
@@ -360,7 +361,7 @@ fn inconsistent_shapes_are_refused_naming_the_tensor_and_both_shapes() {
         "{msg}"
     );
     // A router gate with fewer rows than the file has experts.
-    let (path, prefix) = write(&dir, Layout::PerExpert, DiskDtype::F32);
+    let (path, prefix) = write(dir, Layout::PerExpert, DiskDtype::F32);
     let broken = dir.join("short-gate.safetensors");
     rewrite(&path, &broken, |n, dt, s, d| {
         if n.ends_with("mlp.gate.weight") {
@@ -397,13 +398,13 @@ fn inconsistent_shapes_are_refused_naming_the_tensor_and_both_shapes() {
         msg.contains("mlp.gate.weight") && msg.contains(&format!("[{E}, {}]", D - 1)),
         "{msg}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn foreign_and_mixed_dtypes_are_refused() {
-    let dir = dir("dtype");
-    let (path, prefix) = write(&dir, Layout::PerExpert, DiskDtype::F32);
+    let tmp = dir("dtype");
+    let dir = tmp.path();
+    let (path, prefix) = write(dir, Layout::PerExpert, DiskDtype::F32);
     // I32 values in expert 0's gate projection (F32 and I32 have the same width).
     let broken = dir.join("i32.safetensors");
     rewrite(&path, &broken, |n, dt, s, d| {
@@ -436,13 +437,13 @@ fn foreign_and_mixed_dtypes_are_refused() {
         msg.contains("experts.4.down_proj.weight") && msg.contains("F16") && msg.contains("F32"),
         "{msg}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_prefix_without_experts_lists_what_was_expected() {
-    let dir = dir("prefix");
-    let (path, _) = write(&dir, Layout::PerExpert, DiskDtype::Bf16);
+    let tmp = dir("prefix");
+    let dir = tmp.path();
+    let (path, _) = write(dir, Layout::PerExpert, DiskDtype::Bf16);
     let err = DiskSource::open(&path, "model.layers.7.mlp.").expect_err("no experts there");
     assert!(matches!(err, LoadError::MissingTensor { .. }), "{err:?}");
     let msg = err.to_string();
@@ -453,13 +454,13 @@ fn a_prefix_without_experts_lists_what_was_expected() {
     ] {
         assert!(msg.contains(name), "{msg}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn bad_files_are_refused() {
-    let dir = dir("files");
-    let msg = DiskSource::open(&dir, "m.")
+    let tmp = dir("files");
+    let dir = tmp.path();
+    let msg = DiskSource::open(dir, "m.")
         .expect_err("a directory")
         .to_string();
     assert!(msg.contains("directory"), "{msg}");
@@ -487,7 +488,7 @@ fn bad_files_are_refused() {
         Err(LoadError::TooLarge { .. })
     ));
     // A file whose data is longer than its header says.
-    let (path, prefix) = write(&dir, Layout::Fused, DiskDtype::F32);
+    let (path, prefix) = write(dir, Layout::Fused, DiskDtype::F32);
     let mut bytes = std::fs::read(&path).expect("read");
     bytes.extend_from_slice(&[0; 4]);
     let long = dir.join("long.safetensors");
@@ -496,14 +497,14 @@ fn bad_files_are_refused() {
         DiskSource::open(&long, prefix),
         Err(LoadError::Truncated { .. })
     ));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_file_truncated_after_open_is_a_load_error_naming_the_expert() {
-    let dir = dir("truncated");
+    let tmp = dir("truncated");
+    let dir = tmp.path();
     for layout in [Layout::PerExpert, Layout::Fused] {
-        let (path, prefix) = write(&dir, layout, DiskDtype::Bf16);
+        let (path, prefix) = write(dir, layout, DiskDtype::Bf16);
         let src = DiskSource::open(&path, prefix).expect("open");
         let len = std::fs::metadata(&path).expect("stat").len();
         // Cut the last expert's down projection in half.
@@ -529,13 +530,13 @@ fn a_file_truncated_after_open_is_a_load_error_naming_the_expert() {
         );
         assert!(reason.contains("truncated"), "{reason}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn bad_load_requests_are_errors() {
-    let dir = dir("requests");
-    let (path, prefix) = write(&dir, Layout::PerExpert, DiskDtype::Bf16);
+    let tmp = dir("requests");
+    let dir = tmp.path();
+    let (path, prefix) = write(dir, Layout::PerExpert, DiskDtype::Bf16);
     let src = DiskSource::open(&path, prefix).expect("open");
     assert!(matches!(
         load(&src, E),
@@ -553,13 +554,13 @@ fn bad_load_requests_are_errors() {
     assert!(matches!(err, MoeError::Shape { .. }), "{err:?}");
     let err = src.load(0, &mut [&mut down]).expect_err("one slice");
     assert!(matches!(err, MoeError::Shape { .. }), "{err:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn gpt_oss_glu_parameters_are_set_only_on_gpt_oss_experts() {
-    let dir = dir("glu");
-    let (path, prefix) = write(&dir, Layout::GptOss, DiskDtype::F32);
+    let tmp = dir("glu");
+    let dir = tmp.path();
+    let (path, prefix) = write(dir, Layout::GptOss, DiskDtype::F32);
     let src = DiskSource::open(&path, prefix)
         .expect("open")
         .with_gpt_oss_glu(1.5, 6.0)
@@ -567,19 +568,19 @@ fn gpt_oss_glu_parameters_are_set_only_on_gpt_oss_experts() {
     assert!(
         matches!(src.form(), ExpertForm::GptOss { alpha, limit, .. } if *alpha == 1.5 && *limit == 6.0)
     );
-    let (path, prefix) = write(&dir, Layout::Fused, DiskDtype::F32);
+    let (path, prefix) = write(dir, Layout::Fused, DiskDtype::F32);
     let err = DiskSource::open(&path, prefix)
         .expect("open")
         .with_gpt_oss_glu(1.5, 6.0)
         .expect_err("swiglu");
     assert!(err.to_string().contains("swiglu"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn cold_reads_and_dropping_the_page_cache_keep_the_values() {
-    let dir = dir("cold");
-    let (path, prefix) = write(&dir, Layout::Fused, DiskDtype::Bf16);
+    let tmp = dir("cold");
+    let dir = tmp.path();
+    let (path, prefix) = write(dir, Layout::Fused, DiskDtype::Bf16);
     let warm = DiskSource::open(&path, prefix).expect("open");
     let want: Vec<_> = (0..E)
         .map(|e| bits(&load(&warm, e).expect("load")))
@@ -600,13 +601,13 @@ fn cold_reads_and_dropping_the_page_cache_keep_the_values() {
     let back = cold.with_cold_reads(false).expect("warm again");
     assert!(!back.cold_reads());
     assert_eq!(bits(&load(&back, 1).expect("load")), want[1]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn two_threads_sharing_a_source_load_the_same_values() {
-    let dir = dir("threads");
-    let (path, prefix) = write(&dir, Layout::PerExpert, DiskDtype::Bf16);
+    let tmp = dir("threads");
+    let dir = tmp.path();
+    let (path, prefix) = write(dir, Layout::PerExpert, DiskDtype::Bf16);
     let src = Arc::new(DiskSource::open(&path, prefix).expect("open"));
     let want: Vec<_> = (0..E)
         .map(|e| bits(&load(src.as_ref(), e).expect("load")))
@@ -630,12 +631,12 @@ fn two_threads_sharing_a_source_load_the_same_values() {
             assert_eq!(got, want[e], "expert {e}");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_writer_replaces_files_atomically_and_refuses_zero_sizes() {
-    let dir = dir("writer");
+    let tmp = dir("writer");
+    let dir = tmp.path();
     let path = dir.join("w.safetensors");
     for seed in [1, 2] {
         write_expert_checkpoint(
@@ -651,7 +652,7 @@ fn the_writer_replaces_files_atomically_and_refuses_zero_sizes() {
         )
         .expect("write");
     }
-    let names: Vec<_> = std::fs::read_dir(&dir)
+    let names: Vec<_> = std::fs::read_dir(dir)
         .expect("list")
         .map(|e| e.expect("entry").file_name())
         .collect();
@@ -682,14 +683,14 @@ fn the_writer_replaces_files_atomically_and_refuses_zero_sizes() {
     )
     .expect_err("no directory");
     assert!(matches!(err, LoadError::Io { .. }), "{err:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn loads_do_not_allocate_after_the_first() {
-    let dir = dir("alloc");
+    let tmp = dir("alloc");
+    let dir = tmp.path();
     for layout in [Layout::PerExpert, Layout::Fused, Layout::GptOss] {
-        let (path, prefix) = write(&dir, layout, DiskDtype::Bf16);
+        let (path, prefix) = write(dir, layout, DiskDtype::Bf16);
         let src = DiskSource::open(&path, prefix).expect("open");
         let mut out: Vec<Vec<f32>> = src
             .form()
@@ -707,7 +708,6 @@ fn loads_do_not_allocate_after_the_first() {
         let n = ALLOCS.with(|c| c.replace(None));
         assert_eq!(n, Some(0), "{}: allocations in {E} loads", layout.name());
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

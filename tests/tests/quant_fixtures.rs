@@ -288,11 +288,12 @@ fn verify_dir_passes_the_packed_blocks() {
 /// Tensors to write: name, dtype, shape, little-endian bytes.
 type Raw = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-quant-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// A fresh, unique temporary directory, removed when dropped.
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("moe-quant-{tag}-"))
+        .tempdir()
+        .expect("temp dir")
 }
 
 fn push_f32(out: &mut Raw, name: &str, shape: &[usize], v: impl IntoIterator<Item = f32>) {
@@ -326,7 +327,8 @@ fn verify_as_f32(case: &str, tensors: &Raw) {
     let obj = entry.as_object_mut().expect("case object");
     obj.remove("bytes");
     obj.remove("sha256");
-    let dir = temp_dir(case);
+    let dir_guard = temp_dir(case);
+    let dir = dir_guard.path();
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(n, dt, s, b)| (n.clone(), TensorView::new(*dt, s.clone(), b).expect("view")))
@@ -339,7 +341,7 @@ fn verify_as_f32(case: &str, tensors: &Raw) {
     .expect("write");
     let m = serde_json::json!({ "cases": [entry] });
     std::fs::write(dir.join("manifest.json"), m.to_string()).expect("write manifest");
-    let reports = verify::verify_dir(&dir, &CpuBackend::new()).expect("verify");
+    let reports = verify::verify_dir(dir, &CpuBackend::new()).expect("verify");
     assert_eq!(reports.len(), 1);
     let rep = &reports[0];
     eprintln!("{case} decoded by us: max rel err {:e}", rep.max_rel_err());
@@ -351,7 +353,6 @@ fn verify_as_f32(case: &str, tensors: &Raw) {
             "{case}: {must} not compared"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `[E, R, C]` → `[E, C, R]` (GPT-OSS's `x · W` layout), flattened.

@@ -16,6 +16,8 @@ use super::rows::{Bf16Rows, F16Rows, F32Rows, Fp8Rows, Int8Rows, Mxfp4Rows, Rows
 const MR: usize = 2;
 const NR: usize = 4;
 const L: usize = 8;
+/// Bytes of weight rows prefetched into L2 ahead of the group of rows being read (see `tile`).
+const AHEAD: usize = 16384;
 /// How far ahead (in bytes) weight rows are prefetched.
 const PREFETCH: usize = 512;
 
@@ -78,13 +80,26 @@ unsafe fn tile<W: Load256, const R: usize, const C: usize>(
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let steps = k / L;
+        // Steps per 64-byte line of a weight row: one prefetch per line and row, not one per vector (an MXFP4
+        // row's line holds 128 values, 8 steps of 16).
+        let per_line = (512 / (L * W::BITS)).max(1);
+        // Rows ahead whose lines go to L2 while this group runs: whole groups, at least AHEAD bytes of rows (a
+        // group of short packed rows runs too briefly for the next group's lines to arrive in time).
+        let ahead = {
+            let row_bytes = (k * W::BITS / 8).max(1);
+            AHEAD.div_ceil(C * row_bytes).max(1) * C
+        };
         for s in 0..steps {
             let o = s * L;
+            if s % per_line == 0 {
+                for jj in 0..C {
+                    // Weight rows stream from memory once: ask for them PREFETCH bytes ahead.
+                    _mm_prefetch::<_MM_HINT_T0>(w.prefetch(j0 + jj, o, PREFETCH));
+                    _mm_prefetch::<_MM_HINT_T1>(w.prefetch(j0 + ahead + jj, o, 0));
+                }
+            }
             let mut wv = [_mm256_setzero_ps(); C];
             for (jj, v) in wv.iter_mut().enumerate() {
-                // Weight rows stream from memory once: ask for them PREFETCH bytes ahead.
-                _mm_prefetch::<_MM_HINT_T0>(w.prefetch(j0 + jj, o, PREFETCH));
-                _mm_prefetch::<_MM_HINT_T1>(w.prefetch(j0 + C + jj, o, 0));
                 *v = w.load(j0 + jj, o);
             }
             for (ii, row) in acc.iter_mut().enumerate() {

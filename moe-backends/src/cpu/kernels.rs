@@ -155,6 +155,20 @@ impl<'a> Tile<'a> {
         self.rows
     }
 
+    /// Columns `c0..c0 + n` of the tile (clamped to its width), borrowed as a tile of their own.
+    pub(crate) fn columns(&mut self, c0: usize, n: usize) -> Tile<'_> {
+        let c0 = c0.min(self.width);
+        Tile {
+            // SAFETY: c0 <= width, so the pointer stays inside (or one past) the tile's first row; the sub-tile
+            // covers columns of this tile only and borrows it mutably for its lifetime.
+            ptr: unsafe { self.ptr.add(c0) },
+            rows: self.rows,
+            width: n.min(self.width - c0),
+            ld: self.ld,
+            _buf: PhantomData,
+        }
+    }
+
     /// Row `i` of the tile, `width` values.
     pub(crate) fn row_mut(&mut self, i: usize) -> &mut [f32] {
         assert!(i < self.rows, "tile row {i} out of {}", self.rows);

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use moe_core::MoeError;
 use moe_core::quant::ExpertMatrix;
 
-use super::{Kernels, Tile, Weights};
+use super::{Kernels, SMALL_ROWS, Tile, Weights};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::rows::{AnyRows, with_rows};
 
@@ -31,6 +31,14 @@ fn direct_rows(format: moe_core::WeightFormat) -> usize {
         F::F32 | F::Bf16 | F::F16 => 16,
         F::Int8 | F::Fp8 | F::Mxfp4 => 4,
     }
+}
+
+/// Rows of a decoded panel the dot kernel takes at a time: about 96 KiB of f32 (in L2, beside the activations),
+/// a multiple of 12 (whole register tiles of 6 (AVX-512) and 4 (AVX2) weight rows). A whole 192-row tile decoded
+/// at once (768 KiB for `k` = 1024) spilled out of L2 before the product read it back: bf16 at T = 128 ran slower
+/// than f32.
+fn panel_rows(k: usize) -> usize {
+    ((96 * 1024 / 4 / k.max(1)) / 12).max(1) * 12
 }
 
 thread_local! {
@@ -105,19 +113,34 @@ impl Tile<'_> {
             with_rows!(rows, r => unsafe { self.dot_kernel(m, n, k, a.as_ptr(), lda, r, kernels) });
             return Ok(());
         }
+        // The dot kernel computes each output from its own weight row alone, so the panel can be decoded and used
+        // a few rows at a time, staying in L1 / L2; gemm's blocking depends on the product's width, so its panel is
+        // the whole tile (as the f32 bank's product).
+        let chunk = if m <= SMALL_ROWS && (kernels.dot || kernels.avx2) {
+            panel_rows(k)
+        } else {
+            n
+        };
         PANEL.with(|cell| {
             let mut panel = cell.borrow_mut();
-            if panel.len() < n * k {
-                panel.resize(n * k, 0.0);
+            let len = chunk.min(n) * k;
+            if panel.len() < len {
+                panel.resize(len, 0.0);
             }
-            let panel = &mut panel[..n * k];
-            decode_panel(&w, row0, n, panel, kernels);
-            let weights = Weights {
-                data: panel,
-                col_stride: k,
-                k_stride: 1,
-            };
-            self.matmul(a, lda, k, weights, 0, kernels)
+            let panel = &mut panel[..len];
+            for c0 in (0..n).step_by(chunk) {
+                let cn = chunk.min(n - c0);
+                let panel = &mut panel[..cn * k];
+                decode_panel(&w, row0 + c0, cn, panel, kernels);
+                let weights = Weights {
+                    data: panel,
+                    col_stride: k,
+                    k_stride: 1,
+                };
+                self.columns(c0, cn)
+                    .matmul(a, lda, k, weights, 0, kernels)?;
+            }
+            Ok(())
         })
     }
 }

@@ -248,6 +248,18 @@ impl DeviceLayer for CpuLayer {
         Arc::make_mut(&mut self.layer).set_router(router)
     }
 
+    fn on_workers(&self, work: &(dyn Fn(usize, usize) + Sync)) {
+        let run = |c: rayon::BroadcastContext<'_>| work(c.index(), c.num_threads());
+        match &self.pool {
+            Some(pool) => {
+                pool.broadcast(run);
+            }
+            None => {
+                rayon::broadcast(run);
+            }
+        }
+    }
+
     fn forward(&mut self, input: &RouterInput<'_>) -> Result<LayerOutput, MoeError> {
         let (layer, ws, kernels) = (&self.layer, &mut self.ws, self.kernels);
         let mut pws = self.peer.as_deref_mut();

@@ -11,6 +11,10 @@ use moe_core::quant::{ExpertMatrix, ExpertScales, WeightFormat, codec};
 
 /// Rows `j = 0..` of a weight operand starting at a tile's first row, `k` values each.
 pub(crate) trait Rows: Copy {
+    /// Bits a stored value takes (32, 16, 8 or 4): the kernels prefetch once per 64-byte line of a row, every
+    /// `512 / (lanes · BITS)` steps.
+    const BITS: usize;
+
     /// An address `ahead` bytes past value `o` of row `j`, for a prefetch (never dereferenced).
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8;
 
@@ -103,6 +107,7 @@ impl Mxfp4Rows {
 }
 
 impl Rows for F32Rows {
+    const BITS: usize = 32;
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
@@ -114,6 +119,7 @@ impl Rows for F32Rows {
 }
 
 impl Rows for Bf16Rows {
+    const BITS: usize = 16;
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
@@ -125,6 +131,7 @@ impl Rows for Bf16Rows {
 }
 
 impl Rows for F16Rows {
+    const BITS: usize = 16;
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
@@ -136,6 +143,7 @@ impl Rows for F16Rows {
 }
 
 impl Rows for Int8Rows {
+    const BITS: usize = 8;
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         self.p.wrapping_add(j * self.ld + o).wrapping_add(ahead)
     }
@@ -147,6 +155,7 @@ impl Rows for Int8Rows {
 }
 
 impl Rows for Fp8Rows {
+    const BITS: usize = 8;
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
@@ -161,6 +170,7 @@ impl Rows for Fp8Rows {
 }
 
 impl Rows for Mxfp4Rows {
+    const BITS: usize = 4;
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o / 2) as *const i8).wrapping_add(ahead)
     }

@@ -5,7 +5,7 @@
     reason = "each test file uses its own subset of these helpers"
 )]
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// Runs the `moe` binary built for this test run with `args`.
@@ -26,13 +26,30 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A fresh scratch directory for one test (`name` unique within the test binary; the process id keeps binaries
-/// and runs apart).
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+/// A fresh scratch directory for one test, `moe-cli-<name>-XXXXXX` under the system's temporary directory, removed
+/// with everything in it when dropped (also when the test fails). Dereferences to its path.
+pub struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// A fresh [`Scratch`] directory for one test.
+pub fn scratch(name: &str) -> Scratch {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("moe-cli-{name}-"))
+        .tempdir()
+        .expect("scratch dir");
+    Scratch(dir)
 }
 
 /// A safetensors file from a raw header (padded with spaces to a multiple of 8 bytes) and data.
