@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::rows::{Bf16Rows, F16Rows, F32Rows, Fp8Rows, Int8Rows, Mxfp4Rows, Rows};
+use super::rows::{Bf16Rows, F16Rows, F32Rows, Fp8Rows, Int8Rows, Mxfp4Rows, Rows, scale_mask};
 
 const MR: usize = 4;
 const NR: usize = 6;
@@ -26,9 +26,20 @@ const PREFETCH: usize = 1024;
 
 /// Weight rows an AVX-512 kernel can decode: 16 values from column `o` (a multiple of 16) of row `j`.
 pub(crate) trait Load512: Rows {
+    /// What decoding a row needs besides its codes, fixed over one scale run ([`Rows::scale_run_log2`]): the
+    /// broadcast scale, or MXFP4's value table times its scale. All-zero bits are a valid value.
+    type Scale: Copy;
+
+    /// The scale of row `j` at column `o`.
+    ///
     /// # Safety
-    /// AVX-512F must be available; row `j` and columns `o..o + 16` in bounds.
-    unsafe fn load(self, j: usize, o: usize) -> __m512;
+    /// AVX-512F must be available; row `j` and column `o` in bounds.
+    unsafe fn scale(self, j: usize, o: usize) -> Self::Scale;
+
+    /// # Safety
+    /// AVX-512F must be available; row `j` and columns `o..o + 16` in bounds; `s` is `self.scale(j, o')` for a
+    /// column `o'` of the same scale run.
+    unsafe fn load(self, j: usize, o: usize, s: Self::Scale) -> __m512;
 }
 
 /// # Safety
@@ -102,6 +113,10 @@ unsafe fn tile<W: Load512, const R: usize, const C: usize>(
             let row_bytes = (k * W::BITS / 8).max(1);
             AHEAD.div_ceil(C * row_bytes).max(1) * C
         };
+        // Each row's scale, looked up at the start of each scale run.
+        let mask = scale_mask(w, 4);
+        // SAFETY: all-zero bits are a valid Scale (the trait's contract); each is set before its first use.
+        let mut scales: [W::Scale; C] = std::mem::zeroed();
         for s in 0..steps {
             let o = s * L;
             if s % per_line == 0 {
@@ -111,9 +126,14 @@ unsafe fn tile<W: Load512, const R: usize, const C: usize>(
                     _mm_prefetch::<_MM_HINT_T1>(w.prefetch(j0 + ahead + jj, o, 0));
                 }
             }
+            if s & mask == 0 {
+                for (jj, sc) in scales.iter_mut().enumerate() {
+                    *sc = w.scale(j0 + jj, o);
+                }
+            }
             let mut wv = [_mm512_setzero_ps(); C];
             for (jj, v) in wv.iter_mut().enumerate() {
-                *v = w.load(j0 + jj, o);
+                *v = w.load(j0 + jj, o, scales[jj]);
             }
             for (ii, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_loadu_ps(a.add(ii * lda + o));
@@ -143,10 +163,16 @@ pub(crate) unsafe fn decode<W: Load512>(n: usize, k: usize, w: W, out: &mut [f32
     // SAFETY: rows 0..n and columns 0..k are in bounds (the caller's contract); out holds n · k values.
     unsafe {
         let steps = k / L;
+        let mask = scale_mask(w, 4);
         for j in 0..n {
             let row = out.as_mut_ptr().add(j * k);
+            // SAFETY: all-zero bits are a valid Scale (the trait's contract); set at s = 0, before its use.
+            let mut sc: W::Scale = std::mem::zeroed();
             for s in 0..steps {
-                _mm512_storeu_ps(row.add(s * L), w.load(j, s * L));
+                if s & mask == 0 {
+                    sc = w.scale(j, s * L);
+                }
+                _mm512_storeu_ps(row.add(s * L), w.load(j, s * L, sc));
             }
             for kk in steps * L..k {
                 *row.add(kk) = w.scalar(j, kk);
@@ -156,18 +182,24 @@ pub(crate) unsafe fn decode<W: Load512>(n: usize, k: usize, w: W, out: &mut [f32
 }
 
 impl Load512 for F32Rows {
+    type Scale = ();
+    #[inline(always)]
+    unsafe fn scale(self, _j: usize, _o: usize) {}
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+    unsafe fn load(self, j: usize, o: usize, _s: ()) -> __m512 {
         // SAFETY: in bounds (the trait's contract).
         unsafe { _mm512_loadu_ps(self.p.add(j * self.ld + o)) }
     }
 }
 
 impl Load512 for Bf16Rows {
+    type Scale = ();
+    #[inline(always)]
+    unsafe fn scale(self, _j: usize, _o: usize) {}
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+    unsafe fn load(self, j: usize, o: usize, _s: ()) -> __m512 {
         // SAFETY: 16 u16 values in bounds (the trait's contract). bf16 is the top half of an f32.
         unsafe {
             let h = _mm256_loadu_si256(self.p.add(j * self.ld + o) as *const __m256i);
@@ -177,9 +209,12 @@ impl Load512 for Bf16Rows {
 }
 
 impl Load512 for F16Rows {
+    type Scale = ();
+    #[inline(always)]
+    unsafe fn scale(self, _j: usize, _o: usize) {}
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m512 {
+    unsafe fn load(self, j: usize, o: usize, _s: ()) -> __m512 {
         // SAFETY: 16 u16 values in bounds (the trait's contract).
         unsafe {
             _mm512_cvtph_ps(_mm256_loadu_si256(
@@ -190,33 +225,43 @@ impl Load512 for F16Rows {
 }
 
 impl Load512 for Int8Rows {
+    type Scale = __m512;
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m512 {
-        // SAFETY: 16 bytes and the row's scale in bounds (the trait's contract).
+    unsafe fn scale(self, j: usize, _o: usize) -> __m512 {
+        // SAFETY: the row's scale is in bounds (the trait's contract).
+        _mm512_set1_ps(unsafe { *self.scales.add(j) })
+    }
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize, s: __m512) -> __m512 {
+        // SAFETY: 16 bytes in bounds (the trait's contract).
         unsafe {
             let q = _mm_loadu_si128(self.p.add(j * self.ld + o) as *const __m128i);
-            let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-            _mm512_mul_ps(v, _mm512_set1_ps(*self.scales.add(j)))
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s)
         }
     }
 }
 
 impl Load512 for Fp8Rows {
+    type Scale = __m512;
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m512 {
-        // SAFETY: 16 bytes and the block's scale in bounds (the trait's contract).
+    unsafe fn scale(self, j: usize, o: usize) -> __m512 {
+        // SAFETY: the block's scale is in bounds (the trait's contract). s · 2^8 is exact (s · 448 is finite,
+        // checked when the matrix was built).
+        _mm512_set1_ps(unsafe { Fp8Rows::scale(self, j, o) } * 256.0)
+    }
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize, s: __m512) -> __m512 {
+        // SAFETY: 16 bytes in bounds (the trait's contract).
         unsafe {
             let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(
                 self.p.add(j * self.ld + o) as *const __m128i
             ));
-            // (q · 2^-8) · (s · 2^8): both factors exact (s · 448 is finite, checked when the matrix was built),
-            // so one rounding of q · s, as the reference.
-            _mm512_mul_ps(
-                _mm512_cvtph_ps(fp8_to_f16_bits(q)),
-                _mm512_set1_ps(self.scale(j, o) * 256.0),
-            )
+            // (q · 2^-8) · (s · 2^8): both factors exact, so one rounding of q · s, as the reference.
+            _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_f16_bits(q)), s)
         }
     }
 }
@@ -232,22 +277,28 @@ fn fp8_to_f16_bits(q: __m256i) -> __m256i {
 }
 
 impl Load512 for Mxfp4Rows {
+    /// The 16 E2M1 values times the block's scale: each entry rounded once, as `decode_row`'s `value · scale`.
+    type Scale = __m512;
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m512 {
-        // SAFETY: 8 bytes (16 codes) and the block's scale in bounds (the trait's contract).
+    unsafe fn scale(self, j: usize, o: usize) -> __m512 {
+        // SAFETY: the block's scale is in bounds (the trait's contract).
+        let s = unsafe { Mxfp4Rows::scale(self, j, o) };
+        // SAFETY: the table holds 16 f32 values.
+        let lut = unsafe { _mm512_loadu_ps(moe_core::quant::codec::E2M1_VALUES.as_ptr()) };
+        _mm512_mul_ps(lut, _mm512_set1_ps(s))
+    }
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize, s: __m512) -> __m512 {
+        // SAFETY: 8 bytes (16 codes) in bounds (the trait's contract).
         unsafe {
             let b = _mm_loadl_epi64(self.p.add(j * self.ld + o / 2) as *const __m128i);
             // b0 b0 b1 b1 …: lane 2i takes byte i's low nibble, lane 2i + 1 its high one.
             let lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
             let shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
             // vpermps reads only the low 4 bits of each index: no mask needed after the shift.
-            let codes = _mm512_srlv_epi32(lanes, shift);
-            let lut = _mm512_loadu_ps(moe_core::quant::codec::E2M1_VALUES.as_ptr());
-            _mm512_mul_ps(
-                _mm512_permutexvar_ps(codes, lut),
-                _mm512_set1_ps(self.scale(j, o)),
-            )
+            _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, shift), s)
         }
     }
 }

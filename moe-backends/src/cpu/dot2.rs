@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::rows::{Bf16Rows, F16Rows, F32Rows, Fp8Rows, Int8Rows, Mxfp4Rows, Rows};
+use super::rows::{Bf16Rows, F16Rows, F32Rows, Fp8Rows, Int8Rows, Mxfp4Rows, Rows, scale_mask};
 
 const MR: usize = 2;
 const NR: usize = 4;
@@ -23,9 +23,20 @@ const PREFETCH: usize = 512;
 
 /// Weight rows an AVX2 kernel can decode: 8 values from column `o` (a multiple of 8) of row `j`.
 pub(crate) trait Load256: Rows {
+    /// What decoding a row needs besides its codes, fixed over one scale run ([`Rows::scale_run_log2`]): the
+    /// broadcast scale, or MXFP4's magnitudes times its scale. All-zero bits are a valid value.
+    type Scale: Copy;
+
+    /// The scale of row `j` at column `o`.
+    ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available; row `j` and columns `o..o + 8` in bounds.
-    unsafe fn load(self, j: usize, o: usize) -> __m256;
+    /// AVX2, FMA and F16C must be available; row `j` and column `o` in bounds.
+    unsafe fn scale(self, j: usize, o: usize) -> Self::Scale;
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; row `j` and columns `o..o + 8` in bounds; `s` is
+    /// `self.scale(j, o')` for a column `o'` of the same scale run.
+    unsafe fn load(self, j: usize, o: usize, s: Self::Scale) -> __m256;
 }
 
 /// # Safety
@@ -89,6 +100,10 @@ unsafe fn tile<W: Load256, const R: usize, const C: usize>(
             let row_bytes = (k * W::BITS / 8).max(1);
             AHEAD.div_ceil(C * row_bytes).max(1) * C
         };
+        // Each row's scale, looked up at the start of each scale run.
+        let mask = scale_mask(w, 3);
+        // SAFETY: all-zero bits are a valid Scale (the trait's contract); each is set before its first use.
+        let mut scales: [W::Scale; C] = std::mem::zeroed();
         for s in 0..steps {
             let o = s * L;
             if s % per_line == 0 {
@@ -98,9 +113,14 @@ unsafe fn tile<W: Load256, const R: usize, const C: usize>(
                     _mm_prefetch::<_MM_HINT_T1>(w.prefetch(j0 + ahead + jj, o, 0));
                 }
             }
+            if s & mask == 0 {
+                for (jj, sc) in scales.iter_mut().enumerate() {
+                    *sc = w.scale(j0 + jj, o);
+                }
+            }
             let mut wv = [_mm256_setzero_ps(); C];
             for (jj, v) in wv.iter_mut().enumerate() {
-                *v = w.load(j0 + jj, o);
+                *v = w.load(j0 + jj, o, scales[jj]);
             }
             for (ii, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_loadu_ps(a.add(ii * lda + o));
@@ -130,10 +150,16 @@ pub(crate) unsafe fn decode<W: Load256>(n: usize, k: usize, w: W, out: &mut [f32
     // SAFETY: rows 0..n and columns 0..k are in bounds (the caller's contract); out holds n · k values.
     unsafe {
         let steps = k / L;
+        let mask = scale_mask(w, 3);
         for j in 0..n {
             let row = out.as_mut_ptr().add(j * k);
+            // SAFETY: all-zero bits are a valid Scale (the trait's contract); set at s = 0, before its use.
+            let mut sc: W::Scale = std::mem::zeroed();
             for s in 0..steps {
-                _mm256_storeu_ps(row.add(s * L), w.load(j, s * L));
+                if s & mask == 0 {
+                    sc = w.scale(j, s * L);
+                }
+                _mm256_storeu_ps(row.add(s * L), w.load(j, s * L, sc));
             }
             for kk in steps * L..k {
                 *row.add(kk) = w.scalar(j, kk);
@@ -153,18 +179,24 @@ fn hsum(v: __m256) -> f32 {
 }
 
 impl Load256 for F32Rows {
+    type Scale = ();
+    #[inline(always)]
+    unsafe fn scale(self, _j: usize, _o: usize) {}
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m256 {
+    unsafe fn load(self, j: usize, o: usize, _s: ()) -> __m256 {
         // SAFETY: in bounds (the trait's contract).
         unsafe { _mm256_loadu_ps(self.p.add(j * self.ld + o)) }
     }
 }
 
 impl Load256 for Bf16Rows {
+    type Scale = ();
+    #[inline(always)]
+    unsafe fn scale(self, _j: usize, _o: usize) {}
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m256 {
+    unsafe fn load(self, j: usize, o: usize, _s: ()) -> __m256 {
         // SAFETY: 8 u16 values in bounds (the trait's contract). bf16 is the top half of an f32.
         unsafe {
             let h = _mm_loadu_si128(self.p.add(j * self.ld + o) as *const __m128i);
@@ -174,9 +206,12 @@ impl Load256 for Bf16Rows {
 }
 
 impl Load256 for F16Rows {
+    type Scale = ();
+    #[inline(always)]
+    unsafe fn scale(self, _j: usize, _o: usize) {}
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m256 {
+    unsafe fn load(self, j: usize, o: usize, _s: ()) -> __m256 {
         // SAFETY: 8 u16 values in bounds (the trait's contract).
         unsafe {
             _mm256_cvtph_ps(_mm_loadu_si128(
@@ -187,23 +222,36 @@ impl Load256 for F16Rows {
 }
 
 impl Load256 for Int8Rows {
+    type Scale = __m256;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m256 {
-        // SAFETY: 8 bytes and the row's scale in bounds (the trait's contract).
+    unsafe fn scale(self, j: usize, _o: usize) -> __m256 {
+        // SAFETY: the row's scale is in bounds (the trait's contract).
+        _mm256_set1_ps(unsafe { *self.scales.add(j) })
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize, s: __m256) -> __m256 {
+        // SAFETY: 8 bytes in bounds (the trait's contract).
         unsafe {
             let q = _mm_loadl_epi64(self.p.add(j * self.ld + o) as *const __m128i);
-            let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-            _mm256_mul_ps(v, _mm256_set1_ps(*self.scales.add(j)))
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s)
         }
     }
 }
 
 impl Load256 for Fp8Rows {
+    type Scale = __m256;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m256 {
-        // SAFETY: 8 bytes and the block's scale in bounds (the trait's contract).
+    unsafe fn scale(self, j: usize, o: usize) -> __m256 {
+        // SAFETY: the block's scale is in bounds (the trait's contract); s · 2^8 is exact (see cpu/dot.rs).
+        _mm256_set1_ps(unsafe { Fp8Rows::scale(self, j, o) } * 256.0)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize, s: __m256) -> __m256 {
+        // SAFETY: 8 bytes in bounds (the trait's contract).
         unsafe {
             let q = _mm_cvtepu8_epi16(_mm_loadl_epi64(
                 self.p.add(j * self.ld + o) as *const __m128i
@@ -211,32 +259,39 @@ impl Load256 for Fp8Rows {
             // As cpu/dot.rs: sign to bit 15, exponent and mantissa up by 7 gives the f16 of value · 2^-8.
             let sign = _mm_slli_epi16::<8>(_mm_and_si128(q, _mm_set1_epi16(0x80)));
             let mag = _mm_slli_epi16::<7>(_mm_and_si128(q, _mm_set1_epi16(0x7F)));
-            let v = _mm256_cvtph_ps(_mm_or_si128(sign, mag));
             // (q · 2^-8) · (s · 2^8): one rounding of q · s (see cpu/dot.rs).
-            _mm256_mul_ps(v, _mm256_set1_ps(self.scale(j, o) * 256.0))
+            _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, mag)), s)
         }
     }
 }
 
 impl Load256 for Mxfp4Rows {
+    /// The 8 E2M1 magnitudes times the block's scale, each rounded once (the sign is exact either side).
+    type Scale = __m256;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load(self, j: usize, o: usize) -> __m256 {
-        // SAFETY: 4 bytes (8 codes) and the block's scale in bounds (the trait's contract).
+    unsafe fn scale(self, j: usize, o: usize) -> __m256 {
+        // SAFETY: the block's scale is in bounds (the trait's contract).
+        let s = unsafe { Mxfp4Rows::scale(self, j, o) };
+        // SAFETY: the table holds 16 f32 values; the first 8 are the magnitudes.
+        let lut = unsafe { _mm256_loadu_ps(moe_core::quant::codec::E2M1_VALUES.as_ptr()) };
+        _mm256_mul_ps(lut, _mm256_set1_ps(s))
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load(self, j: usize, o: usize, s: __m256) -> __m256 {
+        // SAFETY: 4 bytes (8 codes) in bounds (the trait's contract).
         unsafe {
             let word = (self.p.add(j * self.ld + o / 2) as *const i32).read_unaligned();
             let b = _mm_cvtsi32_si128(word);
             let lanes = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
             let shift = _mm256_set_epi32(4, 0, 4, 0, 4, 0, 4, 0);
             let codes = _mm256_and_si256(_mm256_srlv_epi32(lanes, shift), _mm256_set1_epi32(0xF));
-            // Magnitudes of codes 0..8 (permutevar8x32 reads the low 3 bits), then code bit 3 as the sign.
-            let lut = _mm256_loadu_ps(moe_core::quant::codec::E2M1_VALUES.as_ptr());
-            let mag = _mm256_permutevar8x32_ps(lut, codes);
+            // Scaled magnitudes of codes 0..8 (permutevar8x32 reads the low 3 bits), then code bit 3 as the
+            // sign: −(|v| · s) = (−|v|) · s exactly.
+            let mag = _mm256_permutevar8x32_ps(s, codes);
             let sign = _mm256_slli_epi32::<28>(_mm256_and_si256(codes, _mm256_set1_epi32(8)));
-            _mm256_mul_ps(
-                _mm256_xor_ps(mag, _mm256_castsi256_ps(sign)),
-                _mm256_set1_ps(self.scale(j, o)),
-            )
+            _mm256_xor_ps(mag, _mm256_castsi256_ps(sign))
         }
     }
 }

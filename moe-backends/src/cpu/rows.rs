@@ -15,6 +15,10 @@ pub(crate) trait Rows: Copy {
     /// `512 / (lanes · BITS)` steps.
     const BITS: usize;
 
+    /// log2 of the values one scale covers along a row (an FP8 block's or an MXFP4 block's width); `None` for
+    /// formats with no scale or one per row. The kernels look a row's scale up once per run, not per vector.
+    fn scale_run_log2(self) -> Option<u32>;
+
     /// An address `ahead` bytes past value `o` of row `j`, for a prefetch (never dereferenced).
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8;
 
@@ -108,6 +112,9 @@ impl Mxfp4Rows {
 
 impl Rows for F32Rows {
     const BITS: usize = 32;
+    fn scale_run_log2(self) -> Option<u32> {
+        None
+    }
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
@@ -120,6 +127,9 @@ impl Rows for F32Rows {
 
 impl Rows for Bf16Rows {
     const BITS: usize = 16;
+    fn scale_run_log2(self) -> Option<u32> {
+        None
+    }
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
@@ -132,6 +142,9 @@ impl Rows for Bf16Rows {
 
 impl Rows for F16Rows {
     const BITS: usize = 16;
+    fn scale_run_log2(self) -> Option<u32> {
+        None
+    }
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
@@ -144,6 +157,9 @@ impl Rows for F16Rows {
 
 impl Rows for Int8Rows {
     const BITS: usize = 8;
+    fn scale_run_log2(self) -> Option<u32> {
+        None
+    }
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         self.p.wrapping_add(j * self.ld + o).wrapping_add(ahead)
     }
@@ -156,6 +172,9 @@ impl Rows for Int8Rows {
 
 impl Rows for Fp8Rows {
     const BITS: usize = 8;
+    fn scale_run_log2(self) -> Option<u32> {
+        Some(self.shift)
+    }
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o) as *const i8).wrapping_add(ahead)
     }
@@ -171,6 +190,9 @@ impl Rows for Fp8Rows {
 
 impl Rows for Mxfp4Rows {
     const BITS: usize = 4;
+    fn scale_run_log2(self) -> Option<u32> {
+        Some(5)
+    }
     fn prefetch(self, j: usize, o: usize, ahead: usize) -> *const i8 {
         (self.p.wrapping_add(j * self.ld + o / 2) as *const i8).wrapping_add(ahead)
     }
@@ -186,6 +208,15 @@ impl Rows for Mxfp4Rows {
             };
             codec::e2m1_to_f32(code) * self.scale(j, kk)
         }
+    }
+}
+
+/// Mask of the step index `s` at whose multiples a kernel of `2^lanes_log2` lanes looks its rows' scales up again
+/// (`s & mask == 0`): every step of a scale run shares one (`usize::MAX`: once, at the first step).
+pub(crate) fn scale_mask<W: Rows>(w: W, lanes_log2: u32) -> usize {
+    match w.scale_run_log2() {
+        Some(b) => (1usize << b.saturating_sub(lanes_log2)) - 1,
+        None => usize::MAX,
     }
 }
 
