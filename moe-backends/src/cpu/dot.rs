@@ -257,7 +257,7 @@ impl Load512 for Fp8Rows {
     unsafe fn load(self, j: usize, o: usize, s: __m512) -> __m512 {
         // SAFETY: 16 bytes in bounds (the trait's contract).
         unsafe {
-            let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+            let q = _mm256_cvtepi8_epi16(_mm_loadu_si128(
                 self.p.add(j * self.ld + o) as *const __m128i
             ));
             // (q · 2^-8) · (s · 2^8): both factors exact, so one rounding of q · s, as the reference.
@@ -266,14 +266,16 @@ impl Load512 for Fp8Rows {
     }
 }
 
-/// FP8 E4M3 codes (one a 16-bit lane) as f16 bit patterns of `value · 2^-8`: the sign moves to bit 15, exponent
-/// and mantissa shift up by 7 (E4M3's bias 7 and f16's 15 differ by 8, subnormals included), exactly.
+/// FP8 E4M3 codes, sign-extended to 16-bit lanes, as f16 bit patterns of `value · 2^-8`: shifted up by 7, the
+/// exponent and mantissa land where f16 keeps them (E4M3's bias 7 and f16's 15 differ by 8, subnormals included)
+/// and the sign's copies fill bits 14 and 15; clearing bit 14 leaves the sign in bit 15. Exact for all 256 codes.
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn fp8_to_f16_bits(q: __m256i) -> __m256i {
-    let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(q, _mm256_set1_epi16(0x80)));
-    let mag = _mm256_slli_epi16::<7>(_mm256_and_si256(q, _mm256_set1_epi16(0x7F)));
-    _mm256_or_si256(sign, mag)
+    _mm256_and_si256(
+        _mm256_slli_epi16::<7>(q),
+        _mm256_set1_epi16(0xBFFFu16 as i16),
+    )
 }
 
 impl Load512 for Mxfp4Rows {

@@ -253,14 +253,13 @@ impl Load256 for Fp8Rows {
     unsafe fn load(self, j: usize, o: usize, s: __m256) -> __m256 {
         // SAFETY: 8 bytes in bounds (the trait's contract).
         unsafe {
-            let q = _mm_cvtepu8_epi16(_mm_loadl_epi64(
+            let q = _mm_cvtepi8_epi16(_mm_loadl_epi64(
                 self.p.add(j * self.ld + o) as *const __m128i
             ));
-            // As cpu/dot.rs: sign to bit 15, exponent and mantissa up by 7 gives the f16 of value · 2^-8.
-            let sign = _mm_slli_epi16::<8>(_mm_and_si128(q, _mm_set1_epi16(0x80)));
-            let mag = _mm_slli_epi16::<7>(_mm_and_si128(q, _mm_set1_epi16(0x7F)));
+            // As cpu/dot.rs: the sign-extended code shifted up by 7, bit 14 cleared, is the f16 of value · 2^-8.
+            let h = _mm_and_si128(_mm_slli_epi16::<7>(q), _mm_set1_epi16(0xBFFFu16 as i16));
             // (q · 2^-8) · (s · 2^8): one rounding of q · s (see cpu/dot.rs).
-            _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, mag)), s)
+            _mm256_mul_ps(_mm256_cvtph_ps(h), s)
         }
     }
 }
