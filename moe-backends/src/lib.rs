@@ -151,6 +151,9 @@ pub struct BackendOptions {
     pub threads: Option<usize>,
     /// Kernels of the cpu backend ([`cpu::CpuKernels::Auto`] unless set); other backends take only the default.
     pub cpu_kernels: cpu::CpuKernels,
+    /// bf16 weights times bf16-rounded activations on the cpu backend
+    /// ([`cpu::CpuBackend::with_bf16_activations`]); other backends take only the default (off).
+    pub bf16_activations: bool,
 }
 
 /// Opens a backend with `options`.
@@ -175,6 +178,11 @@ pub fn open_with(
         )
         .into());
     }
+    if options.bf16_activations && kind != BackendKind::Cpu {
+        return Err(
+            MoeError::config("bf16 activations", true, "set only for the cpu backend").into(),
+        );
+    }
     match kind {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::with_dtype(options.dtype)?)),
@@ -185,14 +193,20 @@ pub fn open_with(
             "only f32 on the wgpu backend (the cpu and cuda backends run every format)",
         )
         .into()),
-        BackendKind::Cpu => Ok(Box::new(
-            match options.threads {
+        BackendKind::Cpu => {
+            let b = match options.threads {
                 Some(n) => cpu::CpuBackend::with_threads(n),
                 None => cpu::CpuBackend::new(),
             }
             .with_kernels(options.cpu_kernels)
-            .with_dtype(options.dtype),
-        )),
+            .with_dtype(options.dtype)
+            .with_bf16_activations(options.bf16_activations);
+            // Refused here, a usage error, rather than at the first upload.
+            if let Err(e) = b.layer_kernels() {
+                return Err(MoeError::config("bf16 activations", true, e.to_string()).into());
+            }
+            Ok(Box::new(b))
+        }
         #[allow(
             unreachable_patterns,
             reason = "without device features every kind matched above"

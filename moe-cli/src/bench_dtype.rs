@@ -179,18 +179,14 @@ pub(super) fn run(
                 .into(),
         ));
     }
-    let cpu_kernels =
-        CpuKernels::parse(&a.cpu_kernels).map_err(|e| CliError::Usage(e.to_string()))?;
-    let open = |dtype| {
-        crate::open_backend_with(
-            &a.backend,
-            BackendOptions {
-                dtype,
-                threads: a.threads,
-                cpu_kernels,
-            },
-        )
+    let base = BackendOptions {
+        threads: a.threads,
+        cpu_kernels: CpuKernels::parse(&a.cpu_kernels)
+            .map_err(|e| CliError::Usage(e.to_string()))?,
+        bf16_activations: a.bf16_activations,
+        ..BackendOptions::default()
     };
+    let open = |dtype| crate::open_backend_with(&a.backend, BackendOptions { dtype, ..base });
     // Every backend first: a dtype the backend does not take fails before any work.
     let backends = dtypes
         .iter()

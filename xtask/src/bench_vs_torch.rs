@@ -229,6 +229,11 @@ struct LowRow {
     ours: Vec<f64>,
     /// Ours: output relative RMS against our f32 layer (`output_rel_rms`), last round.
     ours_rel_rms: f64,
+    /// bf16 rows: ours with `--bf16-activations` (bf16-rounded activations, as PyTorch's bf16 block), per round;
+    /// empty where the CPU lacks AVX-512 BF16.
+    ours_act16: Vec<f64>,
+    /// Its output relative RMS against our f32 layer, last round.
+    ours_act16_rel_rms: f64,
     /// PyTorch's paths by name (bf16: `eager`, `grouped_mm`; int8: `int8_f32`, `int8_bf16`), per round.
     torch: Vec<(String, Vec<f64>)>,
     /// int8: PyTorch's kernel against the same loop on dequantised weights (`check_max_rel`), last round.
@@ -350,6 +355,8 @@ fn low_rows(o: &Opts) -> Vec<LowRow> {
                     tokens: t,
                     ours: Vec::new(),
                     ours_rel_rms: f64::NAN,
+                    ours_act16: Vec::new(),
+                    ours_act16_rel_rms: f64::NAN,
                     torch: torch_paths(dtype)
                         .iter()
                         .map(|p| (p.to_string(), Vec::new()))
@@ -394,28 +401,63 @@ fn measure_low(
                 }
             } else {
                 let ts: Vec<String> = s.low_tokens.iter().map(|t| t.to_string()).collect();
-                let p = Command::new(moe)
-                    .args(["bench", "--shape", s.bench, "--format", "json", "--threads"])
-                    .arg(o.threads.to_string())
-                    .args(["--repeats", &o.repeats.to_string(), "-t", &ts.join(",")])
-                    .args(["--dtype", &format!("f32,{}", o.dtypes.join(","))])
-                    .output()?;
-                if !p.status.success() {
-                    bail!(
-                        "moe bench --dtype failed: {}",
-                        String::from_utf8_lossy(&p.stderr)
-                    );
+                let run = |dtypes: &str, act16: bool| -> Result<Option<Value>> {
+                    let mut c = Command::new(moe);
+                    c.args(["bench", "--shape", s.bench, "--format", "json", "--threads"])
+                        .arg(o.threads.to_string())
+                        .args(["--repeats", &o.repeats.to_string(), "-t", &ts.join(",")])
+                        .args(["--dtype", dtypes]);
+                    if act16 {
+                        c.arg("--bf16-activations");
+                    }
+                    let p = c.output()?;
+                    match p.status.code() {
+                        Some(0) => Ok(Some(serde_json::from_slice(&p.stdout)?)),
+                        // --bf16-activations on a CPU without AVX-512 BF16: a usage error, the rows stay empty.
+                        Some(2) if act16 => Ok(None),
+                        _ => bail!(
+                            "moe bench --dtype failed: {}",
+                            String::from_utf8_lossy(&p.stderr)
+                        ),
+                    }
+                };
+                let rows = |v: &Value| -> Vec<(usize, String, f64, f64)> {
+                    v["rows"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|row| {
+                            (
+                                row["tokens"].as_u64().unwrap_or(0) as usize,
+                                row["dtype"].as_str().unwrap_or("").to_string(),
+                                row["median_ms"].as_f64().unwrap_or(f64::NAN),
+                                row["output_rel_rms"].as_f64().unwrap_or(f64::NAN),
+                            )
+                        })
+                        .collect()
+                };
+                if let Some(v) = run(&format!("f32,{}", o.dtypes.join(",")), false)? {
+                    for (t, dtype, ms, rms) in rows(&v) {
+                        if let Some(r) = low
+                            .iter_mut()
+                            .find(|r| r.shape == si && r.tokens == t && r.dtype == dtype)
+                        {
+                            r.ours.push(ms);
+                            r.ours_rel_rms = rms;
+                        }
+                    }
                 }
-                let v: Value = serde_json::from_slice(&p.stdout)?;
-                for row in v["rows"].as_array().into_iter().flatten() {
-                    let t = row["tokens"].as_u64().unwrap_or(0) as usize;
-                    let dtype = row["dtype"].as_str().unwrap_or("");
-                    if let Some(r) = low
-                        .iter_mut()
-                        .find(|r| r.shape == si && r.tokens == t && r.dtype == dtype)
-                    {
-                        r.ours.push(row["median_ms"].as_f64().unwrap_or(f64::NAN));
-                        r.ours_rel_rms = row["output_rel_rms"].as_f64().unwrap_or(f64::NAN);
+                if o.dtypes.iter().any(|d| d == "bf16")
+                    && let Some(v) = run("f32,bf16", true)?
+                {
+                    for (t, dtype, ms, rms) in rows(&v) {
+                        if let Some(r) = low
+                            .iter_mut()
+                            .find(|r| r.shape == si && r.tokens == t && r.dtype == dtype)
+                        {
+                            r.ours_act16.push(ms);
+                            r.ours_act16_rel_rms = rms;
+                        }
                     }
                 }
             }
@@ -511,9 +553,9 @@ fn low_table(m: &Measured) -> Vec<Value> {
          bf16, eager / grouped_mm; PyTorch int8: aten._weight_int8pack_mm per expert, f32 / bf16 activations)"
     );
     println!(
-        "| block | dtype | T | ours ms | PyTorch ms (per path) | ratio (torch best / ours) | ours out rel RMS vs f32 | torch int8 check |"
+        "| block | dtype | T | ours ms | PyTorch ms (per path) | ratio (torch best / ours) | ours out rel RMS vs f32 | ours bf16 act. ms | ratio (bf16 act.) | bf16 act. rel RMS vs f32 | torch int8 check |"
     );
-    println!("| --- | --- | --: | --: | --- | --: | --: | --: |");
+    println!("| --- | --- | --: | --: | --- | --: | --: | --: | --: | --: | --: |");
     let mut out = Vec::new();
     for r in &m.low {
         let s = &SHAPES[r.shape];
@@ -532,19 +574,25 @@ fn low_table(m: &Measured) -> Vec<Value> {
             .map(|(n, v)| format!("{n} {}", v.map_or("n/a".into(), |x| format!("{x:.1}"))))
             .collect::<Vec<_>>()
             .join(", ");
+        let act16 = median(r.ours_act16.clone());
         println!(
-            "| {} | {} | {} | {our:.2} | {shown} | {:.2} | {:.1e} | {} |",
+            "| {} | {} | {} | {our:.2} | {shown} | {:.2} | {:.1e} | {} | {} | {} | {} |",
             s.bench,
             r.dtype,
             r.tokens,
             best / our,
             r.ours_rel_rms,
+            act16.map_or("-".into(), |x| format!("{x:.2}")),
+            act16.map_or("-".into(), |x| format!("{:.2}", best / x)),
+            act16.map_or("-".into(), |_| format!("{:.1e}", r.ours_act16_rel_rms)),
             r.torch_check.map_or("-".into(), |c| format!("{c:.1e}")),
         );
         out.push(json!({"shape": s.bench, "dtype": r.dtype, "tokens": r.tokens, "ours_ms": our,
             "torch_ms": paths.iter().map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "ratio": best / our, "ours_output_rel_rms": r.ours_rel_rms, "torch_int8_check_max_rel": r.torch_check,
-            "rounds": {"ours": r.ours, "torch": r.torch.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>()}}));
+            "ours_bf16_activations_ms": act16, "ratio_bf16_activations": act16.map(|x| best / x),
+            "ours_bf16_activations_output_rel_rms": act16.map(|_| r.ours_act16_rel_rms),
+            "rounds": {"ours": r.ours, "ours_bf16_activations": r.ours_act16, "torch": r.torch.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>()}}));
     }
     out
 }

@@ -367,6 +367,8 @@ pub(crate) struct Kernels {
     /// The AVX2 dot-product kernel for few rows, where the AVX-512 one is not used (only where the CPU has AVX2,
     /// FMA and F16C).
     pub avx2: bool,
+    /// bf16 weights times bf16-rounded activations (`cpu/dot_bf16.rs`, `CpuBackend::with_bf16_activations`).
+    pub bf16: bool,
 }
 
 impl Kernels {
@@ -375,6 +377,7 @@ impl Kernels {
         use CpuKernels as K;
         let dot = choice == K::Auto && has("avx512f");
         Kernels {
+            bf16: false,
             dot,
             avx2: !dot
                 && matches!(choice, K::Auto | K::Avx2)

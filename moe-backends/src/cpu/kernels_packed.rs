@@ -44,6 +44,8 @@ fn panel_rows(k: usize) -> usize {
 thread_local! {
     /// Per-thread panel of decoded weight rows.
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread bf16 copy of a tile's activation rows (`Kernels::bf16`).
+    static ACTIVATIONS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Tile<'_> {
@@ -102,6 +104,35 @@ impl Tile<'_> {
                     a.len()
                 ),
             });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if kernels.bf16
+            && let Some(AnyRows::Bf16(rows)) = AnyRows::new(&w, row0, n)
+        {
+            // Every row count takes this kernel: a token's output does not depend on the rest of its batch.
+            ACTIVATIONS.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                if buf.len() < m * k {
+                    buf.resize(m * k, 0);
+                }
+                // SAFETY: `kernels.bf16` is set only where the CPU has AVX-512F, BW and BF16; a holds m rows of k
+                // at stride lda and the buffer m · k values; rows row0..row0 + n of w are in bounds (checked
+                // above); the tile owns its m x n rectangle at stride ld.
+                unsafe {
+                    super::super::dot_bf16::to_bf16(m, k, a.as_ptr(), lda, buf.as_mut_ptr());
+                    super::super::dot_bf16::matmul_nt(
+                        m,
+                        n,
+                        k,
+                        buf.as_ptr(),
+                        rows.p,
+                        rows.ld,
+                        self.ptr,
+                        self.ld,
+                    );
+                }
+            });
+            return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
         if m <= direct_rows(w.format)

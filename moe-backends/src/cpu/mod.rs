@@ -26,6 +26,8 @@ pub mod dense;
 mod dot;
 #[cfg(target_arch = "x86_64")]
 mod dot2;
+#[cfg(target_arch = "x86_64")]
+mod dot_bf16;
 mod experts;
 mod grouped;
 mod grouped_train;
@@ -33,6 +35,7 @@ mod kernels;
 mod peer;
 pub mod probe;
 mod quant;
+mod reference;
 mod remote;
 mod rows;
 mod store;
@@ -43,7 +46,6 @@ mod train_fast;
 use std::sync::Arc;
 
 use ndarray::Array2;
-use rayon::prelude::*;
 
 use moe_core::{
     Backend, Capabilities, DeviceLayer, Grad, LayerGrads, LayerOutput, MoeError, MoeLayer,
@@ -55,6 +57,7 @@ use kernels::Kernels;
 
 pub use experts::expert_forward;
 pub use kernels::CpuKernels;
+pub use reference::reference_forward;
 pub use remote::CpuExperts;
 
 /// The CPU backend. `threads = None` uses rayon's global pool.
@@ -63,6 +66,7 @@ pub struct CpuBackend {
     threads: Option<usize>,
     kernels: CpuKernels,
     dtype: crate::Dtype,
+    bf16_activations: bool,
 }
 
 impl CpuBackend {
@@ -92,6 +96,47 @@ impl CpuBackend {
         self
     }
 
+    /// The same backend multiplying bf16 expert weights by bf16 activations (`on`; the default is off): in every
+    /// product over a bf16 bank (packed, loaded from a bf16 checkpoint or quantised at upload), the activations
+    /// (`x`, and `h` of the second product) are rounded to bf16 (nearest even) and the exact products summed in f32
+    /// by AVX-512 BF16's `VDPBF16PS`, twice the f32 FMA rate on compute-bound rows; outputs stay f32. As
+    /// PyTorch's bf16 blocks round their activations; off, activations stay f32 and a bf16 bank's output equals
+    /// the f32 bank of its weights bit for bit. Other formats and f32 banks are unchanged. Source:
+    /// `cpu/dot_bf16.rs`.
+    ///
+    /// Uploading a layer fails with [`MoeError::Unsupported`] where the CPU lacks AVX-512F, BW or BF16, or with
+    /// kernels other than [`CpuKernels::Auto`].
+    pub fn with_bf16_activations(mut self, on: bool) -> Self {
+        self.bf16_activations = on;
+        self
+    }
+
+    /// The kernels of a layer uploaded here.
+    ///
+    /// # Errors
+    /// [`MoeError::Unsupported`] for bf16 activations this CPU or kernel choice cannot run.
+    pub(crate) fn layer_kernels(&self) -> Result<Kernels, MoeError> {
+        let mut k = Kernels::new(self.kernels);
+        if self.bf16_activations {
+            #[cfg(target_arch = "x86_64")]
+            let ok = k.dot && dot_bf16::available();
+            #[cfg(not(target_arch = "x86_64"))]
+            let ok = false;
+            if !ok {
+                return Err(MoeError::Unsupported {
+                    owner: "backend cpu".into(),
+                    feature: format!(
+                        "bf16 activations with {:?} kernels on this CPU (they need the AVX-512 kernels and \
+                         AVX-512F, BW and BF16)",
+                        self.kernels
+                    ),
+                });
+            }
+            k.bf16 = true;
+        }
+        Ok(k)
+    }
+
     /// Whether forwards on this backend use the AVX-512 dot-product kernel (for groups of at most 48 rows): the
     /// kernels are [`CpuKernels::Auto`] and this CPU has AVX-512F.
     pub fn uses_dot_kernel(&self) -> bool {
@@ -107,7 +152,9 @@ impl Backend for CpuBackend {
     fn capabilities(&self) -> Capabilities {
         let n = self.threads.unwrap_or_else(rayon::current_num_threads);
         let k = Kernels::new(self.kernels);
-        let kernels = if k.dot {
+        let kernels = if k.dot && self.bf16_activations {
+            "AVX-512 dot kernel + gemm, bf16 activations for bf16 weights"
+        } else if k.dot {
             "AVX-512 dot kernel + gemm"
         } else if k.avx2 {
             "AVX2 dot kernel + gemm"
@@ -152,7 +199,7 @@ impl Backend for CpuBackend {
             peer,
             store,
             fast,
-            kernels: Kernels::new(self.kernels),
+            kernels: self.layer_kernels()?,
         }))
     }
 
@@ -423,63 +470,6 @@ fn finish(layer: &MoeLayer, mut output: Array2<f32>, routing: Routing) -> LayerO
         routing,
         router_path: RouterPath::Host,
     }
-}
-
-/// The reference forward: per-expert ndarray products on freshly gathered rows, the same combine order. Slow and
-/// simple; the fast path is tested against it. Banks the fast path does not run use the same per-expert code
-/// (PEER its own path; custom experts in the fast forward's frame, `cpu/remote.rs`).
-///
-/// # Errors
-/// As [`DeviceLayer::forward`].
-pub fn reference_forward(
-    layer: &MoeLayer,
-    input: &RouterInput<'_>,
-) -> Result<LayerOutput, MoeError> {
-    let routing = layer.route(input)?;
-    let (t, d) = input.hidden.dim();
-    // Expert outputs per slot, expert-major: each active expert owns a contiguous block of rows.
-    let mut slot_out = Array2::<f32>::zeros((routing.n_slots(), d));
-    {
-        let mut blocks = Vec::with_capacity(routing.active_experts().len());
-        let mut rest = slot_out
-            .as_slice_mut()
-            .ok_or_else(|| internal("slot buffer is not contiguous"))?;
-        for g in routing.groups() {
-            let (head, tail) = rest.split_at_mut(g.tokens.len() * d);
-            blocks.push((g, head));
-            rest = tail;
-        }
-        blocks.into_par_iter().try_for_each(|(g, out)| {
-            let xg = input.hidden.select(
-                ndarray::Axis(0),
-                &g.tokens.iter().map(|&t| t as usize).collect::<Vec<_>>(),
-            );
-            let y = expert_forward(layer.experts(), g.expert, xg.view())?;
-            let ys = y
-                .as_slice()
-                .ok_or_else(|| internal("expert output is not contiguous"))?;
-            out.copy_from_slice(ys);
-            Ok::<(), MoeError>(())
-        })?;
-    }
-    let (offsets, slots) = routing.token_slots();
-    let ys = slot_out
-        .as_slice()
-        .ok_or_else(|| internal("slot buffer is not contiguous"))?;
-    let mut output = combine::combine(
-        &offsets,
-        &slots,
-        routing.slot_weights(),
-        ys,
-        t,
-        d,
-        layer.output_scale(),
-    )?;
-    if let Some(shared) = layer.shared() {
-        let ys = expert_forward(shared.bank(), 0, input.hidden)?;
-        combine::add_shared(&mut output, input.hidden, ys.view(), shared.gate());
-    }
-    Ok(finish(layer, output, routing))
 }
 
 fn internal(what: &str) -> MoeError {

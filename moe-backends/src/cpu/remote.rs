@@ -80,7 +80,7 @@ pub(super) fn upload_experts(
     Ok(Box::new(CpuExperts {
         bank,
         pool: backend.pool()?,
-        kernels: Kernels::new(backend.kernels),
+        kernels: backend.layer_kernels()?,
         fast,
         ws: Workspace::default(),
         batches: Vec::new(),
