@@ -202,8 +202,16 @@ pub fn open_with(
             .with_dtype(options.dtype)
             .with_bf16_activations(options.bf16_activations);
             // Refused here, a usage error, rather than at the first upload.
-            if let Err(e) = b.layer_kernels() {
-                return Err(MoeError::config("bf16 activations", true, e.to_string()).into());
+            if b.layer_kernels().is_err() {
+                return Err(MoeError::config(
+                    "bf16 activations",
+                    true,
+                    format!(
+                        "need the auto kernels on a CPU with AVX-512F, AVX-512BW and AVX-512 BF16 (kernels {:?})",
+                        options.cpu_kernels
+                    ),
+                )
+                .into());
             }
             Ok(Box::new(b))
         }

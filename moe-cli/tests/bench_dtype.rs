@@ -287,3 +287,62 @@ fn bad_lists_exit_2_with_one_line() {
     assert!(err.starts_with("error:") && err.contains("wgpu"), "{err}");
     assert!(o.stdout.is_empty(), "no report on bad input");
 }
+
+/// `--bf16-activations`: where the CPU has AVX-512 BF16, the bf16 rows move by the activations' rounding (more
+/// than the weights' alone, still small) and every other format's rows stay as they are; elsewhere, and with other
+/// kernels or backends, exit 2 with one line naming the option.
+#[test]
+fn bf16_activations_move_bf16_rows_only_or_are_refused() {
+    let avx512bf16 = std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512bf16");
+    let mut refused = vec![
+        vec![
+            "--cpu-kernels",
+            "avx2",
+            "--bf16-activations",
+            "--dtype",
+            "bf16",
+        ],
+        vec![
+            "--cpu-kernels",
+            "portable",
+            "--bf16-activations",
+            "--dtype",
+            "bf16",
+        ],
+        vec!["--backend", "wgpu", "--bf16-activations", "--dtype", "f32"],
+    ];
+    if !avx512bf16 {
+        refused.push(vec!["--bf16-activations", "--dtype", ALL]);
+    }
+    for extra in refused {
+        let o = moe(&[SMALL, extra.as_slice()].concat());
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        // wgpu: "set only for the cpu backend", or unavailable in a build without it; exit 2 either way.
+        if !extra.contains(&"wgpu") {
+            assert!(stderr(&o).contains("bf16 activations"), "{}", stderr(&o));
+        }
+    }
+    if !avx512bf16 {
+        return;
+    }
+    let off = run_json(&["--dtype", ALL]);
+    let on = run_json(&["--dtype", ALL, "--bf16-activations"]);
+    let (e_off, e_on) = (
+        output_err(&off, "bf16", "output_rel_rms"),
+        output_err(&on, "bf16", "output_rel_rms"),
+    );
+    assert!(
+        e_on > e_off && e_on < 2e-2,
+        "bf16 rel RMS: {e_off:e} off, {e_on:e} on"
+    );
+    for dtype in ["f32", "int8", "fp8", "mxfp4"] {
+        assert_eq!(
+            output_err(&off, dtype, "output_rel_rms"),
+            output_err(&on, dtype, "output_rel_rms"),
+            "{dtype}"
+        );
+    }
+}
