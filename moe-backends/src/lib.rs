@@ -207,8 +207,14 @@ pub fn open_with(
                     "bf16 activations",
                     true,
                     format!(
-                        "need the auto kernels on a CPU with AVX-512F, AVX-512BW and AVX-512 BF16 (kernels {:?})",
-                        options.cpu_kernels
+                        "needs the auto kernels (got {}) on a CPU with AVX-512F, AVX-512BW and AVX-512 BF16 (this \
+                         one: {})",
+                        match options.cpu_kernels {
+                            cpu::CpuKernels::Auto => "auto",
+                            cpu::CpuKernels::Avx2 => "avx2",
+                            cpu::CpuKernels::Portable => "portable",
+                        },
+                        if cpu::CpuBackend::bf16_activations_available() { "yes" } else { "no" }
                     ),
                 )
                 .into());

@@ -56,15 +56,17 @@ fn bf16_activations_stay_close_to_f32_and_do_not_depend_on_threads_or_batch() {
     }
     let exact = forward(&CpuBackend::with_threads(2), &l, &x).expect("f32 activations");
     let got = forward(&on(1), &l, &x).expect("bf16 activations");
-    // Rounding x and h to bf16 (relative 2^-9 each) moves the output by about that much: measurably, and no more.
+    // Rounding x and h to bf16 (relative 2^-9 each) moves the output by a few times that: measurably (3.0e-3 on
+    // this layer), and no more (twice that fails).
     let (mut diff, mut norm) = (0f64, 0f64);
     for (a, b) in got.iter().zip(&exact) {
         diff += f64::from(a - b).powi(2);
         norm += f64::from(*b).powi(2);
     }
     let rel = (diff / norm).sqrt();
+    eprintln!("relative RMS against f32 activations: {rel:e}");
     assert!(
-        rel > 1e-5 && rel < 8e-3,
+        rel > 1e-3 && rel < 6e-3,
         "relative RMS against f32 activations: {rel:e}"
     );
     assert!(bits(&forward(&on(2), &l, &x).expect("2 threads")) == bits(&got));
@@ -100,6 +102,7 @@ fn other_formats_are_untouched_and_other_kernels_are_refused() {
     }
     for format in [
         WeightFormat::F32,
+        WeightFormat::F16,
         WeightFormat::Int8,
         WeightFormat::Fp8,
         WeightFormat::Mxfp4,

@@ -237,6 +237,8 @@ struct BenchReport {
     device: String,
     /// Expert weight precision.
     dtype: String,
+    /// `--bf16-activations`: bf16 weights multiplied by bf16-rounded activations.
+    bf16_activations: bool,
     /// What timed the runs: `device events` (the backend's own clock, input already on the device) or
     /// `host wall clock` (whole forward calls, copies included).
     clock: String,
@@ -338,6 +340,7 @@ pub(crate) fn run(registry: &RouterRegistry, a: &BenchArgs) -> Result<(), CliErr
         backend: backend.name().to_string(),
         device: backend.capabilities().device,
         dtype: a.dtype.clone(),
+        bf16_activations: a.bf16_activations,
         clock: clock.to_string(),
         router: c.label,
         d_model: d,

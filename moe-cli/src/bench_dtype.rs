@@ -147,6 +147,8 @@ struct DtypeReport {
     repeats: u32,
     skew: f64,
     clusters: usize,
+    /// `--bf16-activations`: bf16 weights multiplied by bf16-rounded activations.
+    bf16_activations: bool,
     /// Memory read bandwidth measured in the same run, GB/s (with `--bandwidth`).
     read_bandwidth_gb_per_s: Option<f64>,
     dtypes: Vec<DtypeSummary>,
@@ -276,6 +278,7 @@ pub(super) fn run(
         repeats: a.repeats,
         skew: a.skew,
         clusters: a.clusters,
+        bf16_activations: a.bf16_activations,
         read_bandwidth_gb_per_s: read_bw,
         dtypes: summaries,
         rows,

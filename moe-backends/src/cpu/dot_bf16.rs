@@ -211,7 +211,7 @@ mod tests {
     /// Every output is the f64 sum of the exact products of the bf16 operands, within f32 accumulation error
     /// (`(k / 16 + 16) · 2^-24 · Σ|products|`: each lane adds k / 16 products one at a time, then 16 lanes are
     /// summed), for
-    /// every register tile (1, 2, 4 rows x 1, 6 weight rows) and lengths with and without a partial last step.
+    /// every register tile (1, 2, 4 rows x 1, 4 weight rows) and lengths with and without a partial last step.
     #[test]
     fn products_equal_the_exact_sums_within_accumulation_error() {
         if !available() {

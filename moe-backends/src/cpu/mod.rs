@@ -111,6 +111,19 @@ impl CpuBackend {
         self
     }
 
+    /// Whether this CPU runs bf16 activations ([`CpuBackend::with_bf16_activations`]): AVX-512F, AVX-512BW and
+    /// AVX-512 BF16 (with the default kernels).
+    pub fn bf16_activations_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Kernels::new(CpuKernels::Auto).dot && dot_bf16::available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
     /// The kernels of a layer uploaded here.
     ///
     /// # Errors
