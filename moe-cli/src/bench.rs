@@ -407,9 +407,10 @@ fn run_store(
         let Some(from) = &a.from else {
             return Ok(None);
         };
-        if a.dtype != "f32" || a.backend != "cpu" || a.backward || a.bandwidth {
+        if a.dtype != "f32" || a.backend != "cpu" || a.backward || a.bandwidth || a.bf16_activations
+        {
             return usage(
-                "--from runs on the cpu backend with f32 resident experts, forward only (leave out --dtype, --backend, --backward and --bandwidth)",
+                "--from runs on the cpu backend with f32 resident experts, forward only (leave out --dtype, --backend, --backward, --bandwidth and --bf16-activations)",
             );
         }
         if a.d_model.is_some() || a.ffn.is_some() || a.experts.is_some() {
@@ -474,9 +475,9 @@ fn run_ep(
         || a.trace.is_some()
         || a.cold
         || a.prefetch != PrefetchArg::None;
-    if a.dtype != "f32" || a.backward || a.bandwidth || store_flags {
+    if a.dtype != "f32" || a.backward || a.bandwidth || a.bf16_activations || store_flags {
         return usage(
-            "--ep / --ep-ranks time the f32 forward of a random layer (leave out --dtype, --backward, --bandwidth and the store's flags --from, --write-checkpoint, --resident-experts, --policy, --profile, --trace, --cold, --prefetch)",
+            "--ep / --ep-ranks time the f32 forward of a random layer (leave out --dtype, --backward, --bandwidth, --bf16-activations and the store's flags --from, --write-checkpoint, --resident-experts, --policy, --profile, --trace, --cold, --prefetch)",
         );
     }
     let mpi_size = crate::bench_ep::mpirun_size();

@@ -175,7 +175,10 @@ impl Backend for CpuBackend {
             "gemm kernels"
         };
         Capabilities {
-            device: format!("cpu ({n} threads, {kernels})"),
+            device: format!(
+                "cpu ({n} thread{}, {kernels})",
+                if n == 1 { "" } else { "s" }
+            ),
             dtypes: moe_core::WeightFormat::ALL
                 .iter()
                 .map(|f| f.name().to_string())
@@ -345,7 +348,7 @@ impl DeviceLayer for CpuLayer {
         let packed = |b: &moe_core::ExpertBank| matches!(b, moe_core::ExpertBank::Packed(_));
         if packed(self.layer.experts()) || self.layer.shared().is_some_and(|s| packed(s.bank())) {
             return Err(MoeError::Unsupported {
-                owner: "packed (low-precision) experts".into(),
+                owner: "a packed (low-precision) bank".into(),
                 feature: "training (train an f32 layer; PackedBank::dequantize gives one)".into(),
             });
         }
