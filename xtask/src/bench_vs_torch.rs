@@ -421,44 +421,36 @@ fn measure_low(
                         ),
                     }
                 };
-                let rows = |v: &Value| -> Vec<(usize, String, f64, f64)> {
-                    v["rows"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|row| {
-                            (
-                                row["tokens"].as_u64().unwrap_or(0) as usize,
-                                row["dtype"].as_str().unwrap_or("").to_string(),
-                                row["median_ms"].as_f64().unwrap_or(f64::NAN),
-                                row["output_rel_rms"].as_f64().unwrap_or(f64::NAN),
-                            )
-                        })
-                        .collect()
-                };
-                if let Some(v) = run(&format!("f32,{}", o.dtypes.join(",")), false)? {
-                    for (t, dtype, ms, rms) in rows(&v) {
-                        if let Some(r) = low
+                // Each row of a `moe bench --format json` report into its low-precision row: the f32-activation
+                // figures, or (`act16`) those with `--bf16-activations`.
+                let mut record = |v: &Value, act16: bool| {
+                    for row in v["rows"].as_array().into_iter().flatten() {
+                        let t = row["tokens"].as_u64().unwrap_or(0) as usize;
+                        let dtype = row["dtype"].as_str().unwrap_or("");
+                        let Some(r) = low
                             .iter_mut()
                             .find(|r| r.shape == si && r.tokens == t && r.dtype == dtype)
-                        {
-                            r.ours.push(ms);
-                            r.ours_rel_rms = rms;
-                        }
+                        else {
+                            continue;
+                        };
+                        let ms = row["median_ms"].as_f64().unwrap_or(f64::NAN);
+                        let rms = row["output_rel_rms"].as_f64().unwrap_or(f64::NAN);
+                        let (times, rel_rms) = if act16 {
+                            (&mut r.ours_act16, &mut r.ours_act16_rel_rms)
+                        } else {
+                            (&mut r.ours, &mut r.ours_rel_rms)
+                        };
+                        times.push(ms);
+                        *rel_rms = rms;
                     }
+                };
+                if let Some(v) = run(&format!("f32,{}", o.dtypes.join(",")), false)? {
+                    record(&v, false);
                 }
                 if o.dtypes.iter().any(|d| d == "bf16")
                     && let Some(v) = run("f32,bf16", true)?
                 {
-                    for (t, dtype, ms, rms) in rows(&v) {
-                        if let Some(r) = low
-                            .iter_mut()
-                            .find(|r| r.shape == si && r.tokens == t && r.dtype == dtype)
-                        {
-                            r.ours_act16.push(ms);
-                            r.ours_act16_rel_rms = rms;
-                        }
-                    }
+                    record(&v, true);
                 }
             }
         }
